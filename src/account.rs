@@ -1,0 +1,165 @@
+//! Accounts and choosing the one a request is for.
+//!
+//! Order, as documented in the README: the `X-Wx-Account` header (name or
+//! appid), then the account that issued a token the request carries, then the
+//! default account. Errors name what was asked for and what exists, never a
+//! token.
+
+use std::sync::Arc;
+
+use crate::config::{AccountConfig, ReplaceTokens, TokenApi};
+use crate::secret::Secret;
+use crate::token::TokenCell;
+
+/// The header that names the account; removed before forwarding.
+pub const ACCOUNT_HEADER: &str = "x-wx-account";
+
+/// One configured account and its token.
+pub struct Account {
+    pub name: String,
+    pub appid: String,
+    pub secret: Secret,
+    pub token_api: TokenApi,
+    pub replace_tokens: ReplaceTokens,
+    pub tokens: TokenCell,
+}
+
+impl Account {
+    pub fn new(c: &AccountConfig) -> Self {
+        Account {
+            name: c.name.clone(),
+            appid: c.appid.clone(),
+            secret: c.secret.clone(),
+            token_api: c.token_api,
+            replace_tokens: c.replace_tokens,
+            tokens: TokenCell::default(),
+        }
+    }
+}
+
+/// All accounts, and the default.
+pub struct Accounts {
+    list: Vec<Arc<Account>>,
+    default: Option<usize>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum PickError {
+    /// The header named an account that does not exist.
+    Unknown { asked: String, known: String },
+    /// Nothing named an account and there is no default.
+    NoneNamed { known: String },
+}
+
+impl std::fmt::Display for PickError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PickError::Unknown { asked, known } => write!(
+                f,
+                "no account for this request: X-Wx-Account `{asked}` is not a configured name or appid (configured: {known})"
+            ),
+            PickError::NoneNamed { known } => write!(
+                f,
+                "no account for this request: send X-Wx-Account with one of {known}, or mark one account default: true"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for PickError {}
+
+impl Accounts {
+    pub fn new(configs: &[AccountConfig]) -> Self {
+        Accounts {
+            list: configs.iter().map(|c| Arc::new(Account::new(c))).collect(),
+            default: configs.iter().position(|c| c.default),
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Account>> {
+        self.list.iter()
+    }
+
+    pub fn by_appid(&self, appid: &str) -> Option<&Arc<Account>> {
+        self.list.iter().find(|a| a.appid == appid)
+    }
+
+    fn by_name_or_appid(&self, key: &str) -> Option<&Arc<Account>> {
+        self.list
+            .iter()
+            .find(|a| a.name == key)
+            .or_else(|| self.by_appid(key))
+    }
+
+    /// The account that handed out `token`, if any.
+    pub fn by_issued_token(&self, token: &str) -> Option<&Arc<Account>> {
+        self.list.iter().find(|a| a.tokens.issued(token))
+    }
+
+    fn known(&self) -> String {
+        self.list
+            .iter()
+            .map(|a| a.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Chooses the account for a request.
+    pub fn pick(
+        &self,
+        header: Option<&str>,
+        presented_token: Option<&str>,
+    ) -> Result<&Arc<Account>, PickError> {
+        if let Some(h) = header {
+            let h = h.trim();
+            return self.by_name_or_appid(h).ok_or_else(|| PickError::Unknown {
+                asked: h.chars().take(64).collect(),
+                known: self.known(),
+            });
+        }
+        if let Some(acc) = presented_token.and_then(|t| self.by_issued_token(t)) {
+            return Ok(acc);
+        }
+        self.default
+            .map(|i| &self.list[i])
+            .ok_or_else(|| PickError::NoneNamed { known: self.known() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::time::Duration;
+
+    fn two() -> Accounts {
+        let c = Config::parse(
+            "accounts:\n  - {name: shop, appid: wxshop, secret: a, default: true}\n  - {name: mall, appid: wxmall, secret: b}\n",
+        )
+        .unwrap();
+        Accounts::new(&c.accounts)
+    }
+
+    #[test]
+    fn header_then_token_then_default() {
+        let a = two();
+        a.list[1].tokens.store("mall-token", Duration::from_secs(60));
+        assert_eq!(a.pick(Some("mall"), None).unwrap().name, "mall");
+        assert_eq!(a.pick(Some("wxmall"), None).unwrap().name, "mall");
+        assert_eq!(a.pick(None, Some("mall-token")).unwrap().name, "mall");
+        assert_eq!(a.pick(None, Some("foreign")).unwrap().name, "shop");
+        assert_eq!(a.pick(Some("shop"), Some("mall-token")).unwrap().name, "shop");
+        let err = a.pick(Some("nope"), None).unwrap_err();
+        assert!(err.to_string().contains("`nope`") && err.to_string().contains("shop, mall"));
+    }
+
+    #[test]
+    fn no_default_means_an_error() {
+        let c = Config::parse(
+            "accounts:\n  - {name: shop, appid: wxshop, secret: a}\n  - {name: mall, appid: wxmall, secret: b}\n",
+        )
+        .unwrap();
+        let a = Accounts::new(&c.accounts);
+        assert!(matches!(a.pick(None, None), Err(PickError::NoneNamed { .. })));
+    }
+}

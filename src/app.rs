@@ -1,0 +1,52 @@
+//! The shared state of a running sidecar: configuration, accounts with their
+//! tokens, the upstream pool, and readiness.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::account::Accounts;
+use crate::config::Config;
+use crate::upstream::Upstream;
+
+pub struct App {
+    pub config: Config,
+    pub accounts: Accounts,
+    pub upstream: Arc<Upstream>,
+    pub started: Instant,
+    /// Set once the app listener is about to accept.
+    listening: AtomicBool,
+}
+
+impl App {
+    pub fn new(config: Config, upstream: Arc<Upstream>) -> Arc<Self> {
+        Arc::new(App {
+            accounts: Accounts::new(&config.accounts),
+            config,
+            upstream,
+            started: Instant::now(),
+            listening: AtomicBool::new(false),
+        })
+    }
+
+    pub fn set_listening(&self) {
+        self.listening.store(true, Ordering::Release);
+    }
+
+    /// `None` when ready; otherwise why not, in one line.
+    pub fn not_ready_reason(&self) -> Option<String> {
+        if !self.listening.load(Ordering::Acquire) {
+            return Some("app listener not open yet (fetching first tokens)".into());
+        }
+        let missing: Vec<String> = self
+            .accounts
+            .iter()
+            .filter(|a| a.tokens.valid().is_none())
+            .map(|a| match a.tokens.status().last_error {
+                Some((code, msg)) => format!("{} (errcode {code}: {msg})", a.name),
+                None => a.name.clone(),
+            })
+            .collect();
+        (!missing.is_empty()).then(|| format!("no valid token for: {}", missing.join("; ")))
+    }
+}

@@ -1,0 +1,223 @@
+//! The command line: `run`, `check`, `fake-wechat`, `demo`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Config, DEFAULT_CONFIG_PATH};
+use crate::fake::{self, FakeOptions};
+use crate::logging::{self, LogFormat};
+use crate::{demo, server};
+
+#[derive(Parser)]
+#[command(name = "wxsidecar", version, about = "A sidecar that owns WeChat access tokens: caches, injects, refreshes, pools TLS.")]
+struct Cli {
+    /// Log line format.
+    #[arg(long, value_enum, default_value = "json", global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct ConfigArg {
+    /// Configuration file.
+    #[arg(long, short, env = "WXSIDECAR_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the sidecar.
+    Run(ConfigArg),
+    /// Validate the configuration and print what it sets up (secrets masked).
+    Check(ConfigArg),
+    /// Run the fake WeChat server (for tests, demos and benchmarks).
+    FakeWechat(FakeArgs),
+    /// Start a fake WeChat and a sidecar for it, and print curl commands to try.
+    Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct FakeArgs {
+    /// Address to listen on (port 0 picks a free port; the chosen one is printed).
+    #[arg(long, default_value = "127.0.0.1:9443")]
+    listen: SocketAddr,
+    /// Serve plain HTTP instead of TLS.
+    #[arg(long)]
+    plain: bool,
+    /// Write the fake's CA certificate (PEM) here.
+    #[arg(long)]
+    ca_out: Option<PathBuf>,
+    /// An app the fake knows, as APPID:SECRET (repeatable; default: the demo app).
+    #[arg(long = "app", value_name = "APPID:SECRET")]
+    apps: Vec<String>,
+    /// Token lifetime in seconds.
+    #[arg(long, default_value_t = 7200)]
+    token_ttl: u64,
+    /// Delay before every API answer, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    latency_ms: u64,
+    /// Delay before every token answer, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    token_latency_ms: u64,
+}
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// The sidecar's app listener.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// The sidecar's admin listener.
+    #[arg(long, default_value = "127.0.0.1:9901")]
+    pub admin_listen: SocketAddr,
+    /// The fake WeChat's listener.
+    #[arg(long, default_value = "127.0.0.1:9443")]
+    pub fake_listen: SocketAddr,
+}
+
+/// Runs the command line; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(c) => {
+            logging::init(cli.log_format);
+            run(&c.config)
+        }
+        Command::Check(c) => check(&c.config),
+        Command::FakeWechat(f) => {
+            logging::init(cli.log_format);
+            fake_wechat(f)
+        }
+        Command::Demo(d) => {
+            logging::init(LogFormat::Pretty);
+            demo::run(d)
+        }
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<Config, i32> {
+    Config::load(path).map_err(|e| {
+        eprint!("{e}");
+        2
+    })
+}
+
+fn run(path: &std::path::Path) -> i32 {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match server::prepare(config) {
+        Ok(p) => {
+            p.run();
+            0
+        }
+        Err(e) => {
+            eprintln!("wxsidecar: cannot start: {e}");
+            tracing::error!(error = %e, "cannot start");
+            2
+        }
+    }
+}
+
+fn check(path: &std::path::Path) -> i32 {
+    let c = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    println!("configuration {} is valid", path.display());
+    println!("listen:        {} (apps, plain HTTP/1.1)", c.listen);
+    println!("admin_listen:  {} (/healthz /readyz /status)", c.admin_listen);
+    println!(
+        "upstream:      {} (ca_file: {}, connect {:?}, read {:?}, warm {}, idle {:?})",
+        c.upstream.url,
+        c.upstream
+            .ca_file
+            .as_ref()
+            .map_or("system roots only".to_string(), |p| p.display().to_string()),
+        c.upstream.connect_timeout,
+        c.upstream.read_timeout,
+        c.upstream.warm_connections,
+        c.upstream.idle_timeout
+    );
+    println!("token:         refresh {:?} before expiry", c.token.refresh_before);
+    println!("accounts:");
+    for a in &c.accounts {
+        println!(
+            "  - {} appid={} token_api={} secret={} replace_tokens={}{}",
+            a.name,
+            a.appid,
+            a.token_api.as_str(),
+            a.secret,
+            match a.replace_tokens {
+                crate::config::ReplaceTokens::Issued => "issued",
+                crate::config::ReplaceTokens::Always => "always",
+            },
+            if a.default { " (default)" } else { "" }
+        );
+    }
+    0
+}
+
+fn parse_apps(apps: &[String]) -> Result<Vec<(String, String)>, String> {
+    apps.iter()
+        .map(|a| {
+            a.split_once(':')
+                .filter(|(id, s)| !id.is_empty() && !s.is_empty())
+                .map(|(id, s)| (id.to_string(), s.to_string()))
+                .ok_or_else(|| format!("--app `{}`: write APPID:SECRET", a.split(':').next().unwrap_or("")))
+        })
+        .collect()
+}
+
+fn fake_wechat(f: FakeArgs) -> i32 {
+    let mut opts = FakeOptions {
+        listen: f.listen,
+        plain: f.plain,
+        token_ttl: Duration::from_secs(f.token_ttl),
+        latency: Duration::from_millis(f.latency_ms),
+        token_latency: Duration::from_millis(f.token_latency_ms),
+        ..FakeOptions::default()
+    };
+    if !f.apps.is_empty() {
+        match parse_apps(&f.apps) {
+            Ok(a) => opts.apps = a,
+            Err(e) => {
+                eprintln!("fake-wechat: {e}");
+                return 2;
+            }
+        }
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    rt.block_on(async move {
+        let fake = match fake::start(opts.clone()).await {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("fake-wechat: cannot listen on {}: {e}", opts.listen);
+                return 2;
+            }
+        };
+        if let (Some(path), Some(pem)) = (&f.ca_out, &fake.ca_pem) {
+            if let Err(e) = std::fs::write(path, pem) {
+                eprintln!("fake-wechat: cannot write {}: {e}", path.display());
+                return 2;
+            }
+        }
+        let scheme = if fake.tls { "https" } else { "http" };
+        println!("fake-wechat listening on {scheme}://{}", fake.addr);
+        for (appid, _) in &opts.apps {
+            println!("fake-wechat app {appid}");
+        }
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        let _ = tokio::signal::ctrl_c().await;
+        0
+    })
+}

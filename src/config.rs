@@ -1,0 +1,733 @@
+//! The configuration file: its YAML format and the validated [`Config`] the rest
+//! of the code uses.
+//!
+//! The file format (`raw::*`) stays in this module; nothing past [`Config::load`]
+//! sees a raw string for a duration, URL or secret. Validation reports every
+//! problem at once, each naming the key and the fix, so one run of
+//! `wxsidecar check` shows every mistake. Secrets are held in [`Secret`] and
+//! never appear in an error.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::secret::Secret;
+
+/// Where apps connect: loopback, the sidecar case.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Admin endpoints stay on loopback unless asked otherwise.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9901";
+/// WeChat's own host for Official Accounts and mini programs.
+pub const DEFAULT_UPSTREAM_URL: &str = "https://api.weixin.qq.com";
+/// A healthy TCP+TLS connect to WeChat takes well under a second.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// WeChat answers in milliseconds; 15 s covers media uploads on slow links.
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(15);
+/// Enough warm connections for a burst of pushes without a handshake.
+pub const DEFAULT_WARM_CONNECTIONS: usize = 4;
+/// Below the ~60 s after which servers and NATs drop idle connections.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(50);
+/// Five minutes is also when WeChat rotates a stable token.
+pub const DEFAULT_REFRESH_BEFORE: Duration = Duration::from_secs(300);
+/// JSON API bodies are small; 1 MiB leaves room for big template batches.
+pub const DEFAULT_BUFFERED_BODY: usize = 1 << 20;
+/// One worker thread: a sidecar shares its pod's CPU with the app.
+pub const DEFAULT_THREADS: usize = 1;
+/// Kubernetes gives 30 s; we stop well within it.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// How an account gets its token from WeChat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenApi {
+    /// `POST /cgi-bin/stable_token`: the same token for every caller; WeChat's advice.
+    Stable,
+    /// `GET /cgi-bin/token`: every fetch invalidates the previous token.
+    Classic,
+}
+
+impl TokenApi {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenApi::Stable => "stable",
+            TokenApi::Classic => "classic",
+        }
+    }
+}
+
+/// Which tokens presented by an app the sidecar replaces with its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplaceTokens {
+    /// Only tokens this sidecar handed out (current or earlier).
+    Issued,
+    /// Any token: the app's token is a placeholder.
+    Always,
+}
+
+/// The upstream's scheme, host and port, parsed from `upstream.url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+impl UpstreamUrl {
+    /// Parses `https://host[:port]` or `http://host[:port]`, nothing after the host.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let url = url::Url::parse(text).map_err(|e| format!("not a URL ({e})"))?;
+        let tls = match url.scheme() {
+            "https" => true,
+            "http" => false,
+            other => return Err(format!("scheme `{other}` is not http or https")),
+        };
+        let host = match url.host() {
+            Some(url::Host::Domain(d)) => d.to_string(),
+            Some(url::Host::Ipv4(ip)) => ip.to_string(),
+            Some(url::Host::Ipv6(ip)) => ip.to_string(),
+            None => return Err("has no host".into()),
+        };
+        if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
+            return Err("must be scheme and host only, without a path or query".into());
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err("must not carry credentials".into());
+        }
+        let port = url.port_or_known_default().unwrap_or(if tls { 443 } else { 80 });
+        Ok(UpstreamUrl { tls, host, port })
+    }
+
+    /// The `Host` header value: the port only when it is not the scheme's default.
+    pub fn host_header(&self) -> String {
+        let default = if self.tls { 443 } else { 80 };
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        if self.port == default {
+            host
+        } else {
+            format!("{host}:{}", self.port)
+        }
+    }
+}
+
+impl fmt::Display for UpstreamUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls { "https" } else { "http" };
+        write!(f, "{scheme}://{}", self.host_header())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub url: UpstreamUrl,
+    pub ca_file: Option<PathBuf>,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub warm_connections: usize,
+    pub idle_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct AccountConfig {
+    pub name: String,
+    pub appid: String,
+    pub secret: Secret,
+    pub token_api: TokenApi,
+    pub default: bool,
+    pub replace_tokens: ReplaceTokens,
+}
+
+#[derive(Debug, Clone)]
+pub struct TokenConfig {
+    pub refresh_before: Duration,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub threads: usize,
+    pub shutdown_grace: Duration,
+    pub buffered_body_limit: usize,
+    pub upstream: UpstreamConfig,
+    pub accounts: Vec<AccountConfig>,
+    pub token: TokenConfig,
+}
+
+impl Config {
+    /// The account used when a request names none.
+    pub fn default_account(&self) -> Option<usize> {
+        self.accounts.iter().position(|a| a.default)
+    }
+}
+
+/// Every problem found in a configuration file, one per line.
+#[derive(Debug)]
+pub struct ConfigErrors {
+    pub file: String,
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "configuration {} has {} problem(s):",
+            self.file,
+            self.problems.len()
+        )?;
+        for p in &self.problems {
+            writeln!(f, "  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// The file format. Unknown keys are errors, so a typo never silently
+/// leaves a default in place.
+mod raw {
+    use serde::Deserialize;
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct File {
+        pub listen: Option<String>,
+        pub admin_listen: Option<String>,
+        pub threads: Option<usize>,
+        pub shutdown_grace: Option<String>,
+        pub limits: Option<Limits>,
+        pub upstream: Option<Upstream>,
+        pub accounts: Option<Vec<Account>>,
+        pub token: Option<Token>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Limits {
+        pub buffered_body: Option<String>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Upstream {
+        pub url: Option<String>,
+        pub ca_file: Option<String>,
+        pub connect_timeout: Option<String>,
+        pub read_timeout: Option<String>,
+        pub warm_connections: Option<usize>,
+        pub idle_timeout: Option<String>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Account {
+        pub name: Option<String>,
+        pub appid: Option<String>,
+        pub secret: Option<String>,
+        pub secret_file: Option<String>,
+        pub token_api: Option<String>,
+        pub default: Option<bool>,
+        pub replace_tokens: Option<String>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Token {
+        pub refresh_before: Option<String>,
+    }
+}
+
+/// Parses `300s`, `2m`, `1h`, `500ms` (a number and a unit, nothing else).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .ok_or_else(|| format!("`{t}` has no unit; write e.g. `{t}s` (units: ms, s, m, h)"))?;
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("`{t}` is not a number followed by ms, s, m or h"))?;
+    let secs = match unit.trim() {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        other => return Err(format!("unknown unit `{other}` in `{t}`; use ms, s, m or h")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("`{t}` is not a valid duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Parses `1048576`, `512KiB`, `1MiB`, `20MB`.
+pub fn parse_size(text: &str) -> Result<usize, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: usize = num
+        .parse()
+        .map_err(|_| format!("`{t}` is not a size like 1MiB or 65536"))?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" => 1 << 10,
+        "MiB" | "M" => 1 << 20,
+        "KB" => 1000,
+        "MB" => 1_000_000,
+        other => return Err(format!("unknown size unit `{other}`; use B, KiB, MiB, KB or MB")),
+    };
+    value
+        .checked_mul(mult)
+        .ok_or_else(|| format!("`{t}` is too large"))
+}
+
+/// Expands `${VAR}` from the environment. A missing variable is an error
+/// that names the variable, never the value around it.
+fn expand_env(key: &str, value: &str, problems: &mut Vec<String>) -> Option<String> {
+    let mut out = String::with_capacity(value.len());
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else {
+            problems.push(format!("{key}: unclosed `${{` (write `${{VAR}}`)"));
+            return None;
+        };
+        let var = &after[..end];
+        match std::env::var(var) {
+            Ok(v) => out.push_str(&v),
+            Err(_) => {
+                problems.push(format!(
+                    "{key}: environment variable {var} is not set; export it or change the value"
+                ));
+                return None;
+            }
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Some(out)
+}
+
+fn duration_field(
+    key: &str,
+    value: Option<&String>,
+    default: Duration,
+    problems: &mut Vec<String>,
+) -> Duration {
+    match value {
+        None => default,
+        Some(v) => parse_duration(v).unwrap_or_else(|e| {
+            problems.push(format!("{key}: {e}"));
+            default
+        }),
+    }
+}
+
+fn socket_field(key: &str, value: Option<&String>, default: &str, problems: &mut Vec<String>) -> SocketAddr {
+    let text = value.map(String::as_str).unwrap_or(default);
+    text.parse().unwrap_or_else(|_| {
+        problems.push(format!(
+            "{key}: `{text}` is not an address like 127.0.0.1:8080"
+        ));
+        default.parse().expect("default address parses")
+    })
+}
+
+/// The appid's shape: WeChat appids (`wx…`) and WeCom corpids (`ww…`) are short ASCII.
+fn valid_appid(appid: &str) -> bool {
+    !appid.is_empty() && appid.len() <= 64 && appid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+            file: file.clone(),
+            problems: vec![format!("cannot read the file: {e}")],
+        })?;
+        Self::parse(&text).map_err(|problems| ConfigErrors { file, problems })
+    }
+
+    /// Validates configuration text; on failure returns every problem found.
+    pub fn parse(text: &str) -> Result<Config, Vec<String>> {
+        let raw: raw::File = if text.trim().is_empty() {
+            raw::File::default()
+        } else {
+            serde_yaml_ng::from_str(text).map_err(|e| vec![yaml_problem(&e)])?
+        };
+        let mut problems = Vec::new();
+
+        let listen = socket_field("listen", raw.listen.as_ref(), DEFAULT_LISTEN, &mut problems);
+        let admin_listen = socket_field(
+            "admin_listen",
+            raw.admin_listen.as_ref(),
+            DEFAULT_ADMIN_LISTEN,
+            &mut problems,
+        );
+        if listen == admin_listen {
+            problems.push(format!(
+                "admin_listen: {admin_listen} is also `listen`; give the admin listener its own port"
+            ));
+        }
+        let threads = raw.threads.unwrap_or(DEFAULT_THREADS);
+        if threads == 0 {
+            problems.push("threads: must be at least 1".into());
+        }
+        let shutdown_grace = duration_field(
+            "shutdown_grace",
+            raw.shutdown_grace.as_ref(),
+            DEFAULT_SHUTDOWN_GRACE,
+            &mut problems,
+        );
+        let limits = raw.limits.unwrap_or_default();
+        let buffered_body_limit = match limits.buffered_body.as_deref() {
+            None => DEFAULT_BUFFERED_BODY,
+            Some(v) => parse_size(v).unwrap_or_else(|e| {
+                problems.push(format!("limits.buffered_body: {e}"));
+                DEFAULT_BUFFERED_BODY
+            }),
+        };
+
+        let up = raw.upstream.unwrap_or_default();
+        let url_text = up
+            .url
+            .as_deref()
+            .and_then(|u| expand_env("upstream.url", u, &mut problems))
+            .unwrap_or_else(|| DEFAULT_UPSTREAM_URL.to_string());
+        let url = UpstreamUrl::parse(&url_text).unwrap_or_else(|e| {
+            problems.push(format!(
+                "upstream.url: `{url_text}` {e}; write e.g. https://api.weixin.qq.com"
+            ));
+            UpstreamUrl::parse(DEFAULT_UPSTREAM_URL).expect("default URL parses")
+        });
+        let ca_file = up
+            .ca_file
+            .as_deref()
+            .and_then(|p| expand_env("upstream.ca_file", p, &mut problems))
+            .map(PathBuf::from);
+        if let Some(p) = &ca_file {
+            if !p.is_file() {
+                problems.push(format!(
+                    "upstream.ca_file: {} is not a readable file; give a PEM CA bundle or remove the key",
+                    p.display()
+                ));
+            }
+        }
+        let upstream = UpstreamConfig {
+            url,
+            ca_file,
+            connect_timeout: duration_field(
+                "upstream.connect_timeout",
+                up.connect_timeout.as_ref(),
+                DEFAULT_CONNECT_TIMEOUT,
+                &mut problems,
+            ),
+            read_timeout: duration_field(
+                "upstream.read_timeout",
+                up.read_timeout.as_ref(),
+                DEFAULT_READ_TIMEOUT,
+                &mut problems,
+            ),
+            warm_connections: up.warm_connections.unwrap_or(DEFAULT_WARM_CONNECTIONS),
+            idle_timeout: duration_field(
+                "upstream.idle_timeout",
+                up.idle_timeout.as_ref(),
+                DEFAULT_IDLE_TIMEOUT,
+                &mut problems,
+            ),
+        };
+        for (key, d) in [
+            ("upstream.connect_timeout", upstream.connect_timeout),
+            ("upstream.read_timeout", upstream.read_timeout),
+            ("upstream.idle_timeout", upstream.idle_timeout),
+        ] {
+            if d.is_zero() {
+                problems.push(format!("{key}: must be greater than zero"));
+            }
+        }
+
+        let accounts = parse_accounts(raw.accounts.unwrap_or_default(), &mut problems);
+
+        let tok = raw.token.unwrap_or_default();
+        let token = TokenConfig {
+            refresh_before: duration_field(
+                "token.refresh_before",
+                tok.refresh_before.as_ref(),
+                DEFAULT_REFRESH_BEFORE,
+                &mut problems,
+            ),
+        };
+
+        if problems.is_empty() {
+            Ok(Config {
+                listen,
+                admin_listen,
+                threads,
+                shutdown_grace,
+                buffered_body_limit,
+                upstream,
+                accounts,
+                token,
+            })
+        } else {
+            Err(problems)
+        }
+    }
+}
+
+fn parse_accounts(raw: Vec<raw::Account>, problems: &mut Vec<String>) -> Vec<AccountConfig> {
+    if raw.is_empty() {
+        problems.push(
+            "accounts: at least one account is required (name, appid, secret)".into(),
+        );
+        return Vec::new();
+    }
+    let mut accounts = Vec::with_capacity(raw.len());
+    let mut names = HashSet::new();
+    let mut appids = HashSet::new();
+    let only_one = raw.len() == 1;
+    for (i, a) in raw.into_iter().enumerate() {
+        let at = |k: &str| format!("accounts[{i}].{k}");
+        let name = match a.name {
+            Some(n) if !n.trim().is_empty() => n,
+            _ => {
+                problems.push(format!("{}: missing; give each account a unique name", at("name")));
+                format!("#{i}")
+            }
+        };
+        if !names.insert(name.clone()) {
+            problems.push(format!(
+                "{}: `{name}` is used by another account; names must be unique",
+                at("name")
+            ));
+        }
+        let appid = match a.appid.as_deref().and_then(|v| expand_env(&at("appid"), v, problems)) {
+            Some(v) if valid_appid(&v) => v,
+            Some(v) => {
+                problems.push(format!(
+                    "{}: `{v}` is not an appid (letters, digits, `_`, `-`, e.g. wx0123456789abcdef)",
+                    at("appid")
+                ));
+                v
+            }
+            None => {
+                if a.appid.is_none() {
+                    problems.push(format!("{}: missing (account `{name}`)", at("appid")));
+                }
+                String::new()
+            }
+        };
+        if !appid.is_empty() && !appids.insert(appid.clone()) {
+            problems.push(format!(
+                "{}: `{appid}` is used by another account; one account per appid",
+                at("appid")
+            ));
+        }
+        let secret = match (a.secret, a.secret_file) {
+            (Some(_), Some(_)) => {
+                problems.push(format!(
+                    "{}: set either secret or secret_file, not both (account `{name}`)",
+                    at("secret")
+                ));
+                None
+            }
+            (Some(s), None) => expand_env(&at("secret"), &s, problems),
+            (None, Some(f)) => expand_env(&at("secret_file"), &f, problems).and_then(|path| {
+                match std::fs::read_to_string(&path) {
+                    Ok(s) => Some(s.trim().to_string()),
+                    Err(e) => {
+                        problems.push(format!(
+                            "{}: cannot read {path}: {e} (account `{name}`)",
+                            at("secret_file")
+                        ));
+                        None
+                    }
+                }
+            }),
+            (None, None) => {
+                problems.push(format!(
+                    "{}: missing; set secret: ${{ENV_VAR}} or secret_file: PATH (account `{name}`)",
+                    at("secret")
+                ));
+                None
+            }
+        };
+        let secret = match secret {
+            Some(s) if s.is_empty() => {
+                problems.push(format!("{}: is empty (account `{name}`)", at("secret")));
+                Secret::new("")
+            }
+            Some(s) => Secret::new(s),
+            None => Secret::new(""),
+        };
+        let token_api = match a.token_api.as_deref() {
+            None | Some("stable") => TokenApi::Stable,
+            Some("classic") => TokenApi::Classic,
+            Some(other) => {
+                problems.push(format!(
+                    "{}: `{other}` is not stable or classic",
+                    at("token_api")
+                ));
+                TokenApi::Stable
+            }
+        };
+        let replace_tokens = match a.replace_tokens.as_deref() {
+            None | Some("issued") => ReplaceTokens::Issued,
+            Some("always") => ReplaceTokens::Always,
+            Some(other) => {
+                problems.push(format!(
+                    "{}: `{other}` is not issued or always",
+                    at("replace_tokens")
+                ));
+                ReplaceTokens::Issued
+            }
+        };
+        accounts.push(AccountConfig {
+            name,
+            appid,
+            secret,
+            token_api,
+            default: a.default.unwrap_or(only_one),
+            replace_tokens,
+        });
+    }
+    let defaults: Vec<&str> = accounts
+        .iter()
+        .filter(|a| a.default)
+        .map(|a| a.name.as_str())
+        .collect();
+    if defaults.len() > 1 {
+        problems.push(format!(
+            "accounts: {} are all marked default: true; keep it on one account",
+            defaults.join(", ")
+        ));
+    }
+    accounts
+}
+
+/// Turns a YAML error into one line that names the key (serde_yaml_ng puts
+/// the path first, e.g. `accounts[0]: unknown field ...`).
+fn yaml_problem(e: &serde_yaml_ng::Error) -> String {
+    let msg = e.to_string();
+    let fix = if msg.contains("unknown field") {
+        " (remove it or fix its spelling; see conf/wxsidecar.yaml)"
+    } else {
+        ""
+    };
+    format!("{msg}{fix}")
+}
+
+/// The config path: `--config`, else `WXSIDECAR_CONFIG`, else the default.
+pub const DEFAULT_CONFIG_PATH: &str = "conf/wxsidecar.yaml";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+listen: 127.0.0.1:18080
+admin_listen: 127.0.0.1:19901
+upstream:
+  url: https://api.weixin.qq.com
+  connect_timeout: 500ms
+accounts:
+  - name: shop
+    appid: wx0123456789abcdef
+    secret: plain-secret-value
+"#;
+
+    #[test]
+    fn good_file_parses_with_defaults() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.listen.port(), 18080);
+        assert_eq!(c.upstream.connect_timeout, Duration::from_millis(500));
+        assert_eq!(c.upstream.read_timeout, DEFAULT_READ_TIMEOUT);
+        assert_eq!(c.accounts[0].token_api, TokenApi::Stable);
+        assert!(c.accounts[0].default, "one account is the default");
+        assert_eq!(c.default_account(), Some(0));
+        assert!(!format!("{c:?}").contains("plain-secret-value"));
+    }
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_duration("300s").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert!(parse_duration("300").unwrap_err().contains("no unit"));
+        assert!(parse_duration("3d").unwrap_err().contains("unknown unit"));
+        assert_eq!(parse_size("1MiB").unwrap(), 1 << 20);
+        assert_eq!(parse_size("512KiB").unwrap(), 512 << 10);
+        assert_eq!(parse_size("100").unwrap(), 100);
+        assert!(parse_size("1GB").is_err());
+    }
+
+    #[test]
+    fn upstream_url_shapes() {
+        let u = UpstreamUrl::parse("https://api.weixin.qq.com").unwrap();
+        assert_eq!((u.tls, u.port, u.host_header()), (true, 443, "api.weixin.qq.com".into()));
+        let u = UpstreamUrl::parse("http://127.0.0.1:9000").unwrap();
+        assert_eq!((u.tls, u.host_header()), (false, "127.0.0.1:9000".into()));
+        assert!(UpstreamUrl::parse("ftp://x").is_err());
+        assert!(UpstreamUrl::parse("https://x/cgi-bin").is_err());
+        assert!(UpstreamUrl::parse("not a url").is_err());
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let text = r#"
+upstream:
+  url: ftp://nowhere
+  read_timeout: 15
+accounts:
+  - name: a
+    appid: wx1
+    secret: ${WXSIDECAR_TEST_SURELY_UNSET}
+    default: true
+  - name: a
+    appid: wx1
+    secret: s
+    default: true
+    token_api: fast
+"#;
+        let problems = Config::parse(text).unwrap_err();
+        let all = problems.join("\n");
+        for needle in [
+            "upstream.url",
+            "upstream.read_timeout",
+            "WXSIDECAR_TEST_SURELY_UNSET is not set",
+            "accounts[1].name: `a` is used by another account",
+            "accounts[1].appid: `wx1` is used by another account",
+            "all marked default",
+            "accounts[1].token_api",
+        ] {
+            assert!(all.contains(needle), "missing `{needle}` in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn unknown_key_names_the_key() {
+        let text = "accounts:\n  - name: a\n    appid: wx1\n    secret: s\n    sekret: x\n";
+        let problems = Config::parse(text).unwrap_err();
+        assert!(problems[0].contains("sekret"), "{problems:?}");
+        assert!(problems[0].contains("accounts[0]"), "{problems:?}");
+    }
+
+    #[test]
+    fn env_secret_is_expanded_and_hidden() {
+        std::env::set_var("WXSIDECAR_TEST_SECRET_X", "from-env-123");
+        let text = "accounts:\n  - name: a\n    appid: wx1\n    secret: ${WXSIDECAR_TEST_SECRET_X}\n";
+        let c = Config::parse(text).unwrap();
+        assert_eq!(c.accounts[0].secret.expose(), "from-env-123");
+        assert!(!format!("{c:?}").contains("from-env-123"));
+    }
+}

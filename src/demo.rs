@@ -1,0 +1,140 @@
+//! `wxsidecar demo`: a fake WeChat over TLS and a sidecar configured for it,
+//! in one process, with curl commands to paste.
+
+use std::time::Duration;
+
+use crate::cli::DemoArgs;
+use crate::config::Config;
+use crate::fake::{self, FakeOptions, DEMO_APPID, DEMO_SECRET};
+use crate::server;
+
+/// How long to wait for the demo sidecar's first token before giving up.
+const DEFAULT_READY_WAIT: Duration = Duration::from_secs(30);
+
+pub fn run(args: DemoArgs) -> i32 {
+    let dir = std::env::temp_dir().join("wxsidecar-demo");
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        eprintln!("demo: cannot create {}: {e}", dir.display());
+        return 2;
+    }
+    let ca_path = dir.join("fake-ca.pem");
+
+    // The fake runs on its own runtime thread; pingora owns the main thread.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let fake_listen = args.fake_listen;
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        rt.block_on(async move {
+            let started = fake::start(FakeOptions {
+                listen: fake_listen,
+                ..FakeOptions::default()
+            })
+            .await;
+            let _ = tx.send(started.map(|f| f.ca_pem.unwrap_or_default()));
+            std::future::pending::<()>().await;
+        });
+    });
+    let ca_pem = match rx.recv() {
+        Ok(Ok(pem)) => pem,
+        Ok(Err(e)) => {
+            eprintln!("demo: the fake WeChat cannot listen on {fake_listen}: {e} (try --fake-listen)");
+            return 2;
+        }
+        Err(_) => return 2,
+    };
+    if let Err(e) = std::fs::write(&ca_path, ca_pem) {
+        eprintln!("demo: cannot write {}: {e}", ca_path.display());
+        return 2;
+    }
+
+    let yaml = format!(
+        r#"
+listen: {listen}
+admin_listen: {admin}
+upstream:
+  url: https://localhost:{fport}
+  ca_file: {ca}
+accounts:
+  - name: demo
+    appid: {DEMO_APPID}
+    secret: {DEMO_SECRET}
+    token_api: stable
+"#,
+        listen = args.listen,
+        admin = args.admin_listen,
+        fport = fake_listen.port(),
+        ca = ca_path.display(),
+    );
+    let config = match Config::parse(&yaml) {
+        Ok(c) => c,
+        Err(problems) => {
+            eprintln!("demo: {}", problems.join("; "));
+            return 2;
+        }
+    };
+    let prepared = match server::prepare(config) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("demo: cannot start: {e} (try --listen / --admin-listen)");
+            return 2;
+        }
+    };
+
+    let app = prepared.app().clone();
+    let listen = args.listen;
+    let admin = args.admin_listen;
+    std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + DEFAULT_READY_WAIT;
+        while app.not_ready_reason().is_some() {
+            if std::time::Instant::now() > deadline {
+                eprintln!("demo: the sidecar is not ready: {}", app.not_ready_reason().unwrap_or_default());
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Give the listener a moment to bind after the ready flag.
+        std::thread::sleep(Duration::from_millis(200));
+        println!("{}", commands(listen, admin, fake_listen, &ca_path));
+    });
+    prepared.run();
+    0
+}
+
+fn commands(
+    listen: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+    fake: std::net::SocketAddr,
+    ca: &std::path::Path,
+) -> String {
+    format!(
+        r#"
+wxsidecar demo is running: app listener http://{listen}, admin http://{admin},
+fake WeChat https://localhost:{fport} (CA {ca}). Paste these in another terminal:
+
+# 1. Send a template message with no token: the sidecar adds it.
+curl -s -X POST 'http://{listen}/cgi-bin/message/template/send' \
+  -H 'Content-Type: application/json' \
+  -d '{{"touser":"oUSER123","template_id":"TPL_ORDER","data":{{"status":{{"value":"shipped"}}}}}}'
+
+# 2. Send 100 more; still one token fetch and a handful of TLS handshakes.
+for i in $(seq 100); do curl -s -o /dev/null -X POST 'http://{listen}/cgi-bin/message/template/send' -d '{{"touser":"oUSER123","template_id":"TPL_ORDER"}}'; done
+
+# 3. The fake's counters: token fetches, messages, TLS handshakes.
+curl -s --cacert {ca} https://localhost:{fport}/__fake/stats
+
+# 4. An SDK asking for a token gets the cached one, locally.
+curl -s 'http://{listen}/cgi-bin/token?grant_type=client_credential&appid={DEMO_APPID}&secret={DEMO_SECRET}'
+
+# 5. Health and status.
+curl -s http://{admin}/readyz; curl -s http://{admin}/status
+
+Stop with Ctrl-C.
+"#,
+        fport = fake.port(),
+        ca = ca.display(),
+    )
+}

@@ -1,0 +1,313 @@
+//! The fake's endpoints: token APIs, template send, media up/download, a
+//! generic `/cgi-bin/*` answer, and `/__fake/*` for tests.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use serde::Deserialize;
+
+use super::state::{Refused, Seen};
+use super::Shared;
+use crate::query;
+
+/// WeCom files go up to 20 MB; leave room for multipart framing.
+const MAX_BODY: usize = 21 * 1024 * 1024;
+/// WeChat's media limit (WeCom files).
+const MAX_MEDIA: usize = 20 * 1024 * 1024;
+/// Bodies up to this size are kept as text in `/__fake/requests`.
+const RECORD_BODY: usize = 4096;
+
+type Answer = Response<Full<Bytes>>;
+
+fn json(status: u16, v: serde_json::Value) -> Answer {
+    let body = Bytes::from(v.to_string());
+    Response::builder()
+        .status(status)
+        .header("Content-Type", "application/json; encoding=utf-8")
+        .header("Content-Length", body.len())
+        .body(Full::new(body))
+        .expect("valid response")
+}
+
+fn errcode(code: i64, msg: &str) -> Answer {
+    json(200, serde_json::json!({ "errcode": code, "errmsg": msg }))
+}
+
+fn refused(r: Refused) -> Answer {
+    errcode(r.errcode, r.errmsg)
+}
+
+/// Masks `secret=` values so the request log never shows one.
+fn masked_query(q: &str) -> String {
+    q.split('&')
+        .map(|p| match p.split_once('=') {
+            Some(("secret", _)) => "secret=***".to_string(),
+            _ => p.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+#[derive(Deserialize)]
+struct StableReq {
+    grant_type: Option<String>,
+    appid: Option<String>,
+    secret: Option<String>,
+    force_refresh: Option<bool>,
+}
+
+pub(super) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Answer, Infallible> {
+    let (parts, body) = req.into_parts();
+    let body = match Limited::new(body, MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return Ok(errcode(40006, "invalid file size")),
+    };
+    let path = parts.uri.path().to_string();
+    let q = parts.uri.query().unwrap_or("").to_string();
+    let token = query::param(&q, query::TOKEN_PARAM).map(|t| t.into_owned());
+
+    if path.starts_with("/__fake/") {
+        return Ok(fake_admin(&shared, &parts.method, &path, &q));
+    }
+
+    {
+        let seen = Seen {
+            method: parts.method.to_string(),
+            path: path.clone(),
+            query: masked_query(&q),
+            access_token: token.clone(),
+            host: parts
+                .headers
+                .get("host")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+            body_len: body.len(),
+            body: (body.len() <= RECORD_BODY)
+                .then(|| std::str::from_utf8(&body).ok().map(str::to_string))
+                .flatten(),
+            headers: parts
+                .headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+                .collect(),
+        };
+        shared.state.lock().record(seen);
+    }
+
+    let is_token = matches!(path.as_str(), "/cgi-bin/token" | "/cgi-bin/stable_token");
+    let delay = if is_token {
+        shared.opts.token_latency
+    } else {
+        shared.opts.latency
+    };
+    if delay > Duration::ZERO {
+        tokio::time::sleep(delay).await;
+    }
+
+    let answer = match path.as_str() {
+        "/cgi-bin/token" => classic_token(&shared, &q),
+        "/cgi-bin/stable_token" => {
+            if parts.method != hyper::Method::POST {
+                errcode(43002, "require POST method")
+            } else {
+                stable_token(&shared, &body)
+            }
+        }
+        "/cgi-bin/message/template/send" => {
+            if parts.method != hyper::Method::POST {
+                errcode(43002, "require POST method")
+            } else {
+                template_send(&shared, token.as_deref(), &body)
+            }
+        }
+        "/cgi-bin/media/upload" => {
+            let ct = parts
+                .headers
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            media_upload(&shared, token.as_deref(), &q, &ct, body).await
+        }
+        "/cgi-bin/media/get" => media_get(&shared, token.as_deref(), &q),
+        p if p.starts_with("/cgi-bin/") => api_call(&shared, token.as_deref()),
+        // /sns/* and friends: no server token involved.
+        _ => errcode(0, "ok"),
+    };
+    Ok(answer)
+}
+
+fn fake_admin(shared: &Shared, method: &hyper::Method, path: &str, q: &str) -> Answer {
+    match (method.as_str(), path) {
+        ("GET", "/__fake/stats") => {
+            let st = shared.state.lock();
+            json(
+                200,
+                st.stats(
+                    shared.tls_handshakes.load(Ordering::Relaxed),
+                    shared.connections.load(Ordering::Relaxed),
+                ),
+            )
+        }
+        ("GET", "/__fake/requests") => {
+            let st = shared.state.lock();
+            json(200, serde_json::to_value(&st.requests).unwrap_or_default())
+        }
+        ("POST", "/__fake/invalidate") => match query::param(q, "appid") {
+            Some(appid) => {
+                let n = shared.state.lock().invalidate(&appid);
+                json(200, serde_json::json!({ "errcode": 0, "errmsg": "ok", "revoked": n }))
+            }
+            None => errcode(41002, "appid missing"),
+        },
+        _ => json(404, serde_json::json!({ "errcode": 404, "errmsg": "unknown fake endpoint" })),
+    }
+}
+
+fn classic_token(shared: &Shared, q: &str) -> Answer {
+    let appid = query::param(q, "appid").unwrap_or_default();
+    let secret = query::param(q, "secret").unwrap_or_default();
+    if query::param(q, "grant_type").as_deref() != Some("client_credential") {
+        return errcode(40002, "invalid grant_type");
+    }
+    let mut st = shared.state.lock();
+    if let Err(r) = st.authenticate(&appid, &secret) {
+        return refused(r);
+    }
+    let (token, expires_in) = st.classic_fetch(&appid);
+    json(200, serde_json::json!({ "access_token": token, "expires_in": expires_in }))
+}
+
+fn stable_token(shared: &Shared, body: &[u8]) -> Answer {
+    let Ok(r) = serde_json::from_slice::<StableReq>(body) else {
+        return errcode(47001, "data format error");
+    };
+    if r.grant_type.as_deref() != Some("client_credential") {
+        return errcode(40002, "invalid grant_type");
+    }
+    let appid = r.appid.unwrap_or_default();
+    let mut st = shared.state.lock();
+    if let Err(e) = st.authenticate(&appid, r.secret.as_deref().unwrap_or("")) {
+        return refused(e);
+    }
+    let (token, expires_in) = st.stable_fetch(&appid, r.force_refresh.unwrap_or(false));
+    json(200, serde_json::json!({ "access_token": token, "expires_in": expires_in }))
+}
+
+fn api_call(shared: &Shared, token: Option<&str>) -> Answer {
+    let mut st = shared.state.lock();
+    st.api_calls += 1;
+    match st.check_token(token) {
+        Ok(_) => errcode(0, "ok"),
+        Err(r) => refused(r),
+    }
+}
+
+fn template_send(shared: &Shared, token: Option<&str>, body: &[u8]) -> Answer {
+    let mut st = shared.state.lock();
+    st.api_calls += 1;
+    if let Err(r) = st.check_token(token) {
+        return refused(r);
+    }
+    let Ok(msg) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return errcode(47001, "data format error");
+    };
+    if msg.get("touser").and_then(|v| v.as_str()).is_none_or(str::is_empty) {
+        return errcode(40003, "invalid openid");
+    }
+    if msg.get("template_id").and_then(|v| v.as_str()).is_none_or(str::is_empty) {
+        return errcode(40037, "invalid template_id");
+    }
+    st.messages += 1;
+    let msgid = 1_000_000_000 + st.messages;
+    json(200, serde_json::json!({ "errcode": 0, "errmsg": "ok", "msgid": msgid }))
+}
+
+async fn media_upload(shared: &Shared, token: Option<&str>, q: &str, content_type: &str, body: Bytes) -> Answer {
+    {
+        let mut st = shared.state.lock();
+        st.api_calls += 1;
+        if let Err(r) = st.check_token(token) {
+            return refused(r);
+        }
+    }
+    let Ok(boundary) = multer::parse_boundary(content_type) else {
+        return errcode(41005, "media data missing");
+    };
+    let stream = futures_util::stream::once(async move { Ok::<Bytes, Infallible>(body) });
+    let mut mp = multer::Multipart::new(stream, boundary);
+    loop {
+        match mp.next_field().await {
+            Ok(Some(field)) if field.name() == Some("media") => {
+                let filename = field.file_name().unwrap_or("media.bin").to_string();
+                let ct = field
+                    .content_type()
+                    .map(|m| m.to_string())
+                    .unwrap_or_else(|| "application/octet-stream".into());
+                let Ok(bytes) = field.bytes().await else {
+                    return errcode(41005, "media data missing");
+                };
+                if bytes.len() > MAX_MEDIA {
+                    return errcode(40006, "invalid file size");
+                }
+                let media_id: String = {
+                    use rand::Rng;
+                    rand::thread_rng()
+                        .sample_iter(&rand::distributions::Alphanumeric)
+                        .take(40)
+                        .map(char::from)
+                        .collect()
+                };
+                let mut st = shared.state.lock();
+                st.media_uploads += 1;
+                st.media.insert(
+                    media_id.clone(),
+                    super::state::Media {
+                        bytes,
+                        filename,
+                        content_type: ct,
+                    },
+                );
+                let created = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                let kind = query::param(q, "type").unwrap_or("image".into()).into_owned();
+                return json(
+                    200,
+                    serde_json::json!({ "type": kind, "media_id": media_id, "created_at": created }),
+                );
+            }
+            Ok(Some(_)) => continue,
+            Ok(None) | Err(_) => return errcode(41005, "media data missing"),
+        }
+    }
+}
+
+fn media_get(shared: &Shared, token: Option<&str>, q: &str) -> Answer {
+    let mut st = shared.state.lock();
+    st.api_calls += 1;
+    if let Err(r) = st.check_token(token) {
+        return refused(r);
+    }
+    let id = query::param(q, "media_id").unwrap_or_default();
+    match st.media.get(id.as_ref()) {
+        None => errcode(40007, "invalid media_id"),
+        Some(m) => Response::builder()
+            .status(200)
+            .header("Content-Type", m.content_type.as_str())
+            .header(
+                "Content-Disposition",
+                format!("attachment; filename=\"{}\"", m.filename),
+            )
+            .header("Content-Length", m.bytes.len())
+            .body(Full::new(m.bytes.clone()))
+            .expect("valid response"),
+    }
+}

@@ -1,0 +1,168 @@
+//! A small, faithful stand-in for WeChat's server API, served over TLS with a
+//! CA it makes at start (or plain HTTP). Used by the tests, `demo` and the
+//! benchmarks; `wxsidecar fake-wechat` runs it alone.
+//!
+//! The token rules live in [`state`], the endpoints in [`api`].
+
+mod api;
+pub mod state;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
+use tokio::net::TcpListener;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio_rustls::rustls::{self, ServerConfig};
+use tokio_rustls::TlsAcceptor;
+
+use crate::certs;
+use state::State;
+
+/// The app the fake serves when none is given (documented in the README).
+pub const DEMO_APPID: &str = "wx0123456789abcdef";
+pub const DEMO_SECRET: &str = "demo-secret-0123456789";
+/// WeChat's token lifetime.
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(7200);
+
+#[derive(Debug, Clone)]
+pub struct FakeOptions {
+    pub listen: SocketAddr,
+    pub plain: bool,
+    /// `(appid, secret)` pairs.
+    pub apps: Vec<(String, String)>,
+    pub token_ttl: Duration,
+    /// Added before every API answer.
+    pub latency: Duration,
+    /// Added before every token answer.
+    pub token_latency: Duration,
+}
+
+impl Default for FakeOptions {
+    fn default() -> Self {
+        FakeOptions {
+            listen: "127.0.0.1:0".parse().expect("valid address"),
+            plain: false,
+            apps: vec![(DEMO_APPID.into(), DEMO_SECRET.into())],
+            token_ttl: DEFAULT_TOKEN_TTL,
+            latency: Duration::ZERO,
+            token_latency: Duration::ZERO,
+        }
+    }
+}
+
+/// Shared by every connection.
+pub(crate) struct Shared {
+    pub state: Mutex<State>,
+    pub opts: FakeOptions,
+    pub tls_handshakes: AtomicU64,
+    pub connections: AtomicU64,
+}
+
+/// A running fake.
+pub struct Fake {
+    pub addr: SocketAddr,
+    /// PEM of the CA that signed the fake's certificate (`None` with `--plain`).
+    pub ca_pem: Option<String>,
+    pub tls: bool,
+}
+
+impl Fake {
+    /// The base URL clients use, e.g. `https://localhost:40123`.
+    pub fn url(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://localhost:{}", self.addr.port())
+    }
+}
+
+/// Binds and serves in the current tokio runtime; returns once listening.
+pub async fn start(opts: FakeOptions) -> std::io::Result<Fake> {
+    let listener = TcpListener::bind(opts.listen).await?;
+    let addr = listener.local_addr()?;
+    let (acceptor, ca_pem) = if opts.plain {
+        (None, None)
+    } else {
+        let (acceptor, ca) = tls_acceptor().map_err(std::io::Error::other)?;
+        (Some(acceptor), Some(ca))
+    };
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State::new(&opts.apps, opts.token_ttl)),
+        tls_handshakes: AtomicU64::new(0),
+        connections: AtomicU64::new(0),
+        opts: opts.clone(),
+    });
+    tokio::spawn(accept_loop(listener, acceptor, shared));
+    Ok(Fake {
+        addr,
+        ca_pem,
+        tls: !opts.plain,
+    })
+}
+
+fn tls_acceptor() -> Result<(TlsAcceptor, String), String> {
+    let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
+    names.extend(certs::WECHAT_HOSTS.iter().map(|h| h.to_string()));
+    let issued = certs::issue("wxsidecar fake WeChat CA", &names, 30).map_err(|e| e.to_string())?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from(issued.leaf_der)],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(issued.leaf_key_der)),
+        )
+        .map_err(|e| e.to_string())?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok((TlsAcceptor::from(Arc::new(config)), issued.ca_pem))
+}
+
+async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>, shared: Arc<Shared>) {
+    loop {
+        let (tcp, _) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "fake: accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        shared.connections.fetch_add(1, Ordering::Relaxed);
+        let shared = shared.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let svc = {
+                let shared = shared.clone();
+                service_fn(move |req| api::handle(shared.clone(), req))
+            };
+            let result = match tls {
+                Some(acceptor) => match acceptor.accept(tcp).await {
+                    Ok(stream) => {
+                        shared.tls_handshakes.fetch_add(1, Ordering::Relaxed);
+                        http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), svc)
+                            .await
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "fake: TLS handshake failed");
+                        return;
+                    }
+                },
+                None => {
+                    http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "fake: connection ended with an error");
+            }
+        });
+    }
+}

@@ -1,0 +1,23 @@
+//! wxsidecar: a pingora sidecar that owns WeChat access tokens for the apps
+//! behind it. See README.md for what it does and `../shared/design.md`-style
+//! notes in each module for why.
+#![forbid(unsafe_code)]
+
+pub mod account;
+pub mod admin;
+pub mod app;
+pub mod certs;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod fake;
+pub mod local;
+pub mod logging;
+pub mod proxy;
+pub mod query;
+pub mod reply;
+pub mod route;
+pub mod secret;
+pub mod server;
+pub mod token;
+pub mod upstream;

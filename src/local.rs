@@ -1,0 +1,108 @@
+//! Local answers for WeChat's token endpoints: an app (or its SDK) that asks
+//! for a token with the right appid and secret gets the sidecar's cached
+//! token, with the seconds it really has left. Nothing reaches WeChat, so
+//! apps can no longer invalidate each other's classic tokens or spend quota.
+//!
+//! Errors mirror WeChat's codes for the same mistakes; the secret the app
+//! sent is compared in constant time and never echoed or logged.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::Deserialize;
+
+use crate::account::Account;
+use crate::app::App;
+use crate::query;
+use crate::token::Token;
+
+/// A WeChat-style refusal: HTTP 200 with an errcode, as WeChat does.
+pub struct Refusal {
+    pub errcode: i64,
+    pub errmsg: &'static str,
+}
+
+impl Refusal {
+    pub fn body(&self) -> Bytes {
+        Bytes::from(
+            serde_json::json!({ "errcode": self.errcode, "errmsg": self.errmsg }).to_string(),
+        )
+    }
+}
+
+/// The credentials an app presents to a token endpoint.
+#[derive(Default, Deserialize)]
+pub struct Credentials {
+    pub grant_type: Option<String>,
+    pub appid: Option<String>,
+    pub secret: Option<String>,
+    /// Accepted and answered from the cache: never forwarded to WeChat.
+    #[allow(dead_code)]
+    pub force_refresh: Option<bool>,
+}
+
+impl Credentials {
+    pub fn from_query(q: &str) -> Self {
+        let get = |k: &str| query::param(q, k).map(|v| v.into_owned());
+        Credentials {
+            grant_type: get("grant_type"),
+            appid: get("appid"),
+            secret: get("secret"),
+            force_refresh: None,
+        }
+    }
+}
+
+/// Checks credentials the way WeChat does and finds the account.
+pub fn authenticate<'a>(app: &'a App, c: &Credentials) -> Result<&'a Arc<Account>, Refusal> {
+    let appid = c.appid.as_deref().filter(|s| !s.is_empty()).ok_or(Refusal {
+        errcode: 41002,
+        errmsg: "appid missing",
+    })?;
+    let account = app.accounts.by_appid(appid).ok_or(Refusal {
+        errcode: 40013,
+        errmsg: "invalid appid",
+    })?;
+    let secret = c.secret.as_deref().filter(|s| !s.is_empty()).ok_or(Refusal {
+        errcode: 41004,
+        errmsg: "appsecret missing",
+    })?;
+    if !account.secret.matches(secret) {
+        return Err(Refusal {
+            errcode: 40125,
+            errmsg: "invalid appsecret",
+        });
+    }
+    if c.grant_type.as_deref() != Some("client_credential") {
+        return Err(Refusal {
+            errcode: 40002,
+            errmsg: "invalid grant_type",
+        });
+    }
+    Ok(account)
+}
+
+/// The answer WeChat would give, from the cache.
+pub fn token_answer(token: &Token) -> Bytes {
+    // Round down: never claim a second the token does not have.
+    let secs = token.remaining().as_secs();
+    Bytes::from(
+        serde_json::json!({ "access_token": &*token.value, "expires_in": secs }).to_string(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_credentials() {
+        let c = Credentials::from_query("grant_type=client_credential&appid=wx1&secret=a%26b");
+        assert_eq!(c.appid.as_deref(), Some("wx1"));
+        assert_eq!(c.secret.as_deref(), Some("a&b"));
+        let c: Credentials =
+            serde_json::from_str(r#"{"grant_type":"client_credential","appid":"wx1","secret":"s","force_refresh":true}"#)
+                .unwrap();
+        assert_eq!(c.force_refresh, Some(true));
+    }
+}

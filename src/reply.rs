@@ -1,0 +1,76 @@
+//! Answers the sidecar writes itself: local token answers and errors in
+//! WeChat's shape (`{"errcode":…,"errmsg":"wxsidecar: …"}`) so SDKs parse
+//! them, with an HTTP status that tells the truth.
+
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+
+use crate::account::PickError;
+use crate::upstream::UpstreamError;
+
+/// WeChat's JSON content type.
+pub const JSON: &str = "application/json; charset=utf-8";
+
+/// Why the sidecar answered instead of WeChat.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("{0}")]
+    NoAccount(#[from] PickError),
+    #[error("no valid token for account {account}: {reason}")]
+    NoToken { account: String, reason: String },
+    #[error("request body over the {limit}-byte limit for {path} (limits.buffered_body)")]
+    BodyTooLarge { limit: usize, path: String },
+    #[error("bad request for {path}: {reason}")]
+    BadRequest { path: String, reason: String },
+    #[error("{path}: {source}")]
+    Upstream {
+        path: String,
+        #[source]
+        source: UpstreamError,
+    },
+}
+
+impl ProxyError {
+    pub fn status(&self) -> u16 {
+        match self {
+            ProxyError::NoAccount(_) | ProxyError::BadRequest { .. } => 400,
+            ProxyError::NoToken { .. } => 503,
+            ProxyError::BodyTooLarge { .. } => 413,
+            ProxyError::Upstream { source, .. } if source.is_timeout() => 504,
+            ProxyError::Upstream { .. } => 502,
+        }
+    }
+
+    /// The errcode SDKs see: WeChat's closest code, so their handling fits.
+    pub fn errcode(&self) -> i64 {
+        match self {
+            ProxyError::NoAccount(_) => 40013,
+            ProxyError::BodyTooLarge { .. } => 45002,
+            ProxyError::BadRequest { .. } => 40035,
+            // -1 is WeChat's "system busy": SDKs treat it as transient.
+            ProxyError::NoToken { .. } | ProxyError::Upstream { .. } => -1,
+        }
+    }
+}
+
+/// A WeChat-shaped error body.
+pub fn error_body(errcode: i64, message: &str) -> Bytes {
+    let msg = format!("wxsidecar: {message}");
+    Bytes::from(serde_json::json!({ "errcode": errcode, "errmsg": msg }).to_string())
+}
+
+/// Writes a complete JSON answer (with `Content-Length`, so the client's
+/// connection stays open).
+pub async fn send_json(session: &mut Session, status: u16, body: Bytes) -> pingora::Result<()> {
+    let mut resp = ResponseHeader::build(status, Some(3))?;
+    resp.insert_header(http::header::CONTENT_TYPE, JSON)?;
+    resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(body), true).await
+}
+
+/// Writes `err` as a WeChat-shaped answer.
+pub async fn send_error(session: &mut Session, err: &ProxyError) -> pingora::Result<()> {
+    send_json(session, err.status(), error_body(err.errcode(), &err.to_string())).await
+}

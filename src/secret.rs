@@ -1,0 +1,70 @@
+//! A secret (appsecret, client token) that cannot be printed by accident.
+//!
+//! `Debug` and `Display` print `***`; the value is read only through
+//! [`Secret::expose`], so every place that touches it is easy to find.
+
+use std::fmt;
+
+/// An appsecret or other credential. Never logged, never serialized.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Box<str>);
+
+impl Secret {
+    pub fn new(value: impl Into<Box<str>>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The raw value: only for building the request that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Compares in time independent of where the first difference is, so a
+    /// caller guessing the secret learns nothing from response times.
+    pub fn matches(&self, candidate: &str) -> bool {
+        constant_time_eq(self.0.as_bytes(), candidate.as_bytes())
+    }
+}
+
+/// Byte comparison whose time depends only on the lengths.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn never_prints_the_value() {
+        let s = Secret::new("s3cr3t-value");
+        assert_eq!(format!("{s}"), "***");
+        assert_eq!(format!("{s:?}"), "***");
+        assert_eq!(format!("{:?}", Some(&s)), "Some(***)");
+        assert_eq!(s.expose(), "s3cr3t-value");
+    }
+
+    #[test]
+    fn matches_only_the_same_bytes() {
+        let s = Secret::new("abc");
+        assert!(s.matches("abc"));
+        assert!(!s.matches("abd"));
+        assert!(!s.matches("ab"));
+        assert!(!s.matches(""));
+    }
+}

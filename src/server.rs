@@ -1,0 +1,166 @@
+//! Wiring: builds the pingora server with the app listener, the admin
+//! listener and the background work, and runs it until a signal.
+//!
+//! Start order: the admin listener opens at once (so `/healthz` answers and
+//! `/readyz` explains the wait); the app service first resolves the upstream,
+//! starts one refresher per account and waits for each account's first fetch,
+//! warms the pool, and only then opens the app listener. All of this runs in
+//! the app service's own runtime, so the pooled upstream sockets live on the
+//! same reactor as the requests that use them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::apps::http_app::HttpServer;
+use pingora::proxy::http_proxy_service_with_name;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{ListenFds, RunArgs, Server, ShutdownWatch};
+use pingora::services::listening::Service as ListeningService;
+use pingora::services::Service;
+
+use crate::admin::Admin;
+use crate::app::App;
+use crate::config::Config;
+use crate::proxy::Proxy;
+use crate::token::refresher;
+use crate::upstream::{self, Upstream, DEFAULT_POOL_SIZE};
+
+/// Slack on top of connect + read timeouts for the first token fetch.
+const DEFAULT_BOOT_SLACK: Duration = Duration::from_secs(3);
+
+/// Everything `run` needs, built before any listener opens, so every error
+/// is reported while the process can still exit non-zero.
+pub struct Prepared {
+    app: Arc<App>,
+    ca_bundle: Option<String>,
+}
+
+/// Validates what the config alone cannot: the CA bundle and free ports.
+pub fn prepare(config: Config) -> Result<Prepared, String> {
+    let ca_bundle = match &config.upstream.ca_file {
+        Some(extra) => Some(upstream::ca_bundle(extra)?),
+        None => None,
+    };
+    for (key, addr) in [("listen", config.listen), ("admin_listen", config.admin_listen)] {
+        std::net::TcpListener::bind(addr)
+            .map_err(|e| format!("{key}: cannot listen on {addr}: {e}"))?;
+    }
+    let up = Upstream::new(&config.upstream, ca_bundle.as_deref());
+    Ok(Prepared {
+        app: App::new(config, up),
+        ca_bundle: ca_bundle.map(|p| p.display().to_string()),
+    })
+}
+
+impl Prepared {
+    pub fn app(&self) -> &Arc<App> {
+        &self.app
+    }
+
+    /// Runs until SIGTERM (graceful) or SIGINT (fast).
+    pub fn run(self) {
+        let config = &self.app.config;
+        let conf = ServerConf {
+            threads: config.threads,
+            grace_period_seconds: Some(config.shutdown_grace.as_secs()),
+            graceful_shutdown_timeout_seconds: Some(config.shutdown_grace.as_secs().max(1)),
+            upstream_keepalive_pool_size: DEFAULT_POOL_SIZE,
+            ca_file: self.ca_bundle.clone(),
+            ..ServerConf::default()
+        };
+        let mut server = Server::new_with_opt_and_conf(None, conf);
+        server.bootstrap();
+
+        let mut proxy = http_proxy_service_with_name(
+            &server.configuration,
+            Proxy::new(self.app.clone()),
+            "wxsidecar app listener",
+        );
+        proxy.add_tcp(&config.listen.to_string());
+        let app_service = Gated {
+            inner: proxy,
+            app: self.app.clone(),
+        };
+
+        let mut admin = ListeningService::new(
+            "wxsidecar admin listener".to_string(),
+            HttpServer::new_app(Admin::new(self.app.clone())),
+        );
+        admin.threads = Some(1);
+        admin.add_tcp(&config.admin_listen.to_string());
+
+        server.add_service(admin);
+        server.add_service(app_service);
+        tracing::info!(
+            listen = %config.listen,
+            admin = %config.admin_listen,
+            upstream = %config.upstream.url,
+            accounts = config.accounts.len(),
+            "wxsidecar starting"
+        );
+        server.run(RunArgs::default());
+        tracing::info!("wxsidecar stopped");
+    }
+}
+
+/// The app listener, opened only after the first tokens are in.
+struct Gated<S> {
+    inner: S,
+    app: Arc<App>,
+}
+
+impl<S> Gated<S> {
+    async fn boot(&self) {
+        let app = &self.app;
+        if let Err(e) = app.upstream.resolve_if_due().await {
+            tracing::error!(error = %e, "cannot resolve the upstream; will retry");
+        }
+        for account in app.accounts.iter() {
+            tokio::spawn(refresher::run(
+                account.clone(),
+                app.upstream.clone(),
+                app.config.token.refresh_before,
+            ));
+        }
+        let wait = app.config.upstream.connect_timeout + app.config.upstream.read_timeout + DEFAULT_BOOT_SLACK;
+        for account in app.accounts.iter() {
+            if !account.tokens.wait_attempted(wait).await {
+                tracing::error!(account = %account.name, "first token fetch still running; opening the listener anyway");
+            } else if account.tokens.valid().is_none() {
+                tracing::error!(account = %account.name, "no token yet; requests for this account get 503 until a fetch succeeds");
+            }
+        }
+        app.upstream.warm().await;
+        tokio::spawn(app.upstream.clone().maintain());
+        app.set_listening();
+    }
+}
+
+#[async_trait]
+impl<S: Service> Service for Gated<S> {
+    async fn start_service(
+        &mut self,
+        fds: Option<ListenFds>,
+        shutdown: ShutdownWatch,
+        listeners_per_fd: usize,
+    ) {
+        self.boot().await;
+        tracing::info!(listen = %self.app.config.listen, "app listener open");
+        self.inner
+            .start_service(fds, shutdown, listeners_per_fd)
+            .await
+    }
+
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn threads(&self) -> Option<usize> {
+        self.inner.threads()
+    }
+
+    fn listen_addresses(&self) -> Option<Vec<String>> {
+        self.inner.listen_addresses()
+    }
+}

@@ -1,0 +1,249 @@
+//! Access tokens: one [`TokenCell`] per account holds the current token and
+//! the ones issued before it.
+//!
+//! The request path only *reads* a cell: one atomic load of an `Arc`, no lock,
+//! no await. Only the account's refresher ([`refresher`]) writes, so at most
+//! one fetch per account is ever in flight. Nothing here logs a token.
+
+pub mod refresher;
+pub mod source;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use tokio::sync::{watch, Notify};
+
+/// Tokens handed out earlier are still recognised (and replaced) for this
+/// many refreshes: at one refresh per ~2 h, about two days of history.
+const DEFAULT_ISSUED_HISTORY: usize = 24;
+
+/// A token as the sidecar holds it.
+#[derive(Debug)]
+pub struct Token {
+    pub value: Arc<str>,
+    /// When WeChat stops accepting it.
+    pub expires_at: Instant,
+    /// Wall-clock time of the fetch, for `/status`.
+    pub fetched_at: SystemTime,
+    /// Its full lifetime as first seen (`expires_in` of the fetch that issued it).
+    pub lifetime: Duration,
+}
+
+impl Token {
+    pub fn remaining(&self) -> Duration {
+        self.expires_at.saturating_duration_since(Instant::now())
+    }
+
+    pub fn is_valid(&self) -> bool {
+        self.expires_at > Instant::now()
+    }
+}
+
+#[derive(Default)]
+struct Snapshot {
+    current: Option<Arc<Token>>,
+    /// Values issued before `current`, newest last.
+    earlier: Vec<Arc<str>>,
+}
+
+/// What `/status` and the logs say about an account's token.
+#[derive(Debug, Clone, Default)]
+pub struct CellStatus {
+    /// Set after the first fetch attempt ends, either way.
+    pub attempted: bool,
+    pub fetches_ok: u64,
+    pub fetches_failed: u64,
+    /// The last failure, as a WeChat errcode (or -1 for a transport error) and a message.
+    pub last_error: Option<(i64, String)>,
+}
+
+/// One account's token and its history.
+pub struct TokenCell {
+    snap: ArcSwap<Snapshot>,
+    /// Bumped whenever a token is stored or a fetch attempt ends.
+    changed: watch::Sender<u64>,
+    status: Mutex<CellStatus>,
+    /// Asks the refresher to fetch now.
+    pub(crate) force: Notify,
+}
+
+impl Default for TokenCell {
+    fn default() -> Self {
+        TokenCell {
+            snap: ArcSwap::from_pointee(Snapshot::default()),
+            changed: watch::channel(0).0,
+            status: Mutex::new(CellStatus::default()),
+            force: Notify::new(),
+        }
+    }
+}
+
+impl TokenCell {
+    /// The current token if it has not expired. Never waits.
+    pub fn valid(&self) -> Option<Arc<Token>> {
+        self.snap
+            .load()
+            .current
+            .as_ref()
+            .filter(|t| t.is_valid())
+            .cloned()
+    }
+
+    /// The current token, expired or not (for the refresher's schedule).
+    pub fn latest(&self) -> Option<Arc<Token>> {
+        self.snap.load().current.clone()
+    }
+
+    /// Whether this sidecar handed out `value` (now or earlier).
+    pub fn issued(&self, value: &str) -> bool {
+        let snap = self.snap.load();
+        snap.current.as_ref().is_some_and(|t| &*t.value == value)
+            || snap.earlier.iter().any(|v| &**v == value)
+    }
+
+    /// Waits up to `limit` for a valid token; `None` when none came.
+    pub async fn wait_valid(&self, limit: Duration) -> Option<Arc<Token>> {
+        let mut rx = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(t) = self.valid() {
+                return Some(t);
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return self.valid(),
+            }
+        }
+    }
+
+    /// Waits until the first fetch attempt has ended, up to `limit`.
+    pub async fn wait_attempted(&self, limit: Duration) -> bool {
+        let mut rx = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if self.status.lock().attempted {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                return self.status.lock().attempted;
+            }
+        }
+    }
+
+    /// Stores a fetched token. A value equal to the current one (a stable
+    /// token not rotated yet) only updates the expiry.
+    pub(crate) fn store(&self, value: &str, expires_in: Duration) -> StoreOutcome {
+        let now = Instant::now();
+        let old = self.snap.load_full();
+        let outcome;
+        let snap = match &old.current {
+            Some(cur) if &*cur.value == value => {
+                outcome = StoreOutcome::Same;
+                Snapshot {
+                    current: Some(Arc::new(Token {
+                        value: cur.value.clone(),
+                        expires_at: now + expires_in,
+                        fetched_at: cur.fetched_at,
+                        lifetime: cur.lifetime,
+                    })),
+                    earlier: old.earlier.clone(),
+                }
+            }
+            _ => {
+                outcome = StoreOutcome::New;
+                let mut earlier = old.earlier.clone();
+                if let Some(cur) = &old.current {
+                    earlier.push(cur.value.clone());
+                    if earlier.len() > DEFAULT_ISSUED_HISTORY {
+                        earlier.remove(0);
+                    }
+                }
+                Snapshot {
+                    current: Some(Arc::new(Token {
+                        value: Arc::from(value),
+                        expires_at: now + expires_in,
+                        fetched_at: SystemTime::now(),
+                        lifetime: expires_in,
+                    })),
+                    earlier,
+                }
+            }
+        };
+        self.snap.store(Arc::new(snap));
+        {
+            let mut st = self.status.lock();
+            st.attempted = true;
+            st.fetches_ok += 1;
+            st.last_error = None;
+        }
+        self.changed.send_modify(|n| *n += 1);
+        outcome
+    }
+
+    pub(crate) fn record_failure(&self, errcode: i64, message: String) {
+        {
+            let mut st = self.status.lock();
+            st.attempted = true;
+            st.fetches_failed += 1;
+            st.last_error = Some((errcode, message));
+        }
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    pub fn status(&self) -> CellStatus {
+        self.status.lock().clone()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreOutcome {
+    New,
+    Same,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_recognises_earlier_tokens() {
+        let cell = TokenCell::default();
+        assert!(cell.valid().is_none());
+        assert_eq!(cell.store("t1", Duration::from_secs(60)), StoreOutcome::New);
+        assert_eq!(cell.store("t2", Duration::from_secs(60)), StoreOutcome::New);
+        assert_eq!(&*cell.valid().unwrap().value, "t2");
+        assert!(cell.issued("t1") && cell.issued("t2"));
+        assert!(!cell.issued("t3"));
+    }
+
+    #[test]
+    fn same_value_keeps_lifetime_and_history() {
+        let cell = TokenCell::default();
+        cell.store("t1", Duration::from_secs(7200));
+        assert_eq!(cell.store("t1", Duration::from_secs(300)), StoreOutcome::Same);
+        let t = cell.valid().unwrap();
+        assert_eq!(t.lifetime, Duration::from_secs(7200));
+        assert!(t.remaining() <= Duration::from_secs(300));
+    }
+
+    #[test]
+    fn history_is_bounded() {
+        let cell = TokenCell::default();
+        for i in 0..(DEFAULT_ISSUED_HISTORY + 5) {
+            cell.store(&format!("t{i}"), Duration::from_secs(60));
+        }
+        assert!(!cell.issued("t0"));
+        assert!(cell.issued(&format!("t{}", DEFAULT_ISSUED_HISTORY + 4)));
+    }
+
+    #[tokio::test]
+    async fn expired_token_is_never_valid() {
+        let cell = TokenCell::default();
+        cell.store("t1", Duration::from_millis(1));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert!(cell.valid().is_none());
+        assert!(cell.wait_valid(Duration::from_millis(10)).await.is_none());
+    }
+}

@@ -1,0 +1,160 @@
+//! Fetching a token from WeChat: `GET /cgi-bin/token` (classic) or
+//! `POST /cgi-bin/stable_token` (stable, `force_refresh: false`).
+//!
+//! The secret goes into the request and nowhere else: errors carry the
+//! account's name and appid, WeChat's errcode and errmsg, never the URL.
+
+use std::time::Duration;
+
+use pingora::http::RequestHeader;
+use serde::Deserialize;
+
+use crate::account::Account;
+use crate::config::TokenApi;
+use crate::upstream::{Upstream, UpstreamError};
+
+/// A token answer is a few hundred bytes; anything far larger is not one.
+const DEFAULT_ANSWER_LIMIT: usize = 64 * 1024;
+
+/// What WeChat returned.
+#[derive(Debug)]
+pub struct Fetched {
+    pub value: String,
+    pub expires_in: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("{0}")]
+    Upstream(#[from] UpstreamError),
+    #[error("WeChat answered errcode {errcode}: {errmsg}")]
+    WeChat { errcode: i64, errmsg: String },
+    #[error("WeChat's answer is not a token: {0}")]
+    BadAnswer(String),
+}
+
+impl FetchError {
+    /// The errcode shown in `/status`: WeChat's, or -1 for our own failures.
+    pub fn errcode(&self) -> i64 {
+        match self {
+            FetchError::WeChat { errcode, .. } => *errcode,
+            _ => -1,
+        }
+    }
+
+    /// Errors that retrying soon will not fix: wrong secret, bad appid, IP
+    /// not whitelisted, frozen secret, IP risk check, daily quota spent.
+    pub fn is_hard(&self) -> bool {
+        matches!(
+            self,
+            FetchError::WeChat {
+                errcode: 40001 | 40002 | 40013 | 40125 | 40164 | 40243 | 41002 | 41004 | 45009
+                    | 89501 | 89503 | 89506 | 89507,
+                ..
+            }
+        )
+    }
+}
+
+#[derive(Deserialize)]
+struct Answer {
+    access_token: Option<String>,
+    expires_in: Option<u64>,
+    errcode: Option<i64>,
+    errmsg: Option<String>,
+}
+
+/// Fetches a token for `account` through the shared pool.
+pub async fn fetch(upstream: &Upstream, account: &Account) -> Result<Fetched, FetchError> {
+    let (req, body) = build_request(upstream, account);
+    let mut x = upstream.send(&req, &body).await?;
+    let status = x.header().status.as_u16();
+    let answer = x.read_to_end(DEFAULT_ANSWER_LIMIT).await?;
+    x.finish().await;
+    let answer = answer.map_err(|_| {
+        FetchError::BadAnswer(format!("HTTP {status}, body over {DEFAULT_ANSWER_LIMIT} bytes"))
+    })?;
+    parse_answer(status, &answer)
+}
+
+fn build_request(upstream: &Upstream, account: &Account) -> (RequestHeader, Vec<u8>) {
+    let enc = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+    let (mut req, body) = match account.token_api {
+        TokenApi::Classic => {
+            let path = format!(
+                "/cgi-bin/token?grant_type=client_credential&appid={}&secret={}",
+                enc(&account.appid),
+                enc(account.secret.expose())
+            );
+            let req = RequestHeader::build("GET", path.as_bytes(), None).expect("valid path");
+            (req, Vec::new())
+        }
+        TokenApi::Stable => {
+            let body = serde_json::json!({
+                "grant_type": "client_credential",
+                "appid": account.appid,
+                "secret": account.secret.expose(),
+                "force_refresh": false,
+            })
+            .to_string()
+            .into_bytes();
+            let mut req =
+                RequestHeader::build("POST", b"/cgi-bin/stable_token", None).expect("valid path");
+            req.insert_header("Content-Type", "application/json")
+                .expect("valid header");
+            req.insert_header("Content-Length", body.len().to_string())
+                .expect("valid header");
+            (req, body)
+        }
+    };
+    req.insert_header("Host", upstream.host_header())
+        .expect("valid host header");
+    req.insert_header("User-Agent", concat!("wxsidecar/", env!("CARGO_PKG_VERSION")))
+        .expect("valid header");
+    (req, body)
+}
+
+fn parse_answer(status: u16, body: &[u8]) -> Result<Fetched, FetchError> {
+    let a: Answer = serde_json::from_slice(body)
+        .map_err(|e| FetchError::BadAnswer(format!("HTTP {status}, not JSON ({e})")))?;
+    match (a.access_token, a.errcode) {
+        (Some(value), None | Some(0)) if !value.is_empty() => {
+            let secs = a.expires_in.unwrap_or(0);
+            if secs == 0 {
+                return Err(FetchError::BadAnswer("expires_in missing or 0".into()));
+            }
+            Ok(Fetched {
+                value,
+                expires_in: Duration::from_secs(secs),
+            })
+        }
+        (_, Some(errcode)) if errcode != 0 => Err(FetchError::WeChat {
+            errcode,
+            errmsg: a.errmsg.unwrap_or_default().chars().take(200).collect(),
+        }),
+        _ => Err(FetchError::BadAnswer(format!(
+            "HTTP {status}, neither access_token nor errcode"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers() {
+        let ok = parse_answer(200, br#"{"access_token":"T","expires_in":7200}"#).unwrap();
+        assert_eq!((ok.value.as_str(), ok.expires_in.as_secs()), ("T", 7200));
+        let e = parse_answer(200, br#"{"errcode":40125,"errmsg":"invalid appsecret"}"#).unwrap_err();
+        assert_eq!(e.errcode(), 40125);
+        assert!(e.is_hard());
+        let e = parse_answer(200, br#"{"errcode":-1,"errmsg":"system error"}"#).unwrap_err();
+        assert!(!e.is_hard());
+        assert!(matches!(parse_answer(502, b"<html>"), Err(FetchError::BadAnswer(_))));
+        assert!(matches!(
+            parse_answer(200, br#"{"access_token":"T"}"#),
+            Err(FetchError::BadAnswer(_))
+        ));
+    }
+}

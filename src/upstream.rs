@@ -1,0 +1,448 @@
+//! The way to WeChat: async DNS, peers built from addresses, one shared
+//! keep-alive pool of verified TLS connections, and pool warmth.
+//!
+//! Sits at the end of the request path: the proxy and the token fetcher both
+//! call [`Upstream::send`]. Never resolves DNS blocking (pingora's
+//! `HttpPeer::new("host:443")` would), never disables certificate or
+//! hostname verification, and never puts a query string (which may carry a
+//! token or secret) into an error.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::{Bytes, BytesMut};
+use hickory_resolver::config::{LookupIpStrategy, ResolverConfig, ResolverOpts};
+use hickory_resolver::TokioAsyncResolver;
+use pingora::connectors::{ConnectorOptions, TransportConnector};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::protocols::http::v1::client::HttpSession;
+use pingora::protocols::Stream;
+use pingora::upstreams::peer::{HttpPeer, Peer};
+use pingora::ErrorType;
+
+use crate::config::{UpstreamConfig, UpstreamUrl};
+
+/// Idle connections kept per upstream; far above what a sidecar needs.
+pub const DEFAULT_POOL_SIZE: usize = 256;
+/// Re-resolve at least this often even when the DNS TTL is longer, so a
+/// moved WeChat endpoint is picked up within a minute.
+const DEFAULT_MAX_DNS_TTL: Duration = Duration::from_secs(60);
+/// Re-resolve no more often than this, whatever the TTL says.
+const DEFAULT_MIN_DNS_TTL: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot resolve upstream host {host}: {reason}")]
+    Resolve { host: String, reason: String },
+    #[error("cannot connect to upstream {addr}: {reason}")]
+    Connect { addr: String, reason: String },
+    #[error("upstream {addr} did not answer within {after:?}")]
+    Timeout { addr: String, after: Duration },
+    #[error("exchange with upstream {addr} failed: {reason}")]
+    Exchange { addr: String, reason: String },
+}
+
+impl UpstreamError {
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, UpstreamError::Timeout { .. })
+    }
+}
+
+/// Counters an operator (and the tests) read from `/status`.
+#[derive(Default, Debug)]
+pub struct UpstreamStats {
+    pub connections_opened: AtomicU64,
+    pub connections_reused: AtomicU64,
+    pub requests: AtomicU64,
+    pub failures: AtomicU64,
+}
+
+struct Resolved {
+    peers: Vec<HttpPeer>,
+    valid_until: Instant,
+}
+
+/// One upstream host with its pool.
+pub struct Upstream {
+    url: UpstreamUrl,
+    host_header: String,
+    transport: TransportConnector,
+    resolved: ArcSwap<Resolved>,
+    /// Which resolved address to use first; moves on after a connect failure.
+    preferred: AtomicUsize,
+    resolver: Option<TokioAsyncResolver>,
+    resolving: tokio::sync::Mutex<()>,
+    conf: UpstreamConfig,
+    pub stats: UpstreamStats,
+}
+
+/// A request sent and its response header read; the body is still to come.
+pub struct Exchange<'a> {
+    upstream: &'a Upstream,
+    session: HttpSession,
+    peer: HttpPeer,
+}
+
+impl Upstream {
+    /// Builds the upstream; `ca_bundle` is the CA file given to every TLS
+    /// connection (system roots plus `upstream.ca_file`, see [`ca_bundle`]).
+    pub fn new(conf: &UpstreamConfig, ca_bundle: Option<&Path>) -> Arc<Self> {
+        let mut opts = ConnectorOptions::new(DEFAULT_POOL_SIZE);
+        opts.ca_file = ca_bundle.map(|p| p.display().to_string());
+        let transport = TransportConnector::new(Some(opts));
+        let resolver = match conf.url.host.parse::<IpAddr>() {
+            Ok(_) => None,
+            Err(_) => Some(build_resolver()),
+        };
+        let up = Upstream {
+            host_header: conf.url.host_header(),
+            url: conf.url.clone(),
+            transport,
+            resolved: ArcSwap::from_pointee(Resolved {
+                peers: Vec::new(),
+                valid_until: Instant::now(),
+            }),
+            preferred: AtomicUsize::new(0),
+            resolver,
+            resolving: tokio::sync::Mutex::new(()),
+            conf: conf.clone(),
+            stats: UpstreamStats::default(),
+        };
+        if let Ok(ip) = conf.url.host.parse::<IpAddr>() {
+            up.set_addrs(&[SocketAddr::new(ip, conf.url.port)], Instant::now() + Duration::from_secs(86400 * 365));
+        }
+        Arc::new(up)
+    }
+
+    pub fn url(&self) -> &UpstreamUrl {
+        &self.url
+    }
+
+    /// The `Host` header every forwarded request carries.
+    pub fn host_header(&self) -> &str {
+        &self.host_header
+    }
+
+    pub fn read_timeout(&self) -> Duration {
+        self.conf.read_timeout
+    }
+
+    fn make_peer(&self, addr: SocketAddr) -> HttpPeer {
+        let mut peer = HttpPeer::new(addr, self.url.tls, self.url.host.clone());
+        let o = &mut peer.options;
+        o.connection_timeout = Some(self.conf.connect_timeout);
+        o.total_connection_timeout = Some(self.conf.connect_timeout);
+        o.read_timeout = Some(self.conf.read_timeout);
+        o.write_timeout = Some(self.conf.read_timeout);
+        o.idle_timeout = Some(self.conf.idle_timeout);
+        // verify_cert and verify_hostname stay at their default: true.
+        peer
+    }
+
+    fn set_addrs(&self, addrs: &[SocketAddr], valid_until: Instant) {
+        let peers = addrs.iter().map(|a| self.make_peer(*a)).collect();
+        self.resolved.store(Arc::new(Resolved { peers, valid_until }));
+        self.preferred.store(0, Ordering::Relaxed);
+    }
+
+    /// Resolves the host when its last answer is due; a no-op for IP hosts.
+    pub async fn resolve_if_due(&self) -> Result<(), UpstreamError> {
+        let Some(resolver) = &self.resolver else {
+            return Ok(());
+        };
+        if self.resolved.load().valid_until > Instant::now() {
+            return Ok(());
+        }
+        let Ok(_guard) = self.resolving.try_lock() else {
+            // Someone else is resolving; use what we have.
+            return Ok(());
+        };
+        let host = self.url.host.clone();
+        match resolver.lookup_ip(host.as_str()).await {
+            Ok(lookup) => {
+                let addrs: Vec<SocketAddr> = lookup
+                    .iter()
+                    .map(|ip| SocketAddr::new(ip, self.url.port))
+                    .collect();
+                if addrs.is_empty() {
+                    return Err(UpstreamError::Resolve {
+                        host,
+                        reason: "no addresses".into(),
+                    });
+                }
+                let ttl = lookup
+                    .valid_until()
+                    .saturating_duration_since(Instant::now())
+                    .clamp(DEFAULT_MIN_DNS_TTL, DEFAULT_MAX_DNS_TTL);
+                tracing::debug!(host = %self.url.host, addrs = ?addrs, "upstream resolved");
+                self.set_addrs(&addrs, Instant::now() + ttl);
+                Ok(())
+            }
+            Err(e) => Err(UpstreamError::Resolve {
+                host,
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    fn peers(&self) -> Result<(Arc<Resolved>, usize), UpstreamError> {
+        let r = self.resolved.load_full();
+        if r.peers.is_empty() {
+            return Err(UpstreamError::Resolve {
+                host: self.url.host.clone(),
+                reason: "not resolved yet".into(),
+            });
+        }
+        let first = self.preferred.load(Ordering::Relaxed) % r.peers.len();
+        Ok((r, first))
+    }
+
+    /// A peer for pingora's streaming proxy path (media up- and downloads).
+    pub fn peer(&self) -> Result<HttpPeer, UpstreamError> {
+        let (r, first) = self.peers()?;
+        Ok(r.peers[first].clone())
+    }
+
+    /// Opens a new connection, trying each resolved address in turn.
+    async fn connect(&self) -> Result<(Stream, HttpPeer), UpstreamError> {
+        let (r, first) = self.peers()?;
+        let n = r.peers.len();
+        let mut last = None;
+        for i in 0..n {
+            let idx = (first + i) % n;
+            let peer = &r.peers[idx];
+            match self.transport.new_stream(peer).await {
+                Ok(stream) => {
+                    self.stats.connections_opened.fetch_add(1, Ordering::Relaxed);
+                    if i > 0 {
+                        self.preferred.store(idx, Ordering::Relaxed);
+                    }
+                    return Ok((stream, peer.clone()));
+                }
+                Err(e) => {
+                    let addr = peer.address().to_string();
+                    tracing::warn!(upstream = %addr, error = %e, "upstream connect failed");
+                    last = Some(if matches!(e.etype(), ErrorType::ConnectTimedout) {
+                        UpstreamError::Timeout {
+                            addr,
+                            after: self.conf.connect_timeout,
+                        }
+                    } else {
+                        UpstreamError::Connect {
+                            addr,
+                            reason: e.to_string(),
+                        }
+                    });
+                }
+            }
+        }
+        Err(last.expect("at least one peer"))
+    }
+
+    /// Sends a request with an in-memory body and reads the response header.
+    ///
+    /// A pooled connection that turns out to be closed gets one retry on a
+    /// fresh connection (the keep-alive race every client must handle); a
+    /// timeout is never retried, since the request may have taken effect.
+    pub async fn send(
+        &self,
+        req: &RequestHeader,
+        body: &[u8],
+    ) -> Result<Exchange<'_>, UpstreamError> {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let result = self.send_inner(req, body).await;
+        if result.is_err() {
+            self.stats.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    async fn send_inner(
+        &self,
+        req: &RequestHeader,
+        body: &[u8],
+    ) -> Result<Exchange<'_>, UpstreamError> {
+        let (peer, _) = self.peers()?;
+        let pooled = {
+            let p = &peer.peers[self.preferred.load(Ordering::Relaxed) % peer.peers.len()];
+            self.transport.reused_stream(p).await.map(|s| (s, p.clone()))
+        };
+        if let Some((stream, p)) = pooled {
+            self.stats.connections_reused.fetch_add(1, Ordering::Relaxed);
+            match self.exchange(stream, p, req, body).await {
+                Ok(x) => return Ok(x),
+                Err(e) if e.is_timeout() => return Err(e),
+                Err(e) => tracing::debug!(error = %e, "pooled connection failed; retrying on a new one"),
+            }
+        }
+        let (stream, p) = self.connect().await?;
+        self.exchange(stream, p, req, body).await
+    }
+
+    async fn exchange(
+        &self,
+        stream: Stream,
+        peer: HttpPeer,
+        req: &RequestHeader,
+        body: &[u8],
+    ) -> Result<Exchange<'_>, UpstreamError> {
+        let mut session = HttpSession::new_with_options(stream, &peer);
+        let addr = peer.address().to_string();
+        let map = |e: Box<pingora::Error>| self.map_err(&addr, e);
+        session
+            .write_request_header(Box::new(req.clone()))
+            .await
+            .map_err(map)?;
+        if !body.is_empty() {
+            session.write_body(body).await.map_err(map)?;
+        }
+        session.finish_body().await.map_err(map)?;
+        session.read_response().await.map_err(map)?;
+        Ok(Exchange {
+            upstream: self,
+            session,
+            peer,
+        })
+    }
+
+    fn map_err(&self, addr: &str, e: Box<pingora::Error>) -> UpstreamError {
+        match e.etype() {
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout | ErrorType::ConnectTimedout => {
+                UpstreamError::Timeout {
+                    addr: addr.to_string(),
+                    after: self.conf.read_timeout,
+                }
+            }
+            _ => UpstreamError::Exchange {
+                addr: addr.to_string(),
+                reason: e.etype().as_str().to_string(),
+            },
+        }
+    }
+
+    /// Makes sure `warm_connections` connections sit in the pool: takes what
+    /// is pooled (refreshing its idle timer), opens the rest, returns all.
+    pub async fn warm(&self) {
+        let n = self.conf.warm_connections;
+        if n == 0 {
+            return;
+        }
+        let peer = match self.peer() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot warm the upstream pool");
+                return;
+            }
+        };
+        let attempts = (0..n).map(|_| async {
+            match self.transport.reused_stream(&peer).await {
+                Some(s) => Some((s, peer.clone())),
+                None => match self.connect().await {
+                    Ok(x) => Some(x),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "warming the upstream pool failed");
+                        None
+                    }
+                },
+            }
+        });
+        let streams = futures_util::future::join_all(attempts).await;
+        for (stream, p) in streams.into_iter().flatten() {
+            self.transport
+                .release_stream(stream, p.reuse_hash(), Some(self.conf.idle_timeout));
+        }
+    }
+
+    /// Background upkeep: re-resolve by TTL and keep the pool warm. Runs in
+    /// the proxy's runtime so the pooled sockets belong to the same reactor
+    /// as the requests that use them.
+    pub async fn maintain(self: Arc<Self>) {
+        let period = (self.conf.idle_timeout.mul_f32(0.8)).max(Duration::from_secs(1));
+        loop {
+            tokio::time::sleep(period.min(DEFAULT_MAX_DNS_TTL)).await;
+            if let Err(e) = self.resolve_if_due().await {
+                tracing::warn!(error = %e, "re-resolving the upstream failed; keeping the old addresses");
+            }
+            self.warm().await;
+        }
+    }
+}
+
+impl Exchange<'_> {
+    pub fn header(&self) -> &ResponseHeader {
+        self.session.resp_header().expect("response header was read")
+    }
+
+    /// Reads the next body chunk; `None` at the end.
+    pub async fn chunk(&mut self) -> Result<Option<Bytes>, UpstreamError> {
+        let addr = self.peer.address().to_string();
+        match self.session.read_body_bytes().await {
+            Ok(b) => Ok(b),
+            Err(e) => Err(self.upstream.map_err(&addr, e)),
+        }
+    }
+
+    /// Reads the rest of the body into memory, up to `cap` bytes. Returns
+    /// `Ok(Err(partial))` when the body is larger, with what was read so far.
+    pub async fn read_to_end(&mut self, cap: usize) -> Result<Result<Bytes, BytesMut>, UpstreamError> {
+        let mut buf = BytesMut::new();
+        while let Some(chunk) = self.chunk().await? {
+            buf.extend_from_slice(&chunk);
+            if buf.len() > cap {
+                return Ok(Err(buf));
+            }
+        }
+        Ok(Ok(buf.freeze()))
+    }
+
+    /// Returns the connection to the pool when the answer was read whole and
+    /// both sides allow keep-alive; otherwise closes it.
+    pub async fn finish(mut self) {
+        if !self.session.is_body_done() {
+            return;
+        }
+        self.session.respect_keepalive();
+        if let Some(stream) = self.session.reuse().await {
+            self.upstream.transport.release_stream(
+                stream,
+                self.peer.reuse_hash(),
+                Some(self.upstream.conf.idle_timeout),
+            );
+        }
+    }
+}
+
+fn build_resolver() -> TokioAsyncResolver {
+    let (config, mut opts) = hickory_resolver::system_conf::read_system_conf()
+        .unwrap_or_else(|_| (ResolverConfig::default(), ResolverOpts::default()));
+    // Loopback tests and most WeChat clients are IPv4; try v4 first, then v6.
+    opts.ip_strategy = LookupIpStrategy::Ipv4thenIpv6;
+    TokioAsyncResolver::tokio(config, opts)
+}
+
+/// Writes the CA bundle for upstream TLS: the system roots plus `extra`, so
+/// a private CA is *added* to what the system trusts.
+pub fn ca_bundle(extra: &Path) -> Result<PathBuf, String> {
+    let extra_pem = std::fs::read_to_string(extra)
+        .map_err(|e| format!("upstream.ca_file {}: {e}", extra.display()))?;
+    if !extra_pem.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(format!(
+            "upstream.ca_file {}: no PEM certificate in it",
+            extra.display()
+        ));
+    }
+    let mut text = String::new();
+    if let Ok(certs) = pingora::tls::load_native_certs() {
+        for c in certs {
+            text.push_str(&pem::encode(&pem::Pem::new("CERTIFICATE", c.to_vec())));
+        }
+    }
+    text.push_str(&extra_pem);
+    let path = std::env::temp_dir().join(format!("wxsidecar-ca-{}.pem", std::process::id()));
+    std::fs::write(&path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    Ok(path)
+}
