@@ -122,7 +122,9 @@ impl Accounts {
         }
         self.default
             .map(|i| &self.list[i])
-            .ok_or_else(|| PickError::NoneNamed { known: self.known() })
+            .ok_or_else(|| PickError::NoneNamed {
+                known: self.known(),
+            })
     }
 }
 
@@ -143,13 +145,18 @@ mod tests {
     #[test]
     fn header_then_token_then_default() {
         let a = two();
-        a.list[1].tokens.store("mall-token", Duration::from_secs(60));
+        a.list[1]
+            .tokens
+            .store("mall-token", Duration::from_secs(60));
         assert_eq!(a.pick(Some("mall"), None).unwrap().name, "mall");
         assert_eq!(a.pick(Some("wxmall"), None).unwrap().name, "mall");
         assert_eq!(a.pick(None, Some("mall-token")).unwrap().name, "mall");
         assert_eq!(a.pick(None, Some("foreign")).unwrap().name, "shop");
-        assert_eq!(a.pick(Some("shop"), Some("mall-token")).unwrap().name, "shop");
-        let err = a.pick(Some("nope"), None).unwrap_err();
+        assert_eq!(
+            a.pick(Some("shop"), Some("mall-token")).unwrap().name,
+            "shop"
+        );
+        let err = a.pick(Some("nope"), None).err().unwrap();
         assert!(err.to_string().contains("`nope`") && err.to_string().contains("shop, mall"));
     }
 
@@ -160,6 +167,9 @@ mod tests {
         )
         .unwrap();
         let a = Accounts::new(&c.accounts);
-        assert!(matches!(a.pick(None, None), Err(PickError::NoneNamed { .. })));
+        assert!(matches!(
+            a.pick(None, None),
+            Err(PickError::NoneNamed { .. })
+        ));
     }
 }

@@ -86,7 +86,11 @@ impl ServeHttp for Admin {
                 Some(why) => answer(503, text, format!("not ready: {why}\n").into_bytes()),
             },
             "/status" => answer(200, JSON, self.status().to_string().into_bytes()),
-            _ => answer(404, text, b"not found: try /healthz /readyz /status\n".to_vec()),
+            _ => answer(
+                404,
+                text,
+                b"not found: try /healthz /readyz /status\n".to_vec(),
+            ),
         }
     }
 }

@@ -2,8 +2,8 @@
 //! TLS identity; later the transparent mode's local CA). ECDSA P-256.
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
 };
 use time::{Duration as TimeDuration, OffsetDateTime};
 
@@ -31,7 +31,8 @@ pub fn issue(ca_name: &str, names: &[String], valid_days: i64) -> Result<Issued,
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca.distinguished_name = DistinguishedName::new();
     ca.distinguished_name.push(DnType::CommonName, ca_name);
-    ca.distinguished_name.push(DnType::OrganizationName, "wxsidecar");
+    ca.distinguished_name
+        .push(DnType::OrganizationName, "wxsidecar");
     ca.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
         KeyUsagePurpose::CrlSign,

@@ -12,7 +12,11 @@ use crate::logging::{self, LogFormat};
 use crate::{demo, server};
 
 #[derive(Parser)]
-#[command(name = "wxsidecar", version, about = "A sidecar that owns WeChat access tokens: caches, injects, refreshes, pools TLS.")]
+#[command(
+    name = "wxsidecar",
+    version,
+    about = "A sidecar that owns WeChat access tokens: caches, injects, refreshes, pools TLS."
+)]
 struct Cli {
     /// Log line format.
     #[arg(long, value_enum, default_value = "json", global = true)]
@@ -130,7 +134,10 @@ fn check(path: &std::path::Path) -> i32 {
     };
     println!("configuration {} is valid", path.display());
     println!("listen:        {} (apps, plain HTTP/1.1)", c.listen);
-    println!("admin_listen:  {} (/healthz /readyz /status)", c.admin_listen);
+    println!(
+        "admin_listen:  {} (/healthz /readyz /status)",
+        c.admin_listen
+    );
     println!(
         "upstream:      {} (ca_file: {}, connect {:?}, read {:?}, warm {}, idle {:?})",
         c.upstream.url,
@@ -143,7 +150,10 @@ fn check(path: &std::path::Path) -> i32 {
         c.upstream.warm_connections,
         c.upstream.idle_timeout
     );
-    println!("token:         refresh {:?} before expiry", c.token.refresh_before);
+    println!(
+        "token:         refresh {:?} before expiry",
+        c.token.refresh_before
+    );
     println!("accounts:");
     for a in &c.accounts {
         println!(
@@ -168,7 +178,12 @@ fn parse_apps(apps: &[String]) -> Result<Vec<(String, String)>, String> {
             a.split_once(':')
                 .filter(|(id, s)| !id.is_empty() && !s.is_empty())
                 .map(|(id, s)| (id.to_string(), s.to_string()))
-                .ok_or_else(|| format!("--app `{}`: write APPID:SECRET", a.split(':').next().unwrap_or("")))
+                .ok_or_else(|| {
+                    format!(
+                        "--app `{}`: write APPID:SECRET",
+                        a.split(':').next().unwrap_or("")
+                    )
+                })
         })
         .collect()
 }
@@ -211,12 +226,14 @@ fn fake_wechat(f: FakeArgs) -> i32 {
             }
         }
         let scheme = if fake.tls { "https" } else { "http" };
-        println!("fake-wechat listening on {scheme}://{}", fake.addr);
+        // One write, errors ignored: a reader that stops reading must not kill the fake.
+        let mut banner = format!("fake-wechat listening on {scheme}://{}\n", fake.addr);
         for (appid, _) in &opts.apps {
-            println!("fake-wechat app {appid}");
+            banner.push_str(&format!("fake-wechat app {appid}\n"));
         }
         use std::io::Write;
-        let _ = std::io::stdout().flush();
+        let mut out = std::io::stdout();
+        let _ = out.write_all(banner.as_bytes()).and_then(|_| out.flush());
         let _ = tokio::signal::ctrl_c().await;
         0
     })

@@ -94,7 +94,9 @@ impl UpstreamUrl {
         if !url.username().is_empty() || url.password().is_some() {
             return Err("must not carry credentials".into());
         }
-        let port = url.port_or_known_default().unwrap_or(if tls { 443 } else { 80 });
+        let port = url
+            .port_or_known_default()
+            .unwrap_or(if tls { 443 } else { 80 });
         Ok(UpstreamUrl { tls, host, port })
     }
 
@@ -259,7 +261,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "s" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
-        other => return Err(format!("unknown unit `{other}` in `{t}`; use ms, s, m or h")),
+        other => {
+            return Err(format!(
+                "unknown unit `{other}` in `{t}`; use ms, s, m or h"
+            ))
+        }
     };
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("`{t}` is not a valid duration"));
@@ -281,7 +287,11 @@ pub fn parse_size(text: &str) -> Result<usize, String> {
         "MiB" | "M" => 1 << 20,
         "KB" => 1000,
         "MB" => 1_000_000,
-        other => return Err(format!("unknown size unit `{other}`; use B, KiB, MiB, KB or MB")),
+        other => {
+            return Err(format!(
+                "unknown size unit `{other}`; use B, KiB, MiB, KB or MB"
+            ))
+        }
     };
     value
         .checked_mul(mult)
@@ -331,7 +341,12 @@ fn duration_field(
     }
 }
 
-fn socket_field(key: &str, value: Option<&String>, default: &str, problems: &mut Vec<String>) -> SocketAddr {
+fn socket_field(
+    key: &str,
+    value: Option<&String>,
+    default: &str,
+    problems: &mut Vec<String>,
+) -> SocketAddr {
     let text = value.map(String::as_str).unwrap_or(default);
     text.parse().unwrap_or_else(|_| {
         problems.push(format!(
@@ -343,7 +358,11 @@ fn socket_field(key: &str, value: Option<&String>, default: &str, problems: &mut
 
 /// The appid's shape: WeChat appids (`wx…`) and WeCom corpids (`ww…`) are short ASCII.
 fn valid_appid(appid: &str) -> bool {
-    !appid.is_empty() && appid.len() <= 64 && appid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    !appid.is_empty()
+        && appid.len() <= 64
+        && appid
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 impl Config {
@@ -486,9 +505,7 @@ impl Config {
 
 fn parse_accounts(raw: Vec<raw::Account>, problems: &mut Vec<String>) -> Vec<AccountConfig> {
     if raw.is_empty() {
-        problems.push(
-            "accounts: at least one account is required (name, appid, secret)".into(),
-        );
+        problems.push("accounts: at least one account is required (name, appid, secret)".into());
         return Vec::new();
     }
     let mut accounts = Vec::with_capacity(raw.len());
@@ -500,7 +517,10 @@ fn parse_accounts(raw: Vec<raw::Account>, problems: &mut Vec<String>) -> Vec<Acc
         let name = match a.name {
             Some(n) if !n.trim().is_empty() => n,
             _ => {
-                problems.push(format!("{}: missing; give each account a unique name", at("name")));
+                problems.push(format!(
+                    "{}: missing; give each account a unique name",
+                    at("name")
+                ));
                 format!("#{i}")
             }
         };
@@ -510,7 +530,11 @@ fn parse_accounts(raw: Vec<raw::Account>, problems: &mut Vec<String>) -> Vec<Acc
                 at("name")
             ));
         }
-        let appid = match a.appid.as_deref().and_then(|v| expand_env(&at("appid"), v, problems)) {
+        let appid = match a
+            .appid
+            .as_deref()
+            .and_then(|v| expand_env(&at("appid"), v, problems))
+        {
             Some(v) if valid_appid(&v) => v,
             Some(v) => {
                 problems.push(format!(
@@ -674,7 +698,10 @@ accounts:
     #[test]
     fn upstream_url_shapes() {
         let u = UpstreamUrl::parse("https://api.weixin.qq.com").unwrap();
-        assert_eq!((u.tls, u.port, u.host_header()), (true, 443, "api.weixin.qq.com".into()));
+        assert_eq!(
+            (u.tls, u.port, u.host_header()),
+            (true, 443, "api.weixin.qq.com".into())
+        );
         let u = UpstreamUrl::parse("http://127.0.0.1:9000").unwrap();
         assert_eq!((u.tls, u.host_header()), (false, "127.0.0.1:9000".into()));
         assert!(UpstreamUrl::parse("ftp://x").is_err());
@@ -725,7 +752,8 @@ accounts:
     #[test]
     fn env_secret_is_expanded_and_hidden() {
         std::env::set_var("WXSIDECAR_TEST_SECRET_X", "from-env-123");
-        let text = "accounts:\n  - name: a\n    appid: wx1\n    secret: ${WXSIDECAR_TEST_SECRET_X}\n";
+        let text =
+            "accounts:\n  - name: a\n    appid: wx1\n    secret: ${WXSIDECAR_TEST_SECRET_X}\n";
         let c = Config::parse(text).unwrap();
         assert_eq!(c.accounts[0].secret.expose(), "from-env-123");
         assert!(!format!("{c:?}").contains("from-env-123"));

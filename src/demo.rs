@@ -41,7 +41,9 @@ pub fn run(args: DemoArgs) -> i32 {
     let ca_pem = match rx.recv() {
         Ok(Ok(pem)) => pem,
         Ok(Err(e)) => {
-            eprintln!("demo: the fake WeChat cannot listen on {fake_listen}: {e} (try --fake-listen)");
+            eprintln!(
+                "demo: the fake WeChat cannot listen on {fake_listen}: {e} (try --fake-listen)"
+            );
             return 2;
         }
         Err(_) => return 2,
@@ -91,7 +93,10 @@ accounts:
         let deadline = std::time::Instant::now() + DEFAULT_READY_WAIT;
         while app.not_ready_reason().is_some() {
             if std::time::Instant::now() > deadline {
-                eprintln!("demo: the sidecar is not ready: {}", app.not_ready_reason().unwrap_or_default());
+                eprintln!(
+                    "demo: the sidecar is not ready: {}",
+                    app.not_ready_reason().unwrap_or_default()
+                );
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));

@@ -55,18 +55,26 @@ impl Credentials {
 
 /// Checks credentials the way WeChat does and finds the account.
 pub fn authenticate<'a>(app: &'a App, c: &Credentials) -> Result<&'a Arc<Account>, Refusal> {
-    let appid = c.appid.as_deref().filter(|s| !s.is_empty()).ok_or(Refusal {
-        errcode: 41002,
-        errmsg: "appid missing",
-    })?;
+    let appid = c
+        .appid
+        .as_deref()
+        .filter(|s| !s.is_empty())
+        .ok_or(Refusal {
+            errcode: 41002,
+            errmsg: "appid missing",
+        })?;
     let account = app.accounts.by_appid(appid).ok_or(Refusal {
         errcode: 40013,
         errmsg: "invalid appid",
     })?;
-    let secret = c.secret.as_deref().filter(|s| !s.is_empty()).ok_or(Refusal {
-        errcode: 41004,
-        errmsg: "appsecret missing",
-    })?;
+    let secret = c
+        .secret
+        .as_deref()
+        .filter(|s| !s.is_empty())
+        .ok_or(Refusal {
+            errcode: 41004,
+            errmsg: "appsecret missing",
+        })?;
     if !account.secret.matches(secret) {
         return Err(Refusal {
             errcode: 40125,
@@ -100,9 +108,10 @@ mod tests {
         let c = Credentials::from_query("grant_type=client_credential&appid=wx1&secret=a%26b");
         assert_eq!(c.appid.as_deref(), Some("wx1"));
         assert_eq!(c.secret.as_deref(), Some("a&b"));
-        let c: Credentials =
-            serde_json::from_str(r#"{"grant_type":"client_credential","appid":"wx1","secret":"s","force_refresh":true}"#)
-                .unwrap();
+        let c: Credentials = serde_json::from_str(
+            r#"{"grant_type":"client_credential","appid":"wx1","secret":"s","force_refresh":true}"#,
+        )
+        .unwrap();
         assert_eq!(c.force_refresh, Some(true));
     }
 }

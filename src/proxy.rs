@@ -344,7 +344,10 @@ impl ProxyHttp for Proxy {
             Route::Stream => match self.plan(session.req_header()).await {
                 Ok(pq) => {
                     let uri = pq.parse::<http::Uri>().map_err(|_| {
-                        Error::explain(ErrorType::InvalidHTTPHeader, "bad path after token injection")
+                        Error::explain(
+                            ErrorType::InvalidHTTPHeader,
+                            "bad path after token injection",
+                        )
                     })?;
                     ctx.stream_uri = Some(uri);
                     return Ok(false);
@@ -364,7 +367,11 @@ impl ProxyHttp for Proxy {
         Ok(true)
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut Ctx) -> pingora::Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut Ctx,
+    ) -> pingora::Result<Box<HttpPeer>> {
         self.app
             .upstream
             .peer()
@@ -388,11 +395,10 @@ impl ProxyHttp for Proxy {
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, _ctx: &mut Ctx) -> FailToProxy {
         let (status, what) = match (e.esource(), e.etype()) {
-            (_, ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout)
-                if e.esource() != &ErrorSource::Downstream =>
-            {
-                (504, "upstream timed out")
-            }
+            (
+                _,
+                ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout,
+            ) if e.esource() != &ErrorSource::Downstream => (504, "upstream timed out"),
             (ErrorSource::Upstream, _) | (_, ErrorType::ConnectNoRoute) => (502, "upstream failed"),
             (ErrorSource::Downstream, _) => (0, ""),
             _ => (500, "internal error"),

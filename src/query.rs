@@ -36,7 +36,8 @@ pub fn with_token(query: Option<&str>, token: &str) -> String {
     } else {
         Cow::Owned(url::form_urlencoded::byte_serialize(token.as_bytes()).collect())
     };
-    let mut out = String::with_capacity(query.map_or(0, str::len) + TOKEN_PARAM.len() + encoded.len() + 2);
+    let mut out =
+        String::with_capacity(query.map_or(0, str::len) + TOKEN_PARAM.len() + encoded.len() + 2);
     let mut placed = false;
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let key = pair.split_once('=').map_or(pair, |(k, _)| k);
@@ -74,8 +75,14 @@ mod tests {
 
     #[test]
     fn finds_and_decodes() {
-        assert_eq!(param("a=1&access_token=T", TOKEN_PARAM).as_deref(), Some("T"));
-        assert_eq!(param("access_token=a%2Bb", TOKEN_PARAM).as_deref(), Some("a+b"));
+        assert_eq!(
+            param("a=1&access_token=T", TOKEN_PARAM).as_deref(),
+            Some("T")
+        );
+        assert_eq!(
+            param("access_token=a%2Bb", TOKEN_PARAM).as_deref(),
+            Some("a+b")
+        );
         assert_eq!(param("x_access_token=T", TOKEN_PARAM), None);
         assert_eq!(param("", TOKEN_PARAM), None);
     }
@@ -84,7 +91,10 @@ mod tests {
     fn replaces_in_place_and_keeps_the_rest() {
         assert_eq!(with_token(None, "T"), "access_token=T");
         assert_eq!(with_token(Some(""), "T"), "access_token=T");
-        assert_eq!(with_token(Some("type=image"), "T"), "type=image&access_token=T");
+        assert_eq!(
+            with_token(Some("type=image"), "T"),
+            "type=image&access_token=T"
+        );
         assert_eq!(
             with_token(Some("a=%20x&access_token=OLD&b=2"), "T"),
             "a=%20x&access_token=T&b=2"

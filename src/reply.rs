@@ -72,5 +72,10 @@ pub async fn send_json(session: &mut Session, status: u16, body: Bytes) -> pingo
 
 /// Writes `err` as a WeChat-shaped answer.
 pub async fn send_error(session: &mut Session, err: &ProxyError) -> pingora::Result<()> {
-    send_json(session, err.status(), error_body(err.errcode(), &err.to_string())).await
+    send_json(
+        session,
+        err.status(),
+        error_body(err.errcode(), &err.to_string()),
+    )
+    .await
 }

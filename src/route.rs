@@ -53,7 +53,11 @@ pub fn classify(req: &RequestHeader) -> Route {
         .headers
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("multipart/"));
+        .is_some_and(|v| {
+            v.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("multipart/")
+        });
     if multipart || STREAM_PREFIXES.iter().any(|p| path.starts_with(p)) {
         return Route::Stream;
     }
@@ -79,7 +83,10 @@ mod tests {
         assert_eq!(c("/cgi-bin/stable_token"), Route::LocalStableToken);
         assert_eq!(c("/cgi-bin/message/template/send"), Route::Api);
         assert_eq!(c("/sns/jscode2session?appid=x"), Route::Untouched);
-        assert_eq!(c("/cgi-bin/component/api_component_token"), Route::Untouched);
+        assert_eq!(
+            c("/cgi-bin/component/api_component_token"),
+            Route::Untouched
+        );
         assert_eq!(c("/cgi-bin/midas/pay"), Route::Untouched);
         assert_eq!(c("/cgi-bin/clear_quota/v2"), Route::Untouched);
         assert_eq!(c("/cgi-bin/media/get?media_id=1"), Route::Stream);
@@ -89,7 +96,11 @@ mod tests {
             Route::Untouched
         );
         assert_eq!(
-            classify(&req("POST", "/cgi-bin/x", &[("Content-Type", "multipart/form-data; boundary=b")])),
+            classify(&req(
+                "POST",
+                "/cgi-bin/x",
+                &[("Content-Type", "multipart/form-data; boundary=b")]
+            )),
             Route::Stream
         );
     }

@@ -42,7 +42,10 @@ pub fn prepare(config: Config) -> Result<Prepared, String> {
         Some(extra) => Some(upstream::ca_bundle(extra)?),
         None => None,
     };
-    for (key, addr) in [("listen", config.listen), ("admin_listen", config.admin_listen)] {
+    for (key, addr) in [
+        ("listen", config.listen),
+        ("admin_listen", config.admin_listen),
+    ] {
         std::net::TcpListener::bind(addr)
             .map_err(|e| format!("{key}: cannot listen on {addr}: {e}"))?;
     }
@@ -123,7 +126,9 @@ impl<S> Gated<S> {
                 app.config.token.refresh_before,
             ));
         }
-        let wait = app.config.upstream.connect_timeout + app.config.upstream.read_timeout + DEFAULT_BOOT_SLACK;
+        let wait = app.config.upstream.connect_timeout
+            + app.config.upstream.read_timeout
+            + DEFAULT_BOOT_SLACK;
         for account in app.accounts.iter() {
             if !account.tokens.wait_attempted(wait).await {
                 tracing::error!(account = %account.name, "first token fetch still running; opening the listener anyway");

@@ -113,7 +113,10 @@ impl Upstream {
             stats: UpstreamStats::default(),
         };
         if let Ok(ip) = conf.url.host.parse::<IpAddr>() {
-            up.set_addrs(&[SocketAddr::new(ip, conf.url.port)], Instant::now() + Duration::from_secs(86400 * 365));
+            up.set_addrs(
+                &[SocketAddr::new(ip, conf.url.port)],
+                Instant::now() + Duration::from_secs(86400 * 365),
+            );
         }
         Arc::new(up)
     }
@@ -145,7 +148,8 @@ impl Upstream {
 
     fn set_addrs(&self, addrs: &[SocketAddr], valid_until: Instant) {
         let peers = addrs.iter().map(|a| self.make_peer(*a)).collect();
-        self.resolved.store(Arc::new(Resolved { peers, valid_until }));
+        self.resolved
+            .store(Arc::new(Resolved { peers, valid_until }));
         self.preferred.store(0, Ordering::Relaxed);
     }
 
@@ -217,7 +221,9 @@ impl Upstream {
             let peer = &r.peers[idx];
             match self.transport.new_stream(peer).await {
                 Ok(stream) => {
-                    self.stats.connections_opened.fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .connections_opened
+                        .fetch_add(1, Ordering::Relaxed);
                     if i > 0 {
                         self.preferred.store(idx, Ordering::Relaxed);
                     }
@@ -269,14 +275,21 @@ impl Upstream {
         let (peer, _) = self.peers()?;
         let pooled = {
             let p = &peer.peers[self.preferred.load(Ordering::Relaxed) % peer.peers.len()];
-            self.transport.reused_stream(p).await.map(|s| (s, p.clone()))
+            self.transport
+                .reused_stream(p)
+                .await
+                .map(|s| (s, p.clone()))
         };
         if let Some((stream, p)) = pooled {
-            self.stats.connections_reused.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .connections_reused
+                .fetch_add(1, Ordering::Relaxed);
             match self.exchange(stream, p, req, body).await {
                 Ok(x) => return Ok(x),
                 Err(e) if e.is_timeout() => return Err(e),
-                Err(e) => tracing::debug!(error = %e, "pooled connection failed; retrying on a new one"),
+                Err(e) => {
+                    tracing::debug!(error = %e, "pooled connection failed; retrying on a new one")
+                }
             }
         }
         let (stream, p) = self.connect().await?;
@@ -291,8 +304,11 @@ impl Upstream {
         body: &[u8],
     ) -> Result<Exchange<'_>, UpstreamError> {
         let mut session = HttpSession::new_with_options(stream, &peer);
+        // pingora does not copy the peer's timeouts into the session.
+        session.read_timeout = Some(self.conf.read_timeout);
+        session.write_timeout = Some(self.conf.read_timeout);
         let addr = peer.address().to_string();
-        let map = |e: Box<pingora::Error>| self.map_err(&addr, e);
+        let map = |e: Box<pingora::Error>| self.map_err(&addr, &e);
         session
             .write_request_header(Box::new(req.clone()))
             .await
@@ -309,7 +325,7 @@ impl Upstream {
         })
     }
 
-    fn map_err(&self, addr: &str, e: Box<pingora::Error>) -> UpstreamError {
+    fn map_err(&self, addr: &str, e: &pingora::Error) -> UpstreamError {
         match e.etype() {
             ErrorType::ReadTimedout | ErrorType::WriteTimedout | ErrorType::ConnectTimedout => {
                 UpstreamError::Timeout {
@@ -374,7 +390,9 @@ impl Upstream {
 
 impl Exchange<'_> {
     pub fn header(&self) -> &ResponseHeader {
-        self.session.resp_header().expect("response header was read")
+        self.session
+            .resp_header()
+            .expect("response header was read")
     }
 
     /// Reads the next body chunk; `None` at the end.
@@ -382,13 +400,16 @@ impl Exchange<'_> {
         let addr = self.peer.address().to_string();
         match self.session.read_body_bytes().await {
             Ok(b) => Ok(b),
-            Err(e) => Err(self.upstream.map_err(&addr, e)),
+            Err(e) => Err(self.upstream.map_err(&addr, &e)),
         }
     }
 
     /// Reads the rest of the body into memory, up to `cap` bytes. Returns
     /// `Ok(Err(partial))` when the body is larger, with what was read so far.
-    pub async fn read_to_end(&mut self, cap: usize) -> Result<Result<Bytes, BytesMut>, UpstreamError> {
+    pub async fn read_to_end(
+        &mut self,
+        cap: usize,
+    ) -> Result<Result<Bytes, BytesMut>, UpstreamError> {
         let mut buf = BytesMut::new();
         while let Some(chunk) = self.chunk().await? {
             buf.extend_from_slice(&chunk);

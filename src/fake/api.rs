@@ -20,6 +20,8 @@ use crate::query;
 const MAX_BODY: usize = 21 * 1024 * 1024;
 /// WeChat's media limit (WeCom files).
 const MAX_MEDIA: usize = 20 * 1024 * 1024;
+/// Size of the fake mini program code image: bigger than small buffers.
+const QRCODE_BYTES: usize = 256 * 1024;
 /// Bodies up to this size are kept as text in `/__fake/requests`.
 const RECORD_BODY: usize = 4096;
 
@@ -62,7 +64,10 @@ struct StableReq {
     force_refresh: Option<bool>,
 }
 
-pub(super) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Answer, Infallible> {
+pub(super) async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+) -> Result<Answer, Infallible> {
     let (parts, body) = req.into_parts();
     let body = match Limited::new(body, MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
@@ -94,7 +99,12 @@ pub(super) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Resul
             headers: parts
                 .headers
                 .iter()
-                .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
                 .collect(),
         };
         shared.state.lock().record(seen);
@@ -136,6 +146,7 @@ pub(super) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Resul
             media_upload(&shared, token.as_deref(), &q, &ct, body).await
         }
         "/cgi-bin/media/get" => media_get(&shared, token.as_deref(), &q),
+        "/wxa/getwxacodeunlimit" => qrcode(&shared, token.as_deref()),
         p if p.starts_with("/cgi-bin/") => api_call(&shared, token.as_deref()),
         // /sns/* and friends: no server token involved.
         _ => errcode(0, "ok"),
@@ -162,11 +173,17 @@ fn fake_admin(shared: &Shared, method: &hyper::Method, path: &str, q: &str) -> A
         ("POST", "/__fake/invalidate") => match query::param(q, "appid") {
             Some(appid) => {
                 let n = shared.state.lock().invalidate(&appid);
-                json(200, serde_json::json!({ "errcode": 0, "errmsg": "ok", "revoked": n }))
+                json(
+                    200,
+                    serde_json::json!({ "errcode": 0, "errmsg": "ok", "revoked": n }),
+                )
             }
             None => errcode(41002, "appid missing"),
         },
-        _ => json(404, serde_json::json!({ "errcode": 404, "errmsg": "unknown fake endpoint" })),
+        _ => json(
+            404,
+            serde_json::json!({ "errcode": 404, "errmsg": "unknown fake endpoint" }),
+        ),
     }
 }
 
@@ -181,7 +198,10 @@ fn classic_token(shared: &Shared, q: &str) -> Answer {
         return refused(r);
     }
     let (token, expires_in) = st.classic_fetch(&appid);
-    json(200, serde_json::json!({ "access_token": token, "expires_in": expires_in }))
+    json(
+        200,
+        serde_json::json!({ "access_token": token, "expires_in": expires_in }),
+    )
 }
 
 fn stable_token(shared: &Shared, body: &[u8]) -> Answer {
@@ -197,7 +217,10 @@ fn stable_token(shared: &Shared, body: &[u8]) -> Answer {
         return refused(e);
     }
     let (token, expires_in) = st.stable_fetch(&appid, r.force_refresh.unwrap_or(false));
-    json(200, serde_json::json!({ "access_token": token, "expires_in": expires_in }))
+    json(
+        200,
+        serde_json::json!({ "access_token": token, "expires_in": expires_in }),
+    )
 }
 
 fn api_call(shared: &Shared, token: Option<&str>) -> Answer {
@@ -218,18 +241,35 @@ fn template_send(shared: &Shared, token: Option<&str>, body: &[u8]) -> Answer {
     let Ok(msg) = serde_json::from_slice::<serde_json::Value>(body) else {
         return errcode(47001, "data format error");
     };
-    if msg.get("touser").and_then(|v| v.as_str()).is_none_or(str::is_empty) {
+    if msg
+        .get("touser")
+        .and_then(|v| v.as_str())
+        .is_none_or(str::is_empty)
+    {
         return errcode(40003, "invalid openid");
     }
-    if msg.get("template_id").and_then(|v| v.as_str()).is_none_or(str::is_empty) {
+    if msg
+        .get("template_id")
+        .and_then(|v| v.as_str())
+        .is_none_or(str::is_empty)
+    {
         return errcode(40037, "invalid template_id");
     }
     st.messages += 1;
     let msgid = 1_000_000_000 + st.messages;
-    json(200, serde_json::json!({ "errcode": 0, "errmsg": "ok", "msgid": msgid }))
+    json(
+        200,
+        serde_json::json!({ "errcode": 0, "errmsg": "ok", "msgid": msgid }),
+    )
 }
 
-async fn media_upload(shared: &Shared, token: Option<&str>, q: &str, content_type: &str, body: Bytes) -> Answer {
+async fn media_upload(
+    shared: &Shared,
+    token: Option<&str>,
+    q: &str,
+    content_type: &str,
+    body: Bytes,
+) -> Answer {
     {
         let mut st = shared.state.lock();
         st.api_calls += 1;
@@ -278,7 +318,9 @@ async fn media_upload(shared: &Shared, token: Option<&str>, q: &str, content_typ
                     .duration_since(UNIX_EPOCH)
                     .map(|d| d.as_secs())
                     .unwrap_or(0);
-                let kind = query::param(q, "type").unwrap_or("image".into()).into_owned();
+                let kind = query::param(q, "type")
+                    .unwrap_or("image".into())
+                    .into_owned();
                 return json(
                     200,
                     serde_json::json!({ "type": kind, "media_id": media_id, "created_at": created }),
@@ -288,6 +330,24 @@ async fn media_upload(shared: &Shared, token: Option<&str>, q: &str, content_typ
             Ok(None) | Err(_) => return errcode(41005, "media data missing"),
         }
     }
+}
+
+/// WeChat answers a mini program code as an image on a JSON API path.
+fn qrcode(shared: &Shared, token: Option<&str>) -> Answer {
+    let mut st = shared.state.lock();
+    st.api_calls += 1;
+    if let Err(r) = st.check_token(token) {
+        return refused(r);
+    }
+    let image: Vec<u8> = (0..QRCODE_BYTES)
+        .map(|i: usize| (i.wrapping_mul(31).wrapping_add(7) % 251) as u8)
+        .collect();
+    Response::builder()
+        .status(200)
+        .header("Content-Type", "image/jpeg")
+        .header("Content-Length", image.len())
+        .body(Full::new(Bytes::from(image)))
+        .expect("valid response")
 }
 
 fn media_get(shared: &Shared, token: Option<&str>, q: &str) -> Answer {

@@ -175,7 +175,10 @@ impl State {
         app.stable = Some(value.clone());
         app.stable_fetches += 1;
         let rec = &self.tokens[&value];
-        (value, rec.expires_at.saturating_duration_since(now).as_secs())
+        (
+            value,
+            rec.expires_at.saturating_duration_since(now).as_secs(),
+        )
     }
 
     /// Checks a token an API call carries; returns its appid.
@@ -267,7 +270,10 @@ mod tests {
         let (a, _) = s.classic_fetch("wx1");
         let (b, _) = s.classic_fetch("wx1");
         assert_ne!(a, b);
-        assert!(s.check_token(Some(&a)).is_ok(), "old token keeps its overlap");
+        assert!(
+            s.check_token(Some(&a)).is_ok(),
+            "old token keeps its overlap"
+        );
         assert!(s.check_token(Some(&b)).is_ok());
         s.invalidate("wx1");
         assert_eq!(s.check_token(Some(&b)).unwrap_err().errcode, 40001);

@@ -126,7 +126,10 @@ impl TokenCell {
             if self.status.lock().attempted {
                 return true;
             }
-            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
                 return self.status.lock().attempted;
             }
         }
@@ -222,7 +225,10 @@ mod tests {
     fn same_value_keeps_lifetime_and_history() {
         let cell = TokenCell::default();
         cell.store("t1", Duration::from_secs(7200));
-        assert_eq!(cell.store("t1", Duration::from_secs(300)), StoreOutcome::Same);
+        assert_eq!(
+            cell.store("t1", Duration::from_secs(300)),
+            StoreOutcome::Same
+        );
         let t = cell.valid().unwrap();
         assert_eq!(t.lifetime, Duration::from_secs(7200));
         assert!(t.remaining() <= Duration::from_secs(300));

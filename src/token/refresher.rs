@@ -28,7 +28,11 @@ pub const DEFAULT_FAILED_RETRY: Duration = Duration::from_secs(60);
 const DEFAULT_SAME_TOKEN_RETRY_MIN: Duration = Duration::from_millis(200);
 
 /// When a fresh token should be fetched, from now.
-pub fn refresh_delay(remaining: Duration, lifetime: Duration, refresh_before: Duration) -> Duration {
+pub fn refresh_delay(
+    remaining: Duration,
+    lifetime: Duration,
+    refresh_before: Duration,
+) -> Duration {
     let window = refresh_before.min(lifetime / 2);
     remaining.saturating_sub(window)
 }

@@ -48,8 +48,19 @@ impl FetchError {
         matches!(
             self,
             FetchError::WeChat {
-                errcode: 40001 | 40002 | 40013 | 40125 | 40164 | 40243 | 41002 | 41004 | 45009
-                    | 89501 | 89503 | 89506 | 89507,
+                errcode: 40001
+                    | 40002
+                    | 40013
+                    | 40125
+                    | 40164
+                    | 40243
+                    | 41002
+                    | 41004
+                    | 45009
+                    | 89501
+                    | 89503
+                    | 89506
+                    | 89507,
                 ..
             }
         )
@@ -72,7 +83,9 @@ pub async fn fetch(upstream: &Upstream, account: &Account) -> Result<Fetched, Fe
     let answer = x.read_to_end(DEFAULT_ANSWER_LIMIT).await?;
     x.finish().await;
     let answer = answer.map_err(|_| {
-        FetchError::BadAnswer(format!("HTTP {status}, body over {DEFAULT_ANSWER_LIMIT} bytes"))
+        FetchError::BadAnswer(format!(
+            "HTTP {status}, body over {DEFAULT_ANSWER_LIMIT} bytes"
+        ))
     })?;
     parse_answer(status, &answer)
 }
@@ -109,8 +122,11 @@ fn build_request(upstream: &Upstream, account: &Account) -> (RequestHeader, Vec<
     };
     req.insert_header("Host", upstream.host_header())
         .expect("valid host header");
-    req.insert_header("User-Agent", concat!("wxsidecar/", env!("CARGO_PKG_VERSION")))
-        .expect("valid header");
+    req.insert_header(
+        "User-Agent",
+        concat!("wxsidecar/", env!("CARGO_PKG_VERSION")),
+    )
+    .expect("valid header");
     (req, body)
 }
 
@@ -119,10 +135,10 @@ fn parse_answer(status: u16, body: &[u8]) -> Result<Fetched, FetchError> {
         .map_err(|e| FetchError::BadAnswer(format!("HTTP {status}, not JSON ({e})")))?;
     match (a.access_token, a.errcode) {
         (Some(value), None | Some(0)) if !value.is_empty() => {
-            let secs = a.expires_in.unwrap_or(0);
-            if secs == 0 {
-                return Err(FetchError::BadAnswer("expires_in missing or 0".into()));
-            }
+            // 0 is legal: a stable token in its last second (WeChat rounds down).
+            let secs = a
+                .expires_in
+                .ok_or_else(|| FetchError::BadAnswer("expires_in missing".into()))?;
             Ok(Fetched {
                 value,
                 expires_in: Duration::from_secs(secs),
@@ -146,12 +162,16 @@ mod tests {
     fn answers() {
         let ok = parse_answer(200, br#"{"access_token":"T","expires_in":7200}"#).unwrap();
         assert_eq!((ok.value.as_str(), ok.expires_in.as_secs()), ("T", 7200));
-        let e = parse_answer(200, br#"{"errcode":40125,"errmsg":"invalid appsecret"}"#).unwrap_err();
+        let e =
+            parse_answer(200, br#"{"errcode":40125,"errmsg":"invalid appsecret"}"#).unwrap_err();
         assert_eq!(e.errcode(), 40125);
         assert!(e.is_hard());
         let e = parse_answer(200, br#"{"errcode":-1,"errmsg":"system error"}"#).unwrap_err();
         assert!(!e.is_hard());
-        assert!(matches!(parse_answer(502, b"<html>"), Err(FetchError::BadAnswer(_))));
+        assert!(matches!(
+            parse_answer(502, b"<html>"),
+            Err(FetchError::BadAnswer(_))
+        ));
         assert!(matches!(
             parse_answer(200, br#"{"access_token":"T"}"#),
             Err(FetchError::BadAnswer(_))

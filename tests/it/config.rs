@@ -1,0 +1,120 @@
+//! Configuration errors and `check`: every kind of mistake is reported with
+//! its key, the process exits non-zero before listening, no secret is shown.
+
+use std::process::Command;
+
+use crate::support::*;
+
+fn check(config: &str, env: &[(&str, &str)]) -> (i32, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.yaml");
+    std::fs::write(&path, config).unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["check", "--config"]).arg(&path);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_prints_the_setup_without_secrets() {
+    let cfg = "upstream:\n  url: https://api.weixin.qq.com\naccounts:\n  - name: shop\n    appid: wx0123456789abcdef\n    secret: ${WXT_CHECK_SECRET}\n";
+    let (code, out, err) = check(cfg, &[("WXT_CHECK_SECRET", "very-secret-check-value")]);
+    assert_eq!(code, 0, "{err}");
+    for needle in [
+        "shop",
+        "wx0123456789abcdef",
+        "secret=***",
+        "127.0.0.1:8080",
+        "https://api.weixin.qq.com",
+        "(default)",
+    ] {
+        assert!(out.contains(needle), "missing {needle} in:\n{out}");
+    }
+    assert!(!out.contains("very-secret-check-value") && !err.contains("very-secret-check-value"));
+}
+
+#[test]
+fn each_kind_of_error_names_its_key() {
+    let acc = "accounts:\n  - name: shop\n    appid: wx1\n    secret: s\n";
+    let cases: &[(&str, String, &str)] = &[
+        ("unknown key", format!("listn: 1.2.3.4:1\n{acc}"), "listn"),
+        ("unknown nested key", "accounts:\n  - name: a\n    appid: wx1\n    secret: s\n    sekret: t\n".into(), "sekret"),
+        ("missing env var", "accounts:\n  - name: a\n    appid: wx1\n    secret: ${WXT_SURELY_NOT_SET_42}\n".into(), "WXT_SURELY_NOT_SET_42"),
+        ("two defaults", "accounts:\n  - {name: a, appid: wx1, secret: s, default: true}\n  - {name: b, appid: wx2, secret: s, default: true}\n".into(), "default: true"),
+        ("duplicate name", "accounts:\n  - {name: a, appid: wx1, secret: s}\n  - {name: a, appid: wx2, secret: s}\n".into(), "accounts[1].name"),
+        ("duplicate appid", "accounts:\n  - {name: a, appid: wx1, secret: s}\n  - {name: b, appid: wx1, secret: s}\n".into(), "accounts[1].appid"),
+        ("bad URL", format!("upstream:\n  url: ftp://x\n{acc}"), "upstream.url"),
+        ("bad duration", format!("upstream:\n  read_timeout: 15\n{acc}"), "upstream.read_timeout"),
+        ("bad token_api", "accounts:\n  - {name: a, appid: wx1, secret: s, token_api: fast}\n".into(), "token_api"),
+        ("no accounts", "listen: 127.0.0.1:8080\n".into(), "accounts"),
+    ];
+    for (what, cfg, key) in cases {
+        let (code, _out, err) = check(cfg, &[]);
+        assert_ne!(code, 0, "{what}: accepted");
+        assert!(err.contains(key), "{what}: `{key}` not named in:\n{err}");
+    }
+}
+
+#[test]
+fn all_problems_are_reported_in_one_run() {
+    let cfg = "upstream:\n  url: nope\n  connect_timeout: 2x\naccounts:\n  - {name: a, appid: wx1, secret: s, default: true}\n  - {name: a, appid: wx1, secret: very-secret-dup, default: true}\n";
+    let (code, _out, err) = check(cfg, &[]);
+    assert_ne!(code, 0);
+    for key in [
+        "upstream.url",
+        "upstream.connect_timeout",
+        "accounts[1].name",
+        "accounts[1].appid",
+        "default",
+    ] {
+        assert!(err.contains(key), "missing {key}:\n{err}");
+    }
+    assert!(!err.contains("very-secret-dup"));
+}
+
+#[test]
+fn run_with_a_bad_config_exits_before_listening() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.yaml");
+    std::fs::write(
+        &path,
+        format!("listen: 127.0.0.1:{port}\naccounts:\n  - name: a\n    appid: wx1\n    secret: ${{WXT_NOT_SET_EITHER}}\n"),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("WXT_NOT_SET_EITHER"));
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+}
+
+#[test]
+fn run_reports_a_port_in_use() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.yaml");
+    std::fs::write(&path, format!("listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{}\naccounts:\n  - {{name: a, appid: wx1, secret: s}}\n", free_port())).unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("listen") && err.contains(&port.to_string()),
+        "{err}"
+    );
+}

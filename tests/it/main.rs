@@ -1,0 +1,9 @@
+//! Integration tests: the real binary over real sockets, through the fake
+//! WeChat over TLS. One test binary to save link time.
+
+mod config;
+mod failures;
+mod path;
+mod streaming;
+mod support;
+mod tokens;

@@ -1,0 +1,352 @@
+//! The harness: the real `wxsidecar` binary, run as a fake WeChat over TLS and
+//! as a sidecar, on free loopback ports. Each handle kills its process on drop.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_wxsidecar");
+/// Every wait in the tests is bounded by this.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A plain HTTP client for the sidecar (no proxy from the environment).
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+pub struct Fake {
+    child: Child,
+    pub port: u16,
+    pub ca: PathBuf,
+    _dir: tempfile::TempDir,
+    https: reqwest::Client,
+}
+
+impl Fake {
+    /// Starts `wxsidecar fake-wechat` with the shop and mall apps plus `extra` args.
+    pub fn start(extra: &[&str]) -> Fake {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        let mut child = Command::new(BIN)
+            .args(["fake-wechat", "--listen", "127.0.0.1:0", "--ca-out"])
+            .arg(&ca)
+            .args([
+                "--app",
+                "wxshop0000000001:shop-secret-1",
+                "--app",
+                "wxmall0000000002:mall-secret-2",
+            ])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Keep reading the fake's stdout for its whole life, so it never
+        // writes into a closed pipe.
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+        let port = line
+            .trim()
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("fake did not print its address: {line:?}"));
+        let pem = std::fs::read(&ca).unwrap();
+        let https = reqwest::Client::builder()
+            .no_proxy()
+            .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+            .build()
+            .unwrap();
+        Fake {
+            child,
+            port,
+            ca,
+            _dir: dir,
+            https,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://localhost:{}", self.port)
+    }
+
+    pub async fn stats(&self) -> Value {
+        self.https
+            .get(format!("{}/__fake/stats", self.url()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// The requests the fake has seen, oldest first (`/__fake/*` excluded).
+    pub async fn requests(&self) -> Vec<Value> {
+        self.https
+            .get(format!("{}/__fake/requests", self.url()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    pub async fn last_request(&self) -> Value {
+        self.requests().await.pop().expect("the fake saw a request")
+    }
+
+    /// Calls the fake directly (not through the sidecar).
+    pub async fn direct_post(&self, path_and_query: &str, body: &str) -> Value {
+        self.https
+            .post(format!("{}{path_and_query}", self.url()))
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Fake {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The two accounts every test config can use.
+pub const SHOP_APPID: &str = "wxshop0000000001";
+pub const SHOP_SECRET: &str = "shop-secret-1";
+pub const MALL_APPID: &str = "wxmall0000000002";
+pub const MALL_SECRET: &str = "mall-secret-2";
+
+pub struct Sidecar {
+    child: Option<Child>,
+    pub port: u16,
+    pub admin_port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Sidecar {
+    /// Writes a config with fresh ports plus `body` (upstream, accounts, …),
+    /// starts `wxsidecar run` and waits until `/readyz` answers 200.
+    pub async fn start(fake: &Fake, body: &str) -> Sidecar {
+        let s = Self::spawn(fake, body);
+        s.wait_ready().await;
+        s
+    }
+
+    /// Like `start`, but does not require readiness (for failing accounts):
+    /// waits for the admin listener, then for the app listener to open.
+    pub async fn start_unready(fake: &Fake, body: &str) -> Sidecar {
+        let s = Self::spawn(fake, body);
+        s.wait_admin().await;
+        let deadline = Instant::now() + WAIT;
+        while tokio::net::TcpStream::connect(("127.0.0.1", s.port))
+            .await
+            .is_err()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "app listener never opened: {}",
+                s.log()
+            );
+            s.check_alive();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        s
+    }
+
+    /// The standard config: both accounts, shop the default.
+    pub fn accounts(shop_api: &str, mall_api: &str) -> String {
+        format!(
+            r#"accounts:
+  - name: shop
+    appid: {SHOP_APPID}
+    secret: ${{WXT_SHOP_SECRET}}
+    token_api: {shop_api}
+    default: true
+  - name: mall
+    appid: {MALL_APPID}
+    secret_file: MALL_SECRET_FILE
+    token_api: {mall_api}
+"#
+        )
+    }
+
+    fn spawn(fake: &Fake, body: &str) -> Sidecar {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let admin_port = free_port();
+        let secret_file = dir.path().join("mall.secret");
+        std::fs::write(&secret_file, format!("{MALL_SECRET}\n")).unwrap();
+        let body = body
+            .replace("FAKE_URL", &fake.url())
+            .replace("FAKE_CA", &fake.ca.display().to_string())
+            .replace("MALL_SECRET_FILE", &secret_file.display().to_string());
+        let config =
+            format!("listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin_port}\n{body}");
+        let path = dir.path().join("wxsidecar.yaml");
+        std::fs::write(&path, config).unwrap();
+        let log = std::fs::File::create(dir.path().join("log")).unwrap();
+        let child = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("WXT_SHOP_SECRET", SHOP_SECRET)
+            .env("RUST_LOG", "debug,pingora_core=info,pingora_proxy=info,h2=info,hyper=info,hickory_proto=info,hickory_resolver=info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Sidecar {
+            child: Some(child),
+            port,
+            admin_port,
+            dir,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn admin(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin_port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+    }
+
+    fn check_alive(&self) {
+        let mut child = self.child.as_ref().map(|c| c.id());
+        if let Some(pid) = child.take() {
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                panic!("sidecar exited; log:\n{}", self.log());
+            }
+        }
+    }
+
+    async fn wait_admin(&self) {
+        let c = client();
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if c.get(self.admin("/healthz")).send().await.is_ok() {
+                return;
+            }
+            self.check_alive();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("admin listener never opened; log:\n{}", self.log());
+    }
+
+    pub async fn wait_ready(&self) {
+        let c = client();
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if let Ok(r) = c.get(self.admin("/readyz")).send().await {
+                if r.status() == 200
+                    && tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                        .await
+                        .is_ok()
+                {
+                    return;
+                }
+            }
+            self.check_alive();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("sidecar never became ready; log:\n{}", self.log());
+    }
+
+    pub async fn status(&self) -> Value {
+        client()
+            .get(self.admin("/status"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// The token the sidecar hands out for an account, via the local token endpoint.
+    pub async fn token(&self, appid: &str, secret: &str) -> String {
+        let v: Value = client()
+            .get(self.url(&format!(
+                "/cgi-bin/token?grant_type=client_credential&appid={appid}&secret={secret}"
+            )))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["access_token"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no token in {v}"))
+            .to_string()
+    }
+
+    /// POSTs a template message through the sidecar; returns (status, JSON).
+    pub async fn send(&self, path_and_query: &str, body: &str) -> (u16, Value) {
+        let r = client()
+            .post(self.url(path_and_query))
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Asserts that no secret and none of `tokens` appears in the log.
+    pub fn assert_log_clean(&self, tokens: &[&str]) {
+        let log = self.log();
+        for s in [SHOP_SECRET, MALL_SECRET].iter().chain(tokens) {
+            assert!(
+                !log.contains(s),
+                "log contains a secret or token `{s}`:\n{log}"
+            );
+        }
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub const TEMPLATE: &str =
+    r#"{"touser":"oUSER123","template_id":"TPL_ORDER","data":{"status":{"value":"shipped"}}}"#;
+
+/// A sidecar config pointing at `fake` over TLS with the fake's CA.
+pub fn upstream() -> &'static str {
+    "upstream:\n  url: FAKE_URL\n  ca_file: FAKE_CA\n  warm_connections: 4\n"
+}
