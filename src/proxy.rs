@@ -143,6 +143,19 @@ impl Proxy {
             return Ok(Err(too_large));
         }
         session.as_downstream_mut().enable_retry_buffering();
+        // The body is ours to read: tell a client waiting on `Expect:
+        // 100-continue` to send it (clients that did not wait ignore this).
+        let expects_continue = session
+            .req_header()
+            .headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        if expects_continue && !session.as_downstream_mut().is_body_empty() {
+            session
+                .as_downstream_mut()
+                .write_continue_response()
+                .await?;
+        }
         let mut buf = BytesMut::new();
         while let Some(chunk) = session.read_request_body().await? {
             buf.extend_from_slice(&chunk);
@@ -169,7 +182,9 @@ impl Proxy {
             Some(client.headers.len() + 1),
         )?;
         for (name, value) in client.headers.iter() {
+            // `Expect` too: the body is already in hand, nothing to wait for.
             if is_hop_by_hop(name)
+                || name == header::EXPECT
                 || name == header::HOST
                 || name == header::CONTENT_LENGTH
                 || name.as_str() == ACCOUNT_HEADER

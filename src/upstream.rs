@@ -317,7 +317,14 @@ impl Upstream {
             session.write_body(body).await.map_err(map)?;
         }
         session.finish_body().await.map_err(map)?;
-        session.read_response().await.map_err(map)?;
+        // Skip informational answers (100 Continue, 103 Early Hints).
+        loop {
+            session.read_response().await.map_err(map)?;
+            let status = session.get_status().map_or(0, |s| s.as_u16());
+            if !(100..200).contains(&status) || status == 101 {
+                break;
+            }
+        }
         Ok(Exchange {
             upstream: self,
             session,

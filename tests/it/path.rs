@@ -371,3 +371,51 @@ async fn five_hundred_sends_cost_one_fetch_per_account_and_a_few_handshakes() {
         "{st}"
     );
 }
+
+#[tokio::test]
+async fn expect_100_continue_is_answered_and_not_forwarded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fake = Fake::start(&[]);
+    let side = Sidecar::start(
+        &fake,
+        &format!("{}{}", upstream(), Sidecar::accounts("stable", "stable")),
+    )
+    .await;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", side.port))
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /cgi-bin/message/template/send HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+        TEMPLATE.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    // A client that waits for 100 Continue before sending the body.
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let got = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(got.starts_with("HTTP/1.1 100 Continue"), "{got}");
+    s.write_all(TEMPLATE.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    while !answer.contains("\"msgid\"") && !answer.contains("errcode\":4") {
+        let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "connection closed: {answer}");
+        answer.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(answer.contains("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"errcode\":0"), "{answer}");
+    let seen = fake.last_request().await;
+    assert!(
+        seen["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|h| h[0] != "expect"),
+        "Expect is not forwarded: {seen}"
+    );
+}
