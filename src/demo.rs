@@ -123,19 +123,19 @@ fake WeChat https://localhost:{fport} (CA {ca}). Paste these in another terminal
 # 1. Send a template message with no token: the sidecar adds it.
 curl -s -X POST 'http://{listen}/cgi-bin/message/template/send' \
   -H 'Content-Type: application/json' \
-  -d '{{"touser":"oUSER123","template_id":"TPL_ORDER","data":{{"status":{{"value":"shipped"}}}}}}'
+  -d '{{"touser":"oUSER123","template_id":"TPL_ORDER","data":{{"status":{{"value":"shipped"}}}}}}'; echo
 
 # 2. Send 100 more; still one token fetch and a handful of TLS handshakes.
 for i in $(seq 100); do curl -s -o /dev/null -X POST 'http://{listen}/cgi-bin/message/template/send' -d '{{"touser":"oUSER123","template_id":"TPL_ORDER"}}'; done
 
 # 3. The fake's counters: token fetches, messages, TLS handshakes.
-curl -s --cacert {ca} https://localhost:{fport}/__fake/stats
+curl -s --cacert {ca} https://localhost:{fport}/__fake/stats; echo
 
 # 4. An SDK asking for a token gets the cached one, locally.
-curl -s 'http://{listen}/cgi-bin/token?grant_type=client_credential&appid={DEMO_APPID}&secret={DEMO_SECRET}'
+curl -s 'http://{listen}/cgi-bin/token?grant_type=client_credential&appid={DEMO_APPID}&secret={DEMO_SECRET}'; echo
 
 # 5. Health and status.
-curl -s http://{admin}/readyz; curl -s http://{admin}/status
+curl -s http://{admin}/readyz; curl -s http://{admin}/status; echo
 
 Stop with Ctrl-C.
 "#,

@@ -52,6 +52,18 @@ impl UpstreamError {
     }
 }
 
+/// A failed exchange, and whether the whole request had been written (so
+/// WeChat may have acted on it).
+struct Failed {
+    error: UpstreamError,
+    sent: bool,
+}
+
+/// Methods WeChat cannot act on twice.
+fn is_idempotent(m: &http::Method) -> bool {
+    matches!(m.as_str(), "GET" | "HEAD" | "OPTIONS")
+}
+
 /// Counters an operator (and the tests) read from `/status`.
 #[derive(Default, Debug)]
 pub struct UpstreamStats {
@@ -252,8 +264,10 @@ impl Upstream {
     /// Sends a request with an in-memory body and reads the response header.
     ///
     /// A pooled connection that turns out to be closed gets one retry on a
-    /// fresh connection (the keep-alive race every client must handle); a
-    /// timeout is never retried, since the request may have taken effect.
+    /// fresh connection (the keep-alive race every client must handle), but
+    /// only when WeChat cannot have acted on the request: it failed before the
+    /// whole request was written, or the method is idempotent. A POST whose
+    /// answer was lost is never sent twice, and timeouts are never retried.
     pub async fn send(
         &self,
         req: &RequestHeader,
@@ -286,14 +300,19 @@ impl Upstream {
                 .fetch_add(1, Ordering::Relaxed);
             match self.exchange(stream, p, req, body).await {
                 Ok(x) => return Ok(x),
-                Err(e) if e.is_timeout() => return Err(e),
-                Err(e) => {
-                    tracing::debug!(error = %e, "pooled connection failed; retrying on a new one")
+                Err(Failed { error, .. }) if error.is_timeout() => return Err(error),
+                Err(Failed { error, sent: true }) if !is_idempotent(&req.method) => {
+                    return Err(error)
+                }
+                Err(Failed { error, .. }) => {
+                    tracing::debug!(error = %error, "pooled connection failed; retrying on a new one")
                 }
             }
         }
         let (stream, p) = self.connect().await?;
-        self.exchange(stream, p, req, body).await
+        self.exchange(stream, p, req, body)
+            .await
+            .map_err(|f| f.error)
     }
 
     async fn exchange(
@@ -302,24 +321,31 @@ impl Upstream {
         peer: HttpPeer,
         req: &RequestHeader,
         body: &[u8],
-    ) -> Result<Exchange<'_>, UpstreamError> {
+    ) -> Result<Exchange<'_>, Failed> {
         let mut session = HttpSession::new_with_options(stream, &peer);
         // pingora does not copy the peer's timeouts into the session.
         session.read_timeout = Some(self.conf.read_timeout);
         session.write_timeout = Some(self.conf.read_timeout);
         let addr = peer.address().to_string();
-        let map = |e: Box<pingora::Error>| self.map_err(&addr, &e);
+        let unsent = |e: Box<pingora::Error>| Failed {
+            error: self.map_err(&addr, &e),
+            sent: false,
+        };
         session
             .write_request_header(Box::new(req.clone()))
             .await
-            .map_err(map)?;
+            .map_err(unsent)?;
         if !body.is_empty() {
-            session.write_body(body).await.map_err(map)?;
+            session.write_body(body).await.map_err(unsent)?;
         }
-        session.finish_body().await.map_err(map)?;
+        session.finish_body().await.map_err(unsent)?;
+        let sent = |e: Box<pingora::Error>| Failed {
+            error: self.map_err(&addr, &e),
+            sent: true,
+        };
         // Skip informational answers (100 Continue, 103 Early Hints).
         loop {
-            session.read_response().await.map_err(map)?;
+            session.read_response().await.map_err(sent)?;
             let status = session.get_status().map_or(0, |s| s.as_u16());
             if !(100..200).contains(&status) || status == 101 {
                 break;
