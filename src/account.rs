@@ -5,6 +5,7 @@
 //! default account. Errors name what was asked for and what exists, never a
 //! token.
 
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use crate::config::{AccountConfig, ReplaceTokens, TokenApi};
@@ -22,6 +23,10 @@ pub struct Account {
     pub token_api: TokenApi,
     pub replace_tokens: ReplaceTokens,
     pub tokens: TokenCell,
+    /// Requests sent again after WeChat rejected the token: the second
+    /// answer was good / was a token error again.
+    pub replays_ok: AtomicU64,
+    pub replays_failed: AtomicU64,
 }
 
 impl Account {
@@ -33,6 +38,8 @@ impl Account {
             token_api: c.token_api,
             replace_tokens: c.replace_tokens,
             tokens: TokenCell::default(),
+            replays_ok: AtomicU64::new(0),
+            replays_failed: AtomicU64::new(0),
         }
     }
 }

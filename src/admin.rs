@@ -40,6 +40,12 @@ impl Admin {
                     "token_age_seconds": tok.as_ref().and_then(|t| t.fetched_at.elapsed().ok()).map(|d| d.as_secs()),
                     "token_expires_in_seconds": tok.as_ref().map(|t| t.remaining().as_secs()),
                     "fetches_ok": st.fetches_ok,
+                    "fetches_today": st.fetches_today,
+                    "budget_left": app.config.token.daily_budget.saturating_sub(st.fetches_today),
+                    "budget_spent": st.budget_spent.is_some(),
+                    "invalid_token_reports": st.invalid_reports,
+                    "replays_ok": a.replays_ok.load(Ordering::Relaxed),
+                    "replays_failed": a.replays_failed.load(Ordering::Relaxed),
                     "fetches_failed": st.fetches_failed,
                     "last_error": st.last_error.map(|(code, msg)| serde_json::json!({"errcode": code, "errmsg": msg})),
                 })

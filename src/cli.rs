@@ -67,6 +67,10 @@ struct FakeArgs {
     /// Delay before every token answer, in milliseconds.
     #[arg(long, default_value_t = 0)]
     token_latency_ms: u64,
+    /// Injected faults as JSON, e.g. '{"seed":1,"rules":[{"path":"/cgi-bin/message","reset_after_rate":0.05}]}'
+    /// (also settable at run time with POST /__fake/faults).
+    #[arg(long)]
+    faults: Option<String>,
 }
 
 #[derive(Args)]
@@ -197,6 +201,15 @@ fn fake_wechat(f: FakeArgs) -> i32 {
         token_latency: Duration::from_millis(f.token_latency_ms),
         ..FakeOptions::default()
     };
+    if let Some(text) = &f.faults {
+        match serde_json::from_str(text) {
+            Ok(plan) => opts.faults = plan,
+            Err(e) => {
+                eprintln!("fake-wechat: --faults: {e}");
+                return 2;
+            }
+        }
+    }
     if !f.apps.is_empty() {
         match parse_apps(&f.apps) {
             Ok(a) => opts.apps = a,

@@ -31,6 +31,12 @@ pub const DEFAULT_WARM_CONNECTIONS: usize = 4;
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(50);
 /// Five minutes is also when WeChat rotates a stable token.
 pub const DEFAULT_REFRESH_BEFORE: Duration = Duration::from_secs(300);
+/// Token fetches per account per day: far under WeChat's 2,000 (classic) so a
+/// bug or a storm can never spend the account's real quota.
+pub const DEFAULT_DAILY_BUDGET: u32 = 200;
+/// A hard failure (wrong secret, IP not whitelisted) needs a human; retrying
+/// once a minute notices the fix without hammering WeChat.
+pub const DEFAULT_FAILED_RETRY: Duration = Duration::from_secs(60);
 /// JSON API bodies are small; 1 MiB leaves room for big template batches.
 pub const DEFAULT_BUFFERED_BODY: usize = 1 << 20;
 /// One worker thread: a sidecar shares its pod's CPU with the app.
@@ -146,6 +152,8 @@ pub struct AccountConfig {
 #[derive(Debug, Clone)]
 pub struct TokenConfig {
     pub refresh_before: Duration,
+    pub daily_budget: u32,
+    pub failed_retry: Duration,
 }
 
 /// The validated configuration.
@@ -243,6 +251,8 @@ mod raw {
     #[serde(deny_unknown_fields)]
     pub struct Token {
         pub refresh_before: Option<String>,
+        pub daily_budget: Option<u32>,
+        pub failed_retry: Option<String>,
     }
 }
 
@@ -484,7 +494,17 @@ impl Config {
                 DEFAULT_REFRESH_BEFORE,
                 &mut problems,
             ),
+            daily_budget: tok.daily_budget.unwrap_or(DEFAULT_DAILY_BUDGET),
+            failed_retry: duration_field(
+                "token.failed_retry",
+                tok.failed_retry.as_ref(),
+                DEFAULT_FAILED_RETRY,
+                &mut problems,
+            ),
         };
+        if token.daily_budget == 0 {
+            problems.push("token.daily_budget: must be at least 1 (the first fetch counts)".into());
+        }
 
         if problems.is_empty() {
             Ok(Config {

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod fake;
+pub mod inspect;
 pub mod local;
 pub mod logging;
 pub mod proxy;

@@ -16,6 +16,10 @@ use crate::app::App;
 use crate::query;
 use crate::token::Token;
 
+/// `force_refresh: true` from an app refreshes only a token at least this
+/// old: WeChat's own spacing for forced refreshes.
+pub const FORCE_REFRESH_MIN_AGE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// A WeChat-style refusal: HTTP 200 with an errcode, as WeChat does.
 pub struct Refusal {
     pub errcode: i64,
@@ -36,8 +40,7 @@ pub struct Credentials {
     pub grant_type: Option<String>,
     pub appid: Option<String>,
     pub secret: Option<String>,
-    /// Accepted and answered from the cache: never forwarded to WeChat.
-    #[allow(dead_code)]
+    /// Never forwarded to WeChat: becomes a compare-and-refresh report.
     pub force_refresh: Option<bool>,
 }
 

@@ -22,6 +22,7 @@ use pingora::{Error, ErrorSource, ErrorType};
 use crate::account::{Account, ACCOUNT_HEADER};
 use crate::app::App;
 use crate::config::ReplaceTokens;
+use crate::inspect;
 use crate::local::{self, Credentials};
 use crate::query::{self, TOKEN_PARAM};
 use crate::reply::{self, ProxyError};
@@ -46,6 +47,49 @@ impl Proxy {
 pub struct Ctx {
     /// The path and query to send upstream, when the token changed.
     stream_uri: Option<http::Uri>,
+}
+
+/// Where a request goes and with which token.
+struct Plan {
+    path: String,
+    query: Option<String>,
+    /// The account whose token the sidecar put in (none: untouched).
+    account: Option<Arc<Account>>,
+    token: Option<Arc<Token>>,
+}
+
+impl Plan {
+    /// As the app sent it.
+    fn untouched(req: &RequestHeader) -> Self {
+        Plan {
+            path: req.uri.path().to_string(),
+            query: req.uri.query().map(str::to_string),
+            account: None,
+            token: None,
+        }
+    }
+
+    fn path_and_query(&self) -> String {
+        match (&self.token, &self.query) {
+            (Some(t), q) => format!(
+                "{}?{}",
+                self.path,
+                query::with_token(q.as_deref(), &t.value)
+            ),
+            (None, Some(q)) => format!("{}?{q}", self.path),
+            (None, None) => self.path.clone(),
+        }
+    }
+
+    fn count_replay(&self, ok: bool) {
+        if let Some(a) = &self.account {
+            let c = if ok { &a.replays_ok } else { &a.replays_failed };
+            c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if !ok {
+                tracing::warn!(account = %a.name, path = %self.path, "token rejected again after a refresh; passing WeChat's answer through");
+            }
+        }
+    }
 }
 
 /// Headers that describe one hop, not the message: never forwarded, or
@@ -84,6 +128,11 @@ impl Proxy {
             return Ok(t);
         }
         let st = account.tokens.status();
+        if st.budget_spent.is_some() {
+            return Err(ProxyError::BudgetSpent {
+                account: account.name.clone(),
+            });
+        }
         if let (true, Some((code, msg))) = (st.attempted, st.last_error) {
             return Err(ProxyError::NoToken {
                 account: account.name.clone(),
@@ -100,8 +149,8 @@ impl Proxy {
             })
     }
 
-    /// Chooses the account and returns the path and query to send upstream.
-    async fn plan(&self, req: &RequestHeader) -> Result<String, ProxyError> {
+    /// Chooses the account and the token for a request.
+    async fn plan(&self, req: &RequestHeader) -> Result<Plan, ProxyError> {
         let q = req.uri.query();
         let presented = q.and_then(|q| query::param(q, TOKEN_PARAM));
         let named = match req.headers.get(ACCOUNT_HEADER) {
@@ -119,16 +168,24 @@ impl Proxy {
                     || self.app.accounts.by_issued_token(t).is_some()
             }
         };
-        let path = req.uri.path();
-        if !replace {
-            // A token the app brought itself: not ours to touch.
-            return Ok(req
-                .uri
-                .path_and_query()
-                .map_or_else(|| path.to_string(), |pq| pq.as_str().to_string()));
+        let mut plan = Plan::untouched(req);
+        if replace {
+            // A token the app brought itself stays: not ours to touch.
+            plan.token = Some(self.token_for(account).await?);
+            plan.account = Some(account.clone());
         }
-        let token = self.token_for(account).await?;
-        Ok(format!("{path}?{}", query::with_token(q, &token.value)))
+        Ok(plan)
+    }
+
+    /// After WeChat rejected `plan`'s token: report it (compare-and-refresh)
+    /// and wait for the one refresh to bring a replacement.
+    async fn replacement(&self, plan: &Plan) -> Option<Arc<Token>> {
+        let (account, bad) = (plan.account.as_ref()?, plan.token.as_ref()?);
+        account.tokens.report_invalid(&bad.value);
+        account
+            .tokens
+            .wait_replacement(&bad.value, self.app.upstream.read_timeout())
+            .await
     }
 
     /// Reads the whole request body, up to `limit`.
@@ -201,51 +258,73 @@ impl Proxy {
         Ok(req)
     }
 
-    /// Buffers the request, sends it upstream and writes the answer.
-    async fn forward(&self, session: &mut Session, path_and_query: String) -> Step<()> {
+    /// Buffers the request, sends it upstream and writes the answer. When
+    /// WeChat rejects a token the sidecar put in, the request is sent once
+    /// more with the refreshed token and the same body bytes; the app sees
+    /// only the second answer.
+    async fn forward(&self, session: &mut Session, mut plan: Plan) -> Step<()> {
         let limit = self.app.config.buffered_body_limit;
         let body = match self.read_body(session, limit).await? {
             Ok(b) => b,
             Err(e) => return Ok(Err(e)),
         };
-        let req = self.upstream_request(session.req_header(), &path_and_query, body.len())?;
         let path = session.req_header().uri.path().to_string();
         let upstream_err = |source| ProxyError::Upstream {
             path: path.clone(),
             source,
         };
-        let mut x = match self.app.upstream.send(&req, &body).await {
-            Ok(x) => x,
-            Err(e) => return Ok(Err(upstream_err(e))),
-        };
-        let mut resp = x.header().clone();
-        for name in resp
-            .headers
-            .keys()
-            .filter(|n| is_hop_by_hop(n))
-            .cloned()
-            .collect::<Vec<_>>()
-        {
-            resp.remove_header(&name);
-        }
-        let small = content_length(&resp.headers).is_none_or(|n| n <= limit);
-        let head = if small {
-            match x.read_to_end(limit).await {
+        let mut replaying = false;
+        loop {
+            let pq = plan.path_and_query();
+            let req = self.upstream_request(session.req_header(), &pq, body.len())?;
+            let mut x = match self.app.upstream.send(&req, &body).await {
+                Ok(x) => x,
                 Err(e) => return Ok(Err(upstream_err(e))),
-                Ok(Ok(answer)) => {
-                    x.finish().await;
-                    resp.insert_header(header::CONTENT_LENGTH, answer.len().to_string())?;
-                    session.write_response_header(Box::new(resp), false).await?;
-                    session.write_response_body(Some(answer), true).await?;
-                    return Ok(Ok(()));
-                }
-                // Bigger than declared or than the cap: stream the rest.
-                Ok(Err(partial)) => Some(partial.freeze()),
+            };
+            let mut resp = x.header().clone();
+            for name in resp
+                .headers
+                .keys()
+                .filter(|n| is_hop_by_hop(n))
+                .cloned()
+                .collect::<Vec<_>>()
+            {
+                resp.remove_header(&name);
             }
-        } else {
-            None
-        };
-        self.stream_answer(session, resp, head, x).await
+            if content_length(&resp.headers).is_some_and(|n| n > limit) {
+                return self.stream_answer(session, resp, None, x).await;
+            }
+            let answer = match x.read_to_end(limit).await {
+                Err(e) => return Ok(Err(upstream_err(e))),
+                // Bigger than declared or than the cap: stream the rest.
+                Ok(Err(partial)) => {
+                    return self
+                        .stream_answer(session, resp, Some(partial.freeze()), x)
+                        .await
+                }
+                Ok(Ok(answer)) => answer,
+            };
+            x.finish().await;
+            let rejected = plan.token.is_some() && inspect::token_rejected(&answer);
+            if replaying {
+                plan.count_replay(!rejected);
+            } else if rejected {
+                if let Some(fresh) = self.replacement(&plan).await {
+                    tracing::debug!(
+                        path,
+                        "token rejected by WeChat; replaying with the refreshed token"
+                    );
+                    plan.token = Some(fresh);
+                    replaying = true;
+                    continue;
+                }
+                plan.count_replay(false);
+            }
+            resp.insert_header(header::CONTENT_LENGTH, answer.len().to_string())?;
+            session.write_response_header(Box::new(resp), false).await?;
+            session.write_response_body(Some(answer), true).await?;
+            return Ok(Ok(()));
+        }
     }
 
     /// Streams a large answer to the app chunk by chunk.
@@ -322,10 +401,35 @@ impl Proxy {
                 return Ok(Ok(()));
             }
         };
-        match self.token_for(&account).await {
-            Ok(t) => reply::send_json(session, 200, local::token_answer(&t)).await?,
+        let mut token = match self.token_for(&account).await {
+            Ok(t) => t,
             Err(e) => return Ok(Err(e)),
+        };
+        // An app asking to force a refresh says its token failed: treat it as
+        // a compare-and-refresh report of the current token, at most as often
+        // as WeChat allows force_refresh itself.
+        if creds.force_refresh == Some(true)
+            && token
+                .fetched_at
+                .elapsed()
+                .is_ok_and(|age| age >= local::FORCE_REFRESH_MIN_AGE)
+            && account.tokens.report_invalid(&token.value)
+        {
+            tracing::info!(account = %account.name, "app asked for force_refresh; refreshing once");
+            if let Some(fresh) = account
+                .tokens
+                .wait_replacement(&token.value, self.app.upstream.read_timeout())
+                .await
+            {
+                token = fresh;
+            } else {
+                return Ok(Err(ProxyError::NoToken {
+                    account: account.name.clone(),
+                    reason: "the forced refresh did not finish in time".into(),
+                }));
+            }
         }
+        reply::send_json(session, 200, local::token_answer(&token)).await?;
         Ok(Ok(()))
     }
 }
@@ -344,21 +448,16 @@ impl ProxyHttp for Proxy {
             Route::LocalClassicToken => self.local_token(session, false).await?,
             Route::LocalStableToken => self.local_token(session, true).await?,
             Route::Untouched => {
-                let pq = session
-                    .req_header()
-                    .uri
-                    .path_and_query()
-                    .map_or("/", |p| p.as_str())
-                    .to_string();
-                self.forward(session, pq).await?
+                let plan = Plan::untouched(session.req_header());
+                self.forward(session, plan).await?
             }
             Route::Api => match self.plan(session.req_header()).await {
-                Ok(pq) => self.forward(session, pq).await?,
+                Ok(plan) => self.forward(session, plan).await?,
                 Err(e) => Err(e),
             },
             Route::Stream => match self.plan(session.req_header()).await {
-                Ok(pq) => {
-                    let uri = pq.parse::<http::Uri>().map_err(|_| {
+                Ok(plan) => {
+                    let uri = plan.path_and_query().parse::<http::Uri>().map_err(|_| {
                         Error::explain(
                             ErrorType::InvalidHTTPHeader,
                             "bad path after token injection",

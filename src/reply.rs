@@ -19,6 +19,8 @@ pub enum ProxyError {
     NoAccount(#[from] PickError),
     #[error("no valid token for account {account}: {reason}")]
     NoToken { account: String, reason: String },
+    #[error("daily token budget for account {account} spent (token.daily_budget); it resets at midnight UTC+8")]
+    BudgetSpent { account: String },
     #[error("request body over the {limit}-byte limit for {path} (limits.buffered_body)")]
     BodyTooLarge { limit: usize, path: String },
     #[error("bad request for {path}: {reason}")]
@@ -35,7 +37,7 @@ impl ProxyError {
     pub fn status(&self) -> u16 {
         match self {
             ProxyError::NoAccount(_) | ProxyError::BadRequest { .. } => 400,
-            ProxyError::NoToken { .. } => 503,
+            ProxyError::NoToken { .. } | ProxyError::BudgetSpent { .. } => 503,
             ProxyError::BodyTooLarge { .. } => 413,
             ProxyError::Upstream { source, .. } if source.is_timeout() => 504,
             ProxyError::Upstream { .. } => 502,
@@ -47,6 +49,7 @@ impl ProxyError {
         match self {
             ProxyError::NoAccount(_) => 40013,
             ProxyError::BodyTooLarge { .. } => 45002,
+            ProxyError::BudgetSpent { .. } => 45009,
             ProxyError::BadRequest { .. } => 40035,
             // -1 is WeChat's "system busy": SDKs treat it as transient.
             ProxyError::NoToken { .. } | ProxyError::Upstream { .. } => -1,

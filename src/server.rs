@@ -123,7 +123,7 @@ impl<S> Gated<S> {
             tokio::spawn(refresher::run(
                 account.clone(),
                 app.upstream.clone(),
-                app.config.token.refresh_before,
+                app.config.token.clone(),
             ));
         }
         let wait = app.config.upstream.connect_timeout

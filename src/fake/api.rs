@@ -64,22 +64,52 @@ struct StableReq {
     force_refresh: Option<bool>,
 }
 
-pub(super) async fn handle(
-    shared: Arc<Shared>,
-    req: Request<Incoming>,
-) -> Result<Answer, Infallible> {
+/// Returned to hyper to drop the connection without an answer.
+#[derive(Debug)]
+pub(super) struct Reset;
+
+impl std::fmt::Display for Reset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("injected connection reset")
+    }
+}
+
+impl std::error::Error for Reset {}
+
+pub(super) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Answer, Reset> {
     let (parts, body) = req.into_parts();
     let body = match Limited::new(body, MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => return Ok(errcode(40006, "invalid file size")),
     };
     let path = parts.uri.path().to_string();
+    if path.starts_with("/__fake/") {
+        let q = parts.uri.query().unwrap_or("");
+        return Ok(fake_admin(&shared, &parts.method, &path, q, &body));
+    }
+    let verdict = shared.faults.lock().judge(&path);
+    if verdict.delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(verdict.delay_ms)).await;
+    }
+    if verdict.reset_before {
+        return Err(Reset);
+    }
+    let answer = serve(&shared, parts, body, verdict).await;
+    if verdict.reset_after {
+        return Err(Reset);
+    }
+    Ok(answer)
+}
+
+async fn serve(
+    shared: &Arc<Shared>,
+    parts: http::request::Parts,
+    body: Bytes,
+    verdict: super::faults::Verdict,
+) -> Answer {
+    let path = parts.uri.path().to_string();
     let q = parts.uri.query().unwrap_or("").to_string();
     let token = query::param(&q, query::TOKEN_PARAM).map(|t| t.into_owned());
-
-    if path.starts_with("/__fake/") {
-        return Ok(fake_admin(&shared, &parts.method, &path, &q));
-    }
 
     {
         let seen = Seen {
@@ -119,21 +149,31 @@ pub(super) async fn handle(
     if delay > Duration::ZERO {
         tokio::time::sleep(delay).await;
     }
+    if verdict.busy {
+        return errcode(-1, "system error");
+    }
+    if verdict.token_error {
+        shared.state.lock().invalid_token_calls += 1;
+        return errcode(
+            40001,
+            "invalid credential, access_token is invalid or not latest",
+        );
+    }
 
-    let answer = match path.as_str() {
-        "/cgi-bin/token" => classic_token(&shared, &q),
+    match path.as_str() {
+        "/cgi-bin/token" => classic_token(shared, &q),
         "/cgi-bin/stable_token" => {
             if parts.method != hyper::Method::POST {
                 errcode(43002, "require POST method")
             } else {
-                stable_token(&shared, &body)
+                stable_token(shared, &body)
             }
         }
         "/cgi-bin/message/template/send" => {
             if parts.method != hyper::Method::POST {
                 errcode(43002, "require POST method")
             } else {
-                template_send(&shared, token.as_deref(), &body)
+                template_send(shared, token.as_deref(), &body)
             }
         }
         "/cgi-bin/media/upload" => {
@@ -143,19 +183,28 @@ pub(super) async fn handle(
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("")
                 .to_string();
-            media_upload(&shared, token.as_deref(), &q, &ct, body).await
+            media_upload(shared, token.as_deref(), &q, &ct, body).await
         }
-        "/cgi-bin/media/get" => media_get(&shared, token.as_deref(), &q),
-        "/wxa/getwxacodeunlimit" => qrcode(&shared, token.as_deref()),
-        p if p.starts_with("/cgi-bin/") => api_call(&shared, token.as_deref()),
+        "/cgi-bin/media/get" => media_get(shared, token.as_deref(), &q),
+        "/wxa/getwxacodeunlimit" => qrcode(shared, token.as_deref()),
+        p if p.starts_with("/cgi-bin/") => api_call(shared, token.as_deref()),
         // /sns/* and friends: no server token involved.
         _ => errcode(0, "ok"),
-    };
-    Ok(answer)
+    }
 }
 
-fn fake_admin(shared: &Shared, method: &hyper::Method, path: &str, q: &str) -> Answer {
+fn fake_admin(shared: &Shared, method: &hyper::Method, path: &str, q: &str, body: &[u8]) -> Answer {
     match (method.as_str(), path) {
+        ("POST", "/__fake/faults") => match serde_json::from_slice::<super::faults::Plan>(body) {
+            Ok(plan) => {
+                *shared.faults.lock() = super::faults::Faults::new(plan);
+                errcode(0, "ok")
+            }
+            Err(e) => json(
+                400,
+                serde_json::json!({ "errcode": 40035, "errmsg": format!("bad fault plan: {e}") }),
+            ),
+        },
         ("GET", "/__fake/stats") => {
             let st = shared.state.lock();
             json(
@@ -254,6 +303,12 @@ fn template_send(shared: &Shared, token: Option<&str>, body: &[u8]) -> Answer {
         .is_none_or(str::is_empty)
     {
         return errcode(40037, "invalid template_id");
+    }
+    if let Some(id) = msg.get("client_msg_id").and_then(|v| v.as_str()) {
+        if !st.client_msg_ids.insert(id.to_string()) {
+            // WeChat drops these; the fake counts them so tests can prove none happen.
+            st.duplicate_messages += 1;
+        }
     }
     st.messages += 1;
     let msgid = 1_000_000_000 + st.messages;

@@ -5,6 +5,7 @@
 //! The token rules live in [`state`], the endpoints in [`api`].
 
 mod api;
+pub mod faults;
 pub mod state;
 
 use std::net::SocketAddr;
@@ -41,6 +42,8 @@ pub struct FakeOptions {
     pub latency: Duration,
     /// Added before every token answer.
     pub token_latency: Duration,
+    /// Injected faults (see [`faults`]).
+    pub faults: faults::Plan,
 }
 
 impl Default for FakeOptions {
@@ -52,6 +55,7 @@ impl Default for FakeOptions {
             token_ttl: DEFAULT_TOKEN_TTL,
             latency: Duration::ZERO,
             token_latency: Duration::ZERO,
+            faults: faults::Plan::default(),
         }
     }
 }
@@ -59,6 +63,7 @@ impl Default for FakeOptions {
 /// Shared by every connection.
 pub(crate) struct Shared {
     pub state: Mutex<State>,
+    pub faults: Mutex<faults::Faults>,
     pub opts: FakeOptions,
     pub tls_handshakes: AtomicU64,
     pub connections: AtomicU64,
@@ -92,6 +97,7 @@ pub async fn start(opts: FakeOptions) -> std::io::Result<Fake> {
     };
     let shared = Arc::new(Shared {
         state: Mutex::new(State::new(&opts.apps, opts.token_ttl)),
+        faults: Mutex::new(faults::Faults::new(opts.faults.clone())),
         tls_handshakes: AtomicU64::new(0),
         connections: AtomicU64::new(0),
         opts: opts.clone(),

@@ -66,6 +66,8 @@ pub struct State {
     pub api_calls: u64,
     pub invalid_token_calls: u64,
     pub media_uploads: u64,
+    pub duplicate_messages: u64,
+    pub client_msg_ids: std::collections::HashSet<String>,
     pub requests: VecDeque<Seen>,
     ttl: Duration,
 }
@@ -248,6 +250,7 @@ impl State {
             "messages": self.messages,
             "invalid_token_calls": self.invalid_token_calls,
             "media_uploads": self.media_uploads,
+            "duplicate_messages": self.duplicate_messages,
             "tls_handshakes": tls_handshakes,
             "connections": connections,
             "tokens_issued": self.tokens.len(),

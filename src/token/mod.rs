@@ -8,8 +8,9 @@
 pub mod refresher;
 pub mod source;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
@@ -29,15 +30,37 @@ pub struct Token {
     pub fetched_at: SystemTime,
     /// Its full lifetime as first seen (`expires_in` of the fetch that issued it).
     pub lifetime: Duration,
+    /// WeChat called it invalid (40001/40014/42001): not handed out any more.
+    reported_invalid: AtomicBool,
 }
 
 impl Token {
+    fn new(
+        value: Arc<str>,
+        expires_at: Instant,
+        fetched_at: SystemTime,
+        lifetime: Duration,
+    ) -> Self {
+        Token {
+            value,
+            expires_at,
+            fetched_at,
+            lifetime,
+            reported_invalid: AtomicBool::new(false),
+        }
+    }
+
+    pub fn is_reported_invalid(&self) -> bool {
+        self.reported_invalid.load(Ordering::Acquire)
+    }
+
     pub fn remaining(&self) -> Duration {
         self.expires_at.saturating_duration_since(Instant::now())
     }
 
+    /// Not expired and not reported invalid: fit to send.
     pub fn is_valid(&self) -> bool {
-        self.expires_at > Instant::now()
+        self.expires_at > Instant::now() && !self.is_reported_invalid()
     }
 }
 
@@ -57,6 +80,25 @@ pub struct CellStatus {
     pub fetches_failed: u64,
     /// The last failure, as a WeChat errcode (or -1 for a transport error) and a message.
     pub last_error: Option<(i64, String)>,
+    /// Fetches counted against today's budget (UTC+8 day, as WeChat counts).
+    pub fetches_today: u32,
+    budget_day: i64,
+    /// Refreshes asked for because WeChat called the token invalid.
+    pub invalid_reports: u64,
+    /// Set while today's budget is spent: why no fetch is made.
+    pub budget_spent: Option<String>,
+}
+
+/// The current day as WeChat counts quotas: midnight in UTC+8.
+pub fn wechat_day(now: SystemTime) -> i64 {
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
+    (secs + 8 * 3600).div_euclid(86400)
+}
+
+/// Time until the next UTC+8 midnight, when budgets reset.
+pub fn until_next_wechat_day(now: SystemTime) -> Duration {
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) + 8 * 3600;
+    Duration::from_secs(86400 - secs % 86400)
 }
 
 /// One account's token and its history.
@@ -103,6 +145,54 @@ impl TokenCell {
             || snap.earlier.iter().any(|v| &**v == value)
     }
 
+    /// Reports that WeChat rejected `bad`. Compare-and-refresh: only when the
+    /// cell still holds `bad` is a refresh asked for, and only once; a report
+    /// about a token already replaced does nothing. Returns whether it asked.
+    pub fn report_invalid(&self, bad: &str) -> bool {
+        let snap = self.snap.load();
+        let Some(cur) = snap.current.as_ref().filter(|t| &*t.value == bad) else {
+            return false;
+        };
+        if cur.reported_invalid.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        self.status.lock().invalid_reports += 1;
+        self.force.notify_one();
+        true
+    }
+
+    /// Counts one fetch against the daily budget; `false` when it is spent.
+    pub(crate) fn spend_budget(&self, budget: u32) -> bool {
+        let day = wechat_day(SystemTime::now());
+        let mut st = self.status.lock();
+        if st.budget_day != day {
+            st.budget_day = day;
+            st.fetches_today = 0;
+        }
+        if st.fetches_today >= budget {
+            return false;
+        }
+        st.fetches_today += 1;
+        true
+    }
+
+    /// Waits up to `limit` for a valid token other than `bad`.
+    pub async fn wait_replacement(&self, bad: &str, limit: Duration) -> Option<Arc<Token>> {
+        let mut rx = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(t) = self.valid().filter(|t| &*t.value != bad) {
+                return Some(t);
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                return self.valid().filter(|t| &*t.value != bad);
+            }
+        }
+    }
+
     /// Waits up to `limit` for a valid token; `None` when none came.
     pub async fn wait_valid(&self, limit: Duration) -> Option<Arc<Token>> {
         let mut rx = self.changed.subscribe();
@@ -145,12 +235,12 @@ impl TokenCell {
             Some(cur) if &*cur.value == value => {
                 outcome = StoreOutcome::Same;
                 Snapshot {
-                    current: Some(Arc::new(Token {
-                        value: cur.value.clone(),
-                        expires_at: now + expires_in,
-                        fetched_at: cur.fetched_at,
-                        lifetime: cur.lifetime,
-                    })),
+                    current: Some(Arc::new(Token::new(
+                        cur.value.clone(),
+                        now + expires_in,
+                        cur.fetched_at,
+                        cur.lifetime,
+                    ))),
                     earlier: old.earlier.clone(),
                 }
             }
@@ -164,12 +254,12 @@ impl TokenCell {
                     }
                 }
                 Snapshot {
-                    current: Some(Arc::new(Token {
-                        value: Arc::from(value),
-                        expires_at: now + expires_in,
-                        fetched_at: SystemTime::now(),
-                        lifetime: expires_in,
-                    })),
+                    current: Some(Arc::new(Token::new(
+                        Arc::from(value),
+                        now + expires_in,
+                        SystemTime::now(),
+                        expires_in,
+                    ))),
                     earlier,
                 }
             }
@@ -180,6 +270,7 @@ impl TokenCell {
             st.attempted = true;
             st.fetches_ok += 1;
             st.last_error = None;
+            st.budget_spent = None;
         }
         self.changed.send_modify(|n| *n += 1);
         outcome
@@ -191,6 +282,16 @@ impl TokenCell {
             st.attempted = true;
             st.fetches_failed += 1;
             st.last_error = Some((errcode, message));
+        }
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    pub(crate) fn record_budget_spent(&self, message: String) {
+        {
+            let mut st = self.status.lock();
+            st.attempted = true;
+            st.last_error = Some((45009, message.clone()));
+            st.budget_spent = Some(message);
         }
         self.changed.send_modify(|n| *n += 1);
     }
@@ -242,6 +343,44 @@ mod tests {
         }
         assert!(!cell.issued("t0"));
         assert!(cell.issued(&format!("t{}", DEFAULT_ISSUED_HISTORY + 4)));
+    }
+
+    #[test]
+    fn compare_and_refresh_asks_once_and_only_for_the_current_token() {
+        let cell = TokenCell::default();
+        cell.store("t1", Duration::from_secs(60));
+        assert!(!cell.report_invalid("other"), "not the current token");
+        assert!(cell.report_invalid("t1"));
+        assert!(
+            !cell.report_invalid("t1"),
+            "second report of the same token"
+        );
+        assert!(cell.valid().is_none(), "a reported token is not handed out");
+        cell.store("t2", Duration::from_secs(60));
+        assert!(!cell.report_invalid("t1"), "already replaced");
+        assert_eq!(cell.status().invalid_reports, 1);
+    }
+
+    #[test]
+    fn budget_counts_per_day() {
+        let cell = TokenCell::default();
+        assert!(cell.spend_budget(2) && cell.spend_budget(2));
+        assert!(!cell.spend_budget(2));
+        assert_eq!(cell.status().fetches_today, 2);
+    }
+
+    #[test]
+    fn wechat_day_is_utc_plus_8() {
+        let t = |s: u64| UNIX_EPOCH + Duration::from_secs(s);
+        // 15:59:59 UTC and 16:00:00 UTC fall on different days in Beijing.
+        assert_ne!(
+            wechat_day(t(86400 + 15 * 3600 + 3599)),
+            wechat_day(t(86400 + 16 * 3600))
+        );
+        assert_eq!(
+            until_next_wechat_day(t(16 * 3600)),
+            Duration::from_secs(86400)
+        );
     }
 
     #[tokio::test]

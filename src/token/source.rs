@@ -75,9 +75,14 @@ struct Answer {
     errmsg: Option<String>,
 }
 
-/// Fetches a token for `account` through the shared pool.
-pub async fn fetch(upstream: &Upstream, account: &Account) -> Result<Fetched, FetchError> {
-    let (req, body) = build_request(upstream, account);
+/// Fetches a token for `account` through the shared pool. `force` asks a
+/// stable token endpoint for a new token (`force_refresh: true`).
+pub async fn fetch(
+    upstream: &Upstream,
+    account: &Account,
+    force: bool,
+) -> Result<Fetched, FetchError> {
+    let (req, body) = build_request(upstream, account, force);
     let mut x = upstream.send(&req, &body).await?;
     let status = x.header().status.as_u16();
     let answer = x.read_to_end(DEFAULT_ANSWER_LIMIT).await?;
@@ -90,7 +95,7 @@ pub async fn fetch(upstream: &Upstream, account: &Account) -> Result<Fetched, Fe
     parse_answer(status, &answer)
 }
 
-fn build_request(upstream: &Upstream, account: &Account) -> (RequestHeader, Vec<u8>) {
+fn build_request(upstream: &Upstream, account: &Account, force: bool) -> (RequestHeader, Vec<u8>) {
     let enc = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
     let (mut req, body) = match account.token_api {
         TokenApi::Classic => {
@@ -107,7 +112,7 @@ fn build_request(upstream: &Upstream, account: &Account) -> (RequestHeader, Vec<
                 "grant_type": "client_credential",
                 "appid": account.appid,
                 "secret": account.secret.expose(),
-                "force_refresh": false,
+                "force_refresh": force,
             })
             .to_string()
             .into_bytes();

@@ -4,6 +4,7 @@
 mod config;
 mod failures;
 mod path;
+mod replay;
 mod streaming;
 mod support;
 mod tokens;

@@ -115,6 +115,35 @@ impl Fake {
         self.requests().await.pop().expect("the fake saw a request")
     }
 
+    pub async fn invalidate(&self, appid: &str) {
+        let r = self
+            .https
+            .post(format!("{}/__fake/invalidate?appid={appid}", self.url()))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+
+    /// Sets the fake's injected faults (see `src/fake/faults.rs`).
+    pub async fn faults(&self, plan: &str) {
+        let r = self
+            .https
+            .post(format!("{}/__fake/faults", self.url()))
+            .body(plan.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    }
+
+    /// Token fetches the fake answered for `appid`, classic and stable.
+    pub async fn fetches(&self, appid: &str) -> u64 {
+        let s = self.stats().await;
+        s["token_fetches"][appid].as_u64().unwrap_or(0)
+            + s["stable_token_fetches"][appid].as_u64().unwrap_or(0)
+    }
+
     /// Calls the fake directly (not through the sidecar).
     pub async fn direct_post(&self, path_and_query: &str, body: &str) -> Value {
         self.https

@@ -1,0 +1,111 @@
+//! Fault injection for the fake: per path, a rate of errcode -1 answers,
+//! token rejections, connection resets before or after the request takes
+//! effect, and extra delay. Deterministic for a given seed.
+//!
+//! Set with `POST /__fake/faults` (JSON below) or `fake-wechat --faults JSON`:
+//! `{"seed": 7, "rules": [{"path": "/cgi-bin/message/template/send",
+//!   "busy_rate": 0.05, "reset_before_rate": 0.05, "reset_after_rate": 0.05,
+//!   "token_error_rate": 0.0, "delay_ms": 0}]}`. A rule's `path` is a prefix;
+//! the first matching rule applies.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    pub path: String,
+    /// Answer `{"errcode":-1,"errmsg":"system error"}` without acting.
+    #[serde(default)]
+    pub busy_rate: f64,
+    /// Answer 40001 whatever the token.
+    #[serde(default)]
+    pub token_error_rate: f64,
+    /// Close the connection after reading the request, without acting.
+    #[serde(default)]
+    pub reset_before_rate: f64,
+    /// Act on the request (record the message), then close without answering.
+    #[serde(default)]
+    pub reset_after_rate: f64,
+    #[serde(default)]
+    pub delay_ms: u64,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+}
+
+/// What to do to one request.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Verdict {
+    pub busy: bool,
+    pub token_error: bool,
+    pub reset_before: bool,
+    pub reset_after: bool,
+    pub delay_ms: u64,
+}
+
+pub struct Faults {
+    rules: Vec<Rule>,
+    rng: StdRng,
+}
+
+impl Default for Faults {
+    fn default() -> Self {
+        Faults::new(Plan::default())
+    }
+}
+
+impl Faults {
+    pub fn new(plan: Plan) -> Self {
+        Faults {
+            rules: plan.rules,
+            rng: StdRng::seed_from_u64(plan.seed),
+        }
+    }
+
+    pub fn judge(&mut self, path: &str) -> Verdict {
+        let Some(rule) = self.rules.iter().find(|r| path.starts_with(&r.path)) else {
+            return Verdict::default();
+        };
+        let rule = rule.clone();
+        let mut roll = |rate: f64| rate > 0.0 && self.rng.gen_bool(rate.min(1.0));
+        Verdict {
+            reset_before: roll(rule.reset_before_rate),
+            busy: roll(rule.busy_rate),
+            token_error: roll(rule.token_error_rate),
+            reset_after: roll(rule.reset_after_rate),
+            delay_ms: rule.delay_ms,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_seed_same_faults() {
+        let plan: Plan = serde_json::from_str(
+            r#"{"seed":3,"rules":[{"path":"/cgi-bin/message","reset_after_rate":0.5}]}"#,
+        )
+        .unwrap();
+        let mut a = Faults::new(plan.clone());
+        let mut b = Faults::new(plan);
+        let ra: Vec<_> = (0..50)
+            .map(|_| a.judge("/cgi-bin/message/template/send"))
+            .collect();
+        let rb: Vec<_> = (0..50)
+            .map(|_| b.judge("/cgi-bin/message/template/send"))
+            .collect();
+        assert_eq!(ra, rb);
+        assert!(ra.iter().any(|v| v.reset_after) && ra.iter().any(|v| !v.reset_after));
+        assert_eq!(a.judge("/other"), Verdict::default());
+    }
+}
