@@ -51,19 +51,12 @@ impl Admin {
                 })
             })
             .collect();
-        let s = &app.upstream.stats;
         serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_seconds": app.started.elapsed().as_secs(),
             "ready": app.not_ready_reason().is_none(),
             "accounts": accounts,
-            "upstream": {
-                "url": app.upstream.url().to_string(),
-                "connections_opened": s.connections_opened.load(Ordering::Relaxed),
-                "connections_reused": s.connections_reused.load(Ordering::Relaxed),
-                "requests": s.requests.load(Ordering::Relaxed),
-                "failures": s.failures.load(Ordering::Relaxed),
-            },
+            "upstream": app.upstream.status(),
         })
     }
 }

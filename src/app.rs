@@ -7,19 +7,19 @@ use std::time::Instant;
 
 use crate::account::Accounts;
 use crate::config::Config;
-use crate::upstream::Upstream;
+use crate::failover::Upstreams;
 
 pub struct App {
     pub config: Config,
     pub accounts: Accounts,
-    pub upstream: Arc<Upstream>,
+    pub upstream: Arc<Upstreams>,
     pub started: Instant,
     /// Set once the app listener is about to accept.
     listening: AtomicBool,
 }
 
 impl App {
-    pub fn new(config: Config, upstream: Arc<Upstream>) -> Arc<Self> {
+    pub fn new(config: Config, upstream: Arc<Upstreams>) -> Arc<Self> {
         Arc::new(App {
             accounts: Accounts::new(&config.accounts),
             config,

@@ -20,12 +20,21 @@ pub const WECHAT_HOSTS: &[&str] = &[
 /// A CA with a leaf certificate, all as PEM/DER ready for rustls.
 pub struct Issued {
     pub ca_pem: String,
+    /// The CA's private key, to sign more leaves later with the same CA.
+    pub ca_key_pem: String,
     pub leaf_der: Vec<u8>,
     pub leaf_key_der: Vec<u8>,
 }
 
-/// Makes a fresh CA named `ca_name` and a leaf for `names` (DNS names or IPs).
-pub fn issue(ca_name: &str, names: &[String], valid_days: i64) -> Result<Issued, rcgen::Error> {
+/// Makes a CA named `ca_name` (with the given key, or a new one) and a leaf
+/// for `names` (DNS names or IPs). A CA rebuilt from the same key and name is
+/// the same trust anchor, so leaves it signs verify against the first CA PEM.
+pub fn issue(
+    ca_name: &str,
+    names: &[String],
+    valid_days: i64,
+    ca_key_pem: Option<&str>,
+) -> Result<Issued, rcgen::Error> {
     let now = OffsetDateTime::now_utc();
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -40,7 +49,10 @@ pub fn issue(ca_name: &str, names: &[String], valid_days: i64) -> Result<Issued,
     ];
     ca.not_before = now - TimeDuration::hours(1);
     ca.not_after = now + TimeDuration::days(valid_days);
-    let ca_key = KeyPair::generate()?;
+    let ca_key = match ca_key_pem {
+        Some(pem) => KeyPair::from_pem(pem)?,
+        None => KeyPair::generate()?,
+    };
     let ca_cert = ca.self_signed(&ca_key)?;
 
     let mut leaf = CertificateParams::new(names.to_vec())?;
@@ -58,6 +70,7 @@ pub fn issue(ca_name: &str, names: &[String], valid_days: i64) -> Result<Issued,
 
     Ok(Issued {
         ca_pem: ca_cert.pem(),
+        ca_key_pem: ca_key.serialize_pem(),
         leaf_der: leaf_cert.der().to_vec(),
         leaf_key_der: leaf_key.serialize_der(),
     })

@@ -67,6 +67,9 @@ struct FakeArgs {
     /// Delay before every token answer, in milliseconds.
     #[arg(long, default_value_t = 0)]
     token_latency_ms: u64,
+    /// Keep the fake's CA in DIR (ca.pem, ca-key.pem), reusing it when present.
+    #[arg(long, value_name = "DIR")]
+    ca_dir: Option<PathBuf>,
     /// Injected faults as JSON, e.g. '{"seed":1,"rules":[{"path":"/cgi-bin/message","reset_after_rate":0.05}]}'
     /// (also settable at run time with POST /__fake/faults).
     #[arg(long)]
@@ -199,6 +202,7 @@ fn fake_wechat(f: FakeArgs) -> i32 {
         token_ttl: Duration::from_secs(f.token_ttl),
         latency: Duration::from_millis(f.latency_ms),
         token_latency: Duration::from_millis(f.token_latency_ms),
+        ca_dir: f.ca_dir.clone(),
         ..FakeOptions::default()
     };
     if let Some(text) = &f.faults {

@@ -29,6 +29,11 @@ pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(15);
 pub const DEFAULT_WARM_CONNECTIONS: usize = 4;
 /// Below the ~60 s after which servers and NATs drop idle connections.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(50);
+/// Connect failures in a row before a host is taken out of use: one is a
+/// blip, three is an outage.
+pub const DEFAULT_FAILOVER_AFTER: u32 = 3;
+/// How often a host that is out of use is probed.
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(2);
 /// Five minutes is also when WeChat rotates a stable token.
 pub const DEFAULT_REFRESH_BEFORE: Duration = Duration::from_secs(300);
 /// Token fetches per account per day: far under WeChat's 2,000 (classic) so a
@@ -132,6 +137,10 @@ impl fmt::Display for UpstreamUrl {
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
     pub url: UpstreamUrl,
+    /// Hosts to use, in order, when the ones before them fail.
+    pub failover: Vec<UpstreamUrl>,
+    pub failover_after: u32,
+    pub probe_interval: Duration,
     pub ca_file: Option<PathBuf>,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
@@ -228,6 +237,9 @@ mod raw {
     #[serde(deny_unknown_fields)]
     pub struct Upstream {
         pub url: Option<String>,
+        pub failover: Option<Vec<String>>,
+        pub failover_after: Option<u32>,
+        pub probe_interval: Option<String>,
         pub ca_file: Option<String>,
         pub connect_timeout: Option<String>,
         pub read_timeout: Option<String>,
@@ -451,8 +463,37 @@ impl Config {
                 ));
             }
         }
+        let failover = up
+            .failover
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, u)| {
+                let key = format!("upstream.failover[{i}]");
+                let text = expand_env(&key, u, &mut problems)?;
+                UpstreamUrl::parse(&text)
+                    .map_err(|e| {
+                        problems.push(format!(
+                            "{key}: `{text}` {e}; write e.g. https://api2.weixin.qq.com"
+                        ))
+                    })
+                    .ok()
+            })
+            .collect();
+        let failover_after = up.failover_after.unwrap_or(DEFAULT_FAILOVER_AFTER);
+        if failover_after == 0 {
+            problems.push("upstream.failover_after: must be at least 1".into());
+        }
         let upstream = UpstreamConfig {
             url,
+            failover,
+            failover_after,
+            probe_interval: duration_field(
+                "upstream.probe_interval",
+                up.probe_interval.as_ref(),
+                DEFAULT_PROBE_INTERVAL,
+                &mut problems,
+            ),
             ca_file,
             connect_timeout: duration_field(
                 "upstream.connect_timeout",
@@ -478,6 +519,7 @@ impl Config {
             ("upstream.connect_timeout", upstream.connect_timeout),
             ("upstream.read_timeout", upstream.read_timeout),
             ("upstream.idle_timeout", upstream.idle_timeout),
+            ("upstream.probe_interval", upstream.probe_interval),
         ] {
             if d.is_zero() {
                 problems.push(format!("{key}: must be greater than zero"));

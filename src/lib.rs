@@ -10,6 +10,7 @@ pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod failover;
 pub mod fake;
 pub mod inspect;
 pub mod local;

@@ -28,6 +28,7 @@ use crate::query::{self, TOKEN_PARAM};
 use crate::reply::{self, ProxyError};
 use crate::route::{self, Route};
 use crate::token::Token;
+use crate::upstream::UpstreamError;
 
 /// Credentials sent to a token endpoint are tiny.
 const DEFAULT_CREDENTIALS_LIMIT: usize = 64 * 1024;
@@ -47,6 +48,8 @@ impl Proxy {
 pub struct Ctx {
     /// The path and query to send upstream, when the token changed.
     stream_uri: Option<http::Uri>,
+    /// Which upstream host the streaming path chose.
+    host: usize,
 }
 
 /// Where a request goes and with which token.
@@ -250,7 +253,6 @@ impl Proxy {
             }
             req.append_header(name.clone(), value.clone())?;
         }
-        req.insert_header(header::HOST, self.app.upstream.host_header())?;
         let has_body_semantics = matches!(client.method.as_str(), "POST" | "PUT" | "PATCH");
         if body_len > 0 || has_body_semantics {
             req.insert_header(header::CONTENT_LENGTH, body_len.to_string())?;
@@ -269,9 +271,12 @@ impl Proxy {
             Err(e) => return Ok(Err(e)),
         };
         let path = session.req_header().uri.path().to_string();
-        let upstream_err = |source| ProxyError::Upstream {
-            path: path.clone(),
-            source,
+        let upstream_err = |source| match source {
+            UpstreamError::Unavailable => ProxyError::Unavailable,
+            source => ProxyError::Upstream {
+                path: path.clone(),
+                source,
+            },
         };
         let mut replaying = false;
         loop {
@@ -484,13 +489,15 @@ impl ProxyHttp for Proxy {
     async fn upstream_peer(
         &self,
         _session: &mut Session,
-        _ctx: &mut Ctx,
+        ctx: &mut Ctx,
     ) -> pingora::Result<Box<HttpPeer>> {
-        self.app
+        let (peer, host) = self
+            .app
             .upstream
             .peer()
-            .map(Box::new)
-            .map_err(|e| Error::explain(ErrorType::ConnectNoRoute, e.to_string()))
+            .map_err(|e| Error::explain(ErrorType::ConnectNoRoute, e.to_string()))?;
+        ctx.host = host;
+        Ok(Box::new(peer))
     }
 
     async fn upstream_request_filter(
@@ -503,7 +510,8 @@ impl ProxyHttp for Proxy {
             req.set_uri(uri);
         }
         req.remove_header(ACCOUNT_HEADER);
-        req.insert_header(header::HOST, self.app.upstream.host_header())?;
+        let host = &self.app.upstream.hosts()[ctx.host];
+        req.insert_header(header::HOST, host.host_header())?;
         Ok(())
     }
 

@@ -21,6 +21,8 @@ pub enum ProxyError {
     NoToken { account: String, reason: String },
     #[error("daily token budget for account {account} spent (token.daily_budget); it resets at midnight UTC+8")]
     BudgetSpent { account: String },
+    #[error("upstream unavailable, retry later")]
+    Unavailable,
     #[error("request body over the {limit}-byte limit for {path} (limits.buffered_body)")]
     BodyTooLarge { limit: usize, path: String },
     #[error("bad request for {path}: {reason}")]
@@ -37,7 +39,9 @@ impl ProxyError {
     pub fn status(&self) -> u16 {
         match self {
             ProxyError::NoAccount(_) | ProxyError::BadRequest { .. } => 400,
-            ProxyError::NoToken { .. } | ProxyError::BudgetSpent { .. } => 503,
+            ProxyError::NoToken { .. }
+            | ProxyError::BudgetSpent { .. }
+            | ProxyError::Unavailable => 503,
             ProxyError::BodyTooLarge { .. } => 413,
             ProxyError::Upstream { source, .. } if source.is_timeout() => 504,
             ProxyError::Upstream { .. } => 502,
@@ -52,7 +56,9 @@ impl ProxyError {
             ProxyError::BudgetSpent { .. } => 45009,
             ProxyError::BadRequest { .. } => 40035,
             // -1 is WeChat's "system busy": SDKs treat it as transient.
-            ProxyError::NoToken { .. } | ProxyError::Upstream { .. } => -1,
+            ProxyError::NoToken { .. } | ProxyError::Upstream { .. } | ProxyError::Unavailable => {
+                -1
+            }
         }
     }
 }

@@ -22,9 +22,10 @@ use pingora::services::Service;
 use crate::admin::Admin;
 use crate::app::App;
 use crate::config::Config;
+use crate::failover::Upstreams;
 use crate::proxy::Proxy;
 use crate::token::refresher;
-use crate::upstream::{self, Upstream, DEFAULT_POOL_SIZE};
+use crate::upstream::{self, DEFAULT_POOL_SIZE};
 
 /// Slack on top of connect + read timeouts for the first token fetch.
 const DEFAULT_BOOT_SLACK: Duration = Duration::from_secs(3);
@@ -49,7 +50,7 @@ pub fn prepare(config: Config) -> Result<Prepared, String> {
         std::net::TcpListener::bind(addr)
             .map_err(|e| format!("{key}: cannot listen on {addr}: {e}"))?;
     }
-    let up = Upstream::new(&config.upstream, ca_bundle.as_deref());
+    let up = Upstreams::new(&config.upstream, ca_bundle.as_deref());
     Ok(Prepared {
         app: App::new(config, up),
         ca_bundle: ca_bundle.map(|p| p.display().to_string()),
@@ -116,9 +117,7 @@ struct Gated<S> {
 impl<S> Gated<S> {
     async fn boot(&self) {
         let app = &self.app;
-        if let Err(e) = app.upstream.resolve_if_due().await {
-            tracing::error!(error = %e, "cannot resolve the upstream; will retry");
-        }
+        app.upstream.resolve().await;
         for account in app.accounts.iter() {
             tokio::spawn(refresher::run(
                 account.clone(),

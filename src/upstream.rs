@@ -9,7 +9,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -40,15 +40,32 @@ pub enum UpstreamError {
     Resolve { host: String, reason: String },
     #[error("cannot connect to upstream {addr}: {reason}")]
     Connect { addr: String, reason: String },
+    #[error("connecting to upstream {addr} timed out after {after:?}")]
+    ConnectTimeout { addr: String, after: Duration },
     #[error("upstream {addr} did not answer within {after:?}")]
     Timeout { addr: String, after: Duration },
+    #[error("upstream unavailable, retry later")]
+    Unavailable,
     #[error("exchange with upstream {addr} failed: {reason}")]
     Exchange { addr: String, reason: String },
 }
 
 impl UpstreamError {
     pub fn is_timeout(&self) -> bool {
-        matches!(self, UpstreamError::Timeout { .. })
+        matches!(
+            self,
+            UpstreamError::Timeout { .. } | UpstreamError::ConnectTimeout { .. }
+        )
+    }
+
+    /// Failed before any byte of the request left: safe to try another host.
+    pub fn is_connect(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Resolve { .. }
+                | UpstreamError::Connect { .. }
+                | UpstreamError::ConnectTimeout { .. }
+        )
     }
 }
 
@@ -71,6 +88,8 @@ pub struct UpstreamStats {
     pub connections_reused: AtomicU64,
     pub requests: AtomicU64,
     pub failures: AtomicU64,
+    /// Connect attempts that failed in a row (every address); 0 after a success.
+    pub connect_failures: AtomicU32,
 }
 
 struct Resolved {
@@ -223,8 +242,41 @@ impl Upstream {
         Ok(r.peers[first].clone())
     }
 
-    /// Opens a new connection, trying each resolved address in turn.
+    /// Opens a new connection, trying each resolved address in turn, and
+    /// keeps count of failures in a row (for failover).
     async fn connect(&self) -> Result<(Stream, HttpPeer), UpstreamError> {
+        let result = self.connect_inner().await;
+        match &result {
+            Ok(_) => self.stats.connect_failures.store(0, Ordering::Relaxed),
+            Err(_) => {
+                self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        result
+    }
+
+    /// Opens one connection and parks it in the pool: a health probe that
+    /// also keeps the pool warm.
+    pub async fn probe(&self) -> Result<(), UpstreamError> {
+        self.resolved_or_resolve().await?;
+        let (stream, peer) = self.connect().await?;
+        self.transport
+            .release_stream(stream, peer.reuse_hash(), Some(self.conf.idle_timeout));
+        Ok(())
+    }
+
+    /// Resolves now when no address is known yet, else when due.
+    async fn resolved_or_resolve(&self) -> Result<(), UpstreamError> {
+        match self.resolve_if_due().await {
+            Err(e) if self.resolved.load().peers.is_empty() => {
+                self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                Err(e)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn connect_inner(&self) -> Result<(Stream, HttpPeer), UpstreamError> {
         let (r, first) = self.peers()?;
         let n = r.peers.len();
         let mut last = None;
@@ -245,7 +297,7 @@ impl Upstream {
                     let addr = peer.address().to_string();
                     tracing::warn!(upstream = %addr, error = %e, "upstream connect failed");
                     last = Some(if matches!(e.etype(), ErrorType::ConnectTimedout) {
-                        UpstreamError::Timeout {
+                        UpstreamError::ConnectTimeout {
                             addr,
                             after: self.conf.connect_timeout,
                         }
@@ -286,7 +338,9 @@ impl Upstream {
         req: &RequestHeader,
         body: &[u8],
     ) -> Result<Exchange<'_>, UpstreamError> {
-        let (peer, _) = self.peers()?;
+        let (peer, _) = self.peers().inspect_err(|_| {
+            self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+        })?;
         let pooled = {
             let p = &peer.peers[self.preferred.load(Ordering::Relaxed) % peer.peers.len()];
             self.transport
@@ -331,8 +385,11 @@ impl Upstream {
             error: self.map_err(&addr, &e),
             sent: false,
         };
+        let mut req = req.clone();
+        req.insert_header(http::header::HOST, self.host_header.as_str())
+            .map_err(unsent)?;
         session
-            .write_request_header(Box::new(req.clone()))
+            .write_request_header(Box::new(req))
             .await
             .map_err(unsent)?;
         if !body.is_empty() {

@@ -44,6 +44,9 @@ pub struct FakeOptions {
     pub token_latency: Duration,
     /// Injected faults (see [`faults`]).
     pub faults: faults::Plan,
+    /// Keep the CA here (`ca.pem`, `ca-key.pem`) and reuse it when present,
+    /// so fakes restarted or run side by side share one CA.
+    pub ca_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for FakeOptions {
@@ -56,6 +59,7 @@ impl Default for FakeOptions {
             latency: Duration::ZERO,
             token_latency: Duration::ZERO,
             faults: faults::Plan::default(),
+            ca_dir: None,
         }
     }
 }
@@ -92,7 +96,7 @@ pub async fn start(opts: FakeOptions) -> std::io::Result<Fake> {
     let (acceptor, ca_pem) = if opts.plain {
         (None, None)
     } else {
-        let (acceptor, ca) = tls_acceptor().map_err(std::io::Error::other)?;
+        let (acceptor, ca) = tls_acceptor(opts.ca_dir.as_deref()).map_err(std::io::Error::other)?;
         (Some(acceptor), Some(ca))
     };
     let shared = Arc::new(Shared {
@@ -110,10 +114,23 @@ pub async fn start(opts: FakeOptions) -> std::io::Result<Fake> {
     })
 }
 
-fn tls_acceptor() -> Result<(TlsAcceptor, String), String> {
+fn tls_acceptor(ca_dir: Option<&std::path::Path>) -> Result<(TlsAcceptor, String), String> {
     let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
     names.extend(certs::WECHAT_HOSTS.iter().map(|h| h.to_string()));
-    let issued = certs::issue("wxsidecar fake WeChat CA", &names, 30).map_err(|e| e.to_string())?;
+    let key_path = ca_dir.map(|d| d.join("ca-key.pem"));
+    let known_key = key_path
+        .as_ref()
+        .and_then(|p| std::fs::read_to_string(p).ok());
+    let issued = certs::issue("wxsidecar fake WeChat CA", &names, 30, known_key.as_deref())
+        .map_err(|e| e.to_string())?;
+    if let (Some(dir), None) = (ca_dir, &known_key) {
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        std::fs::write(dir.join("ca.pem"), &issued.ca_pem).map_err(|e| e.to_string())?;
+        let key_file = dir.join("ca-key.pem");
+        std::fs::write(&key_file, &issued.ca_key_pem).map_err(|e| e.to_string())?;
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600));
+    }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

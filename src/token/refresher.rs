@@ -19,7 +19,7 @@ use super::source::{self, FetchError};
 use super::{until_next_wechat_day, StoreOutcome};
 use crate::account::Account;
 use crate::config::{TokenApi, TokenConfig};
-use crate::upstream::Upstream;
+use crate::failover::Upstreams;
 
 /// First retry after a failed fetch; doubles up to the cap.
 const DEFAULT_BACKOFF_FIRST: Duration = Duration::from_millis(500);
@@ -62,14 +62,14 @@ impl Backoff {
 
 struct Refresher {
     account: Arc<Account>,
-    upstream: Arc<Upstream>,
+    upstream: Arc<Upstreams>,
     conf: TokenConfig,
     /// When `force_refresh: true` was last sent (stable tokens).
     last_force: Option<Instant>,
 }
 
 /// Runs forever (until its runtime stops).
-pub async fn run(account: Arc<Account>, upstream: Arc<Upstream>, conf: TokenConfig) {
+pub async fn run(account: Arc<Account>, upstream: Arc<Upstreams>, conf: TokenConfig) {
     let mut r = Refresher {
         account,
         upstream,

@@ -11,7 +11,8 @@ use serde::Deserialize;
 
 use crate::account::Account;
 use crate::config::TokenApi;
-use crate::upstream::{Upstream, UpstreamError};
+use crate::failover::Upstreams;
+use crate::upstream::UpstreamError;
 
 /// A token answer is a few hundred bytes; anything far larger is not one.
 const DEFAULT_ANSWER_LIMIT: usize = 64 * 1024;
@@ -78,11 +79,11 @@ struct Answer {
 /// Fetches a token for `account` through the shared pool. `force` asks a
 /// stable token endpoint for a new token (`force_refresh: true`).
 pub async fn fetch(
-    upstream: &Upstream,
+    upstream: &Upstreams,
     account: &Account,
     force: bool,
 ) -> Result<Fetched, FetchError> {
-    let (req, body) = build_request(upstream, account, force);
+    let (req, body) = build_request(account, force);
     let mut x = upstream.send(&req, &body).await?;
     let status = x.header().status.as_u16();
     let answer = x.read_to_end(DEFAULT_ANSWER_LIMIT).await?;
@@ -95,7 +96,7 @@ pub async fn fetch(
     parse_answer(status, &answer)
 }
 
-fn build_request(upstream: &Upstream, account: &Account, force: bool) -> (RequestHeader, Vec<u8>) {
+fn build_request(account: &Account, force: bool) -> (RequestHeader, Vec<u8>) {
     let enc = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
     let (mut req, body) = match account.token_api {
         TokenApi::Classic => {
@@ -125,8 +126,6 @@ fn build_request(upstream: &Upstream, account: &Account, force: bool) -> (Reques
             (req, body)
         }
     };
-    req.insert_header("Host", upstream.host_header())
-        .expect("valid host header");
     req.insert_header(
         "User-Agent",
         concat!("wxsidecar/", env!("CARGO_PKG_VERSION")),

@@ -10,7 +10,8 @@ async fn unreachable_upstream_is_a_502_and_the_sidecar_stays_up() {
     let fake = Fake::start(&[]);
     let dead = free_port();
     let cfg = format!(
-        "upstream:\n  url: https://localhost:{dead}\n  ca_file: FAKE_CA\n  connect_timeout: 300ms\n{}",
+        // A high failover_after keeps the breaker (tested in failover.rs) shut.
+        "upstream:\n  url: https://localhost:{dead}\n  ca_file: FAKE_CA\n  connect_timeout: 300ms\n  failover_after: 1000\n{}",
         Sidecar::accounts("stable", "stable")
     );
     let side = Sidecar::start_unready(&fake, &cfg).await;

@@ -41,11 +41,28 @@ pub struct Fake {
 impl Fake {
     /// Starts `wxsidecar fake-wechat` with the shop and mall apps plus `extra` args.
     pub fn start(extra: &[&str]) -> Fake {
+        Self::launch(None, 0, extra)
+    }
+
+    /// Starts a fake that keeps its CA in `ca_dir` (shared by every fake
+    /// started there, so one CA file trusts them all), on `port` (0: any).
+    pub fn start_in(ca_dir: &std::path::Path, port: u16, extra: &[&str]) -> Fake {
+        Self::launch(Some(ca_dir), port, extra)
+    }
+
+    fn launch(ca_dir: Option<&std::path::Path>, port: u16, extra: &[&str]) -> Fake {
         let dir = tempfile::tempdir().unwrap();
-        let ca = dir.path().join("ca.pem");
-        let mut child = Command::new(BIN)
-            .args(["fake-wechat", "--listen", "127.0.0.1:0", "--ca-out"])
-            .arg(&ca)
+        let ca = match ca_dir {
+            Some(d) => d.join("ca.pem"),
+            None => dir.path().join("ca.pem"),
+        };
+        let mut cmd = Command::new(BIN);
+        cmd.args(["fake-wechat", "--listen", &format!("127.0.0.1:{port}")]);
+        match ca_dir {
+            Some(d) => cmd.arg("--ca-dir").arg(d),
+            None => cmd.arg("--ca-out").arg(&ca),
+        };
+        let mut child = cmd
             .args([
                 "--app",
                 "wxshop0000000001:shop-secret-1",
@@ -82,6 +99,12 @@ impl Fake {
             _dir: dir,
             https,
         }
+    }
+
+    /// Stops the fake now (an outage).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     pub fn url(&self) -> String {

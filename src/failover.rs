@@ -1,0 +1,163 @@
+//! Domain failover and the circuit breaker for one upstream family
+//! (`upstream.url` then `upstream.failover`, e.g. `api.weixin.qq.com` then
+//! `api2.weixin.qq.com`).
+//!
+//! Each host has its own pool and warm connections ([`Upstream`]). A host
+//! whose connects fail `failover_after` times in a row is out of use; new
+//! requests and token fetches go to the first host still in use, and a
+//! request whose connect fails moves on to the next host at once (nothing was
+//! sent, so nothing can be duplicated). A background probe per host brings it
+//! back when a connect succeeds, so the primary is taken back when healthy.
+//! When every host is out, the breaker is open: requests fail fast with
+//! [`UpstreamError::Unavailable`] instead of piling up on timeouts.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pingora::http::RequestHeader;
+use pingora::upstreams::peer::HttpPeer;
+
+use crate::config::UpstreamConfig;
+use crate::upstream::{Exchange, Upstream, UpstreamError};
+
+pub struct Upstreams {
+    hosts: Vec<Arc<Upstream>>,
+    conf: UpstreamConfig,
+}
+
+impl Upstreams {
+    pub fn new(conf: &UpstreamConfig, ca_bundle: Option<&Path>) -> Arc<Self> {
+        let mut hosts = vec![Upstream::new(conf, ca_bundle)];
+        for url in &conf.failover {
+            let mut c = conf.clone();
+            c.url = url.clone();
+            hosts.push(Upstream::new(&c, ca_bundle));
+        }
+        Arc::new(Upstreams {
+            hosts,
+            conf: conf.clone(),
+        })
+    }
+
+    pub fn hosts(&self) -> &[Arc<Upstream>] {
+        &self.hosts
+    }
+
+    pub fn read_timeout(&self) -> Duration {
+        self.conf.read_timeout
+    }
+
+    fn in_use(&self, h: &Upstream) -> bool {
+        h.stats.connect_failures.load(Ordering::Relaxed) < self.conf.failover_after
+    }
+
+    /// The host new requests go to: the first one in use. `None`: the
+    /// breaker is open.
+    pub fn active(&self) -> Option<&Arc<Upstream>> {
+        self.hosts.iter().find(|h| self.in_use(h))
+    }
+
+    /// Sends through the active host; a connect failure moves on to the
+    /// next host in use (the request was not sent).
+    pub async fn send(
+        &self,
+        req: &RequestHeader,
+        body: &[u8],
+    ) -> Result<Exchange<'_>, UpstreamError> {
+        let mut last = UpstreamError::Unavailable;
+        for h in self.hosts.iter().filter(|h| self.in_use(h)) {
+            match h.send(req, body).await {
+                Ok(x) => return Ok(x),
+                Err(e) if e.is_connect() => {
+                    if !self.in_use(h) {
+                        tracing::warn!(upstream = %h.url(), error = %e, "upstream out of use after repeated connect failures");
+                    }
+                    last = e;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if matches!(last, UpstreamError::Unavailable) {
+            tracing::debug!("every upstream host is out of use; failing fast");
+        }
+        Err(last)
+    }
+
+    /// The peer for pingora's streaming path, and its host's index.
+    pub fn peer(&self) -> Result<(HttpPeer, usize), UpstreamError> {
+        let (i, h) = self
+            .hosts
+            .iter()
+            .enumerate()
+            .find(|(_, h)| self.in_use(h))
+            .ok_or(UpstreamError::Unavailable)?;
+        Ok((h.peer()?, i))
+    }
+
+    pub async fn resolve(&self) {
+        for h in &self.hosts {
+            if let Err(e) = h.resolve_if_due().await {
+                tracing::error!(upstream = %h.url(), error = %e, "cannot resolve upstream host; will retry");
+            }
+        }
+    }
+
+    /// Warms the pool of the active host (the others are warmed when used).
+    pub async fn warm(&self) {
+        if let Some(h) = self.active() {
+            h.warm().await;
+        }
+    }
+
+    /// Background upkeep: per-host DNS and warmth for hosts in use, a probe
+    /// every `probe_interval` for hosts out of use.
+    pub async fn maintain(self: Arc<Self>) {
+        for h in &self.hosts {
+            tokio::spawn(h.clone().maintain());
+            let me = self.clone();
+            let h = h.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(me.conf.probe_interval).await;
+                    if me.in_use(&h) {
+                        continue;
+                    }
+                    match h.probe().await {
+                        Ok(()) => {
+                            tracing::info!(upstream = %h.url(), "upstream host healthy again; back in use")
+                        }
+                        Err(e) => {
+                            tracing::debug!(upstream = %h.url(), error = %e, "upstream probe failed")
+                        }
+                    }
+                }
+            });
+        }
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let hosts: Vec<_> = self
+            .hosts
+            .iter()
+            .map(|h| {
+                let s = &h.stats;
+                serde_json::json!({
+                    "url": h.url().to_string(),
+                    "in_use": self.in_use(h),
+                    "connect_failures_in_a_row": s.connect_failures.load(Ordering::Relaxed),
+                    "connections_opened": s.connections_opened.load(Ordering::Relaxed),
+                    "connections_reused": s.connections_reused.load(Ordering::Relaxed),
+                    "requests": s.requests.load(Ordering::Relaxed),
+                    "failures": s.failures.load(Ordering::Relaxed),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "active": self.active().map(|h| h.url().to_string()),
+            "breaker_open": self.active().is_none(),
+            "hosts": hosts,
+        })
+    }
+}
