@@ -8,7 +8,7 @@
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
-use crate::config::{AccountConfig, ReplaceTokens, TokenApi};
+use crate::config::{AccountConfig, AccountKind, ReplaceTokens, TokenApi};
 use crate::secret::Secret;
 use crate::token::TokenCell;
 
@@ -18,7 +18,10 @@ pub const ACCOUNT_HEADER: &str = "x-wx-account";
 /// One configured account and its token.
 pub struct Account {
     pub name: String,
+    pub kind: AccountKind,
+    /// The appid, or a WeCom account's corpid.
     pub appid: String,
+    pub agentid: Option<String>,
     pub secret: Secret,
     pub token_api: TokenApi,
     pub replace_tokens: ReplaceTokens,
@@ -33,7 +36,9 @@ impl Account {
     pub fn new(c: &AccountConfig) -> Self {
         Account {
             name: c.name.clone(),
+            kind: c.kind,
             appid: c.appid.clone(),
+            agentid: c.agentid.clone(),
             secret: c.secret.clone(),
             token_api: c.token_api,
             replace_tokens: c.replace_tokens,
@@ -87,15 +92,35 @@ impl Accounts {
         self.list.iter()
     }
 
+    /// The Official Account / mini program account with this appid.
     pub fn by_appid(&self, appid: &str) -> Option<&Arc<Account>> {
-        self.list.iter().find(|a| a.appid == appid)
+        self.list
+            .iter()
+            .find(|a| a.kind == AccountKind::Official && a.appid == appid)
+    }
+
+    /// The WeCom accounts of a corp (one per app secret).
+    pub fn by_corpid(&self, corpid: &str) -> Vec<&Arc<Account>> {
+        self.list
+            .iter()
+            .filter(|a| a.kind == AccountKind::WeCom && a.appid == corpid)
+            .collect()
+    }
+
+    /// The default account, if any.
+    pub fn default_account(&self) -> Option<&Arc<Account>> {
+        self.default.map(|i| &self.list[i])
+    }
+
+    pub fn has_kind(&self, kind: AccountKind) -> bool {
+        self.list.iter().any(|a| a.kind == kind)
     }
 
     fn by_name_or_appid(&self, key: &str) -> Option<&Arc<Account>> {
         self.list
             .iter()
             .find(|a| a.name == key)
-            .or_else(|| self.by_appid(key))
+            .or_else(|| self.list.iter().find(|a| a.appid == key))
     }
 
     /// The account that handed out `token`, if any.

@@ -33,7 +33,9 @@ impl Admin {
                 let tok = a.tokens.latest();
                 serde_json::json!({
                     "name": a.name,
+                    "kind": a.kind.as_str(),
                     "appid": a.appid,
+                    "agentid": a.agentid,
                     "token_api": a.token_api.as_str(),
                     "token_valid": tok.as_ref().is_some_and(|t| t.is_valid()),
                     "token_fetched_unix": tok.as_ref().and_then(|t| t.fetched_at.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs()),
@@ -57,6 +59,7 @@ impl Admin {
             "ready": app.not_ready_reason().is_none(),
             "accounts": accounts,
             "upstream": app.upstream.status(),
+            "wecom_upstream": app.wecom.as_ref().map(|w| w.status()),
         })
     }
 }

@@ -6,27 +6,56 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::account::Accounts;
-use crate::config::Config;
+use crate::config::{AccountKind, Config};
 use crate::failover::Upstreams;
 
 pub struct App {
     pub config: Config,
     pub accounts: Accounts,
+    /// Official Account / mini program hosts.
     pub upstream: Arc<Upstreams>,
+    /// WeCom hosts, when a WeCom account is configured.
+    pub wecom: Option<Arc<Upstreams>>,
     pub started: Instant,
     /// Set once the app listener is about to accept.
     listening: AtomicBool,
 }
 
 impl App {
-    pub fn new(config: Config, upstream: Arc<Upstreams>) -> Arc<Self> {
+    pub fn new(
+        config: Config,
+        upstream: Arc<Upstreams>,
+        wecom: Option<Arc<Upstreams>>,
+    ) -> Arc<Self> {
         Arc::new(App {
             accounts: Accounts::new(&config.accounts),
             config,
             upstream,
+            wecom,
             started: Instant::now(),
             listening: AtomicBool::new(false),
         })
+    }
+
+    /// The hosts an account of `kind` talks to.
+    pub fn upstream_for(&self, kind: AccountKind) -> &Arc<Upstreams> {
+        match (kind, &self.wecom) {
+            (AccountKind::WeCom, Some(w)) => w,
+            _ => &self.upstream,
+        }
+    }
+
+    /// Every upstream family in use.
+    pub fn families(&self) -> impl Iterator<Item = &Arc<Upstreams>> {
+        std::iter::once(&self.upstream).chain(self.wecom.as_ref())
+    }
+
+    /// Where requests that carry no account of ours go: the default
+    /// account's family, else the Official Account hosts.
+    pub fn default_family(&self) -> AccountKind {
+        self.accounts
+            .default_account()
+            .map_or(AccountKind::Official, |a| a.kind)
     }
 
     pub fn set_listening(&self) {

@@ -58,6 +58,9 @@ struct FakeArgs {
     /// An app the fake knows, as APPID:SECRET (repeatable; default: the demo app).
     #[arg(long = "app", value_name = "APPID:SECRET")]
     apps: Vec<String>,
+    /// A WeCom app the fake knows, as CORPID:SECRET (repeatable).
+    #[arg(long = "wecom-app", value_name = "CORPID:SECRET")]
+    wecom_apps: Vec<String>,
     /// Token lifetime in seconds.
     #[arg(long, default_value_t = 7200)]
     token_ttl: u64,
@@ -212,6 +215,13 @@ fn fake_wechat(f: FakeArgs) -> i32 {
                 eprintln!("fake-wechat: --faults: {e}");
                 return 2;
             }
+        }
+    }
+    match parse_apps(&f.wecom_apps) {
+        Ok(a) => opts.wecom_apps = a,
+        Err(e) => {
+            eprintln!("fake-wechat: {}", e.replace("--app", "--wecom-app"));
+            return 2;
         }
     }
     if !f.apps.is_empty() {

@@ -34,6 +34,8 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(50);
 pub const DEFAULT_FAILOVER_AFTER: u32 = 3;
 /// How often a host that is out of use is probed.
 pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(2);
+/// WeCom's server API host.
+pub const DEFAULT_WECOM_UPSTREAM_URL: &str = "https://qyapi.weixin.qq.com";
 /// Five minutes is also when WeChat rotates a stable token.
 pub const DEFAULT_REFRESH_BEFORE: Duration = Duration::from_secs(300);
 /// Token fetches per account per day: far under WeChat's 2,000 (classic) so a
@@ -148,10 +150,32 @@ pub struct UpstreamConfig {
     pub idle_timeout: Duration,
 }
 
+/// Which API family an account belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccountKind {
+    /// Official Account or mini program: `api.weixin.qq.com`, appid + appsecret.
+    Official,
+    /// WeCom app: `qyapi.weixin.qq.com`, corpid + the app's secret.
+    WeCom,
+}
+
+impl AccountKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccountKind::Official => "official",
+            AccountKind::WeCom => "wecom",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct AccountConfig {
     pub name: String,
+    pub kind: AccountKind,
+    /// The appid, or the corpid of a WeCom account.
     pub appid: String,
+    /// A WeCom app's agentid: a label, and part of what makes the account unique.
+    pub agentid: Option<String>,
     pub secret: Secret,
     pub token_api: TokenApi,
     pub default: bool,
@@ -174,6 +198,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub buffered_body_limit: usize,
     pub upstream: UpstreamConfig,
+    /// Where `kind: wecom` accounts' requests and token fetches go.
+    pub wecom_upstream: UpstreamConfig,
     pub accounts: Vec<AccountConfig>,
     pub token: TokenConfig,
 }
@@ -223,6 +249,7 @@ mod raw {
         pub shutdown_grace: Option<String>,
         pub limits: Option<Limits>,
         pub upstream: Option<Upstream>,
+        pub wecom_upstream: Option<Upstream>,
         pub accounts: Option<Vec<Account>>,
         pub token: Option<Token>,
     }
@@ -251,7 +278,10 @@ mod raw {
     #[serde(deny_unknown_fields)]
     pub struct Account {
         pub name: Option<String>,
+        pub kind: Option<String>,
         pub appid: Option<String>,
+        pub corpid: Option<String>,
+        pub agentid: Option<serde_yaml_ng::Value>,
         pub secret: Option<String>,
         pub secret_file: Option<String>,
         pub token_api: Option<String>,
@@ -438,93 +468,18 @@ impl Config {
             }),
         };
 
-        let up = raw.upstream.unwrap_or_default();
-        let url_text = up
-            .url
-            .as_deref()
-            .and_then(|u| expand_env("upstream.url", u, &mut problems))
-            .unwrap_or_else(|| DEFAULT_UPSTREAM_URL.to_string());
-        let url = UpstreamUrl::parse(&url_text).unwrap_or_else(|e| {
-            problems.push(format!(
-                "upstream.url: `{url_text}` {e}; write e.g. https://api.weixin.qq.com"
-            ));
-            UpstreamUrl::parse(DEFAULT_UPSTREAM_URL).expect("default URL parses")
-        });
-        let ca_file = up
-            .ca_file
-            .as_deref()
-            .and_then(|p| expand_env("upstream.ca_file", p, &mut problems))
-            .map(PathBuf::from);
-        if let Some(p) = &ca_file {
-            if !p.is_file() {
-                problems.push(format!(
-                    "upstream.ca_file: {} is not a readable file; give a PEM CA bundle or remove the key",
-                    p.display()
-                ));
-            }
-        }
-        let failover = up
-            .failover
-            .unwrap_or_default()
-            .iter()
-            .enumerate()
-            .filter_map(|(i, u)| {
-                let key = format!("upstream.failover[{i}]");
-                let text = expand_env(&key, u, &mut problems)?;
-                UpstreamUrl::parse(&text)
-                    .map_err(|e| {
-                        problems.push(format!(
-                            "{key}: `{text}` {e}; write e.g. https://api2.weixin.qq.com"
-                        ))
-                    })
-                    .ok()
-            })
-            .collect();
-        let failover_after = up.failover_after.unwrap_or(DEFAULT_FAILOVER_AFTER);
-        if failover_after == 0 {
-            problems.push("upstream.failover_after: must be at least 1".into());
-        }
-        let upstream = UpstreamConfig {
-            url,
-            failover,
-            failover_after,
-            probe_interval: duration_field(
-                "upstream.probe_interval",
-                up.probe_interval.as_ref(),
-                DEFAULT_PROBE_INTERVAL,
-                &mut problems,
-            ),
-            ca_file,
-            connect_timeout: duration_field(
-                "upstream.connect_timeout",
-                up.connect_timeout.as_ref(),
-                DEFAULT_CONNECT_TIMEOUT,
-                &mut problems,
-            ),
-            read_timeout: duration_field(
-                "upstream.read_timeout",
-                up.read_timeout.as_ref(),
-                DEFAULT_READ_TIMEOUT,
-                &mut problems,
-            ),
-            warm_connections: up.warm_connections.unwrap_or(DEFAULT_WARM_CONNECTIONS),
-            idle_timeout: duration_field(
-                "upstream.idle_timeout",
-                up.idle_timeout.as_ref(),
-                DEFAULT_IDLE_TIMEOUT,
-                &mut problems,
-            ),
-        };
-        for (key, d) in [
-            ("upstream.connect_timeout", upstream.connect_timeout),
-            ("upstream.read_timeout", upstream.read_timeout),
-            ("upstream.idle_timeout", upstream.idle_timeout),
-            ("upstream.probe_interval", upstream.probe_interval),
-        ] {
-            if d.is_zero() {
-                problems.push(format!("{key}: must be greater than zero"));
-            }
-        }
+        let upstream = parse_upstream(
+            "upstream",
+            raw.upstream.unwrap_or_default(),
+            DEFAULT_UPSTREAM_URL,
+            &mut problems,
+        );
+        let wecom_upstream = parse_upstream(
+            "wecom_upstream",
+            raw.wecom_upstream.unwrap_or_default(),
+            DEFAULT_WECOM_UPSTREAM_URL,
+            &mut problems,
+        );
 
         let accounts = parse_accounts(raw.accounts.unwrap_or_default(), &mut problems);
 
@@ -556,6 +511,7 @@ impl Config {
                 shutdown_grace,
                 buffered_body_limit,
                 upstream,
+                wecom_upstream,
                 accounts,
                 token,
             })
@@ -563,6 +519,103 @@ impl Config {
             Err(problems)
         }
     }
+}
+
+/// Parses one upstream family's block (`upstream` or `wecom_upstream`).
+fn parse_upstream(
+    prefix: &str,
+    up: raw::Upstream,
+    default_url: &str,
+    problems: &mut Vec<String>,
+) -> UpstreamConfig {
+    let url_text = up
+        .url
+        .as_deref()
+        .and_then(|u| expand_env(&format!("{prefix}.url"), u, problems))
+        .unwrap_or_else(|| default_url.to_string());
+    let url = UpstreamUrl::parse(&url_text).unwrap_or_else(|e| {
+        problems.push(format!(
+            "{prefix}.url: `{url_text}` {e}; write e.g. {default_url}"
+        ));
+        UpstreamUrl::parse(default_url).expect("default URL parses")
+    });
+    let ca_file = up
+        .ca_file
+        .as_deref()
+        .and_then(|p| expand_env(&format!("{prefix}.ca_file"), p, problems))
+        .map(PathBuf::from);
+    if let Some(p) = &ca_file {
+        if !p.is_file() {
+            problems.push(format!(
+                    "{prefix}.ca_file: {} is not a readable file; give a PEM CA bundle or remove the key",
+                    p.display()
+                ));
+        }
+    }
+    let failover = up
+        .failover
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+        .filter_map(|(i, u)| {
+            let key = format!("{prefix}.failover[{i}]");
+            let text = expand_env(&key, u, problems)?;
+            UpstreamUrl::parse(&text)
+                .map_err(|e| {
+                    problems.push(format!(
+                        "{key}: `{text}` {e}; write e.g. https://api2.weixin.qq.com"
+                    ))
+                })
+                .ok()
+        })
+        .collect();
+    let failover_after = up.failover_after.unwrap_or(DEFAULT_FAILOVER_AFTER);
+    if failover_after == 0 {
+        problems.push(format!("{prefix}.failover_after: must be at least 1"));
+    }
+    let upstream = UpstreamConfig {
+        url,
+        failover,
+        failover_after,
+        probe_interval: duration_field(
+            &format!("{prefix}.probe_interval"),
+            up.probe_interval.as_ref(),
+            DEFAULT_PROBE_INTERVAL,
+            problems,
+        ),
+        ca_file,
+        connect_timeout: duration_field(
+            &format!("{prefix}.connect_timeout"),
+            up.connect_timeout.as_ref(),
+            DEFAULT_CONNECT_TIMEOUT,
+            problems,
+        ),
+        read_timeout: duration_field(
+            &format!("{prefix}.read_timeout"),
+            up.read_timeout.as_ref(),
+            DEFAULT_READ_TIMEOUT,
+            problems,
+        ),
+        warm_connections: up.warm_connections.unwrap_or(DEFAULT_WARM_CONNECTIONS),
+        idle_timeout: duration_field(
+            &format!("{prefix}.idle_timeout"),
+            up.idle_timeout.as_ref(),
+            DEFAULT_IDLE_TIMEOUT,
+            problems,
+        ),
+    };
+    for (key, d) in [
+        ("connect_timeout", upstream.connect_timeout),
+        ("read_timeout", upstream.read_timeout),
+        ("idle_timeout", upstream.idle_timeout),
+        ("probe_interval", upstream.probe_interval),
+    ] {
+        if d.is_zero() {
+            problems.push(format!("{prefix}.{key}: must be greater than zero"));
+        }
+    }
+
+    upstream
 }
 
 fn parse_accounts(raw: Vec<raw::Account>, problems: &mut Vec<String>) -> Vec<AccountConfig> {
@@ -592,30 +645,72 @@ fn parse_accounts(raw: Vec<raw::Account>, problems: &mut Vec<String>) -> Vec<Acc
                 at("name")
             ));
         }
-        let appid = match a
-            .appid
+        let kind = match a.kind.as_deref() {
+            None | Some("official") => AccountKind::Official,
+            Some("wecom") => AccountKind::WeCom,
+            Some(other) => {
+                problems.push(format!(
+                    "{}: `{other}` is not official (Official Account / mini program) or wecom",
+                    at("kind")
+                ));
+                AccountKind::Official
+            }
+        };
+        // The id WeChat knows the account by: appid, or corpid for WeCom.
+        let (id_key, id_raw, misplaced) = match kind {
+            AccountKind::Official => ("appid", &a.appid, a.corpid.as_ref().map(|_| "corpid")),
+            AccountKind::WeCom => ("corpid", &a.corpid, a.appid.as_ref().map(|_| "appid")),
+        };
+        if let Some(k) = misplaced {
+            problems.push(format!(
+                "{}: not used by kind {} accounts; use {id_key} (account `{name}`)",
+                at(k),
+                kind.as_str()
+            ));
+        }
+        if kind == AccountKind::WeCom && a.token_api.is_some() {
+            problems.push(format!(
+                "{}: WeCom accounts always use /cgi-bin/gettoken; remove the key (account `{name}`)",
+                at("token_api")
+            ));
+        }
+        let appid = match id_raw
             .as_deref()
-            .and_then(|v| expand_env(&at("appid"), v, problems))
+            .and_then(|v| expand_env(&at(id_key), v, problems))
         {
             Some(v) if valid_appid(&v) => v,
             Some(v) => {
                 problems.push(format!(
-                    "{}: `{v}` is not an appid (letters, digits, `_`, `-`, e.g. wx0123456789abcdef)",
-                    at("appid")
+                    "{}: `{v}` is not an {id_key} (letters, digits, `_`, `-`, e.g. wx0123456789abcdef)",
+                    at(id_key)
                 ));
                 v
             }
             None => {
-                if a.appid.is_none() {
-                    problems.push(format!("{}: missing (account `{name}`)", at("appid")));
+                if id_raw.is_none() {
+                    problems.push(format!("{}: missing (account `{name}`)", at(id_key)));
                 }
                 String::new()
             }
         };
-        if !appid.is_empty() && !appids.insert(appid.clone()) {
+        let agentid = a.agentid.as_ref().map(|v| match v {
+            serde_yaml_ng::Value::String(s) => s.clone(),
+            other => serde_yaml_ng::to_string(other)
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+        });
+        // One account per appid; WeCom: one per corpid and agent.
+        let unique = (appid.clone(), agentid.clone());
+        if !appid.is_empty() && !appids.insert(unique) {
             problems.push(format!(
-                "{}: `{appid}` is used by another account; one account per appid",
-                at("appid")
+                "{}: `{appid}` is used by another account; one account per {id_key}{}",
+                at(id_key),
+                if kind == AccountKind::WeCom {
+                    " and agentid"
+                } else {
+                    ""
+                }
             ));
         }
         let secret = match (a.secret, a.secret_file) {
@@ -679,6 +774,8 @@ fn parse_accounts(raw: Vec<raw::Account>, problems: &mut Vec<String>) -> Vec<Acc
         };
         accounts.push(AccountConfig {
             name,
+            kind,
+            agentid,
             appid,
             secret,
             token_api,

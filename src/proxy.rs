@@ -21,7 +21,7 @@ use pingora::{Error, ErrorSource, ErrorType};
 
 use crate::account::{Account, ACCOUNT_HEADER};
 use crate::app::App;
-use crate::config::ReplaceTokens;
+use crate::config::{AccountKind, ReplaceTokens};
 use crate::inspect;
 use crate::local::{self, Credentials};
 use crate::query::{self, TOKEN_PARAM};
@@ -44,18 +44,30 @@ impl Proxy {
 }
 
 /// Per-request state for the streaming path.
-#[derive(Default)]
 pub struct Ctx {
     /// The path and query to send upstream, when the token changed.
     stream_uri: Option<http::Uri>,
-    /// Which upstream host the streaming path chose.
+    /// Which upstream family and host the streaming path chose.
+    kind: AccountKind,
     host: usize,
+}
+
+impl Default for Ctx {
+    fn default() -> Self {
+        Ctx {
+            stream_uri: None,
+            kind: AccountKind::Official,
+            host: 0,
+        }
+    }
 }
 
 /// Where a request goes and with which token.
 struct Plan {
     path: String,
     query: Option<String>,
+    /// Which upstream family the request goes to.
+    kind: AccountKind,
     /// The account whose token the sidecar put in (none: untouched).
     account: Option<Arc<Account>>,
     token: Option<Arc<Token>>,
@@ -63,10 +75,11 @@ struct Plan {
 
 impl Plan {
     /// As the app sent it.
-    fn untouched(req: &RequestHeader) -> Self {
+    fn untouched(req: &RequestHeader, kind: AccountKind) -> Self {
         Plan {
             path: req.uri.path().to_string(),
             query: req.uri.query().map(str::to_string),
+            kind,
             account: None,
             token: None,
         }
@@ -171,7 +184,7 @@ impl Proxy {
                     || self.app.accounts.by_issued_token(t).is_some()
             }
         };
-        let mut plan = Plan::untouched(req);
+        let mut plan = Plan::untouched(req, account.kind);
         if replace {
             // A token the app brought itself stays: not ours to touch.
             plan.token = Some(self.token_for(account).await?);
@@ -282,7 +295,7 @@ impl Proxy {
         loop {
             let pq = plan.path_and_query();
             let req = self.upstream_request(session.req_header(), &pq, body.len())?;
-            let mut x = match self.app.upstream.send(&req, &body).await {
+            let mut x = match self.app.upstream_for(plan.kind).send(&req, &body).await {
                 Ok(x) => x,
                 Err(e) => return Ok(Err(upstream_err(e))),
             };
@@ -366,11 +379,34 @@ impl Proxy {
     }
 
     /// Answers `/cgi-bin/token` and `/cgi-bin/stable_token` from the cache.
-    async fn local_token(&self, session: &mut Session, stable: bool) -> Step<()> {
+    async fn local_token(&self, session: &mut Session, route: Route) -> Step<()> {
+        let stable = route == Route::LocalStableToken;
         let body = match self.read_body(session, DEFAULT_CREDENTIALS_LIMIT).await? {
             Ok(b) => b,
             Err(e) => return Ok(Err(e)),
         };
+        if route == Route::LocalWeComToken {
+            let q = session.req_header().uri.query().unwrap_or("").to_string();
+            let account = match local::authenticate_wecom(&self.app, &q) {
+                Ok(a) => a.clone(),
+                Err(r) => {
+                    tracing::info!(
+                        path = "/cgi-bin/gettoken",
+                        errcode = r.errcode,
+                        "token request refused"
+                    );
+                    reply::send_json(session, 200, r.body()).await?;
+                    return Ok(Ok(()));
+                }
+            };
+            return match self.token_for(&account).await {
+                Ok(t) => {
+                    reply::send_json(session, 200, local::wecom_token_answer(&t)).await?;
+                    Ok(Ok(()))
+                }
+                Err(e) => Ok(Err(e)),
+            };
+        }
         let creds = if stable {
             if session.req_header().method != http::Method::POST {
                 let r = local::Refusal {
@@ -450,10 +486,11 @@ impl ProxyHttp for Proxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
         let route = route::classify(session.req_header());
         let outcome = match route {
-            Route::LocalClassicToken => self.local_token(session, false).await?,
-            Route::LocalStableToken => self.local_token(session, true).await?,
+            Route::LocalClassicToken | Route::LocalStableToken | Route::LocalWeComToken => {
+                self.local_token(session, route).await?
+            }
             Route::Untouched => {
-                let plan = Plan::untouched(session.req_header());
+                let plan = Plan::untouched(session.req_header(), self.app.default_family());
                 self.forward(session, plan).await?
             }
             Route::Api => match self.plan(session.req_header()).await {
@@ -469,6 +506,7 @@ impl ProxyHttp for Proxy {
                         )
                     })?;
                     ctx.stream_uri = Some(uri);
+                    ctx.kind = plan.kind;
                     return Ok(false);
                 }
                 Err(e) => Err(e),
@@ -493,7 +531,7 @@ impl ProxyHttp for Proxy {
     ) -> pingora::Result<Box<HttpPeer>> {
         let (peer, host) = self
             .app
-            .upstream
+            .upstream_for(ctx.kind)
             .peer()
             .map_err(|e| Error::explain(ErrorType::ConnectNoRoute, e.to_string()))?;
         ctx.host = host;
@@ -510,7 +548,7 @@ impl ProxyHttp for Proxy {
             req.set_uri(uri);
         }
         req.remove_header(ACCOUNT_HEADER);
-        let host = &self.app.upstream.hosts()[ctx.host];
+        let host = &self.app.upstream_for(ctx.kind).hosts()[ctx.host];
         req.insert_header(header::HOST, host.host_header())?;
         Ok(())
     }

@@ -14,6 +14,8 @@ pub enum Route {
     LocalClassicToken,
     /// `/cgi-bin/stable_token`: answered from the cache.
     LocalStableToken,
+    /// WeCom's `/cgi-bin/gettoken`: answered from the cache.
+    LocalWeComToken,
     /// Forwarded untouched: no token added, replaced or removed.
     Untouched,
     /// Gets a token; body and answer streamed (media, multipart).
@@ -28,7 +30,6 @@ const UNTOUCHED_PREFIXES: &[&str] = &[
     "/cgi-bin/component/",
     "/cgi-bin/midas/",
     "/cgi-bin/clear_quota/v2",
-    "/cgi-bin/gettoken",
 ];
 
 /// Paths whose bodies or answers may be large or binary.
@@ -42,6 +43,7 @@ pub fn classify(req: &RequestHeader) -> Route {
     match path {
         "/cgi-bin/token" => return Route::LocalClassicToken,
         "/cgi-bin/stable_token" => return Route::LocalStableToken,
+        "/cgi-bin/gettoken" => return Route::LocalWeComToken,
         _ => {}
     }
     if req.headers.contains_key(SIGNATURE_HEADER)
@@ -81,6 +83,7 @@ mod tests {
         let c = |p: &str| classify(&req("GET", p, &[]));
         assert_eq!(c("/cgi-bin/token?appid=x"), Route::LocalClassicToken);
         assert_eq!(c("/cgi-bin/stable_token"), Route::LocalStableToken);
+        assert_eq!(c("/cgi-bin/gettoken?corpid=ww1"), Route::LocalWeComToken);
         assert_eq!(c("/cgi-bin/message/template/send"), Route::Api);
         assert_eq!(c("/sns/jscode2session?appid=x"), Route::Untouched);
         assert_eq!(

@@ -21,7 +21,7 @@ use pingora::services::Service;
 
 use crate::admin::Admin;
 use crate::app::App;
-use crate::config::Config;
+use crate::config::{AccountKind, Config};
 use crate::failover::Upstreams;
 use crate::proxy::Proxy;
 use crate::token::refresher;
@@ -39,9 +39,20 @@ pub struct Prepared {
 
 /// Validates what the config alone cannot: the CA bundle and free ports.
 pub fn prepare(config: Config) -> Result<Prepared, String> {
-    let ca_bundle = match &config.upstream.ca_file {
-        Some(extra) => Some(upstream::ca_bundle(extra)?),
-        None => None,
+    let wecom_in_use = config.accounts.iter().any(|a| a.kind == AccountKind::WeCom);
+    let mut extras: Vec<&std::path::Path> = config
+        .upstream
+        .ca_file
+        .iter()
+        .map(|p| p.as_path())
+        .collect();
+    if wecom_in_use {
+        extras.extend(config.wecom_upstream.ca_file.as_deref());
+    }
+    let ca_bundle = if extras.is_empty() {
+        None
+    } else {
+        Some(upstream::ca_bundle(&extras)?)
     };
     for (key, addr) in [
         ("listen", config.listen),
@@ -51,8 +62,9 @@ pub fn prepare(config: Config) -> Result<Prepared, String> {
             .map_err(|e| format!("{key}: cannot listen on {addr}: {e}"))?;
     }
     let up = Upstreams::new(&config.upstream, ca_bundle.as_deref());
+    let wecom = wecom_in_use.then(|| Upstreams::new(&config.wecom_upstream, ca_bundle.as_deref()));
     Ok(Prepared {
-        app: App::new(config, up),
+        app: App::new(config, up, wecom),
         ca_bundle: ca_bundle.map(|p| p.display().to_string()),
     })
 }
@@ -117,11 +129,13 @@ struct Gated<S> {
 impl<S> Gated<S> {
     async fn boot(&self) {
         let app = &self.app;
-        app.upstream.resolve().await;
+        for family in app.families() {
+            family.resolve().await;
+        }
         for account in app.accounts.iter() {
             tokio::spawn(refresher::run(
                 account.clone(),
-                app.upstream.clone(),
+                app.upstream_for(account.kind).clone(),
                 app.config.token.clone(),
             ));
         }
@@ -135,8 +149,10 @@ impl<S> Gated<S> {
                 tracing::error!(account = %account.name, "no token yet; requests for this account get 503 until a fetch succeeds");
             }
         }
-        app.upstream.warm().await;
-        tokio::spawn(app.upstream.clone().maintain());
+        for family in app.families() {
+            family.warm().await;
+            tokio::spawn(family.clone().maintain());
+        }
         app.set_listening();
     }
 }

@@ -535,16 +535,21 @@ fn build_resolver() -> TokioAsyncResolver {
     TokioAsyncResolver::tokio(config, opts)
 }
 
-/// Writes the CA bundle for upstream TLS: the system roots plus `extra`, so
+/// Writes the CA bundle for upstream TLS: the system roots plus `extras`, so
 /// a private CA is *added* to what the system trusts.
-pub fn ca_bundle(extra: &Path) -> Result<PathBuf, String> {
-    let extra_pem = std::fs::read_to_string(extra)
-        .map_err(|e| format!("upstream.ca_file {}: {e}", extra.display()))?;
-    if !extra_pem.contains("-----BEGIN CERTIFICATE-----") {
-        return Err(format!(
-            "upstream.ca_file {}: no PEM certificate in it",
-            extra.display()
-        ));
+pub fn ca_bundle(extras: &[&Path]) -> Result<PathBuf, String> {
+    let mut extra_pem = String::new();
+    for extra in extras {
+        let pem = std::fs::read_to_string(extra)
+            .map_err(|e| format!("ca_file {}: {e}", extra.display()))?;
+        if !pem.contains("-----BEGIN CERTIFICATE-----") {
+            return Err(format!(
+                "ca_file {}: no PEM certificate in it",
+                extra.display()
+            ));
+        }
+        extra_pem.push_str(&pem);
+        extra_pem.push('\n');
     }
     let mut text = String::new();
     if let Ok(certs) = pingora::tls::load_native_certs() {

@@ -140,7 +140,10 @@ async fn serve(
         shared.state.lock().record(seen);
     }
 
-    let is_token = matches!(path.as_str(), "/cgi-bin/token" | "/cgi-bin/stable_token");
+    let is_token = matches!(
+        path.as_str(),
+        "/cgi-bin/token" | "/cgi-bin/stable_token" | "/cgi-bin/gettoken"
+    );
     let delay = if is_token {
         shared.opts.token_latency
     } else {
@@ -162,6 +165,7 @@ async fn serve(
 
     match path.as_str() {
         "/cgi-bin/token" => classic_token(shared, &q),
+        "/cgi-bin/gettoken" => wecom_token(shared, &q),
         "/cgi-bin/stable_token" => {
             if parts.method != hyper::Method::POST {
                 errcode(43002, "require POST method")
@@ -251,6 +255,20 @@ fn classic_token(shared: &Shared, q: &str) -> Answer {
         200,
         serde_json::json!({ "access_token": token, "expires_in": expires_in }),
     )
+}
+
+fn wecom_token(shared: &Shared, q: &str) -> Answer {
+    let Some(corpid) = query::param(q, "corpid").filter(|c| !c.is_empty()) else {
+        return errcode(41002, "corpid missing");
+    };
+    let secret = query::param(q, "corpsecret").unwrap_or_default();
+    match shared.state.lock().wecom_fetch(&corpid, &secret) {
+        Ok((token, expires_in)) => json(
+            200,
+            serde_json::json!({ "errcode": 0, "errmsg": "ok", "access_token": token, "expires_in": expires_in }),
+        ),
+        Err(r) => refused(r),
+    }
 }
 
 fn stable_token(shared: &Shared, body: &[u8]) -> Answer {

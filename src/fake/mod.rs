@@ -37,6 +37,8 @@ pub struct FakeOptions {
     pub plain: bool,
     /// `(appid, secret)` pairs.
     pub apps: Vec<(String, String)>,
+    /// WeCom `(corpid, secret)` pairs, one per WeCom app.
+    pub wecom_apps: Vec<(String, String)>,
     pub token_ttl: Duration,
     /// Added before every API answer.
     pub latency: Duration,
@@ -55,6 +57,7 @@ impl Default for FakeOptions {
             listen: "127.0.0.1:0".parse().expect("valid address"),
             plain: false,
             apps: vec![(DEMO_APPID.into(), DEMO_SECRET.into())],
+            wecom_apps: Vec::new(),
             token_ttl: DEFAULT_TOKEN_TTL,
             latency: Duration::ZERO,
             token_latency: Duration::ZERO,
@@ -100,7 +103,7 @@ pub async fn start(opts: FakeOptions) -> std::io::Result<Fake> {
         (Some(acceptor), Some(ca))
     };
     let shared = Arc::new(Shared {
-        state: Mutex::new(State::new(&opts.apps, opts.token_ttl)),
+        state: Mutex::new(State::new(&opts.apps, opts.token_ttl).with_wecom(&opts.wecom_apps)),
         faults: Mutex::new(faults::Faults::new(opts.faults.clone())),
         tls_handshakes: AtomicU64::new(0),
         connections: AtomicU64::new(0),

@@ -23,6 +23,8 @@ const REQUEST_LOG: usize = 256;
 struct TokenRec {
     appid: String,
     stable: bool,
+    /// WeCom tokens say 40014 when invalid, as WeCom does.
+    wecom: bool,
     expires_at: Instant,
     /// Earlier than `expires_at` once superseded or revoked.
     valid_until: Instant,
@@ -60,6 +62,8 @@ pub struct Seen {
 #[derive(Default)]
 pub struct State {
     apps: HashMap<String, AppRec>,
+    /// WeCom apps by (corpid, secret): one token per app secret.
+    wecom: HashMap<(String, String), AppRec>,
     tokens: HashMap<String, TokenRec>,
     pub media: HashMap<String, Media>,
     pub messages: u64,
@@ -73,12 +77,63 @@ pub struct State {
 }
 
 /// Why a token was refused, as WeChat says it.
+#[derive(Debug)]
 pub struct Refused {
     pub errcode: i64,
     pub errmsg: &'static str,
 }
 
 impl State {
+    pub fn with_wecom(mut self, apps: &[(String, String)]) -> Self {
+        for (corpid, secret) in apps {
+            self.wecom
+                .insert((corpid.clone(), secret.clone()), AppRec::default());
+        }
+        self
+    }
+
+    /// `GET /cgi-bin/gettoken`: the same token until its last `overlap`.
+    pub fn wecom_fetch(&mut self, corpid: &str, secret: &str) -> Result<(String, u64), Refused> {
+        if !self.wecom.keys().any(|(c, _)| c == corpid) {
+            return Err(Refused {
+                errcode: 40013,
+                errmsg: "invalid corpid",
+            });
+        }
+        let key = (corpid.to_string(), secret.to_string());
+        let Some(app) = self.wecom.get(&key) else {
+            return Err(Refused {
+                errcode: 40001,
+                errmsg: "invalid secret",
+            });
+        };
+        let now = Instant::now();
+        let overlap = self.overlap();
+        let current = app.classic.clone().filter(|v| {
+            self.tokens
+                .get(v)
+                .is_some_and(|r| r.valid_until > now && r.expires_at > now + overlap)
+        });
+        let value = match current {
+            Some(v) => v,
+            None => {
+                let v = self.new_token(corpid, false);
+                if let Some(r) = self.tokens.get_mut(&v) {
+                    r.wecom = true;
+                }
+                v
+            }
+        };
+        let app = self.wecom.get_mut(&key).expect("checked above");
+        app.classic = Some(value.clone());
+        app.classic_fetches += 1;
+        let rec = &self.tokens[&value];
+        Ok((
+            value,
+            rec.expires_at.saturating_duration_since(now).as_secs(),
+        ))
+    }
+
     pub fn new(apps: &[(String, String)], ttl: Duration) -> Self {
         let mut s = State {
             ttl,
@@ -112,6 +167,7 @@ impl State {
             TokenRec {
                 appid: appid.to_string(),
                 stable,
+                wecom: false,
                 expires_at: now + self.ttl,
                 valid_until: now + self.ttl,
             },
@@ -196,6 +252,12 @@ impl State {
                     errcode: 40001,
                     errmsg: "invalid credential, access_token is invalid or not latest",
                 }),
+                Some(r) if r.valid_until <= now && r.valid_until < r.expires_at && r.wecom => {
+                    Err(Refused {
+                        errcode: 40014,
+                        errmsg: "invalid access_token",
+                    })
+                }
                 Some(r) if r.valid_until <= now && r.valid_until < r.expires_at => Err(Refused {
                     errcode: 40001,
                     errmsg: "invalid credential, access_token is invalid or not latest",
@@ -228,6 +290,11 @@ impl State {
             a.classic = None;
             a.stable = None;
         }
+        for ((corpid, _), a) in self.wecom.iter_mut() {
+            if corpid == appid {
+                a.classic = None;
+            }
+        }
         n
     }
 
@@ -243,9 +310,14 @@ impl State {
             self.apps.iter().map(|(k, a)| (k.as_str(), f(a))).collect()
         };
         let live_stable = self.tokens.values().filter(|r| r.stable).count();
+        let mut wecom: BTreeMap<&str, u64> = BTreeMap::new();
+        for ((corpid, _), a) in &self.wecom {
+            *wecom.entry(corpid.as_str()).or_default() += a.classic_fetches;
+        }
         serde_json::json!({
             "token_fetches": per_app(|a| a.classic_fetches),
             "stable_token_fetches": per_app(|a| a.stable_fetches),
+            "wecom_token_fetches": wecom,
             "api_calls": self.api_calls,
             "messages": self.messages,
             "invalid_token_calls": self.invalid_token_calls,
@@ -300,6 +372,23 @@ mod tests {
         let mut s = state(0);
         let (a, _) = s.classic_fetch("wx1");
         assert_eq!(s.check_token(Some(&a)).unwrap_err().errcode, 42001);
+    }
+
+    #[test]
+    fn wecom_tokens() {
+        let mut s = state(7200).with_wecom(&[
+            ("ww1".into(), "app-a".into()),
+            ("ww1".into(), "app-b".into()),
+        ]);
+        let (a, _) = s.wecom_fetch("ww1", "app-a").unwrap();
+        let (a2, _) = s.wecom_fetch("ww1", "app-a").unwrap();
+        let (b, _) = s.wecom_fetch("ww1", "app-b").unwrap();
+        assert_eq!(a, a2, "same token while valid");
+        assert_ne!(a, b, "one token per app secret");
+        assert_eq!(s.wecom_fetch("ww2", "x").unwrap_err().errcode, 40013);
+        assert_eq!(s.wecom_fetch("ww1", "x").unwrap_err().errcode, 40001);
+        s.invalidate("ww1");
+        assert_eq!(s.check_token(Some(&a)).unwrap_err().errcode, 40014);
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! Fetching a token from WeChat: `GET /cgi-bin/token` (classic) or
-//! `POST /cgi-bin/stable_token` (stable, `force_refresh: false`).
+//! Fetching a token from WeChat: `GET /cgi-bin/token` (classic),
+//! `POST /cgi-bin/stable_token` (stable, `force_refresh: false`), or WeCom's
+//! `GET /cgi-bin/gettoken`.
 //!
 //! The secret goes into the request and nowhere else: errors carry the
 //! account's name and appid, WeChat's errcode and errmsg, never the URL.
@@ -10,7 +11,7 @@ use pingora::http::RequestHeader;
 use serde::Deserialize;
 
 use crate::account::Account;
-use crate::config::TokenApi;
+use crate::config::{AccountKind, TokenApi};
 use crate::failover::Upstreams;
 use crate::upstream::UpstreamError;
 
@@ -98,8 +99,17 @@ pub async fn fetch(
 
 fn build_request(account: &Account, force: bool) -> (RequestHeader, Vec<u8>) {
     let enc = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
-    let (mut req, body) = match account.token_api {
-        TokenApi::Classic => {
+    let (mut req, body) = match (account.kind, account.token_api) {
+        (AccountKind::WeCom, _) => {
+            let path = format!(
+                "/cgi-bin/gettoken?corpid={}&corpsecret={}",
+                enc(&account.appid),
+                enc(account.secret.expose())
+            );
+            let req = RequestHeader::build("GET", path.as_bytes(), None).expect("valid path");
+            (req, Vec::new())
+        }
+        (_, TokenApi::Classic) => {
             let path = format!(
                 "/cgi-bin/token?grant_type=client_credential&appid={}&secret={}",
                 enc(&account.appid),
@@ -108,7 +118,7 @@ fn build_request(account: &Account, force: bool) -> (RequestHeader, Vec<u8>) {
             let req = RequestHeader::build("GET", path.as_bytes(), None).expect("valid path");
             (req, Vec::new())
         }
-        TokenApi::Stable => {
+        (_, TokenApi::Stable) => {
             let body = serde_json::json!({
                 "grant_type": "client_credential",
                 "appid": account.appid,

@@ -54,6 +54,11 @@ fn each_kind_of_error_names_its_key() {
         ("bad duration", format!("upstream:\n  read_timeout: 15\n{acc}"), "upstream.read_timeout"),
         ("bad token_api", "accounts:\n  - {name: a, appid: wx1, secret: s, token_api: fast}\n".into(), "token_api"),
         ("no accounts", "listen: 127.0.0.1:8080\n".into(), "accounts"),
+        ("wecom without corpid", "accounts:\n  - {name: a, kind: wecom, secret: s}\n".into(), "accounts[0].corpid"),
+        ("wecom with appid", "accounts:\n  - {name: a, kind: wecom, corpid: ww1, appid: wx1, secret: s}\n".into(), "accounts[0].appid"),
+        ("wecom with token_api", "accounts:\n  - {name: a, kind: wecom, corpid: ww1, secret: s, token_api: stable}\n".into(), "accounts[0].token_api"),
+        ("unknown kind", "accounts:\n  - {name: a, kind: miniapp, appid: wx1, secret: s}\n".into(), "accounts[0].kind"),
+        ("bad failover URL", format!("upstream:\n  failover: [\"nope\"]\n{acc}"), "upstream.failover[0]"),
     ];
     for (what, cfg, key) in cases {
         let (code, _out, err) = check(cfg, &[]);

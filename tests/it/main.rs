@@ -9,3 +9,4 @@ mod replay;
 mod streaming;
 mod support;
 mod tokens;
+mod wecom;
