@@ -28,4 +28,4 @@ clippy: install-deps
 	$(CARGO) clippy --all-targets -- -D warnings
 
 test: install-deps fmt clippy
-	$(CARGO) test --all-targets
+	$(CARGO) test
