@@ -21,11 +21,18 @@ const APPID: &str = "wxload0000000001";
 const SECRET: &str = "load-secret";
 
 fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {
-    std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 struct Kill(Child);
@@ -53,7 +60,16 @@ async fn main() {
         r#"{{"seed":42,"rules":[{{"path":"/cgi-bin/message/template/send","reset_before_rate":{reset_before},"reset_after_rate":{reset_after}}}]}}"#
     );
     let mut fake = Command::new(BIN)
-        .args(["fake-wechat", "--listen", "127.0.0.1:0", "--app", &format!("{APPID}:{SECRET}"), "--faults", &faults, "--ca-out"])
+        .args([
+            "fake-wechat",
+            "--listen",
+            "127.0.0.1:0",
+            "--app",
+            &format!("{APPID}:{SECRET}"),
+            "--faults",
+            &faults,
+            "--ca-out",
+        ])
         .arg(&ca)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -86,7 +102,11 @@ async fn main() {
         .unwrap();
     let _side = Kill(side);
 
-    let http = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(64).build().unwrap();
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(64)
+        .build()
+        .unwrap();
     let pem = std::fs::read(&ca).unwrap();
     let https = reqwest::Client::builder()
         .no_proxy()
@@ -94,7 +114,13 @@ async fn main() {
         .build()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while http.get(format!("http://127.0.0.1:{admin}/readyz")).send().await.map(|r| r.status() != 200).unwrap_or(true) {
+    while http
+        .get(format!("http://127.0.0.1:{admin}/readyz"))
+        .send()
+        .await
+        .map(|r| r.status() != 200)
+        .unwrap_or(true)
+    {
         assert!(Instant::now() < deadline, "sidecar never became ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -108,17 +134,27 @@ async fn main() {
     let start = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..clients {
-        let (http, next, ok, token_errors, failed, other) =
-            (http.clone(), next.clone(), ok.clone(), token_errors.clone(), failed.clone(), other.clone());
+        let (http, next, ok, token_errors, failed, other) = (
+            http.clone(),
+            next.clone(),
+            ok.clone(),
+            token_errors.clone(),
+            failed.clone(),
+            other.clone(),
+        );
         workers.push(tokio::spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= sends || Instant::now() > cap {
                     break;
                 }
-                let body = format!(r#"{{"touser":"oUSER","template_id":"TPL","client_msg_id":"load-{i}"}}"#);
+                let body = format!(
+                    r#"{{"touser":"oUSER","template_id":"TPL","client_msg_id":"load-{i}"}}"#
+                );
                 let r = http
-                    .post(format!("http://127.0.0.1:{port}/cgi-bin/message/template/send"))
+                    .post(format!(
+                        "http://127.0.0.1:{port}/cgi-bin/message/template/send"
+                    ))
                     .body(body)
                     .send()
                     .await;
@@ -130,7 +166,9 @@ async fn main() {
                 let v: Value = r.json().await.unwrap_or(Value::Null);
                 match (status, v["errcode"].as_i64()) {
                     (200, Some(0)) => ok.fetch_add(1, Ordering::Relaxed),
-                    (_, Some(40001 | 40014 | 42001)) => token_errors.fetch_add(1, Ordering::Relaxed),
+                    (_, Some(40001 | 40014 | 42001)) => {
+                        token_errors.fetch_add(1, Ordering::Relaxed)
+                    }
                     (502 | 504, _) => failed.fetch_add(1, Ordering::Relaxed),
                     _ => other.fetch_add(1, Ordering::Relaxed),
                 };
@@ -143,7 +181,9 @@ async fn main() {
         let progress = next.load(Ordering::Relaxed);
         if progress >= (done_invalidations + 1) * sends / (invalidations + 1) {
             https
-                .post(format!("https://localhost:{fport}/__fake/invalidate?appid={APPID}"))
+                .post(format!(
+                    "https://localhost:{fport}/__fake/invalidate?appid={APPID}"
+                ))
                 .send()
                 .await
                 .unwrap();
@@ -177,15 +217,37 @@ async fn main() {
     let acc = &status["accounts"][0];
     println!("| measure | value |");
     println!("|---|---|");
-    println!("| sends | {sends} from {clients} clients in {:.1} s |", elapsed.as_secs_f64());
+    println!(
+        "| sends | {sends} from {clients} clients in {:.1} s |",
+        elapsed.as_secs_f64()
+    );
     println!("| revocations by an outsider | {done_invalidations} |");
-    println!("| injected resets | {:.1}% before the send takes effect, {:.1}% after |", reset_before * 100.0, reset_after * 100.0);
+    println!(
+        "| injected resets | {:.1}% before the send takes effect, {:.1}% after |",
+        reset_before * 100.0,
+        reset_after * 100.0
+    );
     println!("| answered OK | {} |", ok.load(Ordering::Relaxed));
-    println!("| token errors seen by clients | {} |", token_errors.load(Ordering::Relaxed));
-    println!("| 502/504 seen by clients (resets; never resent) | {} |", failed.load(Ordering::Relaxed));
+    println!(
+        "| token errors seen by clients | {} |",
+        token_errors.load(Ordering::Relaxed)
+    );
+    println!(
+        "| 502/504 seen by clients (resets; never resent) | {} |",
+        failed.load(Ordering::Relaxed)
+    );
     println!("| other answers | {} |", other.load(Ordering::Relaxed));
-    println!("| token fetches at the fake | {} |", stats["token_fetches"][APPID]);
-    println!("| replays ok / failed | {} / {} |", acc["replays_ok"], acc["replays_failed"]);
+    println!(
+        "| token fetches at the fake | {} |",
+        stats["token_fetches"][APPID]
+    );
+    println!(
+        "| replays ok / failed | {} / {} |",
+        acc["replays_ok"], acc["replays_failed"]
+    );
     println!("| messages recorded by the fake | {} |", stats["messages"]);
-    println!("| duplicate client_msg_id at the fake | {} |", stats["duplicate_messages"]);
+    println!(
+        "| duplicate client_msg_id at the fake | {} |",
+        stats["duplicate_messages"]
+    );
 }

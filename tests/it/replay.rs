@@ -325,3 +325,31 @@ async fn posts_are_never_sent_twice_under_resets() {
     // Every message the fake recorded was answered OK or lost to a reset after it.
     assert!(s["messages"].as_u64().unwrap() >= ok);
 }
+
+#[tokio::test]
+async fn streamed_answers_are_not_inspected() {
+    let fake = Fake::start(&[]);
+    let side = Sidecar::start(
+        &fake,
+        &format!("{}{}", upstream(), Sidecar::accounts("classic", "stable")),
+    )
+    .await;
+    let before = fake.fetches(SHOP_APPID).await;
+    fake.invalidate(SHOP_APPID).await;
+    // The media path streams: WeChat's 40001 reaches the app as it is, and
+    // nothing is replayed (the request body may be gone already).
+    let v: Value = client()
+        .get(side.url("/cgi-bin/media/get?media_id=x"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["errcode"], 40001, "{v}");
+    assert_eq!(fake.fetches(SHOP_APPID).await, before);
+    assert_eq!(
+        account(&side.status().await, "shop")["invalid_token_reports"],
+        0
+    );
+}
