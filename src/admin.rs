@@ -58,6 +58,10 @@ impl Admin {
             "uptime_seconds": app.started.elapsed().as_secs(),
             "ready": app.not_ready_reason().is_none(),
             "accounts": accounts,
+            "store": match &app.store {
+                None => serde_json::json!({ "kind": "memory" }),
+                Some(s) => serde_json::json!({ "kind": "redis", "url": s.url(), "state": s.state() }),
+            },
             "upstream": app.upstream.status(),
             "wecom_upstream": app.wecom.as_ref().map(|w| w.status()),
         })

@@ -8,6 +8,7 @@ use std::time::Instant;
 use crate::account::Accounts;
 use crate::config::{AccountKind, Config};
 use crate::failover::Upstreams;
+use crate::token::store::RedisStore;
 
 pub struct App {
     pub config: Config,
@@ -16,6 +17,8 @@ pub struct App {
     pub upstream: Arc<Upstreams>,
     /// WeCom hosts, when a WeCom account is configured.
     pub wecom: Option<Arc<Upstreams>>,
+    /// The shared token store (`token.store`), when not memory.
+    pub store: Option<Arc<RedisStore>>,
     pub started: Instant,
     /// Set once the app listener is about to accept.
     listening: AtomicBool,
@@ -26,8 +29,10 @@ impl App {
         config: Config,
         upstream: Arc<Upstreams>,
         wecom: Option<Arc<Upstreams>>,
+        store: Option<Arc<RedisStore>>,
     ) -> Arc<Self> {
         Arc::new(App {
+            store,
             accounts: Accounts::new(&config.accounts),
             config,
             upstream,

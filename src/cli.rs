@@ -161,8 +161,15 @@ fn check(path: &std::path::Path) -> i32 {
         c.upstream.idle_timeout
     );
     println!(
-        "token:         refresh {:?} before expiry",
-        c.token.refresh_before
+        "token:         refresh {:?} before expiry, budget {}/day, store {}",
+        c.token.refresh_before,
+        c.token.daily_budget,
+        c.token
+            .store
+            .as_ref()
+            .map_or("memory".to_string(), |u| crate::token::store::mask_url(
+                u.expose()
+            ))
     );
     println!("accounts:");
     for a in &c.accounts {

@@ -44,6 +44,10 @@ pub const DEFAULT_DAILY_BUDGET: u32 = 200;
 /// A hard failure (wrong secret, IP not whitelisted) needs a human; retrying
 /// once a minute notices the fix without hammering WeChat.
 pub const DEFAULT_FAILED_RETRY: Duration = Duration::from_secs(60);
+/// Redis keys start with this, so several deployments can share a Redis.
+pub const DEFAULT_STORE_PREFIX: &str = "wxsidecar";
+/// A refresh lock outlives a fetch (connect + read timeout) by this much.
+const DEFAULT_LOCK_SLACK: Duration = Duration::from_secs(2);
 /// JSON API bodies are small; 1 MiB leaves room for big template batches.
 pub const DEFAULT_BUFFERED_BODY: usize = 1 << 20;
 /// One worker thread: a sidecar shares its pod's CPU with the app.
@@ -182,11 +186,27 @@ pub struct AccountConfig {
     pub replace_tokens: ReplaceTokens,
 }
 
+/// What a replica does about refreshing when the shared store is unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnStoreError {
+    /// Never fetch alone (classic tokens: a lone fetch invalidates the others').
+    Wait,
+    /// Fetch alone (stable and WeCom tokens: a lone fetch harms nobody).
+    Fetch,
+}
+
 #[derive(Debug, Clone)]
 pub struct TokenConfig {
     pub refresh_before: Duration,
     pub daily_budget: u32,
     pub failed_retry: Duration,
+    /// `None`: memory. Otherwise a Redis URL (may hold a password, hence `Secret`).
+    pub store: Option<Secret>,
+    pub store_prefix: String,
+    /// `None`: by token API (classic waits, the rest fetch).
+    pub on_store_error: Option<OnStoreError>,
+    /// How long a refresh lock lives: longer than any fetch.
+    pub store_lock_ttl: Duration,
 }
 
 /// The validated configuration.
@@ -295,6 +315,10 @@ mod raw {
         pub refresh_before: Option<String>,
         pub daily_budget: Option<u32>,
         pub failed_retry: Option<String>,
+        pub store: Option<String>,
+        pub store_prefix: Option<String>,
+        pub on_store_error: Option<String>,
+        pub store_lock_ttl: Option<String>,
     }
 }
 
@@ -492,6 +516,10 @@ impl Config {
                 &mut problems,
             ),
             daily_budget: tok.daily_budget.unwrap_or(DEFAULT_DAILY_BUDGET),
+            store: None,
+            store_prefix: String::new(),
+            on_store_error: None,
+            store_lock_ttl: Duration::ZERO,
             failed_retry: duration_field(
                 "token.failed_retry",
                 tok.failed_retry.as_ref(),
@@ -499,6 +527,50 @@ impl Config {
                 &mut problems,
             ),
         };
+        let token = TokenConfig {
+            store: match tok
+                .store
+                .as_deref()
+                .map(|v| expand_env("token.store", v, &mut problems))
+            {
+                None | Some(None) => None,
+                Some(Some(v)) if v == "memory" => None,
+                Some(Some(v)) if v.starts_with("redis://") || v.starts_with("rediss://") => {
+                    Some(Secret::new(v))
+                }
+                Some(Some(v)) => {
+                    problems.push(format!(
+                        "token.store: `{}` is not memory or a redis:// / rediss:// URL",
+                        crate::token::store::mask_url(&v)
+                    ));
+                    None
+                }
+            },
+            store_prefix: tok
+                .store_prefix
+                .unwrap_or_else(|| DEFAULT_STORE_PREFIX.into()),
+            on_store_error: match tok.on_store_error.as_deref() {
+                None => None,
+                Some("wait") => Some(OnStoreError::Wait),
+                Some("fetch") => Some(OnStoreError::Fetch),
+                Some(other) => {
+                    problems.push(format!(
+                        "token.on_store_error: `{other}` is not wait or fetch"
+                    ));
+                    None
+                }
+            },
+            store_lock_ttl: duration_field(
+                "token.store_lock_ttl",
+                tok.store_lock_ttl.as_ref(),
+                upstream.connect_timeout + upstream.read_timeout + DEFAULT_LOCK_SLACK,
+                &mut problems,
+            ),
+            ..token
+        };
+        if token.store_prefix.is_empty() || token.store_prefix.contains(char::is_whitespace) {
+            problems.push("token.store_prefix: must be non-empty, without spaces".into());
+        }
         if token.daily_budget == 0 {
             problems.push("token.daily_budget: must be at least 1 (the first fetch counts)".into());
         }

@@ -25,6 +25,7 @@ use crate::config::{AccountKind, Config};
 use crate::failover::Upstreams;
 use crate::proxy::Proxy;
 use crate::token::refresher;
+use crate::token::store::{now_ms, Record, RedisStore};
 use crate::upstream::{self, DEFAULT_POOL_SIZE};
 
 /// Slack on top of connect + read timeouts for the first token fetch.
@@ -63,8 +64,12 @@ pub fn prepare(config: Config) -> Result<Prepared, String> {
     }
     let up = Upstreams::new(&config.upstream, ca_bundle.as_deref());
     let wecom = wecom_in_use.then(|| Upstreams::new(&config.wecom_upstream, ca_bundle.as_deref()));
+    let store = match &config.token.store {
+        Some(url) => Some(RedisStore::new(url.expose(), &config.token.store_prefix)?),
+        None => None,
+    };
     Ok(Prepared {
-        app: App::new(config, up, wecom),
+        app: App::new(config, up, wecom, store),
         ca_bundle: ca_bundle.map(|p| p.display().to_string()),
     })
 }
@@ -120,6 +125,47 @@ impl Prepared {
     }
 }
 
+/// How often the shared store's health is checked.
+const DEFAULT_STORE_HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Pings the store; when it comes back (e.g. a Redis restart that lost its
+/// data), puts this replica's valid tokens back unless another replica did.
+async fn watch_store(app: Arc<App>, store: Arc<RedisStore>) {
+    loop {
+        tokio::time::sleep(DEFAULT_STORE_HEALTH_INTERVAL).await;
+        let was_healthy = store.is_healthy();
+        if store.ping().await.is_err() || was_healthy {
+            continue;
+        }
+        for account in app.accounts.iter() {
+            let Some(token) = account.tokens.valid() else {
+                continue;
+            };
+            let (api, id) = refresher::store_id(account);
+            let now = now_ms();
+            let delay = refresher::refresh_delay(
+                token.remaining(),
+                token.lifetime,
+                app.config.token.refresh_before,
+            );
+            let record = Record {
+                token: token.value.to_string(),
+                expires_at_ms: now + token.remaining().as_millis() as u64,
+                fetched_at_ms: now,
+                fetched_by: store.replica.clone(),
+                next_refresh_at_ms: now + delay.as_millis() as u64,
+            };
+            if store
+                .restore(&store.token_key(api, &id), &record)
+                .await
+                .is_ok()
+            {
+                tracing::info!(account = %account.name, "token store back; shared token restored if it was lost");
+            }
+        }
+    }
+}
+
 /// The app listener, opened only after the first tokens are in.
 struct Gated<S> {
     inner: S,
@@ -137,6 +183,7 @@ impl<S> Gated<S> {
                 account.clone(),
                 app.upstream_for(account.kind).clone(),
                 app.config.token.clone(),
+                app.store.clone(),
             ));
         }
         let wait = app.config.upstream.connect_timeout
@@ -152,6 +199,9 @@ impl<S> Gated<S> {
         for family in app.families() {
             family.warm().await;
             tokio::spawn(family.clone().maintain());
+        }
+        if let Some(store) = &app.store {
+            tokio::spawn(watch_store(app.clone(), store.clone()));
         }
         app.set_listening();
     }

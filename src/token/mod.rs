@@ -7,6 +7,7 @@
 
 pub mod refresher;
 pub mod source;
+pub mod store;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -16,9 +16,10 @@ use std::time::{Duration, Instant, SystemTime};
 use rand::Rng;
 
 use super::source::{self, FetchError};
+use super::store::{now_ms, Lock, Record, RedisStore};
 use super::{until_next_wechat_day, StoreOutcome};
 use crate::account::Account;
-use crate::config::{TokenApi, TokenConfig};
+use crate::config::{AccountKind, OnStoreError, TokenApi, TokenConfig};
 use crate::failover::Upstreams;
 
 /// First retry after a failed fetch; doubles up to the cap.
@@ -28,6 +29,8 @@ const DEFAULT_BACKOFF_CAP: Duration = Duration::from_secs(30);
 /// When a stable fetch returns the token we already hold, ask again no
 /// sooner than this.
 const DEFAULT_SAME_TOKEN_RETRY_MIN: Duration = Duration::from_millis(200);
+/// While another replica holds the refresh lock, look again this often.
+const DEFAULT_STORE_POLL: Duration = Duration::from_millis(100);
 /// WeChat allows `force_refresh: true` at most every 30 s (and 20 a day).
 const FORCE_REFRESH_SPACING: Duration = Duration::from_secs(30);
 
@@ -64,16 +67,39 @@ struct Refresher {
     account: Arc<Account>,
     upstream: Arc<Upstreams>,
     conf: TokenConfig,
+    /// The shared store, when `token.store` is Redis.
+    store: Option<Arc<RedisStore>>,
     /// When `force_refresh: true` was last sent (stable tokens).
     last_force: Option<Instant>,
 }
 
+/// The store key suffix for an account: its token API and id.
+pub fn store_id(account: &Account) -> (&'static str, String) {
+    match account.kind {
+        AccountKind::WeCom => (
+            "wecom",
+            format!(
+                "{}:{}",
+                account.appid,
+                account.agentid.as_deref().unwrap_or(&account.name)
+            ),
+        ),
+        AccountKind::Official => (account.token_api.as_str(), account.appid.clone()),
+    }
+}
+
 /// Runs forever (until its runtime stops).
-pub async fn run(account: Arc<Account>, upstream: Arc<Upstreams>, conf: TokenConfig) {
+pub async fn run(
+    account: Arc<Account>,
+    upstream: Arc<Upstreams>,
+    conf: TokenConfig,
+    store: Option<Arc<RedisStore>>,
+) {
     let mut r = Refresher {
         account,
         upstream,
         conf,
+        store,
         last_force: None,
     };
     r.run().await
@@ -83,26 +109,21 @@ impl Refresher {
     async fn run(&mut self) {
         let mut bad: Option<Arc<str>> = None;
         loop {
-            let outcome = self.fetch_until_ok(bad.take()).await;
+            let delay = match self.store.clone() {
+                None => self.fetch_alone(bad.take()).await,
+                Some(store) => self.obtain_shared(&store, bad.take()).await,
+            };
+            tracing::debug!(account = %self.account.name, next_refresh_in = ?delay, "token refresh scheduled");
             let cell = &self.account.tokens;
-            while let Some(token) = cell.latest() {
-                let delay = match outcome {
-                    StoreOutcome::New => {
-                        refresh_delay(token.remaining(), token.lifetime, self.conf.refresh_before)
-                    }
-                    // WeChat has not rotated the stable token yet: ask again
-                    // halfway to its expiry, and keep using it meanwhile.
-                    StoreOutcome::Same => (token.remaining() / 2).max(DEFAULT_SAME_TOKEN_RETRY_MIN),
-                };
-                tracing::debug!(account = %self.account.name, next_refresh_in = ?delay, "token refresh scheduled");
+            let due = tokio::time::Instant::now() + delay;
+            loop {
                 tokio::select! {
-                    _ = tokio::time::sleep(delay) => break,
+                    _ = tokio::time::sleep_until(due) => break,
                     _ = cell.force.notified() => {}
                 }
                 // Woken by a report: refresh only if the token WeChat rejected
                 // is still the one we hold (it may have been replaced since).
-                let current = cell.latest();
-                if let Some(t) = current.filter(|t| t.is_reported_invalid()) {
+                if let Some(t) = cell.latest().filter(|t| t.is_reported_invalid()) {
                     tracing::info!(account = %self.account.name, "WeChat rejected the current token; refreshing");
                     bad = Some(t.value.clone());
                     break;
@@ -111,71 +132,190 @@ impl Refresher {
         }
     }
 
-    /// Fetches until WeChat gives a token; backs off between failures.
-    async fn fetch_until_ok(&mut self, bad: Option<Arc<str>>) -> StoreOutcome {
+    /// When to refresh next after storing a token.
+    fn next_delay(&self, outcome: StoreOutcome) -> Duration {
+        let Some(token) = self.account.tokens.latest() else {
+            return DEFAULT_SAME_TOKEN_RETRY_MIN;
+        };
+        match outcome {
+            StoreOutcome::New => {
+                refresh_delay(token.remaining(), token.lifetime, self.conf.refresh_before)
+            }
+            // WeChat has not rotated the stable token yet: ask again halfway
+            // to its expiry, and keep using it meanwhile.
+            StoreOutcome::Same => (token.remaining() / 2).max(DEFAULT_SAME_TOKEN_RETRY_MIN),
+        }
+    }
+
+    /// One fetch from WeChat. A stable fetch that hands back the very token
+    /// WeChat just rejected is repeated with `force_refresh: true`, as
+    /// often as WeChat allows it.
+    async fn fetch_once(&mut self, bad: Option<&str>) -> Result<source::Fetched, FetchError> {
         let account = self.account.clone();
-        let cell = &account.tokens;
+        let upstream = self.upstream.clone();
+        let f = source::fetch(&upstream, &account, false).await?;
+        let may_force = account.token_api == TokenApi::Stable
+            && account.kind == AccountKind::Official
+            && self
+                .last_force
+                .is_none_or(|t| t.elapsed() >= FORCE_REFRESH_SPACING);
+        if bad == Some(f.value.as_str()) && may_force {
+            tracing::info!(account = %account.name, "stable token unchanged after a rejection; forcing a new one");
+            self.last_force = Some(Instant::now());
+            return source::fetch(&upstream, &account, true).await;
+        }
+        Ok(f)
+    }
+
+    fn stored(&self, f: &source::Fetched, last_logged: &mut Option<i64>) -> StoreOutcome {
+        let account = &self.account;
+        let outcome = account.tokens.store(&f.value, f.expires_in);
+        if outcome == StoreOutcome::New {
+            tracing::info!(
+                account = %account.name,
+                appid = %account.appid,
+                api = store_id(account).0,
+                expires_in = f.expires_in.as_secs(),
+                "token fetched"
+            );
+        }
+        if last_logged.take().is_some() {
+            tracing::info!(account = %account.name, "token fetches recovered");
+        }
+        outcome
+    }
+
+    /// Handles a failed fetch: logs each new kind once, records it, waits.
+    async fn failed(&self, e: &FetchError, backoff: &mut Backoff, last_logged: &mut Option<i64>) {
+        let wait = if e.is_hard() {
+            self.conf.failed_retry
+        } else {
+            backoff.step()
+        };
+        if *last_logged != Some(e.errcode()) {
+            log_failure(&self.account, e, wait);
+            *last_logged = Some(e.errcode());
+        }
+        self.account
+            .tokens
+            .record_failure(e.errcode(), e.to_string());
+        tokio::time::sleep(wait).await;
+    }
+
+    async fn budget_spent(&self) {
+        let account = &self.account;
+        let wait = until_next_wechat_day(SystemTime::now());
+        let msg = format!(
+            "daily token budget for account {} spent ({} fetches, token.daily_budget)",
+            account.name, self.conf.daily_budget
+        );
+        tracing::error!(account = %account.name, appid = %account.appid, budget = self.conf.daily_budget, resets_in = ?wait, "daily token budget spent; no more fetches today");
+        account.tokens.record_budget_spent(msg);
+        tokio::time::sleep(wait).await;
+    }
+
+    /// Memory store: fetches until WeChat gives a token, backing off between
+    /// failures; returns when to refresh next.
+    async fn fetch_alone(&mut self, bad: Option<Arc<str>>) -> Duration {
         let mut backoff = Backoff::new();
         let mut last_logged: Option<i64> = None;
-        let mut force = false;
         loop {
-            if !cell.spend_budget(self.conf.daily_budget) {
-                let wait = until_next_wechat_day(SystemTime::now());
-                let msg = format!(
-                    "daily token budget for account {} spent ({} fetches, token.daily_budget)",
-                    account.name, self.conf.daily_budget
-                );
-                tracing::error!(account = %account.name, appid = %account.appid, budget = self.conf.daily_budget, resets_in = ?wait, "daily token budget spent; no more fetches today");
-                cell.record_budget_spent(msg);
-                tokio::time::sleep(wait).await;
+            if !self.account.tokens.spend_budget(self.conf.daily_budget) {
+                self.budget_spent().await;
                 continue;
             }
-            match source::fetch(&self.upstream, &account, force).await {
+            match self.fetch_once(bad.as_deref()).await {
                 Ok(f) => {
-                    if force {
-                        self.last_force = Some(Instant::now());
-                    }
-                    // A stable fetch may hand back the very token WeChat just
-                    // rejected: then force a new one, as WeChat allows it.
-                    let rejected_again = bad.as_deref() == Some(f.value.as_str());
-                    let may_force = account.token_api == TokenApi::Stable
-                        && !force
-                        && self
-                            .last_force
-                            .is_none_or(|t| t.elapsed() >= FORCE_REFRESH_SPACING);
-                    if rejected_again && may_force {
-                        tracing::info!(account = %account.name, "stable token unchanged after a rejection; forcing a new one");
-                        force = true;
-                        continue;
-                    }
-                    let outcome = cell.store(&f.value, f.expires_in);
-                    if outcome == StoreOutcome::New {
-                        tracing::info!(
-                            account = %account.name,
-                            appid = %account.appid,
-                            api = account.token_api.as_str(),
-                            expires_in = f.expires_in.as_secs(),
-                            "token fetched"
-                        );
-                    }
-                    if last_logged.is_some() {
-                        tracing::info!(account = %account.name, "token fetches recovered");
-                    }
-                    return outcome;
+                    let outcome = self.stored(&f, &mut last_logged);
+                    return self.next_delay(outcome);
                 }
-                Err(e) => {
-                    let wait = if e.is_hard() {
-                        self.conf.failed_retry
-                    } else {
-                        backoff.step()
-                    };
-                    // Log each new kind of failure once, not every retry.
-                    if last_logged != Some(e.errcode()) {
-                        log_failure(&account, &e, wait);
-                        last_logged = Some(e.errcode());
+                Err(e) => self.failed(&e, &mut backoff, &mut last_logged).await,
+            }
+        }
+    }
+
+    /// Redis store: uses the shared token when it is good, else takes the
+    /// lock and fetches for every replica, else waits for the replica that
+    /// holds the lock. Returns when to look again.
+    async fn obtain_shared(&mut self, store: &RedisStore, bad: Option<Arc<str>>) -> Duration {
+        let (api, id) = store_id(&self.account);
+        let key = store.token_key(api, &id);
+        let mut backoff = Backoff::new();
+        let mut last_logged: Option<i64> = None;
+        loop {
+            match store
+                .lock(&key, bad.as_deref(), self.conf.store_lock_ttl)
+                .await
+            {
+                Ok(Lock::Current(rec)) => {
+                    let outcome = self.account.tokens.store(&rec.token, rec.remaining());
+                    if outcome == StoreOutcome::New {
+                        tracing::info!(account = %self.account.name, fetched_by = %rec.fetched_by, "token taken from the shared store");
                     }
-                    cell.record_failure(e.errcode(), e.to_string());
-                    tokio::time::sleep(wait).await;
+                    return rec.until_next_refresh().max(DEFAULT_SAME_TOKEN_RETRY_MIN);
+                }
+                Ok(Lock::Busy) => tokio::time::sleep(DEFAULT_STORE_POLL).await,
+                Ok(Lock::Held(lock)) => {
+                    let day = super::wechat_day(SystemTime::now());
+                    match store
+                        .spend_budget(&format!("{api}:{id}"), day, self.conf.daily_budget)
+                        .await
+                    {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            store.release(&key, &lock).await;
+                            self.budget_spent().await;
+                            continue;
+                        }
+                        Err(_) => {
+                            store.release(&key, &lock).await;
+                            tokio::time::sleep(backoff.step()).await;
+                            continue;
+                        }
+                    }
+                    match self.fetch_once(bad.as_deref()).await {
+                        Ok(f) => {
+                            let outcome = self.stored(&f, &mut last_logged);
+                            let delay = self.next_delay(outcome);
+                            let now = now_ms();
+                            let record = Record {
+                                token: f.value,
+                                expires_at_ms: now + f.expires_in.as_millis() as u64,
+                                fetched_at_ms: now,
+                                fetched_by: store.replica.clone(),
+                                next_refresh_at_ms: now + delay.as_millis() as u64,
+                            };
+                            if let Err(e) = store.save(&key, &record, &lock).await {
+                                tracing::warn!(account = %self.account.name, error = %e, "could not share the fetched token");
+                            }
+                            return delay;
+                        }
+                        Err(e) => {
+                            store.release(&key, &lock).await;
+                            self.failed(&e, &mut backoff, &mut last_logged).await;
+                        }
+                    }
+                }
+                Err(_) => {
+                    // Logged once per state change by the store itself.
+                    let policy = self.conf.on_store_error.unwrap_or(
+                        if self.account.kind == AccountKind::Official
+                            && self.account.token_api == TokenApi::Classic
+                        {
+                            OnStoreError::Wait
+                        } else {
+                            OnStoreError::Fetch
+                        },
+                    );
+                    let has_token = self.account.tokens.valid().is_some();
+                    match policy {
+                        // A lone fetch harms nobody: do it when we need a token.
+                        OnStoreError::Fetch if !has_token || bad.is_some() => {
+                            return self.fetch_alone(bad).await;
+                        }
+                        // Keep serving the cached token; ask the store again soon.
+                        _ => tokio::time::sleep(backoff.step()).await,
+                    }
                 }
             }
         }

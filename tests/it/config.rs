@@ -123,3 +123,18 @@ fn run_reports_a_port_in_use() {
         "{err}"
     );
 }
+
+#[test]
+fn the_store_password_is_masked() {
+    let cfg = "token:\n  store: redis://:${WXT_REDIS_PW}@127.0.0.1:6379/0\naccounts:\n  - name: a\n    appid: wx1\n    secret: s\n";
+    let (code, out, err) = check(cfg, &[("WXT_REDIS_PW", "redis-pass-value-9")]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("redis://:***@127.0.0.1:6379/0"), "{out}");
+    assert!(!out.contains("redis-pass-value-9") && !err.contains("redis-pass-value-9"));
+    let (code, _, err) = check(
+        "token:\n  store: mysql://x\naccounts:\n  - {name: a, appid: wx1, secret: s}\n",
+        &[],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("token.store"), "{err}");
+}

@@ -6,6 +6,7 @@ mod failover;
 mod failures;
 mod path;
 mod replay;
+mod store;
 mod streaming;
 mod support;
 mod tokens;

@@ -231,6 +231,11 @@ impl Sidecar {
         s
     }
 
+    /// Spawns the sidecar and returns at once, ready or not.
+    pub fn start_nowait(fake: &Fake, body: &str) -> Sidecar {
+        Self::spawn(fake, body)
+    }
+
     /// The standard config: both accounts, shop the default.
     pub fn accounts(shop_api: &str, mall_api: &str) -> String {
         format!(
@@ -401,4 +406,88 @@ pub const TEMPLATE: &str =
 /// A sidecar config pointing at `fake` over TLS with the fake's CA.
 pub fn upstream() -> &'static str {
     "upstream:\n  url: FAKE_URL\n  ca_file: FAKE_CA\n  warm_connections: 4\n"
+}
+
+/// A real `redis-server` on a free loopback port, no persistence.
+pub struct Redis {
+    child: Option<Child>,
+    pub port: u16,
+}
+
+impl Redis {
+    pub async fn start() -> Redis {
+        let mut r = Redis {
+            child: None,
+            port: free_port(),
+        };
+        r.restart().await;
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Starts (again) on the same port, empty.
+    pub async fn restart(&mut self) {
+        self.stop();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (make install-deps)");
+        self.child = Some(child);
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Ok(mut c) = self.conn().await {
+                if redis::cmd("PING")
+                    .query_async::<String>(&mut c)
+                    .await
+                    .is_ok()
+                {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub async fn conn(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        redis::Client::open(self.url())?
+            .get_multiplexed_async_connection()
+            .await
+    }
+
+    pub async fn get(&self, key: &str) -> Option<String> {
+        let mut c = self.conn().await.unwrap();
+        redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut c)
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
