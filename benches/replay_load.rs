@@ -8,40 +8,17 @@
 //! Override with env: SENDS, INVALIDATIONS, RESET_BEFORE, RESET_AFTER, CLIENTS.
 //! Loopback only; bounded by the send count and a 5-minute cap.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod common;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::*;
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_wxsidecar");
 const APPID: &str = "wxload0000000001";
 const SECRET: &str = "load-secret";
-
-fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {
-    std::env::var(k)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(d)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[tokio::main]
 async fn main() {
@@ -55,75 +32,20 @@ async fn main() {
     let clients: u64 = env_or("CLIENTS", 8);
 
     let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca.pem");
     let faults = format!(
         r#"{{"seed":42,"rules":[{{"path":"/cgi-bin/message/template/send","reset_before_rate":{reset_before},"reset_after_rate":{reset_after}}}]}}"#
     );
-    let mut fake = Command::new(BIN)
-        .args([
-            "fake-wechat",
-            "--listen",
-            "127.0.0.1:0",
-            "--app",
-            &format!("{APPID}:{SECRET}"),
-            "--faults",
-            &faults,
-            "--ca-out",
-        ])
-        .arg(&ca)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(fake.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
-    let _fake = Kill(fake);
-    let fport: u16 = line.trim().rsplit(':').next().unwrap().parse().unwrap();
-
-    let (port, admin) = (free_port(), free_port());
-    let cfg = dir.path().join("c.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin}\nupstream:\n  url: https://localhost:{fport}\n  ca_file: {}\naccounts:\n  - name: load\n    appid: {APPID}\n    secret: {SECRET}\n    token_api: classic\n",
-            ca.display()
-        ),
-    )
-    .unwrap();
-    let side = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _side = Kill(side);
-
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .pool_max_idle_per_host(64)
-        .build()
-        .unwrap();
-    let pem = std::fs::read(&ca).unwrap();
-    let https = reqwest::Client::builder()
-        .no_proxy()
-        .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
-        .build()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while http
-        .get(format!("http://127.0.0.1:{admin}/readyz"))
-        .send()
-        .await
-        .map(|r| r.status() != 200)
-        .unwrap_or(true)
-    {
-        assert!(Instant::now() < deadline, "sidecar never became ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (_fake, fport, ca) = fake(
+        dir.path(),
+        &["--app", &format!("{APPID}:{SECRET}"), "--faults", &faults],
+    );
+    let body = format!(
+        "upstream:\n  url: https://localhost:{fport}\n  ca_file: {}\naccounts:\n  - name: load\n    appid: {APPID}\n    secret: {SECRET}\n    token_api: classic\n",
+        ca.display()
+    );
+    let (_side, port, admin) = sidecar(dir.path(), "load", &body).await;
+    let http = http();
+    let https = https(&ca);
 
     let next = Arc::new(AtomicU64::new(0));
     let ok = Arc::new(AtomicU64::new(0));

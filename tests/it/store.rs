@@ -214,3 +214,26 @@ async fn three_replicas_times_a_hundred_failures_cost_one_fetch() {
         "exactly one fetch across three replicas"
     );
 }
+
+#[tokio::test]
+async fn the_daily_budget_is_counted_across_replicas() {
+    let fake = Fake::start(&["--token-ttl", "3"]);
+    let redis = Redis::start().await;
+    let cfg = shared("  daily_budget: 2\n", &redis);
+    let a = Sidecar::start(&fake, &cfg).await;
+    let b = Sidecar::start(&fake, &cfg).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (sa, sb) = (a.status().await, b.status().await);
+        if sa["accounts"][0]["budget_spent"] == true && sb["accounts"][0]["budget_spent"] == true {
+            break;
+        }
+        assert!(Instant::now() < deadline, "budget never spent: {sa} {sb}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        fake.fetches(SHOP_APPID).await,
+        2,
+        "two fetches for the whole cluster"
+    );
+}
