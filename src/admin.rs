@@ -1,4 +1,5 @@
-//! The admin listener: `/healthz`, `/readyz` and `/status`.
+//! The admin listener: `/healthz`, `/readyz`, `/status`, `/metrics` and
+//! `POST /refresh?account=NAME`.
 //!
 //! `/status` shows token ages and counters, never a token or a secret.
 
@@ -77,25 +78,102 @@ fn answer(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
         .expect("valid response")
 }
 
+const TEXT: &str = "text/plain; charset=utf-8";
+
+impl Admin {
+    fn metrics(&self) -> Response<Vec<u8>> {
+        for a in self.app.accounts.iter() {
+            let left = a
+                .tokens
+                .valid()
+                .map_or(0.0, |t| t.remaining().as_secs_f64());
+            crate::metrics::TOKEN_EXPIRY
+                .with_label_values(&[a.name.as_str()])
+                .set(left);
+        }
+        answer(200, "text/plain; version=0.0.4", crate::metrics::render())
+    }
+
+    /// `POST /refresh?account=NAME`: a refresh whatever the current token,
+    /// through the account's single flight, counted against its budget.
+    async fn refresh(&self, query: &str) -> Response<Vec<u8>> {
+        let name = crate::query::param(query, "account").unwrap_or_default();
+        let Some(account) = self
+            .app
+            .accounts
+            .iter()
+            .find(|a| a.name == name || a.appid == name)
+        else {
+            let known: Vec<&str> = self.app.accounts.iter().map(|a| a.name.as_str()).collect();
+            let body = crate::reply::error_body(
+                40013,
+                &format!("no account `{name}` (configured: {})", known.join(", ")),
+            );
+            return answer(404, JSON, body.to_vec());
+        };
+        let before = account.tokens.latest().map(|t| t.value.clone());
+        account.tokens.request_refresh();
+        tracing::info!(account = %account.name, "refresh requested on the admin listener");
+        let wait = self.app.config.upstream.connect_timeout + self.app.config.upstream.read_timeout;
+        let fresh = match &before {
+            Some(old) => account.tokens.wait_replacement(old, wait).await,
+            None => account.tokens.wait_valid(wait).await,
+        };
+        match fresh {
+            Some(t) => answer(
+                200,
+                JSON,
+                serde_json::json!({
+                    "errcode": 0,
+                    "errmsg": "ok",
+                    "account": account.name,
+                    "expires_in": t.remaining().as_secs(),
+                })
+                .to_string()
+                .into_bytes(),
+            ),
+            None => {
+                let why = account
+                    .tokens
+                    .status()
+                    .last_error
+                    .map_or("no new token in time".to_string(), |(c, m)| {
+                        format!("errcode {c}: {m}")
+                    });
+                let body = crate::reply::error_body(
+                    -1,
+                    &format!("refresh of account {} failed: {why}", account.name),
+                );
+                answer(503, JSON, body.to_vec())
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let req = session.req_header();
-        let text = "text/plain; charset=utf-8";
-        if req.method != http::Method::GET && req.method != http::Method::HEAD {
-            return answer(405, text, b"method not allowed\n".to_vec());
-        }
-        match req.uri.path() {
-            "/healthz" => answer(200, text, b"ok\n".to_vec()),
-            "/readyz" => match self.app.not_ready_reason() {
-                None => answer(200, text, b"ready\n".to_vec()),
-                Some(why) => answer(503, text, format!("not ready: {why}\n").into_bytes()),
+        let path = req.uri.path().to_string();
+        let query = req.uri.query().unwrap_or("").to_string();
+        let method = req.method.clone();
+        let read_only = method == http::Method::GET || method == http::Method::HEAD;
+        match (path.as_str(), read_only) {
+            ("/refresh", _) if method == http::Method::POST => self.refresh(&query).await,
+            ("/refresh", _) => answer(405, TEXT, b"use POST /refresh?account=NAME\n".to_vec()),
+            (_, false) => answer(405, TEXT, b"method not allowed\n".to_vec()),
+            ("/healthz", _) => answer(200, TEXT, b"ok\n".to_vec()),
+            ("/readyz", _) => match self.app.not_ready_reason() {
+                None => answer(200, TEXT, b"ready\n".to_vec()),
+                Some(why) => answer(503, TEXT, format!("not ready: {why}\n").into_bytes()),
             },
-            "/status" => answer(200, JSON, self.status().to_string().into_bytes()),
+            ("/status", _) => answer(200, JSON, self.status().to_string().into_bytes()),
+            ("/metrics", _) => self.metrics(),
             _ => answer(
                 404,
-                text,
-                b"not found: try /healthz /readyz /status\n".to_vec(),
+                TEXT,
+                b"not found: try /healthz /readyz /status /metrics, POST /refresh?account=NAME\n"
+                    .to_vec(),
             ),
         }
     }

@@ -18,9 +18,9 @@ use crate::{demo, server};
     about = "A sidecar that owns WeChat access tokens: caches, injects, refreshes, pools TLS."
 )]
 struct Cli {
-    /// Log line format.
-    #[arg(long, value_enum, default_value = "json", global = true)]
-    log_format: LogFormat,
+    /// Log line format (default: pretty at a terminal, json otherwise).
+    #[arg(long, value_enum, global = true)]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
 }
@@ -97,16 +97,16 @@ pub fn main() -> i32 {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(c) => {
-            logging::init(cli.log_format);
+            logging::init(cli.log_format.unwrap_or_else(LogFormat::auto));
             run(&c.config)
         }
         Command::Check(c) => check(&c.config),
         Command::FakeWechat(f) => {
-            logging::init(cli.log_format);
+            logging::init(cli.log_format.unwrap_or_else(LogFormat::auto));
             fake_wechat(f)
         }
         Command::Demo(d) => {
-            logging::init(LogFormat::Pretty);
+            logging::init(cli.log_format.unwrap_or(LogFormat::Pretty));
             demo::run(d)
         }
     }

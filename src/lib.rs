@@ -15,6 +15,7 @@ pub mod fake;
 pub mod inspect;
 pub mod local;
 pub mod logging;
+pub mod metrics;
 pub mod proxy;
 pub mod query;
 pub mod reply;

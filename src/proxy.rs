@@ -47,6 +47,12 @@ impl Proxy {
 pub struct Ctx {
     /// The path and query to send upstream, when the token changed.
     stream_uri: Option<http::Uri>,
+    /// For the request log line and metrics.
+    start: std::time::Instant,
+    route: &'static str,
+    account: Option<String>,
+    /// WeChat's errcode in a buffered answer.
+    errcode: Option<i64>,
     /// Which upstream family and host the streaming path chose.
     kind: AccountKind,
     host: usize,
@@ -56,6 +62,10 @@ impl Default for Ctx {
     fn default() -> Self {
         Ctx {
             stream_uri: None,
+            start: std::time::Instant::now(),
+            route: "api",
+            account: None,
+            errcode: None,
             kind: AccountKind::Official,
             host: 0,
         }
@@ -101,6 +111,9 @@ impl Plan {
         if let Some(a) = &self.account {
             let c = if ok { &a.replays_ok } else { &a.replays_failed };
             c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            crate::metrics::TOKEN_REPLAYS
+                .with_label_values(&[a.name.as_str(), if ok { "ok" } else { "failed" }])
+                .inc();
             if !ok {
                 tracing::warn!(account = %a.name, path = %self.path, "token rejected again after a refresh; passing WeChat's answer through");
             }
@@ -277,7 +290,8 @@ impl Proxy {
     /// WeChat rejects a token the sidecar put in, the request is sent once
     /// more with the refreshed token and the same body bytes; the app sees
     /// only the second answer.
-    async fn forward(&self, session: &mut Session, mut plan: Plan) -> Step<()> {
+    async fn forward(&self, session: &mut Session, mut plan: Plan, ctx: &mut Ctx) -> Step<()> {
+        ctx.account = plan.account.as_ref().map(|a| a.name.clone());
         let limit = self.app.config.buffered_body_limit;
         let body = match self.read_body(session, limit).await? {
             Ok(b) => b,
@@ -323,7 +337,11 @@ impl Proxy {
                 Ok(Ok(answer)) => answer,
             };
             x.finish().await;
-            let rejected = plan.token.is_some() && inspect::token_rejected(&answer);
+            ctx.errcode = inspect::errcode(&answer);
+            let rejected = plan.token.is_some()
+                && ctx
+                    .errcode
+                    .is_some_and(|c| inspect::INVALID_TOKEN.contains(&c));
             if replaying {
                 plan.count_replay(!rejected);
             } else if rejected {
@@ -379,7 +397,7 @@ impl Proxy {
     }
 
     /// Answers `/cgi-bin/token` and `/cgi-bin/stable_token` from the cache.
-    async fn local_token(&self, session: &mut Session, route: Route) -> Step<()> {
+    async fn local_token(&self, session: &mut Session, route: Route, ctx: &mut Ctx) -> Step<()> {
         let stable = route == Route::LocalStableToken;
         let body = match self.read_body(session, DEFAULT_CREDENTIALS_LIMIT).await? {
             Ok(b) => b,
@@ -388,7 +406,10 @@ impl Proxy {
         if route == Route::LocalWeComToken {
             let q = session.req_header().uri.query().unwrap_or("").to_string();
             let account = match local::authenticate_wecom(&self.app, &q) {
-                Ok(a) => a.clone(),
+                Ok(a) => {
+                    ctx.account = Some(a.name.clone());
+                    a.clone()
+                }
                 Err(r) => {
                     tracing::info!(
                         path = "/cgi-bin/gettoken",
@@ -431,7 +452,10 @@ impl Proxy {
             Credentials::from_query(session.req_header().uri.query().unwrap_or(""))
         };
         let account = match local::authenticate(&self.app, &creds) {
-            Ok(a) => a.clone(),
+            Ok(a) => {
+                ctx.account = Some(a.name.clone());
+                a.clone()
+            }
             Err(r) => {
                 tracing::info!(
                     path = session.req_header().uri.path(),
@@ -487,18 +511,22 @@ impl ProxyHttp for Proxy {
         let route = route::classify(session.req_header());
         let outcome = match route {
             Route::LocalClassicToken | Route::LocalStableToken | Route::LocalWeComToken => {
-                self.local_token(session, route).await?
+                ctx.route = "token";
+                self.local_token(session, route, ctx).await?
             }
             Route::Untouched => {
+                ctx.route = "untouched";
                 let plan = Plan::untouched(session.req_header(), self.app.default_family());
-                self.forward(session, plan).await?
+                self.forward(session, plan, ctx).await?
             }
             Route::Api => match self.plan(session.req_header()).await {
-                Ok(plan) => self.forward(session, plan).await?,
+                Ok(plan) => self.forward(session, plan, ctx).await?,
                 Err(e) => Err(e),
             },
             Route::Stream => match self.plan(session.req_header()).await {
                 Ok(plan) => {
+                    ctx.route = "stream";
+                    ctx.account = plan.account.as_ref().map(|a| a.name.clone());
                     let uri = plan.path_and_query().parse::<http::Uri>().map_err(|_| {
                         Error::explain(
                             ErrorType::InvalidHTTPHeader,
@@ -573,6 +601,36 @@ impl ProxyHttp for Proxy {
             error_code: status,
             can_reuse_downstream: false,
         }
+    }
+
+    /// One debug line and the request metrics per request.
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let outcome = match (status, ctx.errcode) {
+            (200..=299, Some(c)) if c != 0 => "wechat_error",
+            (200..=399, _) => "ok",
+            (400..=499, _) => "refused",
+            _ => "error",
+        };
+        let account = ctx.account.as_deref().unwrap_or("-");
+        let elapsed = ctx.start.elapsed();
+        crate::metrics::REQUESTS
+            .with_label_values(&[account, ctx.route, outcome])
+            .inc();
+        crate::metrics::REQUEST_DURATION
+            .with_label_values(&[ctx.route])
+            .observe(elapsed.as_secs_f64());
+        let req = session.req_header();
+        tracing::debug!(
+            method = %req.method,
+            path = req.uri.path(),
+            route = ctx.route,
+            account,
+            status,
+            errcode = ?ctx.errcode,
+            elapsed_us = elapsed.as_micros() as u64,
+            "request"
+        );
     }
 
     /// Method and path only: pingora logs this, and the query may hold secrets.

@@ -40,6 +40,7 @@ pub struct Prepared {
 
 /// Validates what the config alone cannot: the CA bundle and free ports.
 pub fn prepare(config: Config) -> Result<Prepared, String> {
+    crate::metrics::init();
     let wecom_in_use = config.accounts.iter().any(|a| a.kind == AccountKind::WeCom);
     let mut extras: Vec<&std::path::Path> = config
         .upstream

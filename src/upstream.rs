@@ -109,6 +109,27 @@ pub struct Upstream {
     resolving: tokio::sync::Mutex<()>,
     conf: UpstreamConfig,
     pub stats: UpstreamStats,
+    /// Metric handles, resolved once so the request path does no lookup.
+    m: HostMetrics,
+}
+
+struct HostMetrics {
+    ok: prometheus::IntCounter,
+    error: prometheus::IntCounter,
+    reused: prometheus::IntCounter,
+    new: prometheus::IntCounter,
+}
+
+impl HostMetrics {
+    fn new(host: &str) -> Self {
+        use crate::metrics::{UPSTREAM_CONNECTIONS, UPSTREAM_REQUESTS};
+        HostMetrics {
+            ok: UPSTREAM_REQUESTS.with_label_values(&[host, "ok"]),
+            error: UPSTREAM_REQUESTS.with_label_values(&[host, "error"]),
+            reused: UPSTREAM_CONNECTIONS.with_label_values(&[host, "true"]),
+            new: UPSTREAM_CONNECTIONS.with_label_values(&[host, "false"]),
+        }
+    }
 }
 
 /// A request sent and its response header read; the body is still to come.
@@ -142,6 +163,7 @@ impl Upstream {
             resolving: tokio::sync::Mutex::new(()),
             conf: conf.clone(),
             stats: UpstreamStats::default(),
+            m: HostMetrics::new(&conf.url.host_header()),
         };
         if let Ok(ip) = conf.url.host.parse::<IpAddr>() {
             up.set_addrs(
@@ -288,6 +310,7 @@ impl Upstream {
                     self.stats
                         .connections_opened
                         .fetch_add(1, Ordering::Relaxed);
+                    self.m.new.inc();
                     if i > 0 {
                         self.preferred.store(idx, Ordering::Relaxed);
                     }
@@ -329,6 +352,9 @@ impl Upstream {
         let result = self.send_inner(req, body).await;
         if result.is_err() {
             self.stats.failures.fetch_add(1, Ordering::Relaxed);
+            self.m.error.inc();
+        } else {
+            self.m.ok.inc();
         }
         result
     }
@@ -352,6 +378,7 @@ impl Upstream {
             self.stats
                 .connections_reused
                 .fetch_add(1, Ordering::Relaxed);
+            self.m.reused.inc();
             match self.exchange(stream, p, req, body).await {
                 Ok(x) => return Ok(x),
                 Err(Failed { error, .. }) if error.is_timeout() => return Err(error),

@@ -110,6 +110,8 @@ pub struct TokenCell {
     status: Mutex<CellStatus>,
     /// Asks the refresher to fetch now.
     pub(crate) force: Notify,
+    /// An operator asked for a refresh (`POST /refresh`).
+    forced: AtomicBool,
 }
 
 impl Default for TokenCell {
@@ -119,6 +121,7 @@ impl Default for TokenCell {
             changed: watch::channel(0).0,
             status: Mutex::new(CellStatus::default()),
             force: Notify::new(),
+            forced: AtomicBool::new(false),
         }
     }
 }
@@ -160,6 +163,17 @@ impl TokenCell {
         self.status.lock().invalid_reports += 1;
         self.force.notify_one();
         true
+    }
+
+    /// Asks for a refresh whatever the current token (through the same single
+    /// flight, counted against the budget).
+    pub fn request_refresh(&self) {
+        self.forced.store(true, Ordering::Release);
+        self.force.notify_one();
+    }
+
+    pub(crate) fn take_forced(&self) -> bool {
+        self.forced.swap(false, Ordering::AcqRel)
     }
 
     /// Counts one fetch against the daily budget; `false` when it is spent.

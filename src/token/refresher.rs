@@ -21,6 +21,7 @@ use super::{until_next_wechat_day, StoreOutcome};
 use crate::account::Account;
 use crate::config::{AccountKind, OnStoreError, TokenApi, TokenConfig};
 use crate::failover::Upstreams;
+use crate::metrics::TOKEN_FETCHES;
 
 /// First retry after a failed fetch; doubles up to the cap.
 const DEFAULT_BACKOFF_FIRST: Duration = Duration::from_millis(500);
@@ -128,6 +129,11 @@ impl Refresher {
                     bad = Some(t.value.clone());
                     break;
                 }
+                if cell.take_forced() {
+                    tracing::info!(account = %self.account.name, "refresh requested by an operator");
+                    bad = cell.latest().map(|t| t.value.clone());
+                    break;
+                }
             }
         }
     }
@@ -169,6 +175,9 @@ impl Refresher {
 
     fn stored(&self, f: &source::Fetched, last_logged: &mut Option<i64>) -> StoreOutcome {
         let account = &self.account;
+        TOKEN_FETCHES
+            .with_label_values(&[account.name.as_str(), "ok"])
+            .inc();
         let outcome = account.tokens.store(&f.value, f.expires_in);
         if outcome == StoreOutcome::New {
             tracing::info!(
@@ -192,6 +201,13 @@ impl Refresher {
         } else {
             backoff.step()
         };
+        let result = match e {
+            FetchError::WeChat { .. } => "wechat_error",
+            _ => "transport_error",
+        };
+        TOKEN_FETCHES
+            .with_label_values(&[self.account.name.as_str(), result])
+            .inc();
         if *last_logged != Some(e.errcode()) {
             log_failure(&self.account, e, wait);
             *last_logged = Some(e.errcode());
@@ -211,6 +227,9 @@ impl Refresher {
         );
         tracing::error!(account = %account.name, appid = %account.appid, budget = self.conf.daily_budget, resets_in = ?wait, "daily token budget spent; no more fetches today");
         account.tokens.record_budget_spent(msg);
+        TOKEN_FETCHES
+            .with_label_values(&[account.name.as_str(), "budget_spent"])
+            .inc();
         tokio::time::sleep(wait).await;
     }
 

@@ -1,6 +1,7 @@
 //! Integration tests: the real binary over real sockets, through the fake
 //! WeChat over TLS. One test binary to save link time.
 
+mod admin;
 mod config;
 mod failover;
 mod failures;

@@ -231,6 +231,13 @@ impl Sidecar {
         s
     }
 
+    /// Like `start`, with `RUST_LOG` set to `level` for every target.
+    pub async fn start_with_log_level(fake: &Fake, body: &str, level: &str) -> Sidecar {
+        let s = Self::spawn_with(fake, body, level);
+        s.wait_ready().await;
+        s
+    }
+
     /// Spawns the sidecar and returns at once, ready or not.
     pub fn start_nowait(fake: &Fake, body: &str) -> Sidecar {
         Self::spawn(fake, body)
@@ -254,6 +261,10 @@ impl Sidecar {
     }
 
     fn spawn(fake: &Fake, body: &str) -> Sidecar {
+        Self::spawn_with(fake, body, "debug,pingora_core=info,pingora_proxy=info,h2=info,hyper=info,hickory_proto=info,hickory_resolver=info")
+    }
+
+    fn spawn_with(fake: &Fake, body: &str, log_level: &str) -> Sidecar {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let admin_port = free_port();
@@ -272,7 +283,7 @@ impl Sidecar {
             .args(["run", "--config"])
             .arg(&path)
             .env("WXT_SHOP_SECRET", SHOP_SECRET)
-            .env("RUST_LOG", "debug,pingora_core=info,pingora_proxy=info,h2=info,hyper=info,hickory_proto=info,hickory_resolver=info")
+            .env("RUST_LOG", log_level)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()

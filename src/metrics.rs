@@ -1,0 +1,106 @@
+//! Prometheus metrics, registered in the default registry (the one
+//! `pingora-prometheus` serves too) and rendered by the admin listener.
+//!
+//! Label values are bounded: account names from the config, a fixed set of
+//! routes and outcomes, upstream hosts from the config. Never a path with
+//! ids, never a token.
+
+use once_cell::sync::Lazy;
+use prometheus::{
+    register_gauge_vec, register_histogram_vec, register_int_counter_vec, register_int_gauge_vec,
+    Encoder, GaugeVec, HistogramVec, IntCounterVec, IntGaugeVec, TextEncoder,
+};
+
+pub static REQUESTS: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "wxsidecar_requests_total",
+        "Requests from apps, by account, route (token, api, stream, untouched) and outcome.",
+        &["account", "route", "outcome"]
+    )
+    .expect("metric registers once")
+});
+
+pub static REQUEST_DURATION: Lazy<HistogramVec> = Lazy::new(|| {
+    register_histogram_vec!(
+        "wxsidecar_request_duration_seconds",
+        "Time from the app's request to the end of the answer, by route.",
+        &["route"],
+        vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+    )
+    .expect("metric registers once")
+});
+
+pub static UPSTREAM_REQUESTS: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "wxsidecar_upstream_requests_total",
+        "Requests sent to WeChat, by host and outcome (ok, error).",
+        &["host", "outcome"]
+    )
+    .expect("metric registers once")
+});
+
+pub static UPSTREAM_CONNECTIONS: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "wxsidecar_upstream_connections_total",
+        "Connections used for requests to WeChat, by host and whether pooled (reused=true) or new.",
+        &["host", "reused"]
+    )
+    .expect("metric registers once")
+});
+
+pub static TOKEN_FETCHES: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "wxsidecar_token_fetches_total",
+        "Token fetches from WeChat, by account and result (ok, wechat_error, transport_error, budget_spent).",
+        &["account", "result"]
+    )
+    .expect("metric registers once")
+});
+
+pub static TOKEN_REPLAYS: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "wxsidecar_token_replays_total",
+        "Requests sent again after WeChat rejected the token, by account and result (ok, failed).",
+        &["account", "result"]
+    )
+    .expect("metric registers once")
+});
+
+pub static TOKEN_EXPIRY: Lazy<GaugeVec> = Lazy::new(|| {
+    register_gauge_vec!(
+        "wxsidecar_token_expiry_seconds",
+        "Seconds the account's current token has left (0: none valid).",
+        &["account"]
+    )
+    .expect("metric registers once")
+});
+
+pub static BUILD_INFO: Lazy<IntGaugeVec> = Lazy::new(|| {
+    register_int_gauge_vec!(
+        "wxsidecar_build_info",
+        "Always 1; the version as a label.",
+        &["version"]
+    )
+    .expect("metric registers once")
+});
+
+/// Registers every metric, so each shows from the first scrape.
+pub fn init() {
+    BUILD_INFO
+        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .set(1);
+    Lazy::force(&REQUESTS);
+    Lazy::force(&REQUEST_DURATION);
+    Lazy::force(&UPSTREAM_REQUESTS);
+    Lazy::force(&UPSTREAM_CONNECTIONS);
+    Lazy::force(&TOKEN_FETCHES);
+    Lazy::force(&TOKEN_REPLAYS);
+    Lazy::force(&TOKEN_EXPIRY);
+}
+
+/// The text exposition of every registered metric.
+pub fn render() -> Vec<u8> {
+    let mut out = Vec::new();
+    let _ = TextEncoder::new().encode(&prometheus::gather(), &mut out);
+    out
+}

@@ -1,0 +1,171 @@
+//! The admin surface: metrics, forced refresh, and logs that never carry a
+//! token or a secret, even at trace level.
+
+use serde_json::Value;
+
+use crate::support::*;
+
+#[tokio::test]
+async fn metrics_count_requests_fetches_replays_and_connections() {
+    let fake = Fake::start(&[]);
+    let side = Sidecar::start(
+        &fake,
+        &format!("{}{}", upstream(), Sidecar::accounts("classic", "stable")),
+    )
+    .await;
+    for _ in 0..3 {
+        side.send("/cgi-bin/message/template/send", TEMPLATE).await;
+    }
+    fake.invalidate(SHOP_APPID).await;
+    side.send("/cgi-bin/message/template/send", TEMPLATE).await;
+    side.token(SHOP_APPID, SHOP_SECRET).await;
+    let r = client().get(side.admin("/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no `{series}` in:\n{text}"))
+    };
+    assert_eq!(
+        value(r#"wxsidecar_requests_total{account="shop",outcome="ok",route="api"}"#),
+        4.0
+    );
+    assert_eq!(
+        value(r#"wxsidecar_requests_total{account="shop",outcome="ok",route="token"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"wxsidecar_token_fetches_total{account="shop",result="ok"}"#),
+        2.0
+    );
+    assert_eq!(
+        value(r#"wxsidecar_token_replays_total{account="shop",result="ok"}"#),
+        1.0
+    );
+    let host = format!("localhost:{}", fake.port);
+    assert!(
+        value(&format!(
+            r#"wxsidecar_upstream_connections_total{{host="{host}",reused="true"}}"#
+        )) >= 4.0
+    );
+    assert!(
+        value(&format!(
+            r#"wxsidecar_upstream_requests_total{{host="{host}",outcome="ok"}}"#
+        )) >= 6.0
+    );
+    let left = value(r#"wxsidecar_token_expiry_seconds{account="mall"}"#);
+    assert!(left > 7000.0 && left <= 7200.0, "{left}");
+    assert!(text.contains(r#"wxsidecar_request_duration_seconds_bucket{route="api""#));
+    assert!(text.contains(&format!(
+        r#"wxsidecar_build_info{{version="{}"}} 1"#,
+        env!("CARGO_PKG_VERSION")
+    )));
+    let token = side.token(SHOP_APPID, SHOP_SECRET).await;
+    assert!(
+        !text.contains(&token) && !text.contains(SHOP_SECRET) && !text.contains("/cgi-bin/message")
+    );
+}
+
+#[tokio::test]
+async fn post_refresh_forces_one_fetch_and_get_is_refused() {
+    let fake = Fake::start(&[]);
+    let side = Sidecar::start(
+        &fake,
+        &format!("{}{}", upstream(), Sidecar::accounts("classic", "stable")),
+    )
+    .await;
+    let before = side.token(SHOP_APPID, SHOP_SECRET).await;
+    let c = client();
+    assert_eq!(
+        c.get(side.admin("/refresh?account=shop"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        405
+    );
+    let r = c
+        .post(side.admin("/refresh?account=shop"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["errcode"], 0, "{v}");
+    assert!(!v.to_string().contains(&before));
+    assert_ne!(side.token(SHOP_APPID, SHOP_SECRET).await, before);
+    assert_eq!(fake.fetches(SHOP_APPID).await, 2);
+    let st = side.status().await;
+    assert_eq!(
+        st["accounts"][0]["fetches_today"], 2,
+        "counted against the budget: {st}"
+    );
+    let r = c
+        .post(side.admin("/refresh?account=nosuch"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}
+
+#[tokio::test]
+async fn a_whole_session_at_trace_level_logs_no_token_or_secret() {
+    let fake = Fake::start(&["--token-ttl", "3"]);
+    let cfg = format!("{}{}", upstream(), Sidecar::accounts("classic", "stable"));
+    let side = Sidecar::start_with_log_level(&fake, &cfg, "trace").await;
+    let mut tokens = Vec::new();
+    tokens.push(side.token(SHOP_APPID, SHOP_SECRET).await);
+    tokens.push(side.token(MALL_APPID, MALL_SECRET).await);
+    // Inject, replace a stale token, a foreign token, a replay, a failure, refresh.
+    side.send("/cgi-bin/message/template/send", TEMPLATE).await;
+    side.send(
+        &format!("/cgi-bin/message/template/send?access_token={}", tokens[0]),
+        TEMPLATE,
+    )
+    .await;
+    side.send(
+        "/cgi-bin/message/template/send?access_token=FOREIGN_TOKEN_1",
+        TEMPLATE,
+    )
+    .await;
+    fake.invalidate(SHOP_APPID).await;
+    side.send("/cgi-bin/message/template/send", TEMPLATE).await;
+    client()
+        .get(side.url(&format!(
+            "/cgi-bin/token?grant_type=client_credential&appid={SHOP_APPID}&secret=wrong-guess-1"
+        )))
+        .send()
+        .await
+        .unwrap();
+    client()
+        .post(side.admin("/refresh?account=mall"))
+        .send()
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(3500)).await; // a proactive refresh too
+    tokens.push(side.token(SHOP_APPID, SHOP_SECRET).await);
+    tokens.push(side.token(MALL_APPID, MALL_SECRET).await);
+    for r in fake.requests().await {
+        if let Some(t) = r["access_token"].as_str() {
+            if t != "FOREIGN_TOKEN_1" {
+                tokens.push(t.to_string());
+            }
+        }
+    }
+    let log = side.log();
+    assert!(
+        log.lines().count() > 100,
+        "trace level is on: {} lines",
+        log.lines().count()
+    );
+    assert!(
+        log.contains("\"message\":\"request\""),
+        "one line per request at debug"
+    );
+    let refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
+    side.assert_log_clean(&refs);
+    assert!(!log.contains("wrong-guess-1") && !log.contains("FOREIGN_TOKEN_1"));
+}
