@@ -19,6 +19,8 @@ pub struct App {
     pub wecom: Option<Arc<Upstreams>>,
     /// The shared token store (`token.store`), when not memory.
     pub store: Option<Arc<RedisStore>>,
+    /// Who may call, and how fast.
+    pub clients: crate::clients::Clients,
     pub started: Instant,
     /// Set once the app listener is about to accept.
     listening: AtomicBool,
@@ -33,6 +35,7 @@ impl App {
     ) -> Arc<Self> {
         Arc::new(App {
             store,
+            clients: crate::clients::Clients::new(config.clients.clone()),
             accounts: Accounts::new(&config.accounts),
             config,
             upstream,

@@ -222,6 +222,7 @@ pub struct Config {
     pub wecom_upstream: UpstreamConfig,
     pub accounts: Vec<AccountConfig>,
     pub token: TokenConfig,
+    pub clients: crate::clients::ClientsConfig,
 }
 
 impl Config {
@@ -272,6 +273,38 @@ mod raw {
         pub wecom_upstream: Option<Upstream>,
         pub accounts: Option<Vec<Account>>,
         pub token: Option<Token>,
+        pub clients: Option<Clients>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Clients {
+        pub allow: Option<Vec<String>>,
+        pub tokens: Option<Vec<ClientToken>>,
+        pub rate_limit: Option<RateLimit>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct ClientToken {
+        pub name: Option<String>,
+        pub token: Option<String>,
+        pub token_file: Option<String>,
+        pub accounts: Option<Vec<String>>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct RateLimit {
+        pub per_client: Option<Limit>,
+        pub per_account: Option<Limit>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Limit {
+        pub rps: f64,
+        pub burst: Option<f64>,
     }
 
     #[derive(Deserialize, Default)]
@@ -571,6 +604,12 @@ impl Config {
         if token.store_prefix.is_empty() || token.store_prefix.contains(char::is_whitespace) {
             problems.push("token.store_prefix: must be non-empty, without spaces".into());
         }
+        let clients = parse_clients(raw.clients.unwrap_or_default(), &accounts, &mut problems);
+        if !listen.ip().is_loopback() && !clients.restricts() {
+            problems.push(format!(
+                "clients: listen {listen} is not on loopback, so say who may call: set clients.allow (CIDRs) and/or clients.tokens (bearer tokens)"
+            ));
+        }
         if token.daily_budget == 0 {
             problems.push("token.daily_budget: must be at least 1 (the first fetch counts)".into());
         }
@@ -586,10 +625,106 @@ impl Config {
                 wecom_upstream,
                 accounts,
                 token,
+                clients,
             })
         } else {
             Err(problems)
         }
+    }
+}
+
+/// Parses `clients`: who may call, and how fast.
+fn parse_clients(
+    raw: raw::Clients,
+    accounts: &[AccountConfig],
+    problems: &mut Vec<String>,
+) -> crate::clients::ClientsConfig {
+    use crate::clients::{ClientToken, ClientsConfig, Limit};
+    let allow = raw
+        .allow
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+        .filter_map(|(i, a)| {
+            a.parse::<ipnet::IpNet>()
+                .or_else(|_| a.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    problems.push(format!(
+                        "clients.allow[{i}]: `{a}` is not a CIDR like 10.0.0.0/8 or an address"
+                    ))
+                })
+                .ok()
+        })
+        .collect();
+    let mut names = HashSet::new();
+    let tokens = raw
+        .tokens
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, t)| {
+            let at = |k: &str| format!("clients.tokens[{i}].{k}");
+            let name = t.name.filter(|n| !n.is_empty()).unwrap_or_else(|| {
+                problems.push(format!("{}: missing; name the calling app", at("name")));
+                format!("#{i}")
+            });
+            if !names.insert(name.clone()) {
+                problems.push(format!("{}: `{name}` is used twice", at("name")));
+            }
+            let value = match (t.token, t.token_file) {
+                (Some(v), None) => expand_env(&at("token"), &v, problems),
+                (None, Some(f)) => expand_env(&at("token_file"), &f, problems).and_then(|p| {
+                    std::fs::read_to_string(&p)
+                        .map(|s| s.trim().to_string())
+                        .map_err(|e| {
+                            problems.push(format!("{}: cannot read {p}: {e}", at("token_file")))
+                        })
+                        .ok()
+                }),
+                _ => {
+                    problems.push(format!(
+                        "{}: set token or token_file (client `{name}`)",
+                        at("token")
+                    ));
+                    None
+                }
+            }?;
+            if value.len() < 16 {
+                problems.push(format!(
+                    "{}: too short (client `{name}`); use at least 16 random characters",
+                    at("token")
+                ));
+            }
+            for a in t.accounts.iter().flatten() {
+                if !accounts.iter().any(|acc| &acc.name == a) {
+                    problems.push(format!("{}: no account named `{a}`", at("accounts")));
+                }
+            }
+            Some(ClientToken {
+                name,
+                token: Secret::new(value),
+                accounts: t.accounts,
+            })
+        })
+        .collect();
+    let rate = raw.rate_limit.unwrap_or_default();
+    let limit = |key: &str, l: Option<raw::Limit>, problems: &mut Vec<String>| {
+        l.and_then(|l| {
+            let burst = l.burst.unwrap_or(l.rps.max(1.0));
+            if !(l.rps > 0.0 && burst >= 1.0) {
+                problems.push(format!(
+                    "clients.rate_limit.{key}: rps must be > 0 and burst >= 1"
+                ));
+                return None;
+            }
+            Some(Limit { rps: l.rps, burst })
+        })
+    };
+    ClientsConfig {
+        allow,
+        tokens,
+        per_client: limit("per_client", rate.per_client, problems),
+        per_account: limit("per_account", rate.per_account, problems),
     }
 }
 

@@ -53,6 +53,8 @@ pub struct Ctx {
     account: Option<String>,
     /// WeChat's errcode in a buffered answer.
     errcode: Option<i64>,
+    /// Who is calling (after `clients` admitted them).
+    caller: Option<crate::clients::Caller>,
     /// Which upstream family and host the streaming path chose.
     kind: AccountKind,
     host: usize,
@@ -66,6 +68,7 @@ impl Default for Ctx {
             route: "api",
             account: None,
             errcode: None,
+            caller: None,
             kind: AccountKind::Official,
             host: 0,
         }
@@ -179,7 +182,7 @@ impl Proxy {
     }
 
     /// Chooses the account and the token for a request.
-    async fn plan(&self, req: &RequestHeader) -> Result<Plan, ProxyError> {
+    async fn plan(&self, req: &RequestHeader, ctx: &Ctx) -> Result<Plan, ProxyError> {
         let q = req.uri.query();
         let presented = q.and_then(|q| query::param(q, TOKEN_PARAM));
         let named = match req.headers.get(ACCOUNT_HEADER) {
@@ -190,6 +193,7 @@ impl Proxy {
             })?),
         };
         let account = self.app.accounts.pick(named, presented.as_deref())?;
+        self.admit_account(ctx, account)?;
         let replace = match &presented {
             None => true,
             Some(t) => {
@@ -204,6 +208,14 @@ impl Proxy {
             plan.account = Some(account.clone());
         }
         Ok(plan)
+    }
+
+    /// Whether the caller may use `account`, at this rate.
+    fn admit_account(&self, ctx: &Ctx, account: &Account) -> Result<(), ProxyError> {
+        match &ctx.caller {
+            Some(caller) => Ok(self.app.clients.account(caller, &account.name)?),
+            None => Ok(()),
+        }
     }
 
     /// After WeChat rejected `plan`'s token: report it (compare-and-refresh)
@@ -269,7 +281,9 @@ impl Proxy {
         )?;
         for (name, value) in client.headers.iter() {
             // `Expect` too: the body is already in hand, nothing to wait for.
+            // Our own bearer token is for us, never for WeChat.
             if is_hop_by_hop(name)
+                || (name == header::AUTHORIZATION && self.app.clients.uses_tokens())
                 || name == header::EXPECT
                 || name == header::HOST
                 || name == header::CONTENT_LENGTH
@@ -408,6 +422,9 @@ impl Proxy {
             let account = match local::authenticate_wecom(&self.app, &q) {
                 Ok(a) => {
                     ctx.account = Some(a.name.clone());
+                    if let Err(e) = self.admit_account(ctx, a) {
+                        return Ok(Err(e));
+                    }
                     a.clone()
                 }
                 Err(r) => {
@@ -454,6 +471,9 @@ impl Proxy {
         let account = match local::authenticate(&self.app, &creds) {
             Ok(a) => {
                 ctx.account = Some(a.name.clone());
+                if let Err(e) = self.admit_account(ctx, a) {
+                    return Ok(Err(e));
+                }
                 a.clone()
             }
             Err(r) => {
@@ -508,6 +528,24 @@ impl ProxyHttp for Proxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
+        let addr = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let auth = session
+            .req_header()
+            .headers
+            .get(header::AUTHORIZATION)
+            .map(|v| v.as_bytes());
+        match self.app.clients.admit(addr, auth) {
+            Ok(caller) => ctx.caller = Some(caller),
+            Err(denied) => {
+                let e = ProxyError::Denied(denied);
+                tracing::info!(path = session.req_header().uri.path(), status = e.status(), error = %e, "caller refused");
+                reply::send_error(session, &e).await?;
+                return Ok(true);
+            }
+        }
         let route = route::classify(session.req_header());
         let outcome = match route {
             Route::LocalClassicToken | Route::LocalStableToken | Route::LocalWeComToken => {
@@ -519,11 +557,11 @@ impl ProxyHttp for Proxy {
                 let plan = Plan::untouched(session.req_header(), self.app.default_family());
                 self.forward(session, plan, ctx).await?
             }
-            Route::Api => match self.plan(session.req_header()).await {
+            Route::Api => match self.plan(session.req_header(), ctx).await {
                 Ok(plan) => self.forward(session, plan, ctx).await?,
                 Err(e) => Err(e),
             },
-            Route::Stream => match self.plan(session.req_header()).await {
+            Route::Stream => match self.plan(session.req_header(), ctx).await {
                 Ok(plan) => {
                     ctx.route = "stream";
                     ctx.account = plan.account.as_ref().map(|a| a.name.clone());
@@ -576,6 +614,9 @@ impl ProxyHttp for Proxy {
             req.set_uri(uri);
         }
         req.remove_header(ACCOUNT_HEADER);
+        if self.app.clients.uses_tokens() {
+            req.remove_header(&header::AUTHORIZATION);
+        }
         let host = &self.app.upstream_for(ctx.kind).hosts()[ctx.host];
         req.insert_header(header::HOST, host.host_header())?;
         Ok(())

@@ -23,6 +23,8 @@ pub enum ProxyError {
     BudgetSpent { account: String },
     #[error("upstream unavailable, retry later")]
     Unavailable,
+    #[error("{0}")]
+    Denied(#[from] crate::clients::Denied),
     #[error("request body over the {limit}-byte limit for {path} (limits.buffered_body)")]
     BodyTooLarge { limit: usize, path: String },
     #[error("bad request for {path}: {reason}")]
@@ -39,6 +41,7 @@ impl ProxyError {
     pub fn status(&self) -> u16 {
         match self {
             ProxyError::NoAccount(_) | ProxyError::BadRequest { .. } => 400,
+            ProxyError::Denied(d) => d.status(),
             ProxyError::NoToken { .. }
             | ProxyError::BudgetSpent { .. }
             | ProxyError::Unavailable => 503,
@@ -52,6 +55,7 @@ impl ProxyError {
     pub fn errcode(&self) -> i64 {
         match self {
             ProxyError::NoAccount(_) => 40013,
+            ProxyError::Denied(d) => d.errcode(),
             ProxyError::BodyTooLarge { .. } => 45002,
             ProxyError::BudgetSpent { .. } => 45009,
             ProxyError::BadRequest { .. } => 40035,

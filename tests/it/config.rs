@@ -58,6 +58,9 @@ fn each_kind_of_error_names_its_key() {
         ("wecom with appid", "accounts:\n  - {name: a, kind: wecom, corpid: ww1, appid: wx1, secret: s}\n".into(), "accounts[0].appid"),
         ("wecom with token_api", "accounts:\n  - {name: a, kind: wecom, corpid: ww1, secret: s, token_api: stable}\n".into(), "accounts[0].token_api"),
         ("unknown kind", "accounts:\n  - {name: a, kind: miniapp, appid: wx1, secret: s}\n".into(), "accounts[0].kind"),
+        ("open listener without clients", format!("listen: 0.0.0.0:18080\n{acc}"), "clients.allow"),
+        ("short client token", format!("clients:\n  tokens:\n    - {{name: a, token: short}}\n{acc}"), "clients.tokens[0].token"),
+        ("bad CIDR", format!("clients:\n  allow: [10.0.0.0/99]\n{acc}"), "clients.allow[0]"),
         ("bad failover URL", format!("upstream:\n  failover: [\"nope\"]\n{acc}"), "upstream.failover[0]"),
     ];
     for (what, cfg, key) in cases {

@@ -2,6 +2,7 @@
 //! WeChat over TLS. One test binary to save link time.
 
 mod admin;
+mod clients;
 mod config;
 mod failover;
 mod failures;

@@ -1,0 +1,296 @@
+//! Who may call the app listener, and how fast.
+//!
+//! On loopback (the sidecar case) anyone local may call. A shared deployment
+//! (`listen` not on loopback) must say who: `clients.allow` (CIDRs) and/or
+//! `clients.tokens` (one bearer token per calling app, compared in constant
+//! time, optionally limited to some accounts). `clients.rate_limit` caps
+//! requests per client and per account (token buckets), so one runaway app
+//! cannot burn an account's minute quota. Refusals never echo a token.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::Instant;
+
+use ipnet::IpNet;
+use parking_lot::Mutex;
+
+use crate::secret::Secret;
+
+/// Buckets of clients not seen for this long are dropped when the map grows.
+const DEFAULT_BUCKET_IDLE_SECS: f64 = 60.0;
+/// Past this many tracked clients, idle buckets are swept.
+const DEFAULT_MAX_BUCKETS: usize = 10_000;
+
+/// Requests per second with a burst.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limit {
+    pub rps: f64,
+    pub burst: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientToken {
+    pub name: String,
+    pub token: Secret,
+    /// `None`: every account.
+    pub accounts: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ClientsConfig {
+    pub allow: Vec<IpNet>,
+    pub tokens: Vec<ClientToken>,
+    pub per_client: Option<Limit>,
+    pub per_account: Option<Limit>,
+}
+
+impl ClientsConfig {
+    pub fn restricts(&self) -> bool {
+        !self.allow.is_empty() || !self.tokens.is_empty()
+    }
+}
+
+/// Why a caller was turned away.
+#[derive(Debug, thiserror::Error)]
+pub enum Denied {
+    #[error("client {0} is not in clients.allow")]
+    Address(String),
+    #[error(
+        "missing or unknown bearer token (clients.tokens); send Authorization: Bearer <token>"
+    )]
+    Token,
+    #[error("client {client} may not use account {account}")]
+    Account { client: String, account: String },
+    #[error("rate limit for {0} exceeded (clients.rate_limit); slow down")]
+    Rate(String),
+}
+
+impl Denied {
+    pub fn status(&self) -> u16 {
+        match self {
+            Denied::Rate(_) => 429,
+            _ => 403,
+        }
+    }
+
+    /// WeChat's codes for the same situations, so SDKs react sensibly.
+    pub fn errcode(&self) -> i64 {
+        match self {
+            Denied::Address(_) => 40164,
+            Denied::Token | Denied::Account { .. } => 48001,
+            Denied::Rate(_) => 45011,
+        }
+    }
+}
+
+/// A caller admitted at the door.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The token's name, or the client address.
+    pub name: String,
+    token: Option<usize>,
+}
+
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn take(&mut self, limit: Limit, now: Instant) -> bool {
+        let elapsed = now.duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.tokens = (self.tokens + elapsed * limit.rps).min(limit.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[derive(Default)]
+struct Buckets(Mutex<HashMap<String, Bucket>>);
+
+impl Buckets {
+    fn take(&self, key: &str, limit: Limit) -> bool {
+        let now = Instant::now();
+        let mut map = self.0.lock();
+        if map.len() > DEFAULT_MAX_BUCKETS {
+            map.retain(|_, b| now.duration_since(b.at).as_secs_f64() < DEFAULT_BUCKET_IDLE_SECS);
+        }
+        match map.get_mut(key) {
+            Some(b) => b.take(limit, now),
+            None => {
+                let mut b = Bucket {
+                    tokens: limit.burst,
+                    at: now,
+                };
+                let ok = b.take(limit, now);
+                map.insert(key.to_string(), b);
+                ok
+            }
+        }
+    }
+}
+
+pub struct Clients {
+    conf: ClientsConfig,
+    per_client: Buckets,
+    per_account: Buckets,
+}
+
+impl Clients {
+    pub fn new(conf: ClientsConfig) -> Self {
+        Clients {
+            conf,
+            per_client: Buckets::default(),
+            per_account: Buckets::default(),
+        }
+    }
+
+    pub fn uses_tokens(&self) -> bool {
+        !self.conf.tokens.is_empty()
+    }
+
+    /// Checks the caller's address, bearer token and per-client rate.
+    pub fn admit(
+        &self,
+        addr: Option<IpAddr>,
+        authorization: Option<&[u8]>,
+    ) -> Result<Caller, Denied> {
+        let shown = addr.map_or("unknown".to_string(), |a| a.to_string());
+        if !self.conf.allow.is_empty()
+            && !addr.is_some_and(|a| self.conf.allow.iter().any(|n| n.contains(&a)))
+        {
+            return Err(Denied::Address(shown));
+        }
+        let mut caller = Caller {
+            name: shown,
+            token: None,
+        };
+        if !self.conf.tokens.is_empty() {
+            let presented = authorization
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .and_then(|v| {
+                    v.strip_prefix("Bearer ")
+                        .or_else(|| v.strip_prefix("bearer "))
+                })
+                .map(str::trim)
+                .ok_or(Denied::Token)?;
+            // Compare with every token, so timing does not tell which matched.
+            let matched = self
+                .conf
+                .tokens
+                .iter()
+                .enumerate()
+                .fold(None, |found, (i, t)| {
+                    if t.token.matches(presented) {
+                        Some(i)
+                    } else {
+                        found
+                    }
+                });
+            let i = matched.ok_or(Denied::Token)?;
+            caller = Caller {
+                name: self.conf.tokens[i].name.clone(),
+                token: Some(i),
+            };
+        }
+        if let Some(limit) = self.conf.per_client {
+            if !self.per_client.take(&caller.name, limit) {
+                return Err(Denied::Rate(format!("client {}", caller.name)));
+            }
+        }
+        Ok(caller)
+    }
+
+    /// Checks that the caller may use `account`, and the account's rate.
+    pub fn account(&self, caller: &Caller, account: &str) -> Result<(), Denied> {
+        if let Some(allowed) = caller
+            .token
+            .and_then(|i| self.conf.tokens[i].accounts.as_ref())
+        {
+            if !allowed.iter().any(|a| a == account) {
+                return Err(Denied::Account {
+                    client: caller.name.clone(),
+                    account: account.to_string(),
+                });
+            }
+        }
+        if let Some(limit) = self.conf.per_account {
+            if !self.per_account.take(account, limit) {
+                return Err(Denied::Rate(format!("account {account}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn clients(conf: ClientsConfig) -> Clients {
+        Clients::new(conf)
+    }
+
+    #[test]
+    fn allow_list() {
+        let c = clients(ClientsConfig {
+            allow: vec!["10.1.0.0/16".parse().unwrap()],
+            ..Default::default()
+        });
+        assert!(c.admit(Some("10.1.2.3".parse().unwrap()), None).is_ok());
+        assert!(matches!(
+            c.admit(Some("10.2.0.1".parse().unwrap()), None),
+            Err(Denied::Address(_))
+        ));
+        assert!(matches!(c.admit(None, None), Err(Denied::Address(_))));
+    }
+
+    #[test]
+    fn bearer_tokens_and_account_limits() {
+        let c = clients(ClientsConfig {
+            tokens: vec![ClientToken {
+                name: "billing".into(),
+                token: Secret::new("tok-b"),
+                accounts: Some(vec!["shop".into()]),
+            }],
+            ..Default::default()
+        });
+        let caller = c.admit(None, Some(b"Bearer tok-b")).unwrap();
+        assert_eq!(caller.name, "billing");
+        assert!(c.account(&caller, "shop").is_ok());
+        assert!(matches!(
+            c.account(&caller, "mall"),
+            Err(Denied::Account { .. })
+        ));
+        assert!(matches!(
+            c.admit(None, Some(b"Bearer nope")),
+            Err(Denied::Token)
+        ));
+        assert!(matches!(c.admit(None, None), Err(Denied::Token)));
+    }
+
+    #[test]
+    fn rate_limit_with_burst() {
+        let c = clients(ClientsConfig {
+            per_client: Some(Limit {
+                rps: 1.0,
+                burst: 3.0,
+            }),
+            ..Default::default()
+        });
+        let ip = Some("127.0.0.1".parse().unwrap());
+        for _ in 0..3 {
+            assert!(c.admit(ip, None).is_ok());
+        }
+        assert!(matches!(c.admit(ip, None), Err(Denied::Rate(_))));
+        assert!(
+            c.admit(Some("127.0.0.2".parse().unwrap()), None).is_ok(),
+            "per client"
+        );
+    }
+}
