@@ -14,6 +14,8 @@ install-deps:
 	  echo "installing:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
 	fi
+	@# Kubernetes schema check for conf/k8s (PyPI).
+	@python3 -c 'import kubernetes_validate' 2>/dev/null || python3 -m pip install -q --disable-pip-version-check kubernetes-validate
 
 build: install-deps
 	$(CARGO) build --release

@@ -21,6 +21,8 @@ pub struct App {
     pub store: Option<Arc<RedisStore>>,
     /// Who may call, and how fast.
     pub clients: crate::clients::Clients,
+    /// Requests in flight; draining after SIGTERM/SIGQUIT.
+    pub drain: Arc<crate::lifecycle::Drain>,
     pub started: Instant,
     /// Set once the app listener is about to accept.
     listening: AtomicBool,
@@ -36,6 +38,7 @@ impl App {
         Arc::new(App {
             store,
             clients: crate::clients::Clients::new(config.clients.clone()),
+            drain: Arc::default(),
             accounts: Accounts::new(&config.accounts),
             config,
             upstream,
@@ -72,6 +75,9 @@ impl App {
 
     /// `None` when ready; otherwise why not, in one line.
     pub fn not_ready_reason(&self) -> Option<String> {
+        if self.drain.is_draining() {
+            return Some("draining: shutting down or handing over to a new process".into());
+        }
         if !self.listening.load(Ordering::Acquire) {
             return Some("app listener not open yet (fetching first tokens)".into());
         }

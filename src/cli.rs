@@ -32,12 +32,34 @@ struct ConfigArg {
     config: PathBuf,
 }
 
+#[derive(Args)]
+struct CheckArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Print the effective configuration (defaults filled in) as YAML.
+    #[arg(long)]
+    print: bool,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Take the listening sockets over from a running wxsidecar (send it
+    /// SIGQUIT): a zero-downtime upgrade.
+    #[arg(long)]
+    upgrade: bool,
+    /// Detach from the terminal and write `pid_file`.
+    #[arg(long)]
+    daemon: bool,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the sidecar.
-    Run(ConfigArg),
+    Run(RunArgs),
     /// Validate the configuration and print what it sets up (secrets masked).
-    Check(ConfigArg),
+    Check(CheckArgs),
     /// Run the fake WeChat server (for tests, demos and benchmarks).
     FakeWechat(FakeArgs),
     /// Start a fake WeChat and a sidecar for it, and print curl commands to try.
@@ -96,11 +118,15 @@ pub struct DemoArgs {
 pub fn main() -> i32 {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(c) => {
+        Command::Run(r) => {
             logging::init(cli.log_format.unwrap_or_else(LogFormat::auto));
-            run(&c.config)
+            let mode = server::RunMode {
+                upgrade: r.upgrade,
+                daemon: r.daemon,
+            };
+            run(&r.config.config, mode)
         }
-        Command::Check(c) => check(&c.config),
+        Command::Check(c) => check(&c.config.config, c.print),
         Command::FakeWechat(f) => {
             logging::init(cli.log_format.unwrap_or_else(LogFormat::auto));
             fake_wechat(f)
@@ -119,12 +145,12 @@ fn load(path: &std::path::Path) -> Result<Config, i32> {
     })
 }
 
-fn run(path: &std::path::Path) -> i32 {
+fn run(path: &std::path::Path, mode: server::RunMode) -> i32 {
     let config = match load(path) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    match server::prepare(config) {
+    match server::prepare(config, mode) {
         Ok(p) => {
             p.run();
             0
@@ -137,11 +163,15 @@ fn run(path: &std::path::Path) -> i32 {
     }
 }
 
-fn check(path: &std::path::Path) -> i32 {
+fn check(path: &std::path::Path, print: bool) -> i32 {
     let c = match load(path) {
         Ok(c) => c,
         Err(code) => return code,
     };
+    if print {
+        print!("{}", crate::effective::yaml(&c));
+        return 0;
+    }
     println!("configuration {} is valid", path.display());
     println!("listen:        {} (apps, plain HTTP/1.1)", c.listen);
     println!(

@@ -52,8 +52,8 @@ const DEFAULT_LOCK_SLACK: Duration = Duration::from_secs(2);
 pub const DEFAULT_BUFFERED_BODY: usize = 1 << 20;
 /// One worker thread: a sidecar shares its pod's CPU with the app.
 pub const DEFAULT_THREADS: usize = 1;
-/// Kubernetes gives 30 s; we stop well within it.
-pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Kubernetes gives 30 s; we stop well within it (and sooner when idle).
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// How an account gets its token from WeChat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,6 +214,10 @@ pub struct TokenConfig {
 pub struct Config {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
+    /// Where a new process (`run --upgrade`) receives the listening sockets.
+    pub upgrade_sock: PathBuf,
+    /// Written by `run --daemon`.
+    pub pid_file: PathBuf,
     pub threads: usize,
     pub shutdown_grace: Duration,
     pub buffered_body_limit: usize,
@@ -266,6 +270,8 @@ mod raw {
     pub struct File {
         pub listen: Option<String>,
         pub admin_listen: Option<String>,
+        pub upgrade_sock: Option<String>,
+        pub pid_file: Option<String>,
         pub threads: Option<usize>,
         pub shutdown_grace: Option<String>,
         pub limits: Option<Limits>,
@@ -618,6 +624,12 @@ impl Config {
             Ok(Config {
                 listen,
                 admin_listen,
+                upgrade_sock: raw.upgrade_sock.map(PathBuf::from).unwrap_or_else(|| {
+                    PathBuf::from(format!("/tmp/wxsidecar-{}.upgrade.sock", listen.port()))
+                }),
+                pid_file: raw.pid_file.map(PathBuf::from).unwrap_or_else(|| {
+                    PathBuf::from(format!("/tmp/wxsidecar-{}.pid", listen.port()))
+                }),
                 threads,
                 shutdown_grace,
                 buffered_body_limit,

@@ -78,7 +78,7 @@ accounts:
             return 2;
         }
     };
-    let prepared = match server::prepare(config) {
+    let prepared = match server::prepare(config, server::RunMode::default()) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("demo: cannot start: {e} (try --listen / --admin-listen)");

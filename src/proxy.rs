@@ -55,6 +55,8 @@ pub struct Ctx {
     errcode: Option<i64>,
     /// Who is calling (after `clients` admitted them).
     caller: Option<crate::clients::Caller>,
+    /// Counts the request as in flight while it lives.
+    _in_flight: Option<crate::lifecycle::InFlight>,
     /// Which upstream family and host the streaming path chose.
     kind: AccountKind,
     host: usize,
@@ -69,6 +71,7 @@ impl Default for Ctx {
             account: None,
             errcode: None,
             caller: None,
+            _in_flight: None,
             kind: AccountKind::Official,
             host: 0,
         }
@@ -524,7 +527,10 @@ impl ProxyHttp for Proxy {
     type CTX = Ctx;
 
     fn new_ctx(&self) -> Ctx {
-        Ctx::default()
+        Ctx {
+            _in_flight: Some(self.app.drain.enter()),
+            ..Ctx::default()
+        }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {

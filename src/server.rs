@@ -23,6 +23,7 @@ use crate::admin::Admin;
 use crate::app::App;
 use crate::config::{AccountKind, Config};
 use crate::failover::Upstreams;
+use crate::lifecycle::Signals;
 use crate::proxy::Proxy;
 use crate::token::refresher;
 use crate::token::store::{now_ms, Record, RedisStore};
@@ -36,10 +37,20 @@ const DEFAULT_BOOT_SLACK: Duration = Duration::from_secs(3);
 pub struct Prepared {
     app: Arc<App>,
     ca_bundle: Option<String>,
+    mode: RunMode,
 }
 
 /// Validates what the config alone cannot: the CA bundle and free ports.
-pub fn prepare(config: Config) -> Result<Prepared, String> {
+/// How the process was started.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RunMode {
+    /// Take the listening sockets over from a running process (`run --upgrade`).
+    pub upgrade: bool,
+    /// Detach and write `pid_file` (`run --daemon`).
+    pub daemon: bool,
+}
+
+pub fn prepare(config: Config, mode: RunMode) -> Result<Prepared, String> {
     crate::metrics::init();
     let wecom_in_use = config.accounts.iter().any(|a| a.kind == AccountKind::WeCom);
     let mut extras: Vec<&std::path::Path> = config
@@ -56,12 +67,15 @@ pub fn prepare(config: Config) -> Result<Prepared, String> {
     } else {
         Some(upstream::ca_bundle(&extras)?)
     };
-    for (key, addr) in [
-        ("listen", config.listen),
-        ("admin_listen", config.admin_listen),
-    ] {
-        std::net::TcpListener::bind(addr)
-            .map_err(|e| format!("{key}: cannot listen on {addr}: {e}"))?;
+    // An upgrade takes the ports over from the running process.
+    if !mode.upgrade {
+        for (key, addr) in [
+            ("listen", config.listen),
+            ("admin_listen", config.admin_listen),
+        ] {
+            std::net::TcpListener::bind(addr)
+                .map_err(|e| format!("{key}: cannot listen on {addr}: {e}"))?;
+        }
     }
     let up = Upstreams::new(&config.upstream, ca_bundle.as_deref());
     let wecom = wecom_in_use.then(|| Upstreams::new(&config.wecom_upstream, ca_bundle.as_deref()));
@@ -72,6 +86,7 @@ pub fn prepare(config: Config) -> Result<Prepared, String> {
     Ok(Prepared {
         app: App::new(config, up, wecom, store),
         ca_bundle: ca_bundle.map(|p| p.display().to_string()),
+        mode,
     })
 }
 
@@ -83,15 +98,26 @@ impl Prepared {
     /// Runs until SIGTERM (graceful) or SIGINT (fast).
     pub fn run(self) {
         let config = &self.app.config;
+        let grace = config.shutdown_grace.as_secs().max(1);
         let conf = ServerConf {
             threads: config.threads,
-            grace_period_seconds: Some(config.shutdown_grace.as_secs()),
-            graceful_shutdown_timeout_seconds: Some(config.shutdown_grace.as_secs().max(1)),
+            // pingora waits this long, then gives the runtimes 1 s: together
+            // no more than shutdown_grace (sooner when idle, see lifecycle).
+            grace_period_seconds: Some(grace.saturating_sub(1)),
+            graceful_shutdown_timeout_seconds: Some(1),
+            upgrade_sock: config.upgrade_sock.display().to_string(),
+            pid_file: config.pid_file.display().to_string(),
+            daemon: self.mode.daemon,
             upstream_keepalive_pool_size: DEFAULT_POOL_SIZE,
             ca_file: self.ca_bundle.clone(),
             ..ServerConf::default()
         };
-        let mut server = Server::new_with_opt_and_conf(None, conf);
+        let opt = pingora::server::configuration::Opt {
+            upgrade: self.mode.upgrade,
+            daemon: self.mode.daemon,
+            ..Default::default()
+        };
+        let mut server = Server::new_with_opt_and_conf(opt, conf);
         server.bootstrap();
 
         let mut proxy = http_proxy_service_with_name(
@@ -121,7 +147,12 @@ impl Prepared {
             accounts = config.accounts.len(),
             "wxsidecar starting"
         );
-        server.run(RunArgs::default());
+        server.run(RunArgs {
+            shutdown_signal: Box::new(Signals {
+                drain: self.app.drain.clone(),
+                grace: config.shutdown_grace,
+            }),
+        });
         tracing::info!("wxsidecar stopped");
     }
 }

@@ -141,3 +141,34 @@ fn the_store_password_is_masked() {
     assert_ne!(code, 0);
     assert!(err.contains("token.store"), "{err}");
 }
+
+#[test]
+fn check_print_shows_the_effective_config_with_secrets_masked() {
+    let cfg = "accounts:\n  - name: shop\n    appid: wx0123456789abcdef\n    secret: ${WXT_PRINT_SECRET}\nclients:\n  tokens:\n    - {name: app, token: client-token-value-0123}\n";
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.yaml");
+    std::fs::write(&path, cfg).unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--print", "--config"])
+        .arg(&path)
+        .env("WXT_PRINT_SECRET", "print-secret-value-42")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "read_timeout: 15s",
+        "daily_budget: 200",
+        "shutdown_grace: 10s",
+        "url: https://api.weixin.qq.com",
+        "url: https://qyapi.weixin.qq.com",
+        "token_api: stable",
+        "secret: '***'",
+    ] {
+        assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
+    }
+    assert!(!text.contains("print-secret-value-42") && !text.contains("client-token-value-0123"));
+    // It is YAML.
+    let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
+    assert_eq!(v["accounts"][0]["name"].as_str(), Some("shop"));
+}

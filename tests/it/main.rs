@@ -4,8 +4,10 @@
 mod admin;
 mod clients;
 mod config;
+mod deploy;
 mod failover;
 mod failures;
+mod lifecycle;
 mod path;
 mod replay;
 mod store;

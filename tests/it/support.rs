@@ -279,21 +279,77 @@ impl Sidecar {
         let path = dir.path().join("wxsidecar.yaml");
         std::fs::write(&path, config).unwrap();
         let log = std::fs::File::create(dir.path().join("log")).unwrap();
-        let child = Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(&path)
-            .env("WXT_SHOP_SECRET", SHOP_SECRET)
-            .env("RUST_LOG", log_level)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let child = Self::command(&path, log_level, &[], log);
         Sidecar {
             child: Some(child),
             port,
             admin_port,
             dir,
         }
+    }
+
+    fn command(
+        config: &std::path::Path,
+        log_level: &str,
+        extra: &[&str],
+        log: std::fs::File,
+    ) -> Child {
+        Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(config)
+            .args(extra)
+            .env("WXT_SHOP_SECRET", SHOP_SECRET)
+            .env("RUST_LOG", log_level)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    }
+
+    /// Starts `run --upgrade` with this sidecar's config: the new process
+    /// waits for the listening sockets, which this one hands over on SIGQUIT.
+    pub fn start_upgrade(&self) -> Sidecar {
+        let dir = tempfile::tempdir().unwrap();
+        let log = std::fs::File::create(dir.path().join("log")).unwrap();
+        let child = Self::command(
+            &self.dir.path().join("wxsidecar.yaml"),
+            "info",
+            &["--upgrade"],
+            log,
+        );
+        Sidecar {
+            child: Some(child),
+            port: self.port,
+            admin_port: self.admin_port,
+            dir,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Sends a signal by name (TERM, INT, QUIT).
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args(["-s", sig, &self.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -s {sig} failed");
+    }
+
+    /// Waits up to `limit` for the process to exit; its exit status.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        let child = self.child.as_mut()?;
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     pub fn url(&self, path: &str) -> String {
