@@ -80,6 +80,30 @@ fn answer(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
 
 const TEXT: &str = "text/plain; charset=utf-8";
 
+#[cfg(feature = "profiling")]
+async fn profile(query: &str) -> Response<Vec<u8>> {
+    let seconds = crate::query::param(query, "seconds")
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or(10);
+    if seconds == 0 || seconds > crate::profile::MAX_SECONDS {
+        return answer(
+            400,
+            TEXT,
+            format!("seconds must be 1..={}\n", crate::profile::MAX_SECONDS).into_bytes(),
+        );
+    }
+    let flamegraph = crate::query::param(query, "format").as_deref() == Some("flamegraph");
+    match crate::profile::cpu(seconds, flamegraph).await {
+        Ok((content_type, body)) => answer(200, content_type, body),
+        Err(e) => answer(409, TEXT, format!("{e}\n").into_bytes()),
+    }
+}
+
+#[cfg(not(feature = "profiling"))]
+async fn profile(_query: &str) -> Response<Vec<u8>> {
+    answer(404, TEXT, b"built without the profiling feature\n".to_vec())
+}
+
 impl Admin {
     fn metrics(&self) -> Response<Vec<u8>> {
         for a in self.app.accounts.iter() {
@@ -169,6 +193,7 @@ impl ServeHttp for Admin {
             },
             ("/status", _) => answer(200, JSON, self.status().to_string().into_bytes()),
             ("/metrics", _) => self.metrics(),
+            ("/debug/pprof/profile", _) => profile(&query).await,
             _ => answer(
                 404,
                 TEXT,

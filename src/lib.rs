@@ -19,6 +19,8 @@ pub mod lifecycle;
 pub mod local;
 pub mod logging;
 pub mod metrics;
+#[cfg(feature = "profiling")]
+pub mod profile;
 pub mod proxy;
 pub mod query;
 pub mod reply;

@@ -169,3 +169,59 @@ async fn a_whole_session_at_trace_level_logs_no_token_or_secret() {
     side.assert_log_clean(&refs);
     assert!(!log.contains("wrong-guess-1") && !log.contains("FOREIGN_TOKEN_1"));
 }
+
+#[tokio::test]
+async fn cpu_profiles_as_pprof_and_flamegraph() {
+    let fake = Fake::start(&[]);
+    let side = Sidecar::start(
+        &fake,
+        &format!("{}{}", upstream(), Sidecar::accounts("stable", "stable")),
+    )
+    .await;
+    // Work to sample while the profiles run: 8 clients until both are taken.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = (0..8)
+        .map(|_| {
+            let (url, stop) = (side.url("/cgi-bin/message/template/send"), stop.clone());
+            tokio::spawn(async move {
+                let c = client();
+                let deadline = std::time::Instant::now() + WAIT;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                    && std::time::Instant::now() < deadline
+                {
+                    let _ = c.post(&url).body(TEMPLATE).send().await;
+                }
+            })
+        })
+        .collect();
+    let c = client();
+    let r = c
+        .get(side.admin("/debug/pprof/profile?seconds=1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/octet-stream");
+    let pb = r.bytes().await.unwrap();
+    assert!(pb.len() > 100, "a pprof protobuf: {} bytes", pb.len());
+    let r = c
+        .get(side.admin("/debug/pprof/profile?seconds=1&format=flamegraph"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let svg = r.text().await.unwrap();
+    assert!(svg.contains("<svg"), "an SVG flamegraph");
+    assert_eq!(
+        c.get(side.admin("/debug/pprof/profile?seconds=0"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for l in load {
+        l.await.unwrap();
+    }
+}
