@@ -5,7 +5,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # a C compiler, redis-server for the shared-store tests.
 DEPS := cmake:cmake cc:build-essential redis-server:redis-server curl:curl
 
-.PHONY: demo test install-deps build fmt clippy unit
+.PHONY: demo test bench install-deps install-bench-deps build fmt clippy
 
 install-deps:
 	@missing=""; for d in $(DEPS); do cmd=$${d%%:*}; pkg=$${d##*:}; \
@@ -31,3 +31,15 @@ clippy: install-deps
 
 test: install-deps fmt clippy
 	$(CARGO) test
+
+# Benchmark tools from Debian: the contenders and the load generator.
+install-bench-deps: install-deps
+	@missing=""; for d in nginx:nginx-light haproxy:haproxy wrk:wrk openssl:openssl; do cmd=$${d%%:*}; pkg=$${d##*:}; \
+	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+# Every benchmark, one report: BENCHMARKS.md (about 10 minutes).
+bench: install-bench-deps
+	benches/run-all.sh

@@ -150,6 +150,13 @@ impl Clients {
         }
     }
 
+    /// Whether admitting a caller needs its address (allow-list, or
+    /// per-client limits keyed by address).
+    pub fn needs_address(&self) -> bool {
+        !self.conf.allow.is_empty()
+            || (self.conf.per_client.is_some() && self.conf.tokens.is_empty())
+    }
+
     pub fn uses_tokens(&self) -> bool {
         !self.conf.tokens.is_empty()
     }

@@ -534,10 +534,15 @@ impl ProxyHttp for Proxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
-        let addr = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
+        // The peer address costs a getpeername(2): ask only when it matters.
+        let addr = if self.app.clients.needs_address() {
+            session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip())
+        } else {
+            None
+        };
         let auth = session
             .req_header()
             .headers

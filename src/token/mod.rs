@@ -291,6 +291,12 @@ impl TokenCell {
         outcome
     }
 
+    /// Stores a token as if fetched: for benches and tests outside the crate.
+    #[doc(hidden)]
+    pub fn store_for_bench(&self, value: &str, expires_in: Duration) {
+        self.store(value, expires_in);
+    }
+
     pub(crate) fn record_failure(&self, errcode: i64, message: String) {
         {
             let mut st = self.status.lock();

@@ -1,0 +1,94 @@
+//! Micro-benches of the request path's pure parts (criterion):
+//! route classification, account choice, token injection into the query,
+//! errcode sniffing on a JSON answer, and log scrubbing.
+//! `cargo bench --bench hot_path`
+
+use std::time::Duration;
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use pingora::http::RequestHeader;
+use wxsidecar::account::Accounts;
+use wxsidecar::config::Config;
+
+fn accounts(n: usize) -> Accounts {
+    let mut yaml = String::from("accounts:\n");
+    for i in 0..n {
+        yaml.push_str(&format!(
+            "  - {{name: a{i}, appid: wx{i:016}, secret: s{i}, default: {}}}\n",
+            i == 0
+        ));
+    }
+    let c = Config::parse(&yaml).unwrap();
+    let a = Accounts::new(&c.accounts);
+    for (i, acc) in a.iter().enumerate() {
+        acc.tokens
+            .store_for_bench(&format!("TOKEN{i:090}"), Duration::from_secs(7200));
+    }
+    a
+}
+
+fn bench(c: &mut Criterion) {
+    let mut req =
+        RequestHeader::build("POST", b"/cgi-bin/message/template/send?foo=1", None).unwrap();
+    req.insert_header("Content-Type", "application/json")
+        .unwrap();
+    c.bench_function("route::classify template send", |b| {
+        b.iter(|| wxsidecar::route::classify(black_box(&req)))
+    });
+
+    for n in [1usize, 100, 10_000] {
+        let a = accounts(n);
+        let last = format!("TOKEN{:090}", n - 1);
+        c.bench_function(&format!("account::pick by header ({n} accounts)"), |b| {
+            b.iter(|| a.pick(black_box(Some("a0")), None).is_ok())
+        });
+        c.bench_function(
+            &format!("account::pick by issued token ({n} accounts)"),
+            |b| b.iter(|| a.pick(None, black_box(Some(last.as_str()))).is_ok()),
+        );
+    }
+
+    let token = format!("TOKEN{:090}", 7);
+    c.bench_function("query::with_token inject", |b| {
+        b.iter(|| wxsidecar::query::with_token(black_box(Some("foo=1&bar=2")), black_box(&token)))
+    });
+    c.bench_function("query::with_token replace", |b| {
+        b.iter(|| {
+            wxsidecar::query::with_token(
+                black_box(Some("a=1&access_token=OLD&b=2")),
+                black_box(&token),
+            )
+        })
+    });
+    c.bench_function("query::param access_token", |b| {
+        b.iter(|| {
+            wxsidecar::query::param(black_box("a=1&access_token=OLD&b=2"), "access_token").is_some()
+        })
+    });
+
+    let ok = br#"{"errcode":0,"errmsg":"ok","msgid":200228332}"#;
+    let bad = br#"{"errcode":40001,"errmsg":"invalid credential, access_token is invalid or not latest rid: 6579bd2c-0a3c1f14-2e8c1b01"}"#;
+    c.bench_function("inspect::errcode ok answer", |b| {
+        b.iter(|| wxsidecar::inspect::errcode(black_box(ok)))
+    });
+    c.bench_function("inspect::token_rejected 40001", |b| {
+        b.iter(|| wxsidecar::inspect::token_rejected(black_box(bad)))
+    });
+
+    let line = r#"{"timestamp":"2026-11-28T10:00:00Z","level":"DEBUG","message":"request","method":"POST","path":"/cgi-bin/message/template/send","status":200}"#;
+    let secret_line = "GET /cgi-bin/token?grant_type=client_credential&appid=wx1&secret=abcdef0123456789 HTTP/1.1";
+    c.bench_function("logging::scrub clean line", |b| {
+        b.iter(|| wxsidecar::logging::scrub(black_box(line)))
+    });
+    c.bench_function("logging::scrub line with a secret", |b| {
+        b.iter(|| wxsidecar::logging::scrub(black_box(secret_line)))
+    });
+}
+
+criterion_group! {
+    name = benches;
+    // Short runs: these are nanosecond functions; make bench runs many benches.
+    config = Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+    targets = bench
+}
+criterion_main!(benches);

@@ -1,0 +1,212 @@
+#!/usr/bin/env bash
+# Proxy throughput and tail latency on loopback (issue 6, table B).
+#
+# Upstream: nginx answering the template-send and token paths with canned
+# JSON (plain, then TLS). Contenders, each with a keep-alive pool to it:
+# wxsidecar (injecting its token), nginx (proxy_pass + a static access_token),
+# HAProxy (http-request set-query + a static access_token), and the direct
+# path (no proxy) as the ceiling. wrk POSTs a template body at 1, 16, 64 and
+# 256 connections; contenders alternate (A B C D A B C D ...) and each cell is
+# the median of RUNS runs. Prints Markdown.
+#
+# Usage: benches/proxy_bench.sh   (env: DURATION=3 RUNS=3 CONNS="1 16 64 256" MODES="plain tls")
+# Needs: a release build, nginx, haproxy, wrk, openssl (make bench installs them).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${DURATION:-3}
+RUNS=${RUNS:-3}
+CONNS=${CONNS:-"1 16 64 256"}
+MODES=${MODES:-"plain tls"}
+BIN=$PWD/target/release/wxsidecar
+[ -x "$BIN" ] || { echo "build first: cargo build --release" >&2; exit 2; }
+for c in nginx haproxy wrk openssl; do command -v $c >/dev/null || { echo "missing $c (make bench installs it)" >&2; exit 2; }; done
+
+dir=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; sleep 0.2; rm -rf "$dir"; }
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
+cpu_ticks() { local t=0; for p in "$@"; do [ -r /proc/$p/stat ] && t=$((t + $(awk '{print $14+$15}' /proc/$p/stat))); done; echo $t; }
+children() { pgrep -P "$1" | tr '\n' ' '; }
+
+TOKEN=ACCESS_TOKEN_$(head -c 30 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | head -c 40)
+# A CA (cert.pem, what every client trusts) and a leaf for localhost signed by it.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=bench CA" \
+  -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign" \
+  -keyout "$dir/ca-key.pem" -out "$dir/cert.pem" 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=localhost \
+  -keyout "$dir/key.pem" -out "$dir/leaf.csr" 2>/dev/null
+printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' > "$dir/leaf.ext"
+openssl x509 -req -in "$dir/leaf.csr" -CA "$dir/cert.pem" -CAkey "$dir/ca-key.pem" -CAcreateserial \
+  -days 2 -extfile "$dir/leaf.ext" -out "$dir/leaf.pem" 2>/dev/null
+
+UP=$(free_port); UPT=$(free_port); NG=$(free_port); HA=$(free_port); SC=$(free_port); SCA=$(free_port)
+
+# The canned upstream: 1 worker, as fast as nginx gets.
+mkdir -p "$dir/up" "$dir/ng"
+cat > "$dir/up/nginx.conf" <<EOF
+worker_processes 1;
+pid $dir/up/nginx.pid;
+error_log $dir/up/error.log crit;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path $dir/up;
+  server {
+    listen 127.0.0.1:$UP;
+    listen 127.0.0.1:$UPT ssl;
+    ssl_certificate $dir/leaf.pem;
+    ssl_certificate_key $dir/key.pem;
+    default_type application/json;
+    location = /cgi-bin/stable_token { return 200 '{"access_token":"$TOKEN","expires_in":7200}'; }
+    location = /cgi-bin/message/template/send { return 200 '{"errcode":0,"errmsg":"ok","msgid":200228332}'; }
+  }
+}
+EOF
+nginx -c "$dir/up/nginx.conf" -g 'daemon off;' & pids+=($!)
+wait_port "$UP"
+
+start_contenders() { # $1 = plain|tls
+  local scheme=http port=$UP ssl_line="" ha_ssl=""
+  if [ "$1" = tls ]; then scheme=https; port=$UPT; fi
+  cat > "$dir/ng/nginx.conf" <<EOF
+worker_processes 2;
+pid $dir/ng/nginx.pid;
+error_log $dir/ng/error.log crit;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path $dir/ng;
+  upstream wechat { server 127.0.0.1:$port; keepalive 256; }
+  server {
+    listen 127.0.0.1:$NG;
+    location / {
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host localhost;
+      proxy_ssl_server_name on;
+      proxy_ssl_name localhost;
+      proxy_ssl_verify on;
+      proxy_ssl_trusted_certificate $dir/cert.pem;
+      proxy_ssl_session_reuse on;
+      proxy_pass $scheme://wechat\$uri?\$args&access_token=$TOKEN;
+    }
+  }
+}
+EOF
+  nginx -c "$dir/ng/nginx.conf" -g 'daemon off;' & NGPID=$!; pids+=($NGPID)
+  [ "$1" = tls ] && ha_ssl="ssl verify required ca-file $dir/cert.pem sni str(localhost)"
+  cat > "$dir/haproxy.cfg" <<EOF
+global
+  nbthread 2
+  maxconn 4000
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 30s
+  timeout server 30s
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:$HA
+  http-request set-query %[query]&access_token=$TOKEN
+  default_backend be
+backend be
+  server up 127.0.0.1:$port $ha_ssl
+EOF
+  haproxy -f "$dir/haproxy.cfg" -db & HAPID=$!; pids+=($HAPID)
+  cat > "$dir/sc.yaml" <<EOF
+listen: 127.0.0.1:$SC
+admin_listen: 127.0.0.1:$SCA
+threads: 2
+upstream:
+  url: $scheme://localhost:$port
+  ca_file: $dir/cert.pem
+  warm_connections: 16
+accounts:
+  - name: bench
+    appid: wxbench000000001
+    secret: bench-secret
+EOF
+  RUST_LOG=warn "$BIN" run --config "$dir/sc.yaml" 2>"$dir/sc.log" & SCPID=$!; pids+=($SCPID)
+  wait_port "$NG"; wait_port "$HA"; wait_port "$SC"
+  for i in $(seq 100); do curl -sf "http://127.0.0.1:$SCA/readyz" >/dev/null && break; sleep 0.1
+    [ "$i" = 100 ] && { echo "wxsidecar never became ready:" >&2; cat "$dir/sc.log" >&2; exit 1; }; done
+}
+stop_contenders() { kill "$NGPID" "$HAPID" "$SCPID" 2>/dev/null || true; wait "$NGPID" "$HAPID" "$SCPID" 2>/dev/null || true; }
+
+cat > "$dir/post.lua" <<'EOF'
+wrk.method = "POST"
+wrk.body = '{"touser":"oUSER1234567890","template_id":"TPL_ORDER_SHIPPED_0001","url":"https://example.com/orders/1234","miniprogram":{"appid":"wx00000000000000aa","pagepath":"pages/order?id=1234"},"client_msg_id":"m-1234","data":{"first":{"value":"Your order has shipped"},"keyword1":{"value":"SF1234567890"},"keyword2":{"value":"2026-11-28 10:00"},"remark":{"value":"Thanks for shopping with us"}}}'
+wrk.headers["Content-Type"] = "application/json"
+done = function(summary, latency, requests)
+  io.write(string.format("RESULT %d %.3f %.3f %.3f %.3f %d\n", summary.requests, summary.duration / 1e6,
+    latency:percentile(50) / 1e3, latency:percentile(99) / 1e3, latency:percentile(99.9) / 1e3,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.status + summary.errors.timeout))
+end
+EOF
+
+results="$dir/results.txt"; : > "$results"
+for mode in $MODES; do
+  start_contenders "$mode"
+  direct_port=$UP; [ "$mode" = tls ] && direct_port=""   # the TLS direct path is wrk over TLS
+  rss_idle=$(awk '/VmRSS/ {print $2}' /proc/$SCPID/status)
+  for run in $(seq "$RUNS"); do
+    for c in $CONNS; do
+      for who in direct wxsidecar nginx haproxy; do
+        case $who in
+          direct) url="http://127.0.0.1:$UP"; [ "$mode" = tls ] && url="https://localhost:$UPT"; procs="" ;;
+          wxsidecar) url="http://127.0.0.1:$SC"; procs="$SCPID" ;;
+          nginx) url="http://127.0.0.1:$NG"; procs="$(children $NGPID)" ;;
+          haproxy) url="http://127.0.0.1:$HA"; procs="$HAPID" ;;
+        esac
+        before=$(cpu_ticks $procs)
+        line=$(wrk -t1 -c"$c" -d"${DURATION}s" -s "$dir/post.lua" "$url/cgi-bin/message/template/send?foo=1" 2>/dev/null | grep '^RESULT' || echo "RESULT 0 1 0 0 0 1")
+        after=$(cpu_ticks $procs)
+        echo "$mode $who $c $run $line $((after - before))" >> "$results"
+      done
+    done
+  done
+  rss_load=$(awk '/VmRSS/ {print $2}' /proc/$SCPID/status)
+  reuse=$(curl -s "http://127.0.0.1:$SCA/metrics" | awk '/^wxsidecar_upstream_connections_total/ { if ($0 ~ /reused="true"/) r+=$NF; else n+=$NF } END { printf "%.4f", (r+n) ? r/(r+n) : 0 }')
+  echo "META $mode $rss_idle $rss_load $reuse" >> "$results"
+  stop_contenders
+done
+
+python3 - "$results" "$(getconf CLK_TCK)" <<'PY'
+import sys, statistics, collections
+path, hz = sys.argv[1], int(sys.argv[2])
+cells = collections.defaultdict(list)
+meta = {}
+for line in open(path):
+    f = line.split()
+    if f[0] == "META":
+        meta[f[1]] = (int(f[2]), int(f[3]), float(f[4]))
+        continue
+    mode, who, c, run = f[0], f[1], int(f[2]), int(f[3])
+    reqs, secs, p50, p99, p999, errs = int(f[5]), float(f[6]), float(f[7]), float(f[8]), float(f[9]), int(f[10])
+    ticks = int(f[11])
+    cpu10k = (ticks / hz) / reqs * 10000 if reqs and who != "direct" else None
+    cells[(mode, who, c)].append((reqs / secs, p50, p99, p999, cpu10k, errs))
+med = lambda xs: statistics.median(xs) if xs else None
+for mode in ["plain", "tls"]:
+    if not any(k[0] == mode for k in cells):
+        continue
+    print(f"\n**Upstream over {'plain HTTP' if mode == 'plain' else 'TLS'}** (median of runs; wrk -t1, POST template body)\n")
+    print("| conns | contender | req/s | p50 ms | p99 ms | p99.9 ms | CPU s / 10k req | req/s vs nginx | errors |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for c in sorted({k[2] for k in cells if k[0] == mode}):
+        ng = med([r[0] for r in cells[(mode, "nginx", c)]])
+        for who in ["direct", "wxsidecar", "nginx", "haproxy"]:
+            rs = cells.get((mode, who, c), [])
+            if not rs:
+                continue
+            rps = med([r[0] for r in rs]); cpu = [r[4] for r in rs if r[4] is not None]
+            print(f"| {c} | {who} | {rps:,.0f} | {med([r[1] for r in rs]):.2f} | {med([r[2] for r in rs]):.2f} | "
+                  f"{med([r[3] for r in rs]):.2f} | {('%.2f' % med(cpu)) if cpu else '—'} | {rps / ng:.2f}× | {sum(r[5] for r in rs)} |")
+    if mode in meta:
+        idle, load, reuse = meta[mode]
+        print(f"\nwxsidecar: RSS {idle/1024:.1f} MiB idle, {load/1024:.1f} MiB after the runs; upstream connection reuse ratio {reuse:.4f}")
+PY
