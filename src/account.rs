@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use crate::config::{AccountConfig, AccountKind, ReplaceTokens, TokenApi};
 use crate::secret::Secret;
-use crate::token::TokenCell;
+use crate::token::{TokenCell, TokenIndex};
 
 /// The header that names the account; removed before forwarding.
 pub const ACCOUNT_HEADER: &str = "x-wx-account";
@@ -33,7 +33,7 @@ pub struct Account {
 }
 
 impl Account {
-    pub fn new(c: &AccountConfig) -> Self {
+    pub fn new(c: &AccountConfig, index: Arc<TokenIndex>, position: usize) -> Self {
         Account {
             name: c.name.clone(),
             kind: c.kind,
@@ -42,7 +42,7 @@ impl Account {
             secret: c.secret.clone(),
             token_api: c.token_api,
             replace_tokens: c.replace_tokens,
-            tokens: TokenCell::default(),
+            tokens: TokenCell::new(index, position),
             replays_ok: AtomicU64::new(0),
             replays_failed: AtomicU64::new(0),
         }
@@ -52,6 +52,10 @@ impl Account {
 /// All accounts, and the default.
 pub struct Accounts {
     list: Vec<Arc<Account>>,
+    /// Token → account, shared by every account's cell.
+    issued: Arc<TokenIndex>,
+    /// Name, then appid/corpid → account (first match), for `X-Wx-Account`.
+    by_key: std::collections::HashMap<String, usize>,
     default: Option<usize>,
 }
 
@@ -82,8 +86,22 @@ impl std::error::Error for PickError {}
 
 impl Accounts {
     pub fn new(configs: &[AccountConfig]) -> Self {
+        let issued = Arc::new(TokenIndex::default());
+        let mut by_key = std::collections::HashMap::new();
+        for (i, c) in configs.iter().enumerate() {
+            by_key.insert(c.name.clone(), i);
+        }
+        for (i, c) in configs.iter().enumerate() {
+            by_key.entry(c.appid.clone()).or_insert(i);
+        }
         Accounts {
-            list: configs.iter().map(|c| Arc::new(Account::new(c))).collect(),
+            by_key,
+            list: configs
+                .iter()
+                .enumerate()
+                .map(|(i, c)| Arc::new(Account::new(c, issued.clone(), i)))
+                .collect(),
+            issued,
             default: configs.iter().position(|c| c.default),
         }
     }
@@ -117,15 +135,12 @@ impl Accounts {
     }
 
     fn by_name_or_appid(&self, key: &str) -> Option<&Arc<Account>> {
-        self.list
-            .iter()
-            .find(|a| a.name == key)
-            .or_else(|| self.list.iter().find(|a| a.appid == key))
+        self.by_key.get(key).map(|&i| &self.list[i])
     }
 
     /// The account that handed out `token`, if any.
     pub fn by_issued_token(&self, token: &str) -> Option<&Arc<Account>> {
-        self.list.iter().find(|a| a.tokens.issued(token))
+        self.issued.get(token).map(|i| &self.list[i])
     }
 
     fn known(&self) -> String {
@@ -190,6 +205,23 @@ mod tests {
         );
         let err = a.pick(Some("nope"), None).err().unwrap();
         assert!(err.to_string().contains("`nope`") && err.to_string().contains("shop, mall"));
+    }
+
+    #[test]
+    fn the_token_index_follows_the_history() {
+        let a = two();
+        for i in 0..30 {
+            a.list[1]
+                .tokens
+                .store(&format!("m{i}"), Duration::from_secs(60));
+        }
+        assert_eq!(a.by_issued_token("m29").unwrap().name, "mall");
+        assert_eq!(a.by_issued_token("m10").unwrap().name, "mall");
+        assert!(
+            a.by_issued_token("m0").is_none(),
+            "evicted from the history"
+        );
+        assert!(a.by_issued_token("nope").is_none());
     }
 
     #[test]

@@ -146,6 +146,7 @@ impl Upstreams {
                 serde_json::json!({
                     "url": h.url().to_string(),
                     "in_use": self.in_use(h),
+                    "warm_connections": self.conf.warm_connections,
                     "connect_failures_in_a_row": s.connect_failures.load(Ordering::Relaxed),
                     "connections_opened": s.connections_opened.load(Ordering::Relaxed),
                     "connections_reused": s.connections_reused.load(Ordering::Relaxed),

@@ -129,22 +129,16 @@ pub fn authenticate_wecom<'a>(app: &'a App, query: &str) -> Result<&'a Arc<Accou
     })
 }
 
-/// WeCom's answer shape: errcode 0 alongside the token.
-pub fn wecom_token_answer(token: &Token) -> Bytes {
+/// The answer WeChat would give, from the cache: `expires_in` is the time the
+/// token really has left, rounded down. WeCom's shape adds `errcode: 0`.
+pub fn token_answer(token: &Token, wecom: bool) -> Bytes {
     let secs = token.remaining().as_secs();
-    Bytes::from(
+    let v = if wecom {
         serde_json::json!({ "errcode": 0, "errmsg": "ok", "access_token": &*token.value, "expires_in": secs })
-            .to_string(),
-    )
-}
-
-/// The answer WeChat would give, from the cache.
-pub fn token_answer(token: &Token) -> Bytes {
-    // Round down: never claim a second the token does not have.
-    let secs = token.remaining().as_secs();
-    Bytes::from(
-        serde_json::json!({ "access_token": &*token.value, "expires_in": secs }).to_string(),
-    )
+    } else {
+        serde_json::json!({ "access_token": &*token.value, "expires_in": secs })
+    };
+    Bytes::from(v.to_string())
 }
 
 #[cfg(test)]

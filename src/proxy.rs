@@ -415,63 +415,48 @@ impl Proxy {
 
     /// Answers `/cgi-bin/token` and `/cgi-bin/stable_token` from the cache.
     async fn local_token(&self, session: &mut Session, route: Route, ctx: &mut Ctx) -> Step<()> {
-        let stable = route == Route::LocalStableToken;
         let body = match self.read_body(session, DEFAULT_CREDENTIALS_LIMIT).await? {
             Ok(b) => b,
             Err(e) => return Ok(Err(e)),
         };
-        if route == Route::LocalWeComToken {
-            let q = session.req_header().uri.query().unwrap_or("").to_string();
-            let account = match local::authenticate_wecom(&self.app, &q) {
-                Ok(a) => {
-                    ctx.account = Some(a.name.clone());
-                    if let Err(e) = self.admit_account(ctx, a) {
-                        return Ok(Err(e));
+        let query = session.req_header().uri.query().unwrap_or("").to_string();
+        // WeCom's gettoken carries corpid and corpsecret; the others appid and secret.
+        let creds = match route {
+            Route::LocalWeComToken => None,
+            Route::LocalStableToken => {
+                if session.req_header().method != http::Method::POST {
+                    return self
+                        .refuse(
+                            session,
+                            local::Refusal {
+                                errcode: 43002,
+                                errmsg: "require POST method",
+                            },
+                        )
+                        .await;
+                }
+                match serde_json::from_slice::<Credentials>(&body) {
+                    Ok(c) => Some(c),
+                    Err(_) => {
+                        return self
+                            .refuse(
+                                session,
+                                local::Refusal {
+                                    errcode: 47001,
+                                    errmsg: "data format error",
+                                },
+                            )
+                            .await
                     }
-                    a.clone()
-                }
-                Err(r) => {
-                    tracing::info!(
-                        path = "/cgi-bin/gettoken",
-                        errcode = r.errcode,
-                        "token request refused"
-                    );
-                    reply::send_json(session, 200, r.body()).await?;
-                    return Ok(Ok(()));
-                }
-            };
-            return match self.token_for(&account).await {
-                Ok(t) => {
-                    reply::send_json(session, 200, local::wecom_token_answer(&t)).await?;
-                    Ok(Ok(()))
-                }
-                Err(e) => Ok(Err(e)),
-            };
-        }
-        let creds = if stable {
-            if session.req_header().method != http::Method::POST {
-                let r = local::Refusal {
-                    errcode: 43002,
-                    errmsg: "require POST method",
-                };
-                reply::send_json(session, 200, r.body()).await?;
-                return Ok(Ok(()));
-            }
-            match serde_json::from_slice::<Credentials>(&body) {
-                Ok(c) => c,
-                Err(_) => {
-                    let r = local::Refusal {
-                        errcode: 47001,
-                        errmsg: "data format error",
-                    };
-                    reply::send_json(session, 200, r.body()).await?;
-                    return Ok(Ok(()));
                 }
             }
-        } else {
-            Credentials::from_query(session.req_header().uri.query().unwrap_or(""))
+            _ => Some(Credentials::from_query(&query)),
         };
-        let account = match local::authenticate(&self.app, &creds) {
+        let authenticated = match &creds {
+            None => local::authenticate_wecom(&self.app, &query),
+            Some(c) => local::authenticate(&self.app, c),
+        };
+        let account = match authenticated {
             Ok(a) => {
                 ctx.account = Some(a.name.clone());
                 if let Err(e) = self.admit_account(ctx, a) {
@@ -479,15 +464,7 @@ impl Proxy {
                 }
                 a.clone()
             }
-            Err(r) => {
-                tracing::info!(
-                    path = session.req_header().uri.path(),
-                    errcode = r.errcode,
-                    "token request refused"
-                );
-                reply::send_json(session, 200, r.body()).await?;
-                return Ok(Ok(()));
-            }
+            Err(r) => return self.refuse(session, r).await,
         };
         let mut token = match self.token_for(&account).await {
             Ok(t) => t,
@@ -496,7 +473,7 @@ impl Proxy {
         // An app asking to force a refresh says its token failed: treat it as
         // a compare-and-refresh report of the current token, at most as often
         // as WeChat allows force_refresh itself.
-        if creds.force_refresh == Some(true)
+        if creds.as_ref().and_then(|c| c.force_refresh) == Some(true)
             && token
                 .fetched_at
                 .elapsed()
@@ -517,7 +494,19 @@ impl Proxy {
                 }));
             }
         }
-        reply::send_json(session, 200, local::token_answer(&token)).await?;
+        let answer = local::token_answer(&token, route == Route::LocalWeComToken);
+        reply::send_json(session, 200, answer).await?;
+        Ok(Ok(()))
+    }
+
+    /// A refusal in WeChat's words (HTTP 200 with an errcode, as WeChat does).
+    async fn refuse(&self, session: &mut Session, r: local::Refusal) -> Step<()> {
+        tracing::info!(
+            path = session.req_header().uri.path(),
+            errcode = r.errcode,
+            "token request refused"
+        );
+        reply::send_json(session, 200, r.body()).await?;
         Ok(Ok(()))
     }
 }

@@ -102,8 +102,32 @@ pub fn until_next_wechat_day(now: SystemTime) -> Duration {
     Duration::from_secs(86400 - secs % 86400)
 }
 
+/// Which account issued a token, for every account at once: the request
+/// path finds the account of a presented token in one hash lookup, however
+/// many accounts there are. Written only when a token is stored.
+#[derive(Default)]
+pub struct TokenIndex(parking_lot::RwLock<std::collections::HashMap<Arc<str>, usize>>);
+
+impl TokenIndex {
+    /// The index of the account that issued `value` (now or earlier).
+    pub fn get(&self, value: &str) -> Option<usize> {
+        self.0.read().get(value).copied()
+    }
+
+    fn update(&self, added: &Arc<str>, removed: Option<&Arc<str>>, account: usize) {
+        let mut map = self.0.write();
+        if let Some(r) = removed {
+            map.remove(r);
+        }
+        map.insert(added.clone(), account);
+    }
+}
+
 /// One account's token and its history.
 pub struct TokenCell {
+    /// The shared index and this account's place in it.
+    index: Arc<TokenIndex>,
+    account: usize,
     snap: ArcSwap<Snapshot>,
     /// Bumped whenever a token is stored or a fetch attempt ends.
     changed: watch::Sender<u64>,
@@ -116,7 +140,16 @@ pub struct TokenCell {
 
 impl Default for TokenCell {
     fn default() -> Self {
+        TokenCell::new(Arc::default(), 0)
+    }
+}
+
+impl TokenCell {
+    /// A cell for account number `account`, recording its tokens in `index`.
+    pub fn new(index: Arc<TokenIndex>, account: usize) -> Self {
         TokenCell {
+            index,
+            account,
             snap: ArcSwap::from_pointee(Snapshot::default()),
             changed: watch::channel(0).0,
             status: Mutex::new(CellStatus::default()),
@@ -262,15 +295,18 @@ impl TokenCell {
             _ => {
                 outcome = StoreOutcome::New;
                 let mut earlier = old.earlier.clone();
+                let mut evicted = None;
                 if let Some(cur) = &old.current {
                     earlier.push(cur.value.clone());
                     if earlier.len() > DEFAULT_ISSUED_HISTORY {
-                        earlier.remove(0);
+                        evicted = Some(earlier.remove(0));
                     }
                 }
+                let value: Arc<str> = Arc::from(value);
+                self.index.update(&value, evicted.as_ref(), self.account);
                 Snapshot {
                     current: Some(Arc::new(Token::new(
-                        Arc::from(value),
+                        value,
                         now + expires_in,
                         SystemTime::now(),
                         expires_in,
