@@ -98,6 +98,17 @@ pub fn init() {
     Lazy::force(&TOKEN_EXPIRY);
 }
 
+/// Gives an account's counters their zero values, so dashboards see every
+/// series from the first scrape.
+pub fn init_account(account: &str) {
+    for result in ["ok", "wechat_error", "transport_error", "budget_spent"] {
+        TOKEN_FETCHES.with_label_values(&[account, result]);
+    }
+    for result in ["ok", "failed"] {
+        TOKEN_REPLAYS.with_label_values(&[account, result]);
+    }
+}
+
 /// The text exposition of every registered metric.
 pub fn render() -> Vec<u8> {
     let mut out = Vec::new();

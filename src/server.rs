@@ -211,6 +211,7 @@ impl<S> Gated<S> {
             family.resolve().await;
         }
         for account in app.accounts.iter() {
+            crate::metrics::init_account(&account.name);
             tokio::spawn(refresher::run(
                 account.clone(),
                 app.upstream_for(account.kind).clone(),
