@@ -8,11 +8,7 @@ use crate::support::*;
 #[tokio::test]
 async fn metrics_count_requests_fetches_replays_and_connections() {
     let fake = Fake::start(&[]);
-    let side = Sidecar::start(
-        &fake,
-        &format!("{}{}", upstream(), Sidecar::accounts("classic", "stable")),
-    )
-    .await;
+    let side = Sidecar::start_standard(&fake, "classic", "stable").await;
     for _ in 0..3 {
         side.send("/cgi-bin/message/template/send", TEMPLATE).await;
     }
@@ -72,11 +68,7 @@ async fn metrics_count_requests_fetches_replays_and_connections() {
 #[tokio::test]
 async fn post_refresh_forces_one_fetch_and_get_is_refused() {
     let fake = Fake::start(&[]);
-    let side = Sidecar::start(
-        &fake,
-        &format!("{}{}", upstream(), Sidecar::accounts("classic", "stable")),
-    )
-    .await;
+    let side = Sidecar::start_standard(&fake, "classic", "stable").await;
     let before = side.token(SHOP_APPID, SHOP_SECRET).await;
     let c = client();
     assert_eq!(
@@ -173,11 +165,7 @@ async fn a_whole_session_at_trace_level_logs_no_token_or_secret() {
 #[tokio::test]
 async fn cpu_profiles_as_pprof_and_flamegraph() {
     let fake = Fake::start(&[]);
-    let side = Sidecar::start(
-        &fake,
-        &format!("{}{}", upstream(), Sidecar::accounts("stable", "stable")),
-    )
-    .await;
+    let side = Sidecar::start_standard(&fake, "stable", "stable").await;
     // Work to sample while the profiles run: 8 clients until both are taken.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load: Vec<_> = (0..8)

@@ -15,11 +15,7 @@ fn param(query: &str, name: &str) -> Option<String> {
 #[tokio::test]
 async fn template_send_without_token_gets_the_cached_one() {
     let fake = Fake::start(&[]);
-    let side = Sidecar::start(
-        &fake,
-        &format!("{}{}", upstream(), Sidecar::accounts("stable", "classic")),
-    )
-    .await;
+    let side = Sidecar::start_standard(&fake, "stable", "classic").await;
     // Odd spacing and non-ASCII: the body must arrive byte for byte.
     let body = "{ \"touser\":\"oUSER123\",  \"template_id\":\"TPL\",\"data\":{\"k\":{\"value\":\"发货 ✓\"}} }\n";
     let (status, v) = side
@@ -49,11 +45,7 @@ async fn template_send_without_token_gets_the_cached_one() {
 async fn stale_token_issued_by_the_sidecar_is_replaced() {
     // 4 s tokens: refreshed at 2 s left; the old one dies 1 s after that.
     let fake = Fake::start(&["--token-ttl", "4"]);
-    let side = Sidecar::start(
-        &fake,
-        &format!("{}{}", upstream(), Sidecar::accounts("classic", "stable")),
-    )
-    .await;
+    let side = Sidecar::start_standard(&fake, "classic", "stable").await;
     let old = side.token(SHOP_APPID, SHOP_SECRET).await;
     // Wait for the refresh, then for the old token's overlap to end.
     let deadline = std::time::Instant::now() + WAIT;
@@ -96,11 +88,7 @@ async fn stale_token_issued_by_the_sidecar_is_replaced() {
 #[tokio::test]
 async fn foreign_token_is_left_alone_unless_replace_always() {
     let fake = Fake::start(&[]);
-    let side = Sidecar::start(
-        &fake,
-        &format!("{}{}", upstream(), Sidecar::accounts("stable", "stable")),
-    )
-    .await;
+    let side = Sidecar::start_standard(&fake, "stable", "stable").await;
     let (status, v) = side
         .send(
             "/cgi-bin/message/template/send?access_token=APP_OWN_TOKEN",
@@ -140,11 +128,7 @@ async fn foreign_token_is_left_alone_unless_replace_always() {
 #[tokio::test]
 async fn untouched_paths_get_no_token() {
     let fake = Fake::start(&[]);
-    let side = Sidecar::start(
-        &fake,
-        &format!("{}{}", upstream(), Sidecar::accounts("stable", "stable")),
-    )
-    .await;
+    let side = Sidecar::start_standard(&fake, "stable", "stable").await;
     let c = client();
     // (path and query, extra header, the token WeChat must see)
     type Case<'a> = (&'a str, Option<(&'a str, &'a str)>, Option<&'a str>);
@@ -177,11 +161,7 @@ async fn untouched_paths_get_no_token() {
 #[tokio::test]
 async fn token_endpoints_are_answered_locally() {
     let fake = Fake::start(&[]);
-    let side = Sidecar::start(
-        &fake,
-        &format!("{}{}", upstream(), Sidecar::accounts("classic", "stable")),
-    )
-    .await;
+    let side = Sidecar::start_standard(&fake, "classic", "stable").await;
     let before = fake.stats().await;
     let c = client();
     let get = |q: String| {
@@ -260,11 +240,7 @@ async fn token_endpoints_are_answered_locally() {
 #[tokio::test]
 async fn accounts_are_chosen_by_header_then_token_then_default() {
     let fake = Fake::start(&[]);
-    let side = Sidecar::start(
-        &fake,
-        &format!("{}{}", upstream(), Sidecar::accounts("stable", "stable")),
-    )
-    .await;
+    let side = Sidecar::start_standard(&fake, "stable", "stable").await;
     let shop = side.token(SHOP_APPID, SHOP_SECRET).await;
     let mall = side.token(MALL_APPID, MALL_SECRET).await;
     assert_ne!(shop, mall);
@@ -331,11 +307,7 @@ async fn no_default_account_is_a_clear_400() {
 #[tokio::test]
 async fn five_hundred_sends_cost_one_fetch_per_account_and_a_few_handshakes() {
     let fake = Fake::start(&[]);
-    let side = Sidecar::start(
-        &fake,
-        &format!("{}{}", upstream(), Sidecar::accounts("classic", "stable")),
-    )
-    .await;
+    let side = Sidecar::start_standard(&fake, "classic", "stable").await;
     let c = client();
     let mut tasks = Vec::new();
     for w in 0..4 {
@@ -379,11 +351,7 @@ async fn five_hundred_sends_cost_one_fetch_per_account_and_a_few_handshakes() {
 async fn expect_100_continue_is_answered_and_not_forwarded() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let fake = Fake::start(&[]);
-    let side = Sidecar::start(
-        &fake,
-        &format!("{}{}", upstream(), Sidecar::accounts("stable", "stable")),
-    )
-    .await;
+    let side = Sidecar::start_standard(&fake, "stable", "stable").await;
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", side.port))
         .await
         .unwrap();

@@ -19,11 +19,7 @@ fn account<'a>(status: &'a Value, name: &str) -> &'a Value {
 #[tokio::test]
 async fn outside_refreshes_are_invisible_in_classic_mode() {
     let fake = Fake::start(&[]);
-    let side = Sidecar::start(
-        &fake,
-        &format!("{}{}", upstream(), Sidecar::accounts("classic", "stable")),
-    )
-    .await;
+    let side = Sidecar::start_standard(&fake, "classic", "stable").await;
     let c = client();
     let mut errors = Vec::new();
     let mut sent = 0;
@@ -31,15 +27,12 @@ async fn outside_refreshes_are_invisible_in_classic_mode() {
         // Someone else refreshed: every token the sidecar holds stops working.
         fake.invalidate(SHOP_APPID).await;
         for _ in 0..40 {
-            let v: Value = c
-                .post(side.url("/cgi-bin/message/template/send"))
-                .body(TEMPLATE)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let v: Value = post_json(
+                &c,
+                side.url("/cgi-bin/message/template/send"),
+                TEMPLATE.to_string(),
+            )
+            .await;
             sent += 1;
             if v["errcode"] != 0 {
                 errors.push((round, v));
@@ -62,11 +55,7 @@ async fn outside_refreshes_are_invisible_in_classic_mode() {
 #[tokio::test]
 async fn a_hundred_concurrent_failures_cause_exactly_one_fetch() {
     let fake = Fake::start(&[]);
-    let side = Sidecar::start(
-        &fake,
-        &format!("{}{}", upstream(), Sidecar::accounts("classic", "stable")),
-    )
-    .await;
+    let side = Sidecar::start_standard(&fake, "classic", "stable").await;
     let before = fake.fetches(SHOP_APPID).await;
     let invalid_before = fake.stats().await["invalid_token_calls"].as_u64().unwrap();
     fake.invalidate(SHOP_APPID).await;
@@ -102,11 +91,7 @@ async fn a_hundred_concurrent_failures_cause_exactly_one_fetch() {
 #[tokio::test]
 async fn a_foreign_token_rejection_is_passed_through_without_a_refresh() {
     let fake = Fake::start(&[]);
-    let side = Sidecar::start(
-        &fake,
-        &format!("{}{}", upstream(), Sidecar::accounts("classic", "stable")),
-    )
-    .await;
+    let side = Sidecar::start_standard(&fake, "classic", "stable").await;
     let before = fake.fetches(SHOP_APPID).await;
     let (status, v) = side
         .send(
@@ -124,11 +109,7 @@ async fn a_foreign_token_rejection_is_passed_through_without_a_refresh() {
 #[tokio::test]
 async fn a_second_rejection_is_passed_through_and_counted_never_looped() {
     let fake = Fake::start(&[]);
-    let side = Sidecar::start(
-        &fake,
-        &format!("{}{}", upstream(), Sidecar::accounts("classic", "stable")),
-    )
-    .await;
+    let side = Sidecar::start_standard(&fake, "classic", "stable").await;
     let before = fake.fetches(SHOP_APPID).await;
     fake.faults(
         r#"{"seed":1,"rules":[{"path":"/cgi-bin/message/template/send","token_error_rate":1.0}]}"#,
@@ -159,25 +140,13 @@ async fn a_second_rejection_is_passed_through_and_counted_never_looped() {
 #[tokio::test]
 async fn force_refresh_from_an_app_is_answered_from_the_cache() {
     let fake = Fake::start(&[]);
-    let side = Sidecar::start(
-        &fake,
-        &format!("{}{}", upstream(), Sidecar::accounts("stable", "stable")),
-    )
-    .await;
+    let side = Sidecar::start_standard(&fake, "stable", "stable").await;
     let before = fake.fetches(SHOP_APPID).await;
     let t = side.token(SHOP_APPID, SHOP_SECRET).await;
     for _ in 0..5 {
-        let v: Value = client()
-            .post(side.url("/cgi-bin/stable_token"))
-            .body(format!(
+        let v: Value = post_json(&client(), side.url("/cgi-bin/stable_token"), format!(
                 r#"{{"grant_type":"client_credential","appid":"{SHOP_APPID}","secret":"{SHOP_SECRET}","force_refresh":true}}"#
-            ))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+            ).to_string()).await;
         assert_eq!(
             v["access_token"],
             t.as_str(),
@@ -288,11 +257,7 @@ async fn a_busy_token_endpoint_is_retried_with_backoff() {
 #[tokio::test]
 async fn posts_are_never_sent_twice_under_resets() {
     let fake = Fake::start(&[]);
-    let side = Sidecar::start(
-        &fake,
-        &format!("{}{}", upstream(), Sidecar::accounts("stable", "stable")),
-    )
-    .await;
+    let side = Sidecar::start_standard(&fake, "stable", "stable").await;
     fake.faults(
         r#"{"seed":11,"rules":[{"path":"/cgi-bin/message/template/send","reset_before_rate":0.05,"reset_after_rate":0.05,"busy_rate":0.02}]}"#,
     )
@@ -329,11 +294,7 @@ async fn posts_are_never_sent_twice_under_resets() {
 #[tokio::test]
 async fn streamed_answers_are_not_inspected() {
     let fake = Fake::start(&[]);
-    let side = Sidecar::start(
-        &fake,
-        &format!("{}{}", upstream(), Sidecar::accounts("classic", "stable")),
-    )
-    .await;
+    let side = Sidecar::start_standard(&fake, "classic", "stable").await;
     let before = fake.fetches(SHOP_APPID).await;
     fake.invalidate(SHOP_APPID).await;
     // The media path streams: WeChat's 40001 reaches the app as it is, and

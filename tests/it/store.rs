@@ -20,15 +20,12 @@ async fn send_through(sides: &[&Sidecar], n: usize) -> Vec<Value> {
     let mut bad = Vec::new();
     for i in 0..n {
         let side = sides[i % sides.len()];
-        let v: Value = c
-            .post(side.url("/cgi-bin/message/template/send"))
-            .body(TEMPLATE)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: Value = post_json(
+            &c,
+            side.url("/cgi-bin/message/template/send"),
+            TEMPLATE.to_string(),
+        )
+        .await;
         if v["errcode"] != 0 {
             bad.push(v);
         }

@@ -9,11 +9,7 @@ use crate::support::*;
 #[tokio::test]
 async fn twenty_megabytes_up_and_down() {
     let fake = Fake::start(&[]);
-    let side = Sidecar::start(
-        &fake,
-        &format!("{}{}", upstream(), Sidecar::accounts("stable", "stable")),
-    )
-    .await;
+    let side = Sidecar::start_standard(&fake, "stable", "stable").await;
     let mut data = vec![0u8; 20 * 1024 * 1024];
     rand::thread_rng().fill_bytes(&mut data);
     let form = reqwest::multipart::Form::new().part(

@@ -21,6 +21,18 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// POSTs `body` to `url` and returns the JSON answer.
+pub async fn post_json(c: &reqwest::Client, url: String, body: String) -> Value {
+    c.post(url)
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// A plain HTTP client for the sidecar (no proxy from the environment).
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
@@ -111,9 +123,9 @@ impl Fake {
         format!("https://localhost:{}", self.port)
     }
 
-    pub async fn stats(&self) -> Value {
+    async fn get_json(&self, path: &str) -> Value {
         self.https
-            .get(format!("{}/__fake/stats", self.url()))
+            .get(format!("{}{path}", self.url()))
             .send()
             .await
             .unwrap()
@@ -122,16 +134,13 @@ impl Fake {
             .unwrap()
     }
 
+    pub async fn stats(&self) -> Value {
+        self.get_json("/__fake/stats").await
+    }
+
     /// The requests the fake has seen, oldest first (`/__fake/*` excluded).
     pub async fn requests(&self) -> Vec<Value> {
-        self.https
-            .get(format!("{}/__fake/requests", self.url()))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        serde_json::from_value(self.get_json("/__fake/requests").await).unwrap()
     }
 
     pub async fn last_request(&self) -> Value {
@@ -229,6 +238,15 @@ impl Sidecar {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         s
+    }
+
+    /// The usual sidecar: the fake over TLS and both accounts (shop the default).
+    pub async fn start_standard(fake: &Fake, shop_api: &str, mall_api: &str) -> Sidecar {
+        Self::start(
+            fake,
+            &format!("{}{}", upstream(), Self::accounts(shop_api, mall_api)),
+        )
+        .await
     }
 
     /// Like `start`, with `RUST_LOG` set to `level` for every target.

@@ -36,11 +36,7 @@ async fn steady_load(side: &Sidecar, run_for: Duration) -> (u64, Vec<Value>) {
 async fn several_lifetimes_without_a_token_error() {
     // 3 s tokens: over 10 s each account lives through at least three.
     let fake = Fake::start(&["--token-ttl", "3"]);
-    let side = Sidecar::start(
-        &fake,
-        &format!("{}{}", upstream(), Sidecar::accounts("classic", "stable")),
-    )
-    .await;
+    let side = Sidecar::start_standard(&fake, "classic", "stable").await;
     let (ok, bad) = steady_load(&side, Duration::from_secs(10)).await;
     assert!(bad.is_empty(), "the client saw errors: {bad:?}");
     assert!(ok > 100, "only {ok} sends");
