@@ -38,6 +38,12 @@ cargo build --release
   echo
   cargo bench --bench replicas 2>/dev/null | grep '^|'
   echo
+  echo "## C. Refreshes under load, and many accounts"
+  echo
+  echo "\`cargo bench --bench scale\`"
+  echo
+  cargo bench --bench scale 2>/dev/null | grep -E '^\||^\*\*' | sed 's/^\*\*/\n**/'
+  echo
   echo "## D. Micro-benches of the request path"
   echo
   echo "\`cargo bench --bench hot_path\` (criterion; median time per call)"

@@ -80,6 +80,9 @@ struct FakeArgs {
     /// An app the fake knows, as APPID:SECRET (repeatable; default: the demo app).
     #[arg(long = "app", value_name = "APPID:SECRET")]
     apps: Vec<String>,
+    /// More apps, one APPID:SECRET per line (for tests with thousands of accounts).
+    #[arg(long, value_name = "FILE")]
+    apps_file: Option<PathBuf>,
     /// A WeCom app the fake knows, as CORPID:SECRET (repeatable).
     #[arg(long = "wecom-app", value_name = "CORPID:SECRET")]
     wecom_apps: Vec<String>,
@@ -261,8 +264,23 @@ fn fake_wechat(f: FakeArgs) -> i32 {
             return 2;
         }
     }
-    if !f.apps.is_empty() {
-        match parse_apps(&f.apps) {
+    let mut apps = f.apps.clone();
+    if let Some(path) = &f.apps_file {
+        match std::fs::read_to_string(path) {
+            Ok(text) => apps.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(String::from),
+            ),
+            Err(e) => {
+                eprintln!("fake-wechat: --apps-file {}: {e}", path.display());
+                return 2;
+            }
+        }
+    }
+    if !apps.is_empty() {
+        match parse_apps(&apps) {
             Ok(a) => opts.apps = a,
             Err(e) => {
                 eprintln!("fake-wechat: {e}");

@@ -73,7 +73,8 @@ pub async fn sidecar(dir: &Path, name: &str, body: &str) -> (Proc, u16, u16) {
         .spawn()
         .unwrap();
     let http = http();
-    let deadline = Instant::now() + Duration::from_secs(30);
+    // Generous: start-up fetches a token per account (10,000 in benches/scale.rs).
+    let deadline = Instant::now() + Duration::from_secs(180);
     while http
         .get(format!("http://127.0.0.1:{admin}/readyz"))
         .send()
