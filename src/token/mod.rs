@@ -175,13 +175,6 @@ impl TokenCell {
         self.snap.load().current.clone()
     }
 
-    /// Whether this sidecar handed out `value` (now or earlier).
-    pub fn issued(&self, value: &str) -> bool {
-        let snap = self.snap.load();
-        snap.current.as_ref().is_some_and(|t| &*t.value == value)
-            || snap.earlier.iter().any(|v| &**v == value)
-    }
-
     /// Reports that WeChat rejected `bad`. Compare-and-refresh: only when the
     /// cell still holds `bad` is a refresh asked for, and only once; a report
     /// about a token already replaced does nothing. Returns whether it asked.
@@ -375,8 +368,8 @@ mod tests {
         assert_eq!(cell.store("t1", Duration::from_secs(60)), StoreOutcome::New);
         assert_eq!(cell.store("t2", Duration::from_secs(60)), StoreOutcome::New);
         assert_eq!(&*cell.valid().unwrap().value, "t2");
-        assert!(cell.issued("t1") && cell.issued("t2"));
-        assert!(!cell.issued("t3"));
+        assert!(cell.index.get("t1").is_some() && cell.index.get("t2").is_some());
+        assert!(cell.index.get("t3").is_none());
     }
 
     #[test]
@@ -398,8 +391,11 @@ mod tests {
         for i in 0..(DEFAULT_ISSUED_HISTORY + 5) {
             cell.store(&format!("t{i}"), Duration::from_secs(60));
         }
-        assert!(!cell.issued("t0"));
-        assert!(cell.issued(&format!("t{}", DEFAULT_ISSUED_HISTORY + 4)));
+        assert!(cell.index.get("t0").is_none());
+        assert!(cell
+            .index
+            .get(&format!("t{}", DEFAULT_ISSUED_HISTORY + 4))
+            .is_some());
     }
 
     #[test]
