@@ -26,6 +26,8 @@ pub struct Account {
     pub token_api: TokenApi,
     pub replace_tokens: ReplaceTokens,
     pub tokens: TokenCell,
+    /// Its JS-SDK and card tickets, made on first use.
+    pub tickets: crate::ticket::Tickets,
     /// Requests sent again after WeChat rejected the token: the second
     /// answer was good / was a token error again.
     pub replays_ok: AtomicU64,
@@ -43,6 +45,7 @@ impl Account {
             token_api: c.token_api,
             replace_tokens: c.replace_tokens,
             tokens: TokenCell::new(index, position),
+            tickets: Default::default(),
             replays_ok: AtomicU64::new(0),
             replays_failed: AtomicU64::new(0),
         }

@@ -51,6 +51,7 @@ impl Admin {
                     "replays_failed": a.replays_failed.load(Ordering::Relaxed),
                     "fetches_failed": st.fetches_failed,
                     "last_error": st.last_error.map(|(code, msg)| serde_json::json!({"errcode": code, "errmsg": msg})),
+                    "tickets": tickets(a),
                 })
             })
             .collect();
@@ -67,6 +68,29 @@ impl Admin {
             "wecom_upstream": app.wecom.as_ref().map(|w| w.status()),
         })
     }
+}
+
+/// What `/status` says of an account's tickets in use: ages and counts,
+/// never a ticket.
+fn tickets(a: &crate::account::Account) -> Vec<serde_json::Value> {
+    a.tickets
+        .in_use()
+        .map(|(kind, cell)| {
+            let st = cell.status();
+            let t = cell.latest();
+            serde_json::json!({
+                "type": kind.as_str(),
+                "valid": t.as_ref().is_some_and(|t| t.is_valid()),
+                "age_seconds": t.as_ref().and_then(|t| t.fetched_at.elapsed().ok()).map(|d| d.as_secs()),
+                "expires_in_seconds": t.as_ref().map(|t| t.remaining().as_secs()),
+                "fetches_ok": st.fetches_ok,
+                "fetches_failed": st.fetches_failed,
+                "fetches_today": st.fetches_today,
+                "budget_spent": st.budget_spent.is_some(),
+                "last_error": st.last_error.map(|(code, msg)| serde_json::json!({"errcode": code, "errmsg": msg})),
+            })
+        })
+        .collect()
 }
 
 fn answer(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
@@ -114,6 +138,20 @@ impl Admin {
             crate::metrics::TOKEN_EXPIRY
                 .with_label_values(&[a.name.as_str()])
                 .set(left);
+            for (kind, cell) in a.tickets.in_use() {
+                let labels = [a.name.as_str(), kind.as_str()];
+                let t = cell.valid();
+                crate::metrics::TICKET_EXPIRY
+                    .with_label_values(&labels)
+                    .set(t.as_ref().map_or(0.0, |t| t.remaining().as_secs_f64()));
+                let age = cell
+                    .latest()
+                    .and_then(|t| t.fetched_at.elapsed().ok())
+                    .map_or(0.0, |d| d.as_secs_f64());
+                crate::metrics::TICKET_AGE
+                    .with_label_values(&labels)
+                    .set(age);
+            }
         }
         answer(200, "text/plain; version=0.0.4", crate::metrics::render())
     }

@@ -89,6 +89,13 @@ struct FakeArgs {
     /// Token lifetime in seconds.
     #[arg(long, default_value_t = 7200)]
     token_ttl: u64,
+    /// Ticket lifetime in seconds (claimed in full on every fetch, as WeChat does).
+    #[arg(long, default_value_t = 7200)]
+    ticket_ttl: u64,
+    /// Ticket fetches allowed per owner, type and hour (default: 400 per WeCom
+    /// corp, 100 per app and type); beyond it the fake answers 45009.
+    #[arg(long)]
+    ticket_quota: Option<u32>,
     /// Delay before every API answer, in milliseconds.
     #[arg(long, default_value_t = 0)]
     latency_ms: u64,
@@ -243,6 +250,8 @@ fn fake_wechat(f: FakeArgs) -> i32 {
         listen: f.listen,
         plain: f.plain,
         token_ttl: Duration::from_secs(f.token_ttl),
+        ticket_ttl: Duration::from_secs(f.ticket_ttl),
+        ticket_quota: f.ticket_quota,
         latency: Duration::from_millis(f.latency_ms),
         token_latency: Duration::from_millis(f.token_latency_ms),
         ca_dir: f.ca_dir.clone(),

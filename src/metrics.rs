@@ -14,7 +14,7 @@ use prometheus::{
 pub static REQUESTS: Lazy<IntCounterVec> = Lazy::new(|| {
     register_int_counter_vec!(
         "wxsidecar_requests_total",
-        "Requests from apps, by account, route (token, api, stream, untouched) and outcome.",
+        "Requests from apps, by account, route (token, ticket, jssdk, api, stream, untouched) and outcome.",
         &["account", "route", "outcome"]
     )
     .expect("metric registers once")
@@ -75,6 +75,33 @@ pub static TOKEN_EXPIRY: Lazy<GaugeVec> = Lazy::new(|| {
     .expect("metric registers once")
 });
 
+pub static TICKET_FETCHES: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "wxsidecar_ticket_fetches_total",
+        "Ticket fetches from WeChat, by account, type (jsapi, wx_card, agent_config) and result.",
+        &["account", "type", "result"]
+    )
+    .expect("metric registers once")
+});
+
+pub static TICKET_EXPIRY: Lazy<GaugeVec> = Lazy::new(|| {
+    register_gauge_vec!(
+        "wxsidecar_ticket_expiry_seconds",
+        "Seconds the account's current ticket of a type has left (0: none valid).",
+        &["account", "type"]
+    )
+    .expect("metric registers once")
+});
+
+pub static TICKET_AGE: Lazy<GaugeVec> = Lazy::new(|| {
+    register_gauge_vec!(
+        "wxsidecar_ticket_age_seconds",
+        "Seconds since the account's current ticket of a type was fetched.",
+        &["account", "type"]
+    )
+    .expect("metric registers once")
+});
+
 pub static BUILD_INFO: Lazy<IntGaugeVec> = Lazy::new(|| {
     register_int_gauge_vec!(
         "wxsidecar_build_info",
@@ -96,6 +123,9 @@ pub fn init() {
     Lazy::force(&TOKEN_FETCHES);
     Lazy::force(&TOKEN_REPLAYS);
     Lazy::force(&TOKEN_EXPIRY);
+    Lazy::force(&TICKET_FETCHES);
+    Lazy::force(&TICKET_EXPIRY);
+    Lazy::force(&TICKET_AGE);
 }
 
 /// Gives an account's counters their zero values, so dashboards see every
@@ -106,6 +136,13 @@ pub fn init_account(account: &str) {
     }
     for result in ["ok", "failed"] {
         TOKEN_REPLAYS.with_label_values(&[account, result]);
+    }
+}
+
+/// Gives a ticket's counters their zero values when it is first used.
+pub fn init_ticket(account: &str, kind: &str) {
+    for result in ["ok", "wechat_error", "transport_error", "budget_spent"] {
+        TICKET_FETCHES.with_label_values(&[account, kind, result]);
     }
 }
 

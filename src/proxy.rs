@@ -23,11 +23,13 @@ use crate::account::{Account, ACCOUNT_HEADER};
 use crate::app::App;
 use crate::config::{AccountKind, ReplaceTokens};
 use crate::inspect;
+use crate::jssdk;
 use crate::local::{self, Credentials};
 use crate::query::{self, TOKEN_PARAM};
 use crate::reply::{self, ProxyError};
 use crate::route::{self, Route};
-use crate::token::Token;
+use crate::ticket::{self, TicketKind};
+use crate::token::{Token, TokenCell};
 use crate::upstream::UpstreamError;
 
 /// Credentials sent to a token endpoint are tiny.
@@ -159,29 +161,150 @@ impl Proxy {
     /// The valid token for `account`, waiting for the refresher only when
     /// there is none: an expired token is never sent.
     async fn token_for(&self, account: &Account) -> Result<Arc<Token>, ProxyError> {
-        if let Some(t) = account.tokens.valid() {
+        self.valid_from(&account.tokens, &account.name, "token")
+            .await
+    }
+
+    /// The valid value (token or ticket) in `cell`, waiting for its
+    /// refresher only when there is none.
+    async fn valid_from(
+        &self,
+        cell: &TokenCell,
+        account: &str,
+        what: &'static str,
+    ) -> Result<Arc<Token>, ProxyError> {
+        if let Some(t) = cell.valid() {
             return Ok(t);
         }
-        let st = account.tokens.status();
+        let st = cell.status();
         if st.budget_spent.is_some() {
             return Err(ProxyError::BudgetSpent {
-                account: account.name.clone(),
+                account: account.to_string(),
+                what,
             });
         }
         if let (true, Some((code, msg))) = (st.attempted, st.last_error) {
             return Err(ProxyError::NoToken {
-                account: account.name.clone(),
+                account: account.to_string(),
+                what,
                 reason: format!("the last fetch failed with errcode {code}: {msg}"),
             });
         }
-        account
-            .tokens
-            .wait_valid(self.app.upstream.read_timeout())
+        // A ticket fetch may first wait for the token: allow for both.
+        cell.wait_valid(self.app.upstream.read_timeout() * 2)
             .await
             .ok_or_else(|| ProxyError::NoToken {
-                account: account.name.clone(),
-                reason: "timed out waiting for the token fetch".into(),
+                account: account.to_string(),
+                what,
+                reason: format!("timed out waiting for the {what} fetch"),
             })
+    }
+
+    /// The account a ticket or JS-SDK request is for, checked against the
+    /// family it needs and the caller's rights.
+    fn ticket_account(
+        &self,
+        ctx: &Ctx,
+        path: &str,
+        named: Option<&str>,
+        presented: Option<&str>,
+        fits: impl Fn(AccountKind) -> bool,
+    ) -> Result<Arc<Account>, ProxyError> {
+        let account = self.app.accounts.pick(named, presented)?;
+        if !fits(account.kind) {
+            return Err(ProxyError::BadRequest {
+                path: path.to_string(),
+                reason: format!(
+                    "account {} is a {} account, which has no such ticket; name another account (X-Wx-Account or account=)",
+                    account.name,
+                    account.kind.as_str()
+                ),
+            });
+        }
+        self.admit_account(ctx, account)?;
+        Ok(account.clone())
+    }
+
+    /// Answers an app's own ticket request from the ticket cache.
+    async fn local_ticket(&self, session: &mut Session, ctx: &mut Ctx) -> Step<()> {
+        let req = session.req_header();
+        let path = req.uri.path().to_string();
+        let q = req.uri.query().unwrap_or("");
+        let (family, kind) = match ticket::answer::requested(&path, q) {
+            Ok(x) => x,
+            Err(r) => return self.refuse(session, r).await,
+        };
+        let presented = query::param(q, TOKEN_PARAM);
+        let named = req
+            .headers
+            .get(ACCOUNT_HEADER)
+            .and_then(|v| v.to_str().ok());
+        let account = match self.ticket_account(ctx, &path, named, presented.as_deref(), |k| {
+            k == family && kind.exists_for(k)
+        }) {
+            Ok(a) => a,
+            Err(e) => return Ok(Err(e)),
+        };
+        ctx.account = Some(account.name.clone());
+        let cell = ticket::cell(&self.app, &account, kind);
+        let t = match self.valid_from(cell, &account.name, kind.what()).await {
+            Ok(t) => t,
+            Err(e) => return Ok(Err(e)),
+        };
+        reply::send_json(session, 200, ticket::answer::body(&t)).await?;
+        Ok(Ok(()))
+    }
+
+    /// `/wxsidecar/jssdk/config` and `/agent_config`: a signed
+    /// configuration for one page.
+    async fn jssdk(&self, session: &mut Session, ctx: &mut Ctx) -> Step<()> {
+        let req = session.req_header();
+        let path = req.uri.path().to_string();
+        let agent = path == jssdk::AGENT_CONFIG_PATH;
+        let q = req.uri.query().unwrap_or("");
+        let bad = |reason: String| ProxyError::BadRequest {
+            path: path.clone(),
+            reason,
+        };
+        let Some(url) = query::param(q, "url").filter(|u| !u.is_empty()) else {
+            return Ok(Err(bad(
+                "url missing: pass the page's URL as url= (URL-encoded)".into(),
+            )));
+        };
+        let page = match jssdk::page_url(&url) {
+            Ok(p) => p.to_string(),
+            Err(e) => return Ok(Err(bad(e))),
+        };
+        let named = query::param(q, "account");
+        let named = named.as_deref().or_else(|| {
+            req.headers
+                .get(ACCOUNT_HEADER)
+                .and_then(|v| v.to_str().ok())
+        });
+        let account = match self.ticket_account(ctx, &path, named, None, |k| jssdk::fits(k, agent))
+        {
+            Ok(a) => a,
+            Err(e) => return Ok(Err(e)),
+        };
+        ctx.account = Some(account.name.clone());
+        let kind = if agent {
+            TicketKind::AgentConfig
+        } else {
+            TicketKind::Jsapi
+        };
+        let cell = ticket::cell(&self.app, &account, kind);
+        let t = match self.valid_from(cell, &account.name, kind.what()).await {
+            Ok(t) => t,
+            Err(e) => return Ok(Err(e)),
+        };
+        let signed = jssdk::sign(&t.value, &page);
+        match jssdk::answer(&account, &signed, agent) {
+            Ok(body) => {
+                reply::send_json(session, 200, body).await?;
+                Ok(Ok(()))
+            }
+            Err(e) => Ok(Err(bad(e))),
+        }
     }
 
     /// Chooses the account and the token for a request.
@@ -490,6 +613,7 @@ impl Proxy {
             } else {
                 return Ok(Err(ProxyError::NoToken {
                     account: account.name.clone(),
+                    what: "token",
                     reason: "the forced refresh did not finish in time".into(),
                 }));
             }
@@ -523,6 +647,11 @@ impl ProxyHttp for Proxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
+        // Handing over or shutting down: tell the client to reconnect (to the
+        // new process) rather than reuse a connection about to close.
+        if self.app.drain.is_draining() {
+            session.set_keepalive(None);
+        }
         // The peer address costs a getpeername(2): ask only when it matters.
         let addr = if self.app.clients.needs_address() {
             session
@@ -551,6 +680,14 @@ impl ProxyHttp for Proxy {
             Route::LocalClassicToken | Route::LocalStableToken | Route::LocalWeComToken => {
                 ctx.route = "token";
                 self.local_token(session, route, ctx).await?
+            }
+            Route::LocalTicket => {
+                ctx.route = "ticket";
+                self.local_ticket(session, ctx).await?
+            }
+            Route::JsSdk => {
+                ctx.route = "jssdk";
+                self.jssdk(session, ctx).await?
             }
             Route::Untouched => {
                 ctx.route = "untouched";

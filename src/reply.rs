@@ -17,10 +17,15 @@ pub const JSON: &str = "application/json; charset=utf-8";
 pub enum ProxyError {
     #[error("{0}")]
     NoAccount(#[from] PickError),
-    #[error("no valid token for account {account}: {reason}")]
-    NoToken { account: String, reason: String },
-    #[error("daily token budget for account {account} spent (token.daily_budget); it resets at midnight UTC+8")]
-    BudgetSpent { account: String },
+    #[error("no valid {what} for account {account}: {reason}")]
+    NoToken {
+        account: String,
+        /// "token", "jsapi ticket", …
+        what: &'static str,
+        reason: String,
+    },
+    #[error("daily {what} budget for account {account} spent (token.daily_budget); it resets at midnight UTC+8")]
+    BudgetSpent { account: String, what: &'static str },
     #[error("upstream unavailable, retry later")]
     Unavailable,
     #[error("{0}")]

@@ -16,6 +16,10 @@ pub enum Route {
     LocalStableToken,
     /// WeCom's `/cgi-bin/gettoken`: answered from the cache.
     LocalWeComToken,
+    /// The ticket endpoints: answered from the ticket cache.
+    LocalTicket,
+    /// `/wxsidecar/jssdk/*`: the JS-SDK signature helper.
+    JsSdk,
     /// Forwarded untouched: no token added, replaced or removed.
     Untouched,
     /// Gets a token; body and answer streamed (media, multipart).
@@ -44,6 +48,10 @@ pub fn classify(req: &RequestHeader) -> Route {
         "/cgi-bin/token" => return Route::LocalClassicToken,
         "/cgi-bin/stable_token" => return Route::LocalStableToken,
         "/cgi-bin/gettoken" => return Route::LocalWeComToken,
+        "/cgi-bin/ticket/getticket" | "/cgi-bin/get_jsapi_ticket" | "/cgi-bin/ticket/get" => {
+            return Route::LocalTicket
+        }
+        crate::jssdk::CONFIG_PATH | crate::jssdk::AGENT_CONFIG_PATH => return Route::JsSdk,
         _ => {}
     }
     if req.headers.contains_key(SIGNATURE_HEADER)
@@ -85,6 +93,17 @@ mod tests {
         assert_eq!(c("/cgi-bin/stable_token"), Route::LocalStableToken);
         assert_eq!(c("/cgi-bin/gettoken?corpid=ww1"), Route::LocalWeComToken);
         assert_eq!(c("/cgi-bin/message/template/send"), Route::Api);
+        assert_eq!(
+            c("/cgi-bin/ticket/getticket?type=jsapi"),
+            Route::LocalTicket
+        );
+        assert_eq!(c("/cgi-bin/get_jsapi_ticket"), Route::LocalTicket);
+        assert_eq!(
+            c("/cgi-bin/ticket/get?type=agent_config"),
+            Route::LocalTicket
+        );
+        assert_eq!(c("/wxsidecar/jssdk/config?url=x"), Route::JsSdk);
+        assert_eq!(c("/wxsidecar/jssdk/agent_config"), Route::JsSdk);
         assert_eq!(c("/sns/jscode2session?appid=x"), Route::Untouched);
         assert_eq!(
             c("/cgi-bin/component/api_component_token"),

@@ -161,7 +161,8 @@ impl Prepared {
 const DEFAULT_STORE_HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Pings the store; when it comes back (e.g. a Redis restart that lost its
-/// data), puts this replica's valid tokens back unless another replica did.
+/// data), puts this replica's valid tokens and tickets back unless another
+/// replica did.
 async fn watch_store(app: Arc<App>, store: Arc<RedisStore>) {
     loop {
         tokio::time::sleep(DEFAULT_STORE_HEALTH_INTERVAL).await;
@@ -170,31 +171,54 @@ async fn watch_store(app: Arc<App>, store: Arc<RedisStore>) {
             continue;
         }
         for account in app.accounts.iter() {
-            let Some(token) = account.tokens.valid() else {
-                continue;
-            };
             let (api, id) = refresher::store_id(account);
-            let now = now_ms();
-            let delay = refresher::refresh_delay(
-                token.remaining(),
-                token.lifetime,
-                app.config.token.refresh_before,
-            );
-            let record = Record {
-                token: token.value.to_string(),
-                expires_at_ms: now + token.remaining().as_millis() as u64,
-                fetched_at_ms: now,
-                fetched_by: store.replica.clone(),
-                next_refresh_at_ms: now + delay.as_millis() as u64,
-            };
-            if store
-                .restore(&store.token_key(api, &id), &record)
-                .await
-                .is_ok()
-            {
-                tracing::info!(account = %account.name, "token store back; shared token restored if it was lost");
+            let mut held = vec![(api.to_string(), id, &account.tokens)];
+            for (kind, cell) in account.tickets.in_use() {
+                let (api, id) = refresher::ticket_store_id(account, kind);
+                held.push((api, id, &**cell));
+            }
+            for (api, id, cell) in held {
+                restore(&app, &store, &account.name, &api, &id, cell).await;
             }
         }
+    }
+}
+
+/// Puts one valid token or ticket back into a store that lost it.
+async fn restore(
+    app: &App,
+    store: &RedisStore,
+    account: &str,
+    api: &str,
+    id: &str,
+    cell: &crate::token::TokenCell,
+) {
+    let Some(token) = cell.valid() else {
+        return;
+    };
+    let now = now_ms();
+    let delay = refresher::refresh_delay(
+        token.remaining(),
+        token.lifetime,
+        app.config.token.refresh_before,
+    );
+    let record = Record {
+        token: token.value.to_string(),
+        expires_at_ms: now + token.remaining().as_millis() as u64,
+        fetched_at_ms: now,
+        fetched_by: store.replica.clone(),
+        next_refresh_at_ms: now + delay.as_millis() as u64,
+    };
+    if store
+        .restore(&store.token_key(api, id), &record)
+        .await
+        .is_ok()
+    {
+        tracing::info!(
+            account,
+            api,
+            "token store back; shared value restored if it was lost"
+        );
     }
 }
 
@@ -214,6 +238,7 @@ impl<S> Gated<S> {
             crate::metrics::init_account(&account.name);
             tokio::spawn(refresher::run(
                 account.clone(),
+                refresher::Subject::Token,
                 app.upstream_for(account.kind).clone(),
                 app.config.token.clone(),
                 app.store.clone(),

@@ -142,7 +142,12 @@ async fn serve(
 
     let is_token = matches!(
         path.as_str(),
-        "/cgi-bin/token" | "/cgi-bin/stable_token" | "/cgi-bin/gettoken"
+        "/cgi-bin/token"
+            | "/cgi-bin/stable_token"
+            | "/cgi-bin/gettoken"
+            | "/cgi-bin/ticket/getticket"
+            | "/cgi-bin/get_jsapi_ticket"
+            | "/cgi-bin/ticket/get"
     );
     let delay = if is_token {
         shared.opts.token_latency
@@ -190,6 +195,9 @@ async fn serve(
             media_upload(shared, token.as_deref(), &q, &ct, body).await
         }
         "/cgi-bin/media/get" => media_get(shared, token.as_deref(), &q),
+        "/cgi-bin/ticket/getticket" | "/cgi-bin/get_jsapi_ticket" | "/cgi-bin/ticket/get" => {
+            ticket(shared, &path, token.as_deref(), &q)
+        }
         "/wxa/getwxacodeunlimit" => qrcode(shared, token.as_deref()),
         p if p.starts_with("/cgi-bin/") => api_call(shared, token.as_deref()),
         // /sns/* and friends: no server token involved.
@@ -222,6 +230,19 @@ fn fake_admin(shared: &Shared, method: &hyper::Method, path: &str, q: &str, body
         ("GET", "/__fake/requests") => {
             let st = shared.state.lock();
             json(200, serde_json::to_value(&st.requests).unwrap_or_default())
+        }
+        ("GET", "/__fake/ticket") => {
+            let ticket = query::param(q, "value").unwrap_or_default();
+            let left = shared.state.lock().tickets.remaining(&ticket);
+            json(
+                200,
+                serde_json::json!({
+                    "issued": left.is_some(),
+                    "valid": left.is_some_and(|d| !d.is_zero()),
+                    "expires_in": left.map(|d| d.as_secs()),
+                    "expires_in_ms": left.map(|d| d.as_millis() as u64),
+                }),
+            )
         }
         ("POST", "/__fake/invalidate") => match query::param(q, "appid") {
             Some(appid) => {
@@ -288,6 +309,36 @@ fn stable_token(shared: &Shared, body: &[u8]) -> Answer {
         200,
         serde_json::json!({ "access_token": token, "expires_in": expires_in }),
     )
+}
+
+/// The ticket endpoints: WeChat's `getticket` (type jsapi or wx_card) and
+/// WeCom's corp `get_jsapi_ticket` and app `ticket/get?type=agent_config`.
+fn ticket(shared: &Shared, path: &str, token: Option<&str>, q: &str) -> Answer {
+    use super::tickets::{APP_QUOTA_PER_HOUR, CORP_QUOTA_PER_HOUR};
+    let mut st = shared.state.lock();
+    if let Err(r) = st.check_token(token) {
+        return refused(r);
+    }
+    let Some((appid, owner)) = token.and_then(|t| st.token_owner(t)) else {
+        return errcode(40001, "invalid credential");
+    };
+    let ty = query::param(q, "type");
+    let (who, ty, quota) = match (path, ty.as_deref()) {
+        ("/cgi-bin/get_jsapi_ticket", _) => (appid, "jsapi", CORP_QUOTA_PER_HOUR),
+        ("/cgi-bin/ticket/get", Some("agent_config")) => {
+            (owner, "agent_config", APP_QUOTA_PER_HOUR)
+        }
+        ("/cgi-bin/ticket/getticket", Some("jsapi")) => (appid, "jsapi", APP_QUOTA_PER_HOUR),
+        ("/cgi-bin/ticket/getticket", Some("wx_card")) => (appid, "wx_card", APP_QUOTA_PER_HOUR),
+        _ => return errcode(40097, "invalid args"),
+    };
+    match st.tickets.fetch(&who, ty, quota) {
+        Ok((ticket, expires_in)) => json(
+            200,
+            serde_json::json!({ "errcode": 0, "errmsg": "ok", "ticket": ticket, "expires_in": expires_in }),
+        ),
+        Err(r) => refused(r),
+    }
 }
 
 fn api_call(shared: &Shared, token: Option<&str>) -> Answer {

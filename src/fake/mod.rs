@@ -7,6 +7,7 @@
 mod api;
 pub mod faults;
 pub mod state;
+pub mod tickets;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,6 +41,11 @@ pub struct FakeOptions {
     /// WeCom `(corpid, secret)` pairs, one per WeCom app.
     pub wecom_apps: Vec<(String, String)>,
     pub token_ttl: Duration,
+    /// Ticket lifetime (what WeChat claims on every fetch).
+    pub ticket_ttl: Duration,
+    /// Ticket fetches allowed per owner, type and hour (default: WeCom's
+    /// 400 per corp, 100 per app and for every other ticket).
+    pub ticket_quota: Option<u32>,
     /// Added before every API answer.
     pub latency: Duration,
     /// Added before every token answer.
@@ -59,6 +65,8 @@ impl Default for FakeOptions {
             apps: vec![(DEMO_APPID.into(), DEMO_SECRET.into())],
             wecom_apps: Vec::new(),
             token_ttl: DEFAULT_TOKEN_TTL,
+            ticket_ttl: DEFAULT_TOKEN_TTL,
+            ticket_quota: None,
             latency: Duration::ZERO,
             token_latency: Duration::ZERO,
             faults: faults::Plan::default(),
@@ -103,7 +111,11 @@ pub async fn start(opts: FakeOptions) -> std::io::Result<Fake> {
         (Some(acceptor), Some(ca))
     };
     let shared = Arc::new(Shared {
-        state: Mutex::new(State::new(&opts.apps, opts.token_ttl).with_wecom(&opts.wecom_apps)),
+        state: Mutex::new(
+            State::new(&opts.apps, opts.token_ttl)
+                .with_wecom(&opts.wecom_apps)
+                .with_tickets(opts.ticket_ttl, opts.ticket_quota),
+        ),
         faults: Mutex::new(faults::Faults::new(opts.faults.clone())),
         tls_handshakes: AtomicU64::new(0),
         connections: AtomicU64::new(0),

@@ -22,6 +22,8 @@ const REQUEST_LOG: usize = 256;
 #[derive(Debug)]
 struct TokenRec {
     appid: String,
+    /// The appid, or `corpid/appN` for a WeCom app's token.
+    owner: String,
     stable: bool,
     /// WeCom tokens say 40014 when invalid, as WeCom does.
     wecom: bool,
@@ -33,6 +35,8 @@ struct TokenRec {
 #[derive(Default)]
 struct AppRec {
     secret: String,
+    /// A WeCom app's name in stats: `app1`, `app2`, … in the order given.
+    label: String,
     classic: Option<String>,
     stable: Option<String>,
     classic_fetches: u64,
@@ -74,6 +78,7 @@ pub struct State {
     pub client_msg_ids: std::collections::HashSet<String>,
     pub requests: VecDeque<Seen>,
     ttl: Duration,
+    pub tickets: super::tickets::Tickets,
 }
 
 /// Why a token was refused, as WeChat says it.
@@ -85,11 +90,29 @@ pub struct Refused {
 
 impl State {
     pub fn with_wecom(mut self, apps: &[(String, String)]) -> Self {
-        for (corpid, secret) in apps {
-            self.wecom
-                .insert((corpid.clone(), secret.clone()), AppRec::default());
+        for (i, (corpid, secret)) in apps.iter().enumerate() {
+            self.wecom.insert(
+                (corpid.clone(), secret.clone()),
+                AppRec {
+                    label: format!("app{}", i + 1),
+                    ..AppRec::default()
+                },
+            );
         }
         self
+    }
+
+    /// Ticket lifetime and quota override.
+    pub fn with_tickets(mut self, ttl: Duration, quota: Option<u32>) -> Self {
+        self.tickets = super::tickets::Tickets::new(ttl, quota);
+        self
+    }
+
+    /// The owner of a valid token: its appid (or corpid) and its owner key.
+    pub fn token_owner(&self, token: &str) -> Option<(String, String)> {
+        self.tokens
+            .get(token)
+            .map(|r| (r.appid.clone(), r.owner.clone()))
     }
 
     /// `GET /cgi-bin/gettoken`: the same token until its last `overlap`.
@@ -117,9 +140,11 @@ impl State {
         let value = match current {
             Some(v) => v,
             None => {
+                let owner = format!("{corpid}/{}", app.label);
                 let v = self.new_token(corpid, false);
                 if let Some(r) = self.tokens.get_mut(&v) {
                     r.wecom = true;
+                    r.owner = owner;
                 }
                 v
             }
@@ -166,6 +191,7 @@ impl State {
             value.clone(),
             TokenRec {
                 appid: appid.to_string(),
+                owner: appid.to_string(),
                 stable,
                 wecom: false,
                 expires_at: now + self.ttl,
@@ -327,6 +353,7 @@ impl State {
             "connections": connections,
             "tokens_issued": self.tokens.len(),
             "stable_tokens_issued": live_stable,
+            "ticket_fetches": self.tickets.fetches,
         })
     }
 }

@@ -1,5 +1,6 @@
 //! Access tokens: one [`TokenCell`] per account holds the current token and
-//! the ones issued before it.
+//! the ones issued before it. Tickets (see [`crate::ticket`]) use the same
+//! cell, without the shared index: they are never presented by apps.
 //!
 //! The request path only *reads* a cell: one atomic load of an `Arc`, no lock,
 //! no await. Only the account's refresher ([`refresher`]) writes, so at most
@@ -125,8 +126,8 @@ impl TokenIndex {
 
 /// One account's token and its history.
 pub struct TokenCell {
-    /// The shared index and this account's place in it.
-    index: Arc<TokenIndex>,
+    /// The shared index and this account's place in it (none for tickets).
+    index: Option<Arc<TokenIndex>>,
     account: usize,
     snap: ArcSwap<Snapshot>,
     /// Bumped whenever a token is stored or a fetch attempt ends.
@@ -147,6 +148,15 @@ impl Default for TokenCell {
 impl TokenCell {
     /// A cell for account number `account`, recording its tokens in `index`.
     pub fn new(index: Arc<TokenIndex>, account: usize) -> Self {
+        TokenCell::with_index(Some(index), account)
+    }
+
+    /// A cell for a ticket: the same single flight, no token index.
+    pub fn for_ticket() -> Self {
+        TokenCell::with_index(None, 0)
+    }
+
+    fn with_index(index: Option<Arc<TokenIndex>>, account: usize) -> Self {
         TokenCell {
             index,
             account,
@@ -267,7 +277,9 @@ impl TokenCell {
     }
 
     /// Stores a fetched token. A value equal to the current one (a stable
-    /// token not rotated yet) only updates the expiry.
+    /// token or a ticket not rotated yet) never moves the expiry later: a
+    /// ticket fetched again mid-life can come back claiming a full 7200 s,
+    /// and believing it is how SDKs end up signing with an expired ticket.
     pub(crate) fn store(&self, value: &str, expires_in: Duration) -> StoreOutcome {
         let now = Instant::now();
         let old = self.snap.load_full();
@@ -278,7 +290,7 @@ impl TokenCell {
                 Snapshot {
                     current: Some(Arc::new(Token::new(
                         cur.value.clone(),
-                        now + expires_in,
+                        cur.expires_at.min(now + expires_in),
                         cur.fetched_at,
                         cur.lifetime,
                     ))),
@@ -296,7 +308,9 @@ impl TokenCell {
                     }
                 }
                 let value: Arc<str> = Arc::from(value);
-                self.index.update(&value, evicted.as_ref(), self.account);
+                if let Some(index) = &self.index {
+                    index.update(&value, evicted.as_ref(), self.account);
+                }
                 Snapshot {
                     current: Some(Arc::new(Token::new(
                         value,
@@ -368,8 +382,9 @@ mod tests {
         assert_eq!(cell.store("t1", Duration::from_secs(60)), StoreOutcome::New);
         assert_eq!(cell.store("t2", Duration::from_secs(60)), StoreOutcome::New);
         assert_eq!(&*cell.valid().unwrap().value, "t2");
-        assert!(cell.index.get("t1").is_some() && cell.index.get("t2").is_some());
-        assert!(cell.index.get("t3").is_none());
+        let index = cell.index.as_ref().unwrap();
+        assert!(index.get("t1").is_some() && index.get("t2").is_some());
+        assert!(index.get("t3").is_none());
     }
 
     #[test]
@@ -386,14 +401,23 @@ mod tests {
     }
 
     #[test]
+    fn same_value_never_extends_the_expiry() {
+        // A ticket fetched again mid-life that still claims its full lifetime.
+        let cell = TokenCell::for_ticket();
+        cell.store("k1", Duration::from_secs(100));
+        cell.store("k1", Duration::from_secs(7200));
+        assert!(cell.valid().unwrap().remaining() <= Duration::from_secs(100));
+    }
+
+    #[test]
     fn history_is_bounded() {
         let cell = TokenCell::default();
         for i in 0..(DEFAULT_ISSUED_HISTORY + 5) {
             cell.store(&format!("t{i}"), Duration::from_secs(60));
         }
-        assert!(cell.index.get("t0").is_none());
-        assert!(cell
-            .index
+        let index = cell.index.as_ref().unwrap();
+        assert!(index.get("t0").is_none());
+        assert!(index
             .get(&format!("t{}", DEFAULT_ISSUED_HISTORY + 4))
             .is_some());
     }

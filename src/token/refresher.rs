@@ -1,4 +1,5 @@
-//! The per-account refresher: the only writer of an account's token.
+//! The per-account refresher: the only writer of an account's token, and
+//! (one more refresher per ticket in use) of its tickets.
 //!
 //! It fetches at start, then again when the token is due (`refresh_before`
 //! ahead of expiry, at most half the lifetime), or at once when the request
@@ -21,7 +22,9 @@ use super::{until_next_wechat_day, StoreOutcome};
 use crate::account::Account;
 use crate::config::{AccountKind, OnStoreError, TokenApi, TokenConfig};
 use crate::failover::Upstreams;
-use crate::metrics::TOKEN_FETCHES;
+use crate::metrics::{TICKET_FETCHES, TOKEN_FETCHES};
+use crate::ticket::TicketKind;
+use crate::token::TokenCell;
 
 /// First retry after a failed fetch; doubles up to the cap.
 const DEFAULT_BACKOFF_FIRST: Duration = Duration::from_millis(500);
@@ -64,8 +67,16 @@ impl Backoff {
     }
 }
 
+/// What a refresher keeps fresh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subject {
+    Token,
+    Ticket(TicketKind),
+}
+
 struct Refresher {
     account: Arc<Account>,
+    subject: Subject,
     upstream: Arc<Upstreams>,
     conf: TokenConfig,
     /// The shared store, when `token.store` is Redis.
@@ -89,15 +100,27 @@ pub fn store_id(account: &Account) -> (&'static str, String) {
     }
 }
 
+/// The store key suffix for one of an account's tickets. WeCom's jsapi
+/// ticket belongs to the corp, so every app of the corp shares it.
+pub fn ticket_store_id(account: &Account, kind: TicketKind) -> (String, String) {
+    let api = format!("ticket_{}", kind.as_str());
+    match (account.kind, kind) {
+        (AccountKind::WeCom, TicketKind::AgentConfig) => (api, store_id(account).1),
+        _ => (api, account.appid.clone()),
+    }
+}
+
 /// Runs forever (until its runtime stops).
 pub async fn run(
     account: Arc<Account>,
+    subject: Subject,
     upstream: Arc<Upstreams>,
     conf: TokenConfig,
     store: Option<Arc<RedisStore>>,
 ) {
     let mut r = Refresher {
         account,
+        subject,
         upstream,
         conf,
         store,
@@ -107,6 +130,48 @@ pub async fn run(
 }
 
 impl Refresher {
+    /// The cell this refresher writes.
+    fn cell(&self) -> &TokenCell {
+        match self.subject {
+            Subject::Token => &self.account.tokens,
+            Subject::Ticket(k) => self
+                .account
+                .tickets
+                .get(k)
+                .expect("a ticket's cell exists before its refresher"),
+        }
+    }
+
+    /// "token", "jsapi ticket": for logs.
+    fn what(&self) -> &'static str {
+        match self.subject {
+            Subject::Token => "token",
+            Subject::Ticket(k) => k.what(),
+        }
+    }
+
+    /// The store key suffix: `(api, id)`.
+    fn store_id(&self) -> (String, String) {
+        match self.subject {
+            Subject::Token => {
+                let (api, id) = store_id(&self.account);
+                (api.to_string(), id)
+            }
+            Subject::Ticket(k) => ticket_store_id(&self.account, k),
+        }
+    }
+
+    /// Counts a fetch outcome in the metrics.
+    fn count(&self, result: &str) {
+        let name = self.account.name.as_str();
+        match self.subject {
+            Subject::Token => TOKEN_FETCHES.with_label_values(&[name, result]).inc(),
+            Subject::Ticket(k) => TICKET_FETCHES
+                .with_label_values(&[name, k.as_str(), result])
+                .inc(),
+        }
+    }
+
     async fn run(&mut self) {
         let mut bad: Option<Arc<str>> = None;
         loop {
@@ -114,8 +179,8 @@ impl Refresher {
                 None => self.fetch_alone(bad.take()).await,
                 Some(store) => self.obtain_shared(&store, bad.take()).await,
             };
-            tracing::debug!(account = %self.account.name, next_refresh_in = ?delay, "token refresh scheduled");
-            let cell = &self.account.tokens;
+            tracing::debug!(account = %self.account.name, what = self.what(), next_refresh_in = ?delay, "refresh scheduled");
+            let cell = self.cell();
             let due = tokio::time::Instant::now() + delay;
             loop {
                 tokio::select! {
@@ -130,7 +195,7 @@ impl Refresher {
                     break;
                 }
                 if cell.take_forced() {
-                    tracing::info!(account = %self.account.name, "refresh requested by an operator");
+                    tracing::info!(account = %self.account.name, what = self.what(), "refresh requested by an operator");
                     bad = cell.latest().map(|t| t.value.clone());
                     break;
                 }
@@ -140,15 +205,15 @@ impl Refresher {
 
     /// When to refresh next after storing a token.
     fn next_delay(&self, outcome: StoreOutcome) -> Duration {
-        let Some(token) = self.account.tokens.latest() else {
+        let Some(token) = self.cell().latest() else {
             return DEFAULT_SAME_TOKEN_RETRY_MIN;
         };
         match outcome {
             StoreOutcome::New => {
                 refresh_delay(token.remaining(), token.lifetime, self.conf.refresh_before)
             }
-            // WeChat has not rotated the stable token yet: ask again halfway
-            // to its expiry, and keep using it meanwhile.
+            // WeChat has not rotated the stable token (or the ticket) yet:
+            // ask again halfway to its expiry, and keep using it meanwhile.
             StoreOutcome::Same => (token.remaining() / 2).max(DEFAULT_SAME_TOKEN_RETRY_MIN),
         }
     }
@@ -159,6 +224,10 @@ impl Refresher {
     async fn fetch_once(&mut self, bad: Option<&str>) -> Result<source::Fetched, FetchError> {
         let account = self.account.clone();
         let upstream = self.upstream.clone();
+        if let Subject::Ticket(kind) = self.subject {
+            let wait = upstream.read_timeout();
+            return crate::ticket::source::fetch(&upstream, &account, kind, wait).await;
+        }
         let f = source::fetch(&upstream, &account, false).await?;
         let may_force = account.token_api == TokenApi::Stable
             && account.kind == AccountKind::Official
@@ -175,21 +244,20 @@ impl Refresher {
 
     fn stored(&self, f: &source::Fetched, last_logged: &mut Option<i64>) -> StoreOutcome {
         let account = &self.account;
-        TOKEN_FETCHES
-            .with_label_values(&[account.name.as_str(), "ok"])
-            .inc();
-        let outcome = account.tokens.store(&f.value, f.expires_in);
+        self.count("ok");
+        let outcome = self.cell().store(&f.value, f.expires_in);
         if outcome == StoreOutcome::New {
             tracing::info!(
                 account = %account.name,
                 appid = %account.appid,
-                api = store_id(account).0,
+                api = %self.store_id().0,
                 expires_in = f.expires_in.as_secs(),
-                "token fetched"
+                "{} fetched",
+                self.what()
             );
         }
         if last_logged.take().is_some() {
-            tracing::info!(account = %account.name, "token fetches recovered");
+            tracing::info!(account = %account.name, "{} fetches recovered", self.what());
         }
         outcome
     }
@@ -205,16 +273,12 @@ impl Refresher {
             FetchError::WeChat { .. } => "wechat_error",
             _ => "transport_error",
         };
-        TOKEN_FETCHES
-            .with_label_values(&[self.account.name.as_str(), result])
-            .inc();
+        self.count(result);
         if *last_logged != Some(e.errcode()) {
-            log_failure(&self.account, e, wait);
+            log_failure(&self.account, self.what(), self.cell(), e, wait);
             *last_logged = Some(e.errcode());
         }
-        self.account
-            .tokens
-            .record_failure(e.errcode(), e.to_string());
+        self.cell().record_failure(e.errcode(), e.to_string());
         tokio::time::sleep(wait).await;
     }
 
@@ -222,14 +286,14 @@ impl Refresher {
         let account = &self.account;
         let wait = until_next_wechat_day(SystemTime::now());
         let msg = format!(
-            "daily token budget for account {} spent ({} fetches, token.daily_budget)",
-            account.name, self.conf.daily_budget
+            "daily {} budget for account {} spent ({} fetches, token.daily_budget)",
+            self.what(),
+            account.name,
+            self.conf.daily_budget
         );
-        tracing::error!(account = %account.name, appid = %account.appid, budget = self.conf.daily_budget, resets_in = ?wait, "daily token budget spent; no more fetches today");
-        account.tokens.record_budget_spent(msg);
-        TOKEN_FETCHES
-            .with_label_values(&[account.name.as_str(), "budget_spent"])
-            .inc();
+        tracing::error!(account = %account.name, appid = %account.appid, what = self.what(), budget = self.conf.daily_budget, resets_in = ?wait, "daily {} budget spent; no more fetches today", self.what());
+        self.cell().record_budget_spent(msg);
+        self.count("budget_spent");
         tokio::time::sleep(wait).await;
     }
 
@@ -239,7 +303,7 @@ impl Refresher {
         let mut backoff = Backoff::new();
         let mut last_logged: Option<i64> = None;
         loop {
-            if !self.account.tokens.spend_budget(self.conf.daily_budget) {
+            if !self.cell().spend_budget(self.conf.daily_budget) {
                 self.budget_spent().await;
                 continue;
             }
@@ -257,8 +321,8 @@ impl Refresher {
     /// lock and fetches for every replica, else waits for the replica that
     /// holds the lock. Returns when to look again.
     async fn obtain_shared(&mut self, store: &RedisStore, bad: Option<Arc<str>>) -> Duration {
-        let (api, id) = store_id(&self.account);
-        let key = store.token_key(api, &id);
+        let (api, id) = self.store_id();
+        let key = store.token_key(&api, &id);
         let mut backoff = Backoff::new();
         let mut last_logged: Option<i64> = None;
         loop {
@@ -267,9 +331,9 @@ impl Refresher {
                 .await
             {
                 Ok(Lock::Current(rec)) => {
-                    let outcome = self.account.tokens.store(&rec.token, rec.remaining());
+                    let outcome = self.cell().store(&rec.token, rec.remaining());
                     if outcome == StoreOutcome::New {
-                        tracing::info!(account = %self.account.name, fetched_by = %rec.fetched_by, "token taken from the shared store");
+                        tracing::info!(account = %self.account.name, fetched_by = %rec.fetched_by, "{} taken from the shared store", self.what());
                     }
                     return rec.until_next_refresh().max(DEFAULT_SAME_TOKEN_RETRY_MIN);
                 }
@@ -305,7 +369,7 @@ impl Refresher {
                                 next_refresh_at_ms: now + delay.as_millis() as u64,
                             };
                             if let Err(e) = store.save(&key, &record, &lock).await {
-                                tracing::warn!(account = %self.account.name, error = %e, "could not share the fetched token");
+                                tracing::warn!(account = %self.account.name, error = %e, "could not share the fetched {}", self.what());
                             }
                             return delay;
                         }
@@ -326,7 +390,7 @@ impl Refresher {
                             OnStoreError::Fetch
                         },
                     );
-                    let has_token = self.account.tokens.valid().is_some();
+                    let has_token = self.cell().valid().is_some();
                     match policy {
                         // A lone fetch harms nobody: do it when we need a token.
                         OnStoreError::Fetch if !has_token || bad.is_some() => {
@@ -341,17 +405,24 @@ impl Refresher {
     }
 }
 
-fn log_failure(account: &Account, e: &FetchError, retry_in: Duration) {
-    let still_valid = account.tokens.valid().map(|t| t.remaining().as_secs());
+fn log_failure(
+    account: &Account,
+    what: &str,
+    cell: &TokenCell,
+    e: &FetchError,
+    retry_in: Duration,
+) {
+    let still_valid = cell.valid().map(|t| t.remaining().as_secs());
     tracing::error!(
         account = %account.name,
         appid = %account.appid,
+        what,
         errcode = e.errcode(),
         error = %e,
         hard = e.is_hard(),
         retry_in = ?retry_in,
-        current_token_valid_for_s = ?still_valid,
-        "token fetch failed"
+        current_valid_for_s = ?still_valid,
+        "{what} fetch failed"
     );
 }
 

@@ -16,7 +16,7 @@ use crate::failover::Upstreams;
 use crate::upstream::UpstreamError;
 
 /// A token answer is a few hundred bytes; anything far larger is not one.
-const DEFAULT_ANSWER_LIMIT: usize = 64 * 1024;
+pub(crate) const DEFAULT_ANSWER_LIMIT: usize = 64 * 1024;
 
 /// What WeChat returned.
 #[derive(Debug)]
@@ -25,14 +25,26 @@ pub struct Fetched {
     pub expires_in: Duration,
 }
 
+impl Fetched {
+    /// WeChat's clock started no earlier than our request: count the
+    /// lifetime from when it was sent, so ours never outlasts WeChat's.
+    pub fn counted_from(mut self, sent: std::time::Instant) -> Self {
+        self.expires_in = self.expires_in.saturating_sub(sent.elapsed());
+        self
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     #[error("{0}")]
     Upstream(#[from] UpstreamError),
     #[error("WeChat answered errcode {errcode}: {errmsg}")]
     WeChat { errcode: i64, errmsg: String },
-    #[error("WeChat's answer is not a token: {0}")]
+    #[error("WeChat's answer is not a token or ticket: {0}")]
     BadAnswer(String),
+    /// A ticket fetch found no token to use.
+    #[error("{0}")]
+    NoToken(String),
 }
 
 impl FetchError {
@@ -69,8 +81,10 @@ impl FetchError {
     }
 }
 
+/// A token answer, or a ticket answer (`ticket` in place of `access_token`).
 #[derive(Deserialize)]
 struct Answer {
+    #[serde(alias = "ticket")]
     access_token: Option<String>,
     expires_in: Option<u64>,
     errcode: Option<i64>,
@@ -85,6 +99,7 @@ pub async fn fetch(
     force: bool,
 ) -> Result<Fetched, FetchError> {
     let (req, body) = build_request(account, force);
+    let sent = std::time::Instant::now();
     let mut x = upstream.send(&req, &body).await?;
     let status = x.header().status.as_u16();
     let answer = x.read_to_end(DEFAULT_ANSWER_LIMIT).await?;
@@ -94,7 +109,7 @@ pub async fn fetch(
             "HTTP {status}, body over {DEFAULT_ANSWER_LIMIT} bytes"
         ))
     })?;
-    parse_answer(status, &answer)
+    parse_answer(status, &answer).map(|f| f.counted_from(sent))
 }
 
 fn build_request(account: &Account, force: bool) -> (RequestHeader, Vec<u8>) {
@@ -144,7 +159,7 @@ fn build_request(account: &Account, force: bool) -> (RequestHeader, Vec<u8>) {
     (req, body)
 }
 
-fn parse_answer(status: u16, body: &[u8]) -> Result<Fetched, FetchError> {
+pub(crate) fn parse_answer(status: u16, body: &[u8]) -> Result<Fetched, FetchError> {
     let a: Answer = serde_json::from_slice(body)
         .map_err(|e| FetchError::BadAnswer(format!("HTTP {status}, not JSON ({e})")))?;
     match (a.access_token, a.errcode) {
@@ -163,7 +178,7 @@ fn parse_answer(status: u16, body: &[u8]) -> Result<Fetched, FetchError> {
             errmsg: a.errmsg.unwrap_or_default().chars().take(200).collect(),
         }),
         _ => Err(FetchError::BadAnswer(format!(
-            "HTTP {status}, neither access_token nor errcode"
+            "HTTP {status}, neither a token, a ticket nor an errcode"
         ))),
     }
 }
@@ -190,5 +205,11 @@ mod tests {
             parse_answer(200, br#"{"access_token":"T"}"#),
             Err(FetchError::BadAnswer(_))
         ));
+        let t = parse_answer(
+            200,
+            br#"{"errcode":0,"errmsg":"ok","ticket":"K","expires_in":7200}"#,
+        )
+        .unwrap();
+        assert_eq!(t.value, "K");
     }
 }

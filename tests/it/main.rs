@@ -13,5 +13,6 @@ mod replay;
 mod store;
 mod streaming;
 mod support;
+mod tickets;
 mod tokens;
 mod wecom;

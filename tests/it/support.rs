@@ -176,6 +176,20 @@ impl Fake {
             + s["stable_token_fetches"][appid].as_u64().unwrap_or(0)
     }
 
+    /// Ticket fetches the fake answered for `owner:type` (e.g. `wx…:jsapi`).
+    pub async fn ticket_fetches(&self, key: &str) -> u64 {
+        self.stats().await["ticket_fetches"][key]
+            .as_u64()
+            .unwrap_or(0)
+    }
+
+    /// Milliseconds a ticket really has left at the fake (`None`: never issued).
+    pub async fn ticket_left(&self, ticket: &str) -> Option<u64> {
+        self.get_json(&format!("/__fake/ticket?value={ticket}"))
+            .await["expires_in_ms"]
+            .as_u64()
+    }
+
     /// Calls the fake directly (not through the sidecar).
     pub async fn direct_post(&self, path_and_query: &str, body: &str) -> Value {
         self.https
@@ -450,6 +464,17 @@ impl Sidecar {
             .as_str()
             .unwrap_or_else(|| panic!("no token in {v}"))
             .to_string()
+    }
+
+    /// GETs a path on the app listener, with headers; returns (status, JSON).
+    pub async fn get(&self, path_and_query: &str, headers: &[(&str, &str)]) -> (u16, Value) {
+        let mut r = client().get(self.url(path_and_query));
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        let r = r.send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
     }
 
     /// POSTs a template message through the sidecar; returns (status, JSON).

@@ -1,0 +1,116 @@
+//! Tickets: the JS-SDK `jsapi_ticket`, the card `wx_card` ticket and WeCom's
+//! corp `jsapi_ticket` and app `agent_config` ticket, owned like tokens.
+//!
+//! A ticket's cell is made on first use (an app asking for it, or the JS-SDK
+//! helper) and from then on kept fresh by its own refresher: the token's
+//! machinery — single flight, backoff, daily budget, the Redis store — with
+//! the ticket's own expiry. A new token leaves the ticket alone: WeChat keeps
+//! them independent. Nothing here logs a ticket.
+
+pub mod answer;
+pub mod source;
+
+use std::sync::{Arc, OnceLock};
+
+use crate::account::Account;
+use crate::app::App;
+use crate::config::AccountKind;
+use crate::token::refresher::{self, Subject};
+use crate::token::TokenCell;
+
+/// The tickets WeChat issues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TicketKind {
+    /// JS-SDK `wx.config` (Official Account), or WeCom's corp ticket.
+    Jsapi,
+    /// Card and coupon JS API (Official Account).
+    WxCard,
+    /// WeCom's `wx.agentConfig` (per app).
+    AgentConfig,
+}
+
+impl TicketKind {
+    pub const ALL: [TicketKind; 3] = [
+        TicketKind::Jsapi,
+        TicketKind::WxCard,
+        TicketKind::AgentConfig,
+    ];
+
+    /// WeChat's `type` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TicketKind::Jsapi => "jsapi",
+            TicketKind::WxCard => "wx_card",
+            TicketKind::AgentConfig => "agent_config",
+        }
+    }
+
+    fn slot(self) -> usize {
+        self as usize
+    }
+
+    /// Whether an account of `kind` has this ticket.
+    pub fn exists_for(self, kind: AccountKind) -> bool {
+        matches!(
+            (kind, self),
+            (_, TicketKind::Jsapi)
+                | (AccountKind::Official, TicketKind::WxCard)
+                | (AccountKind::WeCom, TicketKind::AgentConfig)
+        )
+    }
+
+    /// For logs and errors: "jsapi ticket".
+    pub fn what(self) -> &'static str {
+        match self {
+            TicketKind::Jsapi => "jsapi ticket",
+            TicketKind::WxCard => "wx_card ticket",
+            TicketKind::AgentConfig => "agent_config ticket",
+        }
+    }
+}
+
+/// An account's tickets, each made on first use.
+#[derive(Default)]
+pub struct Tickets {
+    cells: [OnceLock<Arc<TokenCell>>; 3],
+}
+
+impl Tickets {
+    /// The cell of a ticket already in use.
+    pub fn get(&self, kind: TicketKind) -> Option<&Arc<TokenCell>> {
+        self.cells[kind.slot()].get()
+    }
+
+    /// The tickets in use, for `/status`, `/metrics` and the store watcher.
+    pub fn in_use(&self) -> impl Iterator<Item = (TicketKind, &Arc<TokenCell>)> {
+        TicketKind::ALL
+            .into_iter()
+            .filter_map(|k| self.get(k).map(|c| (k, c)))
+    }
+}
+
+/// The cell for `account`'s ticket of `kind`, starting its refresher the
+/// first time it is asked for. Call from within the app's runtime.
+pub fn cell<'a>(app: &App, account: &'a Arc<Account>, kind: TicketKind) -> &'a Arc<TokenCell> {
+    let slot = &account.tickets.cells[kind.slot()];
+    if let Some(c) = slot.get() {
+        return c;
+    }
+    let mut made = false;
+    let c = slot.get_or_init(|| {
+        made = true;
+        Arc::new(TokenCell::for_ticket())
+    });
+    if made {
+        crate::metrics::init_ticket(&account.name, kind.as_str());
+        tracing::info!(account = %account.name, ticket = kind.as_str(), "first use of a ticket; fetching it");
+        tokio::spawn(refresher::run(
+            account.clone(),
+            Subject::Ticket(kind),
+            app.upstream_for(account.kind).clone(),
+            app.config.token.clone(),
+            app.store.clone(),
+        ));
+    }
+    c
+}
