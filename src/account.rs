@@ -160,6 +160,40 @@ impl Accounts {
         header: Option<&str>,
         presented_token: Option<&str>,
     ) -> Result<&Arc<Account>, PickError> {
+        self.pick_for(header, presented_token, None)
+    }
+
+    /// Like [`Self::pick`], for a request whose host says which family it
+    /// is for (transparent mode: `qyapi.weixin.qq.com` is WeCom): when
+    /// nothing names an account, the default account if it is of that
+    /// family, else the family's only account.
+    pub fn pick_for(
+        &self,
+        header: Option<&str>,
+        presented_token: Option<&str>,
+        family: Option<AccountKind>,
+    ) -> Result<&Arc<Account>, PickError> {
+        if let (None, Some(kind)) = (header, family) {
+            if presented_token
+                .and_then(|t| self.by_issued_token(t))
+                .is_none()
+                && self.default_account().is_none_or(|a| a.kind != kind)
+            {
+                let mut of_kind = self.list.iter().filter(|a| a.kind == kind);
+                return match (of_kind.next(), of_kind.next()) {
+                    (Some(only), None) => Ok(only),
+                    _ => Err(PickError::NoneNamed {
+                        known: self
+                            .list
+                            .iter()
+                            .filter(|a| a.kind == kind)
+                            .map(|a| a.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    }),
+                };
+            }
+        }
         if let Some(h) = header {
             let h = h.trim();
             return self.by_name_or_appid(h).ok_or_else(|| PickError::Unknown {
@@ -225,6 +259,20 @@ mod tests {
             "evicted from the history"
         );
         assert!(a.by_issued_token("nope").is_none());
+    }
+
+    #[test]
+    fn the_host_family_picks_among_its_accounts() {
+        let c = Config::parse(
+            "accounts:\n  - {name: shop, appid: wxshop, secret: a, default: true}\n  - {name: hr, kind: wecom, corpid: ww1, secret: b}\n",
+        )
+        .unwrap();
+        let a = Accounts::new(&c.accounts);
+        let wecom = Some(AccountKind::WeCom);
+        assert_eq!(a.pick_for(None, None, wecom).unwrap().name, "hr");
+        let official = Some(AccountKind::Official);
+        assert_eq!(a.pick_for(None, None, official).unwrap().name, "shop");
+        assert_eq!(a.pick_for(Some("shop"), None, wecom).unwrap().name, "shop");
     }
 
     #[test]

@@ -21,6 +21,8 @@ pub struct App {
     pub store: Option<Arc<RedisStore>>,
     /// Who may call, and how fast.
     pub clients: crate::clients::Clients,
+    /// Transparent mode, when `intercept` is configured.
+    pub intercept: Option<crate::intercept::Intercept>,
     /// Requests in flight; draining after SIGTERM/SIGQUIT.
     pub drain: Arc<crate::lifecycle::Drain>,
     pub started: Instant,
@@ -34,9 +36,11 @@ impl App {
         upstream: Arc<Upstreams>,
         wecom: Option<Arc<Upstreams>>,
         store: Option<Arc<RedisStore>>,
+        intercept: Option<crate::intercept::Intercept>,
     ) -> Arc<Self> {
         Arc::new(App {
             store,
+            intercept,
             clients: crate::clients::Clients::new(config.clients.clone()),
             drain: Arc::default(),
             accounts: Accounts::new(&config.accounts),

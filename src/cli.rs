@@ -1,4 +1,4 @@
-//! The command line: `run`, `check`, `fake-wechat`, `demo`.
+//! The command line: `run`, `check`, `fake-wechat`, `demo`, `ca init`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -64,6 +64,23 @@ enum Command {
     FakeWechat(FakeArgs),
     /// Start a fake WeChat and a sidecar for it, and print curl commands to try.
     Demo(DemoArgs),
+    /// The local CA of transparent mode.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Make a new CA: DIR/ca.pem (give it to the apps' trust stores) and
+    /// DIR/ca-key.pem (mode 0600; only the sidecar reads it).
+    Init {
+        /// Directory to write ca.pem and ca-key.pem into.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing CA (apps that trust the old one stop trusting the sidecar).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Args)]
@@ -145,6 +162,20 @@ pub fn main() -> i32 {
             logging::init(cli.log_format.unwrap_or(LogFormat::Pretty));
             demo::run(d)
         }
+        Command::Ca(CaCommand::Init { out, force }) => {
+            match crate::intercept::ca::init(&out, force) {
+                Ok((cert, key)) => {
+                    println!("wrote {} (trust this in the apps)", cert.display());
+                    println!("wrote {} (mode 0600; the sidecar's secret)", key.display());
+                    println!("set intercept.ca_cert and intercept.ca_key to these files");
+                    0
+                }
+                Err(e) => {
+                    eprintln!("wxsidecar ca init: {e}");
+                    2
+                }
+            }
+        }
     }
 }
 
@@ -211,6 +242,18 @@ fn check(path: &std::path::Path, print: bool) -> i32 {
                 u.expose()
             ))
     );
+    if let Some(i) = &c.intercept {
+        let show = |a: Option<SocketAddr>| a.map_or("off".to_string(), |a| a.to_string());
+        println!(
+            "intercept:     https {} · http {} · proxy {} · hosts {} · CA {} (key not shown) · leaf {:?}",
+            show(i.https_listen),
+            show(i.http_listen),
+            show(i.proxy_listen),
+            i.hosts.join(", "),
+            i.ca_source,
+            i.leaf_lifetime
+        );
+    }
     println!("accounts:");
     for a in &c.accounts {
         println!(

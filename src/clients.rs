@@ -157,6 +157,11 @@ impl Clients {
             || (self.conf.per_client.is_some() && self.conf.tokens.is_empty())
     }
 
+    /// Whether `clients.allow` lets this address in (no list: everyone).
+    pub fn allows_address(&self, addr: std::net::IpAddr) -> bool {
+        self.conf.allow.is_empty() || self.conf.allow.iter().any(|n| n.contains(&addr))
+    }
+
     pub fn uses_tokens(&self) -> bool {
         !self.conf.tokens.is_empty()
     }

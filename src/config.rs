@@ -152,6 +152,12 @@ pub struct UpstreamConfig {
     pub read_timeout: Duration,
     pub warm_connections: usize,
     pub idle_timeout: Duration,
+    /// Nameservers for the upstream hosts (`upstream.dns`); empty: those of
+    /// `/etc/resolv.conf`.
+    pub dns: Vec<SocketAddr>,
+    /// Whether `/etc/hosts` answers too: not in transparent mode, where it
+    /// points the WeChat hosts at the sidecar itself.
+    pub hosts_file: bool,
 }
 
 /// Which API family an account belongs to.
@@ -227,6 +233,8 @@ pub struct Config {
     pub accounts: Vec<AccountConfig>,
     pub token: TokenConfig,
     pub clients: crate::clients::ClientsConfig,
+    /// Transparent mode (`intercept`), when configured.
+    pub intercept: Option<crate::intercept::config::InterceptConfig>,
 }
 
 impl Config {
@@ -280,6 +288,7 @@ mod raw {
         pub accounts: Option<Vec<Account>>,
         pub token: Option<Token>,
         pub clients: Option<Clients>,
+        pub intercept: Option<crate::intercept::config::RawIntercept>,
     }
 
     #[derive(Deserialize, Default)]
@@ -331,6 +340,7 @@ mod raw {
         pub read_timeout: Option<String>,
         pub warm_connections: Option<usize>,
         pub idle_timeout: Option<String>,
+        pub dns: Option<Vec<String>>,
     }
 
     #[derive(Deserialize)]
@@ -531,18 +541,35 @@ impl Config {
             }),
         };
 
-        let upstream = parse_upstream(
+        let mut upstream = parse_upstream(
             "upstream",
             raw.upstream.unwrap_or_default(),
             DEFAULT_UPSTREAM_URL,
             &mut problems,
         );
-        let wecom_upstream = parse_upstream(
+        let mut wecom_upstream = parse_upstream(
             "wecom_upstream",
             raw.wecom_upstream.unwrap_or_default(),
             DEFAULT_WECOM_UPSTREAM_URL,
             &mut problems,
         );
+        let intercept = raw
+            .intercept
+            .and_then(|i| crate::intercept::config::parse(i, &mut problems));
+        if let Some(i) = &intercept {
+            // /etc/hosts sends the WeChat hosts to us: resolve them from DNS.
+            upstream.hosts_file = false;
+            wecom_upstream.hosts_file = false;
+            for (key, addr) in i.listeners() {
+                for (other, taken) in [("listen", listen), ("admin_listen", admin_listen)] {
+                    if addr == taken {
+                        problems.push(format!(
+                            "{key}: {addr} is also `{other}`; give it its own port"
+                        ));
+                    }
+                }
+            }
+        }
 
         let accounts = parse_accounts(raw.accounts.unwrap_or_default(), &mut problems);
 
@@ -638,6 +665,7 @@ impl Config {
                 accounts,
                 token,
                 clients,
+                intercept,
             })
         } else {
             Err(problems)
@@ -792,7 +820,27 @@ fn parse_upstream(
     if failover_after == 0 {
         problems.push(format!("{prefix}.failover_after: must be at least 1"));
     }
+    let dns = up
+        .dns
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+        .filter_map(|(i, d)| {
+            let parsed = d
+                .parse::<SocketAddr>()
+                .or_else(|_| d.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 53)));
+            parsed
+                .map_err(|_| {
+                    problems.push(format!(
+                        "{prefix}.dns[{i}]: `{d}` is not a nameserver address like 10.96.0.10 or 10.96.0.10:53"
+                    ))
+                })
+                .ok()
+        })
+        .collect();
     let upstream = UpstreamConfig {
+        dns,
+        hosts_file: true,
         url,
         failover,
         failover_after,

@@ -26,6 +26,7 @@ fn upstream(u: &UpstreamConfig) -> Value {
         "read_timeout": dur(u.read_timeout),
         "warm_connections": u.warm_connections,
         "idle_timeout": dur(u.idle_timeout),
+        "dns": u.dns.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
     })
 }
 
@@ -86,6 +87,15 @@ pub fn yaml(c: &Config) -> String {
             "tokens": c.clients.tokens.iter().map(|t| json!({"name": t.name, "token": "***", "accounts": t.accounts})).collect::<Vec<_>>(),
             "rate_limit": {"per_client": limit(c.clients.per_client), "per_account": limit(c.clients.per_account)},
         },
+        "intercept": c.intercept.as_ref().map(|i| json!({
+            "ca_cert": i.ca_source,
+            "ca_key": "***",
+            "hosts": i.hosts,
+            "https_listen": i.https_listen.map(|a| a.to_string()),
+            "http_listen": i.http_listen.map(|a| a.to_string()),
+            "proxy_listen": i.proxy_listen.map(|a| a.to_string()),
+            "leaf_lifetime": dur(i.leaf_lifetime),
+        })),
     });
     serde_yaml_ng::to_string(&doc).unwrap_or_default()
 }

@@ -15,6 +15,7 @@ pub mod effective;
 pub mod failover;
 pub mod fake;
 pub mod inspect;
+pub mod intercept;
 pub mod jssdk;
 pub mod lifecycle;
 pub mod local;

@@ -62,6 +62,8 @@ pub struct Ctx {
     /// Which upstream family and host the streaming path chose.
     kind: AccountKind,
     host: usize,
+    /// The family an intercepted host (`Host`, SNI, proxy target) names.
+    family: Option<AccountKind>,
 }
 
 impl Default for Ctx {
@@ -76,6 +78,7 @@ impl Default for Ctx {
             _in_flight: None,
             kind: AccountKind::Official,
             host: 0,
+            family: None,
         }
     }
 }
@@ -318,7 +321,10 @@ impl Proxy {
                 reason: "X-Wx-Account is not ASCII".into(),
             })?),
         };
-        let account = self.app.accounts.pick(named, presented.as_deref())?;
+        let account = self
+            .app
+            .accounts
+            .pick_for(named, presented.as_deref(), ctx.family)?;
         self.admit_account(ctx, account)?;
         let replace = match &presented {
             None => true,
@@ -334,6 +340,35 @@ impl Proxy {
             plan.account = Some(account.clone());
         }
         Ok(plan)
+    }
+
+    /// Reads which family an intercepted host names, and refuses proxy-style
+    /// requests (absolute-form targets) for any host but WeChat's: the sidecar
+    /// only ever talks to WeChat, so such a request would go to the wrong place.
+    fn check_host(&self, req: &RequestHeader, ctx: &mut Ctx) -> Result<(), ProxyError> {
+        let host = match (&self.app.intercept, req.uri.host()) {
+            // The usual case: a plain request to the app listener.
+            (None, None) => return Ok(()),
+            _ => crate::intercept::request_host(req),
+        };
+        let Some(host) = host else { return Ok(()) };
+        let intercepted = match &self.app.intercept {
+            Some(i) => i.resolver.covers(&host),
+            None => crate::certs::WECHAT_HOSTS.contains(&host.as_str()),
+        };
+        if intercepted {
+            ctx.family = Some(crate::intercept::family_of(&host));
+        } else if req.uri.host().is_some()
+            && host.parse::<std::net::IpAddr>().is_err()
+            && host != "localhost"
+        {
+            return Err(ProxyError::Forbidden {
+                reason: format!(
+                    "{host} is not a WeChat host this sidecar serves (intercept.hosts); it is not an open proxy"
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Whether the caller may use `account`, at this rate.
@@ -675,6 +710,11 @@ impl ProxyHttp for Proxy {
                 return Ok(true);
             }
         }
+        if let Err(e) = self.check_host(session.req_header(), ctx) {
+            tracing::info!(status = e.status(), error = %e, "request refused");
+            reply::send_error(session, &e).await?;
+            return Ok(true);
+        }
         let route = route::classify(session.req_header());
         let outcome = match route {
             Route::LocalClassicToken | Route::LocalStableToken | Route::LocalWeComToken => {
@@ -691,7 +731,8 @@ impl ProxyHttp for Proxy {
             }
             Route::Untouched => {
                 ctx.route = "untouched";
-                let plan = Plan::untouched(session.req_header(), self.app.default_family());
+                let family = ctx.family.unwrap_or_else(|| self.app.default_family());
+                let plan = Plan::untouched(session.req_header(), family);
                 self.forward(session, plan, ctx).await?
             }
             Route::Api => match self.plan(session.req_header(), ctx).await {

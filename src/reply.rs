@@ -32,6 +32,8 @@ pub enum ProxyError {
     Denied(#[from] crate::clients::Denied),
     #[error("request body over the {limit}-byte limit for {path} (limits.buffered_body)")]
     BodyTooLarge { limit: usize, path: String },
+    #[error("{reason}")]
+    Forbidden { reason: String },
     #[error("bad request for {path}: {reason}")]
     BadRequest { path: String, reason: String },
     #[error("{path}: {source}")]
@@ -51,6 +53,7 @@ impl ProxyError {
             | ProxyError::BudgetSpent { .. }
             | ProxyError::Unavailable => 503,
             ProxyError::BodyTooLarge { .. } => 413,
+            ProxyError::Forbidden { .. } => 403,
             ProxyError::Upstream { source, .. } if source.is_timeout() => 504,
             ProxyError::Upstream { .. } => 502,
         }
@@ -64,6 +67,8 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => 45002,
             ProxyError::BudgetSpent { .. } => 45009,
             ProxyError::BadRequest { .. } => 40035,
+            // WeChat's "API unauthorized".
+            ProxyError::Forbidden { .. } => 48001,
             // -1 is WeChat's "system busy": SDKs treat it as transient.
             ProxyError::NoToken { .. } | ProxyError::Upstream { .. } | ProxyError::Unavailable => {
                 -1

@@ -67,12 +67,17 @@ pub fn prepare(config: Config, mode: RunMode) -> Result<Prepared, String> {
     } else {
         Some(upstream::ca_bundle(&extras)?)
     };
+    crate::intercept::loopcheck::check(&config, wecom_in_use)?;
     // An upgrade takes the ports over from the running process.
     if !mode.upgrade {
+        let intercept_listeners = config.intercept.iter().flat_map(|i| i.listeners());
         for (key, addr) in [
             ("listen", config.listen),
             ("admin_listen", config.admin_listen),
-        ] {
+        ]
+        .into_iter()
+        .chain(intercept_listeners)
+        {
             std::net::TcpListener::bind(addr)
                 .map_err(|e| format!("{key}: cannot listen on {addr}: {e}"))?;
         }
@@ -83,8 +88,15 @@ pub fn prepare(config: Config, mode: RunMode) -> Result<Prepared, String> {
         Some(url) => Some(RedisStore::new(url.expose(), &config.token.store_prefix)?),
         None => None,
     };
+    let intercept = match &config.intercept {
+        None => None,
+        Some(i) => Some(crate::intercept::Intercept {
+            resolver: crate::intercept::tls::LeafResolver::new(i)
+                .map_err(|e| format!("intercept: {e}"))?,
+        }),
+    };
     Ok(Prepared {
-        app: App::new(config, up, wecom, store),
+        app: App::new(config, up, wecom, store, intercept),
         ca_bundle: ca_bundle.map(|p| p.display().to_string()),
         mode,
     })
@@ -126,6 +138,7 @@ impl Prepared {
             "wxsidecar app listener",
         );
         proxy.add_tcp(&config.listen.to_string());
+        let forward = self.add_intercept_listeners(&mut proxy, &server.configuration);
         let app_service = Gated {
             inner: proxy,
             app: self.app.clone(),
@@ -140,6 +153,19 @@ impl Prepared {
 
         server.add_service(admin);
         server.add_service(app_service);
+        if let Some(f) = forward {
+            server.add_service(f);
+        }
+        if let Some(i) = &config.intercept {
+            tracing::info!(
+                https = ?i.https_listen,
+                http = ?i.http_listen,
+                proxy = ?i.proxy_listen,
+                hosts = ?i.hosts,
+                ca = %i.ca_source,
+                "transparent mode: intercepting the WeChat hosts"
+            );
+        }
         tracing::info!(
             listen = %config.listen,
             admin = %config.admin_listen,
@@ -154,6 +180,49 @@ impl Prepared {
             }),
         });
         tracing::info!("wxsidecar stopped");
+    }
+}
+
+impl Prepared {
+    /// Transparent mode: the HTTPS and HTTP listeners join the app service
+    /// (same request path); the forward proxy is a service of its own that
+    /// hands what it accepts to the same path. Returns the forward proxy.
+    fn add_intercept_listeners(
+        &self,
+        proxy: &mut pingora::services::listening::Service<pingora::proxy::HttpProxy<Proxy>>,
+        conf: &Arc<ServerConf>,
+    ) -> Option<ListeningService<crate::intercept::forward::ForwardProxy>> {
+        let (i, ic) = (
+            self.app.intercept.as_ref()?,
+            self.app.config.intercept.as_ref()?,
+        );
+        let tls_settings = || {
+            let mut t = pingora::listeners::tls::TlsSettings::intermediate("", "")
+                .expect("settings without files");
+            t.set_cert_resolver(i.resolver.clone());
+            t.set_alpn(pingora::protocols::ALPN::H1);
+            t
+        };
+        if let Some(addr) = ic.https_listen {
+            proxy.add_tls_with_settings(&addr.to_string(), None, tls_settings());
+        }
+        if let Some(addr) = ic.http_listen {
+            proxy.add_tcp(&addr.to_string());
+        }
+        let addr = ic.proxy_listen?;
+        let forward = crate::intercept::forward::ForwardProxy {
+            app: self.app.clone(),
+            http: Arc::new(pingora::proxy::http_proxy(
+                conf,
+                Proxy::new(self.app.clone()),
+            )),
+            resolver: i.resolver.clone(),
+            tls: tls_settings().build(),
+        };
+        let mut service = ListeningService::new("wxsidecar forward proxy".to_string(), forward);
+        service.threads = Some(1);
+        service.add_tcp(&addr.to_string());
+        Some(service)
     }
 }
 
@@ -260,6 +329,9 @@ impl<S> Gated<S> {
         }
         if let Some(store) = &app.store {
             tokio::spawn(watch_store(app.clone(), store.clone()));
+        }
+        if let Some(i) = &app.intercept {
+            tokio::spawn(i.resolver.clone().keep_fresh());
         }
         app.set_listening();
     }

@@ -148,7 +148,7 @@ impl Upstream {
         let transport = TransportConnector::new(Some(opts));
         let resolver = match conf.url.host.parse::<IpAddr>() {
             Ok(_) => None,
-            Err(_) => Some(build_resolver()),
+            Err(_) => Some(build_resolver(conf)),
         };
         let up = Upstream {
             host_header: conf.url.host_header(),
@@ -554,11 +554,23 @@ impl Exchange<'_> {
     }
 }
 
-fn build_resolver() -> TokioAsyncResolver {
-    let (config, mut opts) = hickory_resolver::system_conf::read_system_conf()
+/// The resolver for an upstream family: the system's nameservers or
+/// `upstream.dns`, and `/etc/hosts` only outside transparent mode.
+pub fn build_resolver(conf: &UpstreamConfig) -> TokioAsyncResolver {
+    use hickory_resolver::config::{NameServerConfig, NameServerConfigGroup, Protocol};
+    let (mut config, mut opts) = hickory_resolver::system_conf::read_system_conf()
         .unwrap_or_else(|_| (ResolverConfig::default(), ResolverOpts::default()));
+    if !conf.dns.is_empty() {
+        let mut group = NameServerConfigGroup::new();
+        for addr in &conf.dns {
+            group.push(NameServerConfig::new(*addr, Protocol::Udp));
+            group.push(NameServerConfig::new(*addr, Protocol::Tcp));
+        }
+        config = ResolverConfig::from_parts(None, Vec::new(), group);
+    }
     // Loopback tests and most WeChat clients are IPv4; try v4 first, then v6.
     opts.ip_strategy = LookupIpStrategy::Ipv4thenIpv6;
+    opts.use_hosts_file = conf.hosts_file;
     TokioAsyncResolver::tokio(config, opts)
 }
 

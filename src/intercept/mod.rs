@@ -1,0 +1,74 @@
+//! Transparent mode: apps keep calling `https://api.weixin.qq.com` and the
+//! sidecar answers, by `/etc/hosts` (Kubernetes `hostAliases`) pointing the
+//! WeChat hosts at its HTTPS/HTTP listeners, or by an `HTTPS_PROXY` setting
+//! pointing at its forward proxy. TLS ends here with a leaf signed by a
+//! local CA the apps trust, covering only the intercepted hosts; then the
+//! request goes down the same path as on the plain listener.
+
+pub mod ca;
+pub mod config;
+pub mod forward;
+pub mod loopcheck;
+pub mod tls;
+
+use std::sync::Arc;
+
+use crate::config::AccountKind;
+
+/// WeCom's API host: requests to it are for `kind: wecom` accounts.
+pub const WECOM_HOST: &str = "qyapi.weixin.qq.com";
+
+/// The host a request is for, lower-case, without port: the authority of an
+/// absolute-form target (proxy requests), else the `Host` header.
+pub fn request_host(req: &pingora::http::RequestHeader) -> Option<String> {
+    if let Some(h) = req.uri.host() {
+        return Some(h.to_ascii_lowercase());
+    }
+    let h = req.headers.get(http::header::HOST)?.to_str().ok()?;
+    let h = match h.rsplit_once(':') {
+        Some((name, port)) if !name.ends_with(']') && port.bytes().all(|b| b.is_ascii_digit()) => {
+            name
+        }
+        _ => h,
+    };
+    Some(h.to_ascii_lowercase())
+}
+
+/// Which account family a host's API belongs to.
+pub fn family_of(host: &str) -> AccountKind {
+    if host == WECOM_HOST {
+        AccountKind::WeCom
+    } else {
+        AccountKind::Official
+    }
+}
+
+/// What the request path needs to know about interception.
+pub struct Intercept {
+    pub resolver: Arc<tls::LeafResolver>,
+}
+
+impl Intercept {
+    /// The family a request is for when it names an intercepted host.
+    pub fn family(&self, host: &str) -> Option<AccountKind> {
+        self.resolver.covers(host).then(|| family_of(host))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_from_targets_and_headers() {
+        let mut r =
+            pingora::http::RequestHeader::build("GET", b"http://API.weixin.qq.com/cgi-bin/x", None)
+                .unwrap();
+        assert_eq!(request_host(&r).as_deref(), Some("api.weixin.qq.com"));
+        r = pingora::http::RequestHeader::build("GET", b"/cgi-bin/x", None).unwrap();
+        r.insert_header("Host", "qyapi.weixin.qq.com:443").unwrap();
+        assert_eq!(request_host(&r).as_deref(), Some("qyapi.weixin.qq.com"));
+        assert_eq!(family_of("qyapi.weixin.qq.com"), AccountKind::WeCom);
+        assert_eq!(family_of("api.weixin.qq.com"), AccountKind::Official);
+    }
+}
