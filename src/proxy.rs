@@ -346,11 +346,15 @@ impl Proxy {
     /// requests (absolute-form targets) for any host but WeChat's: the sidecar
     /// only ever talks to WeChat, so such a request would go to the wrong place.
     fn check_host(&self, req: &RequestHeader, ctx: &mut Ctx) -> Result<(), ProxyError> {
-        let host = match (&self.app.intercept, req.uri.host()) {
+        // pingora keeps an absolute-form target's authority off the Uri, having
+        // checked that it matches `Host`: the raw target tells the form.
+        let raw = req.raw_path();
+        let absolute = raw.starts_with(b"http://") || raw.starts_with(b"https://");
+        if self.app.intercept.is_none() && !absolute {
             // The usual case: a plain request to the app listener.
-            (None, None) => return Ok(()),
-            _ => crate::intercept::request_host(req),
-        };
+            return Ok(());
+        }
+        let host = crate::intercept::request_host(req);
         let Some(host) = host else { return Ok(()) };
         let intercepted = match &self.app.intercept {
             Some(i) => i.resolver.covers(&host),
@@ -358,10 +362,7 @@ impl Proxy {
         };
         if intercepted {
             ctx.family = Some(crate::intercept::family_of(&host));
-        } else if req.uri.host().is_some()
-            && host.parse::<std::net::IpAddr>().is_err()
-            && host != "localhost"
-        {
+        } else if absolute && host.parse::<std::net::IpAddr>().is_err() && host != "localhost" {
             return Err(ProxyError::Forbidden {
                 reason: format!(
                     "{host} is not a WeChat host this sidecar serves (intercept.hosts); it is not an open proxy"

@@ -14,6 +14,8 @@ use crate::secret::Secret;
 /// Leaf certificates live this long and are re-signed well before the end:
 /// short enough that a leaked leaf key soon stops mattering.
 pub const DEFAULT_LEAF_LIFETIME: Duration = Duration::from_secs(30 * 86400);
+/// Shorter leaves only make sense in tests of the re-signing.
+const MIN_LEAF_LIFETIME: Duration = Duration::from_secs(10);
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -171,9 +173,9 @@ pub fn parse(raw: RawIntercept, problems: &mut Vec<String>) -> Option<InterceptC
     let leaf_lifetime = match raw.leaf_lifetime.as_deref() {
         None => DEFAULT_LEAF_LIFETIME,
         Some(v) => match parse_duration(v) {
-            Ok(d) if d >= Duration::from_secs(3600) => d,
+            Ok(d) if d >= MIN_LEAF_LIFETIME => d,
             Ok(_) => {
-                problems.push("intercept.leaf_lifetime: at least 1h".into());
+                problems.push("intercept.leaf_lifetime: at least 10s (days in production)".into());
                 DEFAULT_LEAF_LIFETIME
             }
             Err(e) => {

@@ -18,12 +18,10 @@ use crate::config::AccountKind;
 /// WeCom's API host: requests to it are for `kind: wecom` accounts.
 pub const WECOM_HOST: &str = "qyapi.weixin.qq.com";
 
-/// The host a request is for, lower-case, without port: the authority of an
-/// absolute-form target (proxy requests), else the `Host` header.
+/// The host a request is for, lower-case, without port, from `Host`. (For
+/// an absolute-form target pingora has already checked that `Host` matches
+/// the target's authority, and keeps the authority off the Uri.)
 pub fn request_host(req: &pingora::http::RequestHeader) -> Option<String> {
-    if let Some(h) = req.uri.host() {
-        return Some(h.to_ascii_lowercase());
-    }
     let h = req.headers.get(http::header::HOST)?.to_str().ok()?;
     let h = match h.rsplit_once(':') {
         Some((name, port)) if !name.ends_with(']') && port.bytes().all(|b| b.is_ascii_digit()) => {
@@ -61,11 +59,10 @@ mod tests {
 
     #[test]
     fn hosts_from_targets_and_headers() {
-        let mut r =
-            pingora::http::RequestHeader::build("GET", b"http://API.weixin.qq.com/cgi-bin/x", None)
-                .unwrap();
+        let mut r = pingora::http::RequestHeader::build("GET", b"/cgi-bin/x", None).unwrap();
+        assert_eq!(request_host(&r), None);
+        r.insert_header("Host", "API.weixin.qq.com").unwrap();
         assert_eq!(request_host(&r).as_deref(), Some("api.weixin.qq.com"));
-        r = pingora::http::RequestHeader::build("GET", b"/cgi-bin/x", None).unwrap();
         r.insert_header("Host", "qyapi.weixin.qq.com:443").unwrap();
         assert_eq!(request_host(&r).as_deref(), Some("qyapi.weixin.qq.com"));
         assert_eq!(family_of("qyapi.weixin.qq.com"), AccountKind::WeCom);

@@ -89,6 +89,90 @@ fn the_k8s_manifest_passes_the_schema_and_its_config_checks() {
 }
 
 #[test]
+fn the_transparent_manifest_passes_the_schema_and_matches_its_config() {
+    let text = conf("k8s/transparent.yaml");
+    let docs: Vec<serde_yaml_ng::Value> = serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect();
+    let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+    assert_eq!(
+        kinds,
+        ["Secret", "Secret", "Secret", "ConfigMap", "Deployment"]
+    );
+    let pod = &docs[4]["spec"]["template"]["spec"];
+    // hostAliases send exactly the intercepted hosts (the default list) to loopback.
+    let aliases = &pod["hostAliases"][0];
+    assert_eq!(aliases["ip"].as_str(), Some("127.0.0.1"));
+    let hosts: Vec<&str> = aliases["hostnames"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|h| h.as_str().unwrap())
+        .collect();
+    assert_eq!(hosts, wxsidecar::certs::WECHAT_HOSTS);
+    // The CA key is mounted into the sidecar only.
+    let mounts = |c: &serde_yaml_ng::Value| -> Vec<String> {
+        c["volumeMounts"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|m| m["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let sidecar = &pod["initContainers"][0];
+    assert!(mounts(sidecar).contains(&"ca-key".to_string()));
+    let app = &pod["containers"][0];
+    assert!(!mounts(app).contains(&"ca-key".to_string()));
+    assert!(mounts(app).contains(&"ca-cert".to_string()));
+    let env: Vec<&str> = app["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    for var in ["SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS"] {
+        assert!(env.contains(&var), "{var}");
+    }
+
+    // The embedded config, with a real CA in place of the mounted one.
+    let ca = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["ca", "init", "--out"])
+        .arg(ca.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let embedded = docs[3]["data"]["wxsidecar.yaml"]
+        .as_str()
+        .unwrap()
+        .replace(
+            "/etc/wxsidecar-ca/ca.pem",
+            &ca.path().join("ca.pem").display().to_string(),
+        )
+        .replace(
+            "/run/secrets/wxsidecar-ca-key/ca-key.pem",
+            &ca.path().join("ca-key.pem").display().to_string(),
+        );
+    let (ok, err) = check_config(&embedded, &[("WX_SHOP_SECRET", "x")]);
+    assert!(ok, "{err}");
+
+    let out = Command::new("python3")
+        .args(["-m", "kubernetes_validate", "--strict", "--quiet"])
+        .arg(format!(
+            "{}/conf/k8s/transparent.yaml",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .output()
+        .expect("kubernetes-validate is installed (make install-deps)");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn the_example_config_checks() {
     let (ok, err) = check_config(&conf("wxsidecar.yaml"), &[("WX_SHOP_SECRET", "x")]);
     assert!(ok, "{err}");

@@ -7,6 +7,7 @@ mod config;
 mod deploy;
 mod failover;
 mod failures;
+mod intercept;
 mod lifecycle;
 mod path;
 mod replay;
