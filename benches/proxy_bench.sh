@@ -5,7 +5,8 @@
 # JSON (plain, then TLS). Contenders, each with a keep-alive pool to it:
 # wxsidecar (injecting its token), nginx (proxy_pass + a static access_token),
 # HAProxy (http-request set-query + a static access_token), and the direct
-# path (no proxy) as the ceiling. wrk POSTs a template body at 1, 16, 64 and
+# path (no proxy) as the ceiling; over TLS also wxsidecar with
+# `upstream.http2: true` (the upstream offers h2). wrk POSTs a template body at 1, 16, 64 and
 # 256 connections; contenders alternate (A B C D A B C D ...) and each cell is
 # the median of RUNS runs. Prints Markdown.
 #
@@ -42,6 +43,7 @@ openssl x509 -req -in "$dir/leaf.csr" -CA "$dir/cert.pem" -CAkey "$dir/ca-key.pe
   -days 2 -extfile "$dir/leaf.ext" -out "$dir/leaf.pem" 2>/dev/null
 
 UP=$(free_port); UPT=$(free_port); NG=$(free_port); HA=$(free_port); SC=$(free_port); SCA=$(free_port)
+SC2=$(free_port); SCA2=$(free_port)
 
 # The canned upstream: 1 worker, as fast as nginx gets.
 mkdir -p "$dir/up" "$dir/ng"
@@ -56,7 +58,7 @@ http {
   client_body_temp_path $dir/up;
   server {
     listen 127.0.0.1:$UP;
-    listen 127.0.0.1:$UPT ssl;
+    listen 127.0.0.1:$UPT ssl http2;
     ssl_certificate $dir/leaf.pem;
     ssl_certificate_key $dir/key.pem;
     default_type application/json;
@@ -131,11 +133,19 @@ accounts:
     secret: bench-secret
 EOF
   RUST_LOG=warn "$BIN" run --config "$dir/sc.yaml" 2>"$dir/sc.log" & SCPID=$!; pids+=($SCPID)
+  SC2PID=""
+  if [ "$1" = tls ]; then
+    sed -e "s/127.0.0.1:$SC\$/127.0.0.1:$SC2/" -e "s/127.0.0.1:$SCA\$/127.0.0.1:$SCA2/" \
+      -e 's/^  warm_connections: 16$/  warm_connections: 16\n  http2: true/' "$dir/sc.yaml" > "$dir/sc2.yaml"
+    RUST_LOG=warn "$BIN" run --config "$dir/sc2.yaml" 2>"$dir/sc2.log" & SC2PID=$!; pids+=($SC2PID)
+  fi
   wait_port "$NG"; wait_port "$HA"; wait_port "$SC"
-  for i in $(seq 100); do curl -sf "http://127.0.0.1:$SCA/readyz" >/dev/null && break; sleep 0.1
-    [ "$i" = 100 ] && { echo "wxsidecar never became ready:" >&2; cat "$dir/sc.log" >&2; exit 1; }; done
+  for a in $SCA ${SC2PID:+$SCA2}; do
+    for i in $(seq 100); do curl -sf "http://127.0.0.1:$a/readyz" >/dev/null && break; sleep 0.1
+      [ "$i" = 100 ] && { echo "wxsidecar never became ready:" >&2; cat "$dir"/sc*.log >&2; exit 1; }; done
+  done
 }
-stop_contenders() { kill "$NGPID" "$HAPID" "$SCPID" 2>/dev/null || true; wait "$NGPID" "$HAPID" "$SCPID" 2>/dev/null || true; }
+stop_contenders() { kill "$NGPID" "$HAPID" "$SCPID" $SC2PID 2>/dev/null || true; wait "$NGPID" "$HAPID" "$SCPID" $SC2PID 2>/dev/null || true; }
 
 cat > "$dir/post.lua" <<'EOF'
 wrk.method = "POST"
@@ -155,10 +165,12 @@ for mode in $MODES; do
   rss_idle=$(awk '/VmRSS/ {print $2}' /proc/$SCPID/status)
   for run in $(seq "$RUNS"); do
     for c in $CONNS; do
-      for who in direct wxsidecar nginx haproxy; do
+      contenders="direct wxsidecar nginx haproxy"; [ -n "$SC2PID" ] && contenders="$contenders wxsidecar-h2"
+      for who in $contenders; do
         case $who in
           direct) url="http://127.0.0.1:$UP"; [ "$mode" = tls ] && url="https://localhost:$UPT"; procs="" ;;
           wxsidecar) url="http://127.0.0.1:$SC"; procs="$SCPID" ;;
+          wxsidecar-h2) url="http://127.0.0.1:$SC2"; procs="$SC2PID" ;;
           nginx) url="http://127.0.0.1:$NG"; procs="$(children $NGPID)" ;;
           haproxy) url="http://127.0.0.1:$HA"; procs="$HAPID" ;;
         esac
@@ -172,6 +184,10 @@ for mode in $MODES; do
   rss_load=$(awk '/VmRSS/ {print $2}' /proc/$SCPID/status)
   reuse=$(curl -s "http://127.0.0.1:$SCA/metrics" | awk '/^wxsidecar_upstream_connections_total/ { if ($0 ~ /reused="true"/) r+=$NF; else n+=$NF } END { printf "%.4f", (r+n) ? r/(r+n) : 0 }')
   echo "META $mode $rss_idle $rss_load $reuse" >> "$results"
+  # Connections each sidecar opened to the upstream over all the runs.
+  for a in $SCA ${SC2PID:+$SCA2}; do
+    curl -s "http://127.0.0.1:$a/status" | python3 -c 'import json,sys; h=json.load(sys.stdin)["upstream"]["hosts"][0]; print("CONNS", sys.argv[1], sys.argv[2], h["protocol"], h["connections_opened"], h["h2_connections_open"])' "$mode" "$a" >> "$results"
+  done
   stop_contenders
 done
 
@@ -180,8 +196,12 @@ import sys, statistics, collections
 path, hz = sys.argv[1], int(sys.argv[2])
 cells = collections.defaultdict(list)
 meta = {}
+conns = collections.defaultdict(list)
 for line in open(path):
     f = line.split()
+    if f[0] == "CONNS":
+        conns[f[1]].append((f[3], int(f[4]), int(f[5])))
+        continue
     if f[0] == "META":
         meta[f[1]] = (int(f[2]), int(f[3]), float(f[4]))
         continue
@@ -199,7 +219,7 @@ for mode in ["plain", "tls"]:
     print("|---|---|---|---|---|---|---|---|---|")
     for c in sorted({k[2] for k in cells if k[0] == mode}):
         ng = med([r[0] for r in cells[(mode, "nginx", c)]])
-        for who in ["direct", "wxsidecar", "nginx", "haproxy"]:
+        for who in ["direct", "wxsidecar", "wxsidecar-h2", "nginx", "haproxy"]:
             rs = cells.get((mode, who, c), [])
             if not rs:
                 continue
@@ -209,4 +229,6 @@ for mode in ["plain", "tls"]:
     if mode in meta:
         idle, load, reuse = meta[mode]
         print(f"\nwxsidecar: RSS {idle/1024:.1f} MiB idle, {load/1024:.1f} MiB after the runs; upstream connection reuse ratio {reuse:.4f}")
+    for proto, opened, h2open in conns.get(mode, []):
+        print(f"\nwxsidecar upstream over {proto}: {opened} connections opened over all runs, {h2open} HTTP/2 connections open at the end")
 PY

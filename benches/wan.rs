@@ -6,7 +6,8 @@
 //!   1. naive: a new connection per request, a token fetched before every push;
 //!   2. a pooled client, a token fetched before every push;
 //!   3. a pooled client with its own token cache;
-//!   4. plain HTTP to wxsidecar on loopback, no token (the sidecar behind the relay).
+//!   4. plain HTTP to wxsidecar on loopback, no token (the sidecar behind the relay);
+//!   5. the same with `upstream.http2: true` (one multiplexed connection).
 //!
 //! `cargo bench --bench wan` (env: RTT_MS=40, TOKEN_MS=300, PUSHES=30,
 //! PARALLEL_PUSHES=64). Loopback only; every run is bounded by its push count.
@@ -86,11 +87,13 @@ enum Kind {
     PooledFetch,
     PooledCache,
     Sidecar,
+    SidecarH2,
 }
 
 struct Env {
     relay: u16,
     sidecar: u16,
+    sidecar_h2: u16,
     ca: Vec<u8>,
 }
 
@@ -127,6 +130,10 @@ async fn push(kind: Kind, c: &reqwest::Client, env: &Env, cached: &str) -> (Dura
             "http://127.0.0.1:{}/cgi-bin/message/template/send",
             env.sidecar
         ),
+        Kind::SidecarH2 => format!(
+            "http://127.0.0.1:{}/cgi-bin/message/template/send",
+            env.sidecar_h2
+        ),
         Kind::PooledCache => format!(
             "https://localhost:{}/cgi-bin/message/template/send?access_token={cached}",
             env.relay
@@ -159,7 +166,7 @@ async fn run(kind: Kind, env: Arc<Env>, pushes: usize, parallel: usize) -> (Vec<
     let client = match kind {
         Kind::Naive => https_client(&env, false),
         Kind::PooledFetch | Kind::PooledCache => https_client(&env, true),
-        Kind::Sidecar => http(),
+        Kind::Sidecar | Kind::SidecarH2 => http(),
     };
     let cached = if kind == Kind::PooledCache {
         fetch_token(&client, &env).await
@@ -214,6 +221,7 @@ async fn main() {
             &token_ms.to_string(),
             "--latency-ms",
             "3",
+            "--h2",
         ],
     );
     let relay_port = relay(fport, rtt).await;
@@ -221,10 +229,13 @@ async fn main() {
         "upstream:\n  url: https://localhost:{relay_port}\n  ca_file: {}\naccounts:\n  - name: wan\n    appid: {APPID}\n    secret: {SECRET}\n",
         ca.display()
     );
-    let (_side, sport, _) = sidecar(dir.path(), "wan", &body).await;
+    let (_side, sport, sadmin) = sidecar(dir.path(), "wan", &body).await;
+    let body_h2 = body.replace("  ca_file:", "  http2: true\n  ca_file:");
+    let (_side_h2, sport_h2, sadmin_h2) = sidecar(dir.path(), "wan-h2", &body_h2).await;
     let env = Arc::new(Env {
         relay: relay_port,
         sidecar: sport,
+        sidecar_h2: sport_h2,
         ca: std::fs::read(&ca).unwrap(),
     });
     println!("RTT {} ms (relay), token endpoint {token_ms} ms, send endpoint 3 ms; TLS 1.3 to the fake\n", rtt.as_millis());
@@ -240,6 +251,7 @@ async fn main() {
             (Kind::PooledFetch, "2. pooled, token per push"),
             (Kind::PooledCache, "3. pooled, own token cache"),
             (Kind::Sidecar, "4. wxsidecar on loopback, no token"),
+            (Kind::SidecarH2, "5. wxsidecar, `upstream.http2: true`"),
         ];
         let mut rows = Vec::new();
         for (kind, name) in kinds {
@@ -264,5 +276,22 @@ async fn main() {
             );
         }
         println!();
+    }
+    // What each sidecar holds open to WeChat after both tables.
+    let c = http();
+    println!("| sidecar | upstream protocol | connections opened | HTTP/2 connections open |");
+    println!("|---|---|---|---|");
+    for (name, admin) in [
+        ("row 4 (HTTP/1.1)", sadmin),
+        ("row 5 (http2: true)", sadmin_h2),
+    ] {
+        let st = json(&c, format!("http://127.0.0.1:{admin}/status")).await;
+        let h = &st["upstream"]["hosts"][0];
+        println!(
+            "| {name} | {} | {} | {} |",
+            h["protocol"].as_str().unwrap_or("?"),
+            h["connections_opened"],
+            h["h2_connections_open"]
+        );
     }
 }

@@ -122,6 +122,9 @@ struct FakeArgs {
     /// Keep the fake's CA in DIR (ca.pem, ca-key.pem), reusing it when present.
     #[arg(long, value_name = "DIR")]
     ca_dir: Option<PathBuf>,
+    /// Offer HTTP/2 by ALPN (clients that do not ask get HTTP/1.1).
+    #[arg(long)]
+    h2: bool,
     /// Injected faults as JSON, e.g. '{"seed":1,"rules":[{"path":"/cgi-bin/message","reset_after_rate":0.05}]}'
     /// (also settable at run time with POST /__fake/faults).
     #[arg(long)]
@@ -298,6 +301,7 @@ fn fake_wechat(f: FakeArgs) -> i32 {
         latency: Duration::from_millis(f.latency_ms),
         token_latency: Duration::from_millis(f.token_latency_ms),
         ca_dir: f.ca_dir.clone(),
+        h2: f.h2,
         ..FakeOptions::default()
     };
     if let Some(text) = &f.faults {

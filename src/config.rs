@@ -158,6 +158,8 @@ pub struct UpstreamConfig {
     /// Whether `/etc/hosts` answers too: not in transparent mode, where it
     /// points the WeChat hosts at the sidecar itself.
     pub hosts_file: bool,
+    /// Offer HTTP/2 by ALPN (`upstream.http2`); HTTP/1.1 when declined.
+    pub http2: bool,
 }
 
 /// Which API family an account belongs to.
@@ -341,6 +343,7 @@ mod raw {
         pub warm_connections: Option<usize>,
         pub idle_timeout: Option<String>,
         pub dns: Option<Vec<String>>,
+        pub http2: Option<bool>,
     }
 
     #[derive(Deserialize)]
@@ -841,6 +844,7 @@ fn parse_upstream(
     let upstream = UpstreamConfig {
         dns,
         hosts_file: true,
+        http2: up.http2.unwrap_or(false),
         url,
         failover,
         failover_after,

@@ -27,6 +27,7 @@ fn upstream(u: &UpstreamConfig) -> Value {
         "warm_connections": u.warm_connections,
         "idle_timeout": dur(u.idle_timeout),
         "dns": u.dns.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
+        "http2": u.http2,
     })
 }
 

@@ -147,6 +147,8 @@ impl Upstreams {
                     "url": h.url().to_string(),
                     "in_use": self.in_use(h),
                     "warm_connections": self.conf.warm_connections,
+                    "protocol": if h.uses_h2() { "h2" } else { "http/1.1" },
+                    "h2_connections_open": h.h2_open(),
                     "connect_failures_in_a_row": s.connect_failures.load(Ordering::Relaxed),
                     "connections_opened": s.connections_opened.load(Ordering::Relaxed),
                     "connections_reused": s.connections_reused.load(Ordering::Relaxed),

@@ -490,6 +490,8 @@ impl Proxy {
                 Err(e) => return Ok(Err(upstream_err(e))),
             };
             let mut resp = x.header().clone();
+            // An h2 answer goes to the app as HTTP/1.1.
+            resp.set_version(http::Version::HTTP_11);
             for name in resp
                 .headers
                 .keys()
@@ -780,6 +782,9 @@ impl ProxyHttp for Proxy {
             .peer()
             .map_err(|e| Error::explain(ErrorType::ConnectNoRoute, e.to_string()))?;
         ctx.host = host;
+        // Streamed media stays on HTTP/1.1 whatever `upstream.http2` says.
+        let mut peer = peer;
+        peer.options.set_http_version(1, 1);
         Ok(Box::new(peer))
     }
 

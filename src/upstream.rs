@@ -17,10 +17,12 @@ use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use hickory_resolver::config::{LookupIpStrategy, ResolverConfig, ResolverOpts};
 use hickory_resolver::TokioAsyncResolver;
+use pingora::connectors::http::v2::{handshake, ConnectionRef, H2HandshakeSettings};
 use pingora::connectors::{ConnectorOptions, TransportConnector};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::v1::client::HttpSession;
-use pingora::protocols::Stream;
+use pingora::protocols::http::v2::client::Http2Session;
+use pingora::protocols::{Stream, ALPN};
 use pingora::upstreams::peer::{HttpPeer, Peer};
 use pingora::ErrorType;
 
@@ -33,6 +35,9 @@ pub const DEFAULT_POOL_SIZE: usize = 256;
 const DEFAULT_MAX_DNS_TTL: Duration = Duration::from_secs(60);
 /// Re-resolve no more often than this, whatever the TTL says.
 const DEFAULT_MIN_DNS_TTL: Duration = Duration::from_secs(5);
+/// Concurrent streams we open on one HTTP/2 connection before opening
+/// another (servers usually allow 100 or more).
+const DEFAULT_H2_STREAMS: usize = 100;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -107,6 +112,13 @@ pub struct Upstream {
     preferred: AtomicUsize,
     resolver: Option<TokioAsyncResolver>,
     resolving: tokio::sync::Mutex<()>,
+    /// Multiplexed HTTP/2 connections (`upstream.http2`); the lock is
+    /// held only to pick or add one, never across an await.
+    h2: parking_lot::Mutex<Vec<ConnectionRef>>,
+    /// The server answered our h2 offer with HTTP/1.1: stop offering.
+    h2_declined: std::sync::atomic::AtomicBool,
+    /// One new HTTP/2 connection at a time: concurrent first requests share it.
+    h2_connecting: tokio::sync::Mutex<()>,
     conf: UpstreamConfig,
     pub stats: UpstreamStats,
     /// Metric handles, resolved once so the request path does no lookup.
@@ -135,8 +147,15 @@ impl HostMetrics {
 /// A request sent and its response header read; the body is still to come.
 pub struct Exchange<'a> {
     upstream: &'a Upstream,
-    session: HttpSession,
+    session: Session,
     peer: HttpPeer,
+}
+
+/// One exchange's connection: its own HTTP/1.1 connection, or a stream of a
+/// shared HTTP/2 one.
+enum Session {
+    H1(HttpSession),
+    H2(Http2Session),
 }
 
 impl Upstream {
@@ -161,6 +180,9 @@ impl Upstream {
             preferred: AtomicUsize::new(0),
             resolver,
             resolving: tokio::sync::Mutex::new(()),
+            h2: parking_lot::Mutex::new(Vec::new()),
+            h2_declined: std::sync::atomic::AtomicBool::new(!conf.url.tls),
+            h2_connecting: tokio::sync::Mutex::new(()),
             conf: conf.clone(),
             stats: UpstreamStats::default(),
             m: HostMetrics::new(&conf.url.host_header()),
@@ -195,6 +217,10 @@ impl Upstream {
         o.read_timeout = Some(self.conf.read_timeout);
         o.write_timeout = Some(self.conf.read_timeout);
         o.idle_timeout = Some(self.conf.idle_timeout);
+        if self.conf.http2 && self.url.tls {
+            // Offer h2, accept HTTP/1.1 (ALPN).
+            o.set_http_version(2, 1);
+        }
         // verify_cert and verify_hostname stay at their default: true.
         peer
     }
@@ -359,11 +385,152 @@ impl Upstream {
         result
     }
 
+    /// Live HTTP/2 connections, for `/status`.
+    pub fn h2_open(&self) -> usize {
+        self.h2.lock().iter().filter(|c| !c.is_closed()).count()
+    }
+
+    /// Whether requests go over HTTP/2 (configured, and not declined).
+    pub fn uses_h2(&self) -> bool {
+        self.conf.http2 && !self.h2_declined.load(Ordering::Relaxed)
+    }
+
+    /// A new stream on a live HTTP/2 connection, opening one if none has
+    /// room. `None` when the server declined h2: use HTTP/1.1 from now on
+    /// (the connection it declined on goes to the HTTP/1.1 pool).
+    async fn h2_stream(&self) -> Result<Option<(Http2Session, HttpPeer, bool)>, UpstreamError> {
+        if let Some(s) = self.h2_shared_stream().await {
+            return Ok(Some((s, self.peer()?, true)));
+        }
+        let _one_at_a_time = self.h2_connecting.lock().await;
+        // Someone may have connected while we waited.
+        if let Some(s) = self.h2_shared_stream().await {
+            return Ok(Some((s, self.peer()?, true)));
+        }
+        if !self.uses_h2() {
+            return Ok(None);
+        }
+        let (stream, peer) = self.connect().await?;
+        if stream.selected_alpn_proto() != Some(ALPN::H2) {
+            if !self.h2_declined.swap(true, Ordering::Relaxed) {
+                tracing::info!(upstream = %self.url, "upstream declined HTTP/2; using HTTP/1.1");
+            }
+            self.transport
+                .release_stream(stream, peer.reuse_hash(), Some(self.conf.idle_timeout));
+            return Ok(None);
+        }
+        let addr = peer.address().to_string();
+        let mut settings = H2HandshakeSettings::new();
+        settings.max_streams = DEFAULT_H2_STREAMS;
+        let conn = handshake(stream, settings)
+            .await
+            .map_err(|e| UpstreamError::Connect {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?;
+        self.h2.lock().push(conn.clone());
+        match conn.spawn_stream().await {
+            Ok(Some(s)) => Ok(Some((s, peer, false))),
+            _ => Err(UpstreamError::Connect {
+                addr,
+                reason: "new HTTP/2 connection refused a stream".into(),
+            }),
+        }
+    }
+
+    /// A stream on a live connection with room, if there is one.
+    async fn h2_shared_stream(&self) -> Option<Http2Session> {
+        let live = {
+            let mut conns = self.h2.lock();
+            conns.retain(|c| !c.is_closed() && !c.is_shutting_down() && !c.ping_timedout());
+            conns.iter().find(|c| c.more_streams_allowed()).cloned()
+        }?;
+        let s = live.spawn_stream().await.ok().flatten()?;
+        self.stats
+            .connections_reused
+            .fetch_add(1, Ordering::Relaxed);
+        self.m.reused.inc();
+        Some(s)
+    }
+
+    /// The HTTP/2 way: a stream on a shared connection. The same resend
+    /// rule as HTTP/1.1: once more on a new connection only when WeChat
+    /// cannot have acted.
+    async fn send_h2(
+        &self,
+        req: &RequestHeader,
+        body: &[u8],
+    ) -> Result<Option<Exchange<'_>>, UpstreamError> {
+        for _ in 0..2 {
+            let Some((session, peer, reused)) = self.h2_stream().await? else {
+                return Ok(None);
+            };
+            match self.exchange_h2(session, peer, req, body).await {
+                Ok(x) => return Ok(Some(x)),
+                Err(Failed { error, .. }) if error.is_timeout() => return Err(error),
+                Err(Failed { error, sent: true }) if !is_idempotent(&req.method) => {
+                    return Err(error)
+                }
+                Err(Failed { error, .. }) if !reused => return Err(error),
+                Err(Failed { error, .. }) => {
+                    tracing::debug!(error = %error, "HTTP/2 stream failed on a shared connection; retrying on a new one")
+                }
+            }
+        }
+        Err(UpstreamError::Exchange {
+            addr: self.url.to_string(),
+            reason: "HTTP/2 streams failed twice".into(),
+        })
+    }
+
+    async fn exchange_h2(
+        &self,
+        mut session: Http2Session,
+        peer: HttpPeer,
+        req: &RequestHeader,
+        body: &[u8],
+    ) -> Result<Exchange<'_>, Failed> {
+        session.read_timeout = Some(self.conf.read_timeout);
+        session.write_timeout = Some(self.conf.read_timeout);
+        let addr = peer.address().to_string();
+        let unsent = |e: Box<pingora::Error>| Failed {
+            error: self.map_err(&addr, &e),
+            sent: false,
+        };
+        let mut req = req.clone();
+        req.insert_header(http::header::HOST, self.host_header.as_str())
+            .map_err(unsent)?;
+        session
+            .write_request_header(Box::new(req), body.is_empty())
+            .map_err(unsent)?;
+        if !body.is_empty() {
+            session
+                .write_request_body(Bytes::copy_from_slice(body), true)
+                .await
+                .map_err(unsent)?;
+        }
+        let sent = |e: Box<pingora::Error>| Failed {
+            error: self.map_err(&addr, &e),
+            sent: true,
+        };
+        session.read_response_header().await.map_err(sent)?;
+        Ok(Exchange {
+            upstream: self,
+            session: Session::H2(session),
+            peer,
+        })
+    }
+
     async fn send_inner(
         &self,
         req: &RequestHeader,
         body: &[u8],
     ) -> Result<Exchange<'_>, UpstreamError> {
+        if self.uses_h2() {
+            if let Some(x) = self.send_h2(req, body).await? {
+                return Ok(x);
+            }
+        }
         let (peer, _) = self.peers().inspect_err(|_| {
             self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
         })?;
@@ -437,7 +604,7 @@ impl Upstream {
         }
         Ok(Exchange {
             upstream: self,
-            session,
+            session: Session::H1(session),
             peer,
         })
     }
@@ -463,6 +630,17 @@ impl Upstream {
         let n = self.conf.warm_connections;
         if n == 0 {
             return;
+        }
+        if self.uses_h2() {
+            // One multiplexed connection is the warm pool.
+            match self.h2_stream().await {
+                Ok(Some(_)) => return,
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "warming the HTTP/2 connection failed");
+                    return;
+                }
+            }
         }
         let peer = match self.peer() {
             Ok(p) => p,
@@ -507,18 +685,28 @@ impl Upstream {
 
 impl Exchange<'_> {
     pub fn header(&self) -> &ResponseHeader {
-        self.session
-            .resp_header()
-            .expect("response header was read")
+        match &self.session {
+            Session::H1(s) => s.resp_header(),
+            Session::H2(s) => s.response_header(),
+        }
+        .expect("response header was read")
+    }
+
+    /// Which protocol carried it: "h1" or "h2".
+    pub fn protocol(&self) -> &'static str {
+        match self.session {
+            Session::H1(_) => "h1",
+            Session::H2(_) => "h2",
+        }
     }
 
     /// Reads the next body chunk; `None` at the end.
     pub async fn chunk(&mut self) -> Result<Option<Bytes>, UpstreamError> {
-        let addr = self.peer.address().to_string();
-        match self.session.read_body_bytes().await {
-            Ok(b) => Ok(b),
-            Err(e) => Err(self.upstream.map_err(&addr, &e)),
-        }
+        let read = match &mut self.session {
+            Session::H1(s) => s.read_body_bytes().await,
+            Session::H2(s) => s.read_response_body().await,
+        };
+        read.map_err(|e| self.upstream.map_err(&self.peer.address().to_string(), &e))
     }
 
     /// Reads the rest of the body into memory, up to `cap` bytes. Returns
@@ -539,12 +727,16 @@ impl Exchange<'_> {
 
     /// Returns the connection to the pool when the answer was read whole and
     /// both sides allow keep-alive; otherwise closes it.
-    pub async fn finish(mut self) {
-        if !self.session.is_body_done() {
+    pub async fn finish(self) {
+        // An HTTP/2 stream ends here; dropping it frees its slot.
+        let Session::H1(mut session) = self.session else {
+            return;
+        };
+        if !session.is_body_done() {
             return;
         }
-        self.session.respect_keepalive();
-        if let Some(stream) = self.session.reuse().await {
+        session.respect_keepalive();
+        if let Some(stream) = session.reuse().await {
             self.upstream.transport.release_stream(
                 stream,
                 self.peer.reuse_hash(),

@@ -117,11 +117,14 @@ async fn serve(
             path: path.clone(),
             query: masked_query(&q),
             access_token: token.clone(),
+            // HTTP/2 carries it as :authority.
             host: parts
                 .headers
                 .get("host")
                 .and_then(|v| v.to_str().ok())
-                .map(str::to_string),
+                .map(str::to_string)
+                .or_else(|| parts.uri.authority().map(|a| a.to_string())),
+            protocol: format!("{:?}", parts.version),
             body_len: body.len(),
             body: (body.len() <= RECORD_BODY)
                 .then(|| std::str::from_utf8(&body).ok().map(str::to_string))
@@ -219,13 +222,14 @@ fn fake_admin(shared: &Shared, method: &hyper::Method, path: &str, q: &str, body
         },
         ("GET", "/__fake/stats") => {
             let st = shared.state.lock();
-            json(
-                200,
-                st.stats(
+            json(200, {
+                let mut v = st.stats(
                     shared.tls_handshakes.load(Ordering::Relaxed),
                     shared.connections.load(Ordering::Relaxed),
-                ),
-            )
+                );
+                v["h2_connections"] = shared.h2_connections.load(Ordering::Relaxed).into();
+                v
+            })
         }
         ("GET", "/__fake/requests") => {
             let st = shared.state.lock();

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use parking_lot::Mutex;
 use tokio::net::TcpListener;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -52,6 +52,8 @@ pub struct FakeOptions {
     pub token_latency: Duration,
     /// Injected faults (see [`faults`]).
     pub faults: faults::Plan,
+    /// Offer HTTP/2 by ALPN (`--h2`); clients that do not ask get HTTP/1.1.
+    pub h2: bool,
     /// Keep the CA here (`ca.pem`, `ca-key.pem`) and reuse it when present,
     /// so fakes restarted or run side by side share one CA.
     pub ca_dir: Option<std::path::PathBuf>,
@@ -71,6 +73,7 @@ impl Default for FakeOptions {
             token_latency: Duration::ZERO,
             faults: faults::Plan::default(),
             ca_dir: None,
+            h2: false,
         }
     }
 }
@@ -82,6 +85,8 @@ pub(crate) struct Shared {
     pub opts: FakeOptions,
     pub tls_handshakes: AtomicU64,
     pub connections: AtomicU64,
+    /// Connections that negotiated HTTP/2.
+    pub h2_connections: AtomicU64,
 }
 
 /// A running fake.
@@ -107,7 +112,8 @@ pub async fn start(opts: FakeOptions) -> std::io::Result<Fake> {
     let (acceptor, ca_pem) = if opts.plain {
         (None, None)
     } else {
-        let (acceptor, ca) = tls_acceptor(opts.ca_dir.as_deref()).map_err(std::io::Error::other)?;
+        let (acceptor, ca) =
+            tls_acceptor(opts.ca_dir.as_deref(), opts.h2).map_err(std::io::Error::other)?;
         (Some(acceptor), Some(ca))
     };
     let shared = Arc::new(Shared {
@@ -119,6 +125,7 @@ pub async fn start(opts: FakeOptions) -> std::io::Result<Fake> {
         faults: Mutex::new(faults::Faults::new(opts.faults.clone())),
         tls_handshakes: AtomicU64::new(0),
         connections: AtomicU64::new(0),
+        h2_connections: AtomicU64::new(0),
         opts: opts.clone(),
     });
     tokio::spawn(accept_loop(listener, acceptor, shared));
@@ -129,7 +136,10 @@ pub async fn start(opts: FakeOptions) -> std::io::Result<Fake> {
     })
 }
 
-fn tls_acceptor(ca_dir: Option<&std::path::Path>) -> Result<(TlsAcceptor, String), String> {
+fn tls_acceptor(
+    ca_dir: Option<&std::path::Path>,
+    h2: bool,
+) -> Result<(TlsAcceptor, String), String> {
     let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
     names.extend(certs::WECHAT_HOSTS.iter().map(|h| h.to_string()));
     let key_path = ca_dir.map(|d| d.join("ca-key.pem"));
@@ -156,7 +166,11 @@ fn tls_acceptor(ca_dir: Option<&std::path::Path>) -> Result<(TlsAcceptor, String
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(issued.leaf_key_der)),
         )
         .map_err(|e| e.to_string())?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = if h2 {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
     Ok((TlsAcceptor::from(Arc::new(config)), issued.ca_pem))
 }
 
@@ -181,6 +195,13 @@ async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>, shared: Ar
             };
             let result = match tls {
                 Some(acceptor) => match acceptor.accept(tcp).await {
+                    Ok(stream) if stream.get_ref().1.alpn_protocol() == Some(b"h2") => {
+                        shared.tls_handshakes.fetch_add(1, Ordering::Relaxed);
+                        shared.h2_connections.fetch_add(1, Ordering::Relaxed);
+                        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(stream), svc)
+                            .await
+                    }
                     Ok(stream) => {
                         shared.tls_handshakes.fetch_add(1, Ordering::Relaxed);
                         http1::Builder::new()

@@ -57,6 +57,8 @@ pub struct Seen {
     pub query: String,
     pub access_token: Option<String>,
     pub host: Option<String>,
+    /// `HTTP/1.1` or `HTTP/2.0`.
+    pub protocol: String,
     pub body_len: usize,
     /// The body when it is small UTF-8 text, for byte-exact checks.
     pub body: Option<String>,

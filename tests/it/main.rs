@@ -7,6 +7,7 @@ mod config;
 mod deploy;
 mod failover;
 mod failures;
+mod http2;
 mod intercept;
 mod lifecycle;
 mod path;

@@ -1,0 +1,100 @@
+//! `upstream.http2`: requests share one multiplexed TLS connection when the
+//! server speaks h2, fall back to HTTP/1.1 when it declines, and keep every
+//! rule of the HTTP/1.1 path (replay, never resending a POST that was sent).
+
+use serde_json::Value;
+
+use crate::support::*;
+
+fn config(http2: bool) -> String {
+    format!(
+        "upstream:\n  url: FAKE_URL\n  ca_file: FAKE_CA\n  http2: {http2}\n{}",
+        Sidecar::accounts("stable", "classic")
+    )
+}
+
+async fn send_parallel(side: &Sidecar, n: usize) -> Vec<Value> {
+    let c = client();
+    let sends = (0..n).map(|i| {
+        let c = c.clone();
+        let url = side.url("/cgi-bin/message/template/send");
+        async move {
+            let mut r = c.post(url).body(TEMPLATE);
+            if i % 2 == 1 {
+                r = r.header("X-Wx-Account", "mall");
+            }
+            r.send().await.unwrap().json::<Value>().await.unwrap()
+        }
+    });
+    futures_util::future::join_all(sends).await
+}
+
+#[tokio::test]
+async fn requests_share_one_h2_connection() {
+    let fake = Fake::start(&["--h2"]);
+    let side = Sidecar::start(&fake, &config(true)).await;
+    for v in send_parallel(&side, 40).await {
+        assert_eq!(v["errcode"], 0, "{v}");
+    }
+    let stats = fake.stats().await;
+    assert_eq!(stats["messages"], 40);
+    // Token fetches, warm-up and 40 concurrent sends: one connection.
+    assert_eq!(stats["h2_connections"], 1, "{stats}");
+    // The other handshake is this test's own client asking for the stats.
+    assert_eq!(stats["tls_handshakes"], 2, "{stats}");
+    let seen = fake.last_request().await;
+    assert_eq!(seen["protocol"], "HTTP/2.0");
+    assert!(seen["host"].as_str().unwrap().starts_with("localhost:"));
+    let st = side.status().await;
+    let host = &st["upstream"]["hosts"][0];
+    assert_eq!(host["protocol"], "h2", "{st}");
+    assert_eq!(host["h2_connections_open"], 1);
+
+    // A token WeChat rejects is still refreshed and the request replayed.
+    fake.invalidate(SHOP_APPID).await;
+    let (status, v) = side.send("/cgi-bin/message/template/send", TEMPLATE).await;
+    assert_eq!((status, &v["errcode"]), (200, &Value::from(0)), "{v}");
+    assert_eq!(fake.fetches(SHOP_APPID).await, 2);
+}
+
+#[tokio::test]
+async fn a_sent_post_is_not_resent_over_h2() {
+    let fake = Fake::start(&["--h2"]);
+    let side = Sidecar::start(&fake, &config(true)).await;
+    fake.faults(
+        r#"{"seed":1,"rules":[{"path":"/cgi-bin/message/template/send","reset_after_rate":1.0}]}"#,
+    )
+    .await;
+    let (status, v) = side.send("/cgi-bin/message/template/send", TEMPLATE).await;
+    assert_eq!(status, 502, "{v}");
+    assert_eq!(fake.stats().await["messages"], 1, "sent once, never twice");
+    // The connection (or a new one) still serves the next request.
+    fake.faults(r#"{"rules":[]}"#).await;
+    let (status, v) = side.send("/cgi-bin/message/template/send", TEMPLATE).await;
+    assert_eq!((status, &v["errcode"]), (200, &Value::from(0)), "{v}");
+}
+
+#[tokio::test]
+async fn a_server_without_h2_gets_http1() {
+    let fake = Fake::start(&[]);
+    let side = Sidecar::start(&fake, &config(true)).await;
+    for v in send_parallel(&side, 10).await {
+        assert_eq!(v["errcode"], 0, "{v}");
+    }
+    let stats = fake.stats().await;
+    assert_eq!(stats["h2_connections"], 0);
+    assert_eq!(fake.last_request().await["protocol"], "HTTP/1.1");
+    let st = side.status().await;
+    assert_eq!(st["upstream"]["hosts"][0]["protocol"], "http/1.1", "{st}");
+    assert!(side.log().contains("upstream declined HTTP/2"));
+}
+
+#[tokio::test]
+async fn http1_is_the_default_even_when_the_server_offers_h2() {
+    let fake = Fake::start(&["--h2"]);
+    let side = Sidecar::start(&fake, &config(false)).await;
+    let (status, _) = side.send("/cgi-bin/message/template/send", TEMPLATE).await;
+    assert_eq!(status, 200);
+    assert_eq!(fake.stats().await["h2_connections"], 0);
+    assert_eq!(fake.last_request().await["protocol"], "HTTP/1.1");
+}
