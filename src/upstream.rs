@@ -398,14 +398,14 @@ impl Upstream {
     /// A new stream on a live HTTP/2 connection, opening one if none has
     /// room. `None` when the server declined h2: use HTTP/1.1 from now on
     /// (the connection it declined on goes to the HTTP/1.1 pool).
-    async fn h2_stream(&self) -> Result<Option<(Http2Session, HttpPeer, bool)>, UpstreamError> {
+    async fn h2_stream(&self) -> Result<Option<(Http2Session, HttpPeer)>, UpstreamError> {
         if let Some(s) = self.h2_shared_stream().await {
-            return Ok(Some((s, self.peer()?, true)));
+            return Ok(Some((s, self.peer()?)));
         }
         let _one_at_a_time = self.h2_connecting.lock().await;
         // Someone may have connected while we waited.
         if let Some(s) = self.h2_shared_stream().await {
-            return Ok(Some((s, self.peer()?, true)));
+            return Ok(Some((s, self.peer()?)));
         }
         if !self.uses_h2() {
             return Ok(None);
@@ -430,7 +430,7 @@ impl Upstream {
             })?;
         self.h2.lock().push(conn.clone());
         match conn.spawn_stream().await {
-            Ok(Some(s)) => Ok(Some((s, peer, false))),
+            Ok(Some(s)) => Ok(Some((s, peer))),
             _ => Err(UpstreamError::Connect {
                 addr,
                 reason: "new HTTP/2 connection refused a stream".into(),
@@ -461,26 +461,27 @@ impl Upstream {
         req: &RequestHeader,
         body: &[u8],
     ) -> Result<Option<Exchange<'_>>, UpstreamError> {
-        for _ in 0..2 {
-            let Some((session, peer, reused)) = self.h2_stream().await? else {
+        // A connection the server is closing refuses new streams; the
+        // next try goes to another (or a new) one.
+        let mut attempts = 3;
+        loop {
+            attempts -= 1;
+            let Some((session, peer)) = self.h2_stream().await? else {
                 return Ok(None);
             };
             match self.exchange_h2(session, peer, req, body).await {
                 Ok(x) => return Ok(Some(x)),
-                Err(Failed { error, .. }) if error.is_timeout() => return Err(error),
+                Err(Failed { error, .. }) if error.is_timeout() || attempts == 0 => {
+                    return Err(error)
+                }
                 Err(Failed { error, sent: true }) if !is_idempotent(&req.method) => {
                     return Err(error)
                 }
-                Err(Failed { error, .. }) if !reused => return Err(error),
                 Err(Failed { error, .. }) => {
-                    tracing::debug!(error = %error, "HTTP/2 stream failed on a shared connection; retrying on a new one")
+                    tracing::debug!(error = %error, "HTTP/2 stream not processed; retrying");
                 }
             }
         }
-        Err(UpstreamError::Exchange {
-            addr: self.url.to_string(),
-            reason: "HTTP/2 streams failed twice".into(),
-        })
     }
 
     async fn exchange_h2(
@@ -497,9 +498,24 @@ impl Upstream {
             error: self.map_err(&addr, &e),
             sent: false,
         };
+        // HTTP/2 names the host in :authority; a Host header as well is a
+        // duplicate some servers (nginx) refuse.
         let mut req = req.clone();
-        req.insert_header(http::header::HOST, self.host_header.as_str())
-            .map_err(unsent)?;
+        req.remove_header(&http::header::HOST);
+        let pq = req.uri.path_and_query().map_or("/", |p| p.as_str());
+        let uri = http::Uri::builder()
+            .scheme("https")
+            .authority(self.host_header.as_str())
+            .path_and_query(pq)
+            .build()
+            .map_err(|_| Failed {
+                error: UpstreamError::Exchange {
+                    addr: addr.clone(),
+                    reason: "request target not valid for HTTP/2".into(),
+                },
+                sent: false,
+            })?;
+        req.set_uri(uri);
         session
             .write_request_header(Box::new(req), body.is_empty())
             .map_err(unsent)?;
@@ -509,11 +525,19 @@ impl Upstream {
                 .await
                 .map_err(unsent)?;
         }
-        let sent = |e: Box<pingora::Error>| Failed {
-            error: self.map_err(&addr, &e),
-            sent: true,
-        };
-        session.read_response_header().await.map_err(sent)?;
+        // A stream refused by the server (REFUSED_STREAM, or GOAWAY as a
+        // connection closes) was not processed: pingora marks it retryable.
+        if let Err(e) = session.read_response_header().await {
+            if e.retry() {
+                // The server is closing this connection (GOAWAY): pick no
+                // more streams from it.
+                session.conn.mark_shutdown();
+            }
+            return Err(Failed {
+                error: self.map_err(&addr, &e),
+                sent: !e.retry(),
+            });
+        }
         Ok(Exchange {
             upstream: self,
             session: Session::H2(session),
