@@ -51,6 +51,9 @@ cargo build --release
   echo "| function | time |"
   echo "|---|---|"
   cargo bench --bench hot_path 2>/dev/null | awk '/time:/ { name=$0; sub(/ *time:.*/, "", name); if (name == "") name=prev; t=$0; sub(/.*time: *\[/, "", t); split(t, a, " "); printf "| %s | %s %s |\n", name, a[3], a[4] } { if ($0 !~ /time:/ && $0 !~ /^ *$/) prev=$0 }'
+  echo
+  # What the numbers say: written by hand from the runs, kept in benches/.
+  cat benches/analysis.md
 } > "$tmp"
 mv "$tmp" "$out"
 echo "wrote $out"
