@@ -26,6 +26,30 @@ pub struct Issued {
     pub leaf_key_der: Vec<u8>,
 }
 
+/// A CA certificate's parameters: `name` under organisation wxsidecar,
+/// valid from an hour ago for `valid_days`.
+pub fn ca_params(
+    name: &str,
+    valid_days: i64,
+    constraints: BasicConstraints,
+) -> Result<CertificateParams, rcgen::Error> {
+    let now = OffsetDateTime::now_utc();
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(constraints);
+    ca.distinguished_name = DistinguishedName::new();
+    ca.distinguished_name.push(DnType::CommonName, name);
+    ca.distinguished_name
+        .push(DnType::OrganizationName, "wxsidecar");
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    ca.not_before = now - TimeDuration::hours(1);
+    ca.not_after = now + TimeDuration::days(valid_days);
+    Ok(ca)
+}
+
 /// Makes a CA named `ca_name` (with the given key, or a new one) and a leaf
 /// for `names` (DNS names or IPs). A CA rebuilt from the same key and name is
 /// the same trust anchor, so leaves it signs verify against the first CA PEM.
@@ -36,19 +60,7 @@ pub fn issue(
     ca_key_pem: Option<&str>,
 ) -> Result<Issued, rcgen::Error> {
     let now = OffsetDateTime::now_utc();
-    let mut ca = CertificateParams::new(Vec::<String>::new())?;
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name = DistinguishedName::new();
-    ca.distinguished_name.push(DnType::CommonName, ca_name);
-    ca.distinguished_name
-        .push(DnType::OrganizationName, "wxsidecar");
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    ca.not_before = now - TimeDuration::hours(1);
-    ca.not_after = now + TimeDuration::days(valid_days);
+    let ca = ca_params(ca_name, valid_days, BasicConstraints::Unconstrained)?;
     let ca_key = match ca_key_pem {
         Some(pem) => KeyPair::from_pem(pem)?,
         None => KeyPair::generate()?,

@@ -36,8 +36,10 @@ const DEFAULT_MAX_DNS_TTL: Duration = Duration::from_secs(60);
 /// Re-resolve no more often than this, whatever the TTL says.
 const DEFAULT_MIN_DNS_TTL: Duration = Duration::from_secs(5);
 /// Concurrent streams we open on one HTTP/2 connection before opening
-/// another (servers usually allow 100 or more).
-const DEFAULT_H2_STREAMS: usize = 100;
+/// another. Below what servers advertise (nginx 128, most 100+): pingora
+/// fixes the count at the handshake, and a stream beyond the server's limit
+/// waits unopened and fails its body write ("cannot reserve capacity").
+const DEFAULT_H2_STREAMS: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -494,9 +496,12 @@ impl Upstream {
         session.read_timeout = Some(self.conf.read_timeout);
         session.write_timeout = Some(self.conf.read_timeout);
         let addr = peer.address().to_string();
-        let unsent = |e: Box<pingora::Error>| Failed {
-            error: self.map_err(&addr, &e),
-            sent: false,
+        let unsent = |e: Box<pingora::Error>| {
+            tracing::debug!(error = %e, "HTTP/2 stream could not be sent");
+            Failed {
+                error: self.map_err(&addr, &e),
+                sent: false,
+            }
         };
         // HTTP/2 names the host in :authority; a Host header as well is a
         // duplicate some servers (nginx) refuse.
@@ -520,14 +525,27 @@ impl Upstream {
             .write_request_header(Box::new(req), body.is_empty())
             .map_err(unsent)?;
         if !body.is_empty() {
-            session
+            if let Err(e) = session
                 .write_request_body(Bytes::copy_from_slice(body), true)
                 .await
-                .map_err(unsent)?;
+            {
+                // A server may answer before it has the whole body and then
+                // close the stream (RFC 9113 §8.1): its answer is the answer.
+                // Without one, nothing was acted on.
+                if session.read_response_header().await.is_err() {
+                    return Err(unsent(e));
+                }
+                return Ok(Exchange {
+                    upstream: self,
+                    session: Session::H2(session),
+                    peer,
+                });
+            }
         }
         // A stream refused by the server (REFUSED_STREAM, or GOAWAY as a
         // connection closes) was not processed: pingora marks it retryable.
         if let Err(e) = session.read_response_header().await {
+            tracing::debug!(error = %e, retryable = e.retry(), "HTTP/2 stream failed");
             if e.retry() {
                 // The server is closing this connection (GOAWAY): pick no
                 // more streams from it.

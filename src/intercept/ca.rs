@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
     KeyPair, KeyUsagePurpose,
 };
 use time::{Duration as TimeDuration, OffsetDateTime};
@@ -25,20 +25,12 @@ pub struct Leaf {
 
 /// Makes a new CA: `(certificate PEM, key PEM)`.
 pub fn new_ca() -> Result<(String, String), rcgen::Error> {
-    let now = OffsetDateTime::now_utc();
-    let mut ca = CertificateParams::new(Vec::<String>::new())?;
-    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca.distinguished_name = DistinguishedName::new();
-    ca.distinguished_name.push(DnType::CommonName, CA_NAME);
-    ca.distinguished_name
-        .push(DnType::OrganizationName, "wxsidecar");
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    ca.not_before = now - TimeDuration::hours(1);
-    ca.not_after = now + TimeDuration::days(365 * DEFAULT_CA_YEARS);
+    // It signs leaves only, never another CA.
+    let ca = crate::certs::ca_params(
+        CA_NAME,
+        365 * DEFAULT_CA_YEARS,
+        BasicConstraints::Constrained(0),
+    )?;
     let key = KeyPair::generate()?;
     let cert = ca.self_signed(&key)?;
     Ok((cert.pem(), key.serialize_pem()))

@@ -14,7 +14,7 @@ use crate::config::AccountKind;
 use crate::failover::Upstreams;
 use crate::inspect::INVALID_TOKEN;
 use crate::query;
-use crate::token::source::{parse_answer, FetchError, Fetched, DEFAULT_ANSWER_LIMIT};
+use crate::token::source::{exchange, FetchError, Fetched};
 
 /// Fetches `account`'s ticket of `kind`, waiting up to `wait` for a token.
 pub async fn fetch(
@@ -32,17 +32,7 @@ pub async fn fetch(
     let mut retried = false;
     loop {
         let req = request(account.kind, kind, &token.value);
-        let sent = std::time::Instant::now();
-        let mut x = upstream.send(&req, &[]).await?;
-        let status = x.header().status.as_u16();
-        let answer = x.read_to_end(DEFAULT_ANSWER_LIMIT).await?;
-        x.finish().await;
-        let answer = answer.map_err(|_| {
-            FetchError::BadAnswer(format!(
-                "HTTP {status}, body over {DEFAULT_ANSWER_LIMIT} bytes"
-            ))
-        })?;
-        match parse_answer(status, &answer).map(|f| f.counted_from(sent)) {
+        match exchange(upstream, &req, &[]).await {
             Err(FetchError::WeChat { errcode, .. })
                 if !retried && INVALID_TOKEN.contains(&errcode) =>
             {

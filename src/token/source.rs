@@ -16,7 +16,7 @@ use crate::failover::Upstreams;
 use crate::upstream::UpstreamError;
 
 /// A token answer is a few hundred bytes; anything far larger is not one.
-pub(crate) const DEFAULT_ANSWER_LIMIT: usize = 64 * 1024;
+const DEFAULT_ANSWER_LIMIT: usize = 64 * 1024;
 
 /// What WeChat returned.
 #[derive(Debug)]
@@ -99,8 +99,18 @@ pub async fn fetch(
     force: bool,
 ) -> Result<Fetched, FetchError> {
     let (req, body) = build_request(account, force);
+    exchange(upstream, &req, &body).await
+}
+
+/// Sends a token or ticket request and reads WeChat's answer; the lifetime
+/// is counted from when the request was sent.
+pub(crate) async fn exchange(
+    upstream: &Upstreams,
+    req: &RequestHeader,
+    body: &[u8],
+) -> Result<Fetched, FetchError> {
     let sent = std::time::Instant::now();
-    let mut x = upstream.send(&req, &body).await?;
+    let mut x = upstream.send(req, body).await?;
     let status = x.header().status.as_u16();
     let answer = x.read_to_end(DEFAULT_ANSWER_LIMIT).await?;
     x.finish().await;
@@ -159,7 +169,7 @@ fn build_request(account: &Account, force: bool) -> (RequestHeader, Vec<u8>) {
     (req, body)
 }
 
-pub(crate) fn parse_answer(status: u16, body: &[u8]) -> Result<Fetched, FetchError> {
+fn parse_answer(status: u16, body: &[u8]) -> Result<Fetched, FetchError> {
     let a: Answer = serde_json::from_slice(body)
         .map_err(|e| FetchError::BadAnswer(format!("HTTP {status}, not JSON ({e})")))?;
     match (a.access_token, a.errcode) {

@@ -25,6 +25,21 @@ fn check_config(text: &str, env: &[(&str, &str)]) -> (bool, String) {
     )
 }
 
+/// Validates a manifest in `conf/` against the Kubernetes schemas.
+fn schema_check(path: &str) {
+    let out = Command::new("python3")
+        .args(["-m", "kubernetes_validate", "--strict", "--quiet"])
+        .arg(format!("{}/conf/{path}", env!("CARGO_MANIFEST_DIR")))
+        .output()
+        .expect("kubernetes-validate is installed (make install-deps)");
+    assert!(
+        out.status.success(),
+        "{path}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn the_k8s_manifest_passes_the_schema_and_its_config_checks() {
     let text = conf("k8s/sidecar.yaml");
@@ -72,20 +87,7 @@ fn the_k8s_manifest_passes_the_schema_and_its_config_checks() {
     assert!(ok, "{err}");
 
     // A real schema check (kubernetes-validate from PyPI, installed by make install-deps).
-    let out = Command::new("python3")
-        .args(["-m", "kubernetes_validate", "--strict", "--quiet"])
-        .arg(format!(
-            "{}/conf/k8s/sidecar.yaml",
-            env!("CARGO_MANIFEST_DIR")
-        ))
-        .output()
-        .expect("kubernetes-validate is installed (make install-deps)");
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    schema_check("k8s/sidecar.yaml");
 }
 
 #[test]
@@ -156,20 +158,7 @@ fn the_transparent_manifest_passes_the_schema_and_matches_its_config() {
     let (ok, err) = check_config(&embedded, &[("WX_SHOP_SECRET", "x")]);
     assert!(ok, "{err}");
 
-    let out = Command::new("python3")
-        .args(["-m", "kubernetes_validate", "--strict", "--quiet"])
-        .arg(format!(
-            "{}/conf/k8s/transparent.yaml",
-            env!("CARGO_MANIFEST_DIR")
-        ))
-        .output()
-        .expect("kubernetes-validate is installed (make install-deps)");
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    schema_check("k8s/transparent.yaml");
 }
 
 #[test]
