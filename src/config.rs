@@ -27,6 +27,9 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(15);
 /// Enough warm connections for a burst of pushes without a handshake.
 pub const DEFAULT_WARM_CONNECTIONS: usize = 4;
+/// Offer HTTP/2: in `make bench` it held one connection instead of dozens,
+/// with lower p99 and CPU per request over TLS (BENCHMARKS.md, A and B).
+pub const DEFAULT_HTTP2: bool = true;
 /// Below the ~60 s after which servers and NATs drop idle connections.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(50);
 /// Connect failures in a row before a host is taken out of use: one is a
@@ -844,7 +847,7 @@ fn parse_upstream(
     let upstream = UpstreamConfig {
         dns,
         hosts_file: true,
-        http2: up.http2.unwrap_or(false),
+        http2: up.http2.unwrap_or(DEFAULT_HTTP2),
         url,
         failover,
         failover_after,

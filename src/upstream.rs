@@ -219,7 +219,7 @@ impl Upstream {
         o.read_timeout = Some(self.conf.read_timeout);
         o.write_timeout = Some(self.conf.read_timeout);
         o.idle_timeout = Some(self.conf.idle_timeout);
-        if self.conf.http2 && self.url.tls {
+        if self.uses_h2() {
             // Offer h2, accept HTTP/1.1 (ALPN).
             o.set_http_version(2, 1);
         }
@@ -416,9 +416,17 @@ impl Upstream {
         if stream.selected_alpn_proto() != Some(ALPN::H2) {
             if !self.h2_declined.swap(true, Ordering::Relaxed) {
                 tracing::info!(upstream = %self.url, "upstream declined HTTP/2; using HTTP/1.1");
+                // From now on offer HTTP/1.1 alone, so no later connection
+                // can come back as h2 on the HTTP/1.1 path.
+                let r = self.resolved.load_full();
+                let addrs: Vec<SocketAddr> = r
+                    .peers
+                    .iter()
+                    .filter_map(|p| p.address().as_inet().copied())
+                    .collect();
+                self.set_addrs(&addrs, r.valid_until);
             }
-            self.transport
-                .release_stream(stream, peer.reuse_hash(), Some(self.conf.idle_timeout));
+            drop(stream);
             return Ok(None);
         }
         let addr = peer.address().to_string();

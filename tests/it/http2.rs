@@ -91,7 +91,7 @@ async fn a_server_without_h2_gets_http1() {
 }
 
 #[tokio::test]
-async fn http1_is_the_default_even_when_the_server_offers_h2() {
+async fn http2_false_keeps_http1_even_when_the_server_offers_h2() {
     let fake = Fake::start(&["--h2"]);
     let side = Sidecar::start(&fake, &config(false)).await;
     let (status, _) = side.send("/cgi-bin/message/template/send", TEMPLATE).await;

@@ -497,6 +497,28 @@ fn intercept_config_errors_name_their_keys() {
         err.contains("intercept.proxy_listen: 127.0.0.1:8080 is also `listen`"),
         "{err}"
     );
+    // `check` and `check --print` show where the CA is, never its key.
+    let good = format!(
+        "{base}intercept:\n  ca_cert: {}\n  ca_key: {}\n  https_listen: 127.0.0.1:1443\n",
+        dir.path().join("ca.pem").display(),
+        dir.path().join("ca-key.pem").display()
+    );
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("c.yaml");
+    std::fs::write(&path, good).unwrap();
+    let own_key = std::fs::read_to_string(dir.path().join("ca-key.pem")).unwrap();
+    for print in [false, true] {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["check", "--config"]).arg(&path);
+        if print {
+            cmd.arg("--print");
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("ca.pem"), "{text}");
+        assert!(!text.contains(own_key.lines().nth(1).unwrap()), "{text}");
+    }
     let key = std::fs::read_to_string(other.path().join("ca-key.pem")).unwrap();
     assert!(
         !err.contains(key.lines().nth(1).unwrap()),
