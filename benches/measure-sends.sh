@@ -61,7 +61,7 @@ s, st = json.loads(stats), json.loads(status)
 print(f"sends: {n}, HTTP 200: {ok}, wall time {float(end)-float(start):.2f} s")
 print(f"fake: messages {s['messages']}, token fetches {sum(s['token_fetches'].values()) + sum(s['stable_token_fetches'].values())}, "
       f"TLS handshakes {s['tls_handshakes']} (one is this script's stats call), invalid-token calls {s['invalid_token_calls']}")
-u = st['upstream']
+u = st['upstream']['hosts'][0]
 print(f"sidecar upstream: connections opened {u['connections_opened']}, reused {u['connections_reused']}, requests {u['requests']}")
 print(f"sidecar RSS: idle {rss_idle}, after the sends {rss_after}")
 PY

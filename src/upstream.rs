@@ -426,7 +426,18 @@ impl Upstream {
                     .collect();
                 self.set_addrs(&addrs, r.valid_until);
             }
-            drop(stream);
+            // The connection itself speaks HTTP/1.1: pool it under the new peer.
+            let same = self
+                .resolved
+                .load()
+                .peers
+                .iter()
+                .find(|p| p.address() == peer.address())
+                .cloned();
+            if let Some(p) = same {
+                self.transport
+                    .release_stream(stream, p.reuse_hash(), Some(self.conf.idle_timeout));
+            }
             return Ok(None);
         }
         let addr = peer.address().to_string();
