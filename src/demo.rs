@@ -31,6 +31,8 @@ pub fn run(args: DemoArgs) -> i32 {
         rt.block_on(async move {
             let started = fake::start(FakeOptions {
                 listen: fake_listen,
+                // Like WeChat's gateways, offer HTTP/2 (the sidecar's default).
+                h2: true,
                 ..FakeOptions::default()
             })
             .await;
@@ -125,7 +127,7 @@ curl -s -X POST 'http://{listen}/cgi-bin/message/template/send' \
   -H 'Content-Type: application/json' \
   -d '{{"touser":"oUSER123","template_id":"TPL_ORDER","data":{{"status":{{"value":"shipped"}}}}}}'; echo
 
-# 2. Send 100 more; still one token fetch and a handful of TLS handshakes.
+# 2. Send 100 more; still one token fetch and one TLS connection (HTTP/2).
 for i in $(seq 100); do curl -s -o /dev/null -X POST 'http://{listen}/cgi-bin/message/template/send' -d '{{"touser":"oUSER123","template_id":"TPL_ORDER"}}'; done
 
 # 3. The fake's counters: token fetches, messages, TLS handshakes.
@@ -134,7 +136,10 @@ curl -s --cacert {ca} https://localhost:{fport}/__fake/stats; echo
 # 4. An SDK asking for a token gets the cached one, locally.
 curl -s 'http://{listen}/cgi-bin/token?grant_type=client_credential&appid={DEMO_APPID}&secret={DEMO_SECRET}'; echo
 
-# 5. Health and status.
+# 5. A web page's wx.config, signed with the cached jsapi_ticket.
+curl -s 'http://{listen}/wxsidecar/jssdk/config?url=https%3A%2F%2Fshop.example.com%2Fpay'; echo
+
+# 6. Health and status.
 curl -s http://{admin}/readyz; curl -s http://{admin}/status; echo
 
 Stop with Ctrl-C.
