@@ -125,6 +125,9 @@ struct FakeArgs {
     /// Offer HTTP/2 by ALPN (clients that do not ask get HTTP/1.1).
     #[arg(long)]
     h2: bool,
+    /// With --h2: send GOAWAY on a connection after this many requests.
+    #[arg(long, value_name = "N")]
+    h2_max_requests: Option<u64>,
     /// Injected faults as JSON, e.g. '{"seed":1,"rules":[{"path":"/cgi-bin/message","reset_after_rate":0.05}]}'
     /// (also settable at run time with POST /__fake/faults).
     #[arg(long)]
@@ -302,6 +305,7 @@ fn fake_wechat(f: FakeArgs) -> i32 {
         token_latency: Duration::from_millis(f.token_latency_ms),
         ca_dir: f.ca_dir.clone(),
         h2: f.h2,
+        h2_max_requests: f.h2_max_requests,
         ..FakeOptions::default()
     };
     if let Some(text) = &f.faults {

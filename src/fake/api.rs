@@ -228,6 +228,7 @@ fn fake_admin(shared: &Shared, method: &hyper::Method, path: &str, q: &str, body
                     shared.connections.load(Ordering::Relaxed),
                 );
                 v["h2_connections"] = shared.h2_connections.load(Ordering::Relaxed).into();
+                v["h2_goaways"] = shared.h2_goaways.load(Ordering::Relaxed).into();
                 v
             })
         }

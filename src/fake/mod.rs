@@ -54,6 +54,8 @@ pub struct FakeOptions {
     pub faults: faults::Plan,
     /// Offer HTTP/2 by ALPN (`--h2`); clients that do not ask get HTTP/1.1.
     pub h2: bool,
+    /// Send GOAWAY on an HTTP/2 connection after this many requests.
+    pub h2_max_requests: Option<u64>,
     /// Keep the CA here (`ca.pem`, `ca-key.pem`) and reuse it when present,
     /// so fakes restarted or run side by side share one CA.
     pub ca_dir: Option<std::path::PathBuf>,
@@ -74,6 +76,7 @@ impl Default for FakeOptions {
             faults: faults::Plan::default(),
             ca_dir: None,
             h2: false,
+            h2_max_requests: None,
         }
     }
 }
@@ -87,6 +90,8 @@ pub(crate) struct Shared {
     pub connections: AtomicU64,
     /// Connections that negotiated HTTP/2.
     pub h2_connections: AtomicU64,
+    /// GOAWAYs sent after `h2_max_requests`.
+    pub h2_goaways: AtomicU64,
 }
 
 /// A running fake.
@@ -126,6 +131,7 @@ pub async fn start(opts: FakeOptions) -> std::io::Result<Fake> {
         tls_handshakes: AtomicU64::new(0),
         connections: AtomicU64::new(0),
         h2_connections: AtomicU64::new(0),
+        h2_goaways: AtomicU64::new(0),
         opts: opts.clone(),
     });
     tokio::spawn(accept_loop(listener, acceptor, shared));
@@ -174,6 +180,38 @@ fn tls_acceptor(
     Ok((TlsAcceptor::from(Arc::new(config)), issued.ca_pem))
 }
 
+/// One HTTP/2 connection. With `h2_max_requests`, the fake sends GOAWAY
+/// after that many requests, as servers do (nginx: `keepalive_requests`):
+/// requests in flight finish, new streams must go to another connection.
+async fn serve_h2<S>(stream: S, shared: Arc<Shared>) -> Result<(), hyper::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let served = Arc::new(AtomicU64::new(0));
+    let limit_hit = Arc::new(tokio::sync::Notify::new());
+    let svc = {
+        let (shared, served, limit_hit) = (shared.clone(), served.clone(), limit_hit.clone());
+        service_fn(move |req| {
+            let n = served.fetch_add(1, Ordering::Relaxed) + 1;
+            if shared.opts.h2_max_requests.is_some_and(|max| n >= max) {
+                limit_hit.notify_one();
+            }
+            api::handle(shared.clone(), req)
+        })
+    };
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => return r,
+        _ = limit_hit.notified() => {
+            shared.h2_goaways.fetch_add(1, Ordering::Relaxed);
+            conn.as_mut().graceful_shutdown();
+        }
+    }
+    conn.await
+}
+
 async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>, shared: Arc<Shared>) {
     loop {
         let (tcp, _) = match listener.accept().await {
@@ -198,9 +236,7 @@ async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>, shared: Ar
                     Ok(stream) if stream.get_ref().1.alpn_protocol() == Some(b"h2") => {
                         shared.tls_handshakes.fetch_add(1, Ordering::Relaxed);
                         shared.h2_connections.fetch_add(1, Ordering::Relaxed);
-                        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                            .serve_connection(TokioIo::new(stream), svc)
-                            .await
+                        serve_h2(stream, shared.clone()).await
                     }
                     Ok(stream) => {
                         shared.tls_handshakes.fetch_add(1, Ordering::Relaxed);

@@ -99,3 +99,24 @@ async fn http2_false_keeps_http1_even_when_the_server_offers_h2() {
     assert_eq!(fake.stats().await["h2_connections"], 0);
     assert_eq!(fake.last_request().await["protocol"], "HTTP/1.1");
 }
+
+#[tokio::test]
+async fn a_server_closing_connections_loses_no_request() {
+    // GOAWAY after every 7 requests: streams the server did not take are
+    // sent again on a new connection; every send is answered and counted
+    // exactly once at the fake.
+    let fake = Fake::start(&["--h2", "--h2-max-requests", "7"]);
+    let side = Sidecar::start(&fake, &config(true)).await;
+    let mut sent = 0;
+    for _ in 0..4 {
+        for v in send_parallel(&side, 20).await {
+            assert_eq!(v["errcode"], 0, "{v}");
+        }
+        sent += 20;
+    }
+    let stats = fake.stats().await;
+    assert_eq!(stats["messages"], sent, "{stats}");
+    // Connections were really closed under the load and replaced.
+    assert!(stats["h2_goaways"].as_u64().unwrap() >= 2, "{stats}");
+    assert!(stats["h2_connections"].as_u64().unwrap() >= 3, "{stats}");
+}
