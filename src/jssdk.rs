@@ -12,7 +12,6 @@ use rand::distributions::Alphanumeric;
 use rand::Rng;
 
 use crate::account::Account;
-use crate::config::AccountKind;
 
 pub const CONFIG_PATH: &str = "/wxsidecar/jssdk/config";
 pub const AGENT_CONFIG_PATH: &str = "/wxsidecar/jssdk/agent_config";
@@ -97,11 +96,6 @@ pub fn answer(account: &Account, s: &Signed, agent: bool) -> Result<Bytes, Strin
         })
     };
     Ok(Bytes::from(v.to_string()))
-}
-
-/// Which account kind each helper serves.
-pub fn fits(kind: AccountKind, agent: bool) -> bool {
-    !agent || kind == AccountKind::WeCom
 }
 
 #[cfg(test)]

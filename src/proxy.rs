@@ -203,18 +203,19 @@ impl Proxy {
             })
     }
 
-    /// The account a ticket or JS-SDK request is for, checked against the
-    /// family it needs and the caller's rights.
-    fn ticket_account(
+    /// The account a ticket or JS-SDK request is for — checked to have a
+    /// ticket of `kind` (of `family`, when the path names one) and to be open
+    /// to the caller — and its valid ticket, fetched on first use.
+    async fn ticket_for(
         &self,
-        ctx: &Ctx,
+        ctx: &mut Ctx,
         path: &str,
-        named: Option<&str>,
-        presented: Option<&str>,
-        fits: impl Fn(AccountKind) -> bool,
-    ) -> Result<Arc<Account>, ProxyError> {
+        (named, presented): (Option<&str>, Option<&str>),
+        family: Option<AccountKind>,
+        kind: TicketKind,
+    ) -> Result<(Arc<Account>, Arc<Token>), ProxyError> {
         let account = self.app.accounts.pick(named, presented)?;
-        if !fits(account.kind) {
+        if !kind.exists_for(account.kind) || family.is_some_and(|f| f != account.kind) {
             return Err(ProxyError::BadRequest {
                 path: path.to_string(),
                 reason: format!(
@@ -225,7 +226,10 @@ impl Proxy {
             });
         }
         self.admit_account(ctx, account)?;
-        Ok(account.clone())
+        ctx.account = Some(account.name.clone());
+        let cell = ticket::cell(&self.app, account, kind);
+        let ticket = self.valid_from(cell, &account.name, kind.what()).await?;
+        Ok((account.clone(), ticket))
     }
 
     /// Answers an app's own ticket request from the ticket cache.
@@ -242,16 +246,9 @@ impl Proxy {
             .headers
             .get(ACCOUNT_HEADER)
             .and_then(|v| v.to_str().ok());
-        let account = match self.ticket_account(ctx, &path, named, presented.as_deref(), |k| {
-            k == family && kind.exists_for(k)
-        }) {
-            Ok(a) => a,
-            Err(e) => return Ok(Err(e)),
-        };
-        ctx.account = Some(account.name.clone());
-        let cell = ticket::cell(&self.app, &account, kind);
-        let t = match self.valid_from(cell, &account.name, kind.what()).await {
-            Ok(t) => t,
+        let who = (named, presented.as_deref());
+        let t = match self.ticket_for(ctx, &path, who, Some(family), kind).await {
+            Ok((_, t)) => t,
             Err(e) => return Ok(Err(e)),
         };
         reply::send_json(session, 200, ticket::answer::body(&t)).await?;
@@ -284,20 +281,13 @@ impl Proxy {
                 .get(ACCOUNT_HEADER)
                 .and_then(|v| v.to_str().ok())
         });
-        let account = match self.ticket_account(ctx, &path, named, None, |k| jssdk::fits(k, agent))
-        {
-            Ok(a) => a,
-            Err(e) => return Ok(Err(e)),
-        };
-        ctx.account = Some(account.name.clone());
         let kind = if agent {
             TicketKind::AgentConfig
         } else {
             TicketKind::Jsapi
         };
-        let cell = ticket::cell(&self.app, &account, kind);
-        let t = match self.valid_from(cell, &account.name, kind.what()).await {
-            Ok(t) => t,
+        let (account, t) = match self.ticket_for(ctx, &path, (named, None), None, kind).await {
+            Ok(x) => x,
             Err(e) => return Ok(Err(e)),
         };
         let signed = jssdk::sign(&t.value, &page);

@@ -25,8 +25,8 @@ use crate::config::{AccountKind, Config};
 use crate::failover::Upstreams;
 use crate::lifecycle::Signals;
 use crate::proxy::Proxy;
-use crate::token::refresher;
-use crate::token::store::{now_ms, Record, RedisStore};
+use crate::token::refresher::{self, Subject};
+use crate::token::store::{Record, RedisStore};
 use crate::upstream::{self, DEFAULT_POOL_SIZE};
 
 /// Slack on top of connect + read timeouts for the first token fetch.
@@ -240,13 +240,8 @@ async fn watch_store(app: Arc<App>, store: Arc<RedisStore>) {
             continue;
         }
         for account in app.accounts.iter() {
-            let (api, id) = refresher::store_id(account);
-            let mut held = vec![(api.to_string(), id, &account.tokens)];
-            for (kind, cell) in account.tickets.in_use() {
-                let (api, id) = refresher::ticket_store_id(account, kind);
-                held.push((api, id, &**cell));
-            }
-            for (api, id, cell) in held {
+            for (subject, cell) in Subject::in_use(account) {
+                let (api, id) = subject.store_id(account);
                 restore(&app, &store, &account.name, &api, &id, cell).await;
             }
         }
@@ -265,19 +260,17 @@ async fn restore(
     let Some(token) = cell.valid() else {
         return;
     };
-    let now = now_ms();
     let delay = refresher::refresh_delay(
         token.remaining(),
         token.lifetime,
         app.config.token.refresh_before,
     );
-    let record = Record {
-        token: token.value.to_string(),
-        expires_at_ms: now + token.remaining().as_millis() as u64,
-        fetched_at_ms: now,
-        fetched_by: store.replica.clone(),
-        next_refresh_at_ms: now + delay.as_millis() as u64,
-    };
+    let record = Record::now(
+        token.value.to_string(),
+        token.remaining(),
+        delay,
+        store.replica.clone(),
+    );
     if store
         .restore(&store.token_key(api, id), &record)
         .await

@@ -475,7 +475,7 @@ impl Upstream {
     }
 
     /// The HTTP/2 way: a stream on a shared connection. The same resend
-    /// rule as HTTP/1.1: once more on a new connection only when WeChat
+    /// rule as HTTP/1.1: again (up to three tries in all) only when WeChat
     /// cannot have acted.
     async fn send_h2(
         &self,
@@ -751,14 +751,6 @@ impl Exchange<'_> {
             Session::H2(s) => s.response_header(),
         }
         .expect("response header was read")
-    }
-
-    /// Which protocol carried it: "h1" or "h2".
-    pub fn protocol(&self) -> &'static str {
-        match self.session {
-            Session::H1(_) => "h1",
-            Session::H2(_) => "h2",
-        }
     }
 
     /// Reads the next body chunk; `None` at the end.

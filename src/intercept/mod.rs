@@ -46,13 +46,6 @@ pub struct Intercept {
     pub resolver: Arc<tls::LeafResolver>,
 }
 
-impl Intercept {
-    /// The family a request is for when it names an intercepted host.
-    pub fn family(&self, host: &str) -> Option<AccountKind> {
-        self.resolver.covers(host).then(|| family_of(host))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

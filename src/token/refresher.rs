@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 use rand::Rng;
 
 use super::source::{self, FetchError};
-use super::store::{now_ms, Lock, Record, RedisStore};
+use super::store::{Lock, Record, RedisStore};
 use super::{until_next_wechat_day, StoreOutcome};
 use crate::account::Account;
 use crate::config::{AccountKind, OnStoreError, TokenApi, TokenConfig};
@@ -85,8 +85,8 @@ struct Refresher {
     last_force: Option<Instant>,
 }
 
-/// The store key suffix for an account: its token API and id.
-pub fn store_id(account: &Account) -> (&'static str, String) {
+/// The store key suffix of an account's token: its token API and id.
+fn token_store_id(account: &Account) -> (&'static str, String) {
     match account.kind {
         AccountKind::WeCom => (
             "wecom",
@@ -100,13 +100,38 @@ pub fn store_id(account: &Account) -> (&'static str, String) {
     }
 }
 
-/// The store key suffix for one of an account's tickets. WeCom's jsapi
-/// ticket belongs to the corp, so every app of the corp shares it.
-pub fn ticket_store_id(account: &Account, kind: TicketKind) -> (String, String) {
-    let api = format!("ticket_{}", kind.as_str());
-    match (account.kind, kind) {
-        (AccountKind::WeCom, TicketKind::AgentConfig) => (api, store_id(account).1),
-        _ => (api, account.appid.clone()),
+impl Subject {
+    /// The cell holding it (a ticket's exists once it is in use).
+    pub fn cell(self, account: &Account) -> Option<&TokenCell> {
+        match self {
+            Subject::Token => Some(&account.tokens),
+            Subject::Ticket(k) => account.tickets.get(k).map(|c| &**c),
+        }
+    }
+
+    /// Its store key suffix, `(api, id)`. WeCom's jsapi ticket belongs to
+    /// the corp, so every app of the corp shares it.
+    pub fn store_id(self, account: &Account) -> (String, String) {
+        match (self, account.kind) {
+            (Subject::Token, _) => {
+                let (api, id) = token_store_id(account);
+                (api.to_string(), id)
+            }
+            (Subject::Ticket(TicketKind::AgentConfig), AccountKind::WeCom) => {
+                ("ticket_agent_config".to_string(), token_store_id(account).1)
+            }
+            (Subject::Ticket(k), _) => (format!("ticket_{}", k.as_str()), account.appid.clone()),
+        }
+    }
+
+    /// The account's token and its tickets in use, with their cells.
+    pub fn in_use(account: &Account) -> impl Iterator<Item = (Subject, &TokenCell)> {
+        std::iter::once((Subject::Token, &account.tokens)).chain(
+            account
+                .tickets
+                .in_use()
+                .map(|(k, c)| (Subject::Ticket(k), &**c)),
+        )
     }
 }
 
@@ -132,14 +157,9 @@ pub async fn run(
 impl Refresher {
     /// The cell this refresher writes.
     fn cell(&self) -> &TokenCell {
-        match self.subject {
-            Subject::Token => &self.account.tokens,
-            Subject::Ticket(k) => self
-                .account
-                .tickets
-                .get(k)
-                .expect("a ticket's cell exists before its refresher"),
-        }
+        self.subject
+            .cell(&self.account)
+            .expect("a ticket's cell exists before its refresher")
     }
 
     /// "token", "jsapi ticket": for logs.
@@ -152,13 +172,7 @@ impl Refresher {
 
     /// The store key suffix: `(api, id)`.
     fn store_id(&self) -> (String, String) {
-        match self.subject {
-            Subject::Token => {
-                let (api, id) = store_id(&self.account);
-                (api.to_string(), id)
-            }
-            Subject::Ticket(k) => ticket_store_id(&self.account, k),
-        }
+        self.subject.store_id(&self.account)
     }
 
     /// Counts a fetch outcome in the metrics.
@@ -360,14 +374,8 @@ impl Refresher {
                         Ok(f) => {
                             let outcome = self.stored(&f, &mut last_logged);
                             let delay = self.next_delay(outcome);
-                            let now = now_ms();
-                            let record = Record {
-                                token: f.value,
-                                expires_at_ms: now + f.expires_in.as_millis() as u64,
-                                fetched_at_ms: now,
-                                fetched_by: store.replica.clone(),
-                                next_refresh_at_ms: now + delay.as_millis() as u64,
-                            };
+                            let record =
+                                Record::now(f.value, f.expires_in, delay, store.replica.clone());
                             if let Err(e) = store.save(&key, &record, &lock).await {
                                 tracing::warn!(account = %self.account.name, error = %e, "could not share the fetched {}", self.what());
                             }

@@ -35,6 +35,19 @@ pub struct Record {
 }
 
 impl Record {
+    /// A record written now for a value with `expires_in` left, due for
+    /// refresh in `refresh_in`.
+    pub fn now(token: String, expires_in: Duration, refresh_in: Duration, by: String) -> Self {
+        let now = now_ms();
+        Record {
+            token,
+            expires_at_ms: now + expires_in.as_millis() as u64,
+            fetched_at_ms: now,
+            fetched_by: by,
+            next_refresh_at_ms: now + refresh_in.as_millis() as u64,
+        }
+    }
+
     pub fn remaining(&self) -> Duration {
         Duration::from_millis(self.expires_at_ms.saturating_sub(now_ms()))
     }
