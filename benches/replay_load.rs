@@ -120,22 +120,8 @@ async fn main() {
         w.await.unwrap();
     }
     let elapsed = start.elapsed();
-    let stats: Value = https
-        .get(format!("https://localhost:{fport}/__fake/stats"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let status: Value = http
-        .get(format!("http://127.0.0.1:{admin}/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats = json(&https, format!("https://localhost:{fport}/__fake/stats")).await;
+    let status = json(&http, format!("http://127.0.0.1:{admin}/status")).await;
     let acc = &status["accounts"][0];
     println!("| measure | value |");
     println!("|---|---|");

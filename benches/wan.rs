@@ -108,17 +108,14 @@ fn https_client(env: &Env, pooled: bool) -> reqwest::Client {
 }
 
 async fn fetch_token(c: &reqwest::Client, env: &Env) -> String {
-    let v: Value = c
-        .get(format!(
+    let v = json(
+        c,
+        format!(
             "https://localhost:{}/cgi-bin/token?grant_type=client_credential&appid={APPID}&secret={SECRET}",
             env.relay
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        ),
+    )
+    .await;
     v["access_token"].as_str().unwrap().to_string()
 }
 
