@@ -563,11 +563,21 @@ impl Upstream {
         }
         // A stream refused by the server (REFUSED_STREAM, or GOAWAY as a
         // connection closes) was not processed: pingora marks it retryable.
-        if let Err(e) = session.read_response_header().await {
+        if let Err(mut e) = session.read_response_header().await {
+            // pingora leaves a dropped connection's error undecided ("retry
+            // if reused"); the request may have been processed, so it counts
+            // as sent: a POST is not resent, an idempotent request may be.
+            e.retry.decide_reuse(false);
             tracing::debug!(error = %e, retryable = e.retry(), "HTTP/2 stream failed");
-            if e.retry() {
-                // The server is closing this connection (GOAWAY): pick no
-                // more streams from it.
+            let go_away = e
+                .cause
+                .as_deref()
+                .and_then(|c| c.downcast_ref::<h2::Error>())
+                .is_some_and(h2::Error::is_go_away);
+            if go_away {
+                // The server is closing this connection: pick no more
+                // streams from it. A refused stream (REFUSED_STREAM) leaves
+                // the connection in use.
                 session.conn.mark_shutdown();
             }
             return Err(Failed {

@@ -64,9 +64,19 @@ struct StableReq {
     force_refresh: Option<bool>,
 }
 
-/// Returned to hyper to drop the connection without an answer.
+/// Returned to hyper to drop the request without an answer: HTTP/1.1
+/// closes the connection; HTTP/2 resets the stream with the reason hyper
+/// finds in `source()` (INTERNAL_ERROR when there is none).
 #[derive(Debug)]
-pub(super) struct Reset;
+pub(super) struct Reset(Option<h2::Error>);
+
+impl Reset {
+    const DROP: Reset = Reset(None);
+
+    fn refused() -> Reset {
+        Reset(Some(h2::Reason::REFUSED_STREAM.into()))
+    }
+}
 
 impl std::fmt::Display for Reset {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -74,7 +84,11 @@ impl std::fmt::Display for Reset {
     }
 }
 
-impl std::error::Error for Reset {}
+impl std::error::Error for Reset {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.as_ref().map(|e| e as _)
+    }
+}
 
 pub(super) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Answer, Reset> {
     let (parts, body) = req.into_parts();
@@ -91,12 +105,16 @@ pub(super) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Resul
     if verdict.delay_ms > 0 {
         tokio::time::sleep(Duration::from_millis(verdict.delay_ms)).await;
     }
+    if verdict.refuse {
+        shared.refused.fetch_add(1, Ordering::Relaxed);
+        return Err(Reset::refused());
+    }
     if verdict.reset_before {
-        return Err(Reset);
+        return Err(Reset::DROP);
     }
     let answer = serve(&shared, parts, body, verdict).await;
     if verdict.reset_after {
-        return Err(Reset);
+        return Err(Reset::DROP);
     }
     Ok(answer)
 }
@@ -229,6 +247,7 @@ fn fake_admin(shared: &Shared, method: &hyper::Method, path: &str, q: &str, body
                 );
                 v["h2_connections"] = shared.h2_connections.load(Ordering::Relaxed).into();
                 v["h2_goaways"] = shared.h2_goaways.load(Ordering::Relaxed).into();
+                v["refused"] = shared.refused.load(Ordering::Relaxed).into();
                 v
             })
         }

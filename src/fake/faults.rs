@@ -1,11 +1,11 @@
 //! Fault injection for the fake: per path, a rate of errcode -1 answers,
 //! token rejections, connection resets before or after the request takes
-//! effect, and extra delay. Deterministic for a given seed.
+//! effect, refused HTTP/2 streams, and extra delay. Deterministic for a given seed.
 //!
 //! Set with `POST /__fake/faults` (JSON below) or `fake-wechat --faults JSON`:
 //! `{"seed": 7, "rules": [{"path": "/cgi-bin/message/template/send",
 //!   "busy_rate": 0.05, "reset_before_rate": 0.05, "reset_after_rate": 0.05,
-//!   "token_error_rate": 0.0, "delay_ms": 0}]}`. A rule's `path` is a prefix;
+//!   "refuse_rate": 0.0, "refuse_next": 0, "token_error_rate": 0.0, "delay_ms": 0}]}`. A rule's `path` is a prefix;
 //! the first matching rule applies.
 
 use rand::rngs::StdRng;
@@ -28,6 +28,14 @@ pub struct Rule {
     /// Act on the request (record the message), then close without answering.
     #[serde(default)]
     pub reset_after_rate: f64,
+    /// Refuse the request unprocessed: over HTTP/2 the stream is reset with
+    /// REFUSED_STREAM (RFC 9113 §8.7, safe to retry); over HTTP/1.1 the
+    /// connection is closed, as `reset_before_rate`.
+    #[serde(default)]
+    pub refuse_rate: f64,
+    /// Refuse the next N requests (as `refuse_rate`), then none.
+    #[serde(default)]
+    pub refuse_next: u64,
     #[serde(default)]
     pub delay_ms: u64,
 }
@@ -48,6 +56,7 @@ pub struct Verdict {
     pub token_error: bool,
     pub reset_before: bool,
     pub reset_after: bool,
+    pub refuse: bool,
     pub delay_ms: u64,
 }
 
@@ -71,9 +80,11 @@ impl Faults {
     }
 
     pub fn judge(&mut self, path: &str) -> Verdict {
-        let Some(rule) = self.rules.iter().find(|r| path.starts_with(&r.path)) else {
+        let Some(rule) = self.rules.iter_mut().find(|r| path.starts_with(&r.path)) else {
             return Verdict::default();
         };
+        let counted_refusal = rule.refuse_next > 0;
+        rule.refuse_next = rule.refuse_next.saturating_sub(1);
         let rule = rule.clone();
         let mut roll = |rate: f64| rate > 0.0 && self.rng.gen_bool(rate.min(1.0));
         Verdict {
@@ -81,6 +92,7 @@ impl Faults {
             busy: roll(rule.busy_rate),
             token_error: roll(rule.token_error_rate),
             reset_after: roll(rule.reset_after_rate),
+            refuse: roll(rule.refuse_rate) || counted_refusal,
             delay_ms: rule.delay_ms,
         }
     }

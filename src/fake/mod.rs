@@ -92,6 +92,8 @@ pub(crate) struct Shared {
     pub h2_connections: AtomicU64,
     /// GOAWAYs sent after `h2_max_requests`.
     pub h2_goaways: AtomicU64,
+    /// Requests refused unprocessed by the `refuse_rate` fault.
+    pub refused: AtomicU64,
 }
 
 /// A running fake.
@@ -132,6 +134,7 @@ pub async fn start(opts: FakeOptions) -> std::io::Result<Fake> {
         connections: AtomicU64::new(0),
         h2_connections: AtomicU64::new(0),
         h2_goaways: AtomicU64::new(0),
+        refused: AtomicU64::new(0),
         opts: opts.clone(),
     });
     tokio::spawn(accept_loop(listener, acceptor, shared));

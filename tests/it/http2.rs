@@ -101,22 +101,78 @@ async fn http2_false_keeps_http1_even_when_the_server_offers_h2() {
 }
 
 #[tokio::test]
-async fn a_server_closing_connections_loses_no_request() {
-    // GOAWAY after every 7 requests: streams the server did not take are
-    // sent again on a new connection; every send is answered and counted
-    // exactly once at the fake.
-    let fake = Fake::start(&["--h2", "--h2-max-requests", "7"]);
+async fn refused_streams_are_sent_again() {
+    // REFUSED_STREAM means the server did not process the request (RFC 9113
+    // §8.7): even a POST goes again, and the app sees only the answer.
+    let fake = Fake::start(&["--h2"]);
     let side = Sidecar::start(&fake, &config(true)).await;
-    let mut sent = 0;
-    for _ in 0..4 {
-        for v in send_parallel(&side, 20).await {
-            assert_eq!(v["errcode"], 0, "{v}");
-        }
-        sent += 20;
+    let refuse = |n: u32| {
+        format!(r#"{{"rules":[{{"path":"/cgi-bin/message/template/send","refuse_next":{n}}}]}}"#)
+    };
+    // One send refused twice, answered on its third try.
+    fake.faults(&refuse(2)).await;
+    let (status, v) = side.send("/cgi-bin/message/template/send", TEMPLATE).await;
+    assert_eq!((status, &v["errcode"]), (200, &Value::from(0)), "{v}");
+    // Refusals among 30 parallel sends (two, so no send can meet three).
+    fake.faults(&refuse(2)).await;
+    for v in send_parallel(&side, 30).await {
+        assert_eq!(v["errcode"], 0, "{v}");
     }
     let stats = fake.stats().await;
-    assert_eq!(stats["messages"], sent, "{stats}");
+    assert_eq!(stats["refused"], 4, "{stats}");
+    assert_eq!(stats["messages"], 31, "each once: {stats}");
+    // A refused stream is not a closing connection: it stays in use.
+    assert_eq!(stats["h2_connections"], 1, "{stats}");
+    // Three refusals in a row: the app gets WeChat's busy answer, not a hang.
+    fake.faults(&refuse(3)).await;
+    let (status, v) = side.send("/cgi-bin/message/template/send", TEMPLATE).await;
+    assert_eq!((status, &v["errcode"]), (502, &Value::from(-1)), "{v}");
+    assert_eq!(fake.stats().await["messages"], 31);
+}
+
+#[tokio::test]
+async fn a_server_closing_connections_loses_no_request() {
+    // GOAWAY after every 7 requests. Streams the server refused are sent
+    // again on a new connection. A stream caught by the connection being
+    // dropped under it (the server may have acted on it) is answered 502,
+    // never resent. Every send gets an answer; none is sent twice.
+    let fake = Fake::start(&["--h2", "--h2-max-requests", "7"]);
+    let side = Sidecar::start(&fake, &config(true)).await;
+    let c = client();
+    let (mut ok, mut dropped) = (0u64, 0u64);
+    for _ in 0..4 {
+        let sends = (0..20).map(|_| {
+            let c = c.clone();
+            let url = side.url("/cgi-bin/message/template/send");
+            async move {
+                // An error here (the app's connection closed without an
+                // answer) fails the test.
+                let r = c.post(url).body(TEMPLATE).send().await.unwrap();
+                (r.status().as_u16(), r.json::<Value>().await.unwrap())
+            }
+        });
+        for (status, v) in futures_util::future::join_all(sends).await {
+            match status {
+                200 => {
+                    assert_eq!(v["errcode"], 0, "{v}");
+                    ok += 1;
+                }
+                502 => {
+                    assert_eq!(v["errcode"], -1, "{v}");
+                    dropped += 1;
+                }
+                _ => panic!("{status} {v}"),
+            }
+        }
+    }
+    let stats = fake.stats().await;
+    let messages = stats["messages"].as_u64().unwrap();
+    assert!(
+        (ok..=ok + dropped).contains(&messages),
+        "{ok} answered, {dropped} dropped, {messages} at the fake"
+    );
     // Connections were really closed under the load and replaced.
     assert!(stats["h2_goaways"].as_u64().unwrap() >= 2, "{stats}");
     assert!(stats["h2_connections"].as_u64().unwrap() >= 3, "{stats}");
+    assert!(ok >= 60, "{ok} of 80 answered");
 }

@@ -14,11 +14,30 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_wxsidecar");
 pub const WAIT: Duration = Duration::from_secs(30);
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    // Ports handed out below Linux's ephemeral range (32768+), where no
+    // client socket of another test can take one between this check and the
+    // child's bind; a per-process start keeps parallel runs apart.
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        20_000 + (std::process::id() % 120) as u16 * 100,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..13_000 {
+        let port = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = if port >= 32_700 {
+            NEXT.store(20_000, Ordering::Relaxed);
+            20_000
+        } else {
+            port
+        };
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in 20000-32699")
 }
 
 /// POSTs `body` to `url` and returns the JSON answer.
@@ -503,6 +522,13 @@ impl Sidecar {
 
 impl Drop for Sidecar {
     fn drop(&mut self) {
+        // A failing test shows what the sidecar saw.
+        if std::thread::panicking() {
+            eprintln!(
+                "--- sidecar log ---\n{}--- end of sidecar log ---",
+                self.log()
+            );
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
