@@ -92,22 +92,31 @@ impl std::error::Error for Reset {
 
 pub(super) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Answer, Reset> {
     let (parts, body) = req.into_parts();
+    let path = parts.uri.path().to_string();
+    let admin = path.starts_with("/__fake/");
+    let verdict = if admin {
+        Default::default()
+    } else {
+        shared.faults.lock().judge(&path)
+    };
+    // Refusals and early answers come before the body is read.
+    if verdict.refuse {
+        shared.refused.fetch_add(1, Ordering::Relaxed);
+        return Err(Reset::refused());
+    }
+    if verdict.early_answer {
+        return Ok(errcode(45002, "content size out of limit"));
+    }
     let body = match Limited::new(body, MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => return Ok(errcode(40006, "invalid file size")),
     };
-    let path = parts.uri.path().to_string();
-    if path.starts_with("/__fake/") {
+    if admin {
         let q = parts.uri.query().unwrap_or("");
         return Ok(fake_admin(&shared, &parts.method, &path, q, &body));
     }
-    let verdict = shared.faults.lock().judge(&path);
     if verdict.delay_ms > 0 {
         tokio::time::sleep(Duration::from_millis(verdict.delay_ms)).await;
-    }
-    if verdict.refuse {
-        shared.refused.fetch_add(1, Ordering::Relaxed);
-        return Err(Reset::refused());
     }
     if verdict.reset_before {
         return Err(Reset::DROP);

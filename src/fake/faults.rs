@@ -1,11 +1,12 @@
 //! Fault injection for the fake: per path, a rate of errcode -1 answers,
 //! token rejections, connection resets before or after the request takes
-//! effect, refused HTTP/2 streams, and extra delay. Deterministic for a given seed.
+//! effect, refused HTTP/2 streams, answers before the body, and extra delay. Deterministic for a given seed.
 //!
 //! Set with `POST /__fake/faults` (JSON below) or `fake-wechat --faults JSON`:
 //! `{"seed": 7, "rules": [{"path": "/cgi-bin/message/template/send",
 //!   "busy_rate": 0.05, "reset_before_rate": 0.05, "reset_after_rate": 0.05,
-//!   "refuse_rate": 0.0, "refuse_next": 0, "token_error_rate": 0.0, "delay_ms": 0}]}`. A rule's `path` is a prefix;
+//!   "refuse_rate": 0.0, "refuse_next": 0, "early_answer_rate": 0.0,
+//!   "token_error_rate": 0.0, "delay_ms": 0}]}`. A rule's `path` is a prefix;
 //! the first matching rule applies.
 
 use rand::rngs::StdRng;
@@ -36,6 +37,10 @@ pub struct Rule {
     /// Refuse the next N requests (as `refuse_rate`), then none.
     #[serde(default)]
     pub refuse_next: u64,
+    /// Answer 45002 (content size out of limit) without reading the body,
+    /// as a server does that rejects a request on its header alone.
+    #[serde(default)]
+    pub early_answer_rate: f64,
     #[serde(default)]
     pub delay_ms: u64,
 }
@@ -57,6 +62,7 @@ pub struct Verdict {
     pub reset_before: bool,
     pub reset_after: bool,
     pub refuse: bool,
+    pub early_answer: bool,
     pub delay_ms: u64,
 }
 
@@ -93,6 +99,7 @@ impl Faults {
             token_error: roll(rule.token_error_rate),
             reset_after: roll(rule.reset_after_rate),
             refuse: roll(rule.refuse_rate) || counted_refusal,
+            early_answer: roll(rule.early_answer_rate),
             delay_ms: rule.delay_ms,
         }
     }

@@ -183,6 +183,9 @@ fn tls_acceptor(
     Ok((TlsAcceptor::from(Arc::new(config)), issued.ca_pem))
 }
 
+/// RFC 9113's initial flow-control window.
+const DEFAULT_H2_STREAM_WINDOW: u32 = 65_535;
+
 /// One HTTP/2 connection. With `h2_max_requests`, the fake sends GOAWAY
 /// after that many requests, as servers do (nginx: `keepalive_requests`):
 /// requests in flight finish, new streams must go to another connection.
@@ -203,6 +206,9 @@ where
         })
     };
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        // The protocol's default window (hyper's is 1 MiB): a large body
+        // waits on flow control, as with most servers.
+        .initial_stream_window_size(DEFAULT_H2_STREAM_WINDOW)
         .serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(conn);
     tokio::select! {

@@ -131,6 +131,31 @@ async fn refused_streams_are_sent_again() {
 }
 
 #[tokio::test]
+async fn an_answer_before_the_body_is_the_answer() {
+    // A server may answer from the header alone and reset the stream before
+    // taking the body (RFC 9113 §8.1): that answer is what the app gets.
+    let fake = Fake::start(&["--h2"]);
+    let side = Sidecar::start(&fake, &config(true)).await;
+    fake.faults(r#"{"rules":[{"path":"/cgi-bin/message/template/send","early_answer_rate":1.0}]}"#)
+        .await;
+    // Over HTTP/2's first 64 KiB window: the body cannot all go out before
+    // the answer comes back.
+    let big = format!(
+        r#"{{"touser":"oUSER123","template_id":"TPL_ORDER","data":{{"pad":{{"value":"{}"}}}}}}"#,
+        "x".repeat(300_000)
+    );
+    let (status, v) = side.send("/cgi-bin/message/template/send", &big).await;
+    assert_eq!((status, &v["errcode"]), (200, &Value::from(45002)), "{v}");
+    // Nothing was acted on, nothing resent, and the connection serves on.
+    fake.faults(r#"{"rules":[]}"#).await;
+    let (status, v) = side.send("/cgi-bin/message/template/send", TEMPLATE).await;
+    assert_eq!((status, &v["errcode"]), (200, &Value::from(0)), "{v}");
+    let stats = fake.stats().await;
+    assert_eq!(stats["messages"], 1, "{stats}");
+    assert_eq!(stats["h2_connections"], 1, "{stats}");
+}
+
+#[tokio::test]
 async fn a_server_closing_connections_loses_no_request() {
     // GOAWAY after every 7 requests. Streams the server refused are sent
     // again on a new connection. A stream caught by the connection being
