@@ -149,6 +149,7 @@ impl Upstreams {
                     "warm_connections": self.conf.warm_connections,
                     "protocol": if h.uses_h2() { "h2" } else { "http/1.1" },
                     "h2_connections_open": h.h2_open(),
+                    "idle_connections": h.idle(),
                     "connect_failures_in_a_row": s.connect_failures.load(Ordering::Relaxed),
                     "connections_opened": s.connections_opened.load(Ordering::Relaxed),
                     "connections_reused": s.connections_reused.load(Ordering::Relaxed),

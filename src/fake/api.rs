@@ -237,6 +237,10 @@ async fn serve(
 
 fn fake_admin(shared: &Shared, method: &hyper::Method, path: &str, q: &str, body: &[u8]) -> Answer {
     match (method.as_str(), path) {
+        ("POST", "/__fake/close-idle") => {
+            shared.close_idle.send_modify(|n| *n += 1);
+            errcode(0, "ok")
+        }
         ("POST", "/__fake/faults") => match serde_json::from_slice::<super::faults::Plan>(body) {
             Ok(plan) => {
                 *shared.faults.lock() = super::faults::Faults::new(plan);

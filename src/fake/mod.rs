@@ -94,6 +94,9 @@ pub(crate) struct Shared {
     pub h2_goaways: AtomicU64,
     /// Requests refused unprocessed by the `refuse_rate` fault.
     pub refused: AtomicU64,
+    /// Bumped by `POST /__fake/close-idle`: every HTTP/1.1 connection closes
+    /// once idle, as servers do at their keep-alive timeout.
+    pub close_idle: tokio::sync::watch::Sender<u64>,
 }
 
 /// A running fake.
@@ -135,6 +138,7 @@ pub async fn start(opts: FakeOptions) -> std::io::Result<Fake> {
         h2_connections: AtomicU64::new(0),
         h2_goaways: AtomicU64::new(0),
         refused: AtomicU64::new(0),
+        close_idle: tokio::sync::watch::Sender::new(0),
         opts: opts.clone(),
     });
     tokio::spawn(accept_loop(listener, acceptor, shared));
@@ -221,6 +225,22 @@ where
     conn.await
 }
 
+/// One HTTP/1.1 connection, closed once idle on `POST /__fake/close-idle`.
+async fn serve_h1<S>(stream: S, shared: Arc<Shared>) -> Result<(), hyper::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let mut close = shared.close_idle.subscribe();
+    let svc = service_fn(move |req| api::handle(shared.clone(), req));
+    let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => return r,
+        _ = close.changed() => conn.as_mut().graceful_shutdown(),
+    }
+    conn.await
+}
+
 async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>, shared: Arc<Shared>) {
     loop {
         let (tcp, _) = match listener.accept().await {
@@ -236,10 +256,6 @@ async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>, shared: Ar
         let shared = shared.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
-            let svc = {
-                let shared = shared.clone();
-                service_fn(move |req| api::handle(shared.clone(), req))
-            };
             let result = match tls {
                 Some(acceptor) => match acceptor.accept(tcp).await {
                     Ok(stream) if stream.get_ref().1.alpn_protocol() == Some(b"h2") => {
@@ -249,20 +265,14 @@ async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>, shared: Ar
                     }
                     Ok(stream) => {
                         shared.tls_handshakes.fetch_add(1, Ordering::Relaxed);
-                        http1::Builder::new()
-                            .serve_connection(TokioIo::new(stream), svc)
-                            .await
+                        serve_h1(stream, shared.clone()).await
                     }
                     Err(e) => {
                         tracing::debug!(error = %e, "fake: TLS handshake failed");
                         return;
                     }
                 },
-                None => {
-                    http1::Builder::new()
-                        .serve_connection(TokioIo::new(tcp), svc)
-                        .await
-                }
+                None => serve_h1(tcp, shared.clone()).await,
             };
             if let Err(e) = result {
                 tracing::debug!(error = %e, "fake: connection ended with an error");

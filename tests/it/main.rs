@@ -11,6 +11,7 @@ mod http2;
 mod intercept;
 mod lifecycle;
 mod path;
+mod pool;
 mod replay;
 mod store;
 mod streaming;

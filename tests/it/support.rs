@@ -166,6 +166,18 @@ impl Fake {
         self.requests().await.pop().expect("the fake saw a request")
     }
 
+    /// Closes every idle HTTP/1.1 connection, as a server's keep-alive
+    /// timeout does.
+    pub async fn close_idle(&self) {
+        let r = self
+            .https
+            .post(format!("{}/__fake/close-idle", self.url()))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+
     pub async fn invalidate(&self, appid: &str) {
         let r = self
             .https

@@ -20,13 +20,17 @@ use hickory_resolver::TokioAsyncResolver;
 use pingora::connectors::http::v2::{handshake, ConnectionRef, H2HandshakeSettings};
 use pingora::connectors::{ConnectorOptions, TransportConnector};
 use pingora::http::{RequestHeader, ResponseHeader};
-use pingora::protocols::http::v1::client::HttpSession;
+use pingora::protocols::http::v1::client::{http_req_header_to_wire, HttpSession};
 use pingora::protocols::http::v2::client::Http2Session;
 use pingora::protocols::{Stream, ALPN};
 use pingora::upstreams::peer::{HttpPeer, Peer};
 use pingora::ErrorType;
+use tokio::io::AsyncWriteExt;
 
 use crate::config::{UpstreamConfig, UpstreamUrl};
+
+mod pool;
+use pool::Pool;
 
 /// Idle connections kept per upstream; far above what a sidecar needs.
 pub const DEFAULT_POOL_SIZE: usize = 256;
@@ -108,7 +112,10 @@ struct Resolved {
 pub struct Upstream {
     url: UpstreamUrl,
     host_header: String,
+    /// Opens connections (TCP, TLS with verification and SNI).
     transport: TransportConnector,
+    /// Idle HTTP/1.1 connections.
+    pool: Pool,
     resolved: ArcSwap<Resolved>,
     /// Which resolved address to use first; moves on after a connect failure.
     preferred: AtomicUsize,
@@ -175,6 +182,7 @@ impl Upstream {
             host_header: conf.url.host_header(),
             url: conf.url.clone(),
             transport,
+            pool: Pool::new(DEFAULT_POOL_SIZE, conf.idle_timeout),
             resolved: ArcSwap::from_pointee(Resolved {
                 peers: Vec::new(),
                 valid_until: Instant::now(),
@@ -310,8 +318,7 @@ impl Upstream {
     pub async fn probe(&self) -> Result<(), UpstreamError> {
         self.resolved_or_resolve().await?;
         let (stream, peer) = self.connect().await?;
-        self.transport
-            .release_stream(stream, peer.reuse_hash(), Some(self.conf.idle_timeout));
+        self.pool.put(stream, peer.reuse_hash());
         Ok(())
     }
 
@@ -392,6 +399,11 @@ impl Upstream {
         self.h2.lock().iter().filter(|c| !c.is_closed()).count()
     }
 
+    /// Parked HTTP/1.1 connections, for `/status`.
+    pub fn idle(&self) -> usize {
+        self.pool.parked()
+    }
+
     /// Whether requests go over HTTP/2 (configured, and not declined).
     pub fn uses_h2(&self) -> bool {
         self.conf.http2 && !self.h2_declined.load(Ordering::Relaxed)
@@ -435,8 +447,7 @@ impl Upstream {
                 .find(|p| p.address() == peer.address())
                 .cloned();
             if let Some(p) = same {
-                self.transport
-                    .release_stream(stream, p.reuse_hash(), Some(self.conf.idle_timeout));
+                self.pool.put(stream, p.reuse_hash());
             }
             return Ok(None);
         }
@@ -607,10 +618,7 @@ impl Upstream {
         })?;
         let pooled = {
             let p = &peer.peers[self.preferred.load(Ordering::Relaxed) % peer.peers.len()];
-            self.transport
-                .reused_stream(p)
-                .await
-                .map(|s| (s, p.clone()))
+            self.pool.take(p.reuse_hash()).map(|s| (s, p.clone()))
         };
         if let Some((stream, p)) = pooled {
             self.stats
@@ -636,15 +644,11 @@ impl Upstream {
 
     async fn exchange(
         &self,
-        stream: Stream,
+        mut stream: Stream,
         peer: HttpPeer,
         req: &RequestHeader,
         body: &[u8],
     ) -> Result<Exchange<'_>, Failed> {
-        let mut session = HttpSession::new_with_options(stream, &peer);
-        // pingora does not copy the peer's timeouts into the session.
-        session.read_timeout = Some(self.conf.read_timeout);
-        session.write_timeout = Some(self.conf.read_timeout);
         let addr = peer.address().to_string();
         let unsent = |e: Box<pingora::Error>| Failed {
             error: self.map_err(&addr, &e),
@@ -653,14 +657,55 @@ impl Upstream {
         let mut req = req.clone();
         req.insert_header(http::header::HOST, self.host_header.as_str())
             .map_err(unsent)?;
-        session
-            .write_request_header(Box::new(req))
-            .await
-            .map_err(unsent)?;
-        if !body.is_empty() {
-            session.write_body(body).await.map_err(unsent)?;
+        // pingora's client flushes the header and the body in two writes;
+        // one write (one syscall, one TLS record) carries both here. A HEAD
+        // request goes pingora's way: only its session knows a HEAD answer
+        // has no body.
+        let whole = req.method != http::Method::HEAD;
+        if whole {
+            let mut wire = http_req_header_to_wire(&req).ok_or_else(|| Failed {
+                error: UpstreamError::Exchange {
+                    addr: addr.clone(),
+                    reason: "request target not valid for HTTP/1.1".into(),
+                },
+                sent: false,
+            })?;
+            wire.extend_from_slice(body);
+            let write = async {
+                stream.write_all(&wire).await?;
+                stream.flush().await
+            };
+            match tokio::time::timeout(self.conf.read_timeout, write).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    return Err(unsent(pingora::Error::because(
+                        ErrorType::WriteError,
+                        "while writing the request",
+                        e,
+                    )))
+                }
+                Err(_) => {
+                    return Err(unsent(pingora::Error::explain(
+                        ErrorType::WriteTimedout,
+                        "while writing the request",
+                    )))
+                }
+            }
         }
-        session.finish_body().await.map_err(unsent)?;
+        let mut session = HttpSession::new_with_options(stream, &peer);
+        // pingora does not copy the peer's timeouts into the session.
+        session.read_timeout = Some(self.conf.read_timeout);
+        session.write_timeout = Some(self.conf.read_timeout);
+        if !whole {
+            session
+                .write_request_header(Box::new(req))
+                .await
+                .map_err(unsent)?;
+            if !body.is_empty() {
+                session.write_body(body).await.map_err(unsent)?;
+            }
+            session.finish_body().await.map_err(unsent)?;
+        }
         let sent = |e: Box<pingora::Error>| Failed {
             error: self.map_err(&addr, &e),
             sent: true,
@@ -721,7 +766,7 @@ impl Upstream {
             }
         };
         let attempts = (0..n).map(|_| async {
-            match self.transport.reused_stream(&peer).await {
+            match self.pool.take(peer.reuse_hash()) {
                 Some(s) => Some((s, peer.clone())),
                 None => match self.connect().await {
                     Ok(x) => Some(x),
@@ -734,8 +779,7 @@ impl Upstream {
         });
         let streams = futures_util::future::join_all(attempts).await;
         for (stream, p) in streams.into_iter().flatten() {
-            self.transport
-                .release_stream(stream, p.reuse_hash(), Some(self.conf.idle_timeout));
+            self.pool.put(stream, p.reuse_hash());
         }
     }
 
@@ -749,6 +793,7 @@ impl Upstream {
             if let Err(e) = self.resolve_if_due().await {
                 tracing::warn!(error = %e, "re-resolving the upstream failed; keeping the old addresses");
             }
+            self.pool.prune();
             self.warm().await;
         }
     }
@@ -800,11 +845,7 @@ impl Exchange<'_> {
         }
         session.respect_keepalive();
         if let Some(stream) = session.reuse().await {
-            self.upstream.transport.release_stream(
-                stream,
-                self.peer.reuse_hash(),
-                Some(self.upstream.conf.idle_timeout),
-            );
+            self.upstream.pool.put(stream, self.peer.reuse_hash());
         }
     }
 }
