@@ -127,6 +127,7 @@ upstream:
   url: $scheme://localhost:$port
   ca_file: $dir/cert.pem
   warm_connections: 16
+  http2: false
 accounts:
   - name: bench
     appid: wxbench000000001
@@ -136,7 +137,7 @@ EOF
   SC2PID=""
   if [ "$1" = tls ]; then
     sed -e "s/127.0.0.1:$SC\$/127.0.0.1:$SC2/" -e "s/127.0.0.1:$SCA\$/127.0.0.1:$SCA2/" \
-      -e 's/^  warm_connections: 16$/  warm_connections: 16\n  http2: true/' "$dir/sc.yaml" > "$dir/sc2.yaml"
+      -e 's/^  http2: false$/  http2: true/' "$dir/sc.yaml" > "$dir/sc2.yaml"
     RUST_LOG=warn "$BIN" run --config "$dir/sc2.yaml" 2>"$dir/sc2.log" & SC2PID=$!; pids+=($SC2PID)
   fi
   wait_port "$NG"; wait_port "$HA"; wait_port "$SC"

@@ -223,11 +223,12 @@ async fn main() {
     );
     let relay_port = relay(fport, rtt).await;
     let body = format!(
-        "upstream:\n  url: https://localhost:{relay_port}\n  ca_file: {}\naccounts:\n  - name: wan\n    appid: {APPID}\n    secret: {SECRET}\n",
+        "upstream:\n  url: https://localhost:{relay_port}\n  http2: false\n  ca_file: {}\naccounts:\n  - name: wan\n    appid: {APPID}\n    secret: {SECRET}\n",
         ca.display()
     );
     let (_side, sport, sadmin) = sidecar(dir.path(), "wan", &body).await;
-    let body_h2 = body.replace("  ca_file:", "  http2: true\n  ca_file:");
+    // Row 4 is HTTP/1.1 whatever the default; row 5 the same with h2.
+    let body_h2 = body.replace("  http2: false\n", "  http2: true\n");
     let (_side_h2, sport_h2, sadmin_h2) = sidecar(dir.path(), "wan-h2", &body_h2).await;
     let env = Arc::new(Env {
         relay: relay_port,

@@ -261,6 +261,7 @@ fn fake_admin(shared: &Shared, method: &hyper::Method, path: &str, q: &str, body
                 v["h2_connections"] = shared.h2_connections.load(Ordering::Relaxed).into();
                 v["h2_goaways"] = shared.h2_goaways.load(Ordering::Relaxed).into();
                 v["refused"] = shared.refused.load(Ordering::Relaxed).into();
+                v["h1_connections_open"] = shared.h1_open.load(Ordering::Relaxed).into();
                 v
             })
         }

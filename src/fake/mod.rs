@@ -97,6 +97,8 @@ pub(crate) struct Shared {
     /// Bumped by `POST /__fake/close-idle`: every HTTP/1.1 connection closes
     /// once idle, as servers do at their keep-alive timeout.
     pub close_idle: tokio::sync::watch::Sender<u64>,
+    /// HTTP/1.1 connections open now.
+    pub h1_open: AtomicU64,
 }
 
 /// A running fake.
@@ -139,6 +141,7 @@ pub async fn start(opts: FakeOptions) -> std::io::Result<Fake> {
         h2_goaways: AtomicU64::new(0),
         refused: AtomicU64::new(0),
         close_idle: tokio::sync::watch::Sender::new(0),
+        h1_open: AtomicU64::new(0),
         opts: opts.clone(),
     });
     tokio::spawn(accept_loop(listener, acceptor, shared));
@@ -225,12 +228,23 @@ where
     conn.await
 }
 
+/// Counts an HTTP/1.1 connection as open while it lives.
+struct H1Open(Arc<Shared>);
+
+impl Drop for H1Open {
+    fn drop(&mut self) {
+        self.0.h1_open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// One HTTP/1.1 connection, closed once idle on `POST /__fake/close-idle`.
 async fn serve_h1<S>(stream: S, shared: Arc<Shared>) -> Result<(), hyper::Error>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let mut close = shared.close_idle.subscribe();
+    shared.h1_open.fetch_add(1, Ordering::Relaxed);
+    let _open = H1Open(shared.clone());
     let svc = service_fn(move |req| api::handle(shared.clone(), req));
     let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(conn);

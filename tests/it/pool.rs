@@ -53,7 +53,6 @@ async fn a_connection_the_server_closed_while_idle_is_not_used() {
     // The server's keep-alive timeout closes every idle connection; a POST
     // on one of them would be lost (a 502, never resent).
     fake.close_idle().await;
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     for _ in 0..5 {
         let (status, v) = side.send("/cgi-bin/message/template/send", TEMPLATE).await;
         assert_eq!((status, &v["errcode"]), (200, &Value::from(0)), "{v}");

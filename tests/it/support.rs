@@ -167,15 +167,43 @@ impl Fake {
     }
 
     /// Closes every idle HTTP/1.1 connection, as a server's keep-alive
-    /// timeout does.
+    /// timeout does, and returns once the fake has closed them all. Its own
+    /// calls go on connections of their own, never a pooled one the fake is
+    /// closing.
     pub async fn close_idle(&self) {
-        let r = self
-            .https
+        let pem = std::fs::read(&self.ca).unwrap();
+        let once = reqwest::Client::builder()
+            .no_proxy()
+            .pool_max_idle_per_host(0)
+            .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+            .build()
+            .unwrap();
+        let r = once
             .post(format!("{}/__fake/close-idle", self.url()))
             .send()
             .await
             .unwrap();
         assert!(r.status().is_success());
+        // The one left open is the stats call's own.
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let stats: Value = once
+                .get(format!("{}/__fake/stats", self.url()))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if stats["h1_connections_open"].as_u64() <= Some(1) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the fake never closed its idle connections: {stats}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub async fn invalidate(&self, appid: &str) {
