@@ -156,8 +156,9 @@ impl Admin {
         answer(200, "text/plain; version=0.0.4", crate::metrics::render())
     }
 
-    /// `POST /refresh?account=NAME`: a refresh whatever the current token,
-    /// through the account's single flight, counted against its budget.
+    /// `POST /refresh?account=NAME[&ticket=TYPE]`: a refresh whatever the
+    /// current token (or ticket in use), through its single flight, counted
+    /// against its budget.
     async fn refresh(&self, query: &str) -> Response<Vec<u8>> {
         let name = crate::query::param(query, "account").unwrap_or_default();
         let Some(account) = self
@@ -173,13 +174,35 @@ impl Admin {
             );
             return answer(404, JSON, body.to_vec());
         };
-        let before = account.tokens.latest().map(|t| t.value.clone());
-        account.tokens.request_refresh();
-        tracing::info!(account = %account.name, "refresh requested on the admin listener");
-        let wait = self.app.config.upstream.connect_timeout + self.app.config.upstream.read_timeout;
+        let (cell, ticket) = match crate::query::param(query, "ticket") {
+            None => (&account.tokens, None),
+            Some(t) => match self.ticket_cell(account, &t) {
+                Ok((cell, kind)) => (cell, Some(kind)),
+                // WeChat's "invalid ticket type".
+                Err((status, msg)) => {
+                    let body = crate::reply::error_body(40097, &msg);
+                    return answer(status, JSON, body.to_vec());
+                }
+            },
+        };
+        let what = ticket.map_or("token", crate::ticket::TicketKind::what);
+        let before = cell.latest().map(|t| t.value.clone());
+        let ended = cell.fetches_ended();
+        cell.request_refresh();
+        tracing::info!(account = %account.name, what, "refresh requested on the admin listener");
+        // A ticket may wait for a new token first.
+        let wait =
+            2 * (self.app.config.upstream.connect_timeout + self.app.config.upstream.read_timeout);
         let fresh = match &before {
-            Some(old) => account.tokens.wait_replacement(old, wait).await,
-            None => account.tokens.wait_valid(wait).await,
+            // WeChat hands a ticket out again until late in its life: the
+            // fetch is what was asked for, not a new value.
+            Some(_) if ticket.is_some() => {
+                let fetched = cell.wait_fetched(ended, wait).await;
+                let failed = cell.status().last_error.is_some();
+                cell.valid().filter(|_| fetched && !failed)
+            }
+            Some(old) => cell.wait_replacement(old, wait).await,
+            None => cell.wait_valid(wait).await,
         };
         match fresh {
             Some(t) => answer(
@@ -189,25 +212,69 @@ impl Admin {
                     "errcode": 0,
                     "errmsg": "ok",
                     "account": account.name,
+                    "refreshed": what,
+                    "changed": before.as_deref() != Some(&*t.value),
                     "expires_in": t.remaining().as_secs(),
                 })
                 .to_string()
                 .into_bytes(),
             ),
             None => {
-                let why = account
-                    .tokens
+                let why = cell
                     .status()
                     .last_error
-                    .map_or("no new token in time".to_string(), |(c, m)| {
+                    .map_or(format!("no new {what} in time"), |(c, m)| {
                         format!("errcode {c}: {m}")
                     });
                 let body = crate::reply::error_body(
                     -1,
-                    &format!("refresh of account {} failed: {why}", account.name),
+                    &format!(
+                        "refresh of {what} for account {} failed: {why}",
+                        account.name
+                    ),
                 );
                 answer(503, JSON, body.to_vec())
             }
+        }
+    }
+}
+
+impl Admin {
+    /// The cell of `account`'s ticket of type `t`, when it is in use. A
+    /// ticket nobody has asked for yet has nothing to refresh: it is fetched
+    /// on first use.
+    fn ticket_cell<'a>(
+        &self,
+        account: &'a crate::account::Account,
+        t: &str,
+    ) -> Result<(&'a crate::token::TokenCell, crate::ticket::TicketKind), (u16, String)> {
+        use crate::ticket::TicketKind;
+        let Some(kind) = TicketKind::parse(t).filter(|k| k.exists_for(account.kind)) else {
+            let types: Vec<&str> = TicketKind::ALL
+                .into_iter()
+                .filter(|k| k.exists_for(account.kind))
+                .map(TicketKind::as_str)
+                .collect();
+            return Err((
+                400,
+                format!(
+                    "account {} ({}) has no ticket `{t}`; its types: {}",
+                    account.name,
+                    account.kind.as_str(),
+                    types.join(", ")
+                ),
+            ));
+        };
+        match account.tickets.get(kind) {
+            Some(cell) => Ok((cell, kind)),
+            None => Err((
+                404,
+                format!(
+                    "account {}'s {} is not in use yet; it is fetched on first use",
+                    account.name,
+                    kind.what()
+                ),
+            )),
         }
     }
 }
@@ -222,7 +289,11 @@ impl ServeHttp for Admin {
         let read_only = method == http::Method::GET || method == http::Method::HEAD;
         match (path.as_str(), read_only) {
             ("/refresh", _) if method == http::Method::POST => self.refresh(&query).await,
-            ("/refresh", _) => answer(405, TEXT, b"use POST /refresh?account=NAME\n".to_vec()),
+            ("/refresh", _) => answer(
+                405,
+                TEXT,
+                b"use POST /refresh?account=NAME[&ticket=TYPE]\n".to_vec(),
+            ),
             (_, false) => answer(405, TEXT, b"method not allowed\n".to_vec()),
             ("/healthz", _) => answer(200, TEXT, b"ok\n".to_vec()),
             ("/readyz", _) => match self.app.not_ready_reason() {

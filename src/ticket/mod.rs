@@ -45,6 +45,11 @@ impl TicketKind {
         }
     }
 
+    /// From WeChat's `type` value.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
     fn slot(self) -> usize {
         self as usize
     }

@@ -259,6 +259,31 @@ impl TokenCell {
         }
     }
 
+    /// Fetches that ended so far, either way: pass to [`Self::wait_fetched`].
+    pub fn fetches_ended(&self) -> u64 {
+        let st = self.status.lock();
+        st.fetches_ok + st.fetches_failed
+    }
+
+    /// Waits up to `limit` for a fetch to end after `since` had (see
+    /// [`Self::fetches_ended`]); false when none did. For tickets, where a
+    /// refresh may rightly bring the same value back.
+    pub async fn wait_fetched(&self, since: u64, limit: Duration) -> bool {
+        let mut rx = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if self.fetches_ended() > since {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                return self.fetches_ended() > since;
+            }
+        }
+    }
+
     /// Waits until the first fetch attempt has ended, up to `limit`.
     pub async fn wait_attempted(&self, limit: Duration) -> bool {
         let mut rx = self.changed.subscribe();

@@ -27,6 +27,48 @@ fn ticket_of(v: &Value) -> String {
         .to_string()
 }
 
+async fn admin_refresh(side: &Sidecar, q: &str) -> (u16, String) {
+    let r = client()
+        .post(side.admin(&format!("/refresh?{q}")))
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn an_operator_can_refresh_a_ticket_in_use() {
+    let fake = Fake::start(&[]);
+    let side = Sidecar::start_standard(&fake, "classic", "stable").await;
+    let shop_jsapi = format!("{SHOP_APPID}:jsapi");
+    // Nothing to refresh before first use; unknown types named.
+    let (status, body) = admin_refresh(&side, "account=shop&ticket=jsapi").await;
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("fetched on first use"), "{body}");
+    let (status, body) = admin_refresh(&side, "account=shop&ticket=agent_config").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("jsapi, wx_card"), "{body}");
+    assert_eq!(fake.ticket_fetches(&shop_jsapi).await, 0);
+
+    let (_, v) = side.get(GETTICKET, &[]).await;
+    let ticket = ticket_of(&v);
+    let token_fetches = fake.fetches(SHOP_APPID).await;
+    // Mid-life WeChat hands the same ticket out again: the refresh is the
+    // fetch, and the answer says whether the value changed.
+    let (status, body) = admin_refresh(&side, "account=shop&ticket=jsapi").await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["refreshed"], "jsapi ticket", "{v}");
+    assert_eq!(v["changed"], false, "{v}");
+    assert!(!body.contains(&ticket), "the ticket never leaves: {body}");
+    assert_eq!(fake.ticket_fetches(&shop_jsapi).await, 2);
+    // The token is not touched; apps still get the ticket.
+    assert_eq!(fake.fetches(SHOP_APPID).await, token_fetches);
+    let (_, v) = side.get(GETTICKET, &[]).await;
+    assert_eq!(ticket_of(&v), ticket);
+    assert!(!side.log().contains(&ticket));
+}
+
 #[tokio::test]
 async fn app_ticket_calls_are_answered_from_the_cache() {
     let fake = Fake::start(&[]);
