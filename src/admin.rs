@@ -186,6 +186,13 @@ impl Admin {
             },
         };
         let what = ticket.map_or("token", crate::ticket::TicketKind::what);
+        if let Some(why) = cell.status().budget_spent {
+            let body = crate::reply::error_body(
+                45009,
+                &format!("refresh of {what} for account {}: {why}", account.name),
+            );
+            return answer(503, JSON, body.to_vec());
+        }
         let before = cell.latest().map(|t| t.value.clone());
         let ended = cell.fetches_ended();
         cell.request_refresh();

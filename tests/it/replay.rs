@@ -200,6 +200,17 @@ async fn the_daily_budget_stops_fetches_with_a_clear_45009() {
     assert_eq!(lines, 1, "logged once:\n{log}");
     let r = client().get(side.admin("/readyz")).send().await.unwrap();
     assert_eq!(r.status(), 503);
+    // An operator's refresh is told why at once, and fetches nothing.
+    let r = client()
+        .post(side.admin("/refresh?account=shop"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["errcode"], 45009, "{v}");
+    assert!(v["errmsg"].as_str().unwrap().contains("budget"), "{v}");
+    assert_eq!(fake.fetches(SHOP_APPID).await, 2);
 }
 
 #[tokio::test]
