@@ -227,36 +227,31 @@ impl TokenCell {
         true
     }
 
-    /// Waits up to `limit` for a valid token other than `bad`.
-    pub async fn wait_replacement(&self, bad: &str, limit: Duration) -> Option<Arc<Token>> {
+    /// Waits up to `limit` for `check` to give something, checking again
+    /// each time the cell changes: the one wait loop behind the `wait_*`.
+    async fn wait_until<T>(&self, limit: Duration, check: impl Fn() -> Option<T>) -> Option<T> {
         let mut rx = self.changed.subscribe();
         let deadline = tokio::time::Instant::now() + limit;
         loop {
-            if let Some(t) = self.valid().filter(|t| &*t.value != bad) {
-                return Some(t);
+            if let Some(x) = check() {
+                return Some(x);
             }
-            if tokio::time::timeout_at(deadline, rx.changed())
-                .await
-                .is_err()
-            {
-                return self.valid().filter(|t| &*t.value != bad);
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return check(),
             }
         }
     }
 
+    /// Waits up to `limit` for a valid token other than `bad`.
+    pub async fn wait_replacement(&self, bad: &str, limit: Duration) -> Option<Arc<Token>> {
+        self.wait_until(limit, || self.valid().filter(|t| &*t.value != bad))
+            .await
+    }
+
     /// Waits up to `limit` for a valid token; `None` when none came.
     pub async fn wait_valid(&self, limit: Duration) -> Option<Arc<Token>> {
-        let mut rx = self.changed.subscribe();
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            if let Some(t) = self.valid() {
-                return Some(t);
-            }
-            match tokio::time::timeout_at(deadline, rx.changed()).await {
-                Ok(Ok(())) => continue,
-                _ => return self.valid(),
-            }
-        }
+        self.wait_until(limit, || self.valid()).await
     }
 
     /// Fetches that ended so far, either way: pass to [`Self::wait_fetched`].
@@ -269,36 +264,16 @@ impl TokenCell {
     /// [`Self::fetches_ended`]); false when none did. For tickets, where a
     /// refresh may rightly bring the same value back.
     pub async fn wait_fetched(&self, since: u64, limit: Duration) -> bool {
-        let mut rx = self.changed.subscribe();
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            if self.fetches_ended() > since {
-                return true;
-            }
-            if tokio::time::timeout_at(deadline, rx.changed())
-                .await
-                .is_err()
-            {
-                return self.fetches_ended() > since;
-            }
-        }
+        self.wait_until(limit, || (self.fetches_ended() > since).then_some(()))
+            .await
+            .is_some()
     }
 
     /// Waits until the first fetch attempt has ended, up to `limit`.
     pub async fn wait_attempted(&self, limit: Duration) -> bool {
-        let mut rx = self.changed.subscribe();
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            if self.status.lock().attempted {
-                return true;
-            }
-            if tokio::time::timeout_at(deadline, rx.changed())
-                .await
-                .is_err()
-            {
-                return self.status.lock().attempted;
-            }
-        }
+        self.wait_until(limit, || self.status.lock().attempted.then_some(()))
+            .await
+            .is_some()
     }
 
     /// Stores a fetched token. A value equal to the current one (a stable
