@@ -471,38 +471,33 @@ fn intercept_config_errors_name_their_keys() {
         err.contains("intercept.ca_cert: missing") && err.contains("ca init"),
         "{err}"
     );
+    // The CA certificate of `dir` with the key in `key_dir`, then `rest`.
+    let with_ca = |key_dir: &std::path::Path, rest: &str| {
+        format!(
+            "{base}intercept:\n  ca_cert: {}\n  ca_key: {}\n{rest}",
+            dir.path().join("ca.pem").display(),
+            key_dir.join("ca-key.pem").display()
+        )
+    };
     // A key from another CA.
     let (other, _) = ca_init();
-    let (code, err) = check(format!(
-        "{base}intercept:\n  ca_cert: {}\n  ca_key: {}\n  https_listen: 127.0.0.1:1443\n  hosts: [\"https://api.weixin.qq.com\"]\n",
-        dir.path().join("ca.pem").display(),
-        other.path().join("ca-key.pem").display()
+    let (code, err) = check(with_ca(
+        other.path(),
+        "  https_listen: 127.0.0.1:1443\n  hosts: [\"https://api.weixin.qq.com\"]\n",
     ));
     assert_eq!(code, Some(2));
     assert!(err.contains("intercept.hosts[0]"), "{err}");
-    let (code, err) = check(format!(
-        "{base}intercept:\n  ca_cert: {}\n  ca_key: {}\n  proxy_listen: 127.0.0.1:8080\n",
-        dir.path().join("ca.pem").display(),
-        other.path().join("ca-key.pem").display()
-    ));
+    let (code, err) = check(with_ca(other.path(), "  proxy_listen: 127.0.0.1:8080\n"));
     assert_eq!(code, Some(2));
     assert!(err.contains("does not belong"), "{err}");
-    let (code, err) = check(format!(
-        "{base}intercept:\n  ca_cert: {}\n  ca_key: {}\n  proxy_listen: 127.0.0.1:8080\n",
-        dir.path().join("ca.pem").display(),
-        dir.path().join("ca-key.pem").display()
-    ));
+    let (code, err) = check(with_ca(dir.path(), "  proxy_listen: 127.0.0.1:8080\n"));
     assert_eq!(code, Some(2));
     assert!(
         err.contains("intercept.proxy_listen: 127.0.0.1:8080 is also `listen`"),
         "{err}"
     );
     // `check` and `check --print` show where the CA is, never its key.
-    let good = format!(
-        "{base}intercept:\n  ca_cert: {}\n  ca_key: {}\n  https_listen: 127.0.0.1:1443\n",
-        dir.path().join("ca.pem").display(),
-        dir.path().join("ca-key.pem").display()
-    );
+    let good = with_ca(dir.path(), "  https_listen: 127.0.0.1:1443\n");
     let d = tempfile::tempdir().unwrap();
     let path = d.path().join("c.yaml");
     std::fs::write(&path, good).unwrap();

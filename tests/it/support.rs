@@ -61,6 +61,19 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// A client that trusts the fake's CA; `pooled: false` opens a connection
+/// per request.
+fn trusting(ca: &std::path::Path, pooled: bool) -> reqwest::Client {
+    let pem = std::fs::read(ca).unwrap();
+    let mut b = reqwest::Client::builder()
+        .no_proxy()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap());
+    if !pooled {
+        b = b.pool_max_idle_per_host(0);
+    }
+    b.build().unwrap()
+}
+
 pub struct Fake {
     child: Child,
     pub port: u16,
@@ -117,12 +130,7 @@ impl Fake {
             .next()
             .and_then(|p| p.parse().ok())
             .unwrap_or_else(|| panic!("fake did not print its address: {line:?}"));
-        let pem = std::fs::read(&ca).unwrap();
-        let https = reqwest::Client::builder()
-            .no_proxy()
-            .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
-            .build()
-            .unwrap();
+        let https = trusting(&ca, true);
         Fake {
             child,
             port,
@@ -143,8 +151,11 @@ impl Fake {
     }
 
     async fn get_json(&self, path: &str) -> Value {
-        self.https
-            .get(format!("{}{path}", self.url()))
+        self.get_json_on(&self.https, path).await
+    }
+
+    async fn get_json_on(&self, c: &reqwest::Client, path: &str) -> Value {
+        c.get(format!("{}{path}", self.url()))
             .send()
             .await
             .unwrap()
@@ -171,30 +182,12 @@ impl Fake {
     /// calls go on connections of their own, never a pooled one the fake is
     /// closing.
     pub async fn close_idle(&self) {
-        let pem = std::fs::read(&self.ca).unwrap();
-        let once = reqwest::Client::builder()
-            .no_proxy()
-            .pool_max_idle_per_host(0)
-            .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
-            .build()
-            .unwrap();
-        let r = once
-            .post(format!("{}/__fake/close-idle", self.url()))
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success());
+        let once = trusting(&self.ca, false);
+        self.post_ok(&once, "/__fake/close-idle", "").await;
         // The one left open is the stats call's own.
         let deadline = Instant::now() + WAIT;
         loop {
-            let stats: Value = once
-                .get(format!("{}/__fake/stats", self.url()))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let stats = self.get_json_on(&once, "/__fake/stats").await;
             if stats["h1_connections_open"].as_u64() <= Some(1) {
                 return;
             }
@@ -207,25 +200,32 @@ impl Fake {
     }
 
     pub async fn invalidate(&self, appid: &str) {
-        let r = self
-            .https
-            .post(format!("{}/__fake/invalidate?appid={appid}", self.url()))
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success());
+        self.post_ok(
+            &self.https,
+            &format!("/__fake/invalidate?appid={appid}"),
+            "",
+        )
+        .await;
     }
 
     /// Sets the fake's injected faults (see `src/fake/faults.rs`).
     pub async fn faults(&self, plan: &str) {
-        let r = self
-            .https
-            .post(format!("{}/__fake/faults", self.url()))
-            .body(plan.to_string())
+        self.post_ok(&self.https, "/__fake/faults", plan).await;
+    }
+
+    /// POSTs to one of the fake's `/__fake/*` endpoints; it must succeed.
+    async fn post_ok(&self, c: &reqwest::Client, path: &str, body: &str) {
+        let r = c
+            .post(format!("{}{path}", self.url()))
+            .body(body.to_string())
             .send()
             .await
             .unwrap();
-        assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+        assert!(
+            r.status().is_success(),
+            "{path}: {}",
+            r.text().await.unwrap()
+        );
     }
 
     /// Token fetches the fake answered for `appid`, classic and stable.
