@@ -2,10 +2,19 @@
 //! `POST /refresh?account=NAME`.
 //!
 //! `/status` shows token ages and counters, never a token or a secret.
+//! Everything but the kubelet probes (and `/metrics`, unless
+//! `admin.protect_metrics`) needs `admin.token` when one is set — always
+//! off loopback. A forced refresh can never burn the day's budget: one per
+//! account and kind per `admin.refresh_interval`, and never the last
+//! `token.budget_reserve` fetches.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+use tokio::time::Instant;
 
 use async_trait::async_trait;
 use http::Response;
@@ -17,11 +26,37 @@ use crate::reply::JSON;
 
 pub struct Admin {
     app: Arc<App>,
+    /// When each (account, kind) may be force-refreshed again.
+    next_refresh: Mutex<HashMap<(String, &'static str), Instant>>,
+}
+
+/// Whether a request carries the admin token (`Authorization: Bearer …`),
+/// compared in constant time.
+fn authorized(expected: &crate::secret::Secret, auth: Option<&[u8]>) -> bool {
+    auth.and_then(|v| v.strip_prefix(b"Bearer "))
+        .and_then(|t| std::str::from_utf8(t).ok())
+        .is_some_and(|t| expected.matches(t.trim()))
 }
 
 impl Admin {
     pub fn new(app: Arc<App>) -> Self {
-        Admin { app }
+        Admin {
+            app,
+            next_refresh: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes the (account, kind) refresh slot, or says how long until it is
+    /// free again.
+    fn take_refresh_slot(&self, account: &str, what: &'static str) -> Result<(), Duration> {
+        let now = Instant::now();
+        let mut slots = self.next_refresh.lock();
+        let key = (account.to_string(), what);
+        if let Some(at) = slots.get(&key).filter(|at| **at > now) {
+            return Err(*at - now);
+        }
+        slots.insert(key, now + self.app.config.admin.refresh_interval);
+        Ok(())
     }
 
     fn status(&self) -> serde_json::Value {
@@ -167,10 +202,10 @@ impl Admin {
             .iter()
             .find(|a| a.name == name || a.appid == name)
         else {
-            let known: Vec<&str> = self.app.accounts.iter().map(|a| a.name.as_str()).collect();
+            // Never list the configured accounts to whoever asks.
             let body = crate::reply::error_body(
                 40013,
-                &format!("no account `{name}` (configured: {})", known.join(", ")),
+                "no such account; pass account=NAME (a configured name or appid)",
             );
             return answer(404, JSON, body.to_vec());
         };
@@ -192,6 +227,32 @@ impl Admin {
                 &format!("refresh of {what} for account {}: {why}", account.name),
             );
             return answer(503, JSON, body.to_vec());
+        }
+        let token = &self.app.config.token;
+        let left = token.daily_budget.saturating_sub(cell.fetched_today());
+        if left <= token.budget_reserve {
+            let body = crate::reply::error_body(
+                45009,
+                &format!(
+                    "refresh of {what} for account {} refused: {left} fetches left today, kept for automatic refreshes (token.budget_reserve {})",
+                    account.name, token.budget_reserve
+                ),
+            );
+            return answer(429, JSON, body.to_vec());
+        }
+        if let Err(wait) = self.take_refresh_slot(&account.name, what) {
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            let body = crate::reply::error_body(
+                45011,
+                &format!(
+                    "{what} of account {} was refreshed less than admin.refresh_interval ago; retry in {secs} s",
+                    account.name
+                ),
+            );
+            let mut r = answer(429, JSON, body.to_vec());
+            r.headers_mut()
+                .insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
+            return r;
         }
         let before = cell.latest().map(|t| t.value.clone());
         let ended = cell.fetches_ended();
@@ -289,11 +350,32 @@ impl Admin {
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        crate::guard::head_complete();
         let req = session.req_header();
         let path = req.uri.path().to_string();
         let query = req.uri.query().unwrap_or("").to_string();
         let method = req.method.clone();
         let read_only = method == http::Method::GET || method == http::Method::HEAD;
+        let probe = matches!(path.as_str(), "/healthz" | "/readyz")
+            || (path == "/metrics" && !self.app.config.admin.protect_metrics);
+        if let Some(expected) = self.app.config.admin.token.as_ref().filter(|_| !probe) {
+            let auth = req
+                .headers
+                .get(http::header::AUTHORIZATION)
+                .map(|v| v.as_bytes());
+            if !authorized(expected, auth) {
+                let mut r = answer(
+                    401,
+                    TEXT,
+                    b"unauthorized: send Authorization: Bearer <admin.token>\n".to_vec(),
+                );
+                r.headers_mut().insert(
+                    http::header::WWW_AUTHENTICATE,
+                    http::HeaderValue::from_static("Bearer"),
+                );
+                return r;
+            }
+        }
         match (path.as_str(), read_only) {
             ("/refresh", _) if method == http::Method::POST => self.refresh(&query).await,
             ("/refresh", _) => answer(

@@ -215,6 +215,10 @@ fn check(path: &std::path::Path, print: bool) -> i32 {
         Ok(c) => c,
         Err(code) => return code,
     };
+    if let Err(e) = server::offline_checks(&c) {
+        eprintln!("configuration {} cannot start: {e}", path.display());
+        return 2;
+    }
     if print {
         print!("{}", crate::effective::yaml(&c));
         return 0;

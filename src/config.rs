@@ -57,6 +57,28 @@ pub const DEFAULT_BUFFERED_BODY: usize = 1 << 20;
 pub const DEFAULT_THREADS: usize = 1;
 /// Kubernetes gives 30 s; we stop well within it (and sooner when idle).
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// App connections held at once: far above what one pod's apps open, far
+/// below the file descriptors and memory the sidecar may use.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Admin connections: probes and a scraper need a handful.
+pub const DEFAULT_MAX_ADMIN_CONNECTIONS: usize = 64;
+/// A request's head arrives in one or two packets; 10 s is generous even
+/// for a slow link, and short enough to end slowloris.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A kept-alive app connection idle this long is closed (apps' pools
+/// usually idle out sooner; the same 60 s pingora uses).
+pub const DEFAULT_CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// A whole request body: 20 MB media at about 1 Mbit/s.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(180);
+/// A whole upstream answer: 20 MB media downloads at about 1 Mbit/s.
+pub const DEFAULT_ANSWER_TIMEOUT: Duration = Duration::from_secs(180);
+/// One forced refresh per account and kind this often: WeChat's own
+/// spacing for `force_refresh`.
+pub const DEFAULT_ADMIN_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
+/// Share of `token.daily_budget` kept for automatic refreshes, in percent.
+pub const DEFAULT_BUDGET_RESERVE_PERCENT: u32 = 20;
+/// Admin bearer tokens shorter than this are guessable.
+pub const MIN_ADMIN_TOKEN_LEN: usize = 16;
 
 /// How an account gets its token from WeChat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,6 +175,8 @@ pub struct UpstreamConfig {
     pub ca_file: Option<PathBuf>,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
+    /// A whole answer (header and body) must arrive within this.
+    pub answer_timeout: Duration,
     pub warm_connections: usize,
     pub idle_timeout: Duration,
     /// Nameservers for the upstream hosts (`upstream.dns`); empty: those of
@@ -211,6 +235,9 @@ pub struct TokenConfig {
     pub refresh_before: Duration,
     pub daily_budget: u32,
     pub failed_retry: Duration,
+    /// Fetches of the day that forced refreshes (`POST /refresh`) never
+    /// spend: they stay for automatic refreshes.
+    pub budget_reserve: u32,
     /// `None`: memory. Otherwise a Redis URL (may hold a password, hence `Secret`).
     pub store: Option<Secret>,
     pub store_prefix: String,
@@ -232,6 +259,8 @@ pub struct Config {
     pub threads: usize,
     pub shutdown_grace: Duration,
     pub buffered_body_limit: usize,
+    pub limits: LimitsConfig,
+    pub admin: AdminConfig,
     pub upstream: UpstreamConfig,
     /// Where `kind: wecom` accounts' requests and token fetches go.
     pub wecom_upstream: UpstreamConfig,
@@ -240,6 +269,27 @@ pub struct Config {
     pub clients: crate::clients::ClientsConfig,
     /// Transparent mode (`intercept`), when configured.
     pub intercept: Option<crate::intercept::config::InterceptConfig>,
+}
+
+/// Bounds on what apps and admin callers may hold (`limits.*`).
+#[derive(Debug, Clone)]
+pub struct LimitsConfig {
+    pub max_connections: usize,
+    pub max_admin_connections: usize,
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub body_timeout: Duration,
+}
+
+/// The admin listener's protection (`admin.*`).
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// Bearer token for `/status`, `POST /refresh`, `/debug/pprof/*` (and
+    /// `/metrics` with `protect_metrics`).
+    pub token: Option<Secret>,
+    pub protect_metrics: bool,
+    /// At most one forced refresh per account and kind this often.
+    pub refresh_interval: Duration,
 }
 
 impl Config {
@@ -288,6 +338,7 @@ mod raw {
         pub threads: Option<usize>,
         pub shutdown_grace: Option<String>,
         pub limits: Option<Limits>,
+        pub admin: Option<Admin>,
         pub upstream: Option<Upstream>,
         pub wecom_upstream: Option<Upstream>,
         pub accounts: Option<Vec<Account>>,
@@ -331,6 +382,20 @@ mod raw {
     #[serde(deny_unknown_fields)]
     pub struct Limits {
         pub buffered_body: Option<String>,
+        pub max_connections: Option<usize>,
+        pub max_admin_connections: Option<usize>,
+        pub header_timeout: Option<String>,
+        pub idle_timeout: Option<String>,
+        pub body_timeout: Option<String>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Admin {
+        pub token: Option<String>,
+        pub token_file: Option<String>,
+        pub protect_metrics: Option<bool>,
+        pub refresh_interval: Option<String>,
     }
 
     #[derive(Deserialize, Default)]
@@ -343,6 +408,7 @@ mod raw {
         pub ca_file: Option<String>,
         pub connect_timeout: Option<String>,
         pub read_timeout: Option<String>,
+        pub answer_timeout: Option<String>,
         pub warm_connections: Option<usize>,
         pub idle_timeout: Option<String>,
         pub dns: Option<Vec<String>>,
@@ -369,6 +435,7 @@ mod raw {
     pub struct Token {
         pub refresh_before: Option<String>,
         pub daily_budget: Option<u32>,
+        pub budget_reserve: Option<u32>,
         pub failed_retry: Option<String>,
         pub store: Option<String>,
         pub store_prefix: Option<String>,
@@ -546,6 +613,48 @@ impl Config {
                 DEFAULT_BUFFERED_BODY
             }),
         };
+        let limits = LimitsConfig {
+            max_connections: limits.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+            max_admin_connections: limits
+                .max_admin_connections
+                .unwrap_or(DEFAULT_MAX_ADMIN_CONNECTIONS),
+            header_timeout: duration_field(
+                "limits.header_timeout",
+                limits.header_timeout.as_ref(),
+                DEFAULT_HEADER_TIMEOUT,
+                &mut problems,
+            ),
+            idle_timeout: duration_field(
+                "limits.idle_timeout",
+                limits.idle_timeout.as_ref(),
+                DEFAULT_CLIENT_IDLE_TIMEOUT,
+                &mut problems,
+            ),
+            body_timeout: duration_field(
+                "limits.body_timeout",
+                limits.body_timeout.as_ref(),
+                DEFAULT_BODY_TIMEOUT,
+                &mut problems,
+            ),
+        };
+        for (key, n) in [
+            ("limits.max_connections", limits.max_connections),
+            ("limits.max_admin_connections", limits.max_admin_connections),
+        ] {
+            if n == 0 {
+                problems.push(format!("{key}: must be at least 1"));
+            }
+        }
+        for (key, d) in [
+            ("limits.header_timeout", limits.header_timeout),
+            ("limits.idle_timeout", limits.idle_timeout),
+            ("limits.body_timeout", limits.body_timeout),
+        ] {
+            if d.is_zero() {
+                problems.push(format!("{key}: must be greater than zero"));
+            }
+        }
+        let admin = parse_admin(raw.admin.unwrap_or_default(), admin_listen, &mut problems);
 
         let mut upstream = parse_upstream(
             "upstream",
@@ -588,6 +697,7 @@ impl Config {
                 &mut problems,
             ),
             daily_budget: tok.daily_budget.unwrap_or(DEFAULT_DAILY_BUDGET),
+            budget_reserve: 0,
             store: None,
             store_prefix: String::new(),
             on_store_error: None,
@@ -608,7 +718,21 @@ impl Config {
                 None | Some(None) => None,
                 Some(Some(v)) if v == "memory" => None,
                 Some(Some(v)) if v.starts_with("redis://") || v.starts_with("rediss://") => {
-                    Some(Secret::new(v))
+                    // The same check `run` makes, so `check` passes only what starts.
+                    match redis::Client::open(v.as_str())
+                        .map_err(|e| e.to_string())
+                        .and_then(|_| url::Url::parse(&v).map(|_| ()).map_err(|e| e.to_string()))
+                    {
+                        Ok(()) => Some(Secret::new(v)),
+                        Err(e) => {
+                            problems.push(format!(
+                                "token.store: `{}` is not a valid Redis URL ({}); write redis://[:password@]host:port/db",
+                                crate::token::store::mask_url(&v),
+                                crate::secret::mask_in(&e, &v)
+                            ));
+                            None
+                        }
+                    }
                 }
                 Some(Some(v)) => {
                     problems.push(format!(
@@ -625,10 +749,11 @@ impl Config {
                 None => None,
                 Some("wait") => Some(OnStoreError::Wait),
                 Some("fetch") => Some(OnStoreError::Fetch),
-                Some(other) => {
-                    problems.push(format!(
-                        "token.on_store_error: `{other}` is not wait or fetch"
-                    ));
+                Some(_) => {
+                    problems.push(
+                        "token.on_store_error: must be wait or fetch (the value given is not shown)"
+                            .into(),
+                    );
                     None
                 }
             },
@@ -652,6 +777,20 @@ impl Config {
         if token.daily_budget == 0 {
             problems.push("token.daily_budget: must be at least 1 (the first fetch counts)".into());
         }
+        let token = TokenConfig {
+            budget_reserve: match tok.budget_reserve {
+                Some(r) if r >= token.daily_budget => {
+                    problems.push(format!(
+                        "token.budget_reserve: {r} leaves nothing of token.daily_budget ({}) for forced refreshes; make it smaller",
+                        token.daily_budget
+                    ));
+                    0
+                }
+                Some(r) => r,
+                None => token.daily_budget * DEFAULT_BUDGET_RESERVE_PERCENT / 100,
+            },
+            ..token
+        };
 
         if problems.is_empty() {
             Ok(Config {
@@ -666,6 +805,8 @@ impl Config {
                 threads,
                 shutdown_grace,
                 buffered_body_limit,
+                limits,
+                admin,
                 upstream,
                 wecom_upstream,
                 accounts,
@@ -676,6 +817,98 @@ impl Config {
         } else {
             Err(problems)
         }
+    }
+}
+
+/// `text` with every double-quoted part replaced by `"…"`.
+fn without_quoted(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut inside = false;
+    for c in text.chars() {
+        match (c, inside) {
+            ('"', false) => {
+                out.push_str("\"…");
+                inside = true;
+            }
+            ('"', true) => {
+                out.push('"');
+                inside = false;
+            }
+            (_, true) => {}
+            (c, false) => out.push(c),
+        }
+    }
+    out
+}
+
+/// A URL as it may appear in an error: user, password and query masked.
+fn masked_url(text: &str) -> String {
+    match url::Url::parse(text) {
+        Ok(mut u) => {
+            if !u.username().is_empty() {
+                let _ = u.set_username("***");
+            }
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            if u.query().is_some() {
+                u.set_query(Some("***"));
+            }
+            u.to_string()
+        }
+        // Unparsable: show no more than the scheme, which holds nothing secret.
+        Err(_) => match text.split_once("://") {
+            Some((scheme, _)) if scheme.len() < 10 => format!("{scheme}://…"),
+            _ => "(unparsable URL, not shown)".into(),
+        },
+    }
+}
+
+/// Parses `admin`: the admin listener's bearer token and refresh spacing.
+/// A non-loopback `admin_listen` without a token is refused: `/status` and
+/// `POST /refresh` must not be open to the pod network.
+fn parse_admin(
+    raw: raw::Admin,
+    admin_listen: SocketAddr,
+    problems: &mut Vec<String>,
+) -> AdminConfig {
+    let token = match (raw.token, raw.token_file) {
+        (Some(_), Some(_)) => {
+            problems.push("admin: give token or token_file, not both".into());
+            None
+        }
+        (Some(t), None) => expand_env("admin.token", &t, problems),
+        (None, Some(f)) => expand_env("admin.token_file", &f, problems).and_then(|f| {
+            std::fs::read_to_string(&f)
+                .map(|t| t.trim().to_string())
+                .map_err(|e| problems.push(format!("admin.token_file: cannot read {f}: {e}")))
+                .ok()
+        }),
+        (None, None) => None,
+    }
+    .map(Secret::new);
+    if let Some(t) = &token {
+        if t.expose().len() < MIN_ADMIN_TOKEN_LEN {
+            problems.push(format!(
+                "admin.token: must be at least {MIN_ADMIN_TOKEN_LEN} characters (e.g. `openssl rand -hex 24`)"
+            ));
+        }
+    }
+    if token.is_none() && !admin_listen.ip().is_loopback() {
+        problems.push(format!(
+            "admin.token: admin_listen {admin_listen} is not on loopback, so /status and POST /refresh need a bearer token; set admin.token or admin.token_file (at least {MIN_ADMIN_TOKEN_LEN} characters), or listen on 127.0.0.1"
+        ));
+    }
+    let refresh_interval = duration_field(
+        "admin.refresh_interval",
+        raw.refresh_interval.as_ref(),
+        DEFAULT_ADMIN_REFRESH_INTERVAL,
+        problems,
+    );
+    AdminConfig {
+        token,
+        protect_metrics: raw.protect_metrics.unwrap_or(false),
+        refresh_interval,
     }
 }
 
@@ -788,7 +1021,8 @@ fn parse_upstream(
         .unwrap_or_else(|| default_url.to_string());
     let url = UpstreamUrl::parse(&url_text).unwrap_or_else(|e| {
         problems.push(format!(
-            "{prefix}.url: `{url_text}` {e}; write e.g. {default_url}"
+            "{prefix}.url: `{}` {e}; write e.g. {default_url}",
+            masked_url(&url_text)
         ));
         UpstreamUrl::parse(default_url).expect("default URL parses")
     });
@@ -798,11 +1032,16 @@ fn parse_upstream(
         .and_then(|p| expand_env(&format!("{prefix}.ca_file"), p, problems))
         .map(PathBuf::from);
     if let Some(p) = &ca_file {
-        if !p.is_file() {
-            problems.push(format!(
-                    "{prefix}.ca_file: {} is not a readable file; give a PEM CA bundle or remove the key",
-                    p.display()
-                ));
+        match std::fs::read_to_string(p) {
+            Err(e) => problems.push(format!(
+                "{prefix}.ca_file: cannot read {} ({e}); give a PEM CA bundle or remove the key",
+                p.display()
+            )),
+            Ok(pem) if !pem.contains("-----BEGIN CERTIFICATE-----") => problems.push(format!(
+                "{prefix}.ca_file: {} holds no PEM certificate (-----BEGIN CERTIFICATE-----); give a PEM CA bundle",
+                p.display()
+            )),
+            Ok(_) => {}
         }
     }
     let failover = up
@@ -816,7 +1055,8 @@ fn parse_upstream(
             UpstreamUrl::parse(&text)
                 .map_err(|e| {
                     problems.push(format!(
-                        "{key}: `{text}` {e}; write e.g. https://api2.weixin.qq.com"
+                        "{key}: `{}` {e}; write e.g. https://api2.weixin.qq.com",
+                        masked_url(&text)
                     ))
                 })
                 .ok()
@@ -870,6 +1110,12 @@ fn parse_upstream(
             DEFAULT_READ_TIMEOUT,
             problems,
         ),
+        answer_timeout: duration_field(
+            &format!("{prefix}.answer_timeout"),
+            up.answer_timeout.as_ref(),
+            DEFAULT_ANSWER_TIMEOUT,
+            problems,
+        ),
         warm_connections: up.warm_connections.unwrap_or(DEFAULT_WARM_CONNECTIONS),
         idle_timeout: duration_field(
             &format!("{prefix}.idle_timeout"),
@@ -881,6 +1127,7 @@ fn parse_upstream(
     for (key, d) in [
         ("connect_timeout", upstream.connect_timeout),
         ("read_timeout", upstream.read_timeout),
+        ("answer_timeout", upstream.answer_timeout),
         ("idle_timeout", upstream.idle_timeout),
         ("probe_interval", upstream.probe_interval),
     ] {
@@ -923,8 +1170,9 @@ fn parse_accounts(raw: Vec<raw::Account>, problems: &mut Vec<String>) -> Vec<Acc
             None | Some("official") => AccountKind::Official,
             Some("wecom") => AccountKind::WeCom,
             Some(other) => {
+                let _ = other; // never echoed: a misplaced secret may be there
                 problems.push(format!(
-                    "{}: `{other}` is not official (Official Account / mini program) or wecom",
+                    "{}: must be official (Official Account / mini program) or wecom (the value given is not shown)",
                     at("kind")
                 ));
                 AccountKind::Official
@@ -955,8 +1203,9 @@ fn parse_accounts(raw: Vec<raw::Account>, problems: &mut Vec<String>) -> Vec<Acc
             Some(v) if valid_appid(&v) => v,
             Some(v) => {
                 problems.push(format!(
-                    "{}: `{v}` is not an {id_key} (letters, digits, `_`, `-`, e.g. wx0123456789abcdef)",
-                    at(id_key)
+                    "{}: the {}-character value is not an {id_key} (letters, digits, `_`, `-`, at most 64, e.g. wx0123456789abcdef; the value is not shown)",
+                    at(id_key),
+                    v.chars().count()
                 ));
                 v
             }
@@ -1028,8 +1277,9 @@ fn parse_accounts(raw: Vec<raw::Account>, problems: &mut Vec<String>) -> Vec<Acc
             None | Some("stable") => TokenApi::Stable,
             Some("classic") => TokenApi::Classic,
             Some(other) => {
+                let _ = other; // never echoed: a misplaced secret may be there
                 problems.push(format!(
-                    "{}: `{other}` is not stable or classic",
+                    "{}: must be stable or classic (the value given is not shown)",
                     at("token_api")
                 ));
                 TokenApi::Stable
@@ -1039,8 +1289,9 @@ fn parse_accounts(raw: Vec<raw::Account>, problems: &mut Vec<String>) -> Vec<Acc
             None | Some("issued") => ReplaceTokens::Issued,
             Some("always") => ReplaceTokens::Always,
             Some(other) => {
+                let _ = other; // never echoed: a misplaced secret may be there
                 problems.push(format!(
-                    "{}: `{other}` is not issued or always",
+                    "{}: must be issued or always (the value given is not shown)",
                     at("replace_tokens")
                 ));
                 ReplaceTokens::Issued
@@ -1074,7 +1325,10 @@ fn parse_accounts(raw: Vec<raw::Account>, problems: &mut Vec<String>) -> Vec<Acc
 /// Turns a YAML error into one line that names the key (serde_yaml_ng puts
 /// the path first, e.g. `accounts[0]: unknown field ...`).
 fn yaml_problem(e: &serde_yaml_ng::Error) -> String {
-    let msg = e.to_string();
+    // serde quotes the offending value (`invalid type: string "…"`): a
+    // secret typed under the wrong key would be printed. Keys (in
+    // backticks) stay; quoted values go.
+    let msg = without_quoted(&e.to_string());
     let fix = if msg.contains("unknown field") {
         " (remove it or fix its spelling; see conf/wxsidecar.yaml)"
     } else {

@@ -49,6 +49,11 @@ impl Upstreams {
         self.conf.read_timeout
     }
 
+    /// A whole answer, header and body, must arrive within this.
+    pub fn answer_timeout(&self) -> Duration {
+        self.conf.answer_timeout
+    }
+
     fn in_use(&self, h: &Upstream) -> bool {
         h.stats.connect_failures.load(Ordering::Relaxed) < self.conf.failover_after
     }

@@ -102,6 +102,24 @@ pub static TICKET_AGE: Lazy<GaugeVec> = Lazy::new(|| {
     .expect("metric registers once")
 });
 
+pub static CONNECTIONS_REFUSED: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "wxsidecar_connections_refused_total",
+        "Connections closed at once because the listener was at its limit (limits.max_connections, limits.max_admin_connections).",
+        &["listener"]
+    )
+    .expect("metric registers once")
+});
+
+pub static CONNECTIONS_OPEN: Lazy<IntGaugeVec> = Lazy::new(|| {
+    register_int_gauge_vec!(
+        "wxsidecar_connections_open",
+        "Connections open now, per listener.",
+        &["listener"]
+    )
+    .expect("metric registers once")
+});
+
 pub static BUILD_INFO: Lazy<IntGaugeVec> = Lazy::new(|| {
     register_int_gauge_vec!(
         "wxsidecar_build_info",
@@ -126,6 +144,8 @@ pub fn init() {
     Lazy::force(&TICKET_FETCHES);
     Lazy::force(&TICKET_EXPIRY);
     Lazy::force(&TICKET_AGE);
+    Lazy::force(&CONNECTIONS_REFUSED);
+    Lazy::force(&CONNECTIONS_OPEN);
 }
 
 /// Gives an account's counters their zero values, so dashboards see every

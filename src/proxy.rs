@@ -32,6 +32,9 @@ use crate::ticket::{self, TicketKind};
 use crate::token::{Token, TokenCell};
 use crate::upstream::UpstreamError;
 
+/// The error type of a streamed request body that outlived its deadline.
+const BODY_TIMEOUT: &str = "request body timeout";
+
 /// Credentials sent to a token endpoint are tiny.
 const DEFAULT_CREDENTIALS_LIMIT: usize = 64 * 1024;
 
@@ -64,6 +67,10 @@ pub struct Ctx {
     host: usize,
     /// The family an intercepted host (`Host`, SNI, proxy target) names.
     family: Option<AccountKind>,
+    /// The token the streaming path put in: scrubbed from the answer.
+    injected: Option<Arc<Token>>,
+    /// Informational (1xx) answers the streaming path has seen.
+    informational: u8,
 }
 
 impl Default for Ctx {
@@ -79,6 +86,8 @@ impl Default for Ctx {
             kind: AccountKind::Official,
             host: 0,
             family: None,
+            injected: None,
+            informational: 0,
         }
     }
 }
@@ -149,11 +158,145 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     )
 }
 
+/// Whether the body is an HTML form (`application/x-www-form-urlencoded`),
+/// whose fields may carry an appsecret.
+fn is_form(headers: &http::HeaderMap) -> bool {
+    headers.get(header::CONTENT_TYPE).is_some_and(|v| {
+        let v = v.as_bytes().trim_ascii_start();
+        const FORM: &[u8] = b"application/x-www-form-urlencoded";
+        v.len() >= FORM.len() && v[..FORM.len()].eq_ignore_ascii_case(FORM)
+    })
+}
+
+/// Removes every answer header that carries our token (a `Location` that
+/// kept the query, an echo): the token is never the app's to see.
+pub(crate) fn scrub_token(resp: &mut ResponseHeader, token: Option<&Token>) {
+    let Some(t) = token else { return };
+    let needle = t.value.as_bytes();
+    let carrying: Vec<HeaderName> = resp
+        .headers
+        .iter()
+        .filter(|(_, v)| memchr::memmem::find(v.as_bytes(), needle).is_some())
+        .map(|(n, _)| n.clone())
+        .collect();
+    for name in carrying {
+        tracing::warn!(header = %name, "an upstream answer header carried our token; removed");
+        resp.remove_header(&name);
+    }
+}
+
+/// A buffered answer with our token masked wherever it appears (WeChat never
+/// sends it back; an echoing or misbehaving upstream might).
+fn scrub_body(answer: Bytes, token: Option<&Token>) -> Bytes {
+    let Some(t) = token else { return answer };
+    let needle = t.value.as_bytes();
+    if memchr::memmem::find(&answer, needle).is_none() {
+        return answer;
+    }
+    tracing::warn!("an upstream answer carried our token; masked");
+    let mut out = Vec::with_capacity(answer.len());
+    let mut rest = &answer[..];
+    while let Some(i) = memchr::memmem::find(rest, needle) {
+        out.extend_from_slice(&rest[..i]);
+        out.extend_from_slice(b"***");
+        rest = &rest[i + needle.len()..];
+    }
+    out.extend_from_slice(rest);
+    Bytes::from(out)
+}
+
 fn content_length(headers: &http::HeaderMap) -> Option<usize> {
     headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse().ok())
+}
+
+/// The entry rules, before any route is chosen: only WeChat's methods; the
+/// target normalised in place (routes and the upstream see that path); an
+/// appsecret only on the paths that take one (the token endpoints, in any
+/// spelling, are answered locally and never forwarded).
+fn admit_target(req: &mut RequestHeader) -> Result<(), ProxyError> {
+    if !crate::target::method_allowed(&req.method) {
+        return Err(ProxyError::MethodNotAllowed {
+            method: req.method.as_str().chars().take(16).collect(),
+        });
+    }
+    one_content_length(req)?;
+    let normal = crate::target::normalise(req.uri.path()).map_err(|e| ProxyError::BadRequest {
+        path: "the request target".into(),
+        reason: e.0.into(),
+    })?;
+    if let std::borrow::Cow::Owned(path) = normal {
+        let pq = match req.uri.query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        };
+        let uri = pq
+            .parse::<http::Uri>()
+            .map_err(|_| ProxyError::BadRequest {
+                path: "the request target".into(),
+                reason: "not a valid path after normalisation".into(),
+            })?;
+        req.set_uri(uri);
+    }
+    refuse_misplaced_secret(req.uri.path(), req.uri.query().unwrap_or("").as_bytes())
+}
+
+/// RFC 9112 §6.3: one `Content-Length`. Repeats of the same number (as
+/// headers or a list) become one header; differing values, or anything but
+/// digits, are refused, so what goes upstream is framed one way only.
+fn one_content_length(req: &mut RequestHeader) -> Result<(), ProxyError> {
+    let mut values = req.headers.get_all(header::CONTENT_LENGTH).iter();
+    let Some(first) = values.next() else {
+        return Ok(());
+    };
+    let single = values.next().is_none() && !first.as_bytes().contains(&b',');
+    if single && !first.is_empty() && first.as_bytes().iter().all(u8::is_ascii_digit) {
+        return Ok(());
+    }
+    let bad = |reason: &str| ProxyError::BadRequest {
+        path: "the request".into(),
+        reason: format!("Content-Length {reason}; send exactly one"),
+    };
+    let mut seen: Option<&[u8]> = None;
+    for v in req.headers.get_all(header::CONTENT_LENGTH) {
+        for n in v.as_bytes().split(|&b| b == b',') {
+            let n = n.trim_ascii();
+            if n.is_empty() || n.len() > 19 || !n.iter().all(u8::is_ascii_digit) {
+                return Err(bad("is not a number"));
+            }
+            match seen {
+                Some(s) if s != n => return Err(bad("is given twice with different values")),
+                _ => seen = Some(n),
+            }
+        }
+    }
+    let n = String::from_utf8_lossy(seen.unwrap_or(b"0")).into_owned();
+    req.insert_header(header::CONTENT_LENGTH, n)
+        .map_err(|_| bad("cannot be rewritten"))?;
+    Ok(())
+}
+
+/// An appsecret in `params` (a query or a form body) is refused unless
+/// `path` takes one or is a token endpoint answered locally.
+fn refuse_misplaced_secret(path: &str, params: &[u8]) -> Result<(), ProxyError> {
+    let Some(name) = crate::target::secret_param(params) else {
+        return Ok(());
+    };
+    let local = matches!(
+        route::classify_path(path),
+        Some(Route::LocalClassicToken | Route::LocalStableToken | Route::LocalWeComToken)
+    );
+    if local || crate::target::takes_secret(path) {
+        return Ok(());
+    }
+    Err(ProxyError::BadRequest {
+        path: path.to_string(),
+        reason: format!(
+            "`{name}` is an appsecret and this path does not take one; the sidecar adds the token itself, so drop `{name}` from the request"
+        ),
+    })
 }
 
 /// Outcome of a step: `Err(ProxyError)` is answered to the app; the outer
@@ -260,7 +403,7 @@ impl Proxy {
     async fn jssdk(&self, session: &mut Session, ctx: &mut Ctx) -> Step<()> {
         let req = session.req_header();
         let path = req.uri.path().to_string();
-        let agent = path == jssdk::AGENT_CONFIG_PATH;
+        let agent = path.eq_ignore_ascii_case(jssdk::AGENT_CONFIG_PATH);
         let q = req.uri.query().unwrap_or("");
         let bad = |reason: String| ProxyError::BadRequest {
             path: path.clone(),
@@ -405,9 +548,24 @@ impl Proxy {
                 .as_downstream_mut()
                 .write_continue_response()
                 .await?;
+            // The body that follows is the request's, not a next head.
+            crate::guard::head_complete();
         }
         let mut buf = BytesMut::new();
-        while let Some(chunk) = session.read_request_body().await? {
+        let deadline = tokio::time::Instant::now() + self.app.config.limits.body_timeout;
+        loop {
+            let chunk = match tokio::time::timeout_at(deadline, session.read_request_body()).await {
+                Ok(chunk) => chunk?,
+                Err(_) => {
+                    // The rest of the body may still come: never reuse.
+                    session.set_keepalive(None);
+                    return Ok(Err(ProxyError::BodyTimeout {
+                        path,
+                        limit: self.app.config.limits.body_timeout,
+                    }));
+                }
+            };
+            let Some(chunk) = chunk else { break };
             buf.extend_from_slice(&chunk);
             if buf.len() > limit {
                 session.set_keepalive(None);
@@ -464,6 +622,11 @@ impl Proxy {
             Err(e) => return Ok(Err(e)),
         };
         let path = session.req_header().uri.path().to_string();
+        if is_form(&session.req_header().headers) {
+            if let Err(e) = refuse_misplaced_secret(&path, &body) {
+                return Ok(Err(e));
+            }
+        }
         let upstream_err = |source| match source {
             UpstreamError::Unavailable => ProxyError::Unavailable,
             source => ProxyError::Upstream {
@@ -472,12 +635,22 @@ impl Proxy {
             },
         };
         let mut replaying = false;
+        let upstreams = self.app.upstream_for(plan.kind);
+        let answer_timeout = upstreams.answer_timeout();
+        let timed_out = || {
+            upstream_err(UpstreamError::Timeout {
+                addr: "the upstream".into(),
+                after: answer_timeout,
+            })
+        };
         loop {
             let pq = plan.path_and_query();
             let req = self.upstream_request(session.req_header(), &pq, body.len())?;
-            let mut x = match self.app.upstream_for(plan.kind).send(&req, &body).await {
-                Ok(x) => x,
-                Err(e) => return Ok(Err(upstream_err(e))),
+            let deadline = tokio::time::Instant::now() + answer_timeout;
+            let mut x = match tokio::time::timeout_at(deadline, upstreams.send(&req, &body)).await {
+                Err(_) => return Ok(Err(timed_out())),
+                Ok(Ok(x)) => x,
+                Ok(Err(e)) => return Ok(Err(upstream_err(e))),
             };
             let mut resp = x.header().clone();
             // An h2 answer goes to the app as HTTP/1.1.
@@ -491,15 +664,20 @@ impl Proxy {
             {
                 resp.remove_header(&name);
             }
+            scrub_token(&mut resp, plan.token.as_deref());
             if content_length(&resp.headers).is_some_and(|n| n > limit) {
-                return self.stream_answer(session, resp, None, x).await;
+                return self.stream_answer(session, resp, None, x, deadline).await;
             }
-            let answer = match x.read_to_end(limit).await {
+            let answer = match tokio::time::timeout_at(deadline, x.read_to_end(limit)).await {
+                Err(_) => return Ok(Err(timed_out())),
+                Ok(read) => read,
+            };
+            let answer = match answer {
                 Err(e) => return Ok(Err(upstream_err(e))),
                 // Bigger than declared or than the cap: stream the rest.
                 Ok(Err(partial)) => {
                     return self
-                        .stream_answer(session, resp, Some(partial.freeze()), x)
+                        .stream_answer(session, resp, Some(partial.freeze()), x, deadline)
                         .await
                 }
                 Ok(Ok(answer)) => answer,
@@ -524,6 +702,7 @@ impl Proxy {
                 }
                 plan.count_replay(false);
             }
+            let answer = scrub_body(answer, plan.token.as_deref());
             resp.insert_header(header::CONTENT_LENGTH, answer.len().to_string())?;
             session.write_response_header(Box::new(resp), false).await?;
             session.write_response_body(Some(answer), true).await?;
@@ -538,6 +717,7 @@ impl Proxy {
         mut resp: ResponseHeader,
         head: Option<Bytes>,
         mut x: crate::upstream::Exchange<'_>,
+        deadline: tokio::time::Instant,
     ) -> Step<()> {
         if content_length(&resp.headers).is_none() {
             resp.insert_header(header::TRANSFER_ENCODING, "chunked")?;
@@ -547,7 +727,15 @@ impl Proxy {
             session.write_response_body(Some(h), false).await?;
         }
         loop {
-            match x.chunk().await {
+            let chunk = tokio::time::timeout_at(deadline, x.chunk())
+                .await
+                .unwrap_or_else(|_| {
+                    Err(UpstreamError::Timeout {
+                        addr: "the upstream".into(),
+                        after: deadline.elapsed(),
+                    })
+                });
+            match chunk {
                 Ok(Some(c)) => session.write_response_body(Some(c), false).await?,
                 Ok(None) => break,
                 Err(e) => {
@@ -675,11 +863,15 @@ impl ProxyHttp for Proxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
+        crate::guard::head_complete();
         // Handing over or shutting down: tell the client to reconnect (to the
         // new process) rather than reuse a connection about to close.
         if self.app.drain.is_draining() {
             session.set_keepalive(None);
         }
+        // Pipelined requests are answered in order (RFC 9112 §9.3.2), not
+        // dropped with the connection.
+        session.as_downstream_mut().set_pipelining_enabled(true);
         // The peer address costs a getpeername(2): ask only when it matters.
         let addr = if self.app.clients.needs_address() {
             session
@@ -703,7 +895,10 @@ impl ProxyHttp for Proxy {
                 return Ok(true);
             }
         }
-        if let Err(e) = self.check_host(session.req_header(), ctx) {
+        if let Err(e) = self
+            .check_host(session.req_header(), ctx)
+            .and_then(|()| admit_target(session.req_header_mut()))
+        {
             tracing::info!(status = e.status(), error = %e, "request refused");
             reply::send_error(session, &e).await?;
             return Ok(true);
@@ -744,6 +939,7 @@ impl ProxyHttp for Proxy {
                     })?;
                     ctx.stream_uri = Some(uri);
                     ctx.kind = plan.kind;
+                    ctx.injected = plan.token.clone();
                     return Ok(false);
                 }
                 Err(e) => Err(e),
@@ -796,8 +992,68 @@ impl ProxyHttp for Proxy {
         Ok(())
     }
 
+    /// The streaming path's request body is bounded as a whole, not only per
+    /// chunk: a body trickled byte by byte ends at `limits.body_timeout`.
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> pingora::Result<()> {
+        if ctx.start.elapsed() > self.app.config.limits.body_timeout {
+            return Err(Error::explain(
+                ErrorType::Custom(BODY_TIMEOUT),
+                "request body not received within limits.body_timeout",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The streaming path's answer header: our token is removed from it, and
+    /// an upstream that sends informational answers without end is cut off.
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> pingora::Result<()> {
+        if resp.status.is_informational() && resp.status != http::StatusCode::SWITCHING_PROTOCOLS {
+            ctx.informational += 1;
+            if usize::from(ctx.informational) > crate::upstream::DEFAULT_MAX_INFORMATIONAL {
+                return Error::e_explain(
+                    ErrorType::InvalidHTTPHeader,
+                    "upstream sent too many informational answers",
+                )
+                .map_err(|e| e.into_up());
+            }
+        }
+        scrub_token(resp, ctx.injected.as_deref());
+        Ok(())
+    }
+
+    /// A streamed answer is bounded as a whole by `upstream.answer_timeout`.
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> pingora::Result<Option<std::time::Duration>> {
+        let limit = self.app.upstream_for(ctx.kind).answer_timeout();
+        if ctx.start.elapsed() > limit + self.app.config.limits.body_timeout {
+            return Err(Error::explain(
+                ErrorType::ReadTimedout,
+                "upstream answer not received within upstream.answer_timeout",
+            )
+            .into_up());
+        }
+        Ok(None)
+    }
+
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, _ctx: &mut Ctx) -> FailToProxy {
         let (status, what) = match (e.esource(), e.etype()) {
+            (_, ErrorType::Custom(BODY_TIMEOUT)) => (408, "request body timed out"),
             (
                 _,
                 ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout,

@@ -6,12 +6,22 @@ use std::borrow::Cow;
 /// WeChat's name for the token parameter on every server API.
 pub const TOKEN_PARAM: &str = "access_token";
 
-/// The decoded value of the first `name` parameter, if any.
+/// The decoded value of the first `name` parameter, if any. Keys are
+/// compared decoded: `access%5Ftoken` is `access_token`.
 pub fn param<'q>(query: &'q str, name: &str) -> Option<Cow<'q, str>> {
     query.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (k == name).then(|| percent_decode(v))
+        key_is(k, name).then(|| percent_decode(v))
     })
+}
+
+/// Whether the raw key `k` decodes to `name` (no copy unless it is encoded).
+fn key_is(k: &str, name: &str) -> bool {
+    if k.contains(['%', '+']) {
+        percent_decode(k) == name
+    } else {
+        k == name
+    }
 }
 
 fn percent_decode(v: &str) -> Cow<'_, str> {
@@ -41,7 +51,7 @@ pub fn with_token(query: Option<&str>, token: &str) -> String {
     let mut placed = false;
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let key = pair.split_once('=').map_or(pair, |(k, _)| k);
-        if key == TOKEN_PARAM {
+        if key_is(key, TOKEN_PARAM) {
             if placed {
                 continue;
             }
@@ -85,6 +95,7 @@ mod tests {
         );
         assert_eq!(param("x_access_token=T", TOKEN_PARAM), None);
         assert_eq!(param("", TOKEN_PARAM), None);
+        assert_eq!(param("access%5Ftoken=T", TOKEN_PARAM).as_deref(), Some("T"));
     }
 
     #[test]
@@ -104,5 +115,9 @@ mod tests {
             "access_token=T"
         );
         assert_eq!(with_token(None, "a+b/c"), "access_token=a%2Bb%2Fc");
+        assert_eq!(
+            with_token(Some("access%5Ftoken=X&a=1"), "T"),
+            "access_token=T&a=1"
+        );
     }
 }

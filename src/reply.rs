@@ -36,6 +36,13 @@ pub enum ProxyError {
     Forbidden { reason: String },
     #[error("bad request for {path}: {reason}")]
     BadRequest { path: String, reason: String },
+    #[error("method {method} is not one WeChat's API takes (GET, POST, HEAD)")]
+    MethodNotAllowed { method: String },
+    #[error("request body for {path} not received within {limit:?} (limits.body_timeout)")]
+    BodyTimeout {
+        path: String,
+        limit: std::time::Duration,
+    },
     #[error("{path}: {source}")]
     Upstream {
         path: String,
@@ -53,6 +60,8 @@ impl ProxyError {
             | ProxyError::BudgetSpent { .. }
             | ProxyError::Unavailable => 503,
             ProxyError::BodyTooLarge { .. } => 413,
+            ProxyError::MethodNotAllowed { .. } => 405,
+            ProxyError::BodyTimeout { .. } => 408,
             ProxyError::Forbidden { .. } => 403,
             ProxyError::Upstream { source, .. } if source.is_timeout() => 504,
             ProxyError::Upstream { .. } => 502,
@@ -65,14 +74,17 @@ impl ProxyError {
             ProxyError::NoAccount(_) => 40013,
             ProxyError::Denied(d) => d.errcode(),
             ProxyError::BodyTooLarge { .. } => 45002,
+            // WeChat's "require POST method": the closest it has.
+            ProxyError::MethodNotAllowed { .. } => 43002,
             ProxyError::BudgetSpent { .. } => 45009,
             ProxyError::BadRequest { .. } => 40035,
             // WeChat's "API unauthorized".
             ProxyError::Forbidden { .. } => 48001,
             // -1 is WeChat's "system busy": SDKs treat it as transient.
-            ProxyError::NoToken { .. } | ProxyError::Upstream { .. } | ProxyError::Unavailable => {
-                -1
-            }
+            ProxyError::NoToken { .. }
+            | ProxyError::Upstream { .. }
+            | ProxyError::Unavailable
+            | ProxyError::BodyTimeout { .. } => -1,
         }
     }
 }

@@ -42,36 +42,67 @@ const STREAM_PREFIXES: &[&str] = &["/cgi-bin/media/", "/cgi-bin/material/"];
 /// Header WeChat's API-security mode signs requests with.
 const SIGNATURE_HEADER: &str = "wechatmp-signature";
 
+/// Chooses the route on the normalised path ([`crate::target::normalise`]),
+/// ignoring ASCII case: whatever spelling WeChat might accept for a token
+/// endpoint or an untouched path is treated as that path.
 pub fn classify(req: &RequestHeader) -> Route {
-    let path = req.uri.path();
-    match path {
-        "/cgi-bin/token" => return Route::LocalClassicToken,
-        "/cgi-bin/stable_token" => return Route::LocalStableToken,
-        "/cgi-bin/gettoken" => return Route::LocalWeComToken,
-        "/cgi-bin/ticket/getticket" | "/cgi-bin/get_jsapi_ticket" | "/cgi-bin/ticket/get" => {
-            return Route::LocalTicket
-        }
-        crate::jssdk::CONFIG_PATH | crate::jssdk::AGENT_CONFIG_PATH => return Route::JsSdk,
-        _ => {}
+    let path = route_key(req.uri.path());
+    if let Some(local) = classify_path(path) {
+        return local;
     }
-    if req.headers.contains_key(SIGNATURE_HEADER)
-        || UNTOUCHED_PREFIXES.iter().any(|p| path.starts_with(p))
-    {
+    if req.headers.contains_key(SIGNATURE_HEADER) || starts_with_any(path, UNTOUCHED_PREFIXES) {
         return Route::Untouched;
     }
     let multipart = req
         .headers
         .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
         .is_some_and(|v| {
-            v.trim_start()
-                .to_ascii_lowercase()
-                .starts_with("multipart/")
+            let v = v.as_bytes().trim_ascii_start();
+            v.len() >= 10 && v[..10].eq_ignore_ascii_case(b"multipart/")
         });
-    if multipart || STREAM_PREFIXES.iter().any(|p| path.starts_with(p)) {
+    if multipart || starts_with_any(path, STREAM_PREFIXES) {
         return Route::Stream;
     }
     Route::Api
+}
+
+/// The part of a normalised path routes are chosen on: one trailing `/`
+/// cut off, so `/cgi-bin/token/` is the token endpoint (path parameters,
+/// `;x`, never get this far: [`crate::target::normalise`] refuses them).
+pub fn route_key(path: &str) -> &str {
+    match path.strip_suffix('/') {
+        Some(p) if !p.is_empty() => p,
+        _ => path,
+    }
+}
+
+/// The routes answered locally, decided by the path alone.
+pub fn classify_path(path: &str) -> Option<Route> {
+    let path = route_key(path);
+    let is = |p: &str| path.eq_ignore_ascii_case(p);
+    if is("/cgi-bin/token") {
+        Some(Route::LocalClassicToken)
+    } else if is("/cgi-bin/stable_token") {
+        Some(Route::LocalStableToken)
+    } else if is("/cgi-bin/gettoken") {
+        Some(Route::LocalWeComToken)
+    } else if is("/cgi-bin/ticket/getticket")
+        || is("/cgi-bin/get_jsapi_ticket")
+        || is("/cgi-bin/ticket/get")
+    {
+        Some(Route::LocalTicket)
+    } else if is(crate::jssdk::CONFIG_PATH) || is(crate::jssdk::AGENT_CONFIG_PATH) {
+        Some(Route::JsSdk)
+    } else {
+        None
+    }
+}
+
+/// Whether `path` starts with one of `prefixes`, ignoring ASCII case.
+pub fn starts_with_any(path: &str, prefixes: &[&str]) -> bool {
+    prefixes.iter().any(|p| {
+        path.len() >= p.len() && path.as_bytes()[..p.len()].eq_ignore_ascii_case(p.as_bytes())
+    })
 }
 
 #[cfg(test)]
@@ -91,6 +122,10 @@ mod tests {
         let c = |p: &str| classify(&req("GET", p, &[]));
         assert_eq!(c("/cgi-bin/token?appid=x"), Route::LocalClassicToken);
         assert_eq!(c("/cgi-bin/stable_token"), Route::LocalStableToken);
+        assert_eq!(c("/CGI-BIN/token"), Route::LocalClassicToken);
+        assert_eq!(c("/cgi-bin/Stable_Token"), Route::LocalStableToken);
+        assert_eq!(c("/SNS/oauth2/access_token"), Route::Untouched);
+        assert_eq!(c("/cgi-bin/token/"), Route::LocalClassicToken);
         assert_eq!(c("/cgi-bin/gettoken?corpid=ww1"), Route::LocalWeComToken);
         assert_eq!(c("/cgi-bin/message/template/send"), Route::Api);
         assert_eq!(

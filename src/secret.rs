@@ -26,6 +26,22 @@ impl Secret {
     }
 }
 
+/// `text` with every occurrence of `secret` (and of its password part, for a
+/// URL) replaced by `***`: for error messages from libraries that quote
+/// their input.
+pub fn mask_in(text: &str, secret: &str) -> String {
+    let mut out = text.to_string();
+    if let Ok(u) = url::Url::parse(secret) {
+        if let Some(p) = u.password().filter(|p| !p.is_empty()) {
+            out = out.replace(p, "***");
+        }
+    }
+    if !secret.is_empty() {
+        out = out.replace(secret, "***");
+    }
+    out
+}
+
 /// Byte comparison whose time depends only on the lengths.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {

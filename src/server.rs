@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora::apps::http_app::HttpServer;
-use pingora::proxy::http_proxy_service_with_name;
+use pingora::proxy::HttpProxy;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{ListenFds, RunArgs, Server, ShutdownWatch};
 use pingora::services::listening::Service as ListeningService;
@@ -50,8 +50,21 @@ pub struct RunMode {
     pub daemon: bool,
 }
 
+/// Every check `run` makes that needs no network and no port: `check`
+/// calls this too, so whatever `check` accepts, `run` starts with.
+pub fn offline_checks(config: &Config) -> Result<(), String> {
+    if let Some(url) = &config.token.store {
+        RedisStore::new(url.expose(), &config.token.store_prefix)?;
+    }
+    if let Some(i) = &config.intercept {
+        crate::intercept::tls::LeafResolver::new(i).map_err(|e| format!("intercept: {e}"))?;
+    }
+    Ok(())
+}
+
 pub fn prepare(config: Config, mode: RunMode) -> Result<Prepared, String> {
     crate::metrics::init();
+    offline_checks(&config)?;
     let wecom_in_use = config.accounts.iter().any(|a| a.kind == AccountKind::WeCom);
     let mut extras: Vec<&std::path::Path> = config
         .upstream
@@ -132,10 +145,20 @@ impl Prepared {
         let mut server = Server::new_with_opt_and_conf(opt, conf);
         server.bootstrap();
 
-        let mut proxy = http_proxy_service_with_name(
-            &server.configuration,
-            Proxy::new(self.app.clone()),
-            "wxsidecar app listener",
+        crate::guard::raise_nofile_limit();
+        let app_limits = crate::guard::ConnLimits {
+            max: config.limits.max_connections,
+            header_timeout: config.limits.header_timeout,
+            idle_timeout: config.limits.idle_timeout,
+            watch: true,
+        };
+        let mut proxy = ListeningService::new(
+            "wxsidecar app listener".to_string(),
+            crate::guard::Guarded::new(
+                pingora::proxy::http_proxy(&server.configuration, Proxy::new(self.app.clone())),
+                app_limits,
+                "app",
+            ),
         );
         proxy.add_tcp(&config.listen.to_string());
         let forward = self.add_intercept_listeners(&mut proxy, &server.configuration);
@@ -146,7 +169,14 @@ impl Prepared {
 
         let mut admin = ListeningService::new(
             "wxsidecar admin listener".to_string(),
-            HttpServer::new_app(Admin::new(self.app.clone())),
+            crate::guard::Guarded::new(
+                HttpServer::new_app(Admin::new(self.app.clone())),
+                crate::guard::ConnLimits {
+                    max: config.limits.max_admin_connections,
+                    ..app_limits
+                },
+                "admin",
+            ),
         );
         admin.threads = Some(1);
         admin.add_tcp(&config.admin_listen.to_string());
@@ -189,9 +219,10 @@ impl Prepared {
     /// hands what it accepts to the same path. Returns the forward proxy.
     fn add_intercept_listeners(
         &self,
-        proxy: &mut pingora::services::listening::Service<pingora::proxy::HttpProxy<Proxy>>,
+        proxy: &mut ListeningService<crate::guard::Guarded<HttpProxy<Proxy>>>,
         conf: &Arc<ServerConf>,
-    ) -> Option<ListeningService<crate::intercept::forward::ForwardProxy>> {
+    ) -> Option<ListeningService<crate::guard::Guarded<crate::intercept::forward::ForwardProxy>>>
+    {
         let (i, ic) = (
             self.app.intercept.as_ref()?,
             self.app.config.intercept.as_ref()?,
@@ -219,7 +250,20 @@ impl Prepared {
             resolver: i.resolver.clone(),
             tls: tls_settings().build(),
         };
-        let mut service = ListeningService::new("wxsidecar forward proxy".to_string(), forward);
+        let limits = &self.app.config.limits;
+        let guarded = crate::guard::Guarded::new(
+            forward,
+            // The forward proxy reads the raw socket (CONNECT, then TLS);
+            // it bounds the proxy head itself.
+            crate::guard::ConnLimits {
+                max: limits.max_connections,
+                header_timeout: limits.header_timeout,
+                idle_timeout: limits.idle_timeout,
+                watch: false,
+            },
+            "forward_proxy",
+        );
+        let mut service = ListeningService::new("wxsidecar forward proxy".to_string(), guarded);
         service.threads = Some(1);
         service.add_tcp(&addr.to_string());
         Some(service)

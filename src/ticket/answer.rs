@@ -18,7 +18,7 @@ pub fn requested(path: &str, q: &str) -> Result<(AccountKind, TicketKind), Refus
         errmsg: "invalid args: type must be jsapi or wx_card (agent_config on WeCom)",
     };
     let ty = query::param(q, "type");
-    match path {
+    match path.to_ascii_lowercase().as_str() {
         "/cgi-bin/get_jsapi_ticket" => Ok((AccountKind::WeCom, TicketKind::Jsapi)),
         "/cgi-bin/ticket/get" => match ty.as_deref() {
             Some("agent_config") => Ok((AccountKind::WeCom, TicketKind::AgentConfig)),

@@ -212,6 +212,16 @@ impl TokenCell {
         self.forced.swap(false, Ordering::AcqRel)
     }
 
+    /// Fetches counted against today's budget (UTC+8), 0 on a new day.
+    pub fn fetched_today(&self) -> u32 {
+        let st = self.status.lock();
+        if st.budget_day == wechat_day(SystemTime::now()) {
+            st.fetches_today
+        } else {
+            0
+        }
+    }
+
     /// Counts one fetch against the daily budget; `false` when it is spent.
     pub(crate) fn spend_budget(&self, budget: u32) -> bool {
         let day = wechat_day(SystemTime::now());

@@ -44,6 +44,9 @@ const DEFAULT_MIN_DNS_TTL: Duration = Duration::from_secs(5);
 /// fixes the count at the handshake, and a stream beyond the server's limit
 /// waits unopened and fails its body write ("cannot reserve capacity").
 const DEFAULT_H2_STREAMS: usize = 32;
+/// Informational (1xx) answers read before the final one: WeChat sends at
+/// most a `100 Continue`; an upstream sending them without end is cut off.
+pub const DEFAULT_MAX_INFORMATIONAL: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -217,6 +220,10 @@ impl Upstream {
 
     pub fn read_timeout(&self) -> Duration {
         self.conf.read_timeout
+    }
+
+    pub fn answer_timeout(&self) -> Duration {
+        self.conf.answer_timeout
     }
 
     fn make_peer(&self, addr: SocketAddr) -> HttpPeer {
@@ -710,12 +717,25 @@ impl Upstream {
             error: self.map_err(&addr, &e),
             sent: true,
         };
-        // Skip informational answers (100 Continue, 103 Early Hints).
+        // Skip informational answers (100 Continue, 103 Early Hints), a few.
+        let mut informational = 0;
         loop {
             session.read_response().await.map_err(sent)?;
             let status = session.get_status().map_or(0, |s| s.as_u16());
             if !(100..200).contains(&status) || status == 101 {
                 break;
+            }
+            informational += 1;
+            if informational > DEFAULT_MAX_INFORMATIONAL {
+                return Err(Failed {
+                    error: UpstreamError::Exchange {
+                        addr,
+                        reason: format!(
+                            "more than {DEFAULT_MAX_INFORMATIONAL} informational answers"
+                        ),
+                    },
+                    sent: true,
+                });
             }
         }
         Ok(Exchange {

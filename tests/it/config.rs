@@ -172,3 +172,84 @@ fn check_print_shows_the_effective_config_with_secrets_masked() {
     let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
     assert_eq!(v["accounts"][0]["name"].as_str(), Some("shop"));
 }
+
+#[test]
+fn an_open_admin_listener_needs_a_token() {
+    let acc = "accounts:\n  - name: shop\n    appid: wx0123456789abcdef\n    secret: s\n";
+    let (code, _, err) = check(&format!("admin_listen: 0.0.0.0:9901\n{acc}"), &[]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("admin.token") && err.contains("0.0.0.0:9901"),
+        "{err}"
+    );
+    let (code, _, err) = check(
+        &format!("admin_listen: 0.0.0.0:9901\nadmin:\n  token: short\n{acc}"),
+        &[],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("at least 16"), "{err}");
+    assert!(
+        !err.contains("short\n") && !err.contains("`short`"),
+        "{err}"
+    );
+    let (code, _, err) = check(
+        &format!("admin_listen: 0.0.0.0:9901\nadmin:\n  token: ${{WXT_ADMIN}}\n{acc}"),
+        &[("WXT_ADMIN", "0123456789abcdef-admin")],
+    );
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn errors_never_print_credentials() {
+    let acc = "accounts:\n  - name: shop\n    appid: wx0123456789abcdef\n    secret: s\n";
+    let cases = [
+        format!("upstream:\n  url: https://user:PASSWORD-1@api.weixin.qq.com:99999\n{acc}"),
+        format!("upstream:\n  url: ftp://user:PASSWORD-1@host\n{acc}"),
+        format!("upstream:\n  url: https://host/?secret=PASSWORD-1:x\n  failover: [\"gopher://a?secret=PASSWORD-1\"]\n{acc}"),
+        format!("upstream:\n  url: ${{WXT_URL}}\n{acc}"),
+        format!("token:\n  store: redis://:PASSWORD-1@127.0.0.1:99999/0\n{acc}"),
+        "accounts:\n  - name: shop\n    appid: wx0123456789abcdef\n    secret: s\n    token_api: PASSWORD-1\n".to_string(),
+        "accounts:\n  - name: shop\n    appid: wx0123456789abcdef\n    secret: s\n    default: PASSWORD-1\n".to_string(),
+        "accounts:\n  - name: shop\n    appid: PASSWORD-1!\n    secret: s\n    replace_tokens: PASSWORD-1\n    kind: PASSWORD-1\n".to_string(),
+    ];
+    for cfg in &cases {
+        let (code, out, err) = check(cfg, &[("WXT_URL", "https://u:PASSWORD-1@h:99999")]);
+        assert_ne!(code, 0, "{cfg}");
+        assert!(
+            !out.contains("PASSWORD-1") && !err.contains("PASSWORD-1"),
+            "{cfg}\nprinted a credential:\n{err}"
+        );
+        assert!(err.contains("problem") || err.contains("cannot"), "{err}");
+    }
+}
+
+#[test]
+fn check_refuses_what_run_would_refuse() {
+    let acc = "accounts:\n  - name: shop\n    appid: wx0123456789abcdef\n    secret: s\n";
+    let (code, _, err) = check(
+        &format!("token:\n  store: redis://:pw@127.0.0.1:99999/0\n{acc}"),
+        &[],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("token.store"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let not_pem = dir.path().join("ca.pem");
+    std::fs::write(&not_pem, "not a certificate\n").unwrap();
+    let cfg = format!("upstream:\n  ca_file: {}\n{acc}", not_pem.display());
+    let (code, _, err) = check(&cfg, &[]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("upstream.ca_file") && err.contains("PEM"),
+        "{err}"
+    );
+    // And `run` refuses it the same way, before listening.
+    let path = dir.path().join("c.yaml");
+    std::fs::write(&path, &cfg).unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("upstream.ca_file"));
+}

@@ -82,9 +82,20 @@ fn the_k8s_manifest_passes_the_schema_and_its_config_checks() {
         .replace("/run/secrets/wxsidecar/mall", &mall.display().to_string());
     let (ok, err) = check_config(
         &embedded,
-        &[("WX_SHOP_SECRET", "x"), ("REDIS_PASSWORD", "y")],
+        &[
+            ("WX_SHOP_SECRET", "x"),
+            ("REDIS_PASSWORD", "y"),
+            ("ADMIN_TOKEN", "0123456789abcdef0123"),
+        ],
     );
     assert!(ok, "{err}");
+    // The admin listener is off loopback: without its token it must not start.
+    let open_admin = embedded.replace("  token: ${ADMIN_TOKEN}", "  protect_metrics: false");
+    let (ok, err) = check_config(
+        &open_admin,
+        &[("WX_SHOP_SECRET", "x"), ("REDIS_PASSWORD", "y")],
+    );
+    assert!(!ok && err.contains("admin.token"), "{err}");
 
     // A real schema check (kubernetes-validate from PyPI, installed by make install-deps).
     schema_check("k8s/sidecar.yaml");
@@ -155,7 +166,13 @@ fn the_transparent_manifest_passes_the_schema_and_matches_its_config() {
             "/run/secrets/wxsidecar-ca-key/ca-key.pem",
             &ca.path().join("ca-key.pem").display().to_string(),
         );
-    let (ok, err) = check_config(&embedded, &[("WX_SHOP_SECRET", "x")]);
+    let (ok, err) = check_config(
+        &embedded,
+        &[
+            ("WX_SHOP_SECRET", "x"),
+            ("ADMIN_TOKEN", "0123456789abcdef0123"),
+        ],
+    );
     assert!(ok, "{err}");
 
     schema_check("k8s/transparent.yaml");

@@ -351,20 +351,33 @@ impl Sidecar {
         )
     }
 
+    /// A sidecar whose `body` names its own upstream (no fake WeChat).
+    pub async fn start_bare(body: &str) -> Sidecar {
+        let s = Self::spawn_for(None, body, "debug,pingora_core=info,pingora_proxy=info");
+        s.wait_ready().await;
+        s
+    }
+
     fn spawn(fake: &Fake, body: &str) -> Sidecar {
         Self::spawn_with(fake, body, "debug,pingora_core=info,pingora_proxy=info,h2=info,hyper=info,hickory_proto=info,hickory_resolver=info")
     }
 
     fn spawn_with(fake: &Fake, body: &str, log_level: &str) -> Sidecar {
+        Self::spawn_for(Some(fake), body, log_level)
+    }
+
+    fn spawn_for(fake: Option<&Fake>, body: &str, log_level: &str) -> Sidecar {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let admin_port = free_port();
         let secret_file = dir.path().join("mall.secret");
         std::fs::write(&secret_file, format!("{MALL_SECRET}\n")).unwrap();
-        let body = body
-            .replace("FAKE_URL", &fake.url())
-            .replace("FAKE_CA", &fake.ca.display().to_string())
-            .replace("MALL_SECRET_FILE", &secret_file.display().to_string());
+        let mut body = body.replace("MALL_SECRET_FILE", &secret_file.display().to_string());
+        if let Some(fake) = fake {
+            body = body
+                .replace("FAKE_URL", &fake.url())
+                .replace("FAKE_CA", &fake.ca.display().to_string());
+        }
         let config =
             format!("listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin_port}\n{body}");
         let path = dir.path().join("wxsidecar.yaml");

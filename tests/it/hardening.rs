@@ -1,0 +1,274 @@
+//! The edges under abuse: request targets in every spelling, secrets and
+//! methods where they do not belong, tokens echoed back by an upstream,
+//! framing on the streamed route, pipelining, informational floods.
+
+use std::time::Duration;
+
+use crate::raw::*;
+use crate::support::*;
+
+const QUIET: Duration = Duration::from_millis(1500);
+
+fn get(target: &str) -> Vec<u8> {
+    format!("GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").into_bytes()
+}
+
+#[tokio::test]
+async fn every_spelling_of_the_token_endpoint_is_answered_locally() {
+    let fake = Fake::start(&[]);
+    let side = Sidecar::start_standard(&fake, "classic", "stable").await;
+    let fetches = fake.fetches(SHOP_APPID).await;
+    let calls = fake.stats().await["api_calls"].clone();
+    let token = side.token(SHOP_APPID, SHOP_SECRET).await;
+    let q = format!("?grant_type=client_credential&appid={SHOP_APPID}&secret={SHOP_SECRET}");
+    for path in [
+        "//cgi-bin/token",
+        "/cgi-bin/token/",
+        "/CGI-BIN/token",
+        "/cgi-bin/%74oken",
+        "/cgi-bin/./token",
+        "/cgi-bin/x/../token",
+        "/./cgi-bin//token",
+    ] {
+        let answer = exchange(side.port, &get(&format!("{path}{q}")), QUIET);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{path}: {answer}");
+        assert!(
+            answer.contains(&token),
+            "{path}: answered locally: {answer}"
+        );
+    }
+    // `;x` and climbing above the root are refused; nothing went upstream.
+    for path in [
+        "/cgi-bin/token;x",
+        "/cgi-bin/../../cgi-bin/token",
+        "/cgi-bin/%zz",
+    ] {
+        let answer = exchange(side.port, &get(&format!("{path}{q}")), QUIET);
+        assert!(answer.starts_with("HTTP/1.1 400"), "{path}: {answer}");
+        assert!(answer.contains("\"errcode\""), "WeChat's shape: {answer}");
+    }
+    assert_eq!(
+        fake.fetches(SHOP_APPID).await,
+        fetches,
+        "no token fetch reached WeChat"
+    );
+    assert_eq!(
+        fake.stats().await["api_calls"],
+        calls,
+        "nothing was forwarded"
+    );
+    side.assert_log_clean(&[&token]);
+}
+
+#[tokio::test]
+async fn sns_paths_in_any_spelling_are_left_untouched() {
+    let fake = Fake::start(&[]);
+    let side = Sidecar::start_standard(&fake, "classic", "stable").await;
+    let ours = side.token(SHOP_APPID, SHOP_SECRET).await;
+    for path in [
+        "/cgi-bin/../sns/userinfo",
+        "//sns/userinfo",
+        "/%73ns/userinfo",
+        "/./sns/userinfo",
+    ] {
+        let answer = exchange(
+            side.port,
+            &get(&format!("{path}?access_token=USER-OAUTH-TOKEN&openid=o1")),
+            QUIET,
+        );
+        assert!(answer.starts_with("HTTP/1.1 200"), "{path}: {answer}");
+        let seen = fake.last_request().await;
+        assert_eq!(
+            seen["path"], "/sns/userinfo",
+            "{path}: the normalised path goes upstream"
+        );
+        assert_eq!(seen["access_token"], "USER-OAUTH-TOKEN", "{path}: {seen}");
+        assert!(
+            !seen["query"].as_str().unwrap().contains(&ours),
+            "{path}: {seen}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_encoded_access_token_key_is_the_access_token() {
+    let fake = Fake::start(&[]);
+    let side = Sidecar::start_standard(&fake, "classic", "stable").await;
+    let ours = side.token(SHOP_APPID, SHOP_SECRET).await;
+    let (status, v) = side
+        .send(
+            &format!("/cgi-bin/message/template/send?access%5Ftoken={ours}&a=1"),
+            TEMPLATE,
+        )
+        .await;
+    assert_eq!((status, &v["errcode"]), (200, &serde_json::json!(0)), "{v}");
+    let seen = fake.last_request().await;
+    let query = seen["query"].as_str().unwrap();
+    assert_eq!(
+        query.matches("access").count(),
+        1,
+        "one access_token upstream, not two: {query}"
+    );
+    assert!(query.ends_with("&a=1") || query.contains("a=1"), "{query}");
+}
+
+#[tokio::test]
+async fn a_secret_goes_only_where_wechat_takes_one() {
+    let fake = Fake::start(&[]);
+    let side = Sidecar::start_standard(&fake, "classic", "stable").await;
+    let calls = fake.stats().await["api_calls"].clone();
+    // In the query, in any spelling of the key.
+    for q in ["secret=S", "appsecret=S", "CORPSECRET=S", "%73ecret=S"] {
+        let (status, v) = side
+            .send(&format!("/cgi-bin/message/template/send?{q}"), TEMPLATE)
+            .await;
+        assert_eq!(status, 400, "{q}: {v}");
+        let msg = v["errmsg"].as_str().unwrap();
+        assert!(
+            msg.contains("appsecret") && msg.contains('`'),
+            "names the parameter: {msg}"
+        );
+    }
+    // In a form body.
+    let r = client()
+        .post(side.url("/cgi-bin/user/info"))
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body("openid=o1&appsecret=S")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(fake.stats().await["api_calls"], calls, "none was forwarded");
+    // Where WeChat takes one, it goes (untouched).
+    let (status, _) = side
+        .get("/sns/jscode2session?appid=wxapp&secret=S&js_code=c", &[])
+        .await;
+    assert_eq!(status, 200);
+    let seen = fake.last_request().await;
+    assert_eq!(seen["path"], "/sns/jscode2session");
+}
+
+#[tokio::test]
+async fn only_wechats_methods_go_upstream_and_no_answer_carries_our_token() {
+    let up = RawUpstream::start();
+    let side = Sidecar::start_bare(&up.config("")).await;
+    for method in ["TRACE", "PUT", "DELETE", "OPTIONS", "PATCH"] {
+        let answer = exchange(
+            side.port,
+            format!("{method} /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+            QUIET,
+        );
+        assert!(answer.starts_with("HTTP/1.1 405"), "{method}: {answer}");
+        assert!(answer.contains("43002"), "WeChat's shape: {answer}");
+    }
+    assert!(up.api_requests().is_empty(), "{:?}", up.api_requests());
+
+    // A redirect that keeps the query, and an echo of the target: the
+    // token went upstream, never back to the app.
+    let answer = exchange(side.port, &get("/redirect/x?a=1"), QUIET);
+    assert!(answer.starts_with("HTTP/1.1 302"), "{answer}");
+    assert!(!answer.contains(RAW_TOKEN), "{answer}");
+    assert!(
+        !answer.to_ascii_lowercase().contains("location:"),
+        "{answer}"
+    );
+    let answer = exchange(side.port, &get("/echo/x?a=1"), QUIET);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(!answer.contains(RAW_TOKEN), "{answer}");
+    // The streamed route too.
+    let answer = exchange(side.port, &get("/cgi-bin/media/redirect?a=1"), QUIET);
+    assert!(answer.contains(" 302 "), "{answer}");
+    assert!(!answer.contains(RAW_TOKEN), "{answer}");
+    let sent = up.api_requests();
+    assert!(
+        sent.iter().all(|r| r.contains(RAW_TOKEN)),
+        "the token did go upstream: {sent:?}"
+    );
+    assert!(!side.log().contains(RAW_TOKEN), "never logged");
+}
+
+#[tokio::test]
+async fn the_streamed_route_frames_what_it_forwards() {
+    let up = RawUpstream::start();
+    let side = Sidecar::start_bare(&up.config("")).await;
+    let upload = |cl: &str| {
+        format!(
+            "POST /cgi-bin/media/upload?type=image HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n{cl}Connection: close\r\n\r\nhello"
+        )
+        .into_bytes()
+    };
+    for cl in [
+        "Content-Length: 5\r\nContent-Length: 7\r\n",
+        "Content-Length: 5, 7\r\n",
+        "Content-Length: five\r\n",
+    ] {
+        let answer = exchange(side.port, &upload(cl), QUIET);
+        assert!(answer.starts_with("HTTP/1.1 400"), "{cl:?}: {answer}");
+    }
+    assert!(up.api_requests().is_empty(), "{:?}", up.api_requests());
+    // The same number twice is one Content-Length upstream.
+    for cl in [
+        "Content-Length: 5\r\nContent-Length: 5\r\n",
+        "Content-Length: 5, 5\r\n",
+    ] {
+        let answer = exchange(side.port, &upload(cl), QUIET);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{cl:?}: {answer}");
+        let sent = up.api_requests().pop().unwrap();
+        let lengths: Vec<&str> = sent
+            .lines()
+            .filter(|l| l.to_ascii_lowercase().starts_with("content-length"))
+            .collect();
+        assert_eq!(lengths.len(), 1, "{sent}");
+        assert!(lengths[0].ends_with(" 5"), "{sent}");
+        assert!(sent.ends_with("hello"), "{sent}");
+    }
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order() {
+    let fake = Fake::start(&[]);
+    let side = Sidecar::start_standard(&fake, "classic", "stable").await;
+    let mut wire = Vec::new();
+    for i in 0..3 {
+        let body = TEMPLATE.replace("oUSER123", &format!("oPIPE{i}"));
+        wire.extend_from_slice(
+            format!(
+                "POST /cgi-bin/message/template/send HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        );
+    }
+    wire.extend_from_slice(&get(&format!(
+        "/cgi-bin/token?grant_type=client_credential&appid={SHOP_APPID}&secret={SHOP_SECRET}"
+    )));
+    let answer = exchange(side.port, &wire, QUIET);
+    assert_eq!(statuses(&answer), [200, 200, 200, 200], "{answer}");
+    assert_eq!(answer.matches("\"msgid\"").count(), 3, "{answer}");
+    assert!(
+        answer.contains("access_token"),
+        "the last one is the token answer: {answer}"
+    );
+}
+
+#[tokio::test]
+async fn an_informational_flood_from_upstream_ends_in_502() {
+    let up = RawUpstream::start();
+    let side = Sidecar::start_bare(&up.config("")).await;
+    // The JSON route reads a few, then gives up.
+    let answer = exchange(
+        side.port,
+        b"POST /flood HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+        QUIET,
+    );
+    assert_eq!(statuses(&answer), [502], "{answer}");
+    // The streamed route passes at most a few to the app, then 502 or a close.
+    let answer = exchange(side.port, &get("/cgi-bin/media/flood"), QUIET);
+    let seen = statuses(&answer);
+    let informational = seen.iter().filter(|s| **s == 100).count();
+    assert!(
+        informational <= 8,
+        "{informational} informational answers passed on"
+    );
+    assert!(!seen.contains(&200), "the flood never ends well: {seen:?}");
+}

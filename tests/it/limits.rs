@@ -1,0 +1,269 @@
+//! What a hostile client can hold, and what the admin listener lets anyone
+//! do: connection caps, head, idle and body deadlines, the admin token, and
+//! forced refreshes that can never burn the day's budget.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::raw::*;
+use crate::support::*;
+
+const ADMIN_TOKEN: &str = "admin-token-0123456789abcdef";
+
+async fn metric(side: &Sidecar, series: &str) -> f64 {
+    let text = client()
+        .get(side.admin("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no `{series}` in:\n{text}"))
+}
+
+#[tokio::test]
+async fn over_the_connection_cap_new_connections_are_closed_at_once() {
+    let up = RawUpstream::start();
+    let side = Sidecar::start_bare(&up.config("limits:\n  max_connections: 4\n")).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let held: Vec<TcpStream> = (0..4)
+        .map(|_| TcpStream::connect(("127.0.0.1", side.port)).unwrap())
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut fifth = TcpStream::connect(("127.0.0.1", side.port)).unwrap();
+    assert!(
+        closed_within(&mut fifth, Duration::from_secs(5)),
+        "the fifth connection was closed at once"
+    );
+    assert_eq!(
+        metric(
+            &side,
+            r#"wxsidecar_connections_refused_total{listener="app"}"#
+        )
+        .await,
+        1.0
+    );
+    // A held connection still works, and a closed one frees its place.
+    let mut first = held.into_iter().next().unwrap();
+    first
+        .write_all(b"POST /cgi-bin/x HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+        .unwrap();
+    let answer = read_until_quiet(&mut first, Duration::from_secs(2));
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let answer = exchange(
+        side.port,
+        b"GET /cgi-bin/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(2),
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+#[tokio::test]
+async fn slow_heads_and_idle_connections_are_closed() {
+    let up = RawUpstream::start();
+    let side =
+        Sidecar::start_bare(&up.config("limits:\n  header_timeout: 1s\n  idle_timeout: 3s\n"))
+            .await;
+    // Slowloris: a byte every 200 ms never completes the head.
+    let mut slow = TcpStream::connect(("127.0.0.1", side.port)).unwrap();
+    let start = Instant::now();
+    slow.write_all(b"GET /cgi-bin/x HTTP/1.1\r\n").unwrap();
+    let mut closed = false;
+    while start.elapsed() < Duration::from_secs(10) {
+        if slow.write_all(b"X").is_err() || closed_within(&mut slow, Duration::from_millis(200)) {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "a head trickled for 10 s was never cut off");
+    // A silent new connection is closed too.
+    let mut silent = TcpStream::connect(("127.0.0.1", side.port)).unwrap();
+    assert!(closed_within(&mut silent, Duration::from_secs(10)));
+
+    // A kept-alive connection lives past the head deadline, then idles out.
+    let mut kept = TcpStream::connect(("127.0.0.1", side.port)).unwrap();
+    kept.write_all(b"GET /cgi-bin/x HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let answer = read_until_quiet(&mut kept, Duration::from_millis(500));
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        !closed_within(&mut kept, Duration::from_millis(1500)),
+        "idle for 1.5 s: within idle_timeout, still open"
+    );
+    kept.write_all(b"GET /cgi-bin/x HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let answer = read_until_quiet(&mut kept, Duration::from_millis(500));
+    assert!(answer.starts_with("HTTP/1.1 200"), "reused: {answer}");
+    assert!(
+        closed_within(&mut kept, Duration::from_secs(10)),
+        "closed after idle_timeout"
+    );
+}
+
+#[tokio::test]
+async fn a_trickled_body_is_answered_408() {
+    let up = RawUpstream::start();
+    let side = Sidecar::start_bare(&up.config("limits:\n  body_timeout: 1s\n")).await;
+    for path in [
+        "/cgi-bin/message/template/send",
+        "/cgi-bin/media/upload?type=image",
+    ] {
+        let mut s = TcpStream::connect(("127.0.0.1", side.port)).unwrap();
+        s.write_all(
+            format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\n\r\n{{").as_bytes(),
+        )
+        .unwrap();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(8) {
+            std::thread::sleep(Duration::from_millis(300));
+            if s.write_all(b" ").is_err() {
+                break;
+            }
+        }
+        let answer = read_until_quiet(&mut s, Duration::from_secs(2));
+        assert!(answer.starts_with("HTTP/1.1 408"), "{path}: {answer:?}");
+    }
+    assert!(
+        up.api_requests()
+            .iter()
+            .all(|r| !r.contains("template/send")),
+        "an incomplete JSON body never goes upstream"
+    );
+}
+
+#[tokio::test]
+async fn the_admin_listener_needs_its_token_except_for_probes() {
+    let up = RawUpstream::start();
+    let side = Sidecar::start_bare(&up.config(&format!(
+        "admin:\n  token: {ADMIN_TOKEN}\n  protect_metrics: true\n"
+    )))
+    .await;
+    let c = client();
+    for (method, path) in [
+        ("GET", "/status"),
+        ("GET", "/metrics"),
+        ("POST", "/refresh?account=raw"),
+        ("GET", "/debug/pprof/profile?seconds=1"),
+    ] {
+        let m: reqwest::Method = method.parse().unwrap();
+        let r = c.request(m.clone(), side.admin(path)).send().await.unwrap();
+        assert_eq!(r.status(), 401, "{path} without the token");
+        let r = c
+            .request(m.clone(), side.admin(path))
+            .bearer_auth("admin-token-0123456789abcdeX")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "{path} with a wrong token");
+    }
+    for path in ["/healthz", "/readyz"] {
+        let r = c.get(side.admin(path)).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path} stays open for the kubelet");
+    }
+    let r = c
+        .get(side.admin("/status"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = c
+        .get(side.admin("/metrics"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(!side.log().contains(ADMIN_TOKEN), "never logged");
+    assert_eq!(
+        up.token_fetches(),
+        1,
+        "no refresh happened without the token"
+    );
+}
+
+#[tokio::test]
+async fn forced_refreshes_never_burn_the_budget() {
+    let fake = Fake::start(&[]);
+    let side = Sidecar::start(
+        &fake,
+        &format!(
+            "{}{}token:\n  daily_budget: 6\n  budget_reserve: 3\nadmin:\n  refresh_interval: 300ms\n",
+            upstream(),
+            Sidecar::accounts("classic", "stable")
+        ),
+    )
+    .await;
+    let c = client();
+    let refresh = |account: &'static str| {
+        let c = c.clone();
+        let url = side.admin(&format!("/refresh?account={account}"));
+        async move {
+            let r = c.post(url).send().await.unwrap();
+            let status = r.status().as_u16();
+            let retry = r
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_string());
+            (status, retry, r.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, _, v) = refresh("shop").await;
+    assert_eq!(status, 200, "{v}");
+    // Too soon for the same account: 429 at once, with the wait.
+    let (status, retry, v) = refresh("shop").await;
+    assert_eq!(status, 429, "{v}");
+    assert_eq!(v["errcode"], 45011);
+    assert!(
+        retry.is_some_and(|s| s == "1"),
+        "Retry-After in whole seconds"
+    );
+    // Another account has its own spacing.
+    let (status, _, v) = refresh("mall").await;
+    assert_eq!(status, 200, "{v}");
+    // Past the spacing, another; then the reserve holds: 6 - 3 = 3 left, kept.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (status, _, v) = refresh("shop").await;
+    assert_eq!(status, 200, "{v}");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (status, _, v) = refresh("shop").await;
+    assert_eq!(status, 429, "{v}");
+    assert_eq!(v["errcode"], 45009);
+    assert!(
+        v["errmsg"].as_str().unwrap().contains("budget_reserve"),
+        "{v}"
+    );
+    // A storm of refreshes (within max_admin_connections): every one
+    // answered at once, none reaches WeChat.
+    let storm: Vec<_> = (0..40).map(|_| refresh("shop")).collect();
+    for (status, _, v) in futures_util::future::join_all(storm).await {
+        assert_eq!(status, 429, "{v}");
+    }
+    assert_eq!(
+        fake.fetches(SHOP_APPID).await,
+        3,
+        "start + two forced refreshes"
+    );
+    let st = side.status().await;
+    let shop = &st["accounts"][0];
+    assert_eq!(shop["budget_left"], 3, "{shop}");
+    // An unknown account is a 404 that names no account.
+    let r = c
+        .post(side.admin("/refresh?account=nobody"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let text = r.text().await.unwrap();
+    assert!(!text.contains("shop") && !text.contains("mall"), "{text}");
+}

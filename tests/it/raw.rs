@@ -1,0 +1,211 @@
+//! Raw sockets on both sides of the sidecar: a client that writes exact
+//! bytes (framing, pipelining, slow senders), and a plain-HTTP upstream that
+//! logs exactly what reached it and misbehaves on request.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::support::free_port;
+
+/// The token the raw upstream hands out.
+pub const RAW_TOKEN: &str = "rawtoken0123456789abcdef";
+pub const RAW_APPID: &str = "wxraw00000000001";
+pub const RAW_SECRET: &str = "raw-secret-0123456789";
+
+/// Writes `request` to the sidecar at `port` and reads until the peer
+/// closes or nothing more arrives for `quiet`.
+pub fn exchange(port: u16, request: &[u8], quiet: Duration) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(request).unwrap();
+    read_until_quiet(&mut s, quiet)
+}
+
+/// Reads what arrives until EOF, an error, or `quiet` without a byte.
+pub fn read_until_quiet(s: &mut TcpStream, quiet: Duration) -> String {
+    s.set_read_timeout(Some(quiet)).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 65536];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether the peer has closed `s` (reads EOF or a reset within `within`).
+pub fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut b = [0u8; 1024];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                return false
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+/// The status codes of every answer in a raw HTTP/1.1 byte stream.
+pub fn statuses(raw: &str) -> Vec<u16> {
+    raw.match_indices("HTTP/1.1 ")
+        .filter_map(|(i, _)| raw.get(i + 9..i + 12)?.parse().ok())
+        .collect()
+}
+
+/// A plain-HTTP/1.1 upstream on loopback that records every request as it
+/// arrived (head and body bytes) and answers by path:
+/// - the token endpoints: [`RAW_TOKEN`] for 7200 s;
+/// - `/redirect…`: 302 to a `Location` that keeps the request's query;
+/// - `/echo…`: 200 with the request target in the body;
+/// - `/flood…`: 1,000 `100 Continue` answers, then 200;
+/// - anything else: `{"errcode":0,"errmsg":"ok"}`.
+pub struct RawUpstream {
+    pub port: u16,
+    pub seen: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl RawUpstream {
+    pub fn start() -> RawUpstream {
+        let port = free_port();
+        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (seen2, stop2) = (seen.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop2.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((s, _)) => {
+                        let seen = seen2.clone();
+                        std::thread::spawn(move || serve(s, seen));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        RawUpstream { port, seen, stop }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Requests seen other than token fetches.
+    pub fn api_requests(&self) -> Vec<String> {
+        self.seen
+            .lock()
+            .iter()
+            .filter(|r| !r.contains("/cgi-bin/stable_token") && !r.contains("/cgi-bin/token?"))
+            .cloned()
+            .collect()
+    }
+
+    /// Token fetches seen.
+    pub fn token_fetches(&self) -> usize {
+        self.seen
+            .lock()
+            .iter()
+            .filter(|r| r.contains("stable_token"))
+            .count()
+    }
+
+    /// The sidecar config for this upstream with one account, plus `extra`.
+    pub fn config(&self, extra: &str) -> String {
+        format!(
+            "upstream:\n  url: {}\n  http2: false\n  warm_connections: 0\naccounts:\n  - name: raw\n    appid: {RAW_APPID}\n    secret: {RAW_SECRET}\n{extra}",
+            self.url()
+        )
+    }
+}
+
+impl Drop for RawUpstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn serve(mut s: TcpStream, seen: Arc<Mutex<Vec<String>>>) {
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut chunk = [0u8; 65536];
+    loop {
+        // One head.
+        let end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            match s.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        let len = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse::<usize>().ok())?
+            })
+            .unwrap_or(0);
+        while buf.len() < end + len {
+            match s.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let request: Vec<u8> = buf.drain(..end + len).collect();
+        let text = String::from_utf8_lossy(&request).into_owned();
+        seen.lock().push(text);
+        let target = head.split(' ').nth(1).unwrap_or("/").to_string();
+        let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+        let mut out = Vec::new();
+        let mut extra = String::new();
+        let (status, body) = if path.contains("token") {
+            (
+                200,
+                format!(r#"{{"access_token":"{RAW_TOKEN}","expires_in":7200}}"#),
+            )
+        } else if path.contains("/redirect") {
+            extra = format!("Location: https://elsewhere.example/landing?{query}\r\n");
+            (302, r#"{"errcode":0,"errmsg":"moved"}"#.to_string())
+        } else if path.contains("/echo") {
+            (
+                200,
+                serde_json::json!({"errcode":0,"errmsg":"ok","target":target}).to_string(),
+            )
+        } else if path.contains("/flood") {
+            for _ in 0..1000 {
+                out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+            }
+            (200, r#"{"errcode":0,"errmsg":"ok"}"#.to_string())
+        } else {
+            (200, r#"{"errcode":0,"errmsg":"ok"}"#.to_string())
+        };
+        out.extend_from_slice(
+            format!(
+                "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        );
+        if s.write_all(&out).is_err() {
+            return;
+        }
+    }
+}
