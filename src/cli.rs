@@ -80,6 +80,9 @@ enum CaCommand {
         /// Replace an existing CA (apps that trust the old one stop trusting the sidecar).
         #[arg(long)]
         force: bool,
+        /// DNS subtree the CA may sign for (X.509 name constraints); repeat for more.
+        #[arg(long = "permit", default_value = crate::intercept::ca::DEFAULT_PERMITTED_DOMAIN)]
+        permit: Vec<String>,
     },
 }
 
@@ -168,8 +171,8 @@ pub fn main() -> i32 {
             logging::init(cli.log_format.unwrap_or(LogFormat::Pretty));
             demo::run(d)
         }
-        Command::Ca(CaCommand::Init { out, force }) => {
-            match crate::intercept::ca::init(&out, force) {
+        Command::Ca(CaCommand::Init { out, force, permit }) => {
+            match crate::intercept::ca::init(&out, force, &permit) {
                 Ok((cert, key)) => {
                     println!("wrote {} (trust this in the apps)", cert.display());
                     println!("wrote {} (mode 0600; the sidecar's secret)", key.display());

@@ -145,12 +145,15 @@ impl Prepared {
         let mut server = Server::new_with_opt_and_conf(opt, conf);
         server.bootstrap();
 
-        crate::guard::raise_nofile_limit();
+        let nofile = crate::guard::raise_nofile_limit();
         let app_limits = crate::guard::ConnLimits {
-            max: config.limits.max_connections,
+            max: crate::guard::fit_to_fd_limit(
+                config.limits.max_connections,
+                config.limits.max_admin_connections,
+                nofile,
+            ),
             header_timeout: config.limits.header_timeout,
             idle_timeout: config.limits.idle_timeout,
-            watch: true,
         };
         let mut proxy = ListeningService::new(
             "wxsidecar app listener".to_string(),
@@ -160,7 +163,7 @@ impl Prepared {
                 "app",
             ),
         );
-        proxy.add_tcp(&config.listen.to_string());
+        proxy.add_listener(plain_listener(config.listen));
         let forward = self.add_intercept_listeners(&mut proxy, &server.configuration);
         let app_service = Gated {
             inner: proxy,
@@ -179,7 +182,7 @@ impl Prepared {
             ),
         );
         admin.threads = Some(1);
-        admin.add_tcp(&config.admin_listen.to_string());
+        admin.add_listener(plain_listener(config.admin_listen));
 
         server.add_service(admin);
         server.add_service(app_service);
@@ -221,7 +224,7 @@ impl Prepared {
         &self,
         proxy: &mut ListeningService<crate::guard::Guarded<HttpProxy<Proxy>>>,
         conf: &Arc<ServerConf>,
-    ) -> Option<ListeningService<crate::guard::Guarded<crate::intercept::forward::ForwardProxy>>>
+    ) -> Option<ListeningService<crate::guard::Capped<crate::intercept::forward::ForwardProxy>>>
     {
         let (i, ic) = (
             self.app.intercept.as_ref()?,
@@ -238,7 +241,7 @@ impl Prepared {
             proxy.add_tls_with_settings(&addr.to_string(), None, tls_settings());
         }
         if let Some(addr) = ic.http_listen {
-            proxy.add_tcp(&addr.to_string());
+            proxy.add_listener(plain_listener(addr));
         }
         let addr = ic.proxy_listen?;
         let forward = crate::intercept::forward::ForwardProxy {
@@ -250,17 +253,12 @@ impl Prepared {
             resolver: i.resolver.clone(),
             tls: tls_settings().build(),
         };
-        let limits = &self.app.config.limits;
-        let guarded = crate::guard::Guarded::new(
+        // The forward proxy reads the raw socket (CONNECT, then TLS) and
+        // bounds the proxy head itself; the requests inside go through the
+        // same request path.
+        let guarded = crate::guard::Capped::new(
             forward,
-            // The forward proxy reads the raw socket (CONNECT, then TLS);
-            // it bounds the proxy head itself.
-            crate::guard::ConnLimits {
-                max: limits.max_connections,
-                header_timeout: limits.header_timeout,
-                idle_timeout: limits.idle_timeout,
-                watch: false,
-            },
+            self.app.config.limits.max_connections,
             "forward_proxy",
         );
         let mut service = ListeningService::new("wxsidecar forward proxy".to_string(), guarded);
@@ -268,6 +266,18 @@ impl Prepared {
         service.add_tcp(&addr.to_string());
         Some(service)
     }
+}
+
+/// The read buffer pingora puts under each accepted connection: its 64 KiB
+/// default is most of an idle connection's memory, and its HTTP parser
+/// reads into a buffer of its own anyway. Requests are small; media bodies
+/// stream through in whatever chunks the socket gives.
+const DEFAULT_L4_READ_BUFFER: usize = 0;
+
+/// A plain TCP listener with [`DEFAULT_L4_READ_BUFFER`].
+fn plain_listener(addr: std::net::SocketAddr) -> pingora::listeners::ListenerConfig {
+    pingora::listeners::ListenerConfig::tcp(addr.to_string())
+        .l4_buffer(pingora::listeners::L4BufferSettings::default().read(DEFAULT_L4_READ_BUFFER))
 }
 
 /// How often the shared store's health is checked.

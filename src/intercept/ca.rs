@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    KeyPair, KeyUsagePurpose,
+    GeneralSubtree, KeyPair, KeyUsagePurpose, NameConstraints,
 };
 use time::{Duration as TimeDuration, OffsetDateTime};
 
@@ -23,14 +23,26 @@ pub struct Leaf {
     pub not_after: SystemTime,
 }
 
-/// Makes a new CA: `(certificate PEM, key PEM)`.
-pub fn new_ca() -> Result<(String, String), rcgen::Error> {
-    // It signs leaves only, never another CA.
-    let ca = crate::certs::ca_params(
+/// The DNS subtree a new CA may sign for: every WeChat API host is under it.
+pub const DEFAULT_PERMITTED_DOMAIN: &str = "weixin.qq.com";
+
+/// Makes a new CA: `(certificate PEM, key PEM)`. It signs leaves only
+/// (`pathlen:0`), and only for names under `permitted` (X.509 name
+/// constraints): a leaked key cannot sign other sites for clients that
+/// honour constraints (rustls, Go, OpenSSL, browsers do).
+pub fn new_ca(permitted: &[String]) -> Result<(String, String), rcgen::Error> {
+    let mut ca = crate::certs::ca_params(
         CA_NAME,
         365 * DEFAULT_CA_YEARS,
         BasicConstraints::Constrained(0),
     )?;
+    ca.name_constraints = Some(NameConstraints {
+        permitted_subtrees: permitted
+            .iter()
+            .map(|d| GeneralSubtree::DnsName(d.clone()))
+            .collect(),
+        excluded_subtrees: Vec::new(),
+    });
     let key = KeyPair::generate()?;
     let cert = ca.self_signed(&key)?;
     Ok((cert.pem(), key.serialize_pem()))
@@ -38,7 +50,10 @@ pub fn new_ca() -> Result<(String, String), rcgen::Error> {
 
 /// `wxsidecar ca init --out DIR`: writes `ca.pem` and `ca-key.pem` (0600).
 /// Refuses to replace either unless `force`.
-pub fn init(out: &Path, force: bool) -> Result<(PathBuf, PathBuf), String> {
+pub fn init(out: &Path, force: bool, permitted: &[String]) -> Result<(PathBuf, PathBuf), String> {
+    if permitted.is_empty() {
+        return Err("give at least one --permit domain (default weixin.qq.com)".into());
+    }
     let cert_path = out.join("ca.pem");
     let key_path = out.join("ca-key.pem");
     if !force {
@@ -52,7 +67,7 @@ pub fn init(out: &Path, force: bool) -> Result<(PathBuf, PathBuf), String> {
         }
     }
     std::fs::create_dir_all(out).map_err(|e| format!("creating {}: {e}", out.display()))?;
-    let (cert, key) = new_ca().map_err(|e| format!("making the CA: {e}"))?;
+    let (cert, key) = new_ca(permitted).map_err(|e| format!("making the CA: {e}"))?;
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let _ = std::fs::remove_file(&key_path);
@@ -67,6 +82,37 @@ pub fn init(out: &Path, force: bool) -> Result<(PathBuf, PathBuf), String> {
     std::fs::write(&cert_path, cert)
         .map_err(|e| format!("writing {}: {e}", cert_path.display()))?;
     Ok((cert_path, key_path))
+}
+
+/// The DNS subtrees a CA certificate's name constraints permit; `None`
+/// when it has no constraints (any name: weaker, but still accepted).
+pub fn permitted_domains(ca_cert_pem: &str) -> Result<Option<Vec<String>>, String> {
+    let der = pem::parse(ca_cert_pem).map_err(|e| format!("CA certificate unreadable: {e}"))?;
+    let (_, x509) = x509_parser::parse_x509_certificate(der.contents())
+        .map_err(|e| format!("CA certificate unreadable: {e}"))?;
+    let nc = x509
+        .name_constraints()
+        .map_err(|e| format!("CA name constraints unreadable: {e}"))?;
+    Ok(nc.map(|nc| {
+        nc.value
+            .permitted_subtrees
+            .iter()
+            .flatten()
+            .filter_map(|t| match t.base {
+                x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+                _ => None,
+            })
+            .collect()
+    }))
+}
+
+/// Whether `host` is `domain` or under it (name-constraint matching).
+pub fn within(host: &str, domain: &str) -> bool {
+    let (host, domain) = (
+        host.to_ascii_lowercase(),
+        domain.trim_start_matches('.').to_ascii_lowercase(),
+    );
+    host == domain || host.ends_with(&format!(".{domain}"))
 }
 
 /// Signs a leaf for exactly `hosts`, valid for `lifetime`, with the CA.
@@ -117,9 +163,57 @@ pub fn sign_leaf(
 mod tests {
     use super::*;
 
+    fn wechat() -> Vec<String> {
+        vec![DEFAULT_PERMITTED_DOMAIN.to_string()]
+    }
+
+    /// Whether a client that honours name constraints (rustls's webpki)
+    /// accepts `leaf` for `name` under `ca`.
+    fn verifies(ca: &str, leaf: &Leaf, name: &str) -> bool {
+        use tokio_rustls::rustls;
+        use tokio_rustls::rustls::client::danger::ServerCertVerifier;
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(pem::parse(ca).unwrap().contents().to_vec().into())
+            .unwrap();
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .unwrap();
+        verifier
+            .verify_server_cert(
+                &leaf.cert_der.clone().into(),
+                &[],
+                &rustls::pki_types::ServerName::try_from(name.to_string()).unwrap(),
+                &[],
+                rustls::pki_types::UnixTime::now(),
+            )
+            .is_ok()
+    }
+
+    #[test]
+    fn the_ca_can_sign_for_wechat_only() {
+        let (cert, key) = new_ca(&wechat()).unwrap();
+        assert_eq!(
+            permitted_domains(&cert).unwrap(),
+            Some(vec!["weixin.qq.com".to_string()])
+        );
+        let day = Duration::from_secs(86400);
+        let good = sign_leaf(&cert, &key, &["api.weixin.qq.com".into()], day).unwrap();
+        assert!(verifies(&cert, &good, "api.weixin.qq.com"));
+        // A leaked key signing another site: refused by the client.
+        let bad = sign_leaf(&cert, &key, &["bank.example.com".into()], day).unwrap();
+        assert!(!verifies(&cert, &bad, "bank.example.com"));
+        assert!(within("sh.api.weixin.qq.com", "weixin.qq.com"));
+        assert!(!within("weixin.qq.com.evil.com", "weixin.qq.com"));
+        assert!(!within("xweixin.qq.com", "weixin.qq.com"));
+    }
+
     #[test]
     fn leaf_covers_exactly_the_hosts_and_chains_to_the_ca() {
-        let (cert, key) = new_ca().unwrap();
+        let (cert, key) = new_ca(&wechat()).unwrap();
         let hosts = vec![
             "api.weixin.qq.com".to_string(),
             "qyapi.weixin.qq.com".into(),
@@ -147,8 +241,8 @@ mod tests {
 
     #[test]
     fn a_key_from_another_ca_is_refused() {
-        let (cert, _) = new_ca().unwrap();
-        let (_, other_key) = new_ca().unwrap();
+        let (cert, _) = new_ca(&wechat()).unwrap();
+        let (_, other_key) = new_ca(&wechat()).unwrap();
         let e = sign_leaf(
             &cert,
             &other_key,

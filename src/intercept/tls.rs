@@ -51,6 +51,23 @@ fn certified(leaf: ca::Leaf) -> Result<Current, String> {
 impl LeafResolver {
     /// Signs the first leaf.
     pub fn new(conf: &InterceptConfig) -> Result<Arc<Self>, String> {
+        match ca::permitted_domains(&conf.ca_cert_pem)? {
+            None => tracing::warn!(
+                "the intercept CA has no name constraints: a leaked key could sign any site; make a new one with `wxsidecar ca init` (it permits weixin.qq.com only)"
+            ),
+            Some(domains) => {
+                if let Some(h) = conf
+                    .hosts
+                    .iter()
+                    .find(|h| !domains.iter().any(|d| ca::within(h, d)))
+                {
+                    return Err(format!(
+                        "intercept.hosts: {h} is outside what the CA may sign for ({}); make a CA with `wxsidecar ca init --permit DOMAIN` for it",
+                        domains.join(", ")
+                    ));
+                }
+            }
+        }
         let current = certified(Self::sign(conf)?)?;
         Ok(Arc::new(LeafResolver {
             conf: conf.clone(),

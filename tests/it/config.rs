@@ -144,7 +144,7 @@ fn the_store_password_is_masked() {
 
 #[test]
 fn check_print_shows_the_effective_config_with_secrets_masked() {
-    let cfg = "accounts:\n  - name: shop\n    appid: wx0123456789abcdef\n    secret: ${WXT_PRINT_SECRET}\nclients:\n  tokens:\n    - {name: app, token: client-token-value-0123}\n";
+    let cfg = "accounts:\n  - name: shop\n    appid: wx0123456789abcdef\n    secret: ${WXT_PRINT_SECRET}\nclients:\n  tokens:\n    - {name: app, token: client-token-value-0123}\nadmin:\n  token: admin-token-value-0123456\n";
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c.yaml");
     std::fs::write(&path, cfg).unwrap();
@@ -164,10 +164,17 @@ fn check_print_shows_the_effective_config_with_secrets_masked() {
         "url: https://qyapi.weixin.qq.com",
         "token_api: stable",
         "secret: '***'",
+        "token: '***'",
+        "max_connections: 10000",
+        "header_timeout: 10s",
+        "answer_timeout: 180s",
+        "budget_reserve: 40",
+        "refresh_interval: 30s",
     ] {
         assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
     }
     assert!(!text.contains("print-secret-value-42") && !text.contains("client-token-value-0123"));
+    assert!(!text.contains("admin-token-value-0123456"));
     // It is YAML.
     let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
     assert_eq!(v["accounts"][0]["name"].as_str(), Some("shop"));
