@@ -5,7 +5,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # a C compiler, redis-server for the shared-store tests.
 DEPS := cmake:cmake cc:build-essential redis-server:redis-server curl:curl
 
-.PHONY: demo test bench install-deps install-bench-deps build fmt clippy
+.PHONY: demo test bench soak install-deps install-bench-deps build fmt clippy
 
 install-deps:
 	@missing=""; for d in $(DEPS); do cmd=$${d%%:*}; pkg=$${d##*:}; \
@@ -43,3 +43,11 @@ install-bench-deps: install-deps
 # Every benchmark, one report: BENCHMARKS.md (about 10 minutes).
 bench: install-bench-deps
 	benches/run-all.sh
+
+# Soak and abuse run against a release build (bounded: SOAK_SECONDS, 600 by
+# default): mixed traffic with revocations, resets and a Redis restart,
+# 10,000 idle and 200 slowloris connections, an admin refresh storm.
+SOAK_SECONDS ?= 600
+soak: install-deps
+	$(CARGO) build --release
+	python3 benches/soak.py --seconds $(SOAK_SECONDS)

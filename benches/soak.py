@@ -85,7 +85,7 @@ class Proc:
         return s
 
 
-def http(port, method, path, body=None, headers=None, timeout=20):
+def call(port, method, path, body=None, headers=None, timeout=20):
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         c.request(method, path, body=body, headers=headers or {})
@@ -178,7 +178,7 @@ accounts:
     side = subprocess.Popen([BIN, "run", "--config", config],
                             env={**os.environ, "RUST_LOG": "warn"}, stdout=log, stderr=log)
     procs.append(side)
-    wait_for(lambda: http(admin, "GET", "/readyz")[0] == 200, what="the sidecar")
+    wait_for(lambda: call(admin, "GET", "/readyz")[0] == 200, what="the sidecar")
     proc = Proc(side.pid)
     time.sleep(1)
     start = proc.sample("start")
@@ -309,11 +309,11 @@ accounts:
     before = fetches(fake_req)
     storm = {}
     for _ in range(300):
-        st, _ = http(admin, "POST", "/refresh?account=demo",
+        st, _ = call(admin, "POST", "/refresh?account=demo",
                      headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
         storm[st] = storm.get(st, 0) + 1
     storm_fetches = fetches(fake_req) - before
-    unauth = http(admin, "POST", "/refresh?account=demo")[0]
+    unauth = call(admin, "POST", "/refresh?account=demo")[0]
 
     while time.time() < deadline:
         time.sleep(1)

@@ -256,6 +256,12 @@ fn check(path: &std::path::Path, print: bool) -> i32 {
             ))
     );
     if let Some(i) = &c.intercept {
+        if matches!(
+            crate::intercept::ca::permitted_domains(&i.ca_cert_pem),
+            Ok(None)
+        ) {
+            println!("note: the intercept CA has no name constraints: a leaked key could sign any site; `wxsidecar ca init` makes one that permits weixin.qq.com only");
+        }
         let show = |a: Option<SocketAddr>| a.map_or("off".to_string(), |a| a.to_string());
         println!(
             "intercept:     https {} · http {} · proxy {} · hosts {} · CA {} (key not shown) · leaf {:?}",

@@ -403,6 +403,13 @@ fn ca_init_writes_a_p256_ca_and_will_not_overwrite_it() {
     let der = pem::parse(&pem).unwrap();
     let (_, cert) = x509_parser::parse_x509_certificate(der.contents()).unwrap();
     assert!(cert.is_ca());
+    // It may sign for WeChat's domain only, and no other CA.
+    assert_eq!(
+        wxsidecar::intercept::ca::permitted_domains(&pem).unwrap(),
+        Some(vec!["weixin.qq.com".to_string()])
+    );
+    let bc = cert.basic_constraints().unwrap().unwrap().value;
+    assert_eq!(bc.path_len_constraint, Some(0));
     assert!(
         cert.subject().to_string().contains("wxsidecar"),
         "{}",
@@ -519,4 +526,54 @@ fn intercept_config_errors_name_their_keys() {
         !err.contains(key.lines().nth(1).unwrap()),
         "no key material in errors"
     );
+}
+
+#[test]
+fn the_ca_must_cover_the_intercepted_hosts_and_a_ca_without_constraints_is_weaker() {
+    let check = |ca_dir: &std::path::Path| {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("c.yaml");
+        std::fs::write(
+            &path,
+            format!(
+                "accounts:\n  - {{name: a, appid: wx0123456789abcdef, secret: s}}\nintercept:\n  ca_cert: {}\n  ca_key: {}\n  https_listen: 127.0.0.1:{}\n",
+                ca_dir.join("ca.pem").display(),
+                ca_dir.join("ca-key.pem").display(),
+                free_port()
+            ),
+        )
+        .unwrap();
+        let out = Command::new(BIN)
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    // A CA for another domain cannot sign the WeChat hosts.
+    let other = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["ca", "init", "--permit", "example.com", "--out"])
+        .arg(other.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let (ok, text) = check(other.path());
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("intercept.hosts") && text.contains("--permit"),
+        "{text}"
+    );
+    // A CA without name constraints (made elsewhere) still works, noted as weaker.
+    let bare = tempfile::tempdir().unwrap();
+    let issued = wxsidecar::certs::issue("some CA", &["x.example".into()], 30, None).unwrap();
+    std::fs::write(bare.path().join("ca.pem"), &issued.ca_pem).unwrap();
+    std::fs::write(bare.path().join("ca-key.pem"), &issued.ca_key_pem).unwrap();
+    let (ok, text) = check(bare.path());
+    assert!(ok, "{text}");
+    assert!(text.contains("no name constraints"), "{text}");
 }

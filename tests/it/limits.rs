@@ -267,3 +267,100 @@ async fn forced_refreshes_never_burn_the_budget() {
     let text = r.text().await.unwrap();
     assert!(!text.contains("shop") && !text.contains("mall"), "{text}");
 }
+
+#[tokio::test]
+async fn under_a_low_open_file_limit_the_cap_holds_and_requests_are_served() {
+    let up = RawUpstream::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let config = dir.path().join("c.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin}\n{}",
+            up.config("")
+        ),
+    )
+    .unwrap();
+    // 600 files: the cap becomes 600 - 64 (admin) - 256 (reserve) = 280.
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n 600 && exec {BIN} run --config {}",
+            config.display()
+        ))
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("log")).unwrap())
+        .spawn()
+        .unwrap();
+    let c = client();
+    let deadline = Instant::now() + WAIT;
+    while c
+        .get(format!("http://127.0.0.1:{admin}/readyz"))
+        .send()
+        .await
+        .map_or(true, |r| r.status() != 200)
+    {
+        assert!(Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let held: Vec<TcpStream> = (0..400)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Over the cap: closed at once, not left hanging.
+    let mut late = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    assert!(closed_within(&mut late, Duration::from_secs(5)));
+    let refused = c
+        .get(format!("http://127.0.0.1:{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line = refused
+        .lines()
+        .find(|l| l.starts_with(r#"wxsidecar_connections_refused_total{listener="app"}"#))
+        .unwrap()
+        .to_string();
+    let n: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(n >= 100.0, "{line}");
+    // A held connection is served: the upstream still gets a socket.
+    let mut open = held
+        .into_iter()
+        .find_map(|mut s| {
+            s.write_all(b"GET /cgi-bin/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .ok()?;
+            let a = read_until_quiet(&mut s, Duration::from_secs(2));
+            a.starts_with("HTTP/1.1 200").then_some(a)
+        })
+        .expect("some held connection is served");
+    open.clear();
+    let log = std::fs::read_to_string(dir.path().join("log")).unwrap();
+    assert!(
+        log.contains("open-file limit"),
+        "the lowered cap is logged: {log}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[tokio::test]
+async fn a_trickled_answer_ends_at_the_answer_timeout() {
+    let up = RawUpstream::start();
+    let side = Sidecar::start_bare(
+        &up.config("")
+            .replace("  http2: false\n", "  http2: false\n  answer_timeout: 1s\n"),
+    )
+    .await;
+    let start = Instant::now();
+    let (status, v) = side.send("/slow/x", "{}").await;
+    assert_eq!(status, 504, "{v}");
+    assert_eq!(v["errcode"], -1, "{v}");
+    assert!(
+        start.elapsed() < Duration::from_secs(8),
+        "cut off before the 8 s the upstream would take"
+    );
+}

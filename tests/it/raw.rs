@@ -72,6 +72,7 @@ pub fn statuses(raw: &str) -> Vec<u16> {
 /// - `/redirect…`: 302 to a `Location` that keeps the request's query;
 /// - `/echo…`: 200 with the request target in the body;
 /// - `/flood…`: 1,000 `100 Continue` answers, then 200;
+/// - `/slow…`: a 40-byte answer trickled a byte every 200 ms;
 /// - anything else: `{"errcode":0,"errmsg":"ok"}`.
 pub struct RawUpstream {
     pub port: u16,
@@ -189,6 +190,20 @@ fn serve(mut s: TcpStream, seen: Arc<Mutex<Vec<String>>>) {
                 200,
                 serde_json::json!({"errcode":0,"errmsg":"ok","target":target}).to_string(),
             )
+        } else if path.contains("/slow") {
+            // A 40-byte answer, one byte every 200 ms.
+            let head =
+                "HTTP/1.1 200 X\r\nContent-Type: application/json\r\nContent-Length: 40\r\n\r\n";
+            if s.write_all(head.as_bytes()).is_err() {
+                return;
+            }
+            for _ in 0..40 {
+                std::thread::sleep(Duration::from_millis(200));
+                if s.write_all(b" ").is_err() {
+                    return;
+                }
+            }
+            continue;
         } else if path.contains("/flood") {
             for _ in 0..1000 {
                 out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
