@@ -32,14 +32,6 @@ cargo build --release
   echo
   cargo bench --bench replay_load 2>/dev/null | grep '^|'
   echo
-  echo "## E. Connections, abuse and memory (soak)"
-  echo
-  echo "\`benches/soak.py --seconds 300\` (\`make soak\` runs 600 s): fake WeChat over TLS with 2 % resets"
-  echo "before and 2 % after the send, revocations every 20 s, a Redis restart halfway, 10,000 idle and"
-  echo "200 slowloris connections, a POST /refresh storm; RSS and fds of the release sidecar."
-  echo
-  python3 benches/soak.py --seconds 300 2>/dev/null | grep '^|' || true
-  echo
   echo "## C. Replicas sharing one token through Redis"
   echo
   echo "\`cargo bench --bench replicas\`"
@@ -59,6 +51,14 @@ cargo build --release
   echo "| function | time |"
   echo "|---|---|"
   cargo bench --bench hot_path 2>/dev/null | awk '/time:/ { name=$0; sub(/ *time:.*/, "", name); if (name == "") name=prev; t=$0; sub(/.*time: *\[/, "", t); split(t, a, " "); printf "| %s | %s %s |\n", name, a[3], a[4] } { if ($0 !~ /time:/ && $0 !~ /^ *$/) prev=$0 }'
+  echo
+  echo "## E. Connections, abuse and memory (soak)"
+  echo
+  echo "\`benches/soak.py --seconds 300\` (\`make soak\` runs 600 s): fake WeChat over TLS with 2 % resets"
+  echo "before and 2 % after the send, revocations every 20 s, a Redis restart halfway, 10,000 idle and"
+  echo "200 slowloris connections, a POST /refresh storm; RSS and fds of the release sidecar."
+  echo
+  python3 benches/soak.py --seconds 300 2>/dev/null | grep '^|' || true
   echo
   # What the numbers say: written by hand from the runs, kept in benches/.
   cat benches/analysis.md

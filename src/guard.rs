@@ -140,20 +140,31 @@ fn has_pipelined_prefix(settings: &HttpPersistentSettings) -> bool {
     !format!("{settings:?}").contains("pipelined_prefix: None")
 }
 
+/// What waiting for the next request's first byte found.
+enum FirstByte {
+    /// A byte is there (and put back for the parser).
+    Came,
+    /// The stream cannot peek (TLS): the wait happens inside the parser.
+    CannotWait,
+    /// Nothing within the limit, the peer closed, or shutdown: close.
+    Close,
+}
+
 /// Waits for a first byte on `stream`, up to `limit`, or for shutdown.
-/// `false`: nothing came (or the peer closed): close the connection.
-async fn first_byte(stream: &mut Stream, limit: Duration, shutdown: &ShutdownWatch) -> bool {
+async fn first_byte(stream: &mut Stream, limit: Duration, shutdown: &ShutdownWatch) -> FirstByte {
     let mut shutdown = shutdown.clone();
     if *shutdown.borrow() {
-        return false;
+        return FirstByte::Close;
     }
     let mut byte = [0u8; 1];
     tokio::select! {
-        // A stream that cannot peek (TLS) answers Ok(false) at once.
-        peeked = tokio::time::timeout(limit, stream.try_peek(&mut byte)) => {
-            matches!(peeked, Ok(Ok(_)))
-        }
-        _ = shutdown.changed() => false,
+        peeked = tokio::time::timeout(limit, stream.try_peek(&mut byte)) => match peeked {
+            Ok(Ok(true)) => FirstByte::Came,
+            // A stream that cannot peek answers Ok(false) at once.
+            Ok(Ok(false)) => FirstByte::CannotWait,
+            _ => FirstByte::Close,
+        },
+        _ = shutdown.changed() => FirstByte::Close,
     }
 }
 
@@ -184,8 +195,14 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
             } else {
                 self.limits.header_timeout
             };
-            if !pipelined && !first_byte(&mut stream, wait, shutdown).await {
-                return None;
+            let mut head_limit = self.limits.header_timeout;
+            if !pipelined {
+                match first_byte(&mut stream, wait, shutdown).await {
+                    FirstByte::Came => {}
+                    // The head's clock then runs from here, wait included.
+                    FirstByte::CannotWait => head_limit += wait,
+                    FirstByte::Close => return None,
+                }
             }
             let mut session = ServerSession::new_http1(stream);
             match settings.take() {
@@ -211,7 +228,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
             tokio::pin!(work);
             let reused = tokio::select! {
                 reused = &mut work => reused,
-                _ = tokio::time::sleep(self.limits.header_timeout) => {
+                _ = tokio::time::sleep(head_limit) => {
                     if !head_done.load(Ordering::Relaxed) {
                         // The head is late: dropping the work closes the connection.
                         return None;
