@@ -63,7 +63,7 @@ enum Command {
     /// Run the fake WeChat server (for tests, demos and benchmarks).
     FakeWechat(FakeArgs),
     /// Start a fake WeChat and a sidecar for it, and print curl commands to try.
-    Demo(DemoArgs),
+    Demo(demo::DemoArgs),
     /// The local CA of transparent mode.
     #[command(subcommand)]
     Ca(CaCommand),
@@ -81,7 +81,7 @@ enum CaCommand {
         #[arg(long)]
         force: bool,
         /// DNS subtree the CA may sign for (X.509 name constraints); repeat for more.
-        #[arg(long = "permit", default_value = crate::intercept::ca::DEFAULT_PERMITTED_DOMAIN)]
+        #[arg(long = "permit", default_value = crate::certs::ca::DEFAULT_PERMITTED_DOMAIN)]
         permit: Vec<String>,
     },
 }
@@ -137,19 +137,6 @@ struct FakeArgs {
     faults: Option<String>,
 }
 
-#[derive(Args)]
-pub struct DemoArgs {
-    /// The sidecar's app listener.
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    pub listen: SocketAddr,
-    /// The sidecar's admin listener.
-    #[arg(long, default_value = "127.0.0.1:9901")]
-    pub admin_listen: SocketAddr,
-    /// The fake WeChat's listener.
-    #[arg(long, default_value = "127.0.0.1:9443")]
-    pub fake_listen: SocketAddr,
-}
-
 /// Runs the command line; returns the process exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
@@ -172,7 +159,7 @@ pub fn main() -> i32 {
             demo::run(d)
         }
         Command::Ca(CaCommand::Init { out, force, permit }) => {
-            match crate::intercept::ca::init(&out, force, &permit) {
+            match crate::certs::ca::init(&out, force, &permit) {
                 Ok((cert, key)) => {
                     println!("wrote {} (trust this in the apps)", cert.display());
                     println!("wrote {} (mode 0600; the sidecar's secret)", key.display());
@@ -251,13 +238,13 @@ fn check(path: &std::path::Path, print: bool) -> i32 {
         c.token
             .store
             .as_ref()
-            .map_or("memory".to_string(), |u| crate::token::store::mask_url(
+            .map_or("memory".to_string(), |u| crate::secret::mask_url(
                 u.expose()
             ))
     );
     if let Some(i) = &c.intercept {
         if matches!(
-            crate::intercept::ca::permitted_domains(&i.ca_cert_pem),
+            crate::certs::ca::permitted_domains(&i.ca_cert_pem),
             Ok(None)
         ) {
             println!("note: the intercept CA has no name constraints: a leaked key could sign any site; `wxsidecar ca init` makes one that permits weixin.qq.com only");

@@ -11,44 +11,14 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::Instant;
 
-use ipnet::IpNet;
 use parking_lot::Mutex;
-
-use crate::secret::Secret;
 
 /// Buckets of clients not seen for this long are dropped when the map grows.
 const DEFAULT_BUCKET_IDLE_SECS: f64 = 60.0;
 /// Past this many tracked clients, idle buckets are swept.
 const DEFAULT_MAX_BUCKETS: usize = 10_000;
 
-/// Requests per second with a burst.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Limit {
-    pub rps: f64,
-    pub burst: f64,
-}
-
-#[derive(Debug, Clone)]
-pub struct ClientToken {
-    pub name: String,
-    pub token: Secret,
-    /// `None`: every account.
-    pub accounts: Option<Vec<String>>,
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct ClientsConfig {
-    pub allow: Vec<IpNet>,
-    pub tokens: Vec<ClientToken>,
-    pub per_client: Option<Limit>,
-    pub per_account: Option<Limit>,
-}
-
-impl ClientsConfig {
-    pub fn restricts(&self) -> bool {
-        !self.allow.is_empty() || !self.tokens.is_empty()
-    }
-}
+pub use crate::config::{ClientToken, ClientsConfig, Limit};
 
 /// Why a caller was turned away.
 #[derive(Debug, thiserror::Error)]
@@ -243,6 +213,7 @@ impl Clients {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::secret::Secret;
 
     fn clients(conf: ClientsConfig) -> Clients {
         Clients::new(conf)

@@ -3,13 +3,29 @@
 
 use std::time::Duration;
 
-use crate::cli::DemoArgs;
+use std::net::SocketAddr;
+
 use crate::config::Config;
 use crate::fake::{self, FakeOptions, DEMO_APPID, DEMO_SECRET};
 use crate::server;
+use clap::Args;
 
 /// How long to wait for the demo sidecar's first token before giving up.
 const DEFAULT_READY_WAIT: Duration = Duration::from_secs(30);
+
+/// `wxsidecar demo`'s options.
+#[derive(Args)]
+pub struct DemoArgs {
+    /// The sidecar's app listener.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// The sidecar's admin listener.
+    #[arg(long, default_value = "127.0.0.1:9901")]
+    pub admin_listen: SocketAddr,
+    /// The fake WeChat's listener.
+    #[arg(long, default_value = "127.0.0.1:9443")]
+    pub fake_listen: SocketAddr,
+}
 
 pub fn run(args: DemoArgs) -> i32 {
     let dir = std::env::temp_dir().join("wxsidecar-demo");

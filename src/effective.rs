@@ -92,7 +92,7 @@ pub fn yaml(c: &Config) -> String {
             "daily_budget": t.daily_budget,
             "budget_reserve": t.budget_reserve,
             "failed_retry": dur(t.failed_retry),
-            "store": t.store.as_ref().map_or("memory".to_string(), |s| crate::token::store::mask_url(s.expose())),
+            "store": t.store.as_ref().map_or("memory".to_string(), |s| crate::secret::mask_url(s.expose())),
             "store_prefix": t.store_prefix,
             "on_store_error": t.on_store_error.map(|p| format!("{p:?}").to_lowercase()),
             "store_lock_ttl": dur(t.store_lock_ttl),

@@ -12,27 +12,14 @@ use bytes::Bytes;
 use serde::Deserialize;
 
 use crate::account::Account;
-use crate::app::App;
+use crate::account::Accounts;
 use crate::query;
+pub use crate::refusal::Refusal;
 use crate::token::Token;
 
 /// `force_refresh: true` from an app refreshes only a token at least this
 /// old: WeChat's own spacing for forced refreshes.
 pub const FORCE_REFRESH_MIN_AGE: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// A WeChat-style refusal: HTTP 200 with an errcode, as WeChat does.
-pub struct Refusal {
-    pub errcode: i64,
-    pub errmsg: &'static str,
-}
-
-impl Refusal {
-    pub fn body(&self) -> Bytes {
-        Bytes::from(
-            serde_json::json!({ "errcode": self.errcode, "errmsg": self.errmsg }).to_string(),
-        )
-    }
-}
 
 /// The credentials an app presents to a token endpoint.
 #[derive(Default, Deserialize)]
@@ -57,7 +44,10 @@ impl Credentials {
 }
 
 /// Checks credentials the way WeChat does and finds the account.
-pub fn authenticate<'a>(app: &'a App, c: &Credentials) -> Result<&'a Arc<Account>, Refusal> {
+pub fn authenticate<'a>(
+    accounts: &'a Accounts,
+    c: &Credentials,
+) -> Result<&'a Arc<Account>, Refusal> {
     let appid = c
         .appid
         .as_deref()
@@ -66,7 +56,7 @@ pub fn authenticate<'a>(app: &'a App, c: &Credentials) -> Result<&'a Arc<Account
             errcode: 41002,
             errmsg: "appid missing",
         })?;
-    let account = app.accounts.by_appid(appid).ok_or(Refusal {
+    let account = accounts.by_appid(appid).ok_or(Refusal {
         errcode: 40013,
         errmsg: "invalid appid",
     })?;
@@ -95,14 +85,17 @@ pub fn authenticate<'a>(app: &'a App, c: &Credentials) -> Result<&'a Arc<Account
 
 /// Checks a WeCom `gettoken` request (corpid + corpsecret) like WeCom does
 /// and finds the account: one per app secret in the corp.
-pub fn authenticate_wecom<'a>(app: &'a App, query: &str) -> Result<&'a Arc<Account>, Refusal> {
+pub fn authenticate_wecom<'a>(
+    accounts: &'a Accounts,
+    query: &str,
+) -> Result<&'a Arc<Account>, Refusal> {
     let corpid = query::param(query, "corpid")
         .filter(|s| !s.is_empty())
         .ok_or(Refusal {
             errcode: 41002,
             errmsg: "corpid missing",
         })?;
-    let accounts = app.accounts.by_corpid(&corpid);
+    let accounts = accounts.by_corpid(&corpid);
     if accounts.is_empty() {
         return Err(Refusal {
             errcode: 40013,

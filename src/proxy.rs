@@ -370,7 +370,7 @@ impl Proxy {
         }
         self.admit_account(ctx, account)?;
         ctx.account = Some(account.name.clone());
-        let cell = ticket::cell(&self.app, account, kind);
+        let cell = crate::refresh::ticket_cell(&self.app, account, kind);
         let ticket = self.valid_from(cell, &account.name, kind.what()).await?;
         Ok((account.clone(), ticket))
     }
@@ -792,8 +792,8 @@ impl Proxy {
             _ => Some(Credentials::from_query(&query)),
         };
         let authenticated = match &creds {
-            None => local::authenticate_wecom(&self.app, &query),
-            Some(c) => local::authenticate(&self.app, c),
+            None => local::authenticate_wecom(&self.app.accounts, &query),
+            Some(c) => local::authenticate(&self.app.accounts, c),
         };
         let account = match authenticated {
             Ok(a) => {

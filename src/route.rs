@@ -46,7 +46,7 @@ const SIGNATURE_HEADER: &str = "wechatmp-signature";
 /// ignoring ASCII case: whatever spelling WeChat might accept for a token
 /// endpoint or an untouched path is treated as that path.
 pub fn classify(req: &RequestHeader) -> Route {
-    let path = route_key(req.uri.path());
+    let path = crate::target::route_key(req.uri.path());
     if let Some(local) = classify_path(path) {
         return local;
     }
@@ -66,19 +66,9 @@ pub fn classify(req: &RequestHeader) -> Route {
     Route::Api
 }
 
-/// The part of a normalised path routes are chosen on: one trailing `/`
-/// cut off, so `/cgi-bin/token/` is the token endpoint (path parameters,
-/// `;x`, never get this far: [`crate::target::normalise`] refuses them).
-pub fn route_key(path: &str) -> &str {
-    match path.strip_suffix('/') {
-        Some(p) if !p.is_empty() => p,
-        _ => path,
-    }
-}
-
 /// The routes answered locally, decided by the path alone.
 pub fn classify_path(path: &str) -> Option<Route> {
-    let path = route_key(path);
+    let path = crate::target::route_key(path);
     let is = |p: &str| path.eq_ignore_ascii_case(p);
     if is("/cgi-bin/token") {
         Some(Route::LocalClassicToken)

@@ -42,6 +42,18 @@ pub fn mask_in(text: &str, secret: &str) -> String {
     out
 }
 
+/// `redis://:***@host:port/db`: the URL with any password masked.
+pub fn mask_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        Err(_) => "(unparsable URL)".into(),
+    }
+}
+
 /// Byte comparison whose time depends only on the lengths.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {

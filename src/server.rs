@@ -25,7 +25,7 @@ use crate::config::{AccountKind, Config};
 use crate::failover::Upstreams;
 use crate::lifecycle::Signals;
 use crate::proxy::Proxy;
-use crate::token::refresher::{self, Subject};
+use crate::refresh::{self as refresher, Subject};
 use crate::token::store::{Record, RedisStore};
 use crate::upstream::{self, DEFAULT_POOL_SIZE};
 
@@ -224,8 +224,7 @@ impl Prepared {
         &self,
         proxy: &mut ListeningService<crate::guard::Guarded<HttpProxy<Proxy>>>,
         conf: &Arc<ServerConf>,
-    ) -> Option<ListeningService<crate::guard::Capped<crate::intercept::forward::ForwardProxy>>>
-    {
+    ) -> Option<ListeningService<crate::guard::Capped<crate::forward::ForwardProxy>>> {
         let (i, ic) = (
             self.app.intercept.as_ref()?,
             self.app.config.intercept.as_ref()?,
@@ -244,7 +243,7 @@ impl Prepared {
             proxy.add_listener(plain_listener(addr));
         }
         let addr = ic.proxy_listen?;
-        let forward = crate::intercept::forward::ForwardProxy {
+        let forward = crate::forward::ForwardProxy {
             app: self.app.clone(),
             http: Arc::new(pingora::proxy::http_proxy(
                 conf,

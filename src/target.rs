@@ -101,6 +101,16 @@ fn is_unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
+/// The part of a normalised path routes are chosen on: one trailing `/`
+/// cut off, so `/cgi-bin/token/` is the token endpoint (path parameters,
+/// `;x`, never get this far: [`normalise`] refuses them).
+pub fn route_key(path: &str) -> &str {
+    match path.strip_suffix('/') {
+        Some(p) if !p.is_empty() => p,
+        _ => path,
+    }
+}
+
 /// The methods WeChat's server API takes; anything else never goes upstream
 /// (`TRACE` would echo our token back to the app).
 pub fn method_allowed(method: &http::Method) -> bool {
@@ -133,7 +143,7 @@ pub const SECRET_PREFIXES: &[&str] = &["/cgi-bin/component/"];
 
 /// Whether `path` (normalised) is one WeChat takes an appsecret on.
 pub fn takes_secret(path: &str) -> bool {
-    let path = crate::route::route_key(path);
+    let path = route_key(path);
     SECRET_PATHS.iter().any(|p| path.eq_ignore_ascii_case(p))
         || SECRET_PREFIXES
             .iter()

@@ -5,9 +5,6 @@
 //! local CA the apps trust, covering only the intercepted hosts; then the
 //! request goes down the same path as on the plain listener.
 
-pub mod ca;
-pub mod config;
-pub mod forward;
 pub mod loopcheck;
 pub mod tls;
 

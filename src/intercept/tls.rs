@@ -11,8 +11,8 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs
 use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
 use tokio_rustls::rustls::sign::CertifiedKey;
 
-use super::ca;
-use super::config::InterceptConfig;
+use crate::certs::ca;
+use crate::config::intercept::InterceptConfig;
 
 /// After a failed re-sign, try again this soon (the old leaf still works).
 const DEFAULT_RESIGN_RETRY: Duration = Duration::from_secs(60);
@@ -68,7 +68,11 @@ impl LeafResolver {
                 }
             }
         }
-        let current = certified(Self::sign(conf)?)?;
+        // A key that does not match the certificate, or an unreadable one,
+        // is a configuration error: reported before anything listens.
+        let leaf = Self::sign(conf)
+            .map_err(|e| format!("intercept.ca_cert / ca_key ({}): {e}", conf.ca_source))?;
+        let current = certified(leaf)?;
         Ok(Arc::new(LeafResolver {
             conf: conf.clone(),
             current: ArcSwap::from_pointee(current),

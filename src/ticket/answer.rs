@@ -7,8 +7,8 @@ use bytes::Bytes;
 
 use super::TicketKind;
 use crate::config::AccountKind;
-use crate::local::Refusal;
 use crate::query;
+use crate::refusal::Refusal;
 use crate::token::Token;
 
 /// Which family's ticket of which type a request to a ticket path asks for.

@@ -8,14 +8,10 @@
 //! them independent. Nothing here logs a ticket.
 
 pub mod answer;
-pub mod source;
 
 use std::sync::{Arc, OnceLock};
 
-use crate::account::Account;
-use crate::app::App;
 use crate::config::AccountKind;
-use crate::token::refresher::{self, Subject};
 use crate::token::TokenCell;
 
 /// The tickets WeChat issues.
@@ -86,36 +82,25 @@ impl Tickets {
         self.cells[kind.slot()].get()
     }
 
+    /// The cell of a ticket, made now if it is not in use yet; `true` when
+    /// it was made by this call (its refresher must then be started).
+    pub fn get_or_make(&self, kind: TicketKind) -> (&Arc<TokenCell>, bool) {
+        let slot = &self.cells[kind.slot()];
+        if let Some(c) = slot.get() {
+            return (c, false);
+        }
+        let mut made = false;
+        let c = slot.get_or_init(|| {
+            made = true;
+            Arc::new(TokenCell::for_ticket())
+        });
+        (c, made)
+    }
+
     /// The tickets in use, for `/status`, `/metrics` and the store watcher.
     pub fn in_use(&self) -> impl Iterator<Item = (TicketKind, &Arc<TokenCell>)> {
         TicketKind::ALL
             .into_iter()
             .filter_map(|k| self.get(k).map(|c| (k, c)))
     }
-}
-
-/// The cell for `account`'s ticket of `kind`, starting its refresher the
-/// first time it is asked for. Call from within the app's runtime.
-pub fn cell<'a>(app: &App, account: &'a Arc<Account>, kind: TicketKind) -> &'a Arc<TokenCell> {
-    let slot = &account.tickets.cells[kind.slot()];
-    if let Some(c) = slot.get() {
-        return c;
-    }
-    let mut made = false;
-    let c = slot.get_or_init(|| {
-        made = true;
-        Arc::new(TokenCell::for_ticket())
-    });
-    if made {
-        crate::metrics::init_ticket(&account.name, kind.as_str());
-        tracing::info!(account = %account.name, ticket = kind.as_str(), "first use of a ticket; fetching it");
-        tokio::spawn(refresher::run(
-            account.clone(),
-            Subject::Ticket(kind),
-            app.upstream_for(account.kind).clone(),
-            app.config.token.clone(),
-            app.store.clone(),
-        ));
-    }
-    c
 }

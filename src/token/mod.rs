@@ -6,8 +6,6 @@
 //! no await. Only the account's refresher ([`refresher`]) writes, so at most
 //! one fetch per account is ever in flight. Nothing here logs a token.
 
-pub mod refresher;
-pub mod source;
 pub mod store;
 
 use std::sync::atomic::{AtomicBool, Ordering};

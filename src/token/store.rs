@@ -133,18 +133,6 @@ pub struct RedisStore {
     last_error: Mutex<Option<String>>,
 }
 
-/// `redis://:***@host:port/db`: the URL with any password masked.
-pub fn mask_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        Ok(u) => u.to_string(),
-        Err(_) => "(unparsable URL)".into(),
-    }
-}
-
 fn replica_id() -> String {
     let host = std::env::var("HOSTNAME")
         .ok()
@@ -157,12 +145,16 @@ fn replica_id() -> String {
 
 impl RedisStore {
     pub fn new(url: &str, prefix: &str) -> Result<Arc<Self>, String> {
-        let client = redis::Client::open(url)
-            .map_err(|e| format!("token.store: {} is not a Redis URL: {e}", mask_url(url)))?;
+        let client = redis::Client::open(url).map_err(|e| {
+            format!(
+                "token.store: {} is not a Redis URL: {e}",
+                crate::secret::mask_url(url)
+            )
+        })?;
         Ok(Arc::new(RedisStore {
             client,
             conn: tokio::sync::Mutex::new(None),
-            shown_url: mask_url(url),
+            shown_url: crate::secret::mask_url(url),
             prefix: prefix.to_string(),
             replica: replica_id(),
             healthy: AtomicBool::new(true),

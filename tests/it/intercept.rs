@@ -405,7 +405,7 @@ fn ca_init_writes_a_p256_ca_and_will_not_overwrite_it() {
     assert!(cert.is_ca());
     // It may sign for WeChat's domain only, and no other CA.
     assert_eq!(
-        wxsidecar::intercept::ca::permitted_domains(&pem).unwrap(),
+        wxsidecar::certs::ca::permitted_domains(&pem).unwrap(),
         Some(vec!["weixin.qq.com".to_string()])
     );
     let bc = cert.basic_constraints().unwrap().unwrap().value;

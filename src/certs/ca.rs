@@ -31,7 +31,7 @@ pub const DEFAULT_PERMITTED_DOMAIN: &str = "weixin.qq.com";
 /// constraints): a leaked key cannot sign other sites for clients that
 /// honour constraints (rustls, Go, OpenSSL, browsers do).
 pub fn new_ca(permitted: &[String]) -> Result<(String, String), rcgen::Error> {
-    let mut ca = crate::certs::ca_params(
+    let mut ca = super::ca_params(
         CA_NAME,
         365 * DEFAULT_CA_YEARS,
         BasicConstraints::Constrained(0),

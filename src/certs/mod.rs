@@ -1,6 +1,8 @@
 //! Certificates made at run time: a CA and a leaf it signs (the fake WeChat's
 //! TLS identity; later the transparent mode's local CA). ECDSA P-256.
 
+pub mod ca;
+
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose,

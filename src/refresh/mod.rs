@@ -4,7 +4,7 @@
 //! It fetches at start, then again when the token is due (`refresh_before`
 //! ahead of expiry, at most half the lifetime), or at once when the request
 //! path reports the *current* token invalid (compare-and-refresh, see
-//! [`super::TokenCell::report_invalid`]). Failures retry with capped
+//! [`crate::token::TokenCell::report_invalid`]). Failures retry with capped
 //! exponential backoff and jitter while the old token lasts; hard failures
 //! wait `token.failed_retry`; every fetch is counted against the daily budget.
 //! Because one task per account does all fetching, there is never more than
@@ -16,15 +16,18 @@ use std::time::{Duration, Instant, SystemTime};
 
 use rand::Rng;
 
-use super::source::{self, FetchError};
-use super::store::{Lock, Record, RedisStore};
-use super::{until_next_wechat_day, StoreOutcome};
+pub mod ticket;
+pub mod token;
+
+use self::token::FetchError;
 use crate::account::Account;
 use crate::config::{AccountKind, OnStoreError, TokenApi, TokenConfig};
 use crate::failover::Upstreams;
 use crate::metrics::{TICKET_FETCHES, TOKEN_FETCHES};
 use crate::ticket::TicketKind;
+use crate::token::store::{Lock, Record, RedisStore};
 use crate::token::TokenCell;
+use crate::token::{until_next_wechat_day, StoreOutcome};
 
 /// First retry after a failed fetch; doubles up to the cap.
 const DEFAULT_BACKOFF_FIRST: Duration = Duration::from_millis(500);
@@ -235,14 +238,14 @@ impl Refresher {
     /// One fetch from WeChat. A stable fetch that hands back the very token
     /// WeChat just rejected is repeated with `force_refresh: true`, as
     /// often as WeChat allows it.
-    async fn fetch_once(&mut self, bad: Option<&str>) -> Result<source::Fetched, FetchError> {
+    async fn fetch_once(&mut self, bad: Option<&str>) -> Result<self::token::Fetched, FetchError> {
         let account = self.account.clone();
         let upstream = self.upstream.clone();
         if let Subject::Ticket(kind) = self.subject {
             let wait = upstream.read_timeout();
-            return crate::ticket::source::fetch(&upstream, &account, kind, wait).await;
+            return self::ticket::fetch(&upstream, &account, kind, wait).await;
         }
-        let f = source::fetch(&upstream, &account, false).await?;
+        let f = self::token::fetch(&upstream, &account, false).await?;
         let may_force = account.token_api == TokenApi::Stable
             && account.kind == AccountKind::Official
             && self
@@ -251,12 +254,12 @@ impl Refresher {
         if bad == Some(f.value.as_str()) && may_force {
             tracing::info!(account = %account.name, "stable token unchanged after a rejection; forcing a new one");
             self.last_force = Some(Instant::now());
-            return source::fetch(&upstream, &account, true).await;
+            return self::token::fetch(&upstream, &account, true).await;
         }
         Ok(f)
     }
 
-    fn stored(&self, f: &source::Fetched, last_logged: &mut Option<i64>) -> StoreOutcome {
+    fn stored(&self, f: &self::token::Fetched, last_logged: &mut Option<i64>) -> StoreOutcome {
         let account = &self.account;
         self.count("ok");
         let outcome = self.cell().store(&f.value, f.expires_in);
@@ -353,7 +356,7 @@ impl Refresher {
                 }
                 Ok(Lock::Busy) => tokio::time::sleep(DEFAULT_STORE_POLL).await,
                 Ok(Lock::Held(lock)) => {
-                    let day = super::wechat_day(SystemTime::now());
+                    let day = crate::token::wechat_day(SystemTime::now());
                     match store
                         .spend_budget(&format!("{api}:{id}"), day, self.conf.daily_budget)
                         .await
@@ -432,6 +435,28 @@ fn log_failure(
         current_valid_for_s = ?still_valid,
         "{what} fetch failed"
     );
+}
+
+/// The cell for `account`'s ticket of `kind`, starting its refresher the
+/// first time it is asked for. Call from within the app's runtime.
+pub fn ticket_cell<'a>(
+    app: &crate::app::App,
+    account: &'a Arc<Account>,
+    kind: TicketKind,
+) -> &'a Arc<TokenCell> {
+    let (c, made) = account.tickets.get_or_make(kind);
+    if made {
+        crate::metrics::init_ticket(&account.name, kind.as_str());
+        tracing::info!(account = %account.name, ticket = kind.as_str(), "first use of a ticket; fetching it");
+        tokio::spawn(run(
+            account.clone(),
+            Subject::Ticket(kind),
+            app.upstream_for(account.kind).clone(),
+            app.config.token.clone(),
+            app.store.clone(),
+        ));
+    }
+    c
 }
 
 #[cfg(test)]

@@ -18,8 +18,8 @@ use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::tls::LeafResolver;
 use crate::app::App;
+use crate::intercept::tls::LeafResolver;
 use crate::proxy::Proxy;
 
 /// A proxy request head is a few hundred bytes.

@@ -8,13 +8,13 @@ use std::time::Duration;
 
 use pingora::http::RequestHeader;
 
-use super::TicketKind;
+use super::token::{exchange, FetchError, Fetched};
 use crate::account::Account;
 use crate::config::AccountKind;
 use crate::failover::Upstreams;
 use crate::inspect::INVALID_TOKEN;
 use crate::query;
-use crate::token::source::{exchange, FetchError, Fetched};
+use crate::ticket::TicketKind;
 
 /// Fetches `account`'s ticket of `kind`, waiting up to `wait` for a token.
 pub async fn fetch(

@@ -7,6 +7,10 @@
 //! `wxsidecar check` shows every mistake. Secrets are held in [`Secret`] and
 //! never appear in an error.
 
+pub mod clients;
+pub mod intercept;
+
+pub use clients::{ClientToken, ClientsConfig, Limit};
 use std::collections::HashSet;
 use std::fmt;
 use std::net::SocketAddr;
@@ -266,9 +270,9 @@ pub struct Config {
     pub wecom_upstream: UpstreamConfig,
     pub accounts: Vec<AccountConfig>,
     pub token: TokenConfig,
-    pub clients: crate::clients::ClientsConfig,
+    pub clients: ClientsConfig,
     /// Transparent mode (`intercept`), when configured.
-    pub intercept: Option<crate::intercept::config::InterceptConfig>,
+    pub intercept: Option<crate::config::intercept::InterceptConfig>,
 }
 
 /// Bounds on what apps and admin callers may hold (`limits.*`).
@@ -344,7 +348,7 @@ mod raw {
         pub accounts: Option<Vec<Account>>,
         pub token: Option<Token>,
         pub clients: Option<Clients>,
-        pub intercept: Option<crate::intercept::config::RawIntercept>,
+        pub intercept: Option<crate::config::intercept::RawIntercept>,
     }
 
     #[derive(Deserialize, Default)]
@@ -670,7 +674,7 @@ impl Config {
         );
         let intercept = raw
             .intercept
-            .and_then(|i| crate::intercept::config::parse(i, &mut problems));
+            .and_then(|i| crate::config::intercept::parse(i, &mut problems));
         if let Some(i) = &intercept {
             // /etc/hosts sends the WeChat hosts to us: resolve them from DNS.
             upstream.hosts_file = false;
@@ -727,7 +731,7 @@ impl Config {
                         Err(e) => {
                             problems.push(format!(
                                 "token.store: `{}` is not a valid Redis URL ({}); write redis://[:password@]host:port/db",
-                                crate::token::store::mask_url(&v),
+                                crate::secret::mask_url(&v),
                                 crate::secret::mask_in(&e, &v)
                             ));
                             None
@@ -737,7 +741,7 @@ impl Config {
                 Some(Some(v)) => {
                     problems.push(format!(
                         "token.store: `{}` is not memory or a redis:// / rediss:// URL",
-                        crate::token::store::mask_url(&v)
+                        crate::secret::mask_url(&v)
                     ));
                     None
                 }
@@ -768,7 +772,7 @@ impl Config {
         if token.store_prefix.is_empty() || token.store_prefix.contains(char::is_whitespace) {
             problems.push("token.store_prefix: must be non-empty, without spaces".into());
         }
-        let clients = parse_clients(raw.clients.unwrap_or_default(), &accounts, &mut problems);
+        let clients = clients::parse(raw.clients.unwrap_or_default(), &accounts, &mut problems);
         if !listen.ip().is_loopback() && !clients.restricts() {
             problems.push(format!(
                 "clients: listen {listen} is not on loopback, so say who may call: set clients.allow (CIDRs) and/or clients.tokens (bearer tokens)"
@@ -909,101 +913,6 @@ fn parse_admin(
         token,
         protect_metrics: raw.protect_metrics.unwrap_or(false),
         refresh_interval,
-    }
-}
-
-/// Parses `clients`: who may call, and how fast.
-fn parse_clients(
-    raw: raw::Clients,
-    accounts: &[AccountConfig],
-    problems: &mut Vec<String>,
-) -> crate::clients::ClientsConfig {
-    use crate::clients::{ClientToken, ClientsConfig, Limit};
-    let allow = raw
-        .allow
-        .unwrap_or_default()
-        .iter()
-        .enumerate()
-        .filter_map(|(i, a)| {
-            a.parse::<ipnet::IpNet>()
-                .or_else(|_| a.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-                .map_err(|_| {
-                    problems.push(format!(
-                        "clients.allow[{i}]: `{a}` is not a CIDR like 10.0.0.0/8 or an address"
-                    ))
-                })
-                .ok()
-        })
-        .collect();
-    let mut names = HashSet::new();
-    let tokens = raw
-        .tokens
-        .unwrap_or_default()
-        .into_iter()
-        .enumerate()
-        .filter_map(|(i, t)| {
-            let at = |k: &str| format!("clients.tokens[{i}].{k}");
-            let name = t.name.filter(|n| !n.is_empty()).unwrap_or_else(|| {
-                problems.push(format!("{}: missing; name the calling app", at("name")));
-                format!("#{i}")
-            });
-            if !names.insert(name.clone()) {
-                problems.push(format!("{}: `{name}` is used twice", at("name")));
-            }
-            let value = match (t.token, t.token_file) {
-                (Some(v), None) => expand_env(&at("token"), &v, problems),
-                (None, Some(f)) => expand_env(&at("token_file"), &f, problems).and_then(|p| {
-                    std::fs::read_to_string(&p)
-                        .map(|s| s.trim().to_string())
-                        .map_err(|e| {
-                            problems.push(format!("{}: cannot read {p}: {e}", at("token_file")))
-                        })
-                        .ok()
-                }),
-                _ => {
-                    problems.push(format!(
-                        "{}: set token or token_file (client `{name}`)",
-                        at("token")
-                    ));
-                    None
-                }
-            }?;
-            if value.len() < 16 {
-                problems.push(format!(
-                    "{}: too short (client `{name}`); use at least 16 random characters",
-                    at("token")
-                ));
-            }
-            for a in t.accounts.iter().flatten() {
-                if !accounts.iter().any(|acc| &acc.name == a) {
-                    problems.push(format!("{}: no account named `{a}`", at("accounts")));
-                }
-            }
-            Some(ClientToken {
-                name,
-                token: Secret::new(value),
-                accounts: t.accounts,
-            })
-        })
-        .collect();
-    let rate = raw.rate_limit.unwrap_or_default();
-    let limit = |key: &str, l: Option<raw::Limit>, problems: &mut Vec<String>| {
-        l.and_then(|l| {
-            let burst = l.burst.unwrap_or(l.rps.max(1.0));
-            if !(l.rps > 0.0 && burst >= 1.0) {
-                problems.push(format!(
-                    "clients.rate_limit.{key}: rps must be > 0 and burst >= 1"
-                ));
-                return None;
-            }
-            Some(Limit { rps: l.rps, burst })
-        })
-    };
-    ClientsConfig {
-        allow,
-        tokens,
-        per_client: limit("per_client", rate.per_client, problems),
-        per_account: limit("per_account", rate.per_account, problems),
     }
 }
 
