@@ -10,7 +10,9 @@
 # 256 connections; contenders alternate (A B C D A B C D ...) and each cell is
 # the median of RUNS runs. Prints Markdown.
 #
-# Usage: benches/proxy_bench.sh   (env: DURATION=3 RUNS=3 CONNS="1 16 64 256" MODES="plain tls")
+# Usage: benches/proxy_bench.sh   (env: DURATION=3 RUNS=3 CONNS="1 16 64 256" MODES="plain tls"
+#        BASELINE_BIN=path/to/older/wxsidecar adds it as contender "baseline", same config:
+#        before/after comparisons in the same blocks)
 # Needs: a release build, nginx, haproxy, wrk, openssl (make bench installs them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,7 +45,8 @@ openssl x509 -req -in "$dir/leaf.csr" -CA "$dir/cert.pem" -CAkey "$dir/ca-key.pe
   -days 2 -extfile "$dir/leaf.ext" -out "$dir/leaf.pem" 2>/dev/null
 
 UP=$(free_port); UPT=$(free_port); NG=$(free_port); HA=$(free_port); SC=$(free_port); SCA=$(free_port)
-SC2=$(free_port); SCA2=$(free_port)
+SC2=$(free_port); SCA2=$(free_port); SC3=$(free_port); SCA3=$(free_port)
+BASELINE_BIN=${BASELINE_BIN:-}
 
 # The canned upstream: 1 worker, as fast as nginx gets.
 mkdir -p "$dir/up" "$dir/ng"
@@ -134,6 +137,11 @@ accounts:
     secret: bench-secret
 EOF
   RUST_LOG=warn "$BIN" run --config "$dir/sc.yaml" 2>"$dir/sc.log" & SCPID=$!; pids+=($SCPID)
+  SC3PID=""
+  if [ -n "$BASELINE_BIN" ]; then
+    sed -e "s/127.0.0.1:$SC\$/127.0.0.1:$SC3/" -e "s/127.0.0.1:$SCA\$/127.0.0.1:$SCA3/" "$dir/sc.yaml" > "$dir/sc3.yaml"
+    RUST_LOG=warn "$BASELINE_BIN" run --config "$dir/sc3.yaml" 2>"$dir/sc3.log" & SC3PID=$!; pids+=($SC3PID)
+  fi
   SC2PID=""
   if [ "$1" = tls ]; then
     sed -e "s/127.0.0.1:$SC\$/127.0.0.1:$SC2/" -e "s/127.0.0.1:$SCA\$/127.0.0.1:$SCA2/" \
@@ -141,12 +149,12 @@ EOF
     RUST_LOG=warn "$BIN" run --config "$dir/sc2.yaml" 2>"$dir/sc2.log" & SC2PID=$!; pids+=($SC2PID)
   fi
   wait_port "$NG"; wait_port "$HA"; wait_port "$SC"
-  for a in $SCA ${SC2PID:+$SCA2}; do
+  for a in $SCA ${SC2PID:+$SCA2} ${SC3PID:+$SCA3}; do
     for i in $(seq 100); do curl -sf "http://127.0.0.1:$a/readyz" >/dev/null && break; sleep 0.1
       [ "$i" = 100 ] && { echo "wxsidecar never became ready:" >&2; cat "$dir"/sc*.log >&2; exit 1; }; done
   done
 }
-stop_contenders() { kill "$NGPID" "$HAPID" "$SCPID" $SC2PID 2>/dev/null || true; wait "$NGPID" "$HAPID" "$SCPID" $SC2PID 2>/dev/null || true; }
+stop_contenders() { kill "$NGPID" "$HAPID" "$SCPID" $SC2PID $SC3PID 2>/dev/null || true; wait "$NGPID" "$HAPID" "$SCPID" $SC2PID $SC3PID 2>/dev/null || true; }
 
 cat > "$dir/post.lua" <<'EOF'
 wrk.method = "POST"
@@ -167,11 +175,13 @@ for mode in $MODES; do
   for run in $(seq "$RUNS"); do
     for c in $CONNS; do
       contenders="direct wxsidecar nginx haproxy"; [ -n "$SC2PID" ] && contenders="$contenders wxsidecar-h2"
+      [ -n "$SC3PID" ] && contenders="$contenders baseline"
       for who in $contenders; do
         case $who in
           direct) url="http://127.0.0.1:$UP"; [ "$mode" = tls ] && url="https://localhost:$UPT"; procs="" ;;
           wxsidecar) url="http://127.0.0.1:$SC"; procs="$SCPID" ;;
           wxsidecar-h2) url="http://127.0.0.1:$SC2"; procs="$SC2PID" ;;
+          baseline) url="http://127.0.0.1:$SC3"; procs="$SC3PID" ;;
           nginx) url="http://127.0.0.1:$NG"; procs="$(children $NGPID)" ;;
           haproxy) url="http://127.0.0.1:$HA"; procs="$HAPID" ;;
         esac
@@ -220,7 +230,7 @@ for mode in ["plain", "tls"]:
     print("|---|---|---|---|---|---|---|---|---|")
     for c in sorted({k[2] for k in cells if k[0] == mode}):
         ng = med([r[0] for r in cells[(mode, "nginx", c)]])
-        for who in ["direct", "wxsidecar", "wxsidecar-h2", "nginx", "haproxy"]:
+        for who in ["direct", "wxsidecar", "baseline", "wxsidecar-h2", "nginx", "haproxy"]:
             rs = cells.get((mode, who, c), [])
             if not rs:
                 continue

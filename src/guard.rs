@@ -17,11 +17,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use once_cell::sync::Lazy;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
+use std::sync::LazyLock;
 use tokio::time::Instant;
 
 /// How often refusals are logged at most (they are counted every time).
@@ -35,7 +35,7 @@ pub struct ConnLimits {
     pub idle_timeout: Duration,
 }
 
-static EPOCH: Lazy<Instant> = Lazy::new(Instant::now);
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
 
 fn now_ms() -> u64 {
     EPOCH.elapsed().as_millis() as u64
@@ -140,32 +140,69 @@ fn has_pipelined_prefix(settings: &HttpPersistentSettings) -> bool {
     !format!("{settings:?}").contains("pipelined_prefix: None")
 }
 
-/// What waiting for the next request's first byte found.
-enum FirstByte {
-    /// A byte is there (and put back for the parser).
-    Came,
-    /// The stream cannot peek (TLS): the wait happens inside the parser.
+/// What waiting for the next request found.
+enum FirstRead {
+    /// Bytes came and were put back for the parser; `true` when they hold
+    /// the whole head (no head deadline needed).
+    Came(bool),
+    /// The stream is not a plain socket (TLS): the wait happens inside the
+    /// parser.
     CannotWait,
     /// Nothing within the limit, the peer closed, or shutdown: close.
     Close,
 }
 
-/// Waits for a first byte on `stream`, up to `limit`, or for shutdown.
-async fn first_byte(stream: &mut Stream, limit: Duration, shutdown: &ShutdownWatch) -> FirstByte {
-    let mut shutdown = shutdown.clone();
+/// How much of the next request the guard reads itself: one template send
+/// (head and body) fits, so the parser finds it all without another read.
+const DEFAULT_FIRST_READ: usize = 4096;
+
+thread_local! {
+    /// Scratch space for the first read, borrowed only inside one poll, so
+    /// an idle connection holds no buffer while it waits.
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0; DEFAULT_FIRST_READ].into_boxed_slice());
+}
+
+/// Waits for the next request's first bytes on a plain socket, up to
+/// `limit`, or for shutdown; reads them (one `recv`, as the parser would
+/// have) and puts them back on the stream for pingora's parser.
+async fn first_read(
+    stream: Stream,
+    limit: Duration,
+    shutdown: &ShutdownWatch,
+) -> (Stream, FirstRead) {
+    use pingora::protocols::l4::stream::Stream as L4Stream;
+    use tokio::io::{AsyncRead, ReadBuf};
     if *shutdown.borrow() {
-        return FirstByte::Close;
+        return (stream, FirstRead::Close);
     }
-    let mut byte = [0u8; 1];
-    tokio::select! {
-        peeked = tokio::time::timeout(limit, stream.try_peek(&mut byte)) => match peeked {
-            Ok(Ok(true)) => FirstByte::Came,
-            // A stream that cannot peek answers Ok(false) at once.
-            Ok(Ok(false)) => FirstByte::CannotWait,
-            _ => FirstByte::Close,
+    if !stream.as_any().is::<L4Stream>() {
+        return (stream, FirstRead::CannotWait);
+    }
+    let mut l4: Box<L4Stream> = stream.into_any().downcast().expect("checked to be l4");
+    let read = std::future::poll_fn(|cx| {
+        SCRATCH.with_borrow_mut(|buf| {
+            let mut rb = ReadBuf::new(buf);
+            match std::pin::Pin::new(&mut *l4).poll_read(cx, &mut rb) {
+                std::task::Poll::Ready(Ok(())) => std::task::Poll::Ready(Ok(rb.filled().to_vec())),
+                std::task::Poll::Ready(Err(e)) => std::task::Poll::Ready(Err(e)),
+                std::task::Poll::Pending => std::task::Poll::Pending,
+            }
+        })
+    });
+    let mut shutdown = shutdown.clone();
+    let outcome = tokio::select! {
+        got = tokio::time::timeout(limit, read) => match got {
+            Ok(Ok(data)) if !data.is_empty() => {
+                let whole_head = memchr::memmem::find(&data, b"\r\n\r\n").is_some();
+                l4.rewind(&data);
+                FirstRead::Came(whole_head)
+            }
+            _ => FirstRead::Close,
         },
-        _ = shutdown.changed() => FirstByte::Close,
-    }
+        _ = shutdown.changed() => FirstRead::Close,
+    };
+    (l4, outcome)
 }
 
 #[async_trait]
@@ -195,13 +232,17 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
             } else {
                 self.limits.header_timeout
             };
-            let mut head_limit = self.limits.header_timeout;
+            // `None`: the head is already in hand, no deadline needed.
+            let mut head_limit = Some(self.limits.header_timeout);
             if !pipelined {
-                match first_byte(&mut stream, wait, shutdown).await {
-                    FirstByte::Came => {}
+                let (back, found) = first_read(stream, wait, shutdown).await;
+                stream = back;
+                match found {
+                    FirstRead::Came(true) => head_limit = None,
+                    FirstRead::Came(false) => {}
                     // The head's clock then runs from here, wait included.
-                    FirstByte::CannotWait => head_limit += wait,
-                    FirstByte::Close => return None,
+                    FirstRead::CannotWait => head_limit = Some(self.limits.header_timeout + wait),
+                    FirstRead::Close => return None,
                 }
             }
             let mut session = ServerSession::new_http1(stream);
@@ -226,15 +267,18 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
                 self.inner.process_new_http(session, shutdown),
             );
             tokio::pin!(work);
-            let reused = tokio::select! {
-                reused = &mut work => reused,
-                _ = tokio::time::sleep(head_limit) => {
-                    if !head_done.load(Ordering::Relaxed) {
-                        // The head is late: dropping the work closes the connection.
-                        return None;
+            let reused = match head_limit {
+                None => work.await,
+                Some(limit) => tokio::select! {
+                    reused = &mut work => reused,
+                    _ = tokio::time::sleep(limit) => {
+                        if !head_done.load(Ordering::Relaxed) {
+                            // The head is late: dropping the work closes the connection.
+                            return None;
+                        }
+                        work.await
                     }
-                    work.await
-                }
+                },
             };
             (stream, settings) = reused?.consume();
             kept = true;

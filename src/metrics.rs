@@ -5,13 +5,13 @@
 //! routes and outcomes, upstream hosts from the config. Never a path with
 //! ids, never a token.
 
-use once_cell::sync::Lazy;
 use prometheus::{
     register_gauge_vec, register_histogram_vec, register_int_counter_vec, register_int_gauge_vec,
     Encoder, GaugeVec, HistogramVec, IntCounterVec, IntGaugeVec, TextEncoder,
 };
+use std::sync::LazyLock;
 
-pub static REQUESTS: Lazy<IntCounterVec> = Lazy::new(|| {
+pub static REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "wxsidecar_requests_total",
         "Requests from apps, by account, route (token, ticket, jssdk, api, stream, untouched) and outcome.",
@@ -20,7 +20,7 @@ pub static REQUESTS: Lazy<IntCounterVec> = Lazy::new(|| {
     .expect("metric registers once")
 });
 
-pub static REQUEST_DURATION: Lazy<HistogramVec> = Lazy::new(|| {
+pub static REQUEST_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
     register_histogram_vec!(
         "wxsidecar_request_duration_seconds",
         "Time from the app's request to the end of the answer, by route.",
@@ -30,7 +30,7 @@ pub static REQUEST_DURATION: Lazy<HistogramVec> = Lazy::new(|| {
     .expect("metric registers once")
 });
 
-pub static UPSTREAM_REQUESTS: Lazy<IntCounterVec> = Lazy::new(|| {
+pub static UPSTREAM_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "wxsidecar_upstream_requests_total",
         "Requests sent to WeChat, by host and outcome (ok, error).",
@@ -39,7 +39,7 @@ pub static UPSTREAM_REQUESTS: Lazy<IntCounterVec> = Lazy::new(|| {
     .expect("metric registers once")
 });
 
-pub static UPSTREAM_CONNECTIONS: Lazy<IntCounterVec> = Lazy::new(|| {
+pub static UPSTREAM_CONNECTIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "wxsidecar_upstream_connections_total",
         "Connections used for requests to WeChat, by host and whether pooled (reused=true) or new.",
@@ -48,7 +48,7 @@ pub static UPSTREAM_CONNECTIONS: Lazy<IntCounterVec> = Lazy::new(|| {
     .expect("metric registers once")
 });
 
-pub static TOKEN_FETCHES: Lazy<IntCounterVec> = Lazy::new(|| {
+pub static TOKEN_FETCHES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "wxsidecar_token_fetches_total",
         "Token fetches from WeChat, by account and result (ok, wechat_error, transport_error, budget_spent).",
@@ -57,7 +57,7 @@ pub static TOKEN_FETCHES: Lazy<IntCounterVec> = Lazy::new(|| {
     .expect("metric registers once")
 });
 
-pub static TOKEN_REPLAYS: Lazy<IntCounterVec> = Lazy::new(|| {
+pub static TOKEN_REPLAYS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "wxsidecar_token_replays_total",
         "Requests sent again after WeChat rejected the token, by account and result (ok, failed).",
@@ -66,7 +66,7 @@ pub static TOKEN_REPLAYS: Lazy<IntCounterVec> = Lazy::new(|| {
     .expect("metric registers once")
 });
 
-pub static TOKEN_EXPIRY: Lazy<GaugeVec> = Lazy::new(|| {
+pub static TOKEN_EXPIRY: LazyLock<GaugeVec> = LazyLock::new(|| {
     register_gauge_vec!(
         "wxsidecar_token_expiry_seconds",
         "Seconds the account's current token has left (0: none valid).",
@@ -75,7 +75,7 @@ pub static TOKEN_EXPIRY: Lazy<GaugeVec> = Lazy::new(|| {
     .expect("metric registers once")
 });
 
-pub static TICKET_FETCHES: Lazy<IntCounterVec> = Lazy::new(|| {
+pub static TICKET_FETCHES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "wxsidecar_ticket_fetches_total",
         "Ticket fetches from WeChat, by account, type (jsapi, wx_card, agent_config) and result.",
@@ -84,7 +84,7 @@ pub static TICKET_FETCHES: Lazy<IntCounterVec> = Lazy::new(|| {
     .expect("metric registers once")
 });
 
-pub static TICKET_EXPIRY: Lazy<GaugeVec> = Lazy::new(|| {
+pub static TICKET_EXPIRY: LazyLock<GaugeVec> = LazyLock::new(|| {
     register_gauge_vec!(
         "wxsidecar_ticket_expiry_seconds",
         "Seconds the account's current ticket of a type has left (0: none valid).",
@@ -93,7 +93,7 @@ pub static TICKET_EXPIRY: Lazy<GaugeVec> = Lazy::new(|| {
     .expect("metric registers once")
 });
 
-pub static TICKET_AGE: Lazy<GaugeVec> = Lazy::new(|| {
+pub static TICKET_AGE: LazyLock<GaugeVec> = LazyLock::new(|| {
     register_gauge_vec!(
         "wxsidecar_ticket_age_seconds",
         "Seconds since the account's current ticket of a type was fetched.",
@@ -102,7 +102,7 @@ pub static TICKET_AGE: Lazy<GaugeVec> = Lazy::new(|| {
     .expect("metric registers once")
 });
 
-pub static CONNECTIONS_REFUSED: Lazy<IntCounterVec> = Lazy::new(|| {
+pub static CONNECTIONS_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "wxsidecar_connections_refused_total",
         "Connections closed at once because the listener was at its limit (limits.max_connections, limits.max_admin_connections).",
@@ -111,7 +111,7 @@ pub static CONNECTIONS_REFUSED: Lazy<IntCounterVec> = Lazy::new(|| {
     .expect("metric registers once")
 });
 
-pub static CONNECTIONS_OPEN: Lazy<IntGaugeVec> = Lazy::new(|| {
+pub static CONNECTIONS_OPEN: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     register_int_gauge_vec!(
         "wxsidecar_connections_open",
         "Connections open now, per listener.",
@@ -120,7 +120,7 @@ pub static CONNECTIONS_OPEN: Lazy<IntGaugeVec> = Lazy::new(|| {
     .expect("metric registers once")
 });
 
-pub static BUILD_INFO: Lazy<IntGaugeVec> = Lazy::new(|| {
+pub static BUILD_INFO: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     register_int_gauge_vec!(
         "wxsidecar_build_info",
         "Always 1; the version as a label.",
@@ -134,18 +134,18 @@ pub fn init() {
     BUILD_INFO
         .with_label_values(&[env!("CARGO_PKG_VERSION")])
         .set(1);
-    Lazy::force(&REQUESTS);
-    Lazy::force(&REQUEST_DURATION);
-    Lazy::force(&UPSTREAM_REQUESTS);
-    Lazy::force(&UPSTREAM_CONNECTIONS);
-    Lazy::force(&TOKEN_FETCHES);
-    Lazy::force(&TOKEN_REPLAYS);
-    Lazy::force(&TOKEN_EXPIRY);
-    Lazy::force(&TICKET_FETCHES);
-    Lazy::force(&TICKET_EXPIRY);
-    Lazy::force(&TICKET_AGE);
-    Lazy::force(&CONNECTIONS_REFUSED);
-    Lazy::force(&CONNECTIONS_OPEN);
+    LazyLock::force(&REQUESTS);
+    LazyLock::force(&REQUEST_DURATION);
+    LazyLock::force(&UPSTREAM_REQUESTS);
+    LazyLock::force(&UPSTREAM_CONNECTIONS);
+    LazyLock::force(&TOKEN_FETCHES);
+    LazyLock::force(&TOKEN_REPLAYS);
+    LazyLock::force(&TOKEN_EXPIRY);
+    LazyLock::force(&TICKET_FETCHES);
+    LazyLock::force(&TICKET_EXPIRY);
+    LazyLock::force(&TICKET_AGE);
+    LazyLock::force(&CONNECTIONS_REFUSED);
+    LazyLock::force(&CONNECTIONS_OPEN);
 }
 
 /// Gives an account's counters their zero values, so dashboards see every

@@ -2,6 +2,7 @@
 //! WeChat over TLS. One test binary to save link time.
 
 mod admin;
+mod architecture;
 mod clients;
 mod config;
 mod deploy;
