@@ -10,9 +10,11 @@ pub mod certs;
 pub mod cli;
 pub mod clients;
 pub mod config;
+#[cfg(feature = "fake")]
 pub mod demo;
 pub mod effective;
 pub mod failover;
+#[cfg(feature = "fake")]
 pub mod fake;
 pub mod forward;
 pub mod guard;

@@ -77,7 +77,7 @@ pub(super) fn parse(
             let value = match (t.token, t.token_file) {
                 (Some(v), None) => expand_env(&at("token"), &v, problems),
                 (None, Some(f)) => expand_env(&at("token_file"), &f, problems).and_then(|p| {
-                    std::fs::read_to_string(&p)
+                    super::sources::file(&p)
                         .map(|s| s.trim().to_string())
                         .map_err(|e| {
                             problems.push(format!("{}: cannot read {p}: {e}", at("token_file")))

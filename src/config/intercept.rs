@@ -79,14 +79,14 @@ fn pem_source(
             ));
             return None;
         }
-        (Some(path), None) => match std::fs::read_to_string(&path) {
+        (Some(path), None) => match super::sources::file(&path) {
             Ok(t) => (t, path),
             Err(e) => {
                 problems.push(format!("intercept.{key}: cannot read {path}: {e}"));
                 return None;
             }
         },
-        (None, Some(var)) => match std::env::var(&var) {
+        (None, Some(var)) => match super::sources::var(&var).ok_or(()) {
             Ok(t) => (t, format!("${var}")),
             Err(_) => {
                 problems.push(format!(

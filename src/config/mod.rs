@@ -9,6 +9,7 @@
 
 pub mod clients;
 pub mod intercept;
+pub mod sources;
 
 pub use clients::{ClientToken, ClientsConfig, Limit};
 use std::collections::HashSet;
@@ -513,9 +514,9 @@ fn expand_env(key: &str, value: &str, problems: &mut Vec<String>) -> Option<Stri
             return None;
         };
         let var = &after[..end];
-        match std::env::var(var) {
-            Ok(v) => out.push_str(&v),
-            Err(_) => {
+        match sources::var(var) {
+            Some(v) => out.push_str(&v),
+            None => {
                 problems.push(format!(
                     "{key}: environment variable {var} is not set; export it or change the value"
                 ));
@@ -578,8 +579,21 @@ impl Config {
         Self::parse(&text).map_err(|problems| ConfigErrors { file, problems })
     }
 
-    /// Validates configuration text; on failure returns every problem found.
+    /// Validates configuration text, with `${VAR}` and `*_file` read from
+    /// the process; on failure returns every problem found.
     pub fn parse(text: &str) -> Result<Config, Vec<String>> {
+        Self::parse_with(text, std::sync::Arc::new(sources::System))
+    }
+
+    /// Validates configuration text with variables and files from `sources`.
+    pub fn parse_with(
+        text: &str,
+        sources: std::sync::Arc<dyn sources::Sources>,
+    ) -> Result<Config, Vec<String>> {
+        sources::with(sources, || Self::check(text))
+    }
+
+    fn check(text: &str) -> Result<Config, Vec<String>> {
         let raw: raw::File = if text.trim().is_empty() {
             raw::File::default()
         } else {
@@ -883,7 +897,7 @@ fn parse_admin(
         }
         (Some(t), None) => expand_env("admin.token", &t, problems),
         (None, Some(f)) => expand_env("admin.token_file", &f, problems).and_then(|f| {
-            std::fs::read_to_string(&f)
+            sources::file(&f)
                 .map(|t| t.trim().to_string())
                 .map_err(|e| problems.push(format!("admin.token_file: cannot read {f}: {e}")))
                 .ok()
@@ -941,7 +955,7 @@ fn parse_upstream(
         .and_then(|p| expand_env(&format!("{prefix}.ca_file"), p, problems))
         .map(PathBuf::from);
     if let Some(p) = &ca_file {
-        match std::fs::read_to_string(p) {
+        match sources::file(p) {
             Err(e) => problems.push(format!(
                 "{prefix}.ca_file: cannot read {} ({e}); give a PEM CA bundle or remove the key",
                 p.display()
@@ -1155,7 +1169,7 @@ fn parse_accounts(raw: Vec<raw::Account>, problems: &mut Vec<String>) -> Vec<Acc
             }
             (Some(s), None) => expand_env(&at("secret"), &s, problems),
             (None, Some(f)) => expand_env(&at("secret_file"), &f, problems).and_then(|path| {
-                match std::fs::read_to_string(&path) {
+                match sources::file(&path) {
                     Ok(s) => Some(s.trim().to_string()),
                     Err(e) => {
                         problems.push(format!(
@@ -1347,11 +1361,24 @@ accounts:
 
     #[test]
     fn env_secret_is_expanded_and_hidden() {
-        std::env::set_var("WXSIDECAR_TEST_SECRET_X", "from-env-123");
-        let text =
-            "accounts:\n  - name: a\n    appid: wx1\n    secret: ${WXSIDECAR_TEST_SECRET_X}\n";
-        let c = Config::parse(text).unwrap();
+        let mut src = sources::Fixed::default();
+        src.vars
+            .insert("WXSIDECAR_TEST_SECRET_X".into(), "from-env-123".into());
+        src.files
+            .insert("/run/secrets/mall".into(), "mall-from-file\n".into());
+        let text = "accounts:\n  - name: a\n    appid: wx1\n    secret: ${WXSIDECAR_TEST_SECRET_X}\n  - name: b\n    appid: wx2\n    secret_file: /run/secrets/mall\n";
+        let c = Config::parse_with(text, std::sync::Arc::new(src.clone())).unwrap();
         assert_eq!(c.accounts[0].secret.expose(), "from-env-123");
+        assert_eq!(c.accounts[1].secret.expose(), "mall-from-file");
         assert!(!format!("{c:?}").contains("from-env-123"));
+        // Not in the sources: reported, naming the variable.
+        src.vars.clear();
+        let problems = Config::parse_with(text, std::sync::Arc::new(src)).unwrap_err();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("WXSIDECAR_TEST_SECRET_X")),
+            "{problems:?}"
+        );
     }
 }

@@ -9,6 +9,7 @@ pub mod faults;
 pub mod state;
 pub mod tickets;
 
+pub mod cli;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
