@@ -71,6 +71,9 @@ pub struct Ctx {
     injected: Option<Arc<Token>>,
     /// Informational (1xx) answers the streaming path has seen.
     informational: u8,
+    /// When the streamed request body was whole (the answer's clock starts
+    /// there); `None` while it is still coming.
+    body_done: Option<std::time::Instant>,
 }
 
 impl Default for Ctx {
@@ -88,6 +91,7 @@ impl Default for Ctx {
             family: None,
             injected: None,
             informational: 0,
+            body_done: None,
         }
     }
 }
@@ -940,6 +944,9 @@ impl ProxyHttp for Proxy {
                     ctx.stream_uri = Some(uri);
                     ctx.kind = plan.kind;
                     ctx.injected = plan.token.clone();
+                    if session.as_downstream_mut().is_body_empty() {
+                        ctx.body_done = Some(std::time::Instant::now());
+                    }
                     return Ok(false);
                 }
                 Err(e) => Err(e),
@@ -998,10 +1005,13 @@ impl ProxyHttp for Proxy {
         &self,
         _session: &mut Session,
         _body: &mut Option<Bytes>,
-        _end_of_stream: bool,
+        end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> pingora::Result<()> {
-        if ctx.start.elapsed() > self.app.config.limits.body_timeout {
+        if end_of_stream && ctx.body_done.is_none() {
+            ctx.body_done = Some(std::time::Instant::now());
+        }
+        if ctx.body_done.is_none() && ctx.start.elapsed() > self.app.config.limits.body_timeout {
             return Err(Error::explain(
                 ErrorType::Custom(BODY_TIMEOUT),
                 "request body not received within limits.body_timeout",
@@ -1032,7 +1042,9 @@ impl ProxyHttp for Proxy {
         Ok(())
     }
 
-    /// A streamed answer is bounded as a whole by `upstream.answer_timeout`.
+    /// A streamed answer is bounded as a whole by `upstream.answer_timeout`,
+    /// counted from the end of the request body (checked as chunks arrive;
+    /// between chunks `upstream.read_timeout` bounds the wait).
     fn response_body_filter(
         &self,
         _session: &mut Session,
@@ -1040,8 +1052,10 @@ impl ProxyHttp for Proxy {
         _end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> pingora::Result<Option<std::time::Duration>> {
+        // From the end of the request body: a long upload is the body's
+        // deadline, not the answer's.
         let limit = self.app.upstream_for(ctx.kind).answer_timeout();
-        if ctx.start.elapsed() > limit + self.app.config.limits.body_timeout {
+        if ctx.body_done.is_some_and(|t| t.elapsed() > limit) {
             return Err(Error::explain(
                 ErrorType::ReadTimedout,
                 "upstream answer not received within upstream.answer_timeout",

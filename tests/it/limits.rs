@@ -363,4 +363,18 @@ async fn a_trickled_answer_ends_at_the_answer_timeout() {
         start.elapsed() < Duration::from_secs(8),
         "cut off before the 8 s the upstream would take"
     );
+    // The streamed route: the header is out, so the answer is cut short.
+    let start = Instant::now();
+    let answer = exchange(
+        side.port,
+        b"GET /cgi-bin/media/slow?media_id=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(10),
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or("");
+    assert!(
+        body.len() < 40,
+        "the 40-byte answer was cut short: {answer:?}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(8));
 }
