@@ -13,22 +13,6 @@ use crate::support::*;
 
 const ADMIN_TOKEN: &str = "admin-token-0123456789abcdef";
 
-async fn metric(side: &Sidecar, series: &str) -> f64 {
-    let text = client()
-        .get(side.admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no `{series}` in:\n{text}"))
-}
-
 #[tokio::test]
 async fn over_the_connection_cap_new_connections_are_closed_at_once() {
     let up = RawUpstream::start();
@@ -44,11 +28,8 @@ async fn over_the_connection_cap_new_connections_are_closed_at_once() {
         "the fifth connection was closed at once"
     );
     assert_eq!(
-        metric(
-            &side,
-            r#"wxsidecar_connections_refused_total{listener="app"}"#
-        )
-        .await,
+        side.metric(r#"wxsidecar_connections_refused_total{listener="app"}"#)
+            .await,
         1.0
     );
     // A held connection still works, and a closed one frees its place.
@@ -170,20 +151,14 @@ async fn the_admin_listener_needs_its_token_except_for_probes() {
         let r = c.get(side.admin(path)).send().await.unwrap();
         assert_eq!(r.status(), 200, "{path} stays open for the kubelet");
     }
-    let r = c
-        .get(side.admin("/status"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let r = c
-        .get(side.admin("/metrics"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    for path in ["/status", "/metrics"] {
+        let r = c.get(side.admin(path)).bearer_auth(ADMIN_TOKEN);
+        assert_eq!(
+            r.send().await.unwrap().status(),
+            200,
+            "{path} with the token"
+        );
+    }
     assert!(!side.log().contains(ADMIN_TOKEN), "never logged");
     assert_eq!(
         up.token_fetches(),

@@ -520,6 +520,28 @@ impl Sidecar {
             .unwrap()
     }
 
+    /// The admin listener's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        client()
+            .get(self.admin("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// One series' value from `/metrics` (`name{labels}` as exposed).
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.metrics().await;
+        text.lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no `{series}` in:\n{text}"))
+    }
+
     /// The token the sidecar hands out for an account, via the local token endpoint.
     pub async fn token(&self, appid: &str, secret: &str) -> String {
         let v: Value = client()

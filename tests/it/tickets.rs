@@ -139,14 +139,7 @@ async fn app_ticket_calls_are_answered_from_the_cache() {
     assert_eq!(tickets[0]["fetches_ok"], 1);
     assert!(tickets[0]["age_seconds"].as_u64().is_some());
     let text = st.to_string();
-    let metrics = client()
-        .get(side.admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = side.metrics().await;
     assert!(
         metrics.contains(
             r#"wxsidecar_ticket_fetches_total{account="shop",result="ok",type="jsapi"} 1"#
