@@ -23,6 +23,7 @@ use pingora::protocols::http::ServerSession;
 
 use crate::app::App;
 use crate::reply::JSON;
+use crate::status::{self, Status};
 
 pub struct Admin {
     app: Arc<App>,
@@ -59,71 +60,97 @@ impl Admin {
         Ok(())
     }
 
-    fn status(&self) -> serde_json::Value {
+    fn status(&self) -> Status {
         let app = &self.app;
-        let accounts: Vec<_> = app
+        let last = |e: Option<(i64, String)>| {
+            e.map(|(errcode, errmsg)| status::LastError { errcode, errmsg })
+        };
+        let accounts = app
             .accounts
             .iter()
             .map(|a| {
                 let st = a.tokens.status();
                 let tok = a.tokens.latest();
-                serde_json::json!({
-                    "name": a.name,
-                    "kind": a.kind.as_str(),
-                    "appid": a.appid,
-                    "agentid": a.agentid,
-                    "token_api": a.token_api.as_str(),
-                    "token_valid": tok.as_ref().is_some_and(|t| t.is_valid()),
-                    "token_fetched_unix": tok.as_ref().and_then(|t| t.fetched_at.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs()),
-                    "token_age_seconds": tok.as_ref().and_then(|t| t.fetched_at.elapsed().ok()).map(|d| d.as_secs()),
-                    "token_expires_in_seconds": tok.as_ref().map(|t| t.remaining().as_secs()),
-                    "fetches_ok": st.fetches_ok,
-                    "fetches_today": st.fetches_today,
-                    "budget_left": app.config.token.daily_budget.saturating_sub(st.fetches_today),
-                    "budget_spent": st.budget_spent.is_some(),
-                    "invalid_token_reports": st.invalid_reports,
-                    "replays_ok": a.replays_ok.load(Ordering::Relaxed),
-                    "replays_failed": a.replays_failed.load(Ordering::Relaxed),
-                    "fetches_failed": st.fetches_failed,
-                    "last_error": st.last_error.map(|(code, msg)| serde_json::json!({"errcode": code, "errmsg": msg})),
-                    "tickets": tickets(a),
-                })
+                status::AccountStatus {
+                    name: a.name.clone(),
+                    kind: a.kind.as_str().into(),
+                    appid: a.appid.clone(),
+                    agentid: a.agentid.clone(),
+                    token_api: a.token_api.as_str().into(),
+                    token_valid: tok.as_ref().is_some_and(|t| t.is_valid()),
+                    token_fetched_unix: tok
+                        .as_ref()
+                        .and_then(|t| t.fetched_at.duration_since(UNIX_EPOCH).ok())
+                        .map(|d| d.as_secs()),
+                    token_age_seconds: tok
+                        .as_ref()
+                        .and_then(|t| t.fetched_at.elapsed().ok())
+                        .map(|d| d.as_secs()),
+                    token_expires_in_seconds: tok.as_ref().map(|t| t.remaining().as_secs()),
+                    fetches_ok: st.fetches_ok,
+                    fetches_today: st.fetches_today,
+                    budget_left: app
+                        .config
+                        .token
+                        .daily_budget
+                        .saturating_sub(st.fetches_today),
+                    budget_spent: st.budget_spent.is_some(),
+                    invalid_token_reports: st.invalid_reports,
+                    replays_ok: a.replays_ok.load(Ordering::Relaxed),
+                    replays_failed: a.replays_failed.load(Ordering::Relaxed),
+                    fetches_failed: st.fetches_failed,
+                    last_error: last(st.last_error),
+                    tickets: tickets(a),
+                }
             })
             .collect();
-        serde_json::json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "uptime_seconds": app.started.elapsed().as_secs(),
-            "ready": app.not_ready_reason().is_none(),
-            "accounts": accounts,
-            "store": match &app.store {
-                None => serde_json::json!({ "kind": "memory" }),
-                Some(s) => serde_json::json!({ "kind": "redis", "url": s.url(), "state": s.state() }),
+        Status {
+            version: env!("CARGO_PKG_VERSION").into(),
+            uptime_seconds: app.started.elapsed().as_secs(),
+            ready: app.not_ready_reason().is_none(),
+            accounts,
+            store: match &app.store {
+                None => status::StoreStatus {
+                    kind: "memory".into(),
+                    url: None,
+                    state: None,
+                },
+                Some(s) => status::StoreStatus {
+                    kind: "redis".into(),
+                    url: Some(s.url().to_string()),
+                    state: Some(s.state()),
+                },
             },
-            "upstream": app.upstream.status(),
-            "wecom_upstream": app.wecom.as_ref().map(|w| w.status()),
-        })
+            upstream: app.upstream.status(),
+            wecom_upstream: app.wecom.as_ref().map(|w| w.status()),
+        }
     }
 }
 
 /// What `/status` says of an account's tickets in use: ages and counts,
 /// never a ticket.
-fn tickets(a: &crate::account::Account) -> Vec<serde_json::Value> {
+fn tickets(a: &crate::account::Account) -> Vec<status::TicketStatus> {
     a.tickets
         .in_use()
         .map(|(kind, cell)| {
             let st = cell.status();
             let t = cell.latest();
-            serde_json::json!({
-                "type": kind.as_str(),
-                "valid": t.as_ref().is_some_and(|t| t.is_valid()),
-                "age_seconds": t.as_ref().and_then(|t| t.fetched_at.elapsed().ok()).map(|d| d.as_secs()),
-                "expires_in_seconds": t.as_ref().map(|t| t.remaining().as_secs()),
-                "fetches_ok": st.fetches_ok,
-                "fetches_failed": st.fetches_failed,
-                "fetches_today": st.fetches_today,
-                "budget_spent": st.budget_spent.is_some(),
-                "last_error": st.last_error.map(|(code, msg)| serde_json::json!({"errcode": code, "errmsg": msg})),
-            })
+            status::TicketStatus {
+                kind: kind.as_str().into(),
+                valid: t.as_ref().is_some_and(|t| t.is_valid()),
+                age_seconds: t
+                    .as_ref()
+                    .and_then(|t| t.fetched_at.elapsed().ok())
+                    .map(|d| d.as_secs()),
+                expires_in_seconds: t.as_ref().map(|t| t.remaining().as_secs()),
+                fetches_ok: st.fetches_ok,
+                fetches_failed: st.fetches_failed,
+                fetches_today: st.fetches_today,
+                budget_spent: st.budget_spent.is_some(),
+                last_error: st
+                    .last_error
+                    .map(|(errcode, errmsg)| status::LastError { errcode, errmsg }),
+            }
         })
         .collect()
 }
@@ -389,7 +416,11 @@ impl ServeHttp for Admin {
                 None => answer(200, TEXT, b"ready\n".to_vec()),
                 Some(why) => answer(503, TEXT, format!("not ready: {why}\n").into_bytes()),
             },
-            ("/status", _) => answer(200, JSON, self.status().to_string().into_bytes()),
+            ("/status", _) => answer(
+                200,
+                JSON,
+                serde_json::to_vec(&self.status()).expect("status serialises"),
+            ),
             ("/metrics", _) => self.metrics(),
             ("/debug/pprof/profile", _) => profile(&query).await,
             _ => answer(

@@ -142,31 +142,32 @@ impl Upstreams {
         }
     }
 
-    pub fn status(&self) -> serde_json::Value {
-        let hosts: Vec<_> = self
+    pub fn status(&self) -> crate::status::FamilyStatus {
+        use crate::status::{FamilyStatus, HostStatus};
+        let hosts = self
             .hosts
             .iter()
             .map(|h| {
                 let s = &h.stats;
-                serde_json::json!({
-                    "url": h.url().to_string(),
-                    "in_use": self.in_use(h),
-                    "warm_connections": self.conf.warm_connections,
-                    "protocol": if h.uses_h2() { "h2" } else { "http/1.1" },
-                    "h2_connections_open": h.h2_open(),
-                    "idle_connections": h.idle(),
-                    "connect_failures_in_a_row": s.connect_failures.load(Ordering::Relaxed),
-                    "connections_opened": s.connections_opened.load(Ordering::Relaxed),
-                    "connections_reused": s.connections_reused.load(Ordering::Relaxed),
-                    "requests": s.requests.load(Ordering::Relaxed),
-                    "failures": s.failures.load(Ordering::Relaxed),
-                })
+                HostStatus {
+                    url: h.url().to_string(),
+                    in_use: self.in_use(h),
+                    warm_connections: self.conf.warm_connections,
+                    protocol: if h.uses_h2() { "h2" } else { "http/1.1" }.into(),
+                    h2_connections_open: h.h2_open(),
+                    idle_connections: h.idle(),
+                    connect_failures_in_a_row: s.connect_failures.load(Ordering::Relaxed),
+                    connections_opened: s.connections_opened.load(Ordering::Relaxed),
+                    connections_reused: s.connections_reused.load(Ordering::Relaxed),
+                    requests: s.requests.load(Ordering::Relaxed),
+                    failures: s.failures.load(Ordering::Relaxed),
+                }
             })
             .collect();
-        serde_json::json!({
-            "active": self.active().map(|h| h.url().to_string()),
-            "breaker_open": self.active().is_none(),
-            "hosts": hosts,
-        })
+        FamilyStatus {
+            active: self.active().map(|h| h.url().to_string()),
+            breaker_open: self.active().is_none(),
+            hosts,
+        }
     }
 }

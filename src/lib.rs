@@ -35,6 +35,7 @@ pub mod reply;
 pub mod route;
 pub mod secret;
 pub mod server;
+pub mod status;
 pub mod target;
 pub mod ticket;
 pub mod token;

@@ -229,9 +229,14 @@ async fn forced_refreshes_never_burn_the_budget() {
         3,
         "start + two forced refreshes"
     );
-    let st = side.status().await;
-    let shop = &st["accounts"][0];
-    assert_eq!(shop["budget_left"], 3, "{shop}");
+    let st = side.typed_status().await;
+    let shop = &st.accounts[0];
+    assert_eq!(
+        (shop.name.as_str(), shop.budget_left),
+        ("shop", 3),
+        "{shop:?}"
+    );
+    assert_eq!(shop.fetches_today, 3);
     // An unknown account is a 404 that names no account.
     let r = c
         .post(side.admin("/refresh?account=nobody"))

@@ -509,15 +509,26 @@ impl Sidecar {
         panic!("sidecar never became ready; log:\n{}", self.log());
     }
 
+    /// `/status` as JSON, checked to have the typed shape first (so every
+    /// test that reads it checks [`wxsidecar::status::Status`] too).
     pub async fn status(&self) -> Value {
-        client()
+        let v: Value = client()
             .get(self.admin("/status"))
             .send()
             .await
             .unwrap()
             .json()
             .await
-            .unwrap()
+            .unwrap();
+        if let Err(e) = serde_json::from_value::<wxsidecar::status::Status>(v.clone()) {
+            panic!("/status does not have the Status shape ({e}): {v}");
+        }
+        v
+    }
+
+    /// `/status`, typed as the admin listener writes it.
+    pub async fn typed_status(&self) -> wxsidecar::status::Status {
+        serde_json::from_value(self.status().await).unwrap()
     }
 
     /// The admin listener's `/metrics` text.

@@ -1,0 +1,98 @@
+//! `/status` as a type: what the admin listener serialises and what tests
+//! and tools deserialise, so a field is named in one place. Never a token,
+//! a ticket or a secret: none of these types has a field for one.
+
+use serde::{Deserialize, Serialize};
+
+/// The whole `/status` answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub uptime_seconds: u64,
+    pub ready: bool,
+    pub accounts: Vec<AccountStatus>,
+    pub store: StoreStatus,
+    pub upstream: FamilyStatus,
+    pub wecom_upstream: Option<FamilyStatus>,
+}
+
+/// One account: its token's age and counters.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AccountStatus {
+    pub name: String,
+    pub kind: String,
+    /// The appid, or the corpid for WeCom.
+    pub appid: String,
+    pub agentid: Option<String>,
+    pub token_api: String,
+    pub token_valid: bool,
+    pub token_fetched_unix: Option<u64>,
+    pub token_age_seconds: Option<u64>,
+    pub token_expires_in_seconds: Option<u64>,
+    pub fetches_ok: u64,
+    pub fetches_today: u32,
+    pub budget_left: u32,
+    pub budget_spent: bool,
+    pub invalid_token_reports: u64,
+    pub replays_ok: u64,
+    pub replays_failed: u64,
+    pub fetches_failed: u64,
+    pub last_error: Option<LastError>,
+    pub tickets: Vec<TicketStatus>,
+}
+
+/// A ticket in use: ages and counters.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TicketStatus {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub valid: bool,
+    pub age_seconds: Option<u64>,
+    pub expires_in_seconds: Option<u64>,
+    pub fetches_ok: u64,
+    pub fetches_failed: u64,
+    pub fetches_today: u32,
+    pub budget_spent: bool,
+    pub last_error: Option<LastError>,
+}
+
+/// WeChat's errcode and message of the last failed fetch.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LastError {
+    pub errcode: i64,
+    pub errmsg: String,
+}
+
+/// The token store: `memory`, or `redis` with its masked URL and state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoreStatus {
+    pub kind: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub state: Option<String>,
+}
+
+/// An upstream family (its failover group).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FamilyStatus {
+    pub active: Option<String>,
+    pub breaker_open: bool,
+    pub hosts: Vec<HostStatus>,
+}
+
+/// One upstream host and its pool.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HostStatus {
+    pub url: String,
+    pub in_use: bool,
+    pub warm_connections: usize,
+    pub protocol: String,
+    pub h2_connections_open: usize,
+    pub idle_connections: usize,
+    pub connect_failures_in_a_row: u32,
+    pub connections_opened: u64,
+    pub connections_reused: u64,
+    pub requests: u64,
+    pub failures: u64,
+}
