@@ -18,7 +18,7 @@ const DEFAULT_BUCKET_IDLE_SECS: f64 = 60.0;
 /// Past this many tracked clients, idle buckets are swept.
 const DEFAULT_MAX_BUCKETS: usize = 10_000;
 
-pub use crate::config::{ClientToken, ClientsConfig, Limit};
+pub use crate::config::{ClientsConfig, Limit};
 
 /// Why a caller was turned away.
 #[derive(Debug, thiserror::Error)]
@@ -213,6 +213,7 @@ impl Clients {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::ClientToken;
     use crate::secret::Secret;
 
     fn clients(conf: ClientsConfig) -> Clients {

@@ -1,42 +1,45 @@
 //! wxsidecar: a pingora sidecar that owns WeChat access tokens for the apps
-//! behind it. See README.md for what it does and `../shared/design.md`-style
-//! notes in each module for why.
+//! behind it. README.md says what it does, ARCHITECTURE.md how the modules
+//! fit together; each module opens with why it exists.
+//!
+//! Public: what the binary (`cli`), the tests and the benches use; the rest
+//! is the crate's own.
 #![forbid(unsafe_code)]
 
 pub mod account;
-pub mod admin;
-pub mod app;
+pub(crate) mod admin;
+pub(crate) mod app;
 pub mod certs;
 pub mod cli;
-pub mod clients;
+pub(crate) mod clients;
 pub mod config;
 #[cfg(feature = "fake")]
-pub mod demo;
-pub mod effective;
-pub mod failover;
+pub(crate) mod demo;
+pub(crate) mod effective;
+pub(crate) mod failover;
 #[cfg(feature = "fake")]
-pub mod fake;
-pub mod forward;
-pub mod guard;
+pub(crate) mod fake;
+pub(crate) mod forward;
+pub(crate) mod guard;
 pub mod inspect;
-pub mod intercept;
-pub mod jssdk;
-pub mod lifecycle;
-pub mod local;
+pub(crate) mod intercept;
+pub(crate) mod jssdk;
+pub(crate) mod lifecycle;
+pub(crate) mod local;
 pub mod logging;
-pub mod metrics;
+pub(crate) mod metrics;
 #[cfg(feature = "profiling")]
-pub mod profile;
-pub mod proxy;
+pub(crate) mod profile;
+pub(crate) mod proxy;
 pub mod query;
-pub mod refresh;
-pub mod refusal;
-pub mod reply;
+pub(crate) mod refresh;
+pub(crate) mod refusal;
+pub(crate) mod reply;
 pub mod route;
-pub mod secret;
-pub mod server;
+pub(crate) mod secret;
+pub(crate) mod server;
 pub mod status;
-pub mod target;
-pub mod ticket;
-pub mod token;
-pub mod upstream;
+pub(crate) mod target;
+pub(crate) mod ticket;
+pub(crate) mod token;
+pub(crate) mod upstream;

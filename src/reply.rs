@@ -89,8 +89,6 @@ impl ProxyError {
     }
 }
 
-pub use crate::refusal::Refusal;
-
 /// A WeChat-shaped error body.
 pub fn error_body(errcode: i64, message: &str) -> Bytes {
     let msg = format!("wxsidecar: {message}");

@@ -116,6 +116,8 @@ pub fn prepare(config: Config, mode: RunMode) -> Result<Prepared, String> {
 }
 
 impl Prepared {
+    /// The wired app, for `demo` to wait on before it prints its hints.
+    #[cfg(feature = "fake")]
     pub fn app(&self) -> &Arc<App> {
         &self.app
     }

@@ -110,14 +110,6 @@ pub struct Fake {
     pub tls: bool,
 }
 
-impl Fake {
-    /// The base URL clients use, e.g. `https://localhost:40123`.
-    pub fn url(&self) -> String {
-        let scheme = if self.tls { "https" } else { "http" };
-        format!("{scheme}://localhost:{}", self.addr.port())
-    }
-}
-
 /// Binds and serves in the current tokio runtime; returns once listening.
 pub async fn start(opts: FakeOptions) -> std::io::Result<Fake> {
     let listener = TcpListener::bind(opts.listen).await?;

@@ -251,14 +251,6 @@ impl RedisStore {
             .map(|_| ())
     }
 
-    pub async fn load(&self, key: &str) -> Result<Option<Record>, StoreError> {
-        let key = key.to_string();
-        let raw: Option<String> = self
-            .run(|mut c| async move { redis::cmd("GET").arg(&key).query_async(&mut c).await })
-            .await?;
-        Ok(raw.and_then(|r| serde_json::from_str(&r).ok()))
-    }
-
     /// Asks for the right to fetch; see [`LOCK_SCRIPT`].
     pub async fn lock(
         &self,

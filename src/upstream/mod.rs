@@ -218,14 +218,6 @@ impl Upstream {
         &self.host_header
     }
 
-    pub fn read_timeout(&self) -> Duration {
-        self.conf.read_timeout
-    }
-
-    pub fn answer_timeout(&self) -> Duration {
-        self.conf.answer_timeout
-    }
-
     fn make_peer(&self, addr: SocketAddr) -> HttpPeer {
         let mut peer = HttpPeer::new(addr, self.url.tls, self.url.host.clone());
         let o = &mut peer.options;
