@@ -5,7 +5,6 @@
 //! default account. Errors name what was asked for and what exists, never a
 //! token.
 
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use crate::config::{AccountConfig, AccountKind, ReplaceTokens, TokenApi};
@@ -29,9 +28,11 @@ pub struct Account {
     /// Its JS-SDK and card tickets, made on first use.
     pub tickets: crate::ticket::Tickets,
     /// Requests sent again after WeChat rejected the token: the second
-    /// answer was good / was a token error again.
-    pub replays_ok: AtomicU64,
-    pub replays_failed: AtomicU64,
+    /// answer was good / was a token error again. The metric series
+    /// (`wxsidecar_token_replays_total{account,result}`), read by `/status`
+    /// too.
+    pub replays_ok: prometheus::IntCounter,
+    pub replays_failed: prometheus::IntCounter,
 }
 
 impl Account {
@@ -46,8 +47,8 @@ impl Account {
             replace_tokens: c.replace_tokens,
             tokens: TokenCell::new(index, position),
             tickets: Default::default(),
-            replays_ok: AtomicU64::new(0),
-            replays_failed: AtomicU64::new(0),
+            replays_ok: crate::metrics::TOKEN_REPLAYS.with_label_values(&[&c.name, "ok"]),
+            replays_failed: crate::metrics::TOKEN_REPLAYS.with_label_values(&[&c.name, "failed"]),
         }
     }
 }

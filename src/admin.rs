@@ -9,7 +9,7 @@
 //! `token.budget_reserve` fetches.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -96,8 +96,8 @@ impl Admin {
                         .saturating_sub(st.fetches_today),
                     budget_spent: st.budget_spent.is_some(),
                     invalid_token_reports: st.invalid_reports,
-                    replays_ok: a.replays_ok.load(Ordering::Relaxed),
-                    replays_failed: a.replays_failed.load(Ordering::Relaxed),
+                    replays_ok: a.replays_ok.get(),
+                    replays_failed: a.replays_failed.get(),
                     fetches_failed: st.fetches_failed,
                     last_error: last(st.last_error),
                     tickets: tickets(a),

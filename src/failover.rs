@@ -157,10 +157,10 @@ impl Upstreams {
                     h2_connections_open: h.h2_open(),
                     idle_connections: h.idle(),
                     connect_failures_in_a_row: s.connect_failures.load(Ordering::Relaxed),
-                    connections_opened: s.connections_opened.load(Ordering::Relaxed),
-                    connections_reused: s.connections_reused.load(Ordering::Relaxed),
-                    requests: s.requests.load(Ordering::Relaxed),
-                    failures: s.failures.load(Ordering::Relaxed),
+                    connections_opened: s.opened.get(),
+                    connections_reused: s.reused.get(),
+                    requests: s.ok.get() + s.failed.get(),
+                    failures: s.failed.get(),
                 }
             })
             .collect();

@@ -133,11 +133,7 @@ impl Plan {
 
     fn count_replay(&self, ok: bool) {
         if let Some(a) = &self.account {
-            let c = if ok { &a.replays_ok } else { &a.replays_failed };
-            c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            crate::metrics::TOKEN_REPLAYS
-                .with_label_values(&[a.name.as_str(), if ok { "ok" } else { "failed" }])
-                .inc();
+            if ok { &a.replays_ok } else { &a.replays_failed }.inc();
             if !ok {
                 tracing::warn!(account = %a.name, path = %self.path, "token rejected again after a refresh; passing WeChat's answer through");
             }

@@ -9,7 +9,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -95,15 +95,33 @@ fn is_idempotent(m: &http::Method) -> bool {
     matches!(m.as_str(), "GET" | "HEAD" | "OPTIONS")
 }
 
-/// Counters an operator (and the tests) read from `/status`.
-#[derive(Default, Debug)]
+/// A host's counters: the metric series themselves (handles resolved once,
+/// so the request path does no label lookup), read by `/metrics` and by
+/// `/status` alike — one source for each number.
 pub struct UpstreamStats {
-    pub connections_opened: AtomicU64,
-    pub connections_reused: AtomicU64,
-    pub requests: AtomicU64,
-    pub failures: AtomicU64,
+    /// `wxsidecar_upstream_requests_total{host,outcome="ok"}`
+    pub ok: prometheus::IntCounter,
+    /// `wxsidecar_upstream_requests_total{host,outcome="error"}`
+    pub failed: prometheus::IntCounter,
+    /// `wxsidecar_upstream_connections_total{host,reused="false"}`
+    pub opened: prometheus::IntCounter,
+    /// `wxsidecar_upstream_connections_total{host,reused="true"}`
+    pub reused: prometheus::IntCounter,
     /// Connect attempts that failed in a row (every address); 0 after a success.
     pub connect_failures: AtomicU32,
+}
+
+impl UpstreamStats {
+    fn new(host: &str) -> Self {
+        use crate::metrics::{UPSTREAM_CONNECTIONS, UPSTREAM_REQUESTS};
+        UpstreamStats {
+            ok: UPSTREAM_REQUESTS.with_label_values(&[host, "ok"]),
+            failed: UPSTREAM_REQUESTS.with_label_values(&[host, "error"]),
+            opened: UPSTREAM_CONNECTIONS.with_label_values(&[host, "false"]),
+            reused: UPSTREAM_CONNECTIONS.with_label_values(&[host, "true"]),
+            connect_failures: AtomicU32::new(0),
+        }
+    }
 }
 
 struct Resolved {
@@ -133,27 +151,6 @@ pub struct Upstream {
     h2_connecting: tokio::sync::Mutex<()>,
     conf: UpstreamConfig,
     pub stats: UpstreamStats,
-    /// Metric handles, resolved once so the request path does no lookup.
-    m: HostMetrics,
-}
-
-struct HostMetrics {
-    ok: prometheus::IntCounter,
-    error: prometheus::IntCounter,
-    reused: prometheus::IntCounter,
-    new: prometheus::IntCounter,
-}
-
-impl HostMetrics {
-    fn new(host: &str) -> Self {
-        use crate::metrics::{UPSTREAM_CONNECTIONS, UPSTREAM_REQUESTS};
-        HostMetrics {
-            ok: UPSTREAM_REQUESTS.with_label_values(&[host, "ok"]),
-            error: UPSTREAM_REQUESTS.with_label_values(&[host, "error"]),
-            reused: UPSTREAM_CONNECTIONS.with_label_values(&[host, "true"]),
-            new: UPSTREAM_CONNECTIONS.with_label_values(&[host, "false"]),
-        }
-    }
 }
 
 /// A request sent and its response header read; the body is still to come.
@@ -197,8 +194,7 @@ impl Upstream {
             h2_declined: std::sync::atomic::AtomicBool::new(!conf.url.tls),
             h2_connecting: tokio::sync::Mutex::new(()),
             conf: conf.clone(),
-            stats: UpstreamStats::default(),
-            m: HostMetrics::new(&conf.url.host_header()),
+            stats: UpstreamStats::new(&conf.url.host_header()),
         };
         if let Ok(ip) = conf.url.host.parse::<IpAddr>() {
             up.set_addrs(
@@ -341,10 +337,7 @@ impl Upstream {
             let peer = &r.peers[idx];
             match self.transport.new_stream(peer).await {
                 Ok(stream) => {
-                    self.stats
-                        .connections_opened
-                        .fetch_add(1, Ordering::Relaxed);
-                    self.m.new.inc();
+                    self.stats.opened.inc();
                     if i > 0 {
                         self.preferred.store(idx, Ordering::Relaxed);
                     }
@@ -382,13 +375,11 @@ impl Upstream {
         req: &RequestHeader,
         body: &[u8],
     ) -> Result<Exchange<'_>, UpstreamError> {
-        self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let result = self.send_inner(req, body).await;
         if result.is_err() {
-            self.stats.failures.fetch_add(1, Ordering::Relaxed);
-            self.m.error.inc();
+            self.stats.failed.inc();
         } else {
-            self.m.ok.inc();
+            self.stats.ok.inc();
         }
         result
     }
@@ -477,10 +468,7 @@ impl Upstream {
             conns.iter().find(|c| c.more_streams_allowed()).cloned()
         }?;
         let s = live.spawn_stream().await.ok().flatten()?;
-        self.stats
-            .connections_reused
-            .fetch_add(1, Ordering::Relaxed);
-        self.m.reused.inc();
+        self.stats.reused.inc();
         Some(s)
     }
 
@@ -620,10 +608,7 @@ impl Upstream {
             self.pool.take(p.reuse_hash()).map(|s| (s, p.clone()))
         };
         if let Some((stream, p)) = pooled {
-            self.stats
-                .connections_reused
-                .fetch_add(1, Ordering::Relaxed);
-            self.m.reused.inc();
+            self.stats.reused.inc();
             match self.exchange(stream, p, req, body).await {
                 Ok(x) => return Ok(x),
                 Err(Failed { error, .. }) if error.is_timeout() => return Err(error),
