@@ -10,7 +10,11 @@ pub mod store;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+// tokio's clock: it is std's in production, and tests can pause and
+// advance it, so expiry is testable in milliseconds of wall time.
+use tokio::time::Instant;
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
@@ -444,6 +448,90 @@ mod tests {
         cell.store("t2", Duration::from_secs(60));
         assert!(!cell.report_invalid("t1"), "already replaced");
         assert_eq!(cell.status().invalid_reports, 1);
+    }
+
+    // Under tokio's paused clock: hours of token life in milliseconds.
+
+    #[tokio::test(start_paused = true)]
+    async fn an_expired_token_is_never_handed_out() {
+        let cell = TokenCell::default();
+        cell.store("t1", Duration::from_secs(7200));
+        tokio::time::advance(Duration::from_secs(7199)).await;
+        assert_eq!(cell.valid().unwrap().remaining(), Duration::from_secs(1));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(cell.valid().is_none());
+        assert_eq!(cell.latest().unwrap().remaining(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_storm_of_reports_on_one_token_refreshes_once_and_everyone_gets_the_new_one() {
+        let cell = Arc::new(TokenCell::default());
+        cell.store("t1", Duration::from_secs(7200));
+        let reports: Vec<_> = (0..100)
+            .map(|_| {
+                let c = cell.clone();
+                tokio::spawn(async move { c.report_invalid("t1") })
+            })
+            .collect();
+        let waiters: Vec<_> = (0..100)
+            .map(|_| {
+                let c = cell.clone();
+                tokio::spawn(async move { c.wait_replacement("t1", Duration::from_secs(30)).await })
+            })
+            .collect();
+        let mut won = 0;
+        for r in reports {
+            won += usize::from(r.await.unwrap());
+        }
+        assert_eq!(
+            won, 1,
+            "one report wins; the others see it already reported"
+        );
+        // The refresher was woken to fetch.
+        tokio::time::timeout(Duration::from_millis(1), cell.force.notified())
+            .await
+            .expect("a refresh was asked for");
+        // The one fetch lands 2 s later (virtual): every waiter gets it.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        cell.store("t2", Duration::from_secs(7200));
+        for w in waiters {
+            assert_eq!(&*w.await.unwrap().unwrap().value, "t2");
+        }
+        assert_eq!(cell.status().invalid_reports, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_ticket_fetched_again_keeps_its_real_expiry() {
+        let cell = TokenCell::for_ticket();
+        cell.store("k1", Duration::from_secs(7200));
+        tokio::time::advance(Duration::from_secs(7000)).await;
+        // WeChat hands the same ticket out again, claiming the full 7200 s.
+        assert_eq!(
+            cell.store("k1", Duration::from_secs(7200)),
+            StoreOutcome::Same
+        );
+        assert_eq!(cell.valid().unwrap().remaining(), Duration::from_secs(200));
+        tokio::time::advance(Duration::from_secs(200)).await;
+        assert!(cell.valid().is_none(), "expired when it really expires");
+        // A new ticket gets its own, full lifetime.
+        assert_eq!(
+            cell.store("k2", Duration::from_secs(7200)),
+            StoreOutcome::New
+        );
+        assert_eq!(cell.valid().unwrap().remaining(), Duration::from_secs(7200));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_for_a_replacement_ends_at_its_limit() {
+        let cell = TokenCell::default();
+        cell.store("t1", Duration::from_secs(7200));
+        assert!(cell.report_invalid("t1"));
+        let start = Instant::now();
+        assert!(cell
+            .wait_replacement("t1", Duration::from_secs(15))
+            .await
+            .is_none());
+        assert_eq!(start.elapsed(), Duration::from_secs(15));
     }
 
     #[test]
