@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use crate::config::{AccountConfig, AccountKind, ReplaceTokens, TokenApi};
+use crate::config::{AccountConfig, AccountKind, Family, ReplaceTokens, TokenApi};
 use crate::secret::Secret;
 use crate::token::{TokenCell, TokenIndex};
 
@@ -18,8 +18,9 @@ pub const ACCOUNT_HEADER: &str = "x-wx-account";
 pub struct Account {
     pub name: String,
     pub kind: AccountKind,
-    /// The appid, or a WeCom account's corpid.
-    pub appid: String,
+    /// The id WeChat knows the account by: the appid, or a WeCom
+    /// account's corpid.
+    pub id: String,
     pub agentid: Option<String>,
     pub secret: Secret,
     pub token_api: TokenApi,
@@ -40,7 +41,7 @@ impl Account {
         Account {
             name: c.name.clone(),
             kind: c.kind,
-            appid: c.appid.clone(),
+            id: c.appid.clone(),
             agentid: c.agentid.clone(),
             secret: c.secret.clone(),
             token_api: c.token_api,
@@ -118,14 +119,14 @@ impl Accounts {
     pub fn by_appid(&self, appid: &str) -> Option<&Arc<Account>> {
         self.list
             .iter()
-            .find(|a| a.kind == AccountKind::Official && a.appid == appid)
+            .find(|a| a.kind == AccountKind::Official && a.id == appid)
     }
 
     /// The WeCom accounts of a corp (one per app secret).
     pub fn by_corpid(&self, corpid: &str) -> Vec<&Arc<Account>> {
         self.list
             .iter()
-            .filter(|a| a.kind == AccountKind::WeCom && a.appid == corpid)
+            .filter(|a| a.kind == AccountKind::WeCom && a.id == corpid)
             .collect()
     }
 
@@ -172,22 +173,24 @@ impl Accounts {
         &self,
         header: Option<&str>,
         presented_token: Option<&str>,
-        family: Option<AccountKind>,
+        family: Option<Family>,
     ) -> Result<&Arc<Account>, PickError> {
-        if let (None, Some(kind)) = (header, family) {
+        if let (None, Some(family)) = (header, family) {
             if presented_token
                 .and_then(|t| self.by_issued_token(t))
                 .is_none()
-                && self.default_account().is_none_or(|a| a.kind != kind)
+                && self
+                    .default_account()
+                    .is_none_or(|a| a.kind.family() != family)
             {
-                let mut of_kind = self.list.iter().filter(|a| a.kind == kind);
+                let mut of_kind = self.list.iter().filter(|a| a.kind.family() == family);
                 return match (of_kind.next(), of_kind.next()) {
                     (Some(only), None) => Ok(only),
                     _ => Err(PickError::NoneNamed {
                         known: self
                             .list
                             .iter()
-                            .filter(|a| a.kind == kind)
+                            .filter(|a| a.kind.family() == family)
                             .map(|a| a.name.as_str())
                             .collect::<Vec<_>>()
                             .join(", "),
@@ -269,9 +272,9 @@ mod tests {
         )
         .unwrap();
         let a = Accounts::new(&c.accounts);
-        let wecom = Some(AccountKind::WeCom);
+        let wecom = Some(Family::WeCom);
         assert_eq!(a.pick_for(None, None, wecom).unwrap().name, "hr");
-        let official = Some(AccountKind::Official);
+        let official = Some(Family::Official);
         assert_eq!(a.pick_for(None, None, official).unwrap().name, "shop");
         assert_eq!(a.pick_for(Some("shop"), None, wecom).unwrap().name, "shop");
     }

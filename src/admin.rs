@@ -74,7 +74,7 @@ impl Admin {
                 status::AccountStatus {
                     name: a.name.clone(),
                     kind: a.kind.as_str().into(),
-                    appid: a.appid.clone(),
+                    appid: a.id.clone(),
                     agentid: a.agentid.clone(),
                     token_api: a.token_api.as_str().into(),
                     token_valid: tok.as_ref().is_some_and(|t| t.is_valid()),
@@ -227,7 +227,7 @@ impl Admin {
             .app
             .accounts
             .iter()
-            .find(|a| a.name == name || a.appid == name)
+            .find(|a| a.name == name || a.id == name)
         else {
             // Never list the configured accounts to whoever asks.
             let body = crate::reply::error_body(

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::account::Accounts;
-use crate::config::{AccountKind, Config};
+use crate::config::{Config, Family};
 use crate::failover::Upstreams;
 use crate::token::store::RedisStore;
 
@@ -53,9 +53,9 @@ impl App {
     }
 
     /// The hosts an account of `kind` talks to.
-    pub fn upstream_for(&self, kind: AccountKind) -> &Arc<Upstreams> {
-        match (kind, &self.wecom) {
-            (AccountKind::WeCom, Some(w)) => w,
+    pub fn upstream_for(&self, family: Family) -> &Arc<Upstreams> {
+        match (family, &self.wecom) {
+            (Family::WeCom, Some(w)) => w,
             _ => &self.upstream,
         }
     }
@@ -67,10 +67,10 @@ impl App {
 
     /// Where requests that carry no account of ours go: the default
     /// account's family, else the Official Account hosts.
-    pub fn default_family(&self) -> AccountKind {
+    pub fn default_family(&self) -> Family {
         self.accounts
             .default_account()
-            .map_or(AccountKind::Official, |a| a.kind)
+            .map_or(Family::Official, |a| a.kind.family())
     }
 
     pub fn set_listening(&self) {

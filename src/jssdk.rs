@@ -81,7 +81,7 @@ pub fn answer(account: &Account, s: &Signed, agent: bool) -> Result<Bytes, Strin
             .parse::<u64>()
             .map_or_else(|_| serde_json::json!(agentid), |n| serde_json::json!(n));
         serde_json::json!({
-            "corpid": account.appid,
+            "corpid": account.id,
             "agentid": agentid,
             "timestamp": s.timestamp,
             "nonceStr": s.nonce,
@@ -89,7 +89,7 @@ pub fn answer(account: &Account, s: &Signed, agent: bool) -> Result<Bytes, Strin
         })
     } else {
         serde_json::json!({
-            "appId": account.appid,
+            "appId": account.id,
             "timestamp": s.timestamp,
             "nonceStr": s.nonce,
             "signature": s.signature,

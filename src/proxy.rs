@@ -21,7 +21,7 @@ use pingora::{Error, ErrorSource, ErrorType};
 
 use crate::account::{Account, ACCOUNT_HEADER};
 use crate::app::App;
-use crate::config::{AccountKind, ReplaceTokens};
+use crate::config::{AccountKind, Family, ReplaceTokens};
 use crate::inspect;
 use crate::jssdk;
 use crate::local::{self, Credentials};
@@ -63,10 +63,10 @@ pub struct Ctx {
     /// Counts the request as in flight while it lives.
     _in_flight: Option<crate::lifecycle::InFlight>,
     /// Which upstream family and host the streaming path chose.
-    kind: AccountKind,
+    upstream: Family,
     host: usize,
     /// The family an intercepted host (`Host`, SNI, proxy target) names.
-    family: Option<AccountKind>,
+    family: Option<Family>,
     /// The token the streaming path put in: scrubbed from the answer.
     injected: Option<Arc<Token>>,
     /// Informational (1xx) answers the streaming path has seen.
@@ -86,7 +86,7 @@ impl Default for Ctx {
             errcode: None,
             caller: None,
             _in_flight: None,
-            kind: AccountKind::Official,
+            upstream: Family::Official,
             host: 0,
             family: None,
             injected: None,
@@ -101,7 +101,7 @@ struct Plan {
     path: String,
     query: Option<String>,
     /// Which upstream family the request goes to.
-    kind: AccountKind,
+    family: Family,
     /// The account whose token the sidecar put in (none: untouched).
     account: Option<Arc<Account>>,
     token: Option<Arc<Token>>,
@@ -109,11 +109,11 @@ struct Plan {
 
 impl Plan {
     /// As the app sent it.
-    fn untouched(req: &RequestHeader, kind: AccountKind) -> Self {
+    fn untouched(req: &RequestHeader, family: Family) -> Self {
         Plan {
             path: req.uri.path().to_string(),
             query: req.uri.query().map(str::to_string),
-            kind,
+            family,
             account: None,
             token: None,
         }
@@ -466,7 +466,7 @@ impl Proxy {
                     || self.app.accounts.by_issued_token(t).is_some()
             }
         };
-        let mut plan = Plan::untouched(req, account.kind);
+        let mut plan = Plan::untouched(req, account.kind.family());
         if replace {
             // A token the app brought itself stays: not ours to touch.
             plan.token = Some(self.token_for(account).await?);
@@ -635,7 +635,7 @@ impl Proxy {
             },
         };
         let mut replaying = false;
-        let upstreams = self.app.upstream_for(plan.kind);
+        let upstreams = self.app.upstream_for(plan.family);
         let answer_timeout = upstreams.answer_timeout();
         let timed_out = || {
             upstream_err(UpstreamError::Timeout {
@@ -938,7 +938,7 @@ impl ProxyHttp for Proxy {
                         )
                     })?;
                     ctx.stream_uri = Some(uri);
-                    ctx.kind = plan.kind;
+                    ctx.upstream = plan.family;
                     ctx.injected = plan.token.clone();
                     if session.as_downstream_mut().is_body_empty() {
                         ctx.body_done = Some(std::time::Instant::now());
@@ -967,7 +967,7 @@ impl ProxyHttp for Proxy {
     ) -> pingora::Result<Box<HttpPeer>> {
         let (peer, host) = self
             .app
-            .upstream_for(ctx.kind)
+            .upstream_for(ctx.upstream)
             .peer()
             .map_err(|e| Error::explain(ErrorType::ConnectNoRoute, e.to_string()))?;
         ctx.host = host;
@@ -990,7 +990,7 @@ impl ProxyHttp for Proxy {
         if self.app.clients.uses_tokens() {
             req.remove_header(&header::AUTHORIZATION);
         }
-        let host = &self.app.upstream_for(ctx.kind).hosts()[ctx.host];
+        let host = &self.app.upstream_for(ctx.upstream).hosts()[ctx.host];
         req.insert_header(header::HOST, host.host_header())?;
         Ok(())
     }
@@ -1050,7 +1050,7 @@ impl ProxyHttp for Proxy {
     ) -> pingora::Result<Option<std::time::Duration>> {
         // From the end of the request body: a long upload is the body's
         // deadline, not the answer's.
-        let limit = self.app.upstream_for(ctx.kind).answer_timeout();
+        let limit = self.app.upstream_for(ctx.upstream).answer_timeout();
         if ctx.body_done.is_some_and(|t| t.elapsed() > limit) {
             return Err(Error::explain(
                 ErrorType::ReadTimedout,

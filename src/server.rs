@@ -356,7 +356,7 @@ impl<S> Gated<S> {
             tokio::spawn(refresher::run(
                 account.clone(),
                 refresher::Subject::Token,
-                app.upstream_for(account.kind).clone(),
+                app.upstream_for(account.kind.family()).clone(),
                 app.config.token.clone(),
                 app.store.clone(),
             ));

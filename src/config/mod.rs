@@ -194,7 +194,8 @@ pub struct UpstreamConfig {
     pub http2: bool,
 }
 
-/// Which API family an account belongs to.
+/// What an account is: decides its credentials, its token API and (through
+/// [`AccountKind::family`]) which hosts serve it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AccountKind {
     /// Official Account or mini program: `api.weixin.qq.com`, appid + appsecret.
@@ -210,6 +211,24 @@ impl AccountKind {
             AccountKind::WeCom => "wecom",
         }
     }
+
+    /// The upstream family that serves accounts of this kind.
+    pub fn family(self) -> Family {
+        match self {
+            AccountKind::Official => Family::Official,
+            AccountKind::WeCom => Family::WeCom,
+        }
+    }
+}
+
+/// An upstream family: the hosts of one of WeChat's APIs (`upstream`, and
+/// `wecom_upstream`), each with its failover group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// `api.weixin.qq.com` and its failover hosts.
+    Official,
+    /// `qyapi.weixin.qq.com`.
+    WeCom,
 }
 
 #[derive(Debug, Clone)]

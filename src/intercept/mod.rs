@@ -10,7 +10,7 @@ pub mod tls;
 
 use std::sync::Arc;
 
-use crate::config::AccountKind;
+use crate::config::Family;
 
 /// WeCom's API host: requests to it are for `kind: wecom` accounts.
 pub const WECOM_HOST: &str = "qyapi.weixin.qq.com";
@@ -30,11 +30,11 @@ pub fn request_host(req: &pingora::http::RequestHeader) -> Option<String> {
 }
 
 /// Which account family a host's API belongs to.
-pub fn family_of(host: &str) -> AccountKind {
+pub fn family_of(host: &str) -> Family {
     if host == WECOM_HOST {
-        AccountKind::WeCom
+        Family::WeCom
     } else {
-        AccountKind::Official
+        Family::Official
     }
 }
 
@@ -55,7 +55,7 @@ mod tests {
         assert_eq!(request_host(&r).as_deref(), Some("api.weixin.qq.com"));
         r.insert_header("Host", "qyapi.weixin.qq.com:443").unwrap();
         assert_eq!(request_host(&r).as_deref(), Some("qyapi.weixin.qq.com"));
-        assert_eq!(family_of("qyapi.weixin.qq.com"), AccountKind::WeCom);
-        assert_eq!(family_of("api.weixin.qq.com"), AccountKind::Official);
+        assert_eq!(family_of("qyapi.weixin.qq.com"), Family::WeCom);
+        assert_eq!(family_of("api.weixin.qq.com"), Family::Official);
     }
 }

@@ -95,11 +95,11 @@ fn token_store_id(account: &Account) -> (&'static str, String) {
             "wecom",
             format!(
                 "{}:{}",
-                account.appid,
+                account.id,
                 account.agentid.as_deref().unwrap_or(&account.name)
             ),
         ),
-        AccountKind::Official => (account.token_api.as_str(), account.appid.clone()),
+        AccountKind::Official => (account.token_api.as_str(), account.id.clone()),
     }
 }
 
@@ -123,7 +123,7 @@ impl Subject {
             (Subject::Ticket(TicketKind::AgentConfig), AccountKind::WeCom) => {
                 ("ticket_agent_config".to_string(), token_store_id(account).1)
             }
-            (Subject::Ticket(k), _) => (format!("ticket_{}", k.as_str()), account.appid.clone()),
+            (Subject::Ticket(k), _) => (format!("ticket_{}", k.as_str()), account.id.clone()),
         }
     }
 
@@ -266,7 +266,7 @@ impl Refresher {
         if outcome == StoreOutcome::New {
             tracing::info!(
                 account = %account.name,
-                appid = %account.appid,
+                appid = %account.id,
                 api = %self.store_id().0,
                 expires_in = f.expires_in.as_secs(),
                 "{} fetched",
@@ -308,7 +308,7 @@ impl Refresher {
             account.name,
             self.conf.daily_budget
         );
-        tracing::error!(account = %account.name, appid = %account.appid, what = self.what(), budget = self.conf.daily_budget, resets_in = ?wait, "daily {} budget spent; no more fetches today", self.what());
+        tracing::error!(account = %account.name, appid = %account.id, what = self.what(), budget = self.conf.daily_budget, resets_in = ?wait, "daily {} budget spent; no more fetches today", self.what());
         self.cell().record_budget_spent(msg);
         self.count("budget_spent");
         tokio::time::sleep(wait).await;
@@ -426,7 +426,7 @@ fn log_failure(
     let still_valid = cell.valid().map(|t| t.remaining().as_secs());
     tracing::error!(
         account = %account.name,
-        appid = %account.appid,
+        appid = %account.id,
         what,
         errcode = e.errcode(),
         error = %e,
@@ -451,7 +451,7 @@ pub fn ticket_cell<'a>(
         tokio::spawn(run(
             account.clone(),
             Subject::Ticket(kind),
-            app.upstream_for(account.kind).clone(),
+            app.upstream_for(account.kind.family()).clone(),
             app.config.token.clone(),
             app.store.clone(),
         ));

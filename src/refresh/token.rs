@@ -128,7 +128,7 @@ fn build_request(account: &Account, force: bool) -> (RequestHeader, Vec<u8>) {
         (AccountKind::WeCom, _) => {
             let path = format!(
                 "/cgi-bin/gettoken?corpid={}&corpsecret={}",
-                enc(&account.appid),
+                enc(&account.id),
                 enc(account.secret.expose())
             );
             let req = RequestHeader::build("GET", path.as_bytes(), None).expect("valid path");
@@ -137,7 +137,7 @@ fn build_request(account: &Account, force: bool) -> (RequestHeader, Vec<u8>) {
         (_, TokenApi::Classic) => {
             let path = format!(
                 "/cgi-bin/token?grant_type=client_credential&appid={}&secret={}",
-                enc(&account.appid),
+                enc(&account.id),
                 enc(account.secret.expose())
             );
             let req = RequestHeader::build("GET", path.as_bytes(), None).expect("valid path");
@@ -146,7 +146,7 @@ fn build_request(account: &Account, force: bool) -> (RequestHeader, Vec<u8>) {
         (_, TokenApi::Stable) => {
             let body = serde_json::json!({
                 "grant_type": "client_credential",
-                "appid": account.appid,
+                "appid": account.id,
                 "secret": account.secret.expose(),
                 "force_refresh": force,
             })
