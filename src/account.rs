@@ -8,8 +8,8 @@
 use std::sync::Arc;
 
 use crate::config::{AccountConfig, AccountKind, Family, ReplaceTokens, TokenApi};
+use crate::lease::{LeaseCell, TokenIndex};
 use crate::secret::Secret;
-use crate::token::{TokenCell, TokenIndex};
 
 /// The header that names the account; removed before forwarding.
 pub const ACCOUNT_HEADER: &str = "x-wx-account";
@@ -25,7 +25,7 @@ pub struct Account {
     pub secret: Secret,
     pub token_api: TokenApi,
     pub replace_tokens: ReplaceTokens,
-    pub tokens: TokenCell,
+    pub tokens: LeaseCell,
     /// Its JS-SDK and card tickets, made on first use.
     pub tickets: crate::ticket::Tickets,
     /// Requests sent again after WeChat rejected the token: the second
@@ -46,7 +46,7 @@ impl Account {
             secret: c.secret.clone(),
             token_api: c.token_api,
             replace_tokens: c.replace_tokens,
-            tokens: TokenCell::new(index, position),
+            tokens: LeaseCell::new(index, position),
             tickets: Default::default(),
             replays_ok: crate::metrics::TOKEN_REPLAYS.with_label_values(&[&c.name, "ok"]),
             replays_failed: crate::metrics::TOKEN_REPLAYS.with_label_values(&[&c.name, "failed"]),

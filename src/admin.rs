@@ -342,7 +342,7 @@ impl Admin {
         &self,
         account: &'a crate::account::Account,
         t: &str,
-    ) -> Result<(&'a crate::token::TokenCell, crate::ticket::TicketKind), (u16, String)> {
+    ) -> Result<(&'a crate::lease::LeaseCell, crate::ticket::TicketKind), (u16, String)> {
         use crate::ticket::TicketKind;
         let Some(kind) = TicketKind::parse(t).filter(|k| k.exists_for(account.kind)) else {
             let types: Vec<&str> = TicketKind::ALL

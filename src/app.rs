@@ -8,7 +8,7 @@ use std::time::Instant;
 use crate::account::Accounts;
 use crate::config::{Config, Family};
 use crate::failover::Upstreams;
-use crate::token::store::RedisStore;
+use crate::lease::store::RedisStore;
 
 pub struct App {
     pub config: Config,

@@ -13,9 +13,9 @@ use serde::Deserialize;
 
 use crate::account::Account;
 use crate::account::Accounts;
+use crate::lease::Lease;
 use crate::query;
 pub use crate::refusal::Refusal;
-use crate::token::Token;
 
 /// `force_refresh: true` from an app refreshes only a token at least this
 /// old: WeChat's own spacing for forced refreshes.
@@ -124,7 +124,7 @@ pub fn authenticate_wecom<'a>(
 
 /// The answer WeChat would give, from the cache: `expires_in` is the time the
 /// token really has left, rounded down. WeCom's shape adds `errcode: 0`.
-pub fn token_answer(token: &Token, wecom: bool) -> Bytes {
+pub fn token_answer(token: &Lease, wecom: bool) -> Bytes {
     let secs = token.remaining().as_secs();
     let v = if wecom {
         serde_json::json!({ "errcode": 0, "errmsg": "ok", "access_token": &*token.value, "expires_in": secs })

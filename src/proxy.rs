@@ -24,12 +24,12 @@ use crate::app::App;
 use crate::config::{AccountKind, Family, ReplaceTokens};
 use crate::inspect;
 use crate::jssdk;
+use crate::lease::{Lease, LeaseCell};
 use crate::local::{self, Credentials};
 use crate::query::{self, TOKEN_PARAM};
 use crate::reply::{self, ProxyError};
 use crate::route::{self, Route};
 use crate::ticket::{self, TicketKind};
-use crate::token::{Token, TokenCell};
 use crate::upstream::UpstreamError;
 
 /// The error type of a streamed request body that outlived its deadline.
@@ -68,7 +68,7 @@ pub struct Ctx {
     /// The family an intercepted host (`Host`, SNI, proxy target) names.
     family: Option<Family>,
     /// The token the streaming path put in: scrubbed from the answer.
-    injected: Option<Arc<Token>>,
+    injected: Option<Arc<Lease>>,
     /// Informational (1xx) answers the streaming path has seen.
     informational: u8,
     /// When the streamed request body was whole (the answer's clock starts
@@ -104,7 +104,7 @@ struct Plan {
     family: Family,
     /// The account whose token the sidecar put in (none: untouched).
     account: Option<Arc<Account>>,
-    token: Option<Arc<Token>>,
+    token: Option<Arc<Lease>>,
 }
 
 impl Plan {
@@ -170,7 +170,7 @@ fn is_form(headers: &http::HeaderMap) -> bool {
 
 /// Removes every answer header that carries our token (a `Location` that
 /// kept the query, an echo): the token is never the app's to see.
-pub(crate) fn scrub_token(resp: &mut ResponseHeader, token: Option<&Token>) {
+pub(crate) fn scrub_token(resp: &mut ResponseHeader, token: Option<&Lease>) {
     let Some(t) = token else { return };
     let needle = t.value.as_bytes();
     let carrying: Vec<HeaderName> = resp
@@ -187,7 +187,7 @@ pub(crate) fn scrub_token(resp: &mut ResponseHeader, token: Option<&Token>) {
 
 /// A buffered answer with our token masked wherever it appears (WeChat never
 /// sends it back; an echoing or misbehaving upstream might).
-fn scrub_body(answer: Bytes, token: Option<&Token>) -> Bytes {
+fn scrub_body(answer: Bytes, token: Option<&Lease>) -> Bytes {
     let Some(t) = token else { return answer };
     let needle = t.value.as_bytes();
     if memchr::memmem::find(&answer, needle).is_none() {
@@ -306,7 +306,7 @@ type Step<T> = pingora::Result<Result<T, ProxyError>>;
 impl Proxy {
     /// The valid token for `account`, waiting for the refresher only when
     /// there is none: an expired token is never sent.
-    async fn token_for(&self, account: &Account) -> Result<Arc<Token>, ProxyError> {
+    async fn token_for(&self, account: &Account) -> Result<Arc<Lease>, ProxyError> {
         self.valid_from(&account.tokens, &account.name, "token")
             .await
     }
@@ -315,10 +315,10 @@ impl Proxy {
     /// refresher only when there is none.
     async fn valid_from(
         &self,
-        cell: &TokenCell,
+        cell: &LeaseCell,
         account: &str,
         what: &'static str,
-    ) -> Result<Arc<Token>, ProxyError> {
+    ) -> Result<Arc<Lease>, ProxyError> {
         if let Some(t) = cell.valid() {
             return Ok(t);
         }
@@ -356,7 +356,7 @@ impl Proxy {
         (named, presented): (Option<&str>, Option<&str>),
         family: Option<AccountKind>,
         kind: TicketKind,
-    ) -> Result<(Arc<Account>, Arc<Token>), ProxyError> {
+    ) -> Result<(Arc<Account>, Arc<Lease>), ProxyError> {
         let account = self.app.accounts.pick(named, presented)?;
         if !kind.exists_for(account.kind) || family.is_some_and(|f| f != account.kind) {
             return Err(ProxyError::BadRequest {
@@ -515,7 +515,7 @@ impl Proxy {
 
     /// After WeChat rejected `plan`'s token: report it (compare-and-refresh)
     /// and wait for the one refresh to bring a replacement.
-    async fn replacement(&self, plan: &Plan) -> Option<Arc<Token>> {
+    async fn replacement(&self, plan: &Plan) -> Option<Arc<Lease>> {
         let (account, bad) = (plan.account.as_ref()?, plan.token.as_ref()?);
         account.tokens.report_invalid(&bad.value);
         account

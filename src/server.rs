@@ -23,10 +23,10 @@ use crate::admin::Admin;
 use crate::app::App;
 use crate::config::{AccountKind, Config};
 use crate::failover::Upstreams;
+use crate::lease::store::{Record, RedisStore};
 use crate::lifecycle::Signals;
 use crate::proxy::Proxy;
 use crate::refresh::{self as refresher, Subject};
-use crate::token::store::{Record, RedisStore};
 use crate::upstream::{self, DEFAULT_POOL_SIZE};
 
 /// Slack on top of connect + read timeouts for the first token fetch.
@@ -310,7 +310,7 @@ async fn restore(
     account: &str,
     api: &str,
     id: &str,
-    cell: &crate::token::TokenCell,
+    cell: &crate::lease::LeaseCell,
 ) {
     let Some(token) = cell.valid() else {
         return;

@@ -4,7 +4,7 @@
 //! It fetches at start, then again when the token is due (`refresh_before`
 //! ahead of expiry, at most half the lifetime), or at once when the request
 //! path reports the *current* token invalid (compare-and-refresh, see
-//! [`crate::token::TokenCell::report_invalid`]). Failures retry with capped
+//! [`crate::lease::LeaseCell::report_invalid`]). Failures retry with capped
 //! exponential backoff and jitter while the old token lasts; hard failures
 //! wait `token.failed_retry`; every fetch is counted against the daily budget.
 //! Because one task per account does all fetching, there is never more than
@@ -23,11 +23,11 @@ use self::token::FetchError;
 use crate::account::Account;
 use crate::config::{AccountKind, OnStoreError, TokenApi, TokenConfig};
 use crate::failover::Upstreams;
+use crate::lease::store::{Lock, Record, RedisStore};
+use crate::lease::LeaseCell;
+use crate::lease::{until_next_wechat_day, StoreOutcome};
 use crate::metrics::{TICKET_FETCHES, TOKEN_FETCHES};
 use crate::ticket::TicketKind;
-use crate::token::store::{Lock, Record, RedisStore};
-use crate::token::TokenCell;
-use crate::token::{until_next_wechat_day, StoreOutcome};
 
 /// First retry after a failed fetch; doubles up to the cap.
 const DEFAULT_BACKOFF_FIRST: Duration = Duration::from_millis(500);
@@ -105,7 +105,7 @@ fn token_store_id(account: &Account) -> (&'static str, String) {
 
 impl Subject {
     /// The cell holding it (a ticket's exists once it is in use).
-    pub fn cell(self, account: &Account) -> Option<&TokenCell> {
+    pub fn cell(self, account: &Account) -> Option<&LeaseCell> {
         match self {
             Subject::Token => Some(&account.tokens),
             Subject::Ticket(k) => account.tickets.get(k).map(|c| &**c),
@@ -128,7 +128,7 @@ impl Subject {
     }
 
     /// The account's token and its tickets in use, with their cells.
-    pub fn in_use(account: &Account) -> impl Iterator<Item = (Subject, &TokenCell)> {
+    pub fn in_use(account: &Account) -> impl Iterator<Item = (Subject, &LeaseCell)> {
         std::iter::once((Subject::Token, &account.tokens)).chain(
             account
                 .tickets
@@ -159,7 +159,7 @@ pub async fn run(
 
 impl Refresher {
     /// The cell this refresher writes.
-    fn cell(&self) -> &TokenCell {
+    fn cell(&self) -> &LeaseCell {
         self.subject
             .cell(&self.account)
             .expect("a ticket's cell exists before its refresher")
@@ -356,7 +356,7 @@ impl Refresher {
                 }
                 Ok(Lock::Busy) => tokio::time::sleep(DEFAULT_STORE_POLL).await,
                 Ok(Lock::Held(lock)) => {
-                    let day = crate::token::wechat_day(SystemTime::now());
+                    let day = crate::lease::wechat_day(SystemTime::now());
                     match store
                         .spend_budget(&format!("{api}:{id}"), day, self.conf.daily_budget)
                         .await
@@ -419,7 +419,7 @@ impl Refresher {
 fn log_failure(
     account: &Account,
     what: &str,
-    cell: &TokenCell,
+    cell: &LeaseCell,
     e: &FetchError,
     retry_in: Duration,
 ) {
@@ -443,7 +443,7 @@ pub fn ticket_cell<'a>(
     app: &crate::app::App,
     account: &'a Arc<Account>,
     kind: TicketKind,
-) -> &'a Arc<TokenCell> {
+) -> &'a Arc<LeaseCell> {
     let (c, made) = account.tickets.get_or_make(kind);
     if made {
         crate::metrics::init_ticket(&account.name, kind.as_str());

@@ -7,9 +7,9 @@ use bytes::Bytes;
 
 use super::TicketKind;
 use crate::config::AccountKind;
+use crate::lease::Lease;
 use crate::query;
 use crate::refusal::Refusal;
-use crate::token::Token;
 
 /// Which family's ticket of which type a request to a ticket path asks for.
 pub fn requested(path: &str, q: &str) -> Result<(AccountKind, TicketKind), Refusal> {
@@ -34,7 +34,7 @@ pub fn requested(path: &str, q: &str) -> Result<(AccountKind, TicketKind), Refus
 
 /// WeChat's answer, from the cache: `expires_in` is what the ticket really
 /// has left, not the 7200 s WeChat may claim on a re-fetch.
-pub fn body(ticket: &Token) -> Bytes {
+pub fn body(ticket: &Lease) -> Bytes {
     Bytes::from(
         serde_json::json!({
             "errcode": 0,

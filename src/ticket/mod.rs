@@ -12,7 +12,7 @@ pub mod answer;
 use std::sync::{Arc, OnceLock};
 
 use crate::config::AccountKind;
-use crate::token::TokenCell;
+use crate::lease::LeaseCell;
 
 /// The tickets WeChat issues.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,18 +73,18 @@ impl TicketKind {
 /// An account's tickets, each made on first use.
 #[derive(Default)]
 pub struct Tickets {
-    cells: [OnceLock<Arc<TokenCell>>; 3],
+    cells: [OnceLock<Arc<LeaseCell>>; 3],
 }
 
 impl Tickets {
     /// The cell of a ticket already in use.
-    pub fn get(&self, kind: TicketKind) -> Option<&Arc<TokenCell>> {
+    pub fn get(&self, kind: TicketKind) -> Option<&Arc<LeaseCell>> {
         self.cells[kind.slot()].get()
     }
 
     /// The cell of a ticket, made now if it is not in use yet; `true` when
     /// it was made by this call (its refresher must then be started).
-    pub fn get_or_make(&self, kind: TicketKind) -> (&Arc<TokenCell>, bool) {
+    pub fn get_or_make(&self, kind: TicketKind) -> (&Arc<LeaseCell>, bool) {
         let slot = &self.cells[kind.slot()];
         if let Some(c) = slot.get() {
             return (c, false);
@@ -92,13 +92,13 @@ impl Tickets {
         let mut made = false;
         let c = slot.get_or_init(|| {
             made = true;
-            Arc::new(TokenCell::for_ticket())
+            Arc::new(LeaseCell::for_ticket())
         });
         (c, made)
     }
 
     /// The tickets in use, for `/status`, `/metrics` and the store watcher.
-    pub fn in_use(&self) -> impl Iterator<Item = (TicketKind, &Arc<TokenCell>)> {
+    pub fn in_use(&self) -> impl Iterator<Item = (TicketKind, &Arc<LeaseCell>)> {
         TicketKind::ALL
             .into_iter()
             .filter_map(|k| self.get(k).map(|c| (k, c)))

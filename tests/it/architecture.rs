@@ -212,7 +212,7 @@ fn the_check_finds_a_cycle_and_an_edge_up() {
     let lines = product_lines(text);
     assert_eq!(lines, ["use crate::a::X;", "fn g() { crate::d::h() }"]);
     assert_eq!(
-        crate_paths("use crate::{demo, server::{x, y}, a}; crate::token::Cell"),
-        ["demo", "server", "a", "token"]
+        crate_paths("use crate::{demo, server::{x, y}, a}; crate::lease::Cell"),
+        ["demo", "server", "a", "lease"]
     );
 }

@@ -1,10 +1,13 @@
-//! Access tokens: one [`TokenCell`] per account holds the current token and
-//! the ones issued before it. Tickets (see [`crate::ticket`]) use the same
-//! cell, without the shared index: they are never presented by apps.
+//! Leases: anything WeChat hands out with an expiry — an account's access
+//! token, a ticket — held in a [`LeaseCell`]: the current [`Lease`], the ones
+//! issued before it (tokens only: apps present them back), its fetch
+//! counters and the day's budget, and the shared store (`store`). Nothing
+//! here knows accounts or tickets; the refresher (`crate::refresh`) fills
+//! the cells.
 //!
 //! The request path only *reads* a cell: one atomic load of an `Arc`, no lock,
-//! no await. Only the account's refresher ([`refresher`]) writes, so at most
-//! one fetch per account is ever in flight. Nothing here logs a token.
+//! no await. Only the cell's refresher writes, so at most one fetch per cell
+//! is ever in flight. Nothing here logs a value.
 
 pub mod store;
 
@@ -26,7 +29,7 @@ const DEFAULT_ISSUED_HISTORY: usize = 24;
 
 /// A token as the sidecar holds it.
 #[derive(Debug)]
-pub struct Token {
+pub struct Lease {
     pub value: Arc<str>,
     /// When WeChat stops accepting it.
     pub expires_at: Instant,
@@ -38,14 +41,14 @@ pub struct Token {
     reported_invalid: AtomicBool,
 }
 
-impl Token {
+impl Lease {
     fn new(
         value: Arc<str>,
         expires_at: Instant,
         fetched_at: SystemTime,
         lifetime: Duration,
     ) -> Self {
-        Token {
+        Lease {
             value,
             expires_at,
             fetched_at,
@@ -70,7 +73,7 @@ impl Token {
 
 #[derive(Default)]
 struct Snapshot {
-    current: Option<Arc<Token>>,
+    current: Option<Arc<Lease>>,
     /// Values issued before `current`, newest last.
     earlier: Vec<Arc<str>>,
 }
@@ -127,7 +130,7 @@ impl TokenIndex {
 }
 
 /// One account's token and its history.
-pub struct TokenCell {
+pub struct LeaseCell {
     /// The shared index and this account's place in it (none for tickets).
     index: Option<Arc<TokenIndex>>,
     account: usize,
@@ -141,25 +144,25 @@ pub struct TokenCell {
     forced: AtomicBool,
 }
 
-impl Default for TokenCell {
+impl Default for LeaseCell {
     fn default() -> Self {
-        TokenCell::new(Arc::default(), 0)
+        LeaseCell::new(Arc::default(), 0)
     }
 }
 
-impl TokenCell {
+impl LeaseCell {
     /// A cell for account number `account`, recording its tokens in `index`.
     pub fn new(index: Arc<TokenIndex>, account: usize) -> Self {
-        TokenCell::with_index(Some(index), account)
+        LeaseCell::with_index(Some(index), account)
     }
 
     /// A cell for a ticket: the same single flight, no token index.
     pub fn for_ticket() -> Self {
-        TokenCell::with_index(None, 0)
+        LeaseCell::with_index(None, 0)
     }
 
     fn with_index(index: Option<Arc<TokenIndex>>, account: usize) -> Self {
-        TokenCell {
+        LeaseCell {
             index,
             account,
             snap: ArcSwap::from_pointee(Snapshot::default()),
@@ -171,9 +174,9 @@ impl TokenCell {
     }
 }
 
-impl TokenCell {
+impl LeaseCell {
     /// The current token if it has not expired. Never waits.
-    pub fn valid(&self) -> Option<Arc<Token>> {
+    pub fn valid(&self) -> Option<Arc<Lease>> {
         self.snap
             .load()
             .current
@@ -183,7 +186,7 @@ impl TokenCell {
     }
 
     /// The current token, expired or not (for the refresher's schedule).
-    pub fn latest(&self) -> Option<Arc<Token>> {
+    pub fn latest(&self) -> Option<Arc<Lease>> {
         self.snap.load().current.clone()
     }
 
@@ -256,13 +259,13 @@ impl TokenCell {
     }
 
     /// Waits up to `limit` for a valid token other than `bad`.
-    pub async fn wait_replacement(&self, bad: &str, limit: Duration) -> Option<Arc<Token>> {
+    pub async fn wait_replacement(&self, bad: &str, limit: Duration) -> Option<Arc<Lease>> {
         self.wait_until(limit, || self.valid().filter(|t| &*t.value != bad))
             .await
     }
 
     /// Waits up to `limit` for a valid token; `None` when none came.
-    pub async fn wait_valid(&self, limit: Duration) -> Option<Arc<Token>> {
+    pub async fn wait_valid(&self, limit: Duration) -> Option<Arc<Lease>> {
         self.wait_until(limit, || self.valid()).await
     }
 
@@ -300,7 +303,7 @@ impl TokenCell {
             Some(cur) if &*cur.value == value => {
                 outcome = StoreOutcome::Same;
                 Snapshot {
-                    current: Some(Arc::new(Token::new(
+                    current: Some(Arc::new(Lease::new(
                         cur.value.clone(),
                         cur.expires_at.min(now + expires_in),
                         cur.fetched_at,
@@ -324,7 +327,7 @@ impl TokenCell {
                     index.update(&value, evicted.as_ref(), self.account);
                 }
                 Snapshot {
-                    current: Some(Arc::new(Token::new(
+                    current: Some(Arc::new(Lease::new(
                         value,
                         now + expires_in,
                         SystemTime::now(),
@@ -389,7 +392,7 @@ mod tests {
 
     #[test]
     fn history_recognises_earlier_tokens() {
-        let cell = TokenCell::default();
+        let cell = LeaseCell::default();
         assert!(cell.valid().is_none());
         assert_eq!(cell.store("t1", Duration::from_secs(60)), StoreOutcome::New);
         assert_eq!(cell.store("t2", Duration::from_secs(60)), StoreOutcome::New);
@@ -401,7 +404,7 @@ mod tests {
 
     #[test]
     fn same_value_keeps_lifetime_and_history() {
-        let cell = TokenCell::default();
+        let cell = LeaseCell::default();
         cell.store("t1", Duration::from_secs(7200));
         assert_eq!(
             cell.store("t1", Duration::from_secs(300)),
@@ -415,7 +418,7 @@ mod tests {
     #[test]
     fn same_value_never_extends_the_expiry() {
         // A ticket fetched again mid-life that still claims its full lifetime.
-        let cell = TokenCell::for_ticket();
+        let cell = LeaseCell::for_ticket();
         cell.store("k1", Duration::from_secs(100));
         cell.store("k1", Duration::from_secs(7200));
         assert!(cell.valid().unwrap().remaining() <= Duration::from_secs(100));
@@ -423,7 +426,7 @@ mod tests {
 
     #[test]
     fn history_is_bounded() {
-        let cell = TokenCell::default();
+        let cell = LeaseCell::default();
         for i in 0..(DEFAULT_ISSUED_HISTORY + 5) {
             cell.store(&format!("t{i}"), Duration::from_secs(60));
         }
@@ -436,7 +439,7 @@ mod tests {
 
     #[test]
     fn compare_and_refresh_asks_once_and_only_for_the_current_token() {
-        let cell = TokenCell::default();
+        let cell = LeaseCell::default();
         cell.store("t1", Duration::from_secs(60));
         assert!(!cell.report_invalid("other"), "not the current token");
         assert!(cell.report_invalid("t1"));
@@ -454,7 +457,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_expired_token_is_never_handed_out() {
-        let cell = TokenCell::default();
+        let cell = LeaseCell::default();
         cell.store("t1", Duration::from_secs(7200));
         tokio::time::advance(Duration::from_secs(7199)).await;
         assert_eq!(cell.valid().unwrap().remaining(), Duration::from_secs(1));
@@ -465,7 +468,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_storm_of_reports_on_one_token_refreshes_once_and_everyone_gets_the_new_one() {
-        let cell = Arc::new(TokenCell::default());
+        let cell = Arc::new(LeaseCell::default());
         cell.store("t1", Duration::from_secs(7200));
         let reports: Vec<_> = (0..100)
             .map(|_| {
@@ -502,7 +505,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_ticket_fetched_again_keeps_its_real_expiry() {
-        let cell = TokenCell::for_ticket();
+        let cell = LeaseCell::for_ticket();
         cell.store("k1", Duration::from_secs(7200));
         tokio::time::advance(Duration::from_secs(7000)).await;
         // WeChat hands the same ticket out again, claiming the full 7200 s.
@@ -523,7 +526,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn waiting_for_a_replacement_ends_at_its_limit() {
-        let cell = TokenCell::default();
+        let cell = LeaseCell::default();
         cell.store("t1", Duration::from_secs(7200));
         assert!(cell.report_invalid("t1"));
         let start = Instant::now();
@@ -536,7 +539,7 @@ mod tests {
 
     #[test]
     fn budget_counts_per_day() {
-        let cell = TokenCell::default();
+        let cell = LeaseCell::default();
         assert!(cell.spend_budget(2) && cell.spend_budget(2));
         assert!(!cell.spend_budget(2));
         assert_eq!(cell.status().fetches_today, 2);
@@ -558,7 +561,7 @@ mod tests {
 
     #[tokio::test]
     async fn expired_token_is_never_valid() {
-        let cell = TokenCell::default();
+        let cell = LeaseCell::default();
         cell.store("t1", Duration::from_millis(1));
         tokio::time::sleep(Duration::from_millis(5)).await;
         assert!(cell.valid().is_none());
