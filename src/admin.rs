@@ -62,9 +62,6 @@ impl Admin {
 
     fn status(&self) -> Status {
         let app = &self.app;
-        let last = |e: Option<(i64, String)>| {
-            e.map(|(errcode, errmsg)| status::LastError { errcode, errmsg })
-        };
         let accounts = app
             .accounts
             .iter()
@@ -82,10 +79,7 @@ impl Admin {
                         .as_ref()
                         .and_then(|t| t.fetched_at.duration_since(UNIX_EPOCH).ok())
                         .map(|d| d.as_secs()),
-                    token_age_seconds: tok
-                        .as_ref()
-                        .and_then(|t| t.fetched_at.elapsed().ok())
-                        .map(|d| d.as_secs()),
+                    token_age_seconds: tok.as_ref().and_then(|t| t.age_secs()),
                     token_expires_in_seconds: tok.as_ref().map(|t| t.remaining().as_secs()),
                     fetches_ok: st.fetches_ok,
                     fetches_today: st.fetches_today,
@@ -99,7 +93,7 @@ impl Admin {
                     replays_ok: a.replays_ok.get(),
                     replays_failed: a.replays_failed.get(),
                     fetches_failed: st.fetches_failed,
-                    last_error: last(st.last_error),
+                    last_error: last_error(st.last_error),
                     tickets: tickets(a),
                 }
             })
@@ -127,6 +121,11 @@ impl Admin {
     }
 }
 
+/// A cell's last failure as `/status` shows it.
+fn last_error(e: Option<(i64, String)>) -> Option<status::LastError> {
+    e.map(|(errcode, errmsg)| status::LastError { errcode, errmsg })
+}
+
 /// What `/status` says of an account's tickets in use: ages and counts,
 /// never a ticket.
 fn tickets(a: &crate::account::Account) -> Vec<status::TicketStatus> {
@@ -138,18 +137,13 @@ fn tickets(a: &crate::account::Account) -> Vec<status::TicketStatus> {
             status::TicketStatus {
                 kind: kind.as_str().into(),
                 valid: t.as_ref().is_some_and(|t| t.is_valid()),
-                age_seconds: t
-                    .as_ref()
-                    .and_then(|t| t.fetched_at.elapsed().ok())
-                    .map(|d| d.as_secs()),
+                age_seconds: t.as_ref().and_then(|t| t.age_secs()),
                 expires_in_seconds: t.as_ref().map(|t| t.remaining().as_secs()),
                 fetches_ok: st.fetches_ok,
                 fetches_failed: st.fetches_failed,
                 fetches_today: st.fetches_today,
                 budget_spent: st.budget_spent.is_some(),
-                last_error: st
-                    .last_error
-                    .map(|(errcode, errmsg)| status::LastError { errcode, errmsg }),
+                last_error: last_error(st.last_error),
             }
         })
         .collect()

@@ -65,6 +65,11 @@ impl Lease {
         self.expires_at.saturating_duration_since(Instant::now())
     }
 
+    /// Whole seconds since it was fetched (for `/status`).
+    pub fn age_secs(&self) -> Option<u64> {
+        self.fetched_at.elapsed().ok().map(|d| d.as_secs())
+    }
+
     /// Not expired and not reported invalid: fit to send.
     pub fn is_valid(&self) -> bool {
         self.expires_at > Instant::now() && !self.is_reported_invalid()
