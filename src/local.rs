@@ -15,7 +15,7 @@ use crate::account::Account;
 use crate::account::Accounts;
 use crate::lease::Lease;
 use crate::query;
-pub use crate::refusal::Refusal;
+use crate::refusal::Refusal;
 
 /// `force_refresh: true` from an app refreshes only a token at least this
 /// old: WeChat's own spacing for forced refreshes.

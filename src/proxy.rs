@@ -27,6 +27,7 @@ use crate::jssdk;
 use crate::lease::{Lease, LeaseCell};
 use crate::local::{self, Credentials};
 use crate::query::{self, TOKEN_PARAM};
+use crate::refusal::Refusal;
 use crate::reply::{self, ProxyError};
 use crate::route::{self, Route};
 use crate::ticket::{self, TicketKind};
@@ -156,16 +157,6 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
             | "transfer-encoding"
             | "upgrade"
     )
-}
-
-/// Whether the body is an HTML form (`application/x-www-form-urlencoded`),
-/// whose fields may carry an appsecret.
-fn is_form(headers: &http::HeaderMap) -> bool {
-    headers.get(header::CONTENT_TYPE).is_some_and(|v| {
-        let v = v.as_bytes().trim_ascii_start();
-        const FORM: &[u8] = b"application/x-www-form-urlencoded";
-        v.len() >= FORM.len() && v[..FORM.len()].eq_ignore_ascii_case(FORM)
-    })
 }
 
 /// Removes every answer header that carries our token (a `Location` that
@@ -403,7 +394,7 @@ impl Proxy {
     async fn jssdk(&self, session: &mut Session, ctx: &mut Ctx) -> Step<()> {
         let req = session.req_header();
         let path = req.uri.path().to_string();
-        let agent = path.eq_ignore_ascii_case(jssdk::AGENT_CONFIG_PATH);
+        let agent = crate::target::route_key(&path).eq_ignore_ascii_case(jssdk::AGENT_CONFIG_PATH);
         let q = req.uri.query().unwrap_or("");
         let bad = |reason: String| ProxyError::BadRequest {
             path: path.clone(),
@@ -622,7 +613,11 @@ impl Proxy {
             Err(e) => return Ok(Err(e)),
         };
         let path = session.req_header().uri.path().to_string();
-        if is_form(&session.req_header().headers) {
+        // An HTML form's fields may carry an appsecret too.
+        if route::content_type_is(
+            &session.req_header().headers,
+            b"application/x-www-form-urlencoded",
+        ) {
             if let Err(e) = refuse_misplaced_secret(&path, &body) {
                 return Ok(Err(e));
             }
@@ -767,7 +762,7 @@ impl Proxy {
                     return self
                         .refuse(
                             session,
-                            local::Refusal {
+                            Refusal {
                                 errcode: 43002,
                                 errmsg: "require POST method",
                             },
@@ -780,7 +775,7 @@ impl Proxy {
                         return self
                             .refuse(
                                 session,
-                                local::Refusal {
+                                Refusal {
                                     errcode: 47001,
                                     errmsg: "data format error",
                                 },
@@ -840,7 +835,7 @@ impl Proxy {
     }
 
     /// A refusal in WeChat's words (HTTP 200 with an errcode, as WeChat does).
-    async fn refuse(&self, session: &mut Session, r: local::Refusal) -> Step<()> {
+    async fn refuse(&self, session: &mut Session, r: Refusal) -> Step<()> {
         tracing::info!(
             path = session.req_header().uri.path(),
             errcode = r.errcode,

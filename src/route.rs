@@ -47,20 +47,13 @@ const SIGNATURE_HEADER: &str = "wechatmp-signature";
 /// endpoint or an untouched path is treated as that path.
 pub fn classify(req: &RequestHeader) -> Route {
     let path = crate::target::route_key(req.uri.path());
-    if let Some(local) = classify_path(path) {
+    if let Some(local) = local_route(path) {
         return local;
     }
     if req.headers.contains_key(SIGNATURE_HEADER) || starts_with_any(path, UNTOUCHED_PREFIXES) {
         return Route::Untouched;
     }
-    let multipart = req
-        .headers
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| {
-            let v = v.as_bytes().trim_ascii_start();
-            v.len() >= 10 && v[..10].eq_ignore_ascii_case(b"multipart/")
-        });
-    if multipart || starts_with_any(path, STREAM_PREFIXES) {
+    if content_type_is(&req.headers, b"multipart/") || starts_with_any(path, STREAM_PREFIXES) {
         return Route::Stream;
     }
     Route::Api
@@ -68,7 +61,11 @@ pub fn classify(req: &RequestHeader) -> Route {
 
 /// The routes answered locally, decided by the path alone.
 pub fn classify_path(path: &str) -> Option<Route> {
-    let path = crate::target::route_key(path);
+    local_route(crate::target::route_key(path))
+}
+
+/// [`classify_path`] for a path already cut by [`crate::target::route_key`].
+fn local_route(path: &str) -> Option<Route> {
     let is = |p: &str| path.eq_ignore_ascii_case(p);
     if is("/cgi-bin/token") {
         Some(Route::LocalClassicToken)
@@ -89,9 +86,17 @@ pub fn classify_path(path: &str) -> Option<Route> {
 }
 
 /// Whether `path` starts with one of `prefixes`, ignoring ASCII case.
-pub fn starts_with_any(path: &str, prefixes: &[&str]) -> bool {
-    prefixes.iter().any(|p| {
-        path.len() >= p.len() && path.as_bytes()[..p.len()].eq_ignore_ascii_case(p.as_bytes())
+fn starts_with_any(path: &str, prefixes: &[&str]) -> bool {
+    prefixes
+        .iter()
+        .any(|p| crate::target::starts_with_ignore_case(path.as_bytes(), p.as_bytes()))
+}
+
+/// Whether the request's `Content-Type` is of `media` (e.g. `multipart/`),
+/// ignoring case and leading space.
+pub fn content_type_is(headers: &http::HeaderMap, media: &[u8]) -> bool {
+    headers.get(http::header::CONTENT_TYPE).is_some_and(|v| {
+        crate::target::starts_with_ignore_case(v.as_bytes().trim_ascii_start(), media)
     })
 }
 

@@ -147,7 +147,13 @@ pub fn takes_secret(path: &str) -> bool {
     SECRET_PATHS.iter().any(|p| path.eq_ignore_ascii_case(p))
         || SECRET_PREFIXES
             .iter()
-            .any(|p| path.len() >= p.len() && path[..p.len()].eq_ignore_ascii_case(p))
+            .any(|p| starts_with_ignore_case(path.as_bytes(), p.as_bytes()))
+}
+
+/// Whether `hay` starts with `prefix`, ignoring ASCII case: how paths and
+/// media types are compared.
+pub fn starts_with_ignore_case(hay: &[u8], prefix: &[u8]) -> bool {
+    hay.len() >= prefix.len() && hay[..prefix.len()].eq_ignore_ascii_case(prefix)
 }
 
 /// The first secret-carrying parameter in a query or form body, by its

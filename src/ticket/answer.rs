@@ -18,17 +18,21 @@ pub fn requested(path: &str, q: &str) -> Result<(AccountKind, TicketKind), Refus
         errmsg: "invalid args: type must be jsapi or wx_card (agent_config on WeCom)",
     };
     let ty = query::param(q, "type");
-    match path.to_ascii_lowercase().as_str() {
-        "/cgi-bin/get_jsapi_ticket" => Ok((AccountKind::WeCom, TicketKind::Jsapi)),
-        "/cgi-bin/ticket/get" => match ty.as_deref() {
+    // Compared as routes are (case and a trailing `/` aside).
+    let path = crate::target::route_key(path);
+    if path.eq_ignore_ascii_case("/cgi-bin/get_jsapi_ticket") {
+        return Ok((AccountKind::WeCom, TicketKind::Jsapi));
+    }
+    if path.eq_ignore_ascii_case("/cgi-bin/ticket/get") {
+        return match ty.as_deref() {
             Some("agent_config") => Ok((AccountKind::WeCom, TicketKind::AgentConfig)),
             _ => Err(invalid),
-        },
-        _ => match ty.as_deref() {
-            Some("jsapi") => Ok((AccountKind::Official, TicketKind::Jsapi)),
-            Some("wx_card") => Ok((AccountKind::Official, TicketKind::WxCard)),
-            _ => Err(invalid),
-        },
+        };
+    }
+    match ty.as_deref() {
+        Some("jsapi") => Ok((AccountKind::Official, TicketKind::Jsapi)),
+        Some("wx_card") => Ok((AccountKind::Official, TicketKind::WxCard)),
+        _ => Err(invalid),
     }
 }
 
@@ -72,5 +76,14 @@ mod tests {
         assert!(ok("/cgi-bin/ticket/getticket", "type=other").is_none());
         assert!(ok("/cgi-bin/ticket/getticket", "").is_none());
         assert!(ok("/cgi-bin/ticket/get", "type=jsapi").is_none());
+        // Every spelling the route accepts names the same ticket.
+        assert_eq!(
+            ok("/CGI-BIN/get_jsapi_ticket/", ""),
+            Some((AccountKind::WeCom, TicketKind::Jsapi))
+        );
+        assert_eq!(
+            ok("/cgi-bin/ticket/get/", "type=agent_config"),
+            Some((AccountKind::WeCom, TicketKind::AgentConfig))
+        );
     }
 }
