@@ -34,9 +34,7 @@ pub struct Admin {
 /// Whether a request carries the admin token (`Authorization: Bearer …`),
 /// compared in constant time.
 fn authorized(expected: &crate::secret::Secret, auth: Option<&[u8]>) -> bool {
-    auth.and_then(|v| v.strip_prefix(b"Bearer "))
-        .and_then(|t| std::str::from_utf8(t).ok())
-        .is_some_and(|t| expected.matches(t.trim()))
+    crate::secret::bearer(auth).is_some_and(|t| expected.matches(t))
 }
 
 impl Admin {

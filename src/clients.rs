@@ -153,14 +153,7 @@ impl Clients {
             token: None,
         };
         if !self.conf.tokens.is_empty() {
-            let presented = authorization
-                .and_then(|v| std::str::from_utf8(v).ok())
-                .and_then(|v| {
-                    v.strip_prefix("Bearer ")
-                        .or_else(|| v.strip_prefix("bearer "))
-                })
-                .map(str::trim)
-                .ok_or(Denied::Token)?;
+            let presented = crate::secret::bearer(authorization).ok_or(Denied::Token)?;
             // Compare with every token, so timing does not tell which matched.
             let matched = self
                 .conf

@@ -42,16 +42,36 @@ pub fn mask_in(text: &str, secret: &str) -> String {
     out
 }
 
-/// `redis://:***@host:port/db`: the URL with any password masked.
-pub fn mask_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
+/// A URL as it may be shown (`/status`, `check`, errors): user, password
+/// and query masked (`redis://:***@host:port/db`); an unparsable one shows
+/// no more than its scheme.
+pub fn mask_url(text: &str) -> String {
+    match url::Url::parse(text) {
+        Ok(mut u) => {
+            if !u.username().is_empty() {
+                let _ = u.set_username("***");
+            }
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            if u.query().is_some() {
+                u.set_query(Some("***"));
+            }
             u.to_string()
         }
-        Ok(u) => u.to_string(),
-        Err(_) => "(unparsable URL)".into(),
+        Err(_) => match text.split_once("://") {
+            Some((scheme, _)) if scheme.len() < 10 => format!("{scheme}://…"),
+            _ => "(unparsable URL, not shown)".into(),
+        },
     }
+}
+
+/// The token of an `Authorization: Bearer …` header (scheme in any case,
+/// surrounding space trimmed).
+pub fn bearer(authorization: Option<&[u8]>) -> Option<&str> {
+    let v = std::str::from_utf8(authorization?).ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 /// Byte comparison whose time depends only on the lengths.
@@ -85,6 +105,20 @@ mod tests {
         assert_eq!(format!("{s:?}"), "***");
         assert_eq!(format!("{:?}", Some(&s)), "Some(***)");
         assert_eq!(s.expose(), "s3cr3t-value");
+    }
+
+    #[test]
+    fn urls_and_bearer_tokens() {
+        assert_eq!(mask_url("redis://:pw@h:6379/0"), "redis://:***@h:6379/0");
+        assert_eq!(
+            mask_url("https://u:pw@h/?secret=s"),
+            "https://***:***@h/?***"
+        );
+        assert_eq!(mask_url("ftp://u:pw@[bad"), "ftp://…");
+        assert_eq!(bearer(Some(b"Bearer  tok ")), Some("tok"));
+        assert_eq!(bearer(Some(b"bearer tok")), Some("tok"));
+        assert_eq!(bearer(Some(b"Basic tok")), None);
+        assert_eq!(bearer(None), None);
     }
 
     #[test]

@@ -878,29 +878,6 @@ fn without_quoted(text: &str) -> String {
     out
 }
 
-/// A URL as it may appear in an error: user, password and query masked.
-fn masked_url(text: &str) -> String {
-    match url::Url::parse(text) {
-        Ok(mut u) => {
-            if !u.username().is_empty() {
-                let _ = u.set_username("***");
-            }
-            if u.password().is_some() {
-                let _ = u.set_password(Some("***"));
-            }
-            if u.query().is_some() {
-                u.set_query(Some("***"));
-            }
-            u.to_string()
-        }
-        // Unparsable: show no more than the scheme, which holds nothing secret.
-        Err(_) => match text.split_once("://") {
-            Some((scheme, _)) if scheme.len() < 10 => format!("{scheme}://…"),
-            _ => "(unparsable URL, not shown)".into(),
-        },
-    }
-}
-
 /// Parses `admin`: the admin listener's bearer token and refresh spacing.
 /// A non-loopback `admin_listen` without a token is refused: `/status` and
 /// `POST /refresh` must not be open to the pod network.
@@ -964,7 +941,7 @@ fn parse_upstream(
     let url = UpstreamUrl::parse(&url_text).unwrap_or_else(|e| {
         problems.push(format!(
             "{prefix}.url: `{}` {e}; write e.g. {default_url}",
-            masked_url(&url_text)
+            crate::secret::mask_url(&url_text)
         ));
         UpstreamUrl::parse(default_url).expect("default URL parses")
     });
@@ -998,7 +975,7 @@ fn parse_upstream(
                 .map_err(|e| {
                     problems.push(format!(
                         "{key}: `{}` {e}; write e.g. https://api2.weixin.qq.com",
-                        masked_url(&text)
+                        crate::secret::mask_url(&text)
                     ))
                 })
                 .ok()
