@@ -5,7 +5,7 @@ use ipnet::IpNet;
 
 use std::collections::HashSet;
 
-use super::{expand_env, AccountConfig};
+use super::{expand_env, secret_file, AccountConfig};
 use crate::secret::Secret;
 
 /// Requests per second with a burst.
@@ -76,14 +76,8 @@ pub(super) fn parse(
             }
             let value = match (t.token, t.token_file) {
                 (Some(v), None) => expand_env(&at("token"), &v, problems),
-                (None, Some(f)) => expand_env(&at("token_file"), &f, problems).and_then(|p| {
-                    super::sources::file(&p)
-                        .map(|s| s.trim().to_string())
-                        .map_err(|e| {
-                            problems.push(format!("{}: cannot read {p}: {e}", at("token_file")))
-                        })
-                        .ok()
-                }),
+                (None, Some(f)) => expand_env(&at("token_file"), &f, problems)
+                    .and_then(|p| secret_file(&at("token_file"), &p, "", problems)),
                 _ => {
                     problems.push(format!(
                         "{}: set token or token_file (client `{name}`)",

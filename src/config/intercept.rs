@@ -86,9 +86,9 @@ fn pem_source(
                 return None;
             }
         },
-        (None, Some(var)) => match super::sources::var(&var).ok_or(()) {
-            Ok(t) => (t, format!("${var}")),
-            Err(_) => {
+        (None, Some(var)) => match super::sources::var(&var) {
+            Some(t) => (t, format!("${var}")),
+            None => {
                 problems.push(format!(
                     "intercept.{key}_env: environment variable {var} is not set"
                 ));

@@ -878,6 +878,15 @@ fn without_quoted(text: &str) -> String {
     out
 }
 
+/// A secret kept in a file (`*_file` keys), trimmed; a file that cannot be
+/// read is a problem naming `key`, the path and `context`.
+fn secret_file(key: &str, path: &str, context: &str, problems: &mut Vec<String>) -> Option<String> {
+    sources::file(path)
+        .map(|s| s.trim().to_string())
+        .map_err(|e| problems.push(format!("{key}: cannot read {path}: {e}{context}")))
+        .ok()
+}
+
 /// Parses `admin`: the admin listener's bearer token and refresh spacing.
 /// A non-loopback `admin_listen` without a token is refused: `/status` and
 /// `POST /refresh` must not be open to the pod network.
@@ -892,12 +901,8 @@ fn parse_admin(
             None
         }
         (Some(t), None) => expand_env("admin.token", &t, problems),
-        (None, Some(f)) => expand_env("admin.token_file", &f, problems).and_then(|f| {
-            sources::file(&f)
-                .map(|t| t.trim().to_string())
-                .map_err(|e| problems.push(format!("admin.token_file: cannot read {f}: {e}")))
-                .ok()
-        }),
+        (None, Some(f)) => expand_env("admin.token_file", &f, problems)
+            .and_then(|f| secret_file("admin.token_file", &f, "", problems)),
         (None, None) => None,
     }
     .map(Secret::new);
@@ -1165,16 +1170,8 @@ fn parse_accounts(raw: Vec<raw::Account>, problems: &mut Vec<String>) -> Vec<Acc
             }
             (Some(s), None) => expand_env(&at("secret"), &s, problems),
             (None, Some(f)) => expand_env(&at("secret_file"), &f, problems).and_then(|path| {
-                match sources::file(&path) {
-                    Ok(s) => Some(s.trim().to_string()),
-                    Err(e) => {
-                        problems.push(format!(
-                            "{}: cannot read {path}: {e} (account `{name}`)",
-                            at("secret_file")
-                        ));
-                        None
-                    }
-                }
+                let context = format!(" (account `{name}`)");
+                secret_file(&at("secret_file"), &path, &context, problems)
             }),
             (None, None) => {
                 problems.push(format!(
