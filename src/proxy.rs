@@ -290,6 +290,30 @@ fn refuse_misplaced_secret(path: &str, params: &[u8]) -> Result<(), ProxyError> 
     })
 }
 
+/// When a whole upstream answer must be in (`upstream.answer_timeout`).
+#[derive(Clone, Copy)]
+struct AnswerDeadline {
+    at: tokio::time::Instant,
+    limit: std::time::Duration,
+}
+
+impl AnswerDeadline {
+    fn from_now(limit: std::time::Duration) -> Self {
+        AnswerDeadline {
+            at: tokio::time::Instant::now() + limit,
+            limit,
+        }
+    }
+
+    /// The error when it passed.
+    fn missed(self) -> UpstreamError {
+        UpstreamError::Timeout {
+            addr: "the upstream".into(),
+            after: self.limit,
+        }
+    }
+}
+
 /// Outcome of a step: `Err(ProxyError)` is answered to the app; the outer
 /// `pingora::Result` carries failures talking to the app itself.
 type Step<T> = pingora::Result<Result<T, ProxyError>>;
@@ -632,21 +656,16 @@ impl Proxy {
         let mut replaying = false;
         let upstreams = self.app.upstream_for(plan.family);
         let answer_timeout = upstreams.answer_timeout();
-        let timed_out = || {
-            upstream_err(UpstreamError::Timeout {
-                addr: "the upstream".into(),
-                after: answer_timeout,
-            })
-        };
         loop {
             let pq = plan.path_and_query();
             let req = self.upstream_request(session.req_header(), &pq, body.len())?;
-            let deadline = tokio::time::Instant::now() + answer_timeout;
-            let mut x = match tokio::time::timeout_at(deadline, upstreams.send(&req, &body)).await {
-                Err(_) => return Ok(Err(timed_out())),
-                Ok(Ok(x)) => x,
-                Ok(Err(e)) => return Ok(Err(upstream_err(e))),
-            };
+            let deadline = AnswerDeadline::from_now(answer_timeout);
+            let mut x =
+                match tokio::time::timeout_at(deadline.at, upstreams.send(&req, &body)).await {
+                    Err(_) => return Ok(Err(upstream_err(deadline.missed()))),
+                    Ok(Ok(x)) => x,
+                    Ok(Err(e)) => return Ok(Err(upstream_err(e))),
+                };
             let mut resp = x.header().clone();
             // An h2 answer goes to the app as HTTP/1.1.
             resp.set_version(http::Version::HTTP_11);
@@ -663,8 +682,8 @@ impl Proxy {
             if content_length(&resp.headers).is_some_and(|n| n > limit) {
                 return self.stream_answer(session, resp, None, x, deadline).await;
             }
-            let answer = match tokio::time::timeout_at(deadline, x.read_to_end(limit)).await {
-                Err(_) => return Ok(Err(timed_out())),
+            let answer = match tokio::time::timeout_at(deadline.at, x.read_to_end(limit)).await {
+                Err(_) => return Ok(Err(upstream_err(deadline.missed()))),
                 Ok(read) => read,
             };
             let answer = match answer {
@@ -712,7 +731,7 @@ impl Proxy {
         mut resp: ResponseHeader,
         head: Option<Bytes>,
         mut x: crate::upstream::Exchange<'_>,
-        deadline: tokio::time::Instant,
+        deadline: AnswerDeadline,
     ) -> Step<()> {
         if content_length(&resp.headers).is_none() {
             resp.insert_header(header::TRANSFER_ENCODING, "chunked")?;
@@ -722,14 +741,9 @@ impl Proxy {
             session.write_response_body(Some(h), false).await?;
         }
         loop {
-            let chunk = tokio::time::timeout_at(deadline, x.chunk())
+            let chunk = tokio::time::timeout_at(deadline.at, x.chunk())
                 .await
-                .unwrap_or_else(|_| {
-                    Err(UpstreamError::Timeout {
-                        addr: "the upstream".into(),
-                        after: deadline.elapsed(),
-                    })
-                });
+                .unwrap_or_else(|_| Err(deadline.missed()));
             match chunk {
                 Ok(Some(c)) => session.write_response_body(Some(c), false).await?,
                 Ok(None) => break,

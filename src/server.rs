@@ -50,21 +50,33 @@ pub struct RunMode {
     pub daemon: bool,
 }
 
-/// Every check `run` makes that needs no network and no port: `check`
-/// calls this too, so whatever `check` accepts, `run` starts with.
-pub fn offline_checks(config: &Config) -> Result<(), String> {
-    if let Some(url) = &config.token.store {
-        RedisStore::new(url.expose(), &config.token.store_prefix)?;
-    }
-    if let Some(i) = &config.intercept {
-        crate::intercept::tls::LeafResolver::new(i).map_err(|e| format!("intercept: {e}"))?;
-    }
-    Ok(())
+/// What the offline checks build: `run` keeps it, `check` drops it.
+pub struct Offline {
+    store: Option<Arc<RedisStore>>,
+    intercept: Option<crate::intercept::Intercept>,
+}
+
+/// Every check `run` makes that needs no network and no port, by building
+/// what they check: `check` calls this too, so whatever `check` accepts,
+/// `run` starts with.
+pub fn offline_checks(config: &Config) -> Result<Offline, String> {
+    let store = match &config.token.store {
+        Some(url) => Some(RedisStore::new(url.expose(), &config.token.store_prefix)?),
+        None => None,
+    };
+    let intercept = match &config.intercept {
+        None => None,
+        Some(i) => Some(crate::intercept::Intercept {
+            resolver: crate::intercept::tls::LeafResolver::new(i)
+                .map_err(|e| format!("intercept: {e}"))?,
+        }),
+    };
+    Ok(Offline { store, intercept })
 }
 
 pub fn prepare(config: Config, mode: RunMode) -> Result<Prepared, String> {
     crate::metrics::init();
-    offline_checks(&config)?;
+    let Offline { store, intercept } = offline_checks(&config)?;
     let wecom_in_use = config.accounts.iter().any(|a| a.kind == AccountKind::WeCom);
     let mut extras: Vec<&std::path::Path> = config
         .upstream
@@ -97,17 +109,6 @@ pub fn prepare(config: Config, mode: RunMode) -> Result<Prepared, String> {
     }
     let up = Upstreams::new(&config.upstream, ca_bundle.as_deref());
     let wecom = wecom_in_use.then(|| Upstreams::new(&config.wecom_upstream, ca_bundle.as_deref()));
-    let store = match &config.token.store {
-        Some(url) => Some(RedisStore::new(url.expose(), &config.token.store_prefix)?),
-        None => None,
-    };
-    let intercept = match &config.intercept {
-        None => None,
-        Some(i) => Some(crate::intercept::Intercept {
-            resolver: crate::intercept::tls::LeafResolver::new(i)
-                .map_err(|e| format!("intercept: {e}"))?,
-        }),
-    };
     Ok(Prepared {
         app: App::new(config, up, wecom, store, intercept),
         ca_bundle: ca_bundle.map(|p| p.display().to_string()),

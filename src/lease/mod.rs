@@ -101,6 +101,17 @@ pub struct CellStatus {
     pub budget_spent: Option<String>,
 }
 
+impl CellStatus {
+    /// Fetches counted against today's budget: 0 on a new day.
+    fn today(&self) -> u32 {
+        if self.budget_day == wechat_day(SystemTime::now()) {
+            self.fetches_today
+        } else {
+            0
+        }
+    }
+}
+
 /// The current day as WeChat counts quotas: midnight in UTC+8.
 pub fn wechat_day(now: SystemTime) -> i64 {
     let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
@@ -224,12 +235,7 @@ impl LeaseCell {
 
     /// Fetches counted against today's budget (UTC+8), 0 on a new day.
     pub fn fetched_today(&self) -> u32 {
-        let st = self.status.lock();
-        if st.budget_day == wechat_day(SystemTime::now()) {
-            st.fetches_today
-        } else {
-            0
-        }
+        self.status.lock().today()
     }
 
     /// Counts one fetch against the daily budget; `false` when it is spent.
@@ -380,8 +386,13 @@ impl LeaseCell {
         self.changed.send_modify(|n| *n += 1);
     }
 
+    /// A snapshot; `fetches_today` is 0 once the day has turned.
     pub fn status(&self) -> CellStatus {
-        self.status.lock().clone()
+        let st = self.status.lock();
+        CellStatus {
+            fetches_today: st.today(),
+            ..st.clone()
+        }
     }
 }
 
