@@ -25,7 +25,7 @@ pub struct Account {
     pub secret: Secret,
     pub token_api: TokenApi,
     pub replace_tokens: ReplaceTokens,
-    pub tokens: LeaseCell,
+    pub tokens: Arc<LeaseCell>,
     /// Its JS-SDK and card tickets, made on first use.
     pub tickets: crate::ticket::Tickets,
     /// Requests sent again after WeChat rejected the token: the second
@@ -46,7 +46,11 @@ impl Account {
             secret: c.secret.clone(),
             token_api: c.token_api,
             replace_tokens: c.replace_tokens,
-            tokens: LeaseCell::new(index, position),
+            tokens: Arc::new(LeaseCell::new(
+                index,
+                position,
+                crate::metrics::FetchCounters::token(&c.name),
+            )),
             tickets: Default::default(),
             replays_ok: crate::metrics::TOKEN_REPLAYS.with_label_values(&[&c.name, "ok"]),
             replays_failed: crate::metrics::TOKEN_REPLAYS.with_label_values(&[&c.name, "failed"]),

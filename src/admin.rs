@@ -100,6 +100,7 @@ impl Admin {
             version: env!("CARGO_PKG_VERSION").into(),
             uptime_seconds: app.started.elapsed().as_secs(),
             ready: app.not_ready_reason().is_none(),
+            background_tasks: app.tasks.running(),
             accounts,
             store: match &app.store {
                 None => status::StoreStatus {
@@ -229,7 +230,7 @@ impl Admin {
             return answer(404, JSON, body.to_vec());
         };
         let (cell, ticket) = match crate::query::param(query, "ticket") {
-            None => (&account.tokens, None),
+            None => (&*account.tokens, None),
             Some(t) => match self.ticket_cell(account, &t) {
                 Ok((cell, kind)) => (cell, Some(kind)),
                 // WeChat's "invalid ticket type".
@@ -248,8 +249,7 @@ impl Admin {
             return answer(503, JSON, body.to_vec());
         }
         let token = &self.app.config.token;
-        let left = token.daily_budget.saturating_sub(cell.fetched_today());
-        if left <= token.budget_reserve {
+        if let Err(left) = cell.may_force_refresh(token.daily_budget, token.budget_reserve) {
             let body = crate::reply::error_body(
                 45009,
                 &format!(

@@ -25,6 +25,8 @@ pub struct App {
     pub intercept: Option<crate::intercept::Intercept>,
     /// Requests in flight; draining after SIGTERM/SIGQUIT.
     pub drain: Arc<crate::lifecycle::Drain>,
+    /// Background work: refreshers, upstream upkeep, the store watcher.
+    pub tasks: crate::lifecycle::Tasks,
     pub started: Instant,
     /// Set once the app listener is about to accept.
     listening: AtomicBool,
@@ -43,6 +45,7 @@ impl App {
             intercept,
             clients: crate::clients::Clients::new(config.clients.clone()),
             drain: Arc::default(),
+            tasks: Default::default(),
             accounts: Accounts::new(&config.accounts),
             config,
             upstream,

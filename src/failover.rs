@@ -116,14 +116,14 @@ impl Upstreams {
         }
     }
 
-    /// Background upkeep: per-host DNS and warmth for hosts in use, a probe
-    /// every `probe_interval` for hosts out of use.
-    pub async fn maintain(self: Arc<Self>) {
+    /// Background upkeep, spawned into `tasks`: per-host DNS and warmth for
+    /// hosts in use, a probe every `probe_interval` for hosts out of use.
+    pub fn maintain(self: &Arc<Self>, tasks: &crate::lifecycle::Tasks) {
         for h in &self.hosts {
-            tokio::spawn(h.clone().maintain());
+            tasks.spawn("upstream upkeep", h.clone().maintain());
             let me = self.clone();
             let h = h.clone();
-            tokio::spawn(async move {
+            tasks.spawn("upstream probe", async move {
                 loop {
                     tokio::time::sleep(me.conf.probe_interval).await;
                     if me.in_use(&h) {

@@ -7,7 +7,7 @@
 
 use prometheus::{
     register_gauge_vec, register_histogram_vec, register_int_counter_vec, register_int_gauge_vec,
-    Encoder, GaugeVec, HistogramVec, IntCounterVec, IntGaugeVec, TextEncoder,
+    Encoder, GaugeVec, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, TextEncoder,
 };
 use std::sync::LazyLock;
 
@@ -148,21 +148,28 @@ pub fn init() {
     LazyLock::force(&CONNECTIONS_OPEN);
 }
 
-/// Gives an account's counters their zero values, so dashboards see every
-/// series from the first scrape.
-pub fn init_account(account: &str) {
-    for result in ["ok", "wechat_error", "transport_error", "budget_spent"] {
-        TOKEN_FETCHES.with_label_values(&[account, result]);
-    }
-    for result in ["ok", "failed"] {
-        TOKEN_REPLAYS.with_label_values(&[account, result]);
-    }
-}
+/// The fetch outcomes every token and ticket is counted by.
+pub const FETCH_RESULTS: [&str; 4] = ["ok", "wechat_error", "transport_error", "budget_spent"];
 
-/// Gives a ticket's counters their zero values when it is first used.
-pub fn init_ticket(account: &str, kind: &str) {
-    for result in ["ok", "wechat_error", "transport_error", "budget_spent"] {
-        TICKET_FETCHES.with_label_values(&[account, kind, result]);
+/// One token's or ticket's fetch counters, resolved once (a lease cell
+/// holds them): the one count `/metrics` and `/status` both read.
+#[derive(Clone)]
+pub struct FetchCounters(pub [IntCounter; 4]);
+
+impl FetchCounters {
+    /// `wxsidecar_token_fetches_total{account,result}`.
+    pub fn token(account: &str) -> Self {
+        FetchCounters(FETCH_RESULTS.map(|r| TOKEN_FETCHES.with_label_values(&[account, r])))
+    }
+
+    /// `wxsidecar_ticket_fetches_total{account,type,result}`.
+    pub fn ticket(account: &str, kind: &str) -> Self {
+        FetchCounters(FETCH_RESULTS.map(|r| TICKET_FETCHES.with_label_values(&[account, kind, r])))
+    }
+
+    /// Counters registered nowhere: for cells in tests and benches.
+    pub fn detached() -> Self {
+        FetchCounters(FETCH_RESULTS.map(|r| IntCounter::new(r, r).expect("a valid name")))
     }
 }
 

@@ -23,6 +23,7 @@ use crate::admin::Admin;
 use crate::app::App;
 use crate::config::{AccountKind, Config};
 use crate::failover::Upstreams;
+use crate::lease::refresher::refresh_delay;
 use crate::lease::store::{Record, RedisStore};
 use crate::lifecycle::Signals;
 use crate::proxy::Proxy;
@@ -190,7 +191,10 @@ impl Prepared {
         server.add_service(admin);
         server.add_service(app_service);
         if let Some(f) = forward {
-            server.add_service(f);
+            server.add_service(Draining {
+                inner: f,
+                app: self.app.clone(),
+            });
         }
         if let Some(i) = &config.intercept {
             tracing::info!(
@@ -316,7 +320,7 @@ async fn restore(
     let Some(token) = cell.valid() else {
         return;
     };
-    let delay = refresher::refresh_delay(
+    let delay = refresh_delay(
         token.remaining(),
         token.lifetime,
         app.config.token.refresh_before,
@@ -340,6 +344,40 @@ async fn restore(
     }
 }
 
+/// An app-side service that stops accepting when the drain begins
+/// (SIGTERM), before pingora's own shutdown.
+struct Draining<S> {
+    inner: S,
+    app: Arc<App>,
+}
+
+#[async_trait]
+impl<S: Service> Service for Draining<S> {
+    async fn start_service(
+        &mut self,
+        fds: Option<ListenFds>,
+        shutdown: ShutdownWatch,
+        listeners_per_fd: usize,
+    ) {
+        let shutdown = self.app.drain.service_watch(shutdown);
+        self.inner
+            .start_service(fds, shutdown, listeners_per_fd)
+            .await
+    }
+
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn threads(&self) -> Option<usize> {
+        self.inner.threads()
+    }
+
+    fn listen_addresses(&self) -> Option<Vec<String>> {
+        self.inner.listen_addresses()
+    }
+}
+
 /// The app listener, opened only after the first tokens are in.
 struct Gated<S> {
     inner: S,
@@ -353,14 +391,7 @@ impl<S> Gated<S> {
             family.resolve().await;
         }
         for account in app.accounts.iter() {
-            crate::metrics::init_account(&account.name);
-            tokio::spawn(refresher::run(
-                account.clone(),
-                refresher::Subject::Token,
-                app.upstream_for(account.kind.family()).clone(),
-                app.config.token.clone(),
-                app.store.clone(),
-            ));
+            refresher::start(app, account, Subject::Token);
         }
         let wait = app.config.upstream.connect_timeout
             + app.config.upstream.read_timeout
@@ -374,13 +405,15 @@ impl<S> Gated<S> {
         }
         for family in app.families() {
             family.warm().await;
-            tokio::spawn(family.clone().maintain());
+            family.maintain(&app.tasks);
         }
         if let Some(store) = &app.store {
-            tokio::spawn(watch_store(app.clone(), store.clone()));
+            app.tasks
+                .spawn("store watcher", watch_store(app.clone(), store.clone()));
         }
         if let Some(i) = &app.intercept {
-            tokio::spawn(i.resolver.clone().keep_fresh());
+            app.tasks
+                .spawn("leaf re-signing", i.resolver.clone().keep_fresh());
         }
         app.set_listening();
     }
@@ -396,9 +429,11 @@ impl<S: Service> Service for Gated<S> {
     ) {
         self.boot().await;
         tracing::info!(listen = %self.app.config.listen, "app listener open");
+        let shutdown = self.app.drain.service_watch(shutdown);
         self.inner
             .start_service(fds, shutdown, listeners_per_fd)
-            .await
+            .await;
+        self.app.tasks.shutdown().await;
     }
 
     fn name(&self) -> &str {

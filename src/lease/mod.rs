@@ -9,6 +9,7 @@
 //! no await. Only the cell's refresher writes, so at most one fetch per cell
 //! is ever in flight. Nothing here logs a value.
 
+pub mod refresher;
 pub mod store;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +23,8 @@ use tokio::time::Instant;
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use tokio::sync::{watch, Notify};
+
+use crate::metrics::FetchCounters;
 
 /// Tokens handed out earlier are still recognised (and replaced) for this
 /// many refreshes: at one refresh per ~2 h, about two days of history.
@@ -88,6 +91,7 @@ struct Snapshot {
 pub struct CellStatus {
     /// Set after the first fetch attempt ends, either way.
     pub attempted: bool,
+    /// Fetches this replica made (read from the metric series).
     pub fetches_ok: u64,
     pub fetches_failed: u64,
     /// The last failure, as a WeChat errcode (or -1 for a transport error) and a message.
@@ -145,6 +149,15 @@ impl TokenIndex {
     }
 }
 
+/// How a fetch ended, as counted in `wxsidecar_{token,ticket}_fetches_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FetchResult {
+    Ok = 0,
+    WeChatError = 1,
+    TransportError = 2,
+    BudgetSpent = 3,
+}
+
 /// One account's token and its history.
 pub struct LeaseCell {
     /// The shared index and this account's place in it (none for tickets).
@@ -154,6 +167,8 @@ pub struct LeaseCell {
     /// Bumped whenever a token is stored or a fetch attempt ends.
     changed: watch::Sender<u64>,
     status: Mutex<CellStatus>,
+    /// Fetch outcomes: the metric series themselves.
+    counters: FetchCounters,
     /// Asks the refresher to fetch now.
     pub(crate) force: Notify,
     /// An operator asked for a refresh (`POST /refresh`).
@@ -162,28 +177,29 @@ pub struct LeaseCell {
 
 impl Default for LeaseCell {
     fn default() -> Self {
-        LeaseCell::new(Arc::default(), 0)
+        LeaseCell::new(Arc::default(), 0, FetchCounters::detached())
     }
 }
 
 impl LeaseCell {
     /// A cell for account number `account`, recording its tokens in `index`.
-    pub fn new(index: Arc<TokenIndex>, account: usize) -> Self {
-        LeaseCell::with_index(Some(index), account)
+    pub fn new(index: Arc<TokenIndex>, account: usize, counters: FetchCounters) -> Self {
+        LeaseCell::with_index(Some(index), account, counters)
     }
 
     /// A cell for a ticket: the same single flight, no token index.
-    pub fn for_ticket() -> Self {
-        LeaseCell::with_index(None, 0)
+    pub fn for_ticket(counters: FetchCounters) -> Self {
+        LeaseCell::with_index(None, 0, counters)
     }
 
-    fn with_index(index: Option<Arc<TokenIndex>>, account: usize) -> Self {
+    fn with_index(index: Option<Arc<TokenIndex>>, account: usize, counters: FetchCounters) -> Self {
         LeaseCell {
             index,
             account,
             snap: ArcSwap::from_pointee(Snapshot::default()),
             changed: watch::channel(0).0,
             status: Mutex::new(CellStatus::default()),
+            counters,
             force: Notify::new(),
             forced: AtomicBool::new(false),
         }
@@ -238,6 +254,18 @@ impl LeaseCell {
         self.status.lock().today()
     }
 
+    /// Whether an operator may force a refresh now: never with the last
+    /// `reserve` fetches of today's `budget`, which are kept for automatic
+    /// refreshes. `Err` carries the fetches left today.
+    pub fn may_force_refresh(&self, budget: u32, reserve: u32) -> Result<(), u32> {
+        let left = budget.saturating_sub(self.fetched_today());
+        if left <= reserve {
+            Err(left)
+        } else {
+            Ok(())
+        }
+    }
+
     /// Counts one fetch against the daily budget; `false` when it is spent.
     pub(crate) fn spend_budget(&self, budget: u32) -> bool {
         let day = wechat_day(SystemTime::now());
@@ -280,15 +308,15 @@ impl LeaseCell {
         self.wait_until(limit, || self.valid()).await
     }
 
-    /// Fetches that ended so far, either way: pass to [`Self::wait_fetched`].
+    /// Refresh attempts ended so far, either way (fetched, failed, taken
+    /// from the shared store): pass to [`Self::wait_fetched`].
     pub fn fetches_ended(&self) -> u64 {
-        let st = self.status.lock();
-        st.fetches_ok + st.fetches_failed
+        *self.changed.borrow()
     }
 
-    /// Waits up to `limit` for a fetch to end after `since` had (see
-    /// [`Self::fetches_ended`]); false when none did. For tickets, where a
-    /// refresh may rightly bring the same value back.
+    /// Waits up to `limit` for a refresh attempt to end after `since` had
+    /// (see [`Self::fetches_ended`]); false when none did. For tickets,
+    /// where a refresh may rightly bring the same value back.
     pub async fn wait_fetched(&self, since: u64, limit: Duration) -> bool {
         self.wait_until(limit, || (self.fetches_ended() > since).then_some(()))
             .await
@@ -352,7 +380,6 @@ impl LeaseCell {
         {
             let mut st = self.status.lock();
             st.attempted = true;
-            st.fetches_ok += 1;
             st.last_error = None;
             st.budget_spent = None;
         }
@@ -370,7 +397,6 @@ impl LeaseCell {
         {
             let mut st = self.status.lock();
             st.attempted = true;
-            st.fetches_failed += 1;
             st.last_error = Some((errcode, message));
         }
         self.changed.send_modify(|n| *n += 1);
@@ -386,11 +412,19 @@ impl LeaseCell {
         self.changed.send_modify(|n| *n += 1);
     }
 
+    /// Counts how a fetch ended.
+    pub(crate) fn count(&self, result: FetchResult) {
+        self.counters.0[result as usize].inc();
+    }
+
     /// A snapshot; `fetches_today` is 0 once the day has turned.
     pub fn status(&self) -> CellStatus {
+        let [ok, wechat, transport, _] = &self.counters.0;
         let st = self.status.lock();
         CellStatus {
             fetches_today: st.today(),
+            fetches_ok: ok.get(),
+            fetches_failed: wechat.get() + transport.get(),
             ..st.clone()
         }
     }
@@ -434,7 +468,7 @@ mod tests {
     #[test]
     fn same_value_never_extends_the_expiry() {
         // A ticket fetched again mid-life that still claims its full lifetime.
-        let cell = LeaseCell::for_ticket();
+        let cell = LeaseCell::for_ticket(FetchCounters::detached());
         cell.store("k1", Duration::from_secs(100));
         cell.store("k1", Duration::from_secs(7200));
         assert!(cell.valid().unwrap().remaining() <= Duration::from_secs(100));
@@ -521,7 +555,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_ticket_fetched_again_keeps_its_real_expiry() {
-        let cell = LeaseCell::for_ticket();
+        let cell = LeaseCell::for_ticket(FetchCounters::detached());
         cell.store("k1", Duration::from_secs(7200));
         tokio::time::advance(Duration::from_secs(7000)).await;
         // WeChat hands the same ticket out again, claiming the full 7200 s.

@@ -70,6 +70,16 @@ pub struct StoreError {
     reason: String,
 }
 
+impl StoreError {
+    /// `url` must already be masked.
+    pub fn new(url: impl Into<String>, reason: impl Into<String>) -> Self {
+        StoreError {
+            url: url.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
 /// The outcome of asking for the right to fetch.
 pub enum Lock {
     /// We hold the lock (its value): fetch, then [`RedisStore::save`].
@@ -171,10 +181,7 @@ impl RedisStore {
     }
 
     fn err(&self, reason: impl std::fmt::Display) -> StoreError {
-        StoreError {
-            url: self.shown_url.clone(),
-            reason: reason.to_string(),
-        }
+        StoreError::new(self.shown_url.clone(), reason.to_string())
     }
 
     async fn conn(&self) -> Result<ConnectionManager, StoreError> {
@@ -368,5 +375,32 @@ impl RedisStore {
             })
             .await?;
         Ok(used <= budget as i64)
+    }
+}
+
+impl super::refresher::Shared for RedisStore {
+    async fn lock(
+        &self,
+        key: &str,
+        rejected: Option<&str>,
+        ttl: Duration,
+    ) -> Result<Lock, StoreError> {
+        RedisStore::lock(self, key, rejected, ttl).await
+    }
+
+    async fn spend_budget(&self, id: &str, day: i64, budget: u32) -> Result<bool, StoreError> {
+        RedisStore::spend_budget(self, id, day, budget).await
+    }
+
+    async fn save(&self, key: &str, record: &Record, lock: &str) -> Result<(), StoreError> {
+        RedisStore::save(self, key, record, lock).await
+    }
+
+    async fn release(&self, key: &str, lock: &str) {
+        RedisStore::release(self, key, lock).await
+    }
+
+    fn replica(&self) -> &str {
+        &self.replica
     }
 }

@@ -8,11 +8,12 @@ use std::time::Duration;
 
 use pingora::http::RequestHeader;
 
-use super::token::{exchange, FetchError, Fetched};
+use super::token::{exchange, FetchError};
 use crate::account::Account;
 use crate::config::AccountKind;
 use crate::failover::Upstreams;
 use crate::inspect::INVALID_TOKEN;
+use crate::lease::refresher::Fetched;
 use crate::query;
 use crate::ticket::TicketKind;
 

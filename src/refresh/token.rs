@@ -13,26 +13,11 @@ use serde::Deserialize;
 use crate::account::Account;
 use crate::config::{AccountKind, TokenApi};
 use crate::failover::Upstreams;
+use crate::lease::refresher::{Failure, Fetched};
 use crate::upstream::UpstreamError;
 
 /// A token answer is a few hundred bytes; anything far larger is not one.
 const DEFAULT_ANSWER_LIMIT: usize = 64 * 1024;
-
-/// What WeChat returned.
-#[derive(Debug)]
-pub struct Fetched {
-    pub value: String,
-    pub expires_in: Duration,
-}
-
-impl Fetched {
-    /// WeChat's clock started no earlier than our request: count the
-    /// lifetime from when it was sent, so ours never outlasts WeChat's.
-    pub fn counted_from(mut self, sent: std::time::Instant) -> Self {
-        self.expires_in = self.expires_in.saturating_sub(sent.elapsed());
-        self
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -81,6 +66,20 @@ impl FetchError {
     }
 }
 
+impl Failure for FetchError {
+    fn errcode(&self) -> i64 {
+        FetchError::errcode(self)
+    }
+
+    fn is_hard(&self) -> bool {
+        FetchError::is_hard(self)
+    }
+
+    fn answered(&self) -> bool {
+        matches!(self, FetchError::WeChat { .. })
+    }
+}
+
 /// A token answer, or a ticket answer (`ticket` in place of `access_token`).
 #[derive(Deserialize)]
 struct Answer {
@@ -109,7 +108,7 @@ pub(crate) async fn exchange(
     req: &RequestHeader,
     body: &[u8],
 ) -> Result<Fetched, FetchError> {
-    let sent = std::time::Instant::now();
+    let sent = tokio::time::Instant::now();
     let mut x = upstream.send(req, body).await?;
     let status = x.header().status.as_u16();
     let answer = x.read_to_end(DEFAULT_ANSWER_LIMIT).await?;
