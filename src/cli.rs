@@ -163,7 +163,7 @@ fn check(path: &std::path::Path, print: bool) -> i32 {
         return 2;
     }
     if print {
-        print!("{}", crate::effective::yaml(&c));
+        print!("{}", crate::config::print::yaml(&c));
         return 0;
     }
     println!("configuration {} is valid", path.display());

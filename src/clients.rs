@@ -124,7 +124,7 @@ impl Clients {
     /// per-client limits keyed by address).
     pub fn needs_address(&self) -> bool {
         !self.conf.allow.is_empty()
-            || (self.conf.per_client.is_some() && self.conf.tokens.is_empty())
+            || (self.conf.rate_limit.per_client.is_some() && self.conf.tokens.is_empty())
     }
 
     /// Whether `clients.allow` lets this address in (no list: everyone).
@@ -173,7 +173,7 @@ impl Clients {
                 token: Some(i),
             };
         }
-        if let Some(limit) = self.conf.per_client {
+        if let Some(limit) = self.conf.rate_limit.per_client {
             if !self.per_client.take(&caller.name, limit) {
                 return Err(Denied::Rate(format!("client {}", caller.name)));
             }
@@ -194,7 +194,7 @@ impl Clients {
                 });
             }
         }
-        if let Some(limit) = self.conf.per_account {
+        if let Some(limit) = self.conf.rate_limit.per_account {
             if !self.per_account.take(account, limit) {
                 return Err(Denied::Rate(format!("account {account}")));
             }
@@ -254,10 +254,13 @@ mod tests {
     #[test]
     fn rate_limit_with_burst() {
         let c = clients(ClientsConfig {
-            per_client: Some(Limit {
-                rps: 1.0,
-                burst: 3.0,
-            }),
+            rate_limit: crate::config::clients::RateLimits {
+                per_client: Some(Limit {
+                    rps: 1.0,
+                    burst: 3.0,
+                }),
+                per_account: None,
+            },
             ..Default::default()
         });
         let ip = Some("127.0.0.1".parse().unwrap());

@@ -15,7 +15,6 @@ pub(crate) mod clients;
 pub mod config;
 #[cfg(feature = "fake")]
 pub(crate) mod demo;
-pub(crate) mod effective;
 pub(crate) mod failover;
 #[cfg(feature = "fake")]
 pub(crate) mod fake;

@@ -631,7 +631,7 @@ impl Proxy {
     /// only the second answer.
     async fn forward(&self, session: &mut Session, mut plan: Plan, ctx: &mut Ctx) -> Step<()> {
         ctx.account = plan.account.as_ref().map(|a| a.name.clone());
-        let limit = self.app.config.buffered_body_limit;
+        let limit = self.app.config.limits.buffered_body;
         let body = match self.read_body(session, limit).await? {
             Ok(b) => b,
             Err(e) => return Ok(Err(e)),

@@ -5,9 +5,15 @@
 
 use std::fmt;
 
-/// An appsecret or other credential. Never logged, never serialized.
+/// An appsecret or other credential. Never logged; serialised as `***`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(Box<str>);
+
+impl serde::Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("***")
+    }
+}
 
 impl Secret {
     pub fn new(value: impl Into<Box<str>>) -> Self {

@@ -9,13 +9,13 @@ use super::{expand_env, secret_file, AccountConfig};
 use crate::secret::Secret;
 
 /// Requests per second with a burst.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct Limit {
     pub rps: f64,
     pub burst: f64,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct ClientToken {
     pub name: String,
     pub token: Secret,
@@ -23,10 +23,17 @@ pub struct ClientToken {
     pub accounts: Option<Vec<String>>,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct ClientsConfig {
+    #[serde(serialize_with = "super::print::display_all")]
     pub allow: Vec<IpNet>,
     pub tokens: Vec<ClientToken>,
+    pub rate_limit: RateLimits,
+}
+
+/// `clients.rate_limit`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RateLimits {
     pub per_client: Option<Limit>,
     pub per_account: Option<Limit>,
 }
@@ -120,7 +127,9 @@ pub(super) fn parse(
     ClientsConfig {
         allow,
         tokens,
-        per_client: limit("per_client", rate.per_client, problems),
-        per_account: limit("per_account", rate.per_account, problems),
+        rate_limit: RateLimits {
+            per_client: limit("per_client", rate.per_client, problems),
+            per_account: limit("per_account", rate.per_account, problems),
+        },
     }
 }

@@ -31,17 +31,21 @@ pub struct RawIntercept {
     pub leaf_lifetime: Option<String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct InterceptConfig {
+    #[serde(skip)]
     pub ca_cert_pem: String,
+    #[serde(rename = "ca_key")]
     pub ca_key_pem: Secret,
     /// Where the CA came from (a path or `$VAR`), for `check`.
+    #[serde(rename = "ca_cert")]
     pub ca_source: String,
     /// Lower-case host names the leaf certificate covers.
     pub hosts: Vec<String>,
     pub https_listen: Option<SocketAddr>,
     pub http_listen: Option<SocketAddr>,
     pub proxy_listen: Option<SocketAddr>,
+    #[serde(serialize_with = "super::print::duration")]
     pub leaf_lifetime: Duration,
 }
 

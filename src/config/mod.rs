@@ -9,6 +9,7 @@
 
 pub mod clients;
 pub mod intercept;
+pub mod print;
 pub mod sources;
 
 pub use clients::{ClientToken, ClientsConfig, Limit};
@@ -17,6 +18,8 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use serde::Serialize;
 
 use crate::secret::Secret;
 
@@ -86,7 +89,8 @@ pub const DEFAULT_BUDGET_RESERVE_PERCENT: u32 = 20;
 pub const MIN_ADMIN_TOKEN_LEN: usize = 16;
 
 /// How an account gets its token from WeChat.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum TokenApi {
     /// `POST /cgi-bin/stable_token`: the same token for every caller; WeChat's advice.
     Stable,
@@ -104,7 +108,8 @@ impl TokenApi {
 }
 
 /// Which tokens presented by an app the sidecar replaces with its own.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ReplaceTokens {
     /// Only tokens this sidecar handed out (current or earlier).
     Issued,
@@ -170,25 +175,33 @@ impl fmt::Display for UpstreamUrl {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct UpstreamConfig {
+    #[serde(serialize_with = "print::display")]
     pub url: UpstreamUrl,
     /// Hosts to use, in order, when the ones before them fail.
+    #[serde(serialize_with = "print::display_all")]
     pub failover: Vec<UpstreamUrl>,
     pub failover_after: u32,
+    #[serde(serialize_with = "print::duration")]
     pub probe_interval: Duration,
     pub ca_file: Option<PathBuf>,
+    #[serde(serialize_with = "print::duration")]
     pub connect_timeout: Duration,
+    #[serde(serialize_with = "print::duration")]
     pub read_timeout: Duration,
     /// A whole answer (header and body) must arrive within this.
+    #[serde(serialize_with = "print::duration")]
     pub answer_timeout: Duration,
     pub warm_connections: usize,
+    #[serde(serialize_with = "print::duration")]
     pub idle_timeout: Duration,
     /// Nameservers for the upstream hosts (`upstream.dns`); empty: those of
     /// `/etc/resolv.conf`.
     pub dns: Vec<SocketAddr>,
     /// Whether `/etc/hosts` answers too: not in transparent mode, where it
     /// points the WeChat hosts at the sidecar itself.
+    #[serde(skip)]
     pub hosts_file: bool,
     /// Offer HTTP/2 by ALPN (`upstream.http2`); HTTP/1.1 when declined.
     pub http2: bool,
@@ -196,7 +209,8 @@ pub struct UpstreamConfig {
 
 /// What an account is: decides its credentials, its token API and (through
 /// [`AccountKind::family`]) which hosts serve it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum AccountKind {
     /// Official Account or mini program: `api.weixin.qq.com`, appid + appsecret.
     Official,
@@ -246,7 +260,8 @@ pub struct AccountConfig {
 }
 
 /// What a replica does about refreshing when the shared store is unreachable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum OnStoreError {
     /// Never fetch alone (classic tokens: a lone fetch invalidates the others').
     Wait,
@@ -254,25 +269,30 @@ pub enum OnStoreError {
     Fetch,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct TokenConfig {
+    #[serde(serialize_with = "print::duration")]
     pub refresh_before: Duration,
     pub daily_budget: u32,
+    #[serde(serialize_with = "print::duration")]
     pub failed_retry: Duration,
     /// Fetches of the day that forced refreshes (`POST /refresh`) never
     /// spend: they stay for automatic refreshes.
     pub budget_reserve: u32,
     /// `None`: memory. Otherwise a Redis URL (may hold a password, hence `Secret`).
+    #[serde(serialize_with = "print::store_url")]
     pub store: Option<Secret>,
     pub store_prefix: String,
     /// `None`: by token API (classic waits, the rest fetch).
     pub on_store_error: Option<OnStoreError>,
     /// How long a refresh lock lives: longer than any fetch.
+    #[serde(serialize_with = "print::duration")]
     pub store_lock_ttl: Duration,
 }
 
-/// The validated configuration.
-#[derive(Debug, Clone)]
+/// The validated configuration; serialised (secrets as `***`), it is the
+/// file `check --print` shows, with every default filled in.
+#[derive(Debug, Clone, Serialize)]
 pub struct Config {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
@@ -281,8 +301,8 @@ pub struct Config {
     /// Written by `run --daemon`.
     pub pid_file: PathBuf,
     pub threads: usize,
+    #[serde(serialize_with = "print::duration")]
     pub shutdown_grace: Duration,
-    pub buffered_body_limit: usize,
     pub limits: LimitsConfig,
     pub admin: AdminConfig,
     pub upstream: UpstreamConfig,
@@ -292,27 +312,34 @@ pub struct Config {
     pub token: TokenConfig,
     pub clients: ClientsConfig,
     /// Transparent mode (`intercept`), when configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub intercept: Option<crate::config::intercept::InterceptConfig>,
 }
 
 /// Bounds on what apps and admin callers may hold (`limits.*`).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct LimitsConfig {
+    /// JSON request and answer bodies are read whole up to this many bytes.
+    pub buffered_body: usize,
     pub max_connections: usize,
     pub max_admin_connections: usize,
+    #[serde(serialize_with = "print::duration")]
     pub header_timeout: Duration,
+    #[serde(serialize_with = "print::duration")]
     pub idle_timeout: Duration,
+    #[serde(serialize_with = "print::duration")]
     pub body_timeout: Duration,
 }
 
 /// The admin listener's protection (`admin.*`).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct AdminConfig {
     /// Bearer token for `/status`, `POST /refresh`, `/debug/pprof/*` (and
     /// `/metrics` with `protect_metrics`).
     pub token: Option<Secret>,
     pub protect_metrics: bool,
     /// At most one forced refresh per account and kind this often.
+    #[serde(serialize_with = "print::duration")]
     pub refresh_interval: Duration,
 }
 
@@ -643,7 +670,7 @@ impl Config {
             &mut problems,
         );
         let limits = raw.limits.unwrap_or_default();
-        let buffered_body_limit = match limits.buffered_body.as_deref() {
+        let buffered_body = match limits.buffered_body.as_deref() {
             None => DEFAULT_BUFFERED_BODY,
             Some(v) => parse_size(v).unwrap_or_else(|e| {
                 problems.push(format!("limits.buffered_body: {e}"));
@@ -651,6 +678,7 @@ impl Config {
             }),
         };
         let limits = LimitsConfig {
+            buffered_body,
             max_connections: limits.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
             max_admin_connections: limits
                 .max_admin_connections
@@ -841,7 +869,6 @@ impl Config {
                 }),
                 threads,
                 shutdown_grace,
-                buffered_body_limit,
                 limits,
                 admin,
                 upstream,

@@ -181,6 +181,41 @@ fn check_print_shows_the_effective_config_with_secrets_masked() {
 }
 
 #[test]
+fn check_print_writes_the_file_format_back() {
+    // Printed, filled with secrets again and read back, a configuration
+    // prints the same: every key is printed in the file's own format.
+    let cfg = "accounts:\n  - name: shop\n    appid: wx0123456789abcdef\n    secret: s\n    default: true\n  - name: corp\n    kind: wecom\n    corpid: ww0123456789abcdef\n    agentid: \"1000002\"\n    secret: s\ntoken:\n  store: redis://:pw-value-1@127.0.0.1:6379/0\n  on_store_error: wait\nclients:\n  allow: [10.0.0.0/8]\n  tokens:\n    - {name: app, token: client-token-value-0123, accounts: [shop]}\n  rate_limit:\n    per_client: {rps: 10, burst: 20}\nlimits:\n  buffered_body: 64KiB\nupstream:\n  failover: [\"https://backup.example:8443\"]\n  connect_timeout: 1500ms\n";
+    let dir = tempfile::tempdir().unwrap();
+    let print = |text: &str| {
+        let path = dir.path().join("c.yaml");
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(BIN)
+            .args(["check", "--print", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}\n{text}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let first = print(cfg);
+    for needle in [
+        "buffered_body: 65536",
+        "connect_timeout: 1500ms",
+        "corpid: ww0123456789abcdef",
+        "on_store_error: wait",
+        "store: redis://:***@127.0.0.1:6379/0",
+        "- https://backup.example:8443",
+        "- 10.0.0.0/8",
+    ] {
+        assert!(first.contains(needle), "missing `{needle}` in:\n{first}");
+    }
+    assert!(!first.contains("pw-value-1") && !first.contains("client-token-value-0123"));
+    let refilled = first.replace("'***'", "'0123456789abcdef-again'");
+    assert_eq!(print(&refilled), first);
+}
+
+#[test]
 fn an_open_admin_listener_needs_a_token() {
     let acc = "accounts:\n  - name: shop\n    appid: wx0123456789abcdef\n    secret: s\n";
     let (code, _, err) = check(&format!("admin_listen: 0.0.0.0:9901\n{acc}"), &[]);
