@@ -43,8 +43,10 @@ async fn three_replicas_fetch_once_per_lifetime() {
     let b = Sidecar::start(&fake, &cfg).await;
     let c = Sidecar::start(&fake, &cfg).await;
     let sides = [&a, &b, &c];
-    // Steady load through all three for 9.5 refresh cycles: 10 tokens.
-    let end = Instant::now() + Duration::from_millis(33_250);
+    // Steady load through all three for 5.5 refresh cycles: 6 tokens (each
+    // replica fetching alone would make 18). The refresher's own schedule
+    // is unit-tested under a paused clock (lease::refresher).
+    let end = Instant::now() + Duration::from_millis(19_250);
     let mut bad = Vec::new();
     let mut sent = 0;
     while Instant::now() < end {
@@ -53,11 +55,11 @@ async fn three_replicas_fetch_once_per_lifetime() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(bad.is_empty(), "clients saw errors: {bad:?}");
-    assert!(sent > 300, "{sent}");
+    assert!(sent > 150, "{sent}");
     let fetches = fake.fetches(SHOP_APPID).await;
     assert!(
-        (9..=11).contains(&fetches),
-        "{fetches} fetches for 10 lifetimes across 3 replicas"
+        (5..=7).contains(&fetches),
+        "{fetches} fetches for 6 lifetimes across 3 replicas"
     );
     for s in sides {
         assert_eq!(s.status().await["store"]["state"], "ok");
