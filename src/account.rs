@@ -34,6 +34,8 @@ pub struct Account {
     /// too.
     pub replays_ok: prometheus::IntCounter,
     pub replays_failed: prometheus::IntCounter,
+    /// Its requests, by route and outcome.
+    pub requests: crate::metrics::RequestCounters,
 }
 
 impl Account {
@@ -54,6 +56,7 @@ impl Account {
             tickets: Default::default(),
             replays_ok: crate::metrics::TOKEN_REPLAYS.with_label_values(&[&c.name, "ok"]),
             replays_failed: crate::metrics::TOKEN_REPLAYS.with_label_values(&[&c.name, "failed"]),
+            requests: crate::metrics::RequestCounters::new(&c.name),
         }
     }
 }

@@ -120,6 +120,14 @@ impl Clients {
         }
     }
 
+    /// No `clients` settings at all: every caller is admitted as is, and
+    /// the request path skips admission.
+    pub fn is_open(&self) -> bool {
+        !self.conf.restricts()
+            && self.conf.rate_limit.per_client.is_none()
+            && self.conf.rate_limit.per_account.is_none()
+    }
+
     /// Whether admitting a caller needs its address (allow-list, or
     /// per-client limits keyed by address).
     pub fn needs_address(&self) -> bool {

@@ -7,9 +7,10 @@
 
 use prometheus::{
     register_gauge_vec, register_histogram_vec, register_int_counter_vec, register_int_gauge_vec,
-    Encoder, GaugeVec, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec,
+    TextEncoder,
 };
-use std::sync::LazyLock;
+use std::sync::{LazyLock, OnceLock};
 
 pub static REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
@@ -146,6 +147,84 @@ pub fn init() {
     LazyLock::force(&TICKET_AGE);
     LazyLock::force(&CONNECTIONS_REFUSED);
     LazyLock::force(&CONNECTIONS_OPEN);
+}
+
+/// The routes requests are counted by (`route` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    Api = 0,
+    Untouched = 1,
+    Stream = 2,
+    Token = 3,
+    Ticket = 4,
+    Jssdk = 5,
+}
+
+impl Served {
+    const ALL: [Served; 6] = [
+        Served::Api,
+        Served::Untouched,
+        Served::Stream,
+        Served::Token,
+        Served::Ticket,
+        Served::Jssdk,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        ["api", "untouched", "stream", "token", "ticket", "jssdk"][self as usize]
+    }
+}
+
+/// How a request ended (`outcome` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Ok = 0,
+    WeChatError = 1,
+    Refused = 2,
+    Error = 3,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        ["ok", "wechat_error", "refused", "error"][self as usize]
+    }
+}
+
+/// One account's `wxsidecar_requests_total` series, each resolved the
+/// first time it is counted: no label lookup per request, and an account
+/// that never sees a route holds no series for it.
+pub struct RequestCounters {
+    account: Box<str>,
+    series: [OnceLock<IntCounter>; 24],
+}
+
+impl RequestCounters {
+    pub fn new(account: &str) -> Self {
+        RequestCounters {
+            account: account.into(),
+            series: Default::default(),
+        }
+    }
+
+    pub fn inc(&self, route: Served, outcome: Outcome) {
+        self.series[route as usize * 4 + outcome as usize]
+            .get_or_init(|| {
+                REQUESTS.with_label_values(&[&self.account, route.as_str(), outcome.as_str()])
+            })
+            .inc();
+    }
+}
+
+/// Requests that named no account (`account="-"`).
+pub static NO_ACCOUNT: LazyLock<RequestCounters> = LazyLock::new(|| RequestCounters::new("-"));
+
+/// `wxsidecar_request_duration_seconds` per route, resolved once.
+static DURATIONS: LazyLock<[Histogram; 6]> =
+    LazyLock::new(|| Served::ALL.map(|r| REQUEST_DURATION.with_label_values(&[r.as_str()])));
+
+/// Records how long a request on `route` took.
+pub fn observe_duration(route: Served, seconds: f64) {
+    DURATIONS[route as usize].observe(seconds);
 }
 
 /// The fetch outcomes every token and ticket is counted by.

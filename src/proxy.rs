@@ -26,6 +26,7 @@ use crate::inspect;
 use crate::jssdk;
 use crate::lease::{Lease, LeaseCell};
 use crate::local::{self, Credentials};
+use crate::metrics::{Outcome, Served};
 use crate::query::{self, TOKEN_PARAM};
 use crate::refusal::Refusal;
 use crate::reply::{self, ProxyError};
@@ -55,8 +56,8 @@ pub struct Ctx {
     stream_uri: Option<http::Uri>,
     /// For the request log line and metrics.
     start: std::time::Instant,
-    route: &'static str,
-    account: Option<String>,
+    route: Served,
+    account: Option<Arc<Account>>,
     /// WeChat's errcode in a buffered answer.
     errcode: Option<i64>,
     /// Who is calling (after `clients` admitted them).
@@ -82,7 +83,7 @@ impl Default for Ctx {
         Ctx {
             stream_uri: None,
             start: std::time::Instant::now(),
-            route: "api",
+            route: Served::Api,
             account: None,
             errcode: None,
             caller: None,
@@ -144,30 +145,30 @@ impl Plan {
 
 /// Headers that describe one hop, not the message: never forwarded, or
 /// pooling silently stops.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-    )
+    HOP_BY_HOP.contains(&name.as_str())
 }
 
 /// Removes every answer header that carries our token (a `Location` that
 /// kept the query, an echo): the token is never the app's to see.
 pub(crate) fn scrub_token(resp: &mut ResponseHeader, token: Option<&Lease>) {
     let Some(t) = token else { return };
-    let needle = t.value.as_bytes();
     let carrying: Vec<HeaderName> = resp
         .headers
         .iter()
-        .filter(|(_, v)| memchr::memmem::find(v.as_bytes(), needle).is_some())
+        .filter(|(_, v)| t.find_in(v.as_bytes()).is_some())
         .map(|(n, _)| n.clone())
         .collect();
     for name in carrying {
@@ -180,17 +181,17 @@ pub(crate) fn scrub_token(resp: &mut ResponseHeader, token: Option<&Lease>) {
 /// sends it back; an echoing or misbehaving upstream might).
 fn scrub_body(answer: Bytes, token: Option<&Lease>) -> Bytes {
     let Some(t) = token else { return answer };
-    let needle = t.value.as_bytes();
-    if memchr::memmem::find(&answer, needle).is_none() {
+    if t.find_in(&answer).is_none() {
         return answer;
     }
     tracing::warn!("an upstream answer carried our token; masked");
+    let needle_len = t.value.len();
     let mut out = Vec::with_capacity(answer.len());
     let mut rest = &answer[..];
-    while let Some(i) = memchr::memmem::find(rest, needle) {
+    while let Some(i) = t.find_in(rest) {
         out.extend_from_slice(&rest[..i]);
         out.extend_from_slice(b"***");
-        rest = &rest[i + needle.len()..];
+        rest = &rest[i + needle_len..];
     }
     out.extend_from_slice(rest);
     Bytes::from(out)
@@ -384,7 +385,7 @@ impl Proxy {
             });
         }
         self.admit_account(ctx, account)?;
-        ctx.account = Some(account.name.clone());
+        ctx.account = Some(account.clone());
         let cell = crate::refresh::ticket_cell(&self.app, account, kind);
         let ticket = self.valid_from(cell, &account.name, kind.what()).await?;
         Ok((account.clone(), ticket))
@@ -456,6 +457,35 @@ impl Proxy {
             }
             Err(e) => Ok(Err(bad(e))),
         }
+    }
+
+    /// Admits the caller (`clients`): address, bearer token, rates. Answers
+    /// a refusal itself and returns `true` then.
+    async fn admit_caller(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
+        // The peer address costs a getpeername(2): ask only when it matters.
+        let addr = if self.app.clients.needs_address() {
+            session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip())
+        } else {
+            None
+        };
+        let auth = session
+            .req_header()
+            .headers
+            .get(header::AUTHORIZATION)
+            .map(|v| v.as_bytes());
+        match self.app.clients.admit(addr, auth) {
+            Ok(caller) => ctx.caller = Some(caller),
+            Err(denied) => {
+                let e = ProxyError::Denied(denied);
+                tracing::info!(path = session.req_header().uri.path(), status = e.status(), error = %e, "caller refused");
+                reply::send_error(session, &e).await?;
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Chooses the account and the token for a request.
@@ -541,14 +571,13 @@ impl Proxy {
 
     /// Reads the whole request body, up to `limit`.
     async fn read_body(&self, session: &mut Session, limit: usize) -> Step<Bytes> {
-        let path = session.req_header().uri.path().to_string();
-        let too_large = ProxyError::BodyTooLarge {
+        let too_large = |session: &Session| ProxyError::BodyTooLarge {
             limit,
-            path: path.clone(),
+            path: session.req_header().uri.path().to_string(),
         };
         if content_length(&session.req_header().headers).is_some_and(|n| n > limit) {
             session.set_keepalive(None);
-            return Ok(Err(too_large));
+            return Ok(Err(too_large(session)));
         }
         session.as_downstream_mut().enable_retry_buffering();
         // The body is ours to read: tell a client waiting on `Expect:
@@ -566,6 +595,8 @@ impl Proxy {
             // The body that follows is the request's, not a next head.
             crate::guard::head_complete();
         }
+        // Most bodies come in one read: kept as it came, no copy.
+        let mut first: Option<Bytes> = None;
         let mut buf = BytesMut::new();
         let deadline = tokio::time::Instant::now() + self.app.config.limits.body_timeout;
         loop {
@@ -575,19 +606,30 @@ impl Proxy {
                     // The rest of the body may still come: never reuse.
                     session.set_keepalive(None);
                     return Ok(Err(ProxyError::BodyTimeout {
-                        path,
+                        path: session.req_header().uri.path().to_string(),
                         limit: self.app.config.limits.body_timeout,
                     }));
                 }
             };
             let Some(chunk) = chunk else { break };
+            if buf.is_empty() && first.is_none() {
+                if chunk.len() > limit {
+                    session.set_keepalive(None);
+                    return Ok(Err(too_large(session)));
+                }
+                first = Some(chunk);
+                continue;
+            }
+            if let Some(f) = first.take() {
+                buf.extend_from_slice(&f);
+            }
             buf.extend_from_slice(&chunk);
             if buf.len() > limit {
                 session.set_keepalive(None);
-                return Ok(Err(too_large));
+                return Ok(Err(too_large(session)));
             }
         }
-        Ok(Ok(buf.freeze()))
+        Ok(Ok(first.unwrap_or_else(|| buf.freeze())))
     }
 
     /// The request WeChat receives: the app's, minus hop-by-hop headers and
@@ -620,7 +662,7 @@ impl Proxy {
         }
         let has_body_semantics = matches!(client.method.as_str(), "POST" | "PUT" | "PATCH");
         if body_len > 0 || has_body_semantics {
-            req.insert_header(header::CONTENT_LENGTH, body_len.to_string())?;
+            req.insert_header(header::CONTENT_LENGTH, body_len)?;
         }
         Ok(req)
     }
@@ -630,26 +672,25 @@ impl Proxy {
     /// more with the refreshed token and the same body bytes; the app sees
     /// only the second answer.
     async fn forward(&self, session: &mut Session, mut plan: Plan, ctx: &mut Ctx) -> Step<()> {
-        ctx.account = plan.account.as_ref().map(|a| a.name.clone());
+        ctx.account = plan.account.clone();
         let limit = self.app.config.limits.buffered_body;
         let body = match self.read_body(session, limit).await? {
             Ok(b) => b,
             Err(e) => return Ok(Err(e)),
         };
-        let path = session.req_header().uri.path().to_string();
         // An HTML form's fields may carry an appsecret too.
         if route::content_type_is(
             &session.req_header().headers,
             b"application/x-www-form-urlencoded",
         ) {
-            if let Err(e) = refuse_misplaced_secret(&path, &body) {
+            if let Err(e) = refuse_misplaced_secret(&plan.path, &body) {
                 return Ok(Err(e));
             }
         }
         let upstream_err = |source| match source {
             UpstreamError::Unavailable => ProxyError::Unavailable,
             source => ProxyError::Upstream {
-                path: path.clone(),
+                path: plan.path.clone(),
                 source,
             },
         };
@@ -669,14 +710,8 @@ impl Proxy {
             let mut resp = x.header().clone();
             // An h2 answer goes to the app as HTTP/1.1.
             resp.set_version(http::Version::HTTP_11);
-            for name in resp
-                .headers
-                .keys()
-                .filter(|n| is_hop_by_hop(n))
-                .cloned()
-                .collect::<Vec<_>>()
-            {
-                resp.remove_header(&name);
+            for name in HOP_BY_HOP {
+                resp.remove_header(name);
             }
             scrub_token(&mut resp, plan.token.as_deref());
             if content_length(&resp.headers).is_some_and(|n| n > limit) {
@@ -707,7 +742,7 @@ impl Proxy {
             } else if rejected {
                 if let Some(fresh) = self.replacement(&plan).await {
                     tracing::debug!(
-                        path,
+                        path = plan.path,
                         "token rejected by WeChat; replaying with the refreshed token"
                     );
                     plan.token = Some(fresh);
@@ -717,7 +752,7 @@ impl Proxy {
                 plan.count_replay(false);
             }
             let answer = scrub_body(answer, plan.token.as_deref());
-            resp.insert_header(header::CONTENT_LENGTH, answer.len().to_string())?;
+            resp.insert_header(header::CONTENT_LENGTH, answer.len())?;
             session.write_response_header(Box::new(resp), false).await?;
             session.write_response_body(Some(answer), true).await?;
             return Ok(Ok(()));
@@ -806,7 +841,7 @@ impl Proxy {
         };
         let account = match authenticated {
             Ok(a) => {
-                ctx.account = Some(a.name.clone());
+                ctx.account = Some(a.clone());
                 if let Err(e) = self.admit_account(ctx, a) {
                     return Ok(Err(e));
                 }
@@ -881,28 +916,8 @@ impl ProxyHttp for Proxy {
         // Pipelined requests are answered in order (RFC 9112 §9.3.2), not
         // dropped with the connection.
         session.as_downstream_mut().set_pipelining_enabled(true);
-        // The peer address costs a getpeername(2): ask only when it matters.
-        let addr = if self.app.clients.needs_address() {
-            session
-                .client_addr()
-                .and_then(|a| a.as_inet())
-                .map(|a| a.ip())
-        } else {
-            None
-        };
-        let auth = session
-            .req_header()
-            .headers
-            .get(header::AUTHORIZATION)
-            .map(|v| v.as_bytes());
-        match self.app.clients.admit(addr, auth) {
-            Ok(caller) => ctx.caller = Some(caller),
-            Err(denied) => {
-                let e = ProxyError::Denied(denied);
-                tracing::info!(path = session.req_header().uri.path(), status = e.status(), error = %e, "caller refused");
-                reply::send_error(session, &e).await?;
-                return Ok(true);
-            }
+        if !self.app.clients.is_open() && self.admit_caller(session, ctx).await? {
+            return Ok(true);
         }
         if let Err(e) = self
             .check_host(session.req_header(), ctx)
@@ -915,19 +930,19 @@ impl ProxyHttp for Proxy {
         let route = route::classify(session.req_header());
         let outcome = match route {
             Route::LocalClassicToken | Route::LocalStableToken | Route::LocalWeComToken => {
-                ctx.route = "token";
+                ctx.route = Served::Token;
                 self.local_token(session, route, ctx).await?
             }
             Route::LocalTicket => {
-                ctx.route = "ticket";
+                ctx.route = Served::Ticket;
                 self.local_ticket(session, ctx).await?
             }
             Route::JsSdk => {
-                ctx.route = "jssdk";
+                ctx.route = Served::Jssdk;
                 self.jssdk(session, ctx).await?
             }
             Route::Untouched => {
-                ctx.route = "untouched";
+                ctx.route = Served::Untouched;
                 let family = ctx.family.unwrap_or_else(|| self.app.default_family());
                 let plan = Plan::untouched(session.req_header(), family);
                 self.forward(session, plan, ctx).await?
@@ -938,8 +953,8 @@ impl ProxyHttp for Proxy {
             },
             Route::Stream => match self.plan(session.req_header(), ctx).await {
                 Ok(plan) => {
-                    ctx.route = "stream";
-                    ctx.account = plan.account.as_ref().map(|a| a.name.clone());
+                    ctx.route = Served::Stream;
+                    ctx.account = plan.account.clone();
                     let uri = plan.path_and_query().parse::<http::Uri>().map_err(|_| {
                         Error::explain(
                             ErrorType::InvalidHTTPHeader,
@@ -1097,24 +1112,23 @@ impl ProxyHttp for Proxy {
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let outcome = match (status, ctx.errcode) {
-            (200..=299, Some(c)) if c != 0 => "wechat_error",
-            (200..=399, _) => "ok",
-            (400..=499, _) => "refused",
-            _ => "error",
+            (200..=299, Some(c)) if c != 0 => Outcome::WeChatError,
+            (200..=399, _) => Outcome::Ok,
+            (400..=499, _) => Outcome::Refused,
+            _ => Outcome::Error,
         };
-        let account = ctx.account.as_deref().unwrap_or("-");
         let elapsed = ctx.start.elapsed();
-        crate::metrics::REQUESTS
-            .with_label_values(&[account, ctx.route, outcome])
-            .inc();
-        crate::metrics::REQUEST_DURATION
-            .with_label_values(&[ctx.route])
-            .observe(elapsed.as_secs_f64());
+        match &ctx.account {
+            Some(a) => a.requests.inc(ctx.route, outcome),
+            None => crate::metrics::NO_ACCOUNT.inc(ctx.route, outcome),
+        }
+        crate::metrics::observe_duration(ctx.route, elapsed.as_secs_f64());
+        let account = ctx.account.as_ref().map_or("-", |a| a.name.as_str());
         let req = session.req_header();
         tracing::debug!(
             method = %req.method,
             path = req.uri.path(),
-            route = ctx.route,
+            route = ctx.route.as_str(),
             account,
             status,
             errcode = ?ctx.errcode,

@@ -42,6 +42,9 @@ pub struct Lease {
     pub lifetime: Duration,
     /// WeChat called it invalid (40001/40014/42001): not handed out any more.
     reported_invalid: AtomicBool,
+    /// A searcher for the value, built on first use: answers are scanned
+    /// for it on every request.
+    finder: std::sync::OnceLock<memchr::memmem::Finder<'static>>,
 }
 
 impl Lease {
@@ -57,7 +60,15 @@ impl Lease {
             fetched_at,
             lifetime,
             reported_invalid: AtomicBool::new(false),
+            finder: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Where the value occurs in `haystack`, if it does.
+    pub fn find_in(&self, haystack: &[u8]) -> Option<usize> {
+        self.finder
+            .get_or_init(|| memchr::memmem::Finder::new(self.value.as_bytes()).into_owned())
+            .find(haystack)
     }
 
     pub fn is_reported_invalid(&self) -> bool {

@@ -633,27 +633,33 @@ impl Upstream {
         req: &RequestHeader,
         body: &[u8],
     ) -> Result<Exchange<'_>, Failed> {
-        let addr = peer.address().to_string();
+        debug_assert!(req.headers.get(http::header::HOST).is_none());
+        // The address is only for errors: formatted when one happens.
+        let addr = || peer.address().to_string();
         let unsent = |e: Box<pingora::Error>| Failed {
-            error: self.map_err(&addr, &e),
+            error: self.map_err(&addr(), &e),
             sent: false,
         };
-        let mut req = req.clone();
-        req.insert_header(http::header::HOST, self.host_header.as_str())
-            .map_err(unsent)?;
         // pingora's client flushes the header and the body in two writes;
         // one write (one syscall, one TLS record) carries both here. A HEAD
         // request goes pingora's way: only its session knows a HEAD answer
         // has no body.
         let whole = req.method != http::Method::HEAD;
         if whole {
-            let mut wire = http_req_header_to_wire(&req).ok_or_else(|| Failed {
+            let mut wire = http_req_header_to_wire(req).ok_or_else(|| Failed {
                 error: UpstreamError::Exchange {
-                    addr: addr.clone(),
+                    addr: addr(),
                     reason: "request target not valid for HTTP/1.1".into(),
                 },
                 sent: false,
             })?;
+            // Our Host goes in last, before the blank line that ends the
+            // head: the request itself is not copied to add it.
+            wire.truncate(wire.len() - 2);
+            wire.reserve(self.host_header.len() + 10 + body.len());
+            wire.extend_from_slice(b"Host: ");
+            wire.extend_from_slice(self.host_header.as_bytes());
+            wire.extend_from_slice(b"\r\n\r\n");
             wire.extend_from_slice(body);
             let write = async {
                 stream.write_all(&wire).await?;
@@ -681,6 +687,9 @@ impl Upstream {
         session.read_timeout = Some(self.conf.read_timeout);
         session.write_timeout = Some(self.conf.read_timeout);
         if !whole {
+            let mut req = req.clone();
+            req.insert_header(http::header::HOST, self.host_header.as_str())
+                .map_err(unsent)?;
             session
                 .write_request_header(Box::new(req))
                 .await
@@ -691,7 +700,7 @@ impl Upstream {
             session.finish_body().await.map_err(unsent)?;
         }
         let sent = |e: Box<pingora::Error>| Failed {
-            error: self.map_err(&addr, &e),
+            error: self.map_err(&addr(), &e),
             sent: true,
         };
         // Skip informational answers (100 Continue, 103 Early Hints), a few.
@@ -706,7 +715,7 @@ impl Upstream {
             if informational > DEFAULT_MAX_INFORMATIONAL {
                 return Err(Failed {
                     error: UpstreamError::Exchange {
-                        addr,
+                        addr: addr(),
                         reason: format!(
                             "more than {DEFAULT_MAX_INFORMATIONAL} informational answers"
                         ),
