@@ -90,6 +90,36 @@ impl Upstreams {
         Err(last)
     }
 
+    /// [`Self::send`] for requests built as bytes (the fast lane): the
+    /// same failover, through our own HTTP/1.1 exchange.
+    pub async fn call(
+        &self,
+        head: &[u8],
+        body: &[u8],
+        idempotent: bool,
+    ) -> Result<crate::upstream::RawExchange<'_>, UpstreamError> {
+        let mut last = UpstreamError::Unavailable;
+        for h in self.hosts.iter().filter(|h| self.in_use(h)) {
+            match h.call(head, body, idempotent).await {
+                Ok(x) => return Ok(x),
+                Err(e) if e.is_connect() => {
+                    if !self.in_use(h) {
+                        tracing::warn!(upstream = %h.url(), error = %e, "upstream out of use after repeated connect failures");
+                    }
+                    last = e;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last)
+    }
+
+    /// Whether requests go over HTTP/1.1 (the fast lane's own exchange):
+    /// the active host does not use HTTP/2.
+    pub fn speaks_h1(&self) -> bool {
+        self.active().is_some_and(|h| !h.uses_h2())
+    }
+
     /// The peer for pingora's streaming path, and its host's index.
     pub fn peer(&self) -> Result<(HttpPeer, usize), UpstreamError> {
         let (i, h) = self

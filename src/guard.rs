@@ -116,19 +116,58 @@ impl Cap {
     }
 }
 
+/// A lane that serves the common request itself, before pingora's HTTP
+/// session is built (see `proxy::fast`).
+pub trait Fast: Send + Sync + 'static {
+    /// Serves the request whose first bytes are `data`, if it is one this
+    /// lane takes. `None`: not taken — nothing was written and nothing is
+    /// consumed, so the bytes go to pingora as they came.
+    fn serve(
+        &self,
+        stream: &mut Stream,
+        data: &[u8],
+    ) -> impl std::future::Future<Output = Option<Served>> + Send;
+}
+
+/// A request the fast lane answered.
+pub struct Served {
+    /// Bytes of `data` that were the request (the rest is a pipelined next one).
+    pub used: usize,
+    /// Whether the connection may carry another request.
+    pub keep_alive: bool,
+}
+
+/// No fast lane: every request goes to pingora.
+pub struct NoFast;
+
+impl Fast for NoFast {
+    async fn serve(&self, _stream: &mut Stream, _data: &[u8]) -> Option<Served> {
+        None
+    }
+}
+
 /// An HTTP app behind the cap and the deadlines.
-pub struct Guarded<A> {
+pub struct Guarded<A, F = NoFast> {
     inner: Arc<A>,
     limits: ConnLimits,
     cap: Cap,
+    fast: F,
 }
 
 impl<A> Guarded<A> {
     pub fn new(inner: A, limits: ConnLimits, listener: &'static str) -> Self {
+        Guarded::with_fast(inner, limits, listener, NoFast)
+    }
+}
+
+impl<A, F> Guarded<A, F> {
+    /// With a fast lane tried before pingora on plain connections.
+    pub fn with_fast(inner: A, limits: ConnLimits, listener: &'static str, fast: F) -> Self {
         Guarded {
             inner: Arc::new(inner),
             limits,
             cap: Cap::new(limits.max, listener),
+            fast,
         }
     }
 }
@@ -142,9 +181,9 @@ fn has_pipelined_prefix(settings: &HttpPersistentSettings) -> bool {
 
 /// What waiting for the next request found.
 enum FirstRead {
-    /// Bytes came and were put back for the parser; `true` when they hold
-    /// the whole head (no head deadline needed).
-    Came(bool),
+    /// Bytes came (not yet put back for the parser); `true` when they
+    /// hold the whole head (no head deadline needed).
+    Came(Vec<u8>, bool),
     /// The stream is not a plain socket (TLS): the wait happens inside the
     /// parser.
     CannotWait,
@@ -165,7 +204,7 @@ thread_local! {
 
 /// Waits for the next request's first bytes on a plain socket, up to
 /// `limit`, or for shutdown; reads them (one `recv`, as the parser would
-/// have) and puts them back on the stream for pingora's parser.
+/// have) for the fast lane or, through [`put_back`], pingora's parser.
 async fn first_read(
     stream: Stream,
     limit: Duration,
@@ -195,8 +234,7 @@ async fn first_read(
         got = tokio::time::timeout(limit, read) => match got {
             Ok(Ok(data)) if !data.is_empty() => {
                 let whole_head = memchr::memmem::find(&data, b"\r\n\r\n").is_some();
-                l4.rewind(&data);
-                FirstRead::Came(whole_head)
+                FirstRead::Came(data, whole_head)
             }
             _ => FirstRead::Close,
         },
@@ -205,8 +243,16 @@ async fn first_read(
     (l4, outcome)
 }
 
+/// Puts bytes read from a plain socket back, for the next reader.
+fn put_back(stream: Stream, data: &[u8]) -> Stream {
+    use pingora::protocols::l4::stream::Stream as L4Stream;
+    let mut l4: Box<L4Stream> = stream.into_any().downcast().expect("only plain sockets are read ahead");
+    l4.rewind(data);
+    l4
+}
+
 #[async_trait]
-impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
+impl<A: HttpServerApp + Send + Sync + 'static, F: Fast> ServerApp for Guarded<A, F> {
     async fn process_new(
         self: &Arc<Self>,
         mut stream: Stream,
@@ -238,8 +284,21 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
                 let (back, found) = first_read(stream, wait, shutdown).await;
                 stream = back;
                 match found {
-                    FirstRead::Came(true) => head_limit = None,
-                    FirstRead::Came(false) => {}
+                    FirstRead::Came(data, true) => {
+                        if let Some(done) = self.fast.serve(&mut stream, &data).await {
+                            if !done.keep_alive {
+                                return None;
+                            }
+                            if done.used < data.len() {
+                                stream = put_back(stream, &data[done.used..]);
+                            }
+                            kept = true;
+                            continue;
+                        }
+                        stream = put_back(stream, &data);
+                        head_limit = None;
+                    }
+                    FirstRead::Came(data, false) => stream = put_back(stream, &data),
                     // The head's clock then runs from here, wait included.
                     FirstRead::CannotWait => head_limit = Some(self.limits.header_timeout + wait),
                     FirstRead::Close => return None,

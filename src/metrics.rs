@@ -49,6 +49,15 @@ pub static UPSTREAM_CONNECTIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+pub static FAST_LANE: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "wxsidecar_fast_lane_total",
+        "Requests the fast lane served itself, and those it handed to the full request path (result: served, handed_off).",
+        &["result"]
+    )
+    .expect("metric registers once")
+});
+
 pub static TOKEN_FETCHES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "wxsidecar_token_fetches_total",

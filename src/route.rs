@@ -40,7 +40,7 @@ const UNTOUCHED_PREFIXES: &[&str] = &[
 const STREAM_PREFIXES: &[&str] = &["/cgi-bin/media/", "/cgi-bin/material/"];
 
 /// Header WeChat's API-security mode signs requests with.
-const SIGNATURE_HEADER: &str = "wechatmp-signature";
+pub const SIGNATURE_HEADER: &str = "wechatmp-signature";
 
 /// Chooses the route on the normalised path ([`crate::target::normalise`]),
 /// ignoring ASCII case: whatever spelling WeChat might accept for a token
@@ -57,6 +57,16 @@ pub fn classify(req: &RequestHeader) -> Route {
         return Route::Stream;
     }
     Route::Api
+}
+
+/// Whether `path` (already normal) is a JSON API call by the path alone:
+/// not answered locally, not passed untouched, not streamed. The fast lane
+/// also checks the headers that change the route.
+pub fn is_api(path: &str) -> bool {
+    let path = crate::target::route_key(path);
+    local_route(path).is_none()
+        && !starts_with_any(path, UNTOUCHED_PREFIXES)
+        && !starts_with_any(path, STREAM_PREFIXES)
 }
 
 /// The routes answered locally, decided by the path alone.

@@ -161,10 +161,11 @@ impl Prepared {
         };
         let mut proxy = ListeningService::new(
             "wxsidecar app listener".to_string(),
-            crate::guard::Guarded::new(
+            crate::guard::Guarded::with_fast(
                 pingora::proxy::http_proxy(&server.configuration, Proxy::new(self.app.clone())),
                 app_limits,
                 "app",
+                crate::proxy::fast::FastLane::new(self.app.clone()),
             ),
         );
         proxy.add_listener(plain_listener(config.listen));
@@ -229,7 +230,9 @@ impl Prepared {
     /// hands what it accepts to the same path. Returns the forward proxy.
     fn add_intercept_listeners(
         &self,
-        proxy: &mut ListeningService<crate::guard::Guarded<HttpProxy<Proxy>>>,
+        proxy: &mut ListeningService<
+            crate::guard::Guarded<HttpProxy<Proxy>, crate::proxy::fast::FastLane>,
+        >,
         conf: &Arc<ServerConf>,
     ) -> Option<ListeningService<crate::guard::Capped<crate::forward::ForwardProxy>>> {
         let (i, ic) = (

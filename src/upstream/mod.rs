@@ -29,6 +29,8 @@ use tokio::io::AsyncWriteExt;
 
 use crate::config::{UpstreamConfig, UpstreamUrl};
 
+mod h1;
+pub use h1::RawExchange;
 mod pool;
 use pool::Pool;
 

@@ -34,6 +34,8 @@ use crate::route::{self, Route};
 use crate::ticket::{self, TicketKind};
 use crate::upstream::UpstreamError;
 
+pub mod fast;
+
 /// The error type of a streamed request body that outlived its deadline.
 const BODY_TIMEOUT: &str = "request body timeout";
 

@@ -1,0 +1,537 @@
+//! The fast lane: the common request — an HTTP/1.1 `GET` or `POST` to a
+//! JSON API path, whole in the first read — answered without building
+//! pingora's HTTP session, header maps or URIs: the head is parsed with
+//! `httparse` where it lies, the upstream request written as bytes, the
+//! answer read by our own HTTP/1.1 exchange and written back in one write.
+//!
+//! The lane is a strict subset of what the request path serves, and it
+//! decides before touching anything: whatever it does not take (another
+//! route, a body still to come, anything ambiguous in the framing — a
+//! `Transfer-Encoding`, two lengths, a bare LF, `Expect`, an escaped path,
+//! a secret in the query, callers to admit, an account or token not at
+//! hand, an upstream on HTTP/2) goes to pingora's path unchanged, which
+//! answers it as before. What it takes behaves as that path does: the
+//! token injected or replaced by the same rules, one replay after a token
+//! error, the answer scrubbed of our token, the same errors, counters and
+//! log line.
+
+use std::sync::Arc;
+
+use pingora::protocols::Stream;
+use tokio::io::AsyncWriteExt;
+
+use super::{scrub_body, AnswerDeadline, HOP_BY_HOP};
+use crate::account::{Account, ACCOUNT_HEADER};
+use crate::app::App;
+use crate::config::ReplaceTokens;
+use crate::guard::{Fast, Served as LaneServed};
+use crate::inspect;
+use crate::lease::Lease;
+use crate::metrics::{Outcome, Served};
+use crate::query::{self, TOKEN_PARAM};
+use crate::reply::{self, ProxyError};
+use crate::upstream::UpstreamError;
+
+/// Headers a request may carry into the lane.
+const DEFAULT_MAX_HEADERS: usize = 32;
+
+/// Counts of what the lane did: requests it served, and those it left to
+/// pingora's path (`wxsidecar_fast_lane_total{result}`).
+static SERVED: std::sync::LazyLock<prometheus::IntCounter> =
+    std::sync::LazyLock::new(|| crate::metrics::FAST_LANE.with_label_values(&["served"]));
+static HANDED_OFF: std::sync::LazyLock<prometheus::IntCounter> =
+    std::sync::LazyLock::new(|| crate::metrics::FAST_LANE.with_label_values(&["handed_off"]));
+
+pub struct FastLane {
+    app: Arc<App>,
+}
+
+impl FastLane {
+    pub fn new(app: Arc<App>) -> Self {
+        // Both series show from the first scrape.
+        std::sync::LazyLock::force(&SERVED);
+        std::sync::LazyLock::force(&HANDED_OFF);
+        FastLane { app }
+    }
+}
+
+/// A request the lane takes, as it lies in the first read.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Head<'a> {
+    pub post: bool,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    /// Header lines to forward, as received (hop-by-hop, `Host`,
+    /// `Content-Length`, `X-Wx-Account` left out).
+    pub forward: Vec<(&'a str, &'a [u8])>,
+    pub account: Option<&'a str>,
+    pub body: &'a [u8],
+    /// Bytes of the read that were this request.
+    pub used: usize,
+    /// The client asked to close after the answer.
+    pub close: bool,
+}
+
+/// Bytes a path may hold in the lane: unreserved and sub-delims, `:`, `@`
+/// and `/` — no escapes, no `;` parameters, nothing to normalise.
+fn path_byte_ok(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"/-._~!$&'()*+,=:@".contains(&b)
+}
+
+/// Query bytes: the same plus `%` escapes, `?` and `/`.
+fn query_byte_ok(b: u8) -> bool {
+    path_byte_ok(b) || b == b'%' || b == b'?'
+}
+
+/// Header value bytes: visible ASCII, space and tab only.
+fn value_ok(v: &[u8]) -> bool {
+    v.iter().all(|&b| (0x20..0x7f).contains(&b) || b == b'\t')
+}
+
+/// Parses `data` as a request the lane takes; `None` for anything else.
+/// Strict on purpose: every `None` goes to pingora's parser.
+pub(crate) fn parse(data: &[u8], body_limit: usize) -> Option<Head<'_>> {
+    let mut hs = [httparse::EMPTY_HEADER; DEFAULT_MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut hs);
+    let head_len = match req.parse(data) {
+        Ok(httparse::Status::Complete(n)) => n,
+        _ => return None,
+    };
+    if req.version != Some(1) {
+        return None;
+    }
+    let post = match req.method? {
+        "GET" => false,
+        "POST" => true,
+        _ => return None,
+    };
+    // Every line ends in CRLF: no bare LF (httparse allows one).
+    let head = &data[..head_len];
+    if head
+        .iter()
+        .enumerate()
+        .any(|(i, &b)| b == b'\n' && (i == 0 || head[i - 1] != b'\r'))
+    {
+        return None;
+    }
+    let target = req.path?;
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (target, None),
+    };
+    if !path.starts_with('/')
+        || !path.bytes().all(path_byte_ok)
+        || path.contains("//")
+        || path.split('/').any(|seg| seg == "." || seg == "..")
+        || !query.is_none_or(|q| q.bytes().all(query_byte_ok))
+    {
+        return None;
+    }
+    let mut length: Option<usize> = None;
+    let mut hosts = 0;
+    let mut close = false;
+    let mut account = None;
+    let mut forward = Vec::with_capacity(req.headers.len());
+    for h in req.headers.iter() {
+        let name = h.name;
+        if !value_ok(h.value) {
+            return None;
+        }
+        let is = |n: &str| name.eq_ignore_ascii_case(n);
+        if is("content-length") {
+            let v = h.value;
+            if length.is_some() || v.is_empty() || v.len() > 10 || !v.iter().all(u8::is_ascii_digit) {
+                return None;
+            }
+            length = Some(std::str::from_utf8(v).ok()?.parse().ok()?);
+        } else if is("host") {
+            hosts += 1;
+        } else if is("connection") {
+            let v = h.value.trim_ascii();
+            if v.eq_ignore_ascii_case(b"close") {
+                close = true;
+            } else if !v.eq_ignore_ascii_case(b"keep-alive") {
+                return None;
+            }
+        } else if is(ACCOUNT_HEADER) {
+            if account.is_some() {
+                return None;
+            }
+            account = Some(std::str::from_utf8(h.value).ok()?);
+        } else if is("transfer-encoding")
+            || is("expect")
+            || is("upgrade")
+            || is("te")
+            || is("trailer")
+            || is(crate::route::SIGNATURE_HEADER)
+            || HOP_BY_HOP.iter().any(|n| is(n))
+        {
+            return None;
+        } else if is("content-type") {
+            let v = h.value.trim_ascii_start();
+            let starts = |p: &[u8]| crate::target::starts_with_ignore_case(v, p);
+            if starts(b"multipart/") || starts(b"application/x-www-form-urlencoded") {
+                return None;
+            }
+            forward.push((name, h.value));
+        } else {
+            forward.push((name, h.value));
+        }
+    }
+    if hosts != 1 {
+        return None;
+    }
+    // A GET with a body, a POST without a length: unusual, not ours.
+    let length = match (post, length) {
+        (false, None | Some(0)) => 0,
+        (true, Some(n)) if n <= body_limit => n,
+        _ => return None,
+    };
+    let used = head_len.checked_add(length)?;
+    if data.len() < used {
+        return None;
+    }
+    Some(Head {
+        post,
+        path,
+        query,
+        forward,
+        account,
+        body: &data[head_len..used],
+        used,
+        close,
+    })
+}
+
+impl Fast for FastLane {
+    async fn serve(&self, stream: &mut Stream, data: &[u8]) -> Option<LaneServed> {
+        let Some((head, plan)) = self.take(data) else {
+            HANDED_OFF.inc();
+            return None;
+        };
+        SERVED.inc();
+        let _in_flight = self.app.drain.enter();
+        let start = std::time::Instant::now();
+        let close = head.close || self.app.drain.is_draining();
+        // Counted for the account whose token was put in, as on pingora's path.
+        let account = plan.token.is_some().then(|| plan.account.clone());
+        let (status, errcode, streamed, written) = self.answer(stream, &head, plan, close).await;
+        let ok = written.is_ok();
+        let outcome = match (status, errcode) {
+            (200..=299, Some(c)) if c != 0 => Outcome::WeChatError,
+            (200..=399, _) => Outcome::Ok,
+            (400..=499, _) => Outcome::Refused,
+            _ => Outcome::Error,
+        };
+        match &account {
+            Some(a) => a.requests.inc(Served::Api, outcome),
+            None => crate::metrics::NO_ACCOUNT.inc(Served::Api, outcome),
+        }
+        let elapsed = start.elapsed();
+        crate::metrics::observe_duration(Served::Api, elapsed.as_secs_f64());
+        tracing::debug!(
+            method = if head.post { "POST" } else { "GET" },
+            path = head.path,
+            route = "api",
+            account = account.as_ref().map_or("-", |a| a.name.as_str()),
+            status,
+            errcode = ?errcode,
+            elapsed_us = elapsed.as_micros() as u64,
+            lane = "fast",
+            "request"
+        );
+        Some(LaneServed {
+            used: head.used,
+            keep_alive: ok && !close && !streamed,
+        })
+    }
+}
+
+/// Whether the sidecar puts its token in: none presented, a token it
+/// issued, or `replace_tokens: always`.
+fn replaces(app: &App, account: &Account, presented: Option<&str>) -> bool {
+    match presented {
+        None => true,
+        Some(t) => {
+            account.replace_tokens == ReplaceTokens::Always
+                || app.accounts.by_issued_token(t).is_some()
+        }
+    }
+}
+
+/// Where a taken request goes.
+struct Plan {
+    account: Arc<Account>,
+    /// The token put in; `None`: the app's own goes through untouched.
+    token: Option<Arc<Lease>>,
+}
+
+impl FastLane {
+    /// The request and its plan, when the lane takes it.
+    fn take<'a>(&self, data: &'a [u8]) -> Option<(Head<'a>, Plan)> {
+        let app = &self.app;
+        if !app.clients.is_open() || app.intercept.is_some() || app.drain.is_draining() {
+            return None;
+        }
+        let head = parse(data, app.config.limits.buffered_body)?;
+        if !crate::route::is_api(head.path)
+            || head
+                .query
+                .is_some_and(|q| crate::target::secret_param(q.as_bytes()).is_some())
+        {
+            return None;
+        }
+        let presented = head.query.and_then(|q| query::param(q, TOKEN_PARAM));
+        let account = app
+            .accounts
+            .pick_for(head.account, presented.as_deref(), None)
+            .ok()?;
+        if !app.upstream_for(account.kind.family()).speaks_h1() {
+            return None;
+        }
+        let token = if replaces(app, account, presented.as_deref()) {
+            Some(account.tokens.valid()?)
+        } else {
+            None
+        };
+        Some((
+            head,
+            Plan {
+                account: account.clone(),
+                token,
+            },
+        ))
+    }
+
+    /// The request line and headers for WeChat, with `token` in the query.
+    fn upstream_head(head: &Head<'_>, token: Option<&Lease>) -> Vec<u8> {
+        let mut out = Vec::with_capacity(256 + head.forward.len() * 32);
+        out.extend_from_slice(if head.post { b"POST " } else { b"GET " });
+        out.extend_from_slice(head.path.as_bytes());
+        match (token, head.query) {
+            (Some(t), q) => {
+                out.push(b'?');
+                out.extend_from_slice(query::with_token(q, &t.value).as_bytes());
+            }
+            (None, Some(q)) => {
+                out.push(b'?');
+                out.extend_from_slice(q.as_bytes());
+            }
+            (None, None) => {}
+        }
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        for (name, value) in &head.forward {
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        }
+        if head.post || !head.body.is_empty() {
+            out.extend_from_slice(b"Content-Length: ");
+            out.extend_from_slice(head.body.len().to_string().as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        out
+    }
+
+    /// Sends the request (again once, after a token error) and writes the
+    /// answer. Returns the status and errcode written, whether the answer
+    /// was streamed (the connection then closes), and whether writing worked.
+    async fn answer(
+        &self,
+        stream: &mut Stream,
+        head: &Head<'_>,
+        mut plan: Plan,
+        close: bool,
+    ) -> (u16, Option<i64>, bool, std::io::Result<()>) {
+        let app = &self.app;
+        let limit = app.config.limits.buffered_body;
+        let upstreams = app.upstream_for(plan.account.kind.family());
+        let upstream_err = |source| match source {
+            UpstreamError::Unavailable => ProxyError::Unavailable,
+            source => ProxyError::Upstream {
+                path: head.path.to_string(),
+                source,
+            },
+        };
+        let mut replaying = false;
+        loop {
+            let wire = Self::upstream_head(head, plan.token.as_deref());
+            let deadline = AnswerDeadline::from_now(upstreams.answer_timeout());
+            let sent = tokio::time::timeout_at(
+                deadline.at,
+                upstreams.call(&wire, head.body, !head.post),
+            )
+            .await;
+            let mut x = match sent {
+                Err(_) => return self.error(stream, upstream_err(deadline.missed()), close).await,
+                Ok(Err(e)) => return self.error(stream, upstream_err(e), close).await,
+                Ok(Ok(x)) => x,
+            };
+            let read = tokio::time::timeout_at(deadline.at, x.read_to_end(limit)).await;
+            let body = match read {
+                Err(_) => return self.error(stream, upstream_err(deadline.missed()), close).await,
+                Ok(Err(e)) => return self.error(stream, upstream_err(e), close).await,
+                Ok(Ok(Err(partial))) => {
+                    // Over the buffered limit: stream it through.
+                    let status = x.status;
+                    let written = stream_rest(stream, &mut x, partial, plan.token.as_deref(), deadline).await;
+                    return (status, None, true, written);
+                }
+                Ok(Ok(Ok(b))) => b,
+            };
+            let errcode = inspect::errcode(&body);
+            let rejected =
+                plan.token.is_some() && errcode.is_some_and(|c| inspect::INVALID_TOKEN.contains(&c));
+            if replaying {
+                count_replay(&plan.account, head.path, !rejected);
+            } else if rejected {
+                let bad = plan.token.clone().expect("checked above");
+                plan.account.tokens.report_invalid(&bad.value);
+                let fresh = plan
+                    .account
+                    .tokens
+                    .wait_replacement(&bad.value, app.upstream.read_timeout())
+                    .await;
+                if let Some(fresh) = fresh {
+                    x.finish();
+                    tracing::debug!(path = head.path, "token rejected by WeChat; replaying with the refreshed token");
+                    plan.token = Some(fresh);
+                    replaying = true;
+                    continue;
+                }
+                count_replay(&plan.account, head.path, false);
+            }
+            let status = x.status;
+            let body = scrub_body(body, plan.token.as_deref());
+            let mut out = Vec::with_capacity(256 + body.len());
+            status_line(&mut out, status);
+            copy_headers(&mut out, &x, plan.token.as_deref());
+            x.finish();
+            out.extend_from_slice(b"Content-Length: ");
+            out.extend_from_slice(body.len().to_string().as_bytes());
+            out.extend_from_slice(b"\r\n");
+            if close {
+                out.extend_from_slice(b"Connection: close\r\n");
+            }
+            out.extend_from_slice(b"\r\n");
+            out.extend_from_slice(&body);
+            return (status, errcode, false, write_all(stream, &out).await);
+        }
+    }
+
+    /// Writes a WeChat-shaped error answer.
+    async fn error(
+        &self,
+        stream: &mut Stream,
+        e: ProxyError,
+        close: bool,
+    ) -> (u16, Option<i64>, bool, std::io::Result<()>) {
+        let status = e.status();
+        if status >= 500 {
+            tracing::warn!(status, error = %e, "request failed");
+        } else {
+            tracing::info!(status, error = %e, "request refused");
+        }
+        let body = reply::error_body(e.errcode(), &e.to_string());
+        let mut out = Vec::with_capacity(128 + body.len());
+        status_line(&mut out, status);
+        out.extend_from_slice(b"Content-Type: ");
+        out.extend_from_slice(reply::JSON.as_bytes());
+        out.extend_from_slice(b"\r\nContent-Length: ");
+        out.extend_from_slice(body.len().to_string().as_bytes());
+        out.extend_from_slice(b"\r\n");
+        if close {
+            out.extend_from_slice(b"Connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(&body);
+        (status, Some(e.errcode()), false, write_all(stream, &out).await)
+    }
+}
+
+fn count_replay(account: &Account, path: &str, ok: bool) {
+    if ok { &account.replays_ok } else { &account.replays_failed }.inc();
+    if !ok {
+        tracing::warn!(account = %account.name, path, "token rejected again after a refresh; passing WeChat's answer through");
+    }
+}
+
+fn status_line(out: &mut Vec<u8>, status: u16) {
+    let reason = http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("");
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.to_string().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(reason.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The answer's headers for the app: not hop-by-hop, not its length (ours
+/// is written), and none that carries our token.
+fn copy_headers(out: &mut Vec<u8>, x: &crate::upstream::RawExchange<'_>, token: Option<&Lease>) {
+    for (name, value) in x.headers() {
+        let skip = name.eq_ignore_ascii_case(b"content-length")
+            || HOP_BY_HOP
+                .iter()
+                .any(|h| name.eq_ignore_ascii_case(h.as_bytes()));
+        if skip {
+            continue;
+        }
+        if token.is_some_and(|t| t.find_in(value).is_some()) {
+            tracing::warn!(header = %String::from_utf8_lossy(name), "an upstream answer header carried our token; removed");
+            continue;
+        }
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+async fn write_all(stream: &mut Stream, out: &[u8]) -> std::io::Result<()> {
+    stream.write_all(out).await?;
+    stream.flush().await
+}
+
+/// An answer over the buffered limit: its head, what was read, then the
+/// rest as it comes, within the answer deadline. The app's connection
+/// closes after it (the length is the upstream's, or the close ends it).
+async fn stream_rest(
+    stream: &mut Stream,
+    x: &mut crate::upstream::RawExchange<'_>,
+    first: Vec<u8>,
+    token: Option<&Lease>,
+    deadline: AnswerDeadline,
+) -> std::io::Result<()> {
+    let mut out = Vec::with_capacity(512);
+    status_line(&mut out, x.status);
+    copy_headers(&mut out, x, token);
+    if let Some(n) = x.declared_length() {
+        // What is left plus what was read: the whole declared length.
+        out.extend_from_slice(format!("Content-Length: {}\r\n", n + first.len()).as_bytes());
+    }
+    out.extend_from_slice(b"Connection: close\r\n\r\n");
+    x.release_head();
+    write_all(stream, &out).await?;
+    write_all(stream, &first).await?;
+    loop {
+        match tokio::time::timeout_at(deadline.at, x.chunk()).await {
+            Ok(Ok(Some(c))) => write_all(stream, &c).await?,
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "upstream failed mid-answer");
+                return Err(std::io::ErrorKind::BrokenPipe.into());
+            }
+            Err(_) => {
+                tracing::warn!(limit = ?deadline.limit, "answer cut at upstream.answer_timeout");
+                return Err(std::io::ErrorKind::TimedOut.into());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,454 @@
+//! Our own HTTP/1.1 exchange, for the request path's fast lane: the request
+//! goes out in one write from bytes the caller built (no header map, no
+//! URI), the answer head is parsed with `httparse` from one buffer, and the
+//! body is read by its framing (length, chunked, or until close).
+//!
+//! Same rules as the pingora-session exchange beside it: pooled connections
+//! first, one retry on a fresh connection when WeChat cannot have acted
+//! (nothing written, or an idempotent method), never after a timeout; the
+//! same counters; a few informational answers skipped; the connection goes
+//! back to the pool only when the answer was read whole and both sides
+//! allow it.
+
+use std::ops::Range;
+use std::time::Duration;
+
+use bytes::Bytes;
+use pingora::protocols::Stream;
+use pingora::upstreams::peer::{HttpPeer, Peer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::{Upstream, UpstreamError, DEFAULT_MAX_INFORMATIONAL};
+
+/// Answer heads are small; WeChat's are a few hundred bytes.
+const DEFAULT_HEAD_BUFFER: usize = 2048;
+/// The largest answer head accepted.
+const DEFAULT_MAX_HEAD: usize = 64 * 1024;
+/// Headers an answer head may carry.
+const DEFAULT_MAX_HEADERS: usize = 64;
+/// Read size for bodies.
+const DEFAULT_READ: usize = 16 * 1024;
+
+/// How an answer's body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// This many bytes are still to come.
+    Length(usize),
+    /// Chunked: in a chunk with this many bytes left (0: at a size line).
+    Chunked { left: usize, data_seen: bool },
+    /// Until the server closes.
+    Close,
+    Done,
+}
+
+/// A request sent and its answer head read; the body is still to come.
+pub struct RawExchange<'a> {
+    upstream: &'a Upstream,
+    stream: Stream,
+    reuse_hash: u64,
+    peer: HttpPeer,
+    pub status: u16,
+    /// The head, then whatever body bytes came with it (from `at`).
+    buf: Vec<u8>,
+    at: usize,
+    headers: Vec<(Range<usize>, Range<usize>)>,
+    framing: Framing,
+    keep_alive: bool,
+}
+
+/// A failure, and whether the request may have reached WeChat.
+struct Failed {
+    error: UpstreamError,
+    sent: bool,
+}
+
+fn io_err(up: &Upstream, peer: &HttpPeer, e: std::io::Error, what: &str) -> UpstreamError {
+    if e.kind() == std::io::ErrorKind::TimedOut {
+        UpstreamError::Timeout {
+            addr: peer.address().to_string(),
+            after: up.conf.read_timeout,
+        }
+    } else {
+        UpstreamError::Exchange {
+            addr: peer.address().to_string(),
+            reason: format!("{what}: {e}"),
+        }
+    }
+}
+
+fn bad(peer: &HttpPeer, reason: impl Into<String>) -> UpstreamError {
+    UpstreamError::Exchange {
+        addr: peer.address().to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// Reads once into `buf`'s spare room (growing it), within `limit`.
+async fn read_more(stream: &mut Stream, buf: &mut Vec<u8>, limit: Duration) -> std::io::Result<usize> {
+    if buf.capacity() - buf.len() < 512 {
+        buf.reserve(DEFAULT_READ);
+    }
+    match tokio::time::timeout(limit, stream.read_buf(buf)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    }
+}
+
+impl Upstream {
+    /// Sends `head` (request line and headers, without `Host` and the
+    /// blank line) and `body`; reads the answer head.
+    pub async fn call(
+        &self,
+        head: &[u8],
+        body: &[u8],
+        idempotent: bool,
+    ) -> Result<RawExchange<'_>, UpstreamError> {
+        let result = self.call_inner(head, body, idempotent).await;
+        if result.is_err() {
+            self.stats.failed.inc();
+        } else {
+            self.stats.ok.inc();
+        }
+        result
+    }
+
+    async fn call_inner(
+        &self,
+        head: &[u8],
+        body: &[u8],
+        idempotent: bool,
+    ) -> Result<RawExchange<'_>, UpstreamError> {
+        let mut wire = Vec::with_capacity(head.len() + self.host_header.len() + 10 + body.len());
+        wire.extend_from_slice(head);
+        wire.extend_from_slice(b"Host: ");
+        wire.extend_from_slice(self.host_header.as_bytes());
+        wire.extend_from_slice(b"\r\n\r\n");
+        wire.extend_from_slice(body);
+        let (r, _) = self.peers().inspect_err(|_| {
+            self.stats
+                .connect_failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        })?;
+        let pooled = {
+            let p = &r.peers[self.preferred.load(std::sync::atomic::Ordering::Relaxed) % r.peers.len()];
+            self.pool.take(p.reuse_hash()).map(|s| (s, p.clone()))
+        };
+        drop(r);
+        if let Some((stream, p)) = pooled {
+            self.stats.reused.inc();
+            match self.exchange_raw(stream, p, &wire).await {
+                Ok(x) => return Ok(x),
+                Err(Failed { error, .. }) if error.is_timeout() => return Err(error),
+                Err(Failed { error, sent: true }) if !idempotent => return Err(error),
+                Err(Failed { error, .. }) => {
+                    tracing::debug!(error = %error, "pooled connection failed; retrying on a new one")
+                }
+            }
+        }
+        let (stream, p) = self.connect().await?;
+        self.exchange_raw(stream, p, &wire)
+            .await
+            .map_err(|f| f.error)
+    }
+
+    async fn exchange_raw(
+        &self,
+        mut stream: Stream,
+        peer: HttpPeer,
+        wire: &[u8],
+    ) -> Result<RawExchange<'_>, Failed> {
+        let wait = self.conf.read_timeout;
+        let write = async {
+            stream.write_all(wire).await?;
+            stream.flush().await
+        };
+        match tokio::time::timeout(wait, write).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(Failed {
+                    error: io_err(self, &peer, e, "while writing the request"),
+                    sent: false,
+                })
+            }
+            Err(_) => {
+                return Err(Failed {
+                    error: io_err(self, &peer, std::io::ErrorKind::TimedOut.into(), ""),
+                    sent: false,
+                })
+            }
+        }
+        let sent = |error| Failed { error, sent: true };
+        let mut buf = Vec::with_capacity(DEFAULT_HEAD_BUFFER);
+        let mut informational = 0;
+        loop {
+            // Parse what is there; read more until the head is whole.
+            let parsed = loop {
+                if !buf.is_empty() {
+                    let mut hs = [httparse::EMPTY_HEADER; DEFAULT_MAX_HEADERS];
+                    let mut resp = httparse::Response::new(&mut hs);
+                    match resp.parse(&buf) {
+                        Ok(httparse::Status::Complete(len)) => {
+                            let base = buf.as_ptr() as usize;
+                            let at = |s: &[u8]| {
+                                let start = s.as_ptr() as usize - base;
+                                start..start + s.len()
+                            };
+                            let headers: Vec<_> = resp
+                                .headers
+                                .iter()
+                                .map(|h| (at(h.name.as_bytes()), at(h.value)))
+                                .collect();
+                            let version = resp.version.unwrap_or(1);
+                            break (resp.code.unwrap_or(0), version, len, headers);
+                        }
+                        Ok(httparse::Status::Partial) => {}
+                        Err(e) => return Err(sent(bad(&peer, format!("bad answer head: {e}")))),
+                    }
+                }
+                if buf.len() > DEFAULT_MAX_HEAD {
+                    return Err(sent(bad(&peer, "answer head too large")));
+                }
+                match read_more(&mut stream, &mut buf, wait).await {
+                    Ok(0) => return Err(sent(bad(&peer, "connection closed before an answer"))),
+                    Ok(_) => {}
+                    Err(e) => return Err(sent(io_err(self, &peer, e, "while reading the answer"))),
+                }
+            };
+            let (status, version, len, headers) = parsed;
+            if (100..200).contains(&status) && status != 101 {
+                informational += 1;
+                if informational > DEFAULT_MAX_INFORMATIONAL {
+                    return Err(sent(bad(
+                        &peer,
+                        format!("more than {DEFAULT_MAX_INFORMATIONAL} informational answers"),
+                    )));
+                }
+                buf.drain(..len);
+                continue;
+            }
+            let value = |name: &'static str| {
+                headers
+                    .iter()
+                    .filter(|(n, _)| buf[n.clone()].eq_ignore_ascii_case(name.as_bytes()))
+                    .map(|(_, v)| &buf[v.clone()])
+            };
+            let chunked = value("transfer-encoding").any(|v| {
+                v.split(|b| *b == b',')
+                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+            });
+            let mut lengths = value("content-length");
+            let length = lengths.next();
+            if lengths.next().is_some() && !chunked {
+                return Err(sent(bad(&peer, "answer with more than one Content-Length")));
+            }
+            let framing = if status == 204 || status == 304 {
+                Framing::Done
+            } else if chunked {
+                Framing::Chunked {
+                    left: 0,
+                    data_seen: false,
+                }
+            } else if let Some(l) = length {
+                let n = std::str::from_utf8(l)
+                    .ok()
+                    .and_then(|s| s.trim().parse::<usize>().ok())
+                    .ok_or_else(|| sent(bad(&peer, "answer Content-Length is not a number")))?;
+                Framing::Length(n)
+            } else {
+                Framing::Close
+            };
+            let close = value("connection").any(|v| {
+                v.split(|b| *b == b',')
+                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+            });
+            let keep_alive = !close && version == 1 && framing != Framing::Close;
+            let reuse_hash = peer.reuse_hash();
+            let mut x = RawExchange {
+                upstream: self,
+                stream,
+                reuse_hash,
+                peer,
+                status,
+                buf,
+                at: len,
+                headers,
+                framing,
+                keep_alive,
+            };
+            if let Framing::Length(0) = x.framing {
+                x.framing = Framing::Done;
+            }
+            return Ok(x);
+        }
+    }
+}
+
+impl RawExchange<'_> {
+    /// The answer's headers, as received.
+    pub fn headers(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.headers
+            .iter()
+            .map(|(n, v)| (&self.buf[n.clone()], &self.buf[v.clone()]))
+    }
+
+    /// Done with the head (it was written on): from now on the buffer
+    /// holds only body bytes in flight, so a streamed body stays small.
+    pub fn release_head(&mut self) {
+        self.headers.clear();
+    }
+
+    /// The declared length, when the answer has one.
+    pub fn declared_length(&self) -> Option<usize> {
+        match self.framing {
+            Framing::Length(n) => Some(n),
+            Framing::Done => Some(0),
+            _ => None,
+        }
+    }
+
+    fn err(&self, e: std::io::Error) -> UpstreamError {
+        io_err(self.upstream, &self.peer, e, "while reading the answer body")
+    }
+
+    /// Reads more into the buffer (after compacting what was consumed).
+    async fn fill(&mut self) -> Result<usize, UpstreamError> {
+        if self.headers.is_empty() && self.at > 0 && self.at == self.buf.len() {
+            self.buf.clear();
+            self.at = 0;
+        }
+        let wait = self.upstream.conf.read_timeout;
+        read_more(&mut self.stream, &mut self.buf, wait)
+            .await
+            .map_err(|e| self.err(e))
+    }
+
+    /// The next piece of the body; `None` at its end.
+    pub async fn chunk(&mut self) -> Result<Option<Bytes>, UpstreamError> {
+        loop {
+            let avail = self.buf.len() - self.at;
+            match self.framing {
+                Framing::Done => return Ok(None),
+                Framing::Length(left) => {
+                    if avail > 0 {
+                        let n = avail.min(left);
+                        let out = Bytes::copy_from_slice(&self.buf[self.at..self.at + n]);
+                        self.at += n;
+                        self.framing = if n == left {
+                            Framing::Done
+                        } else {
+                            Framing::Length(left - n)
+                        };
+                        return Ok(Some(out));
+                    }
+                    if self.fill().await? == 0 {
+                        return Err(bad(&self.peer, "answer ended before its Content-Length"));
+                    }
+                }
+                Framing::Close => {
+                    if avail > 0 {
+                        let out = Bytes::copy_from_slice(&self.buf[self.at..]);
+                        self.at = self.buf.len();
+                        return Ok(Some(out));
+                    }
+                    if self.fill().await? == 0 {
+                        self.framing = Framing::Done;
+                    }
+                }
+                Framing::Chunked { left, data_seen } if left > 0 => {
+                    if avail > 0 {
+                        let n = avail.min(left);
+                        let out = Bytes::copy_from_slice(&self.buf[self.at..self.at + n]);
+                        self.at += n;
+                        self.framing = Framing::Chunked {
+                            left: left - n,
+                            data_seen,
+                        };
+                        return Ok(Some(out));
+                    }
+                    if self.fill().await? == 0 {
+                        return Err(bad(&self.peer, "chunked answer cut short"));
+                    }
+                }
+                Framing::Chunked { data_seen, .. } => {
+                    // At a chunk boundary: the CRLF after the data, then a size line.
+                    let rest = &self.buf[self.at..];
+                    let rest = if data_seen {
+                        if rest.len() < 2 {
+                            if self.fill().await? == 0 {
+                                return Err(bad(&self.peer, "chunked answer cut short"));
+                            }
+                            continue;
+                        }
+                        if &rest[..2] != b"\r\n" {
+                            return Err(bad(&self.peer, "bad chunk ending"));
+                        }
+                        &rest[2..]
+                    } else {
+                        rest
+                    };
+                    let skip = if data_seen { 2 } else { 0 };
+                    match httparse::parse_chunk_size(rest) {
+                        Ok(httparse::Status::Complete((used, 0))) => {
+                            // The last chunk: trailers (ignored), then a blank line.
+                            let after = &rest[used..];
+                            if after.starts_with(b"\r\n") {
+                                self.at += skip + used + 2;
+                                self.framing = Framing::Done;
+                            } else if let Some(end) = memchr::memmem::find(after, b"\r\n\r\n") {
+                                self.at += skip + used + end + 4;
+                                self.framing = Framing::Done;
+                            } else if self.fill().await? == 0 {
+                                return Err(bad(&self.peer, "chunked answer cut short"));
+                            }
+                        }
+                        Ok(httparse::Status::Complete((used, size))) => {
+                            let size = usize::try_from(size)
+                                .map_err(|_| bad(&self.peer, "chunk too large"))?;
+                            self.at += skip + used;
+                            self.framing = Framing::Chunked {
+                                left: size,
+                                data_seen: true,
+                            };
+                        }
+                        Ok(httparse::Status::Partial) => {
+                            if self.fill().await? == 0 {
+                                return Err(bad(&self.peer, "chunked answer cut short"));
+                            }
+                        }
+                        Err(_) => return Err(bad(&self.peer, "bad chunk size")),
+                    }
+                }
+            }
+        }
+    }
+
+    /// The rest of the body in memory, up to `cap` bytes; `Ok(Err(partial))`
+    /// when it is larger, with what was read so far.
+    pub async fn read_to_end(&mut self, cap: usize) -> Result<Result<Bytes, Vec<u8>>, UpstreamError> {
+        // The usual case: a declared length, all of it already read.
+        if let Framing::Length(left) = self.framing {
+            if self.buf.len() - self.at == left && left <= cap {
+                let out = Bytes::copy_from_slice(&self.buf[self.at..]);
+                self.at = self.buf.len();
+                self.framing = Framing::Done;
+                return Ok(Ok(out));
+            }
+        }
+        let mut out = Vec::new();
+        while let Some(c) = self.chunk().await? {
+            out.extend_from_slice(&c);
+            if out.len() > cap {
+                return Ok(Err(out));
+            }
+        }
+        Ok(Ok(Bytes::from(out)))
+    }
+
+    /// Returns the connection to the pool when the answer was read whole,
+    /// nothing more came, and both sides allow keep-alive.
+    pub fn finish(self) {
+        if self.framing == Framing::Done && self.keep_alive && self.at == self.buf.len() {
+            self.upstream.pool.put(self.stream, self.reuse_hash);
+        }
+    }
+}
