@@ -246,7 +246,10 @@ async fn first_read(
 /// Puts bytes read from a plain socket back, for the next reader.
 fn put_back(stream: Stream, data: &[u8]) -> Stream {
     use pingora::protocols::l4::stream::Stream as L4Stream;
-    let mut l4: Box<L4Stream> = stream.into_any().downcast().expect("only plain sockets are read ahead");
+    let mut l4: Box<L4Stream> = stream
+        .into_any()
+        .downcast()
+        .expect("only plain sockets are read ahead");
     l4.rewind(data);
     l4
 }

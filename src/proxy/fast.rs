@@ -140,7 +140,8 @@ pub(crate) fn parse(data: &[u8], body_limit: usize) -> Option<Head<'_>> {
         let is = |n: &str| name.eq_ignore_ascii_case(n);
         if is("content-length") {
             let v = h.value;
-            if length.is_some() || v.is_empty() || v.len() > 10 || !v.iter().all(u8::is_ascii_digit) {
+            if length.is_some() || v.is_empty() || v.len() > 10 || !v.iter().all(u8::is_ascii_digit)
+            {
                 return None;
             }
             length = Some(std::str::from_utf8(v).ok()?.parse().ok()?);
@@ -358,31 +359,38 @@ impl FastLane {
         loop {
             let wire = Self::upstream_head(head, plan.token.as_deref());
             let deadline = AnswerDeadline::from_now(upstreams.answer_timeout());
-            let sent = tokio::time::timeout_at(
-                deadline.at,
-                upstreams.call(&wire, head.body, !head.post),
-            )
-            .await;
+            let sent =
+                tokio::time::timeout_at(deadline.at, upstreams.call(&wire, head.body, !head.post))
+                    .await;
             let mut x = match sent {
-                Err(_) => return self.error(stream, upstream_err(deadline.missed()), close).await,
+                Err(_) => {
+                    return self
+                        .error(stream, upstream_err(deadline.missed()), close)
+                        .await
+                }
                 Ok(Err(e)) => return self.error(stream, upstream_err(e), close).await,
                 Ok(Ok(x)) => x,
             };
             let read = tokio::time::timeout_at(deadline.at, x.read_to_end(limit)).await;
             let body = match read {
-                Err(_) => return self.error(stream, upstream_err(deadline.missed()), close).await,
+                Err(_) => {
+                    return self
+                        .error(stream, upstream_err(deadline.missed()), close)
+                        .await
+                }
                 Ok(Err(e)) => return self.error(stream, upstream_err(e), close).await,
                 Ok(Ok(Err(partial))) => {
                     // Over the buffered limit: stream it through.
                     let status = x.status;
-                    let written = stream_rest(stream, &mut x, partial, plan.token.as_deref(), deadline).await;
+                    let written =
+                        stream_rest(stream, &mut x, partial, plan.token.as_deref(), deadline).await;
                     return (status, None, true, written);
                 }
                 Ok(Ok(Ok(b))) => b,
             };
             let errcode = inspect::errcode(&body);
-            let rejected =
-                plan.token.is_some() && errcode.is_some_and(|c| inspect::INVALID_TOKEN.contains(&c));
+            let rejected = plan.token.is_some()
+                && errcode.is_some_and(|c| inspect::INVALID_TOKEN.contains(&c));
             if replaying {
                 count_replay(&plan.account, head.path, !rejected);
             } else if rejected {
@@ -395,7 +403,10 @@ impl FastLane {
                     .await;
                 if let Some(fresh) = fresh {
                     x.finish();
-                    tracing::debug!(path = head.path, "token rejected by WeChat; replaying with the refreshed token");
+                    tracing::debug!(
+                        path = head.path,
+                        "token rejected by WeChat; replaying with the refreshed token"
+                    );
                     plan.token = Some(fresh);
                     replaying = true;
                     continue;
@@ -446,12 +457,22 @@ impl FastLane {
         }
         out.extend_from_slice(b"\r\n");
         out.extend_from_slice(&body);
-        (status, Some(e.errcode()), false, write_all(stream, &out).await)
+        (
+            status,
+            Some(e.errcode()),
+            false,
+            write_all(stream, &out).await,
+        )
     }
 }
 
 fn count_replay(account: &Account, path: &str, ok: bool) {
-    if ok { &account.replays_ok } else { &account.replays_failed }.inc();
+    if ok {
+        &account.replays_ok
+    } else {
+        &account.replays_failed
+    }
+    .inc();
     if !ok {
         tracing::warn!(account = %account.name, path, "token rejected again after a refresh; passing WeChat's answer through");
     }

@@ -35,7 +35,10 @@ enum Framing {
     /// This many bytes are still to come.
     Length(usize),
     /// Chunked: in a chunk with this many bytes left (0: at a size line).
-    Chunked { left: usize, data_seen: bool },
+    Chunked {
+        left: usize,
+        data_seen: bool,
+    },
     /// Until the server closes.
     Close,
     Done,
@@ -84,7 +87,11 @@ fn bad(peer: &HttpPeer, reason: impl Into<String>) -> UpstreamError {
 }
 
 /// Reads once into `buf`'s spare room (growing it), within `limit`.
-async fn read_more(stream: &mut Stream, buf: &mut Vec<u8>, limit: Duration) -> std::io::Result<usize> {
+async fn read_more(
+    stream: &mut Stream,
+    buf: &mut Vec<u8>,
+    limit: Duration,
+) -> std::io::Result<usize> {
     if buf.capacity() - buf.len() < 512 {
         buf.reserve(DEFAULT_READ);
     }
@@ -130,7 +137,8 @@ impl Upstream {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         })?;
         let pooled = {
-            let p = &r.peers[self.preferred.load(std::sync::atomic::Ordering::Relaxed) % r.peers.len()];
+            let p =
+                &r.peers[self.preferred.load(std::sync::atomic::Ordering::Relaxed) % r.peers.len()];
             self.pool.take(p.reuse_hash()).map(|s| (s, p.clone()))
         };
         drop(r);
@@ -307,7 +315,12 @@ impl RawExchange<'_> {
     }
 
     fn err(&self, e: std::io::Error) -> UpstreamError {
-        io_err(self.upstream, &self.peer, e, "while reading the answer body")
+        io_err(
+            self.upstream,
+            &self.peer,
+            e,
+            "while reading the answer body",
+        )
     }
 
     /// Reads more into the buffer (after compacting what was consumed).
@@ -424,7 +437,10 @@ impl RawExchange<'_> {
 
     /// The rest of the body in memory, up to `cap` bytes; `Ok(Err(partial))`
     /// when it is larger, with what was read so far.
-    pub async fn read_to_end(&mut self, cap: usize) -> Result<Result<Bytes, Vec<u8>>, UpstreamError> {
+    pub async fn read_to_end(
+        &mut self,
+        cap: usize,
+    ) -> Result<Result<Bytes, Vec<u8>>, UpstreamError> {
         // The usual case: a declared length, all of it already read.
         if let Framing::Length(left) = self.framing {
             if self.buf.len() - self.at == left && left <= cap {

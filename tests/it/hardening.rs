@@ -272,3 +272,97 @@ async fn an_informational_flood_from_upstream_ends_in_502() {
     );
     assert!(!seen.contains(&200), "the flood never ends well: {seen:?}");
 }
+
+#[tokio::test]
+async fn the_fast_lane_serves_the_common_request_and_hands_off_the_rest() {
+    let up = RawUpstream::start();
+    let side = Sidecar::start_bare(&up.config("limits:\n  buffered_body: 4KiB\n")).await;
+    let lane = |r: &'static str| {
+        let side = &side;
+        async move {
+            side.metric(&format!("wxsidecar_fast_lane_total{{result=\"{r}\"}}"))
+                .await
+        }
+    };
+    let body = r#"{"touser":"o1","template_id":"T"}"#;
+    let post = |extra: &str| {
+        format!(
+            "POST /cgi-bin/message/template/send HTTP/1.1\r\nHost: app\r\nX-Wx-Account: raw\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    };
+    // Served by the lane: exactly what WeChat should get, one answer back.
+    let answer = exchange(side.port, &post("Connection: close\r\n"), QUIET);
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(
+        answer.contains("Content-Length: 27\r\n")
+            && answer.ends_with(r#"{"errcode":0,"errmsg":"ok"}"#),
+        "{answer}"
+    );
+    assert_eq!(lane("served").await, 1.0);
+    let sent = up.api_requests().pop().unwrap();
+    assert!(
+        sent.starts_with(&format!(
+            "POST /cgi-bin/message/template/send?access_token={RAW_TOKEN} HTTP/1.1\r\n"
+        )),
+        "{sent}"
+    );
+    assert!(
+        sent.contains(&format!("Host: 127.0.0.1:{}\r\n", up.port)),
+        "{sent}"
+    );
+    assert!(
+        !sent.to_ascii_lowercase().contains("x-wx-account"),
+        "{sent}"
+    );
+    assert!(!sent.to_ascii_lowercase().contains("connection:"), "{sent}");
+    assert_eq!(sent.matches("Content-Length").count(), 1, "{sent}");
+    assert!(sent.ends_with(body), "{sent}");
+
+    // A chunked answer (trailer and all) comes back with a length; a big
+    // one streams through and closes.
+    let answer = exchange(side.port, &get("/cgi-bin/chunked/x"), QUIET);
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(
+        answer.ends_with(r#"{"errcode":0,"errmsg":"ok","chunked":true}"#),
+        "{answer}"
+    );
+    assert!(
+        !answer.to_ascii_lowercase().contains("transfer-encoding"),
+        "{answer}"
+    );
+    let answer = exchange(side.port, &get("/cgi-bin/chunked/x?size=10000"), QUIET);
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(
+        answer.ends_with(&format!("{}\"}}", "x".repeat(100))),
+        "{}",
+        &answer[..300]
+    );
+    assert_eq!(lane("served").await, 3.0);
+
+    // Ambiguous framing and unusual requests go to the full path, which
+    // answers them as it always did.
+    let before = lane("handed_off").await;
+    let cases: [Vec<u8>; 5] = [
+        post("Transfer-Encoding: chunked\r\n"),
+        post(&format!("Content-Length: {}\r\n", body.len())),
+        post("X-A: 1\r\n folded\r\n"),
+        post("X-A: 1\n"),
+        get("/cgi-bin/%75ser/info"),
+    ];
+    for wire in &cases {
+        let _ = exchange(side.port, wire, Duration::from_millis(300));
+    }
+    assert_eq!(lane("handed_off").await - before, cases.len() as f64);
+    assert_eq!(lane("served").await, 3.0);
+
+    // Pipelined requests: each served in turn on one connection.
+    let mut wire = post("");
+    wire.extend_from_slice(&post(""));
+    wire.extend_from_slice(&get("/cgi-bin/user/info?openid=o1"));
+    let answer = exchange(side.port, &wire, QUIET);
+    assert_eq!(statuses(&answer), [200, 200, 200], "{answer}");
+    assert_eq!(lane("served").await, 6.0);
+    assert!(!answer.contains(RAW_TOKEN) && !side.log().contains(RAW_TOKEN));
+}

@@ -73,6 +73,8 @@ pub fn statuses(raw: &str) -> Vec<u16> {
 /// - `/echo…`: 200 with the request target in the body;
 /// - `/flood…`: 1,000 `100 Continue` answers, then 200;
 /// - `/slow…`: a 40-byte answer trickled a byte every 200 ms;
+/// - `/chunked…`: a chunked answer in 7-byte chunks with a trailer
+///   (`?size=N`: about N bytes);
 /// - anything else: `{"errcode":0,"errmsg":"ok"}`.
 pub struct RawUpstream {
     pub port: u16,
@@ -202,6 +204,30 @@ fn serve(mut s: TcpStream, seen: Arc<Mutex<Vec<String>>>) {
                 if s.write_all(b" ").is_err() {
                     return;
                 }
+            }
+            continue;
+        } else if path.contains("/chunked") {
+            // Chunked, in pieces, with an extension and a trailer; a
+            // `size=N` query makes the body N bytes.
+            let size: usize = query
+                .split('&')
+                .find_map(|p| p.strip_prefix("size="))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            let body = if size == 0 {
+                r#"{"errcode":0,"errmsg":"ok","chunked":true}"#.to_string()
+            } else {
+                format!(r#"{{"errcode":0,"pad":"{}"}}"#, "x".repeat(size))
+            };
+            let mut wire = b"HTTP/1.1 200 X\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+            for piece in body.as_bytes().chunks(7) {
+                wire.extend_from_slice(format!("{:x};ext=1\r\n", piece.len()).as_bytes());
+                wire.extend_from_slice(piece);
+                wire.extend_from_slice(b"\r\n");
+            }
+            wire.extend_from_slice(b"0\r\nX-Trailer: t\r\n\r\n");
+            if s.write_all(&wire).is_err() {
+                return;
             }
             continue;
         } else if path.contains("/flood") {
