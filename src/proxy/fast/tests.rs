@@ -55,10 +55,10 @@ fn leaves_everything_unusual_to_pingora() {
         ("chunked", post("Transfer-Encoding: chunked\r\n")),
         (
             "CL and TE",
-            format!("POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\nabc"),
+            "POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\nabc".to_string(),
         ),
         ("two lengths", post(&format!("Content-Length: {cl}\r\n"))),
-        ("length with sign", format!("POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: +3\r\n\r\nabc")),
+        ("length with sign", "POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: +3\r\n\r\nabc".to_string()),
         ("obs-fold", post("X-A: 1\r\n  folded\r\n")),
         ("bare LF", post("X-A: 1\n")),
         ("expect", post("Expect: 100-continue\r\n")),
