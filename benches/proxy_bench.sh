@@ -8,7 +8,10 @@
 # path (no proxy) as the ceiling; over TLS also wxsidecar with
 # `upstream.http2: true` (the upstream offers h2). wrk POSTs a template body at 1, 16, 64 and
 # 256 connections; contenders alternate (A B C D A B C D ...) and each cell is
-# the median of RUNS runs. Prints Markdown.
+# the median of RUNS runs. Each run is a block: every contender back to back,
+# so "vs nginx" is the median of per-block ratios against nginx with one
+# worker (nginx1; the box is noisy, only paired ratios mean anything). CPU is
+# split into user and kernel µs per request. Prints Markdown.
 #
 # Usage: benches/proxy_bench.sh   (env: DURATION=3 RUNS=3 CONNS="1 16 64 256" MODES="plain tls"
 #        BASELINE_BIN=path/to/older/wxsidecar adds it as contender "baseline", same config:
@@ -30,7 +33,7 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; sleep
 trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
-cpu_ticks() { local t=0; for p in "$@"; do [ -r /proc/$p/stat ] && t=$((t + $(awk '{print $14+$15}' /proc/$p/stat))); done; echo $t; }
+cpu_ticks() { local u=0 k=0; for p in "$@"; do [ -r /proc/$p/stat ] && read -r a b < <(awk '{print $14, $15}' /proc/$p/stat) && u=$((u + a)) && k=$((k + b)); done; echo "$u $k"; }
 children() { pgrep -P "$1" | tr '\n' ' '; }
 
 TOKEN=ACCESS_TOKEN_$(head -c 30 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | head -c 40)
@@ -44,7 +47,7 @@ printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n
 openssl x509 -req -in "$dir/leaf.csr" -CA "$dir/cert.pem" -CAkey "$dir/ca-key.pem" -CAcreateserial \
   -days 2 -extfile "$dir/leaf.ext" -out "$dir/leaf.pem" 2>/dev/null
 
-UP=$(free_port); UPT=$(free_port); NG=$(free_port); HA=$(free_port); SC=$(free_port); SCA=$(free_port)
+UP=$(free_port); UPT=$(free_port); NG=$(free_port); NG1=$(free_port); HA=$(free_port); SC=$(free_port); SCA=$(free_port)
 SC2=$(free_port); SCA2=$(free_port); SC3=$(free_port); SCA3=$(free_port)
 BASELINE_BIN=${BASELINE_BIN:-}
 
@@ -103,6 +106,11 @@ http {
 }
 EOF
   nginx -c "$dir/ng/nginx.conf" -g 'daemon off;' & NGPID=$!; pids+=($NGPID)
+  # The same with one worker: the per-request reference (one core's work).
+  mkdir -p "$dir/ng1"
+  sed -e 's/^worker_processes 2;/worker_processes 1;/' -e "s#$dir/ng/#$dir/ng1/#g" -e "s#$dir/ng;#$dir/ng1;#" \
+    -e "s/listen 127.0.0.1:$NG;/listen 127.0.0.1:$NG1;/" "$dir/ng/nginx.conf" > "$dir/ng1/nginx.conf"
+  nginx -c "$dir/ng1/nginx.conf" -g 'daemon off;' & NG1PID=$!; pids+=($NG1PID)
   [ "$1" = tls ] && ha_ssl="ssl verify required ca-file $dir/cert.pem sni str(localhost)"
   cat > "$dir/haproxy.cfg" <<EOF
 global
@@ -125,7 +133,7 @@ EOF
   cat > "$dir/sc.yaml" <<EOF
 listen: 127.0.0.1:$SC
 admin_listen: 127.0.0.1:$SCA
-threads: 2
+threads: ${SC_THREADS:-1}
 upstream:
   url: $scheme://localhost:$port
   ca_file: $dir/cert.pem
@@ -148,13 +156,13 @@ EOF
       -e 's/^  http2: false$/  http2: true/' "$dir/sc.yaml" > "$dir/sc2.yaml"
     RUST_LOG=warn "$BIN" run --config "$dir/sc2.yaml" 2>"$dir/sc2.log" & SC2PID=$!; pids+=($SC2PID)
   fi
-  wait_port "$NG"; wait_port "$HA"; wait_port "$SC"
+  wait_port "$NG"; wait_port "$NG1"; wait_port "$HA"; wait_port "$SC"
   for a in $SCA ${SC2PID:+$SCA2} ${SC3PID:+$SCA3}; do
     for i in $(seq 100); do curl -sf "http://127.0.0.1:$a/readyz" >/dev/null && break; sleep 0.1
       [ "$i" = 100 ] && { echo "wxsidecar never became ready:" >&2; cat "$dir"/sc*.log >&2; exit 1; }; done
   done
 }
-stop_contenders() { kill "$NGPID" "$HAPID" "$SCPID" $SC2PID $SC3PID 2>/dev/null || true; wait "$NGPID" "$HAPID" "$SCPID" $SC2PID $SC3PID 2>/dev/null || true; }
+stop_contenders() { kill "$NGPID" "$NG1PID" "$HAPID" "$SCPID" $SC2PID $SC3PID 2>/dev/null || true; wait "$NGPID" "$NG1PID" "$HAPID" "$SCPID" $SC2PID $SC3PID 2>/dev/null || true; }
 
 cat > "$dir/post.lua" <<'EOF'
 wrk.method = "POST"
@@ -174,7 +182,7 @@ for mode in $MODES; do
   rss_idle=$(awk '/VmRSS/ {print $2}' /proc/$SCPID/status)
   for run in $(seq "$RUNS"); do
     for c in $CONNS; do
-      contenders="direct wxsidecar nginx haproxy"; [ -n "$SC2PID" ] && contenders="$contenders wxsidecar-h2"
+      contenders="direct wxsidecar nginx1 nginx haproxy"; [ -n "$SC2PID" ] && contenders="$contenders wxsidecar-h2"
       [ -n "$SC3PID" ] && contenders="$contenders baseline"
       for who in $contenders; do
         case $who in
@@ -183,12 +191,13 @@ for mode in $MODES; do
           wxsidecar-h2) url="http://127.0.0.1:$SC2"; procs="$SC2PID" ;;
           baseline) url="http://127.0.0.1:$SC3"; procs="$SC3PID" ;;
           nginx) url="http://127.0.0.1:$NG"; procs="$(children $NGPID)" ;;
+          nginx1) url="http://127.0.0.1:$NG1"; procs="$(children $NG1PID)" ;;
           haproxy) url="http://127.0.0.1:$HA"; procs="$HAPID" ;;
         esac
-        before=$(cpu_ticks $procs)
+        read -r bu bk < <(cpu_ticks $procs)
         line=$(wrk -t1 -c"$c" -d"${DURATION}s" -s "$dir/post.lua" "$url/cgi-bin/message/template/send?foo=1" 2>/dev/null | grep '^RESULT' || echo "RESULT 0 1 0 0 0 1")
-        after=$(cpu_ticks $procs)
-        echo "$mode $who $c $run $line $((after - before))" >> "$results"
+        read -r au ak < <(cpu_ticks $procs)
+        echo "$mode $who $c $run $line $((au - bu)) $((ak - bk))" >> "$results"
       done
     done
   done
@@ -218,25 +227,30 @@ for line in open(path):
         continue
     mode, who, c, run = f[0], f[1], int(f[2]), int(f[3])
     reqs, secs, p50, p99, p999, errs = int(f[5]), float(f[6]), float(f[7]), float(f[8]), float(f[9]), int(f[10])
-    ticks = int(f[11])
-    cpu10k = (ticks / hz) / reqs * 10000 if reqs and who != "direct" else None
-    cells[(mode, who, c)].append((reqs / secs, p50, p99, p999, cpu10k, errs))
+    user, kern = int(f[11]), int(f[12])
+    cpu10k = ((user + kern) / hz) / reqs * 10000 if reqs and who != "direct" else None
+    us = (user / hz * 1e6 / reqs, kern / hz * 1e6 / reqs) if reqs and who != "direct" else None
+    cells[(mode, who, c)].append((reqs / secs, p50, p99, p999, cpu10k, errs, us, run))
 med = lambda xs: statistics.median(xs) if xs else None
 for mode in ["plain", "tls"]:
     if not any(k[0] == mode for k in cells):
         continue
     print(f"\n**Upstream over {'plain HTTP' if mode == 'plain' else 'TLS'}** (median of runs; wrk -t1, POST template body)\n")
-    print("| conns | contender | req/s | p50 ms | p99 ms | p99.9 ms | CPU s / 10k req | req/s vs nginx | errors |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| conns | contender | req/s | p50 ms | p99 ms | p99.9 ms | CPU s / 10k req | CPU µs/req user + kernel | vs nginx1 (median of block ratios) | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for c in sorted({k[2] for k in cells if k[0] == mode}):
-        ng = med([r[0] for r in cells[(mode, "nginx", c)]])
-        for who in ["direct", "wxsidecar", "baseline", "wxsidecar-h2", "nginx", "haproxy"]:
+        ref = {r[7]: r[0] for r in cells[(mode, "nginx1", c)]}
+        for who in ["direct", "wxsidecar", "baseline", "wxsidecar-h2", "nginx1", "nginx", "haproxy"]:
             rs = cells.get((mode, who, c), [])
             if not rs:
                 continue
             rps = med([r[0] for r in rs]); cpu = [r[4] for r in rs if r[4] is not None]
+            split = [r[6] for r in rs if r[6] is not None]
+            ratios = [r[0] / ref[r[7]] for r in rs if ref.get(r[7])]
+            shown = f"{med([u for u, _ in split]):.1f} + {med([k for _, k in split]):.1f}" if split else "—"
             print(f"| {c} | {who} | {rps:,.0f} | {med([r[1] for r in rs]):.2f} | {med([r[2] for r in rs]):.2f} | "
-                  f"{med([r[3] for r in rs]):.2f} | {('%.2f' % med(cpu)) if cpu else '—'} | {rps / ng:.2f}× | {sum(r[5] for r in rs)} |")
+                  f"{med([r[3] for r in rs]):.2f} | {('%.2f' % med(cpu)) if cpu else '—'} | {shown} | "
+                  f"{('%.2f×' % med(ratios)) if ratios else '—'} | {sum(r[5] for r in rs)} |")
     if mode in meta:
         idle, load, reuse = meta[mode]
         print(f"\nwxsidecar: RSS {idle/1024:.1f} MiB idle, {load/1024:.1f} MiB after the runs; upstream connection reuse ratio {reuse:.4f}")

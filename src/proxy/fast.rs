@@ -419,9 +419,12 @@ impl FastLane {
             status_line(&mut out, status);
             copy_headers(&mut out, &x, plan.token.as_deref());
             x.finish();
-            out.extend_from_slice(b"Content-Length: ");
-            out.extend_from_slice(body.len().to_string().as_bytes());
-            out.extend_from_slice(b"\r\n");
+            // No length on an answer that cannot have a body (RFC 9110 §8.6).
+            if !(status == 204 || status == 304 || (100..200).contains(&status)) {
+                out.extend_from_slice(b"Content-Length: ");
+                out.extend_from_slice(body.len().to_string().as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
             if close {
                 out.extend_from_slice(b"Connection: close\r\n");
             }
