@@ -2,14 +2,15 @@
 //! JSON API path, whole in the first read — answered without building
 //! pingora's HTTP session, header maps or URIs: the head is parsed with
 //! `httparse` where it lies, the upstream request written as bytes, the
-//! answer read by our own HTTP/1.1 exchange and written back in one write.
+//! answer read by our own HTTP/1.1 exchange (over an HTTP/2 upstream, a
+//! stream of pingora's shared connection) and written back in one write.
 //!
 //! The lane is a strict subset of what the request path serves, and it
 //! decides before touching anything: whatever it does not take (another
 //! route, a body still to come, anything ambiguous in the framing — a
 //! `Transfer-Encoding`, two lengths, a bare LF, `Expect`, an escaped path,
 //! a secret in the query, callers to admit, an account or token not at
-//! hand, an upstream on HTTP/2) goes to pingora's path unchanged, which
+//! hand) goes to pingora's path unchanged, which
 //! answers it as before. What it takes behaves as that path does: the
 //! token injected or replaced by the same rules, one replay after a token
 //! error, the answer scrubbed of our token, the same errors, counters and
@@ -17,6 +18,7 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use pingora::protocols::Stream;
 use tokio::io::AsyncWriteExt;
 
@@ -287,9 +289,6 @@ impl FastLane {
             .accounts
             .pick_for(head.account, presented.as_deref(), None)
             .ok()?;
-        if !app.upstream_for(account.kind.family()).speaks_h1() {
-            return None;
-        }
         let token = if replaces(app, account, presented.as_deref()) {
             Some(account.tokens.valid()?)
         } else {
@@ -304,10 +303,8 @@ impl FastLane {
         ))
     }
 
-    /// The request line and headers for WeChat, with `token` in the query.
-    fn upstream_head(head: &Head<'_>, token: Option<&Lease>) -> Vec<u8> {
-        let mut out = Vec::with_capacity(256 + head.forward.len() * 32);
-        out.extend_from_slice(if head.post { b"POST " } else { b"GET " });
+    /// The path and query for WeChat, with `token` in the query.
+    fn target(out: &mut Vec<u8>, head: &Head<'_>, token: Option<&Lease>) {
         out.extend_from_slice(head.path.as_bytes());
         match (token, head.query) {
             (Some(t), q) => {
@@ -320,6 +317,33 @@ impl FastLane {
             }
             (None, None) => {}
         }
+    }
+
+    /// The same request for an HTTP/2 upstream: pingora's h2 client takes
+    /// a request header.
+    fn upstream_header(
+        head: &Head<'_>,
+        token: Option<&Lease>,
+    ) -> pingora::Result<pingora::http::RequestHeader> {
+        let mut target = Vec::with_capacity(256);
+        Self::target(&mut target, head, token);
+        let method = if head.post { "POST" } else { "GET" };
+        let mut req =
+            pingora::http::RequestHeader::build(method, &target, Some(head.forward.len() + 1))?;
+        for (name, value) in &head.forward {
+            req.append_header(name.to_string(), *value)?;
+        }
+        if head.post || !head.body.is_empty() {
+            req.insert_header(http::header::CONTENT_LENGTH, head.body.len())?;
+        }
+        Ok(req)
+    }
+
+    /// The request line and headers for WeChat, with `token` in the query.
+    fn upstream_head(head: &Head<'_>, token: Option<&Lease>) -> Vec<u8> {
+        let mut out = Vec::with_capacity(256 + head.forward.len() * 32);
+        out.extend_from_slice(if head.post { b"POST " } else { b"GET " });
+        Self::target(&mut out, head, token);
         out.extend_from_slice(b" HTTP/1.1\r\n");
         for (name, value) in &head.forward {
             out.extend_from_slice(name.as_bytes());
@@ -357,11 +381,25 @@ impl FastLane {
         };
         let mut replaying = false;
         loop {
-            let wire = Self::upstream_head(head, plan.token.as_deref());
             let deadline = AnswerDeadline::from_now(upstreams.answer_timeout());
-            let sent =
-                tokio::time::timeout_at(deadline.at, upstreams.call(&wire, head.body, !head.post))
-                    .await;
+            let sent = async {
+                if upstreams.speaks_h1() {
+                    let wire = Self::upstream_head(head, plan.token.as_deref());
+                    upstreams
+                        .call(&wire, head.body, !head.post)
+                        .await
+                        .map(Reply::H1)
+                } else {
+                    let req = Self::upstream_header(head, plan.token.as_deref()).map_err(|e| {
+                        UpstreamError::Exchange {
+                            addr: "the upstream".into(),
+                            reason: format!("request not valid for HTTP/2: {e}"),
+                        }
+                    })?;
+                    upstreams.send(&req, head.body).await.map(Reply::H2)
+                }
+            };
+            let sent = tokio::time::timeout_at(deadline.at, sent).await;
             let mut x = match sent {
                 Err(_) => {
                     return self
@@ -381,7 +419,7 @@ impl FastLane {
                 Ok(Err(e)) => return self.error(stream, upstream_err(e), close).await,
                 Ok(Ok(Err(partial))) => {
                     // Over the buffered limit: stream it through.
-                    let status = x.status;
+                    let status = x.status();
                     let written =
                         stream_rest(stream, &mut x, partial, plan.token.as_deref(), deadline).await;
                     return (status, None, true, written);
@@ -402,7 +440,7 @@ impl FastLane {
                     .wait_replacement(&bad.value, app.upstream.read_timeout())
                     .await;
                 if let Some(fresh) = fresh {
-                    x.finish();
+                    x.finish().await;
                     tracing::debug!(
                         path = head.path,
                         "token rejected by WeChat; replaying with the refreshed token"
@@ -413,12 +451,12 @@ impl FastLane {
                 }
                 count_replay(&plan.account, head.path, false);
             }
-            let status = x.status;
+            let status = x.status();
             let body = scrub_body(body, plan.token.as_deref());
             let mut out = Vec::with_capacity(256 + body.len());
             status_line(&mut out, status);
             copy_headers(&mut out, &x, plan.token.as_deref());
-            x.finish();
+            x.finish().await;
             // No length on an answer that cannot have a body (RFC 9110 §8.6).
             if !(status == 204 || status == 304 || (100..200).contains(&status)) {
                 out.extend_from_slice(b"Content-Length: ");
@@ -495,23 +533,88 @@ fn status_line(out: &mut Vec<u8>, status: u16) {
 
 /// The answer's headers for the app: not hop-by-hop, not its length (ours
 /// is written), and none that carries our token.
-fn copy_headers(out: &mut Vec<u8>, x: &crate::upstream::RawExchange<'_>, token: Option<&Lease>) {
-    for (name, value) in x.headers() {
+fn copy_headers(out: &mut Vec<u8>, x: &Reply<'_>, token: Option<&Lease>) {
+    x.for_each_header(|name, value| {
         let skip = name.eq_ignore_ascii_case(b"content-length")
             || HOP_BY_HOP
                 .iter()
                 .any(|h| name.eq_ignore_ascii_case(h.as_bytes()));
         if skip {
-            continue;
+            return;
         }
         if token.is_some_and(|t| t.find_in(value).is_some()) {
             tracing::warn!(header = %String::from_utf8_lossy(name), "an upstream answer header carried our token; removed");
-            continue;
+            return;
         }
         out.extend_from_slice(name);
         out.extend_from_slice(b": ");
         out.extend_from_slice(value);
         out.extend_from_slice(b"\r\n");
+    });
+}
+
+/// An answer from either kind of upstream connection.
+// Lives once per request inside the lane's future; boxing either variant
+// would add an allocation to every request for no saving.
+#[allow(clippy::large_enum_variant)]
+enum Reply<'a> {
+    /// Our own HTTP/1.1 exchange.
+    H1(crate::upstream::RawExchange<'a>),
+    /// pingora's: a stream of a shared HTTP/2 connection.
+    H2(crate::upstream::Exchange<'a>),
+}
+
+impl Reply<'_> {
+    fn status(&self) -> u16 {
+        match self {
+            Reply::H1(x) => x.status,
+            Reply::H2(x) => x.header().status.as_u16(),
+        }
+    }
+
+    fn for_each_header(&self, mut f: impl FnMut(&[u8], &[u8])) {
+        match self {
+            Reply::H1(x) => x.headers().for_each(|(n, v)| f(n, v)),
+            Reply::H2(x) => x
+                .header()
+                .headers
+                .iter()
+                .for_each(|(n, v)| f(n.as_str().as_bytes(), v.as_bytes())),
+        }
+    }
+
+    fn declared_length(&self) -> Option<usize> {
+        match self {
+            Reply::H1(x) => x.declared_length(),
+            Reply::H2(_) => None,
+        }
+    }
+
+    fn release_head(&mut self) {
+        if let Reply::H1(x) = self {
+            x.release_head();
+        }
+    }
+
+    async fn read_to_end(&mut self, cap: usize) -> Result<Result<Bytes, Vec<u8>>, UpstreamError> {
+        match self {
+            Reply::H1(x) => x.read_to_end(cap).await,
+            Reply::H2(x) => Ok(x.read_to_end(cap).await?.map_err(|p| p.to_vec())),
+        }
+    }
+
+    async fn chunk(&mut self) -> Result<Option<Bytes>, UpstreamError> {
+        match self {
+            Reply::H1(x) => x.chunk().await,
+            Reply::H2(x) => x.chunk().await,
+        }
+    }
+
+    async fn finish(self) {
+        match self {
+            Reply::H1(x) => x.finish(),
+            Reply::H2(x) => x.finish().await,
+        }
     }
 }
 
@@ -525,13 +628,13 @@ async fn write_all(stream: &mut Stream, out: &[u8]) -> std::io::Result<()> {
 /// closes after it (the length is the upstream's, or the close ends it).
 async fn stream_rest(
     stream: &mut Stream,
-    x: &mut crate::upstream::RawExchange<'_>,
+    x: &mut Reply<'_>,
     first: Vec<u8>,
     token: Option<&Lease>,
     deadline: AnswerDeadline,
 ) -> std::io::Result<()> {
     let mut out = Vec::with_capacity(512);
-    status_line(&mut out, x.status);
+    status_line(&mut out, x.status());
     copy_headers(&mut out, x, token);
     if let Some(n) = x.declared_length() {
         // What is left plus what was read: the whole declared length.

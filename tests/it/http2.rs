@@ -56,6 +56,11 @@ async fn requests_share_one_h2_connection() {
     let (status, v) = side.send("/cgi-bin/message/template/send", TEMPLATE).await;
     assert_eq!((status, &v["errcode"]), (200, &Value::from(0)), "{v}");
     assert_eq!(fake.fetches(SHOP_APPID).await, 2);
+    // All of it went through the fast lane, over HTTP/2 upstream.
+    let served = side
+        .metric(r#"wxsidecar_fast_lane_total{result="served"}"#)
+        .await;
+    assert_eq!(served, 31.0);
 }
 
 #[tokio::test]
