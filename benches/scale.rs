@@ -5,7 +5,8 @@
 //! 2. Cost per request and RSS with 1, 100 and 10,000 configured accounts
 //!    (requests spread over the accounts by `X-Wx-Account`).
 //!
-//! `cargo bench --bench scale` (env: DURATION=5, CLIENTS=16, ACCOUNTS="1,100,10000").
+//! `cargo bench --bench scale` (env: DURATION=5, CLIENTS=16, ACCOUNTS="1,100,10000",
+//! PARTS="refresh,accounts", SIDECAR_BIN=an older wxsidecar to compare).
 //! Loopback only (plain HTTP fake: the point is the sidecar's own cost).
 
 mod common;
@@ -107,8 +108,10 @@ async fn main() {
         .filter_map(|n| n.parse().ok())
         .collect();
 
+    let parts: String = env_or("PARTS", "refresh,accounts".to_string());
+
     // 1. Refresh under load.
-    {
+    if parts.contains("refresh") {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("apps"), "wxs0000000000000:s0\n").unwrap();
         let apps = dir.path().join("apps");
@@ -185,6 +188,9 @@ async fn main() {
     }
 
     // 2. Many accounts.
+    if !parts.contains("accounts") {
+        return;
+    }
     println!("**Configured accounts** ({clients} clients, {secs} s, requests spread over every account by X-Wx-Account)\n");
     println!("| accounts | req/s | p99 ms | CPU µs / request | RSS idle MiB | RSS after MiB | start-up s |");
     println!("|---|---|---|---|---|---|---|");

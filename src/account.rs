@@ -32,8 +32,7 @@ pub struct Account {
     /// answer was good / was a token error again. The metric series
     /// (`wxsidecar_token_replays_total{account,result}`), read by `/status`
     /// too.
-    pub replays_ok: prometheus::IntCounter,
-    pub replays_failed: prometheus::IntCounter,
+    pub replays: crate::metrics::ReplayCounters,
     /// Its requests, by route and outcome.
     pub requests: crate::metrics::RequestCounters,
 }
@@ -51,12 +50,11 @@ impl Account {
             tokens: Arc::new(LeaseCell::new(
                 index,
                 position,
-                crate::metrics::FetchCounters::token(&c.name),
+                crate::metrics::FetchCounters::default(),
             )),
             tickets: Default::default(),
-            replays_ok: crate::metrics::TOKEN_REPLAYS.with_label_values(&[&c.name, "ok"]),
-            replays_failed: crate::metrics::TOKEN_REPLAYS.with_label_values(&[&c.name, "failed"]),
-            requests: crate::metrics::RequestCounters::new(&c.name),
+            replays: Default::default(),
+            requests: Default::default(),
         }
     }
 }

@@ -25,8 +25,10 @@ pub struct App {
     pub intercept: Option<crate::intercept::Intercept>,
     /// Requests in flight; draining after SIGTERM/SIGQUIT.
     pub drain: Arc<crate::lifecycle::Drain>,
-    /// Background work: refreshers, upstream upkeep, the store watcher.
+    /// Background work: the lease scheduler, upstream upkeep, the store watcher.
     pub tasks: crate::lifecycle::Tasks,
+    /// Every token's and ticket's refresher, driven by one task.
+    pub refreshers: crate::lease::schedule::Scheduler,
     pub started: Instant,
     /// Set once the app listener is about to accept.
     listening: AtomicBool,
@@ -46,6 +48,9 @@ impl App {
             clients: crate::clients::Clients::new(config.clients.clone()),
             drain: Arc::default(),
             tasks: Default::default(),
+            refreshers: crate::lease::schedule::Scheduler::new(
+                crate::lease::schedule::DEFAULT_FETCHES_IN_FLIGHT,
+            ),
             accounts: Accounts::new(&config.accounts),
             config,
             upstream,

@@ -6,20 +6,11 @@
 //! ids, never a token.
 
 use prometheus::{
-    register_gauge_vec, register_histogram_vec, register_int_counter_vec, register_int_gauge_vec,
-    Encoder, GaugeVec, Histogram, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec,
-    TextEncoder,
+    register_histogram_vec, register_int_counter_vec, register_int_gauge_vec, Encoder, Histogram,
+    HistogramVec, IntCounterVec, IntGaugeVec, TextEncoder,
 };
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{LazyLock, OnceLock};
-
-pub static REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    register_int_counter_vec!(
-        "wxsidecar_requests_total",
-        "Requests from apps, by account, route (token, ticket, jssdk, api, stream, untouched) and outcome.",
-        &["account", "route", "outcome"]
-    )
-    .expect("metric registers once")
-});
 
 pub static REQUEST_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
     register_histogram_vec!(
@@ -58,60 +49,6 @@ pub static FAST_LANE: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
-pub static TOKEN_FETCHES: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    register_int_counter_vec!(
-        "wxsidecar_token_fetches_total",
-        "Token fetches from WeChat, by account and result (ok, wechat_error, transport_error, budget_spent).",
-        &["account", "result"]
-    )
-    .expect("metric registers once")
-});
-
-pub static TOKEN_REPLAYS: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    register_int_counter_vec!(
-        "wxsidecar_token_replays_total",
-        "Requests sent again after WeChat rejected the token, by account and result (ok, failed).",
-        &["account", "result"]
-    )
-    .expect("metric registers once")
-});
-
-pub static TOKEN_EXPIRY: LazyLock<GaugeVec> = LazyLock::new(|| {
-    register_gauge_vec!(
-        "wxsidecar_token_expiry_seconds",
-        "Seconds the account's current token has left (0: none valid).",
-        &["account"]
-    )
-    .expect("metric registers once")
-});
-
-pub static TICKET_FETCHES: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    register_int_counter_vec!(
-        "wxsidecar_ticket_fetches_total",
-        "Ticket fetches from WeChat, by account, type (jsapi, wx_card, agent_config) and result.",
-        &["account", "type", "result"]
-    )
-    .expect("metric registers once")
-});
-
-pub static TICKET_EXPIRY: LazyLock<GaugeVec> = LazyLock::new(|| {
-    register_gauge_vec!(
-        "wxsidecar_ticket_expiry_seconds",
-        "Seconds the account's current ticket of a type has left (0: none valid).",
-        &["account", "type"]
-    )
-    .expect("metric registers once")
-});
-
-pub static TICKET_AGE: LazyLock<GaugeVec> = LazyLock::new(|| {
-    register_gauge_vec!(
-        "wxsidecar_ticket_age_seconds",
-        "Seconds since the account's current ticket of a type was fetched.",
-        &["account", "type"]
-    )
-    .expect("metric registers once")
-});
-
 pub static CONNECTIONS_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "wxsidecar_connections_refused_total",
@@ -144,16 +81,9 @@ pub fn init() {
     BUILD_INFO
         .with_label_values(&[env!("CARGO_PKG_VERSION")])
         .set(1);
-    LazyLock::force(&REQUESTS);
     LazyLock::force(&REQUEST_DURATION);
     LazyLock::force(&UPSTREAM_REQUESTS);
     LazyLock::force(&UPSTREAM_CONNECTIONS);
-    LazyLock::force(&TOKEN_FETCHES);
-    LazyLock::force(&TOKEN_REPLAYS);
-    LazyLock::force(&TOKEN_EXPIRY);
-    LazyLock::force(&TICKET_FETCHES);
-    LazyLock::force(&TICKET_EXPIRY);
-    LazyLock::force(&TICKET_AGE);
     LazyLock::force(&CONNECTIONS_REFUSED);
     LazyLock::force(&CONNECTIONS_OPEN);
 }
@@ -194,38 +124,84 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    const ALL: [Outcome; 4] = [
+        Outcome::Ok,
+        Outcome::WeChatError,
+        Outcome::Refused,
+        Outcome::Error,
+    ];
+
     pub fn as_str(self) -> &'static str {
         ["ok", "wechat_error", "refused", "error"][self as usize]
     }
 }
 
-/// One account's `wxsidecar_requests_total` series, each resolved the
-/// first time it is counted: no label lookup per request, and an account
-/// that never sees a route holds no series for it.
-pub struct RequestCounters {
-    account: Box<str>,
-    series: [OnceLock<IntCounter>; 24],
+/// `N` counters of one owner (an account, a lease), allocated the first
+/// time one counts: an owner that never counts holds one empty pointer.
+/// Plain atomics, not registered series: a series costs ~500 bytes, and
+/// with thousands of accounts that is most of an account's memory. The
+/// admin listener writes them out at each scrape ([`TextFamily`]).
+pub struct Counts<const N: usize>(OnceLock<Box<[AtomicU64; N]>>);
+
+impl<const N: usize> Default for Counts<N> {
+    fn default() -> Self {
+        Counts(OnceLock::new())
+    }
 }
 
-impl RequestCounters {
-    pub fn new(account: &str) -> Self {
-        RequestCounters {
-            account: account.into(),
-            series: Default::default(),
-        }
+impl<const N: usize> Counts<N> {
+    pub fn inc(&self, i: usize) {
+        self.0
+            .get_or_init(|| Box::new(std::array::from_fn(|_| AtomicU64::new(0))))[i]
+            .fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The count so far.
+    pub fn get(&self, i: usize) -> u64 {
+        self.0.get().map_or(0, |c| c[i].load(Ordering::Relaxed))
+    }
+}
+
+/// One account's requests by route and outcome
+/// (`wxsidecar_requests_total{account,outcome,route}`).
+#[derive(Default)]
+pub struct RequestCounters(Counts<24>);
+
+impl RequestCounters {
     pub fn inc(&self, route: Served, outcome: Outcome) {
-        self.series[route as usize * 4 + outcome as usize]
-            .get_or_init(|| {
-                REQUESTS.with_label_values(&[&self.account, route.as_str(), outcome.as_str()])
-            })
-            .inc();
+        self.0.inc(route as usize * 4 + outcome as usize);
+    }
+
+    /// Every (route, outcome) counted so far, with its count.
+    pub fn counted(&self) -> impl Iterator<Item = (Served, Outcome, u64)> + '_ {
+        Served::ALL.into_iter().flat_map(move |r| {
+            Outcome::ALL
+                .into_iter()
+                .map(move |o| (r, o, self.0.get(r as usize * 4 + o as usize)))
+                .filter(|(_, _, n)| *n > 0)
+        })
+    }
+}
+
+/// One account's replays after a token rejection, by result
+/// (`wxsidecar_token_replays_total{account,result}`).
+#[derive(Default)]
+pub struct ReplayCounters(Counts<2>);
+
+impl ReplayCounters {
+    /// Counts a replay that worked (`ok`) or did not.
+    pub fn inc(&self, ok: bool) {
+        self.0.inc(usize::from(!ok));
+    }
+
+    /// Replays so far that worked (`ok`) or did not.
+    pub fn get(&self, ok: bool) -> u64 {
+        self.0.get(usize::from(!ok))
     }
 }
 
 /// Requests that named no account (`account="-"`).
-pub static NO_ACCOUNT: LazyLock<RequestCounters> = LazyLock::new(|| RequestCounters::new("-"));
+pub static NO_ACCOUNT: LazyLock<RequestCounters> = LazyLock::new(RequestCounters::default);
 
 /// `wxsidecar_request_duration_seconds` per route, resolved once.
 static DURATIONS: LazyLock<[Histogram; 6]> =
@@ -239,25 +215,62 @@ pub fn observe_duration(route: Served, seconds: f64) {
 /// The fetch outcomes every token and ticket is counted by.
 pub const FETCH_RESULTS: [&str; 4] = ["ok", "wechat_error", "transport_error", "budget_spent"];
 
-/// One token's or ticket's fetch counters, resolved once (a lease cell
-/// holds them): the one count `/metrics` and `/status` both read.
-#[derive(Clone)]
-pub struct FetchCounters(pub [IntCounter; 4]);
+/// One token's or ticket's fetch outcomes, indexed like [`FETCH_RESULTS`]
+/// (a lease cell holds them): the one count `/metrics` and `/status` both
+/// read.
+#[derive(Default)]
+pub struct FetchCounters(Counts<4>);
 
 impl FetchCounters {
-    /// `wxsidecar_token_fetches_total{account,result}`.
-    pub fn token(account: &str) -> Self {
-        FetchCounters(FETCH_RESULTS.map(|r| TOKEN_FETCHES.with_label_values(&[account, r])))
+    /// Counts one fetch ending as `FETCH_RESULTS[i]`.
+    pub fn inc(&self, i: usize) {
+        self.0.inc(i);
     }
 
-    /// `wxsidecar_ticket_fetches_total{account,type,result}`.
-    pub fn ticket(account: &str, kind: &str) -> Self {
-        FetchCounters(FETCH_RESULTS.map(|r| TICKET_FETCHES.with_label_values(&[account, kind, r])))
+    /// Fetches so far that ended as `FETCH_RESULTS[i]`.
+    pub fn get(&self, i: usize) -> u64 {
+        self.0.get(i)
+    }
+}
+
+/// One metric family written in Prometheus' text format from counts kept
+/// outside the registry. Label names must come sorted, as the registry
+/// writes them.
+pub struct TextFamily<'a> {
+    out: &'a mut Vec<u8>,
+    name: &'static str,
+}
+
+impl<'a> TextFamily<'a> {
+    /// Starts the family: its `HELP` and `TYPE` lines.
+    pub fn new(out: &'a mut Vec<u8>, name: &'static str, help: &str, kind: &str) -> Self {
+        use std::io::Write;
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        TextFamily { out, name }
     }
 
-    /// Counters registered nowhere: for cells in tests and benches.
-    pub fn detached() -> Self {
-        FetchCounters(FETCH_RESULTS.map(|r| IntCounter::new(r, r).expect("a valid name")))
+    /// One series.
+    pub fn series(&mut self, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+        use std::io::Write;
+        self.out.extend_from_slice(self.name.as_bytes());
+        for (i, (k, v)) in labels.iter().enumerate() {
+            self.out.push(if i == 0 { b'{' } else { b',' });
+            self.out.extend_from_slice(k.as_bytes());
+            self.out.extend_from_slice(b"=\"");
+            for c in v.bytes() {
+                match c {
+                    b'\\' => self.out.extend_from_slice(b"\\\\"),
+                    b'"' => self.out.extend_from_slice(b"\\\""),
+                    b'\n' => self.out.extend_from_slice(b"\\n"),
+                    c => self.out.push(c),
+                }
+            }
+            self.out.push(b'"');
+        }
+        if !labels.is_empty() {
+            self.out.push(b'}');
+        }
+        let _ = writeln!(self.out, " {value}");
     }
 }
 
@@ -266,4 +279,40 @@ pub fn render() -> Vec<u8> {
     let mut out = Vec::new();
     let _ = TextEncoder::new().encode(&prometheus::gather(), &mut out);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_written_by_hand_match_the_registry_format() {
+        let mut out = Vec::new();
+        let mut f = TextFamily::new(&mut out, "x_total", "Things.", "counter");
+        f.series(&[("account", "shop"), ("result", "ok")], 3u64);
+        f.series(&[("account", "a\"b\\c\nd")], 0.5f64);
+        f.series(&[], 1u64);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "# HELP x_total Things.\n# TYPE x_total counter\n\
+             x_total{account=\"shop\",result=\"ok\"} 3\n\
+             x_total{account=\"a\\\"b\\\\c\\nd\"} 0.5\n\
+             x_total 1\n"
+        );
+    }
+
+    #[test]
+    fn counts_take_no_memory_until_they_count() {
+        let c = RequestCounters::default();
+        assert!(c.0 .0.get().is_none());
+        assert_eq!(c.counted().count(), 0);
+        c.inc(Served::Token, Outcome::Refused);
+        c.inc(Served::Token, Outcome::Refused);
+        c.inc(Served::Api, Outcome::Ok);
+        let got: Vec<_> = c
+            .counted()
+            .map(|(r, o, n)| (r.as_str(), o.as_str(), n))
+            .collect();
+        assert_eq!(got, [("api", "ok", 1), ("token", "refused", 2)]);
+    }
 }

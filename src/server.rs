@@ -305,7 +305,7 @@ async fn watch_store(app: Arc<App>, store: Arc<RedisStore>) {
         for account in app.accounts.iter() {
             for (subject, cell) in Subject::in_use(account) {
                 let (api, id) = subject.store_id(account);
-                restore(&app, &store, &account.name, &api, &id, cell).await;
+                restore(&app, &store, &account.name, api, &id, cell).await;
             }
         }
     }
@@ -392,6 +392,9 @@ impl<S> Gated<S> {
         let app = &self.app;
         for family in app.families() {
             family.resolve().await;
+        }
+        if let Some(drive) = app.refreshers.drive() {
+            app.tasks.spawn("lease scheduler", drive);
         }
         for account in app.accounts.iter() {
             refresher::start(app, account, Subject::Token);

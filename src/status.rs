@@ -10,9 +10,11 @@ pub struct Status {
     pub version: String,
     pub uptime_seconds: u64,
     pub ready: bool,
-    /// Background tasks running: one refresher per token and ticket in
-    /// use, two per upstream host, the store watcher, leaf re-signing.
+    /// Background tasks running: the lease scheduler, two per upstream
+    /// host, the store watcher, leaf re-signing.
     pub background_tasks: usize,
+    /// Tokens and tickets kept fresh by the lease scheduler.
+    pub leases_refreshed: usize,
     pub accounts: Vec<AccountStatus>,
     pub store: StoreStatus,
     pub upstream: FamilyStatus,

@@ -10,6 +10,15 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_wxsidecar");
 
+/// The sidecar under test: `SIDECAR_BIN` (an older build, to compare), or
+/// this build. The fake WeChat is always this build.
+pub fn sidecar_bin() -> String {
+    std::env::var("SIDECAR_BIN")
+        .ok()
+        .filter(|b| !b.is_empty())
+        .unwrap_or_else(|| BIN.to_string())
+}
+
 pub fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {
     std::env::var(k)
         .ok()
@@ -64,7 +73,7 @@ pub async fn sidecar(dir: &Path, name: &str, body: &str) -> (Proc, u16, u16) {
         format!("listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin}\n{body}"),
     )
     .unwrap();
-    let child = Command::new(BIN)
+    let child = Command::new(sidecar_bin())
         .args(["run", "--config"])
         .arg(&cfg)
         .env("RUST_LOG", "warn")

@@ -10,6 +10,7 @@
 //! is ever in flight. Nothing here logs a value.
 
 pub mod refresher;
+pub mod schedule;
 pub mod store;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,7 +23,6 @@ use tokio::time::Instant;
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
-use tokio::sync::{watch, Notify};
 
 use crate::metrics::FetchCounters;
 
@@ -43,8 +43,8 @@ pub struct Lease {
     /// WeChat called it invalid (40001/40014/42001): not handed out any more.
     reported_invalid: AtomicBool,
     /// A searcher for the value, built on first use: answers are scanned
-    /// for it on every request.
-    finder: std::sync::OnceLock<memchr::memmem::Finder<'static>>,
+    /// for it on every request. Boxed: ~290 bytes an idle account need not hold.
+    finder: std::sync::OnceLock<Box<memchr::memmem::Finder<'static>>>,
 }
 
 impl Lease {
@@ -67,7 +67,9 @@ impl Lease {
     /// Where the value occurs in `haystack`, if it does.
     pub fn find_in(&self, haystack: &[u8]) -> Option<usize> {
         self.finder
-            .get_or_init(|| memchr::memmem::Finder::new(self.value.as_bytes()).into_owned())
+            .get_or_init(|| {
+                Box::new(memchr::memmem::Finder::new(self.value.as_bytes()).into_owned())
+            })
             .find(haystack)
     }
 
@@ -175,20 +177,23 @@ pub struct LeaseCell {
     index: Option<Arc<TokenIndex>>,
     account: usize,
     snap: ArcSwap<Snapshot>,
-    /// Bumped whenever a token is stored or a fetch attempt ends.
-    changed: watch::Sender<u64>,
+    /// Bumped whenever a token is stored or a fetch attempt ends; waiters
+    /// sleep on `changed_wake` (a `Notify`, 32 bytes, where a watch channel
+    /// costs ~350 per cell).
+    changed: std::sync::atomic::AtomicU64,
+    changed_wake: tokio::sync::Notify,
     status: Mutex<CellStatus>,
     /// Fetch outcomes: the metric series themselves.
     counters: FetchCounters,
-    /// Asks the refresher to fetch now.
-    pub(crate) force: Notify,
+    /// How to ask the refresher to fetch now (set when it is scheduled).
+    wake: std::sync::OnceLock<schedule::Wake>,
     /// An operator asked for a refresh (`POST /refresh`).
     forced: AtomicBool,
 }
 
 impl Default for LeaseCell {
     fn default() -> Self {
-        LeaseCell::new(Arc::default(), 0, FetchCounters::detached())
+        LeaseCell::new(Arc::default(), 0, FetchCounters::default())
     }
 }
 
@@ -208,10 +213,11 @@ impl LeaseCell {
             index,
             account,
             snap: ArcSwap::from_pointee(Snapshot::default()),
-            changed: watch::channel(0).0,
+            changed: Default::default(),
+            changed_wake: Default::default(),
             status: Mutex::new(CellStatus::default()),
             counters,
-            force: Notify::new(),
+            wake: std::sync::OnceLock::new(),
             forced: AtomicBool::new(false),
         }
     }
@@ -245,7 +251,7 @@ impl LeaseCell {
             return false;
         }
         self.status.lock().invalid_reports += 1;
-        self.force.notify_one();
+        self.wake_refresher();
         true
     }
 
@@ -253,7 +259,18 @@ impl LeaseCell {
     /// flight, counted against the budget).
     pub fn request_refresh(&self) {
         self.forced.store(true, Ordering::Release);
-        self.force.notify_one();
+        self.wake_refresher();
+    }
+
+    /// Ties the cell to its refresher's place in the scheduler (once).
+    pub(crate) fn attach(&self, wake: schedule::Wake) {
+        let _ = self.wake.set(wake);
+    }
+
+    fn wake_refresher(&self) {
+        if let Some(w) = self.wake.get() {
+            w.wake();
+        }
     }
 
     pub(crate) fn take_forced(&self) -> bool {
@@ -295,15 +312,18 @@ impl LeaseCell {
     /// Waits up to `limit` for `check` to give something, checking again
     /// each time the cell changes: the one wait loop behind the `wait_*`.
     async fn wait_until<T>(&self, limit: Duration, check: impl Fn() -> Option<T>) -> Option<T> {
-        let mut rx = self.changed.subscribe();
         let deadline = tokio::time::Instant::now() + limit;
         loop {
+            // Registered before the check, so a change between the two
+            // still wakes us.
+            let changed = self.changed_wake.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
             if let Some(x) = check() {
                 return Some(x);
             }
-            match tokio::time::timeout_at(deadline, rx.changed()).await {
-                Ok(Ok(())) => continue,
-                _ => return check(),
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return check();
             }
         }
     }
@@ -322,7 +342,13 @@ impl LeaseCell {
     /// Refresh attempts ended so far, either way (fetched, failed, taken
     /// from the shared store): pass to [`Self::wait_fetched`].
     pub fn fetches_ended(&self) -> u64 {
-        *self.changed.borrow()
+        self.changed.load(Ordering::Acquire)
+    }
+
+    /// Wakes every waiter: the cell changed.
+    fn bump(&self) {
+        self.changed.fetch_add(1, Ordering::AcqRel);
+        self.changed_wake.notify_waiters();
     }
 
     /// Waits up to `limit` for a refresh attempt to end after `since` had
@@ -394,7 +420,7 @@ impl LeaseCell {
             st.last_error = None;
             st.budget_spent = None;
         }
-        self.changed.send_modify(|n| *n += 1);
+        self.bump();
         outcome
     }
 
@@ -410,7 +436,7 @@ impl LeaseCell {
             st.attempted = true;
             st.last_error = Some((errcode, message));
         }
-        self.changed.send_modify(|n| *n += 1);
+        self.bump();
     }
 
     pub(crate) fn record_budget_spent(&self, message: String) {
@@ -420,22 +446,28 @@ impl LeaseCell {
             st.last_error = Some((45009, message.clone()));
             st.budget_spent = Some(message);
         }
-        self.changed.send_modify(|n| *n += 1);
+        self.bump();
+    }
+
+    /// Its fetch outcomes so far (for `/metrics`).
+    pub fn fetch_counts(&self) -> &FetchCounters {
+        &self.counters
     }
 
     /// Counts how a fetch ended.
     pub(crate) fn count(&self, result: FetchResult) {
-        self.counters.0[result as usize].inc();
+        self.counters.inc(result as usize);
     }
 
     /// A snapshot; `fetches_today` is 0 once the day has turned.
     pub fn status(&self) -> CellStatus {
-        let [ok, wechat, transport, _] = &self.counters.0;
+        let c = &self.counters;
         let st = self.status.lock();
         CellStatus {
             fetches_today: st.today(),
-            fetches_ok: ok.get(),
-            fetches_failed: wechat.get() + transport.get(),
+            fetches_ok: c.get(FetchResult::Ok as usize),
+            fetches_failed: c.get(FetchResult::WeChatError as usize)
+                + c.get(FetchResult::TransportError as usize),
             ..st.clone()
         }
     }
@@ -479,7 +511,7 @@ mod tests {
     #[test]
     fn same_value_never_extends_the_expiry() {
         // A ticket fetched again mid-life that still claims its full lifetime.
-        let cell = LeaseCell::for_ticket(FetchCounters::detached());
+        let cell = LeaseCell::for_ticket(FetchCounters::default());
         cell.store("k1", Duration::from_secs(100));
         cell.store("k1", Duration::from_secs(7200));
         assert!(cell.valid().unwrap().remaining() <= Duration::from_secs(100));
@@ -530,6 +562,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_storm_of_reports_on_one_token_refreshes_once_and_everyone_gets_the_new_one() {
         let cell = Arc::new(LeaseCell::default());
+        let (tx, mut wakes) = tokio::sync::mpsc::unbounded_channel();
+        cell.attach(schedule::Wake::new(tx, 7));
         cell.store("t1", Duration::from_secs(7200));
         let reports: Vec<_> = (0..100)
             .map(|_| {
@@ -551,10 +585,9 @@ mod tests {
             won, 1,
             "one report wins; the others see it already reported"
         );
-        // The refresher was woken to fetch.
-        tokio::time::timeout(Duration::from_millis(1), cell.force.notified())
-            .await
-            .expect("a refresh was asked for");
+        // The refresher was woken to fetch, once.
+        assert_eq!(wakes.try_recv(), Ok(7), "a refresh was asked for");
+        assert!(wakes.try_recv().is_err(), "and only once");
         // The one fetch lands 2 s later (virtual): every waiter gets it.
         tokio::time::sleep(Duration::from_secs(2)).await;
         cell.store("t2", Duration::from_secs(7200));
@@ -566,7 +599,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_ticket_fetched_again_keeps_its_real_expiry() {
-        let cell = LeaseCell::for_ticket(FetchCounters::detached());
+        let cell = LeaseCell::for_ticket(FetchCounters::default());
         cell.store("k1", Duration::from_secs(7200));
         tokio::time::advance(Duration::from_secs(7000)).await;
         // WeChat hands the same ticket out again, claiming the full 7200 s.

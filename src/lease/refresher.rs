@@ -67,6 +67,8 @@ pub trait Failure: fmt::Display + Send {
 /// Where a lease comes from: one fetch per call.
 pub trait Source: Send + 'static {
     type Error: Failure;
+    /// What it fetches, for whom: for the logs.
+    fn label(&self) -> Label<'_>;
     /// Fetches a fresh value. `rejected` is the value WeChat just called
     /// invalid, if that is why we fetch.
     fn fetch(
@@ -117,17 +119,18 @@ pub struct Settings {
     pub on_store_error: OnStoreError,
 }
 
-/// Names for the logs: never the value.
-#[derive(Debug, Clone)]
-pub struct Label {
+/// Names for the logs: never the value. Borrowed from the source, so an
+/// idle refresher holds no copies.
+#[derive(Debug, Clone, Copy)]
+pub struct Label<'a> {
     /// The account's name.
-    pub account: String,
+    pub account: &'a str,
     /// The id WeChat knows it by (appid or corpid).
-    pub id: String,
+    pub id: &'a str,
     /// "token", "jsapi ticket"…
     pub what: &'static str,
     /// The token API or ticket kind, as in store keys.
-    pub api: String,
+    pub api: &'static str,
 }
 
 /// Where the lease lives in the shared store.
@@ -171,65 +174,138 @@ impl Backoff {
     }
 }
 
-/// Keeps `cell` fresh from `source` until the task is dropped.
+/// Keeps `cell` fresh from `source` until the future is dropped: one lease
+/// on a scheduler of its own (production puts every lease on one, see
+/// [`super::schedule`]).
+#[cfg(test)]
 pub async fn run<S: Source, St: Shared>(
     cell: Arc<LeaseCell>,
     source: S,
     shared: Option<SharedKey<St>>,
     settings: Settings,
-    label: Label,
 ) {
-    let mut r = Refresher {
-        cell,
-        source,
-        settings,
-        label,
-        last_logged: None,
-    };
-    let mut rejected: Option<Arc<str>> = None;
-    loop {
-        let delay = match &shared {
-            None => r.fetch_alone(rejected.take()).await,
-            Some(s) => r.obtain_shared(s, rejected.take()).await,
-        };
-        tracing::debug!(account = %r.label.account, what = r.label.what, next_refresh_in = ?delay, "refresh scheduled");
-        rejected = r.wait_due(delay).await;
-    }
+    let scheduler = super::schedule::Scheduler::new(1);
+    let drive = scheduler.drive().expect("a new scheduler has its drive");
+    scheduler.add(Refresher::new(cell, source, shared, settings));
+    drive.await;
 }
 
-struct Refresher<S> {
+/// Keeps one [`LeaseCell`] fresh, one step at a time: the scheduler runs a
+/// step when the lease is due or reported, and the step says how long to
+/// wait before the next. Steps never sleep, so an idle lease is this struct
+/// and nothing else.
+pub struct Refresher<S, St> {
     cell: Arc<LeaseCell>,
     source: S,
+    shared: Option<SharedKey<St>>,
     settings: Settings,
-    label: Label,
     /// The errcode of the last failure logged, so each kind is logged once
     /// until fetches recover.
     last_logged: Option<i64>,
+    /// Set while a refresh is being retried (failure, busy lock, budget);
+    /// boxed, as few are at any time.
+    retry: Option<Box<Retry>>,
 }
 
-impl<S: Source> Refresher<S> {
-    /// Sleeps until `delay` has passed, or until a report or an operator
-    /// asks for a refresh; returns the value to replace, if one was named.
-    async fn wait_due(&self, delay: Duration) -> Option<Arc<str>> {
-        let due = Instant::now() + delay;
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep_until(due) => return None,
-                _ = self.cell.force.notified() => {}
+/// A refresh being retried: what it replaces, and how long it waits next.
+struct Retry {
+    rejected: Option<Arc<str>>,
+    backoff: Backoff,
+}
+
+/// How a step ended.
+enum Step {
+    /// A value is in: look again after this long.
+    Done(Duration),
+    /// Not yet: try the same refresh again after this long.
+    Retry(Duration),
+}
+
+impl<S: Source, St: Shared> Refresher<S, St> {
+    pub fn new(
+        cell: Arc<LeaseCell>,
+        source: S,
+        shared: Option<SharedKey<St>>,
+        settings: Settings,
+    ) -> Box<Self> {
+        Box::new(Refresher {
+            cell,
+            source,
+            shared,
+            settings,
+            last_logged: None,
+            retry: None,
+        })
+    }
+
+    /// One refresh attempt; `asked` names the value to replace when a
+    /// report or an operator asked for it. Returns when to run again.
+    async fn refresh(&mut self, asked: Option<Arc<str>>) -> Duration {
+        let (rejected, mut backoff) = match self.retry.take() {
+            Some(r) => (r.rejected, r.backoff),
+            None => (asked, Backoff::default()),
+        };
+        let shared = self.shared.take();
+        let step = match &shared {
+            None => self.fetch_alone(rejected.as_deref(), &mut backoff).await,
+            Some(s) => {
+                self.obtain_shared(s, rejected.as_deref(), &mut backoff)
+                    .await
             }
-            // Woken by a report: refresh only if the value WeChat rejected
-            // is still the one we hold (it may have been replaced since).
-            if let Some(t) = self.cell.latest().filter(|t| t.is_reported_invalid()) {
-                tracing::info!(account = %self.label.account, what = self.label.what, "WeChat rejected the current value; refreshing");
-                return Some(t.value.clone());
+        };
+        self.shared = shared;
+        match step {
+            Step::Done(delay) => {
+                let l = self.source.label();
+                tracing::debug!(account = %l.account, what = l.what, next_refresh_in = ?delay, "refresh scheduled");
+                delay
             }
-            if self.cell.take_forced() {
-                tracing::info!(account = %self.label.account, what = self.label.what, "refresh requested by an operator");
-                return self.cell.latest().map(|t| t.value.clone());
+            Step::Retry(wait) => {
+                self.retry = Some(Box::new(Retry { rejected, backoff }));
+                wait
             }
         }
     }
+}
 
+impl<S: Source, St: Shared> super::schedule::Job for Refresher<S, St> {
+    fn cell(&self) -> &Arc<LeaseCell> {
+        &self.cell
+    }
+
+    fn retrying(&self) -> bool {
+        self.retry.is_some()
+    }
+
+    fn name(&self) -> String {
+        let l = self.source.label();
+        format!("{} of account {}", l.what, l.account)
+    }
+
+    fn step(self: Box<Self>, asked: Option<Arc<str>>) -> super::schedule::Stepping {
+        Box::pin(async move {
+            let mut me = self;
+            let wait = me.refresh(asked).await;
+            (me as Box<dyn super::schedule::Job>, wait)
+        })
+    }
+}
+
+/// Why the cell asks for a refresh now, if it does: WeChat rejected the
+/// value it holds, or an operator asked. The value to replace, if any.
+pub(crate) fn asked(cell: &LeaseCell) -> Option<Option<Arc<str>>> {
+    // Refresh for a report only if the value WeChat rejected is still the
+    // one we hold (it may have been replaced since).
+    if let Some(t) = cell.latest().filter(|t| t.is_reported_invalid()) {
+        return Some(Some(t.value.clone()));
+    }
+    if cell.take_forced() {
+        return Some(cell.latest().map(|t| t.value.clone()));
+    }
+    None
+}
+
+impl<S: Source, St> Refresher<S, St> {
     /// When to refresh next after storing a value.
     fn next_delay(&self, outcome: StoreOutcome) -> Duration {
         let Some(lease) = self.cell.latest() else {
@@ -250,7 +326,7 @@ impl<S: Source> Refresher<S> {
     fn stored(&mut self, f: &Fetched) -> StoreOutcome {
         self.cell.count(FetchResult::Ok);
         let outcome = self.cell.store(&f.value, f.expires_in);
-        let l = &self.label;
+        let l = self.source.label();
         if outcome == StoreOutcome::New {
             tracing::info!(account = %l.account, appid = %l.id, api = %l.api, expires_in = f.expires_in.as_secs(), "{} fetched", l.what);
         }
@@ -260,8 +336,9 @@ impl<S: Source> Refresher<S> {
         outcome
     }
 
-    /// Handles a failed fetch: logs each new kind once, records it, waits.
-    async fn failed(&mut self, e: &S::Error, backoff: &mut Backoff) {
+    /// Handles a failed fetch: logs each new kind once, records it, says
+    /// how long to wait.
+    fn failed(&mut self, e: &S::Error, backoff: &mut Backoff) -> Step {
         let wait = if e.is_hard() {
             self.settings.failed_retry
         } else {
@@ -273,7 +350,7 @@ impl<S: Source> Refresher<S> {
             FetchResult::TransportError
         });
         if self.last_logged != Some(e.errcode()) {
-            let l = &self.label;
+            let l = self.source.label();
             let still_valid = self.cell.valid().map(|t| t.remaining().as_secs());
             tracing::error!(
                 account = %l.account,
@@ -289,12 +366,12 @@ impl<S: Source> Refresher<S> {
             self.last_logged = Some(e.errcode());
         }
         self.cell.record_failure(e.errcode(), e.to_string());
-        tokio::time::sleep(wait).await;
+        Step::Retry(wait)
     }
 
-    /// Today's budget is spent: say so, and sleep until WeChat's midnight.
-    async fn budget_spent(&self) {
-        let l = &self.label;
+    /// Today's budget is spent: say so, and wait until WeChat's midnight.
+    fn budget_spent(&self) -> Step {
+        let l = self.source.label();
         let budget = self.settings.daily_budget;
         let wait = until_next_wechat_day(SystemTime::now());
         tracing::error!(account = %l.account, appid = %l.id, what = l.what, budget, resets_in = ?wait, "daily {} budget spent; no more fetches today", l.what);
@@ -303,92 +380,87 @@ impl<S: Source> Refresher<S> {
             l.what, l.account
         ));
         self.cell.count(FetchResult::BudgetSpent);
-        tokio::time::sleep(wait).await;
+        Step::Retry(wait)
     }
 
-    /// No shared store: fetches until WeChat gives a value, backing off
-    /// between failures; returns when to refresh next.
-    async fn fetch_alone(&mut self, rejected: Option<Arc<str>>) -> Duration {
-        let mut backoff = Backoff::default();
-        loop {
-            if !self.cell.spend_budget(self.settings.daily_budget) {
-                self.budget_spent().await;
-                continue;
+    /// No shared store: one fetch, counted against the budget.
+    async fn fetch_alone(&mut self, rejected: Option<&str>, backoff: &mut Backoff) -> Step {
+        if !self.cell.spend_budget(self.settings.daily_budget) {
+            return self.budget_spent();
+        }
+        match self.source.fetch(rejected).await {
+            Ok(f) => {
+                let outcome = self.stored(&f);
+                Step::Done(self.next_delay(outcome))
             }
-            match self.source.fetch(rejected.as_deref()).await {
-                Ok(f) => {
-                    let outcome = self.stored(&f);
-                    return self.next_delay(outcome);
-                }
-                Err(e) => self.failed(&e, &mut backoff).await,
-            }
+            Err(e) => self.failed(&e, backoff),
         }
     }
+}
 
+impl<S: Source, St: Shared> Refresher<S, St> {
     /// Shared store: takes the stored value when it is good, else takes the
     /// lock and fetches for every replica, else waits for the replica that
-    /// holds the lock. Returns when to look again.
-    async fn obtain_shared<St: Shared>(
+    /// holds the lock.
+    async fn obtain_shared(
         &mut self,
         s: &SharedKey<St>,
-        rejected: Option<Arc<str>>,
-    ) -> Duration {
-        let mut backoff = Backoff::default();
-        loop {
-            let ttl = self.settings.store_lock_ttl;
-            match s.store.lock(&s.key, rejected.as_deref(), ttl).await {
-                Ok(Lock::Current(rec)) => {
-                    let outcome = self.cell.store(&rec.token, rec.remaining());
-                    if outcome == StoreOutcome::New {
-                        tracing::info!(account = %self.label.account, fetched_by = %rec.fetched_by, "{} taken from the shared store", self.label.what);
-                    }
-                    return rec.until_next_refresh().max(DEFAULT_SAME_VALUE_RETRY_MIN);
+        rejected: Option<&str>,
+        backoff: &mut Backoff,
+    ) -> Step {
+        let ttl = self.settings.store_lock_ttl;
+        match s.store.lock(&s.key, rejected, ttl).await {
+            Ok(Lock::Current(rec)) => {
+                let outcome = self.cell.store(&rec.token, rec.remaining());
+                if outcome == StoreOutcome::New {
+                    let l = self.source.label();
+                    tracing::info!(account = %l.account, fetched_by = %rec.fetched_by, "{} taken from the shared store", l.what);
                 }
-                Ok(Lock::Busy) => tokio::time::sleep(DEFAULT_STORE_POLL).await,
-                Ok(Lock::Held(lock)) => {
-                    let day = wechat_day(SystemTime::now());
-                    let budget = self.settings.daily_budget;
-                    match s.store.spend_budget(&s.budget_id, day, budget).await {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            s.store.release(&s.key, &lock).await;
-                            self.budget_spent().await;
-                            continue;
-                        }
-                        Err(_) => {
-                            s.store.release(&s.key, &lock).await;
-                            tokio::time::sleep(backoff.step()).await;
-                            continue;
-                        }
+                Step::Done(rec.until_next_refresh().max(DEFAULT_SAME_VALUE_RETRY_MIN))
+            }
+            Ok(Lock::Busy) => Step::Retry(DEFAULT_STORE_POLL),
+            Ok(Lock::Held(lock)) => {
+                let day = wechat_day(SystemTime::now());
+                let budget = self.settings.daily_budget;
+                match s.store.spend_budget(&s.budget_id, day, budget).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        s.store.release(&s.key, &lock).await;
+                        return self.budget_spent();
                     }
-                    match self.source.fetch(rejected.as_deref()).await {
-                        Ok(f) => {
-                            let outcome = self.stored(&f);
-                            let delay = self.next_delay(outcome);
-                            let by = s.store.replica().to_string();
-                            let record = Record::now(f.value, f.expires_in, delay, by);
-                            if let Err(e) = s.store.save(&s.key, &record, &lock).await {
-                                tracing::warn!(account = %self.label.account, error = %e, "could not share the fetched {}", self.label.what);
-                            }
-                            return delay;
-                        }
-                        Err(e) => {
-                            s.store.release(&s.key, &lock).await;
-                            self.failed(&e, &mut backoff).await;
-                        }
+                    Err(_) => {
+                        s.store.release(&s.key, &lock).await;
+                        return Step::Retry(backoff.step());
                     }
                 }
-                // Logged once per state change by the store itself.
-                Err(_) => {
-                    let has_value = self.cell.valid().is_some();
-                    match self.settings.on_store_error {
-                        // A lone fetch harms nobody: do it when we need a value.
-                        OnStoreError::Fetch if !has_value || rejected.is_some() => {
-                            return self.fetch_alone(rejected).await;
+                match self.source.fetch(rejected).await {
+                    Ok(f) => {
+                        let outcome = self.stored(&f);
+                        let delay = self.next_delay(outcome);
+                        let by = s.store.replica().to_string();
+                        let record = Record::now(f.value, f.expires_in, delay, by);
+                        if let Err(e) = s.store.save(&s.key, &record, &lock).await {
+                            let l = self.source.label();
+                            tracing::warn!(account = %l.account, error = %e, "could not share the fetched {}", l.what);
                         }
-                        // Keep serving the cached value; ask the store again soon.
-                        _ => tokio::time::sleep(backoff.step()).await,
+                        Step::Done(delay)
                     }
+                    Err(e) => {
+                        s.store.release(&s.key, &lock).await;
+                        self.failed(&e, backoff)
+                    }
+                }
+            }
+            // Logged once per state change by the store itself.
+            Err(_) => {
+                let has_value = self.cell.valid().is_some();
+                match self.settings.on_store_error {
+                    // A lone fetch harms nobody: do it when we need a value.
+                    OnStoreError::Fetch if !has_value || rejected.is_some() => {
+                        self.fetch_alone(rejected, backoff).await
+                    }
+                    // Keep serving the cached value; ask the store again soon.
+                    _ => Step::Retry(backoff.step()),
                 }
             }
         }

@@ -508,12 +508,7 @@ impl FastLane {
 }
 
 fn count_replay(account: &Account, path: &str, ok: bool) {
-    if ok {
-        &account.replays_ok
-    } else {
-        &account.replays_failed
-    }
-    .inc();
+    account.replays.inc(ok);
     if !ok {
         tracing::warn!(account = %account.name, path, "token rejected again after a refresh; passing WeChat's answer through");
     }

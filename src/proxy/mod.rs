@@ -137,7 +137,7 @@ impl Plan {
 
     fn count_replay(&self, ok: bool) {
         if let Some(a) = &self.account {
-            if ok { &a.replays_ok } else { &a.replays_failed }.inc();
+            a.replays.inc(ok);
             if !ok {
                 tracing::warn!(account = %a.name, path = %self.path, "token rejected again after a refresh; passing WeChat's answer through");
             }

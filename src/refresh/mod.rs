@@ -18,7 +18,7 @@ use crate::account::Account;
 use crate::app::App;
 use crate::config::{AccountKind, OnStoreError, TokenApi};
 use crate::failover::Upstreams;
-use crate::lease::refresher::{self, Fetched, Label, Settings, SharedKey, Source};
+use crate::lease::refresher::{Fetched, Label, Refresher, Settings, SharedKey, Source};
 use crate::lease::LeaseCell;
 use crate::ticket::TicketKind;
 
@@ -66,16 +66,23 @@ impl Subject {
 
     /// Its store key suffix, `(api, id)`. WeCom's jsapi ticket belongs to
     /// the corp, so every app of the corp shares it.
-    pub fn store_id(self, account: &Account) -> (String, String) {
+    pub fn store_id(self, account: &Account) -> (&'static str, String) {
         match (self, account.kind) {
-            (Subject::Token, _) => {
-                let (api, id) = token_store_id(account);
-                (api.to_string(), id)
-            }
+            (Subject::Token, _) => token_store_id(account),
             (Subject::Ticket(TicketKind::AgentConfig), AccountKind::WeCom) => {
-                ("ticket_agent_config".to_string(), token_store_id(account).1)
+                (self.store_api(account), token_store_id(account).1)
             }
-            (Subject::Ticket(k), _) => (format!("ticket_{}", k.as_str()), account.id.clone()),
+            (Subject::Ticket(_), _) => (self.store_api(account), account.id.clone()),
+        }
+    }
+
+    /// The first part of its store key: the token API or the ticket kind.
+    pub fn store_api(self, account: &Account) -> &'static str {
+        match self {
+            Subject::Token => token_store_id(account).0,
+            Subject::Ticket(TicketKind::Jsapi) => "ticket_jsapi",
+            Subject::Ticket(TicketKind::WxCard) => "ticket_wx_card",
+            Subject::Ticket(TicketKind::AgentConfig) => "ticket_agent_config",
         }
     }
 
@@ -87,6 +94,16 @@ impl Subject {
                 .in_use()
                 .map(|(k, c)| (Subject::Ticket(k), &**c)),
         )
+    }
+}
+
+/// Names for the logs of `account`'s `subject`.
+fn label(account: &Account, subject: Subject) -> Label<'_> {
+    Label {
+        account: &account.name,
+        id: &account.id,
+        what: subject.what(),
+        api: subject.store_api(account),
     }
 }
 
@@ -102,6 +119,10 @@ struct TokenSource {
 
 impl Source for TokenSource {
     type Error = FetchError;
+
+    fn label(&self) -> Label<'_> {
+        label(&self.account, Subject::Token)
+    }
 
     async fn fetch(&mut self, rejected: Option<&str>) -> Result<Fetched, FetchError> {
         let (account, upstream) = (&self.account, &self.upstream);
@@ -130,6 +151,10 @@ struct TicketSource {
 impl Source for TicketSource {
     type Error = FetchError;
 
+    fn label(&self) -> Label<'_> {
+        label(&self.account, Subject::Ticket(self.kind))
+    }
+
     async fn fetch(&mut self, _rejected: Option<&str>) -> Result<Fetched, FetchError> {
         let wait = self.upstream.read_timeout();
         self::ticket::fetch(&self.upstream, &self.account, self.kind, wait).await
@@ -149,8 +174,8 @@ fn store_policy(app: &App, account: &Account) -> OnStoreError {
     )
 }
 
-/// Starts the refresher of `account`'s `subject` (its cell must exist) in
-/// the app's task set.
+/// Hands the refresher of `account`'s `subject` (its cell must exist) to
+/// the app's scheduler. Never waits.
 pub fn start(app: &App, account: &Arc<Account>, subject: Subject) {
     let cell = subject
         .cell(account)
@@ -167,15 +192,9 @@ pub fn start(app: &App, account: &Arc<Account>, subject: Subject) {
     let (api, id) = subject.store_id(account);
     let shared = app.store.as_ref().map(|store| SharedKey {
         store: store.clone(),
-        key: store.token_key(&api, &id),
+        key: store.token_key(api, &id),
         budget_id: format!("{api}:{id}"),
     });
-    let label = Label {
-        account: account.name.clone(),
-        id: account.id.clone(),
-        what: subject.what(),
-        api,
-    };
     let upstream = app.upstream_for(account.kind.family()).clone();
     let account = account.clone();
     match subject {
@@ -185,10 +204,8 @@ pub fn start(app: &App, account: &Arc<Account>, subject: Subject) {
                 upstream,
                 last_force: None,
             };
-            app.tasks.spawn(
-                "token refresher",
-                refresher::run(cell, source, shared, settings, label),
-            );
+            let job = Refresher::new(cell, source, shared, settings);
+            app.refreshers.add(job);
         }
         Subject::Ticket(kind) => {
             let source = TicketSource {
@@ -196,10 +213,8 @@ pub fn start(app: &App, account: &Arc<Account>, subject: Subject) {
                 upstream,
                 kind,
             };
-            app.tasks.spawn(
-                "ticket refresher",
-                refresher::run(cell, source, shared, settings, label),
-            );
+            let job = Refresher::new(cell, source, shared, settings);
+            app.refreshers.add(job);
         }
     }
 }
@@ -210,7 +225,7 @@ pub fn ticket_cell<'a>(
     account: &'a Arc<Account>,
     kind: TicketKind,
 ) -> &'a Arc<LeaseCell> {
-    let (c, made) = account.tickets.get_or_make(kind, &account.name);
+    let (c, made) = account.tickets.get_or_make(kind);
     if made {
         tracing::info!(account = %account.name, ticket = kind.as_str(), "first use of a ticket; fetching it");
         start(app, account, Subject::Ticket(kind));

@@ -75,14 +75,17 @@ async fn app_ticket_calls_are_answered_from_the_cache() {
     let side = Sidecar::start_standard(&fake, "classic", "stable").await;
     let shop_jsapi = format!("{SHOP_APPID}:jsapi");
 
-    // First use fetches (its refresher joins the background tasks); every
+    // First use fetches (its refresher joins the lease scheduler); every
     // later call, with no token, a foreign token or the sidecar's own, is
     // answered locally.
-    let tasks_before = side.typed_status().await.background_tasks;
+    let leases_before = side.typed_status().await.leases_refreshed;
     let (status, v) = side.get(GETTICKET, &[]).await;
     assert_eq!(status, 200);
     let ticket = ticket_of(&v);
-    assert_eq!(side.typed_status().await.background_tasks, tasks_before + 1);
+    assert_eq!(
+        side.typed_status().await.leases_refreshed,
+        leases_before + 1
+    );
     let left = v["expires_in"].as_u64().unwrap();
     assert!((7100..=7200).contains(&left), "{v}");
     let own = side.token(SHOP_APPID, SHOP_SECRET).await;

@@ -86,6 +86,15 @@ impl Script {
 impl Source for Script {
     type Error = Fail;
 
+    fn label(&self) -> Label<'_> {
+        Label {
+            account: "shop",
+            id: "wx1",
+            what: "token",
+            api: "stable",
+        }
+    }
+
     async fn fetch(&mut self, rejected: Option<&str>) -> Result<Fetched, Fail> {
         let n = {
             let mut calls = self.calls.lock();
@@ -180,17 +189,8 @@ fn settings() -> Settings {
     }
 }
 
-fn label() -> Label {
-    Label {
-        account: "shop".into(),
-        id: "wx1".into(),
-        what: "token",
-        api: "stable".into(),
-    }
-}
-
 fn cell() -> Arc<LeaseCell> {
-    Arc::new(LeaseCell::new(Arc::default(), 0, FetchCounters::detached()))
+    Arc::new(LeaseCell::new(Arc::default(), 0, FetchCounters::default()))
 }
 
 /// Starts a refresher without a shared store.
@@ -200,7 +200,7 @@ fn alone(
     settings: Settings,
 ) -> tokio::task::JoinHandle<()> {
     let none: Option<SharedKey<MemStore>> = None;
-    tokio::spawn(run(cell.clone(), script.clone(), none, settings, label()))
+    tokio::spawn(run(cell.clone(), script.clone(), none, settings))
 }
 
 /// Starts a refresher sharing through `store`.
@@ -215,13 +215,7 @@ fn shared(
         key: "wxsidecar:token:stable:wx1".into(),
         budget_id: "stable:wx1".into(),
     };
-    tokio::spawn(run(
-        cell.clone(),
-        script.clone(),
-        Some(key),
-        settings,
-        label(),
-    ))
+    tokio::spawn(run(cell.clone(), script.clone(), Some(key), settings))
 }
 
 #[tokio::test(start_paused = true)]

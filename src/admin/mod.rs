@@ -8,6 +8,8 @@
 //! account and kind per `admin.refresh_interval`, and never the last
 //! `token.budget_reserve` fetches.
 
+mod exposition;
+
 use std::collections::HashMap;
 
 use std::sync::Arc;
@@ -88,8 +90,8 @@ impl Admin {
                         .saturating_sub(st.fetches_today),
                     budget_spent: st.budget_spent.is_some(),
                     invalid_token_reports: st.invalid_reports,
-                    replays_ok: a.replays_ok.get(),
-                    replays_failed: a.replays_failed.get(),
+                    replays_ok: a.replays.get(true),
+                    replays_failed: a.replays.get(false),
                     fetches_failed: st.fetches_failed,
                     last_error: last_error(st.last_error),
                     tickets: tickets(a),
@@ -101,6 +103,7 @@ impl Admin {
             uptime_seconds: app.started.elapsed().as_secs(),
             ready: app.not_ready_reason().is_none(),
             background_tasks: app.tasks.running(),
+            leases_refreshed: app.refreshers.leases(),
             accounts,
             store: match &app.store {
                 None => status::StoreStatus {
@@ -185,30 +188,9 @@ async fn profile(_query: &str) -> Response<Vec<u8>> {
 
 impl Admin {
     fn metrics(&self) -> Response<Vec<u8>> {
-        for a in self.app.accounts.iter() {
-            let left = a
-                .tokens
-                .valid()
-                .map_or(0.0, |t| t.remaining().as_secs_f64());
-            crate::metrics::TOKEN_EXPIRY
-                .with_label_values(&[a.name.as_str()])
-                .set(left);
-            for (kind, cell) in a.tickets.in_use() {
-                let labels = [a.name.as_str(), kind.as_str()];
-                let t = cell.valid();
-                crate::metrics::TICKET_EXPIRY
-                    .with_label_values(&labels)
-                    .set(t.as_ref().map_or(0.0, |t| t.remaining().as_secs_f64()));
-                let age = cell
-                    .latest()
-                    .and_then(|t| t.fetched_at.elapsed().ok())
-                    .map_or(0.0, |d| d.as_secs_f64());
-                crate::metrics::TICKET_AGE
-                    .with_label_values(&labels)
-                    .set(age);
-            }
-        }
-        answer(200, "text/plain; version=0.0.4", crate::metrics::render())
+        let mut out = crate::metrics::render();
+        exposition::write_accounts(&mut out, &self.app.accounts);
+        answer(200, "text/plain; version=0.0.4", out)
     }
 
     /// `POST /refresh?account=NAME[&ticket=TYPE]`: a refresh whatever the

@@ -1,0 +1,124 @@
+//! The per-account part of `/metrics`, written at each scrape from the
+//! counts the accounts and their lease cells keep (plain atomics: a
+//! registered series per account costs ~500 bytes, which with thousands
+//! of accounts was most of an account's memory). Only series that counted
+//! something are written, except each account's token expiry.
+
+use crate::account::{Account, Accounts};
+use crate::metrics::{TextFamily, FETCH_RESULTS, NO_ACCOUNT};
+
+/// Appends every per-account family to `out`.
+pub fn write_accounts(out: &mut Vec<u8>, accounts: &Accounts) {
+    let mut f = TextFamily::new(
+        out,
+        "wxsidecar_requests_total",
+        "Requests from apps, by account, route (token, ticket, jssdk, api, stream, untouched) and outcome.",
+        "counter",
+    );
+    let named = accounts.iter().map(|a| (a.name.as_str(), &a.requests));
+    for (name, counts) in named.chain(std::iter::once(("-", &*NO_ACCOUNT))) {
+        for (route, outcome, n) in counts.counted() {
+            let labels = [
+                ("account", name),
+                ("outcome", outcome.as_str()),
+                ("route", route.as_str()),
+            ];
+            f.series(&labels, n);
+        }
+    }
+
+    let mut f = TextFamily::new(
+        out,
+        "wxsidecar_token_fetches_total",
+        "Token fetches from WeChat, by account and result (ok, wechat_error, transport_error, budget_spent).",
+        "counter",
+    );
+    for a in accounts.iter() {
+        let counts = a.tokens.fetch_counts();
+        for (i, result) in FETCH_RESULTS.iter().enumerate() {
+            let n = counts.get(i);
+            if n > 0 {
+                f.series(&[("account", &a.name), ("result", result)], n);
+            }
+        }
+    }
+
+    let mut f = TextFamily::new(
+        out,
+        "wxsidecar_token_replays_total",
+        "Requests sent again after WeChat rejected the token, by account and result (ok, failed).",
+        "counter",
+    );
+    for a in accounts.iter() {
+        for (ok, result) in [(true, "ok"), (false, "failed")] {
+            let n = a.replays.get(ok);
+            if n > 0 {
+                f.series(&[("account", &a.name), ("result", result)], n);
+            }
+        }
+    }
+
+    let mut f = TextFamily::new(
+        out,
+        "wxsidecar_token_expiry_seconds",
+        "Seconds the account's current token has left (0: none valid).",
+        "gauge",
+    );
+    for a in accounts.iter() {
+        let left = a
+            .tokens
+            .valid()
+            .map_or(0.0, |t| t.remaining().as_secs_f64());
+        f.series(&[("account", &a.name)], left);
+    }
+
+    write_tickets(out, accounts);
+}
+
+/// The ticket families: fetches, expiry and age of each ticket in use.
+fn write_tickets(out: &mut Vec<u8>, accounts: &Accounts) {
+    let in_use = || {
+        accounts.iter().flat_map(|a: &std::sync::Arc<Account>| {
+            a.tickets
+                .in_use()
+                .map(move |(kind, cell)| (a.name.as_str(), kind.as_str(), cell))
+        })
+    };
+    let mut f = TextFamily::new(
+        out,
+        "wxsidecar_ticket_fetches_total",
+        "Ticket fetches from WeChat, by account, type (jsapi, wx_card, agent_config) and result.",
+        "counter",
+    );
+    for (name, kind, cell) in in_use() {
+        for (i, result) in FETCH_RESULTS.iter().enumerate() {
+            let n = cell.fetch_counts().get(i);
+            if n > 0 {
+                f.series(&[("account", name), ("result", result), ("type", kind)], n);
+            }
+        }
+    }
+    let mut f = TextFamily::new(
+        out,
+        "wxsidecar_ticket_expiry_seconds",
+        "Seconds the account's current ticket of a type has left (0: none valid).",
+        "gauge",
+    );
+    for (name, kind, cell) in in_use() {
+        let left = cell.valid().map_or(0.0, |t| t.remaining().as_secs_f64());
+        f.series(&[("account", name), ("type", kind)], left);
+    }
+    let mut f = TextFamily::new(
+        out,
+        "wxsidecar_ticket_age_seconds",
+        "Seconds since the account's current ticket of a type was fetched.",
+        "gauge",
+    );
+    for (name, kind, cell) in in_use() {
+        let age = cell
+            .latest()
+            .and_then(|t| t.fetched_at.elapsed().ok())
+            .map_or(0.0, |d| d.as_secs_f64());
+        f.series(&[("account", name), ("type", kind)], age);
+    }
+}

@@ -1,0 +1,274 @@
+//! One task drives every lease's refresher: a timer heap of when each lease
+//! is due, a queue of leases to refresh now, and at most
+//! `DEFAULT_FETCHES_IN_FLIGHT` refresh steps running at once.
+//!
+//! A task per lease would keep its whole future (the largest state any
+//! fetch can reach) allocated while it sleeps, about 10 KiB each; here an
+//! idle lease is its boxed [`Job`] and a heap entry. The cap keeps a start
+//! with thousands of accounts from opening thousands of fetches at once
+//! (and the memory they take); reports and operator requests go to the
+//! front of the queue. A step never sleeps: retries come back here as a
+//! wait, so a failing lease holds no slot while it waits.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::LeaseCell;
+
+/// Refresh steps running at once: enough to fetch thousands of tokens in
+/// seconds, few enough that a start does not open thousands of requests.
+pub const DEFAULT_FETCHES_IN_FLIGHT: usize = 64;
+
+/// A running step: gives the job back with how long to wait before the next.
+pub type Stepping = Pin<Box<dyn Future<Output = (Box<dyn Job>, Duration)> + Send>>;
+
+/// One lease's refresher, as the scheduler sees it.
+pub trait Job: Send + 'static {
+    /// The cell it fills (its reports and requests wake the job).
+    fn cell(&self) -> &Arc<LeaseCell>;
+    /// A refresh is being retried: the next step is already decided, wakes
+    /// wait for it.
+    fn retrying(&self) -> bool;
+    /// What it refreshes, for logs: "token of account shop".
+    fn name(&self) -> String;
+    /// One refresh attempt; `asked` is the value to replace, when a report
+    /// or an operator asked.
+    fn step(self: Box<Self>, asked: Option<Arc<str>>) -> Stepping;
+}
+
+/// How a cell wakes its job: the scheduler's wake channel and the job's id.
+pub(crate) struct Wake {
+    tx: mpsc::UnboundedSender<usize>,
+    id: usize,
+}
+
+impl Wake {
+    pub(crate) fn new(tx: mpsc::UnboundedSender<usize>, id: usize) -> Self {
+        Wake { tx, id }
+    }
+
+    /// Asks the scheduler to look at the job (a send that never waits).
+    pub(crate) fn wake(&self) {
+        let _ = self.tx.send(self.id);
+    }
+}
+
+/// The handle: add jobs from anywhere (the request path adds a ticket's on
+/// first use); [`Scheduler::drive`] is the task that runs them.
+#[derive(Clone)]
+pub struct Scheduler {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    adds: mpsc::UnboundedSender<(usize, Box<dyn Job>)>,
+    wakes: mpsc::UnboundedSender<usize>,
+    next_id: AtomicUsize,
+    /// The receivers, until the drive takes them.
+    drive: Mutex<Option<Drive>>,
+    limit: usize,
+}
+
+struct Drive {
+    adds: mpsc::UnboundedReceiver<(usize, Box<dyn Job>)>,
+    wakes: mpsc::UnboundedReceiver<usize>,
+}
+
+impl Scheduler {
+    /// A scheduler running at most `limit` steps at once.
+    pub fn new(limit: usize) -> Self {
+        let (adds, add_rx) = mpsc::unbounded_channel();
+        let (wakes, wake_rx) = mpsc::unbounded_channel();
+        Scheduler {
+            inner: Arc::new(Inner {
+                adds,
+                wakes,
+                next_id: AtomicUsize::new(0),
+                drive: Mutex::new(Some(Drive {
+                    adds: add_rx,
+                    wakes: wake_rx,
+                })),
+                limit: limit.max(1),
+            }),
+        }
+    }
+
+    /// Hands `job` to the scheduler: its first step runs as soon as a slot
+    /// is free. Never waits.
+    pub fn add(&self, job: Box<dyn Job>) {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        job.cell().attach(Wake::new(self.inner.wakes.clone(), id));
+        let _ = self.inner.adds.send((id, job));
+    }
+
+    /// Leases added so far.
+    pub fn leases(&self) -> usize {
+        self.inner.next_id.load(Ordering::Relaxed)
+    }
+
+    /// The task that runs every job, once (`None` if already taken). It
+    /// runs until dropped; dropping it drops every job.
+    pub fn drive(&self) -> Option<impl Future<Output = ()> + Send + 'static> {
+        let d = self.inner.drive.lock().take()?;
+        let limit = self.inner.limit;
+        // Holds the senders too, so the channels stay open while it runs.
+        let keep = self.clone();
+        Some(async move {
+            let _keep = keep;
+            run(d, limit).await
+        })
+    }
+}
+
+/// Where a job is.
+enum State {
+    /// Waiting for its time (the heap holds an entry with this instant).
+    Due(Instant),
+    /// In the queue to run, with the value it is asked to replace.
+    Queued(Option<Arc<str>>),
+    /// Its step is running (the job is inside the step).
+    Running,
+}
+
+struct Slot {
+    job: Option<Box<dyn Job>>,
+    state: State,
+    /// Woken while its step ran or a retry was pending: look at the cell
+    /// once that is over (a permit, as `Notify` keeps one).
+    woken: bool,
+}
+
+async fn run(mut d: Drive, limit: usize) {
+    let mut slots: Vec<Slot> = Vec::new();
+    let mut timers: BinaryHeap<Reverse<(Instant, usize)>> = BinaryHeap::new();
+    let mut queue: VecDeque<usize> = VecDeque::new();
+    let mut running: JoinSet<(usize, Box<dyn Job>, Duration)> = JoinSet::new();
+    // Which job a running task holds, to name it if it panics.
+    let mut names: HashMap<tokio::task::Id, (usize, String)> = HashMap::new();
+    loop {
+        while running.len() < limit {
+            let Some(id) = queue.pop_front() else { break };
+            let slot = &mut slots[id];
+            let (Some(job), State::Queued(asked)) = (
+                slot.job.take(),
+                std::mem::replace(&mut slot.state, State::Running),
+            ) else {
+                unreachable!("only queued jobs are in the queue");
+            };
+            // A fresh step answers what woke it; a retry does not.
+            if !job.retrying() {
+                slot.woken = false;
+            }
+            let name = job.name();
+            let step = job.step(asked);
+            let handle = running.spawn(async move {
+                let (job, wait) = step.await;
+                (id, job, wait)
+            });
+            names.insert(handle.id(), (id, name));
+        }
+        let next = timers.peek().map(|Reverse((t, _))| *t);
+        tokio::select! {
+            Some((id, job)) = d.adds.recv() => {
+                if slots.len() <= id {
+                    slots.resize_with(id + 1, || Slot { job: None, state: State::Running, woken: false });
+                }
+                slots[id] = Slot { job: Some(job), state: State::Queued(None), woken: false };
+                queue.push_back(id);
+            }
+            Some(id) = d.wakes.recv() => {
+                let Some(slot) = slots.get_mut(id) else { continue };
+                let Some(job) = &slot.job else {
+                    slot.woken = true;
+                    continue;
+                };
+                if job.retrying() {
+                    slot.woken = true;
+                    continue;
+                }
+                match &mut slot.state {
+                    State::Due(_) => {
+                        if let Some(asked) = super::refresher::asked(job.cell()) {
+                            slot.state = State::Queued(asked);
+                            queue.push_front(id);
+                        }
+                    }
+                    State::Queued(a) => {
+                        if let Some(asked) = super::refresher::asked(job.cell()) {
+                            *a = asked;
+                        }
+                    }
+                    State::Running => {}
+                }
+            }
+            Some(done) = running.join_next_with_id(), if !running.is_empty() => match done {
+                Ok((task, (id, job, wait))) => {
+                    names.remove(&task);
+                    let slot = &mut slots[id];
+                    // Asked again while the step ran: go again now.
+                    let again = if slot.woken && !job.retrying() {
+                        slot.woken = false;
+                        super::refresher::asked(job.cell())
+                    } else {
+                        None
+                    };
+                    match again {
+                        Some(asked) => {
+                            slot.state = State::Queued(asked);
+                            queue.push_front(id);
+                        }
+                        None => {
+                            let at = Instant::now() + wait;
+                            slot.state = State::Due(at);
+                            timers.push(Reverse((at, id)));
+                        }
+                    }
+                    slot.job = Some(job);
+                }
+                Err(e) => {
+                    let (id, name) = names.remove(&e.id()).unwrap_or((usize::MAX, String::new()));
+                    tracing::error!(lease = %name, error = %e, "a lease refresh failed unexpectedly; it is no longer refreshed (restart to recover)");
+                    if let Some(slot) = slots.get_mut(id) {
+                        slot.state = State::Running;
+                    }
+                }
+            },
+            _ = sleep_until(next), if next.is_some() => {
+                let now = Instant::now();
+                while let Some(Reverse((at, id))) = timers.peek().copied() {
+                    if at > now {
+                        break;
+                    }
+                    timers.pop();
+                    let slot = &mut slots[id];
+                    // An entry for a time since replaced is stale.
+                    if matches!(slot.state, State::Due(t) if t == at) {
+                        slot.state = State::Queued(None);
+                        queue.push_back(id);
+                    }
+                }
+            }
+            else => return,
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests;
