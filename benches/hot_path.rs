@@ -19,7 +19,7 @@ fn accounts(n: usize) -> Accounts {
         ));
     }
     let c = Config::parse(&yaml).unwrap();
-    let a = Accounts::new(&c.accounts);
+    let a = Accounts::new(c.accounts.clone());
     for (i, acc) in a.iter().enumerate() {
         acc.tokens
             .store_for_bench(&format!("TOKEN{i:090}"), Duration::from_secs(7200));

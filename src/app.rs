@@ -6,11 +6,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::account::Accounts;
-use crate::config::{Config, Family};
+use crate::config::{Config, Family, OnStoreError};
 use crate::failover::Upstreams;
 use crate::lease::store::RedisStore;
 
 pub struct App {
+    /// The checked configuration, less its `accounts`: those are moved
+    /// into [`App::accounts`] (read them there).
     pub config: Config,
     pub accounts: Accounts,
     /// Official Account / mini program hosts.
@@ -29,14 +31,25 @@ pub struct App {
     pub tasks: crate::lifecycle::Tasks,
     /// Every token's and ticket's refresher, driven by one task.
     pub refreshers: crate::lease::schedule::Scheduler,
+    /// The refreshers' settings, one per store policy (wait, fetch),
+    /// shared rather than copied into each.
+    refresh_settings: [Arc<crate::lease::refresher::Settings>; 2],
     pub started: Instant,
     /// Set once the app listener is about to accept.
     listening: AtomicBool,
 }
 
 impl App {
+    /// The refresher settings for a store policy.
+    pub fn refresh_settings(
+        &self,
+        on_store_error: OnStoreError,
+    ) -> Arc<crate::lease::refresher::Settings> {
+        self.refresh_settings[on_store_error as usize].clone()
+    }
+
     pub fn new(
-        config: Config,
+        mut config: Config,
         upstream: Arc<Upstreams>,
         wecom: Option<Arc<Upstreams>>,
         store: Option<Arc<RedisStore>>,
@@ -51,7 +64,17 @@ impl App {
             refreshers: crate::lease::schedule::Scheduler::new(
                 crate::lease::schedule::DEFAULT_FETCHES_IN_FLIGHT,
             ),
-            accounts: Accounts::new(&config.accounts),
+            accounts: Accounts::new(std::mem::take(&mut config.accounts)),
+            refresh_settings: [OnStoreError::Wait, OnStoreError::Fetch].map(|on_store_error| {
+                let t = &config.token;
+                Arc::new(crate::lease::refresher::Settings {
+                    refresh_before: t.refresh_before,
+                    daily_budget: t.daily_budget,
+                    failed_retry: t.failed_retry,
+                    store_lock_ttl: t.store_lock_ttl,
+                    on_store_error,
+                })
+            }),
             config,
             upstream,
             wecom,

@@ -308,6 +308,7 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     /// Where `kind: wecom` accounts' requests and token fetches go.
     pub wecom_upstream: UpstreamConfig,
+    /// Moved into `App::accounts` when the app is built.
     pub accounts: Vec<AccountConfig>,
     pub token: TokenConfig,
     pub clients: ClientsConfig,

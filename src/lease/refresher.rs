@@ -186,7 +186,7 @@ pub async fn run<S: Source, St: Shared>(
 ) {
     let scheduler = super::schedule::Scheduler::new(1);
     let drive = scheduler.drive().expect("a new scheduler has its drive");
-    scheduler.add(Refresher::new(cell, source, shared, settings));
+    scheduler.add(Refresher::new(cell, source, shared, Arc::new(settings)));
     drive.await;
 }
 
@@ -198,7 +198,8 @@ pub struct Refresher<S, St> {
     cell: Arc<LeaseCell>,
     source: S,
     shared: Option<SharedKey<St>>,
-    settings: Settings,
+    /// Shared by every refresher with the same settings.
+    settings: Arc<Settings>,
     /// The errcode of the last failure logged, so each kind is logged once
     /// until fetches recover.
     last_logged: Option<i64>,
@@ -226,7 +227,7 @@ impl<S: Source, St: Shared> Refresher<S, St> {
         cell: Arc<LeaseCell>,
         source: S,
         shared: Option<SharedKey<St>>,
-        settings: Settings,
+        settings: Arc<Settings>,
     ) -> Box<Self> {
         Box::new(Refresher {
             cell,

@@ -18,7 +18,7 @@ use crate::account::Account;
 use crate::app::App;
 use crate::config::{AccountKind, OnStoreError, TokenApi};
 use crate::failover::Upstreams;
-use crate::lease::refresher::{Fetched, Label, Refresher, Settings, SharedKey, Source};
+use crate::lease::refresher::{Fetched, Label, Refresher, SharedKey, Source};
 use crate::lease::LeaseCell;
 use crate::ticket::TicketKind;
 
@@ -181,14 +181,7 @@ pub fn start(app: &App, account: &Arc<Account>, subject: Subject) {
         .cell(account)
         .expect("a ticket's cell exists before its refresher")
         .clone();
-    let t = &app.config.token;
-    let settings = Settings {
-        refresh_before: t.refresh_before,
-        daily_budget: t.daily_budget,
-        failed_retry: t.failed_retry,
-        store_lock_ttl: t.store_lock_ttl,
-        on_store_error: store_policy(app, account),
-    };
+    let settings = app.refresh_settings(store_policy(app, account));
     let (api, id) = subject.store_id(account);
     let shared = app.store.as_ref().map(|store| SharedKey {
         store: store.clone(),
