@@ -17,10 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pingora::http::RequestHeader;
-use pingora::upstreams::peer::HttpPeer;
 
 use crate::config::UpstreamConfig;
-use crate::upstream::{Exchange, Upstream, UpstreamError};
+use crate::upstream::{Exchange, Upload, Upstream, UpstreamError};
 
 pub struct Upstreams {
     hosts: Vec<Arc<Upstream>>,
@@ -39,10 +38,6 @@ impl Upstreams {
             hosts,
             conf: conf.clone(),
         })
-    }
-
-    pub fn hosts(&self) -> &[Arc<Upstream>] {
-        &self.hosts
     }
 
     pub fn read_timeout(&self) -> Duration {
@@ -114,21 +109,29 @@ impl Upstreams {
         Err(last)
     }
 
+    /// Opens a streamed HTTP/1.1 exchange (media) on the active host; a
+    /// connect failure moves on to the next host in use (nothing was sent).
+    pub async fn open(&self, req: &RequestHeader) -> Result<Upload<'_>, UpstreamError> {
+        let mut last = UpstreamError::Unavailable;
+        for h in self.hosts.iter().filter(|h| self.in_use(h)) {
+            match h.open(req).await {
+                Ok(u) => return Ok(u),
+                Err(e) if e.is_connect() => {
+                    if !self.in_use(h) {
+                        tracing::warn!(upstream = %h.url(), error = %e, "upstream out of use after repeated connect failures");
+                    }
+                    last = e;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last)
+    }
+
     /// Whether requests go over HTTP/1.1 (the fast lane's own exchange):
     /// the active host does not use HTTP/2.
     pub fn speaks_h1(&self) -> bool {
         self.active().is_some_and(|h| !h.uses_h2())
-    }
-
-    /// The peer for pingora's streaming path, and its host's index.
-    pub fn peer(&self) -> Result<(HttpPeer, usize), UpstreamError> {
-        let (i, h) = self
-            .hosts
-            .iter()
-            .enumerate()
-            .find(|(_, h)| self.in_use(h))
-            .ok_or(UpstreamError::Unavailable)?;
-        Ok((h.peer()?, i))
     }
 
     pub async fn resolve(&self) {

@@ -28,7 +28,7 @@ use crate::lease::store::{Record, RedisStore};
 use crate::lifecycle::Signals;
 use crate::proxy::Proxy;
 use crate::refresh::{self as refresher, Subject};
-use crate::upstream::{self, DEFAULT_POOL_SIZE};
+use crate::upstream;
 
 /// Slack on top of connect + read timeouts for the first token fetch.
 const DEFAULT_BOOT_SLACK: Duration = Duration::from_secs(3);
@@ -37,7 +37,6 @@ const DEFAULT_BOOT_SLACK: Duration = Duration::from_secs(3);
 /// is reported while the process can still exit non-zero.
 pub struct Prepared {
     app: Arc<App>,
-    ca_bundle: Option<String>,
     mode: RunMode,
 }
 
@@ -112,7 +111,6 @@ pub fn prepare(config: Config, mode: RunMode) -> Result<Prepared, String> {
     let wecom = wecom_in_use.then(|| Upstreams::new(&config.wecom_upstream, ca_bundle.as_deref()));
     Ok(Prepared {
         app: App::new(config, up, wecom, store, intercept),
-        ca_bundle: ca_bundle.map(|p| p.display().to_string()),
         mode,
     })
 }
@@ -137,8 +135,6 @@ impl Prepared {
             upgrade_sock: config.upgrade_sock.display().to_string(),
             pid_file: config.pid_file.display().to_string(),
             daemon: self.mode.daemon,
-            upstream_keepalive_pool_size: DEFAULT_POOL_SIZE,
-            ca_file: self.ca_bundle.clone(),
             ..ServerConf::default()
         };
         let opt = pingora::server::configuration::Opt {

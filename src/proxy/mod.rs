@@ -36,9 +36,6 @@ use crate::upstream::UpstreamError;
 
 pub mod fast;
 
-/// The error type of a streamed request body that outlived its deadline.
-const BODY_TIMEOUT: &str = "request body timeout";
-
 /// Credentials sent to a token endpoint are tiny.
 const DEFAULT_CREDENTIALS_LIMIT: usize = 64 * 1024;
 
@@ -54,8 +51,6 @@ impl Proxy {
 
 /// Per-request state for the streaming path.
 pub struct Ctx {
-    /// The path and query to send upstream, when the token changed.
-    stream_uri: Option<http::Uri>,
     /// For the request log line and metrics.
     start: std::time::Instant,
     route: Served,
@@ -66,36 +61,20 @@ pub struct Ctx {
     caller: Option<crate::clients::Caller>,
     /// Counts the request as in flight while it lives.
     _in_flight: Option<crate::lifecycle::InFlight>,
-    /// Which upstream family and host the streaming path chose.
-    upstream: Family,
-    host: usize,
     /// The family an intercepted host (`Host`, SNI, proxy target) names.
     family: Option<Family>,
-    /// The token the streaming path put in: scrubbed from the answer.
-    injected: Option<Arc<Lease>>,
-    /// Informational (1xx) answers the streaming path has seen.
-    informational: u8,
-    /// When the streamed request body was whole (the answer's clock starts
-    /// there); `None` while it is still coming.
-    body_done: Option<std::time::Instant>,
 }
 
 impl Default for Ctx {
     fn default() -> Self {
         Ctx {
-            stream_uri: None,
             start: std::time::Instant::now(),
             route: Served::Api,
             account: None,
             errcode: None,
             caller: None,
             _in_flight: None,
-            upstream: Family::Official,
-            host: 0,
             family: None,
-            injected: None,
-            informational: 0,
-            body_done: None,
         }
     }
 }
@@ -717,7 +696,9 @@ impl Proxy {
             }
             scrub_token(&mut resp, plan.token.as_deref());
             if content_length(&resp.headers).is_some_and(|n| n > limit) {
-                return self.stream_answer(session, resp, None, x, deadline).await;
+                return self
+                    .stream_answer(session, resp, None, x, deadline, false)
+                    .await;
             }
             let answer = match tokio::time::timeout_at(deadline.at, x.read_to_end(limit)).await {
                 Err(_) => return Ok(Err(upstream_err(deadline.missed()))),
@@ -728,7 +709,7 @@ impl Proxy {
                 // Bigger than declared or than the cap: stream the rest.
                 Ok(Err(partial)) => {
                     return self
-                        .stream_answer(session, resp, Some(partial.freeze()), x, deadline)
+                        .stream_answer(session, resp, Some(partial.freeze()), x, deadline, false)
                         .await
                 }
                 Ok(Ok(answer)) => answer,
@@ -769,7 +750,16 @@ impl Proxy {
         head: Option<Bytes>,
         mut x: crate::upstream::Exchange<'_>,
         deadline: AnswerDeadline,
+        head_only: bool,
     ) -> Step<()> {
+        // No body, and so no framing, for a HEAD request or a status that
+        // cannot have one (RFC 9110 §6.4.1).
+        let status = resp.status.as_u16();
+        if head_only || status == 204 || status == 304 {
+            x.finish().await;
+            session.write_response_header(Box::new(resp), true).await?;
+            return Ok(Ok(()));
+        }
         if content_length(&resp.headers).is_none() {
             resp.insert_header(header::TRANSFER_ENCODING, "chunked")?;
         }
@@ -796,6 +786,83 @@ impl Proxy {
         x.finish().await;
         session.write_response_body(None, true).await?;
         Ok(Ok(()))
+    }
+
+    /// Streamed media (uploads and downloads of up to 20 MB, multipart
+    /// bodies) through our own client: the same pool, breaker, failover and
+    /// counters as every other request, on HTTP/1.1. The body goes on as it
+    /// arrives (bounded as a whole by `limits.body_timeout`), the answer
+    /// comes back as it arrives (bounded by `upstream.answer_timeout` from
+    /// the end of the body); our token is scrubbed from the answer's head.
+    /// Nothing is replayed: a streamed body is not kept.
+    async fn stream(&self, session: &mut Session, plan: Plan, ctx: &mut Ctx) -> Step<()> {
+        ctx.account = plan.account.clone();
+        let upstream_err = |source| match source {
+            UpstreamError::Unavailable => ProxyError::Unavailable,
+            source => ProxyError::Upstream {
+                path: plan.path.clone(),
+                source,
+            },
+        };
+        let has_body = !session.as_downstream_mut().is_body_empty();
+        let client = session.req_header();
+        let mut req = self.upstream_request(client, &plan.path_and_query(), 0)?;
+        // The body keeps the framing it came with.
+        req.remove_header(&header::CONTENT_LENGTH);
+        match content_length(&client.headers) {
+            Some(n) => req.insert_header(header::CONTENT_LENGTH, n)?,
+            None if has_body => req.insert_header(header::TRANSFER_ENCODING, "chunked")?,
+            None => {}
+        }
+        let expects_continue = client
+            .headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        let upstreams = self.app.upstream_for(plan.family);
+        let mut up = match upstreams.open(&req).await {
+            Ok(u) => u,
+            Err(e) => return Ok(Err(upstream_err(e))),
+        };
+        if expects_continue && has_body {
+            session
+                .as_downstream_mut()
+                .write_continue_response()
+                .await?;
+            crate::guard::head_complete();
+        }
+        let deadline = tokio::time::Instant::now() + self.app.config.limits.body_timeout;
+        loop {
+            let chunk = match tokio::time::timeout_at(deadline, session.read_request_body()).await {
+                Ok(chunk) => chunk?,
+                Err(_) => {
+                    session.set_keepalive(None);
+                    return Ok(Err(ProxyError::BodyTimeout {
+                        path: plan.path.clone(),
+                        limit: self.app.config.limits.body_timeout,
+                    }));
+                }
+            };
+            let Some(chunk) = chunk else { break };
+            if let Err(e) = up.write(&chunk).await {
+                // The app's body was not read to its end: never reuse.
+                session.set_keepalive(None);
+                return Ok(Err(upstream_err(e)));
+            }
+        }
+        let answer_deadline = AnswerDeadline::from_now(upstreams.answer_timeout());
+        let x = match tokio::time::timeout_at(answer_deadline.at, up.finish()).await {
+            Err(_) => return Ok(Err(upstream_err(answer_deadline.missed()))),
+            Ok(Err(e)) => return Ok(Err(upstream_err(e))),
+            Ok(Ok(x)) => x,
+        };
+        let mut resp = x.header().clone();
+        for name in HOP_BY_HOP {
+            resp.remove_header(name);
+        }
+        scrub_token(&mut resp, plan.token.as_deref());
+        let head_only = session.req_header().method == http::Method::HEAD;
+        self.stream_answer(session, resp, None, x, answer_deadline, head_only)
+            .await
     }
 
     /// Answers `/cgi-bin/token` and `/cgi-bin/stable_token` from the cache.
@@ -956,20 +1023,7 @@ impl ProxyHttp for Proxy {
             Route::Stream => match self.plan(session.req_header(), ctx).await {
                 Ok(plan) => {
                     ctx.route = Served::Stream;
-                    ctx.account = plan.account.clone();
-                    let uri = plan.path_and_query().parse::<http::Uri>().map_err(|_| {
-                        Error::explain(
-                            ErrorType::InvalidHTTPHeader,
-                            "bad path after token injection",
-                        )
-                    })?;
-                    ctx.stream_uri = Some(uri);
-                    ctx.upstream = plan.family;
-                    ctx.injected = plan.token.clone();
-                    if session.as_downstream_mut().is_body_empty() {
-                        ctx.body_done = Some(std::time::Instant::now());
-                    }
-                    return Ok(false);
+                    self.stream(session, plan, ctx).await?
                 }
                 Err(e) => Err(e),
             },
@@ -986,110 +1040,21 @@ impl ProxyHttp for Proxy {
         Ok(true)
     }
 
+    /// Never called: every request is answered in `request_filter`
+    /// (streamed media too, through our own client).
     async fn upstream_peer(
         &self,
         _session: &mut Session,
-        ctx: &mut Ctx,
+        _ctx: &mut Ctx,
     ) -> pingora::Result<Box<HttpPeer>> {
-        let (peer, host) = self
-            .app
-            .upstream_for(ctx.upstream)
-            .peer()
-            .map_err(|e| Error::explain(ErrorType::ConnectNoRoute, e.to_string()))?;
-        ctx.host = host;
-        // Streamed media stays on HTTP/1.1 whatever `upstream.http2` says.
-        let mut peer = peer;
-        peer.options.set_http_version(1, 1);
-        Ok(Box::new(peer))
-    }
-
-    async fn upstream_request_filter(
-        &self,
-        _session: &mut Session,
-        req: &mut RequestHeader,
-        ctx: &mut Ctx,
-    ) -> pingora::Result<()> {
-        if let Some(uri) = ctx.stream_uri.take() {
-            req.set_uri(uri);
-        }
-        req.remove_header(ACCOUNT_HEADER);
-        if self.app.clients.uses_tokens() {
-            req.remove_header(&header::AUTHORIZATION);
-        }
-        let host = &self.app.upstream_for(ctx.upstream).hosts()[ctx.host];
-        req.insert_header(header::HOST, host.host_header())?;
-        Ok(())
-    }
-
-    /// The streaming path's request body is bounded as a whole, not only per
-    /// chunk: a body trickled byte by byte ends at `limits.body_timeout`.
-    async fn request_body_filter(
-        &self,
-        _session: &mut Session,
-        _body: &mut Option<Bytes>,
-        end_of_stream: bool,
-        ctx: &mut Ctx,
-    ) -> pingora::Result<()> {
-        if end_of_stream && ctx.body_done.is_none() {
-            ctx.body_done = Some(std::time::Instant::now());
-        }
-        if ctx.body_done.is_none() && ctx.start.elapsed() > self.app.config.limits.body_timeout {
-            return Err(Error::explain(
-                ErrorType::Custom(BODY_TIMEOUT),
-                "request body not received within limits.body_timeout",
-            ));
-        }
-        Ok(())
-    }
-
-    /// The streaming path's answer header: our token is removed from it, and
-    /// an upstream that sends informational answers without end is cut off.
-    async fn response_filter(
-        &self,
-        _session: &mut Session,
-        resp: &mut ResponseHeader,
-        ctx: &mut Ctx,
-    ) -> pingora::Result<()> {
-        if resp.status.is_informational() && resp.status != http::StatusCode::SWITCHING_PROTOCOLS {
-            ctx.informational += 1;
-            if usize::from(ctx.informational) > crate::upstream::DEFAULT_MAX_INFORMATIONAL {
-                return Error::e_explain(
-                    ErrorType::InvalidHTTPHeader,
-                    "upstream sent too many informational answers",
-                )
-                .map_err(|e| e.into_up());
-            }
-        }
-        scrub_token(resp, ctx.injected.as_deref());
-        Ok(())
-    }
-
-    /// A streamed answer is bounded as a whole by `upstream.answer_timeout`,
-    /// counted from the end of the request body (checked as chunks arrive;
-    /// between chunks `upstream.read_timeout` bounds the wait).
-    fn response_body_filter(
-        &self,
-        _session: &mut Session,
-        _body: &mut Option<Bytes>,
-        _end_of_stream: bool,
-        ctx: &mut Ctx,
-    ) -> pingora::Result<Option<std::time::Duration>> {
-        // From the end of the request body: a long upload is the body's
-        // deadline, not the answer's.
-        let limit = self.app.upstream_for(ctx.upstream).answer_timeout();
-        if ctx.body_done.is_some_and(|t| t.elapsed() > limit) {
-            return Err(Error::explain(
-                ErrorType::ReadTimedout,
-                "upstream answer not received within upstream.answer_timeout",
-            )
-            .into_up());
-        }
-        Ok(None)
+        Error::e_explain(
+            ErrorType::InternalError,
+            "every request is answered in request_filter",
+        )
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, _ctx: &mut Ctx) -> FailToProxy {
         let (status, what) = match (e.esource(), e.etype()) {
-            (_, ErrorType::Custom(BODY_TIMEOUT)) => (408, "request body timed out"),
             (
                 _,
                 ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout,

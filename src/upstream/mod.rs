@@ -162,6 +162,15 @@ pub struct Exchange<'a> {
     peer: HttpPeer,
 }
 
+/// An HTTP/1.1 request whose head is sent and whose body the caller is
+/// still streaming (media uploads): [`Upload::write`], then
+/// [`Upload::finish`] for the answer.
+pub struct Upload<'a> {
+    upstream: &'a Upstream,
+    session: HttpSession,
+    peer: HttpPeer,
+}
+
 /// One exchange's connection: its own HTTP/1.1 connection, or a stream of a
 /// shared HTTP/2 one.
 enum Session {
@@ -209,11 +218,6 @@ impl Upstream {
 
     pub fn url(&self) -> &UpstreamUrl {
         &self.url
-    }
-
-    /// The `Host` header every forwarded request carries.
-    pub fn host_header(&self) -> &str {
-        &self.host_header
     }
 
     fn make_peer(&self, addr: SocketAddr) -> HttpPeer {
@@ -291,8 +295,8 @@ impl Upstream {
         Ok((r, first))
     }
 
-    /// A peer for pingora's streaming proxy path (media up- and downloads).
-    pub fn peer(&self) -> Result<HttpPeer, UpstreamError> {
+    /// The peer for the preferred resolved address.
+    fn peer(&self) -> Result<HttpPeer, UpstreamError> {
         let (r, first) = self.peers()?;
         Ok(r.peers[first].clone())
     }
@@ -300,7 +304,13 @@ impl Upstream {
     /// Opens a new connection, trying each resolved address in turn, and
     /// keeps count of failures in a row (for failover).
     async fn connect(&self) -> Result<(Stream, HttpPeer), UpstreamError> {
-        let result = self.connect_inner().await;
+        self.connect_as(false).await
+    }
+
+    /// [`Self::connect`], offering HTTP/1.1 alone when `h1_only` (streamed
+    /// media, even where requests go over HTTP/2).
+    async fn connect_as(&self, h1_only: bool) -> Result<(Stream, HttpPeer), UpstreamError> {
+        let result = self.connect_inner(h1_only).await;
         match &result {
             Ok(_) => self.stats.connect_failures.store(0, Ordering::Relaxed),
             Err(_) => {
@@ -330,13 +340,17 @@ impl Upstream {
         }
     }
 
-    async fn connect_inner(&self) -> Result<(Stream, HttpPeer), UpstreamError> {
+    async fn connect_inner(&self, h1_only: bool) -> Result<(Stream, HttpPeer), UpstreamError> {
         let (r, first) = self.peers()?;
         let n = r.peers.len();
         let mut last = None;
         for i in 0..n {
             let idx = (first + i) % n;
-            let peer = &r.peers[idx];
+            let peer = &if h1_only {
+                h1_peer(&r.peers[idx])
+            } else {
+                r.peers[idx].clone()
+            };
             match self.transport.new_stream(peer).await {
                 Ok(stream) => {
                     self.stats.opened.inc();
@@ -384,6 +398,66 @@ impl Upstream {
             self.stats.ok.inc();
         }
         result
+    }
+
+    /// Opens an HTTP/1.1 exchange for a body the caller streams (media up-
+    /// and downloads stay on HTTP/1.1 whatever `upstream.http2` says): the
+    /// same pool, connects, counters and failover accounting as [`Self::send`].
+    /// The head goes out now, framed by the request's `Content-Length` or
+    /// `Transfer-Encoding: chunked`. A pooled connection that fails while the
+    /// head is written gets one retry on a new one: nothing reached WeChat.
+    pub async fn open(&self, req: &RequestHeader) -> Result<Upload<'_>, UpstreamError> {
+        let result = self.open_inner(req).await;
+        if result.is_err() {
+            self.stats.failed.inc();
+        }
+        result
+    }
+
+    async fn open_inner(&self, req: &RequestHeader) -> Result<Upload<'_>, UpstreamError> {
+        let (peer, _) = self.peers().inspect_err(|_| {
+            self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+        })?;
+        let pooled = {
+            let p = h1_peer(&peer.peers[self.preferred.load(Ordering::Relaxed) % peer.peers.len()]);
+            self.pool.take(p.reuse_hash()).map(|s| (s, p))
+        };
+        if let Some((stream, p)) = pooled {
+            self.stats.reused.inc();
+            match self.write_head(stream, p, req).await {
+                Ok(u) => return Ok(u),
+                Err(e) if e.is_timeout() => return Err(e),
+                Err(e) => {
+                    tracing::debug!(error = %e, "pooled connection failed; retrying on a new one")
+                }
+            }
+        }
+        let (stream, p) = self.connect_as(true).await?;
+        self.write_head(stream, p, req).await
+    }
+
+    async fn write_head(
+        &self,
+        stream: Stream,
+        peer: HttpPeer,
+        req: &RequestHeader,
+    ) -> Result<Upload<'_>, UpstreamError> {
+        let mut session = HttpSession::new_with_options(stream, &peer);
+        session.read_timeout = Some(self.conf.read_timeout);
+        session.write_timeout = Some(self.conf.read_timeout);
+        let mut req = req.clone();
+        let failed = |e: Box<pingora::Error>| self.map_err(&peer.address().to_string(), &e);
+        req.insert_header(http::header::HOST, self.host_header.as_str())
+            .map_err(failed)?;
+        session
+            .write_request_header(Box::new(req))
+            .await
+            .map_err(failed)?;
+        Ok(Upload {
+            upstream: self,
+            session,
+            peer,
+        })
     }
 
     /// Live HTTP/2 connections, for `/status`.
@@ -807,6 +881,58 @@ impl Upstream {
     }
 }
 
+impl<'a> Upload<'a> {
+    /// Sends the next piece of the body. An empty piece sends nothing: to a
+    /// chunked body it would be the last chunk.
+    pub async fn write(&mut self, chunk: &[u8]) -> Result<(), UpstreamError> {
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        match self.session.write_body(chunk).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.failed(&e)),
+        }
+    }
+
+    /// Ends the body and reads the answer's head, skipping informational
+    /// answers (a few).
+    pub async fn finish(mut self) -> Result<Exchange<'a>, UpstreamError> {
+        let answer = async {
+            self.session.finish_body().await?;
+            let mut informational = 0;
+            loop {
+                self.session.read_response().await?;
+                let status = self.session.get_status().map_or(0, |s| s.as_u16());
+                if !(100..200).contains(&status) || status == 101 {
+                    return Ok(());
+                }
+                informational += 1;
+                if informational > DEFAULT_MAX_INFORMATIONAL {
+                    return Err(pingora::Error::explain(
+                        ErrorType::InvalidHTTPHeader,
+                        "too many informational answers",
+                    ));
+                }
+            }
+        };
+        if let Err(e) = answer.await {
+            return Err(self.failed(&e));
+        }
+        self.upstream.stats.ok.inc();
+        Ok(Exchange {
+            upstream: self.upstream,
+            session: Session::H1(self.session),
+            peer: self.peer,
+        })
+    }
+
+    fn failed(&self, e: &pingora::Error) -> UpstreamError {
+        tracing::debug!(error = %e, "streamed exchange failed");
+        self.upstream.stats.failed.inc();
+        self.upstream.map_err(&self.peer.address().to_string(), e)
+    }
+}
+
 impl Exchange<'_> {
     pub fn header(&self) -> &ResponseHeader {
         match &self.session {
@@ -856,6 +982,14 @@ impl Exchange<'_> {
             self.upstream.pool.put(stream, self.peer.reuse_hash());
         }
     }
+}
+
+/// `peer` offering HTTP/1.1 alone (its pooled connections are kept apart
+/// from those that may have agreed on h2: the version is in the pool key).
+fn h1_peer(peer: &HttpPeer) -> HttpPeer {
+    let mut p = peer.clone();
+    p.options.set_http_version(1, 1);
+    p
 }
 
 /// The resolver for an upstream family: the system's nameservers or

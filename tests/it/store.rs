@@ -183,7 +183,13 @@ async fn redis_outage_is_invisible_while_the_token_is_valid() {
 async fn three_replicas_times_a_hundred_failures_cost_one_fetch() {
     let fake = Fake::start(&[]);
     let redis = Redis::start().await;
-    let cfg = shared("", &redis);
+    // 300 requests at once open new TLS connections to the fake: on a busy
+    // test box the default 2 s connect bound is not what this test is about.
+    let cfg = shared("", &redis).replacen(
+        "  warm_connections: 4\n",
+        "  warm_connections: 4\n  connect_timeout: 10s\n",
+        1,
+    );
     let sides = [
         Sidecar::start(&fake, &cfg).await,
         Sidecar::start(&fake, &cfg).await,

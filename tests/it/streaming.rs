@@ -105,3 +105,46 @@ async fn binary_answer_on_the_json_path_streams_past_the_buffer_cap() {
     let (status, v) = side.send("/cgi-bin/message/template/send", TEMPLATE).await;
     assert_eq!((status, v["errcode"].as_i64()), (200, Some(0)), "{v}");
 }
+
+#[tokio::test]
+async fn a_chunked_upload_goes_through_the_sidecars_own_pool() {
+    use std::io::Write;
+    let fake = Fake::start(&[]);
+    let side = Sidecar::start_standard(&fake, "stable", "stable").await;
+    let counted = |s: &wxsidecar::status::Status| s.upstream.hosts[0].requests;
+    let before = counted(&side.typed_status().await);
+    let data = "x".repeat(100_000);
+    let body = format!(
+        "--XyZ\r\nContent-Disposition: form-data; name=\"media\"; filename=\"a.bin\"\r\n\
+         Content-Type: application/octet-stream\r\n\r\n{data}\r\n--XyZ--\r\n"
+    );
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", side.port)).unwrap();
+    s.write_all(
+        b"POST /cgi-bin/media/upload?type=file HTTP/1.1\r\nHost: x\r\n\
+          Content-Type: multipart/form-data; boundary=XyZ\r\nTransfer-Encoding: chunked\r\n\r\n",
+    )
+    .unwrap();
+    // Three chunks, each size line apart from its data: the body is
+    // streamed as it comes, and a read that brings only a size line (an
+    // empty piece of body) must not end the body upstream.
+    for part in [&body[..10], &body[10..50_000], &body[50_000..]] {
+        write!(s, "{:x}\r\n", part.len()).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        write!(s, "{part}\r\n").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(30));
+    }
+    s.write_all(b"0\r\n\r\n").unwrap();
+    let answer = crate::raw::read_until_quiet(&mut s, std::time::Duration::from_secs(1));
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("media_id"), "{answer}");
+    let seen = fake.requests().await;
+    let upload = seen
+        .iter()
+        .find(|r| r["path"] == "/cgi-bin/media/upload")
+        .unwrap();
+    assert_eq!(upload["body_len"].as_u64(), Some(body.len() as u64));
+    assert!(upload["access_token"].as_str().is_some());
+    // Counted on the host like every other request: one pool, one set of
+    // counters (pingora's own connector would not have been).
+    assert_eq!(counted(&side.typed_status().await) - before, 1);
+}
