@@ -109,16 +109,48 @@ pub(crate) async fn exchange(
     body: &[u8],
 ) -> Result<Fetched, FetchError> {
     let sent = tokio::time::Instant::now();
-    let mut x = upstream.send(req, body).await?;
-    let status = x.header().status.as_u16();
-    let answer = x.read_to_end(DEFAULT_ANSWER_LIMIT).await?;
-    x.finish().await;
+    // Over HTTP/1.1, our own exchange (as the fast lane's): a start with
+    // thousands of accounts is mostly these.
+    let wire = upstream
+        .speaks_h1()
+        .then(|| pingora::protocols::http::v1::client::http_req_header_to_wire(req))
+        .flatten();
+    let (status, answer) = match wire {
+        Some(mut head) => {
+            // `call` adds Host and the blank line.
+            head.truncate(head.len() - 2);
+            let idempotent = req.method == http::Method::GET;
+            let mut x = upstream.call(&head, body, idempotent).await?;
+            let status = x.status;
+            let answer = x.read_to_end(DEFAULT_ANSWER_LIMIT).await?;
+            x.finish();
+            (status, answer.map_err(drop))
+        }
+        None => {
+            let mut x = upstream.send(req, body).await?;
+            let status = x.header().status.as_u16();
+            let answer = x.read_to_end(DEFAULT_ANSWER_LIMIT).await?;
+            x.finish().await;
+            (status, answer.map_err(drop))
+        }
+    };
     let answer = answer.map_err(|_| {
         FetchError::BadAnswer(format!(
             "HTTP {status}, body over {DEFAULT_ANSWER_LIMIT} bytes"
         ))
     })?;
     parse_answer(status, &answer).map(|f| f.counted_from(sent))
+}
+
+/// `POST /cgi-bin/stable_token`'s body, written straight from borrowed
+/// fields (a `json!` value cost a tenth of a start's CPU with 10,000
+/// accounts).
+#[derive(serde::Serialize)]
+struct StableTokenRequest<'a> {
+    grant_type: &'static str,
+    appid: &'a str,
+    secret: &'a str,
+    force_refresh: bool,
 }
 
 fn build_request(account: &Account, force: bool) -> (RequestHeader, Vec<u8>) {
@@ -143,14 +175,13 @@ fn build_request(account: &Account, force: bool) -> (RequestHeader, Vec<u8>) {
             (req, Vec::new())
         }
         (_, TokenApi::Stable) => {
-            let body = serde_json::json!({
-                "grant_type": "client_credential",
-                "appid": account.id,
-                "secret": account.secret.expose(),
-                "force_refresh": force,
+            let body = serde_json::to_vec(&StableTokenRequest {
+                grant_type: "client_credential",
+                appid: &account.id,
+                secret: account.secret.expose(),
+                force_refresh: force,
             })
-            .to_string()
-            .into_bytes();
+            .expect("strings serialise");
             let mut req =
                 RequestHeader::build("POST", b"/cgi-bin/stable_token", None).expect("valid path");
             req.insert_header("Content-Type", "application/json")
