@@ -36,6 +36,24 @@ pub struct Account {
     pub replays: crate::metrics::ReplayCounters,
     /// Its requests, by route and outcome.
     pub requests: crate::metrics::RequestCounters,
+    /// What WeChat said about the IP our calls for it come from.
+    pub whitelist: crate::egress::Whitelist,
+}
+
+impl Account {
+    /// Reads a WeChat answer's errcode for what it says of our egress IP:
+    /// a whitelist refusal is recorded (with the IP WeChat names), a
+    /// success ends a standing one. `errmsg` is read only on a refusal.
+    pub fn note_answer(&self, errcode: Option<i64>, errmsg: impl FnOnce() -> Option<String>) {
+        match errcode {
+            Some(0) => self.whitelist.accepted(&self.name),
+            Some(c) if crate::egress::IP_NOT_WHITELISTED.contains(&c) => {
+                self.whitelist
+                    .refused(&self.name, c, errmsg().as_deref().unwrap_or(""))
+            }
+            _ => {}
+        }
+    }
 }
 
 impl Account {
@@ -56,6 +74,7 @@ impl Account {
             tickets: Default::default(),
             replays: Default::default(),
             requests: Default::default(),
+            whitelist: Default::default(),
         }
     }
 }

@@ -35,6 +35,16 @@ pub fn errcode(body: &[u8]) -> Option<i64> {
     }
 }
 
+/// The answer's `errmsg` (parsed only when it is needed: a refusal worth
+/// reading).
+pub fn errmsg(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Errmsg {
+        errmsg: Option<String>,
+    }
+    serde_json::from_slice::<Errmsg>(body).ok()?.errmsg
+}
+
 fn parse(body: &[u8]) -> Option<i64> {
     serde_json::from_slice::<Errcode>(body).ok()?.errcode
 }

@@ -15,6 +15,7 @@ pub(crate) mod clients;
 pub mod config;
 #[cfg(feature = "fake")]
 pub(crate) mod demo;
+pub(crate) mod egress;
 pub(crate) mod failover;
 #[cfg(feature = "fake")]
 pub(crate) mod fake;

@@ -44,6 +44,21 @@ pub struct AccountStatus {
     pub fetches_failed: u64,
     pub last_error: Option<LastError>,
     pub tickets: Vec<TicketStatus>,
+    /// The IP WeChat last named as the one our calls come from.
+    pub egress_ip_seen: Option<String>,
+    /// WeChat refuses calls from that IP (not whitelisted); cleared by the
+    /// next call that goes through.
+    pub ip_whitelist_error: Option<IpWhitelistError>,
+}
+
+/// A standing IP-whitelist refusal (40164, 60020, 61004, 89503).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IpWhitelistError {
+    pub errcode: i64,
+    pub errmsg: String,
+    /// The IP WeChat named, if it named one.
+    pub ip: Option<String>,
+    pub seconds_ago: u64,
 }
 
 /// A ticket in use: ages and counters.

@@ -60,6 +60,19 @@ pub fn write_accounts(out: &mut Vec<u8>, accounts: &Accounts) {
 
     let mut f = TextFamily::new(
         out,
+        "wxsidecar_ip_not_whitelisted_total",
+        "Answers from WeChat refusing our egress IP (40164, 60020, 61004, 89503), by account.",
+        "counter",
+    );
+    for a in accounts.iter() {
+        let n = a.whitelist.count();
+        if n > 0 {
+            f.series(&[("account", &a.name)], n);
+        }
+    }
+
+    let mut f = TextFamily::new(
+        out,
         "wxsidecar_token_expiry_seconds",
         "Seconds the account's current token has left (0: none valid).",
         "gauge",

@@ -95,6 +95,13 @@ impl Admin {
                     fetches_failed: st.fetches_failed,
                     last_error: last_error(st.last_error),
                     tickets: tickets(a),
+                    egress_ip_seen: a.whitelist.ip_seen().map(|ip| ip.to_string()),
+                    ip_whitelist_error: a.whitelist.standing().map(|r| status::IpWhitelistError {
+                        errcode: r.errcode,
+                        errmsg: r.message,
+                        ip: r.ip.map(|ip| ip.to_string()),
+                        seconds_ago: r.at.elapsed().map_or(0, |d| d.as_secs()),
+                    }),
                 }
             })
             .collect();

@@ -190,6 +190,9 @@ async fn serve(
     if verdict.busy {
         return errcode(-1, "system error");
     }
+    if let Some(refusal) = not_whitelisted(shared, &parts, &path) {
+        return refusal;
+    }
     if verdict.token_error {
         shared.state.lock().invalid_token_calls += 1;
         return errcode(
@@ -235,8 +238,46 @@ async fn serve(
     }
 }
 
+/// WeChat's answer to a caller whose IP is not whitelisted, worded as
+/// WeChat words it (the IP in the message), when a whitelist is set.
+fn not_whitelisted(shared: &Shared, parts: &http::request::Parts, path: &str) -> Option<Answer> {
+    let ip = parts.extensions.get::<super::ClientIp>()?.0;
+    let allowed = shared.whitelist.lock().as_ref()?.contains(&ip);
+    if allowed {
+        return None;
+    }
+    shared.state.lock().api_calls += 1;
+    Some(if path == "/cgi-bin/gettoken" {
+        errcode(
+            60020,
+            &format!("not allow to access from your ip, hint: [1733000000_10_abcdef], from ip: {ip}, more info at https://open.work.weixin.qq.com/devtool/query?e=60020"),
+        )
+    } else {
+        errcode(
+            40164,
+            &format!("invalid ip {ip} ipv6 ::ffff:{ip}, not in whitelist rid: 674c1a2b-5f3e9d21-0a1b2c3d"),
+        )
+    })
+}
+
 fn fake_admin(shared: &Shared, method: &hyper::Method, path: &str, q: &str, body: &[u8]) -> Answer {
     match (method.as_str(), path) {
+        ("POST", "/__fake/whitelist") => {
+            #[derive(serde::Deserialize)]
+            struct List {
+                ips: Option<Vec<std::net::IpAddr>>,
+            }
+            match serde_json::from_slice::<List>(body) {
+                Ok(l) => {
+                    *shared.whitelist.lock() = l.ips;
+                    errcode(0, "ok")
+                }
+                Err(e) => json(
+                    400,
+                    serde_json::json!({ "errcode": 40035, "errmsg": format!("bad whitelist: {e}") }),
+                ),
+            }
+        }
         ("POST", "/__fake/close-idle") => {
             shared.close_idle.send_modify(|n| *n += 1);
             errcode(0, "ok")

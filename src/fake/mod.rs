@@ -100,7 +100,14 @@ pub(crate) struct Shared {
     pub close_idle: tokio::sync::watch::Sender<u64>,
     /// HTTP/1.1 connections open now.
     pub h1_open: AtomicU64,
+    /// Set by `POST /__fake/whitelist`: only these caller IPs are served;
+    /// the rest get WeChat's IP-whitelist errors (40164, WeCom 60020).
+    pub whitelist: Mutex<Option<Vec<std::net::IpAddr>>>,
 }
+
+/// The caller's address, put on each request for the whitelist check.
+#[derive(Clone, Copy)]
+pub(crate) struct ClientIp(pub std::net::IpAddr);
 
 /// A running fake.
 pub struct Fake {
@@ -135,6 +142,7 @@ pub async fn start(opts: FakeOptions) -> std::io::Result<Fake> {
         refused: AtomicU64::new(0),
         close_idle: tokio::sync::watch::Sender::new(0),
         h1_open: AtomicU64::new(0),
+        whitelist: Mutex::new(None),
         opts: opts.clone(),
     });
     tokio::spawn(accept_loop(listener, acceptor, shared));
@@ -189,7 +197,7 @@ const DEFAULT_H2_STREAM_WINDOW: u32 = 65_535;
 /// One HTTP/2 connection. With `h2_max_requests`, the fake sends GOAWAY
 /// after that many requests, as servers do (nginx: `keepalive_requests`):
 /// requests in flight finish, new streams must go to another connection.
-async fn serve_h2<S>(stream: S, shared: Arc<Shared>) -> Result<(), hyper::Error>
+async fn serve_h2<S>(stream: S, shared: Arc<Shared>, ip: ClientIp) -> Result<(), hyper::Error>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -197,7 +205,8 @@ where
     let limit_hit = Arc::new(tokio::sync::Notify::new());
     let svc = {
         let (shared, served, limit_hit) = (shared.clone(), served.clone(), limit_hit.clone());
-        service_fn(move |req| {
+        service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(ip);
             let n = served.fetch_add(1, Ordering::Relaxed) + 1;
             if shared.opts.h2_max_requests.is_some_and(|max| n >= max) {
                 limit_hit.notify_one();
@@ -231,14 +240,17 @@ impl Drop for H1Open {
 }
 
 /// One HTTP/1.1 connection, closed once idle on `POST /__fake/close-idle`.
-async fn serve_h1<S>(stream: S, shared: Arc<Shared>) -> Result<(), hyper::Error>
+async fn serve_h1<S>(stream: S, shared: Arc<Shared>, ip: ClientIp) -> Result<(), hyper::Error>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let mut close = shared.close_idle.subscribe();
     shared.h1_open.fetch_add(1, Ordering::Relaxed);
     let _open = H1Open(shared.clone());
-    let svc = service_fn(move |req| api::handle(shared.clone(), req));
+    let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(ip);
+        api::handle(shared.clone(), req)
+    });
     let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(conn);
     tokio::select! {
@@ -250,7 +262,7 @@ where
 
 async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>, shared: Arc<Shared>) {
     loop {
-        let (tcp, _) = match listener.accept().await {
+        let (tcp, peer) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(error = %e, "fake: accept failed");
@@ -259,6 +271,7 @@ async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>, shared: Ar
             }
         };
         let _ = tcp.set_nodelay(true);
+        let ip = ClientIp(peer.ip());
         shared.connections.fetch_add(1, Ordering::Relaxed);
         let shared = shared.clone();
         let tls = tls.clone();
@@ -268,18 +281,18 @@ async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>, shared: Ar
                     Ok(stream) if stream.get_ref().1.alpn_protocol() == Some(b"h2") => {
                         shared.tls_handshakes.fetch_add(1, Ordering::Relaxed);
                         shared.h2_connections.fetch_add(1, Ordering::Relaxed);
-                        serve_h2(stream, shared.clone()).await
+                        serve_h2(stream, shared.clone(), ip).await
                     }
                     Ok(stream) => {
                         shared.tls_handshakes.fetch_add(1, Ordering::Relaxed);
-                        serve_h1(stream, shared.clone()).await
+                        serve_h1(stream, shared.clone(), ip).await
                     }
                     Err(e) => {
                         tracing::debug!(error = %e, "fake: TLS handshake failed");
                         return;
                     }
                 },
-                None => serve_h1(tcp, shared.clone()).await,
+                None => serve_h1(tcp, shared.clone(), ip).await,
             };
             if let Err(e) = result {
                 tracing::debug!(error = %e, "fake: connection ended with an error");

@@ -427,6 +427,7 @@ impl FastLane {
                 Ok(Ok(Ok(b))) => b,
             };
             let errcode = inspect::errcode(&body);
+            plan.account.note_answer(errcode, || inspect::errmsg(&body));
             let rejected = plan.token.is_some()
                 && errcode.is_some_and(|c| inspect::INVALID_TOKEN.contains(&c));
             if replaying {

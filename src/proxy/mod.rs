@@ -716,6 +716,9 @@ impl Proxy {
             };
             x.finish().await;
             ctx.errcode = inspect::errcode(&answer);
+            if let Some(a) = &plan.account {
+                a.note_answer(ctx.errcode, || inspect::errmsg(&answer));
+            }
             let rejected = plan.token.is_some()
                 && ctx
                     .errcode

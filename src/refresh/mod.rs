@@ -126,7 +126,7 @@ impl Source for TokenSource {
 
     async fn fetch(&mut self, rejected: Option<&str>) -> Result<Fetched, FetchError> {
         let (account, upstream) = (&self.account, &self.upstream);
-        let f = self::token::fetch(upstream, account, false).await?;
+        let f = noted(account, self::token::fetch(upstream, account, false).await)?;
         let may_force = account.token_api == TokenApi::Stable
             && account.kind == AccountKind::Official
             && self
@@ -135,7 +135,7 @@ impl Source for TokenSource {
         if rejected == Some(f.value.as_str()) && may_force {
             tracing::info!(account = %account.name, "stable token unchanged after a rejection; forcing a new one");
             self.last_force = Some(tokio::time::Instant::now());
-            return self::token::fetch(upstream, account, true).await;
+            return noted(account, self::token::fetch(upstream, account, true).await);
         }
         Ok(f)
     }
@@ -157,8 +157,21 @@ impl Source for TicketSource {
 
     async fn fetch(&mut self, _rejected: Option<&str>) -> Result<Fetched, FetchError> {
         let wait = self.upstream.read_timeout();
-        self::ticket::fetch(&self.upstream, &self.account, self.kind, wait).await
+        let fetched = self::ticket::fetch(&self.upstream, &self.account, self.kind, wait).await;
+        noted(&self.account, fetched)
     }
+}
+
+/// Tells the account what a fetch's answer says about our egress IP.
+fn noted(account: &Account, fetched: Result<Fetched, FetchError>) -> Result<Fetched, FetchError> {
+    match &fetched {
+        Ok(_) => account.note_answer(Some(0), || None),
+        Err(FetchError::WeChat { errcode, errmsg }) => {
+            account.note_answer(Some(*errcode), || Some(errmsg.clone()))
+        }
+        Err(_) => {}
+    }
+    fetched
 }
 
 /// What to do while the shared store is down: `token.on_store_error`, or

@@ -42,7 +42,8 @@ impl FetchError {
     }
 
     /// Errors that retrying soon will not fix: wrong secret, bad appid, IP
-    /// not whitelisted, frozen secret, IP risk check, daily quota spent.
+    /// not whitelisted (40164, WeCom 60020, platforms 61004), frozen secret,
+    /// IP risk check, daily quota spent.
     pub fn is_hard(&self) -> bool {
         matches!(
             self,
@@ -56,6 +57,8 @@ impl FetchError {
                     | 41002
                     | 41004
                     | 45009
+                    | 60020
+                    | 61004
                     | 89501
                     | 89503
                     | 89506

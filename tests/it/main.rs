@@ -6,6 +6,7 @@ mod architecture;
 mod clients;
 mod config;
 mod deploy;
+mod egress;
 mod failover;
 mod failures;
 mod hardening;

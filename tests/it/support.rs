@@ -208,6 +208,13 @@ impl Fake {
         .await;
     }
 
+    /// Serves only callers from `ips` (`None`: everyone); the rest get
+    /// WeChat's IP-whitelist errors naming their IP.
+    pub async fn whitelist(&self, ips: Option<&[&str]>) {
+        let body = serde_json::json!({ "ips": ips }).to_string();
+        self.post_ok(&self.https, "/__fake/whitelist", &body).await;
+    }
+
     /// Sets the fake's injected faults (see `src/fake/faults.rs`).
     pub async fn faults(&self, plan: &str) {
         self.post_ok(&self.https, "/__fake/faults", plan).await;

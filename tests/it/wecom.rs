@@ -179,3 +179,41 @@ async fn wecom_40014_is_replayed_with_a_fresh_token() {
         "only hr refreshed"
     );
 }
+
+#[tokio::test]
+async fn a_token_fetch_refused_for_our_ip_names_it_in_status() {
+    let s = setup().await;
+    s.wecom.whitelist(Some(&["10.9.9.9"])).await;
+    // The refresh fails (the admin call waits for a token that will not
+    // come): what it left in /status is what matters.
+    let refresh = client().post(s.side.admin("/refresh?account=hr")).send();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), refresh).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let st = loop {
+        let st = s.side.typed_status().await;
+        let refused = st
+            .accounts
+            .iter()
+            .any(|a| a.name == "hr" && a.ip_whitelist_error.is_some());
+        if refused || std::time::Instant::now() > deadline {
+            break st;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let hr = st.accounts.iter().find(|a| a.name == "hr").unwrap();
+    let e = hr.ip_whitelist_error.as_ref().expect("a standing refusal");
+    assert_eq!(e.errcode, 60020);
+    assert_eq!(e.ip.as_deref(), Some("127.0.0.1"));
+    assert_eq!(hr.egress_ip_seen.as_deref(), Some("127.0.0.1"));
+    let shop = st.accounts.iter().find(|a| a.name == "shop").unwrap();
+    assert!(
+        shop.ip_whitelist_error.is_none(),
+        "only the refused account"
+    );
+    let log = s.side.log();
+    assert!(
+        log.contains("WeChat refused calls from 127.0.0.1") && log.contains("trusted IPs"),
+        "{log}"
+    );
+    assert!(!log.contains(HR_SECRET));
+}
