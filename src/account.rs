@@ -38,20 +38,36 @@ pub struct Account {
     pub requests: crate::metrics::RequestCounters,
     /// What WeChat said about the IP our calls for it come from.
     pub whitelist: crate::egress::Whitelist,
+    /// What WeChat's answers said about its quotas.
+    pub quota: crate::quota::Quota,
 }
 
 impl Account {
-    /// Reads a WeChat answer's errcode for what it says of our egress IP:
-    /// a whitelist refusal is recorded (with the IP WeChat names), a
-    /// success ends a standing one. `errmsg` is read only on a refusal.
-    pub fn note_answer(&self, errcode: Option<i64>, errmsg: impl FnOnce() -> Option<String>) {
+    /// Reads the errcode of WeChat's answer to `path`: a whitelist refusal
+    /// is recorded (with the IP WeChat names) and a success ends a standing
+    /// one; quota errors and the other errcodes that matter are counted.
+    /// `errmsg` is read only on a whitelist refusal.
+    pub fn note_answer(
+        &self,
+        errcode: Option<i64>,
+        path: &str,
+        errmsg: impl FnOnce() -> Option<String>,
+    ) {
         match errcode {
-            Some(0) => self.whitelist.accepted(&self.name),
+            Some(0) | None => {
+                if errcode.is_some() {
+                    self.whitelist.accepted(&self.name);
+                }
+                return;
+            }
             Some(c) if crate::egress::IP_NOT_WHITELISTED.contains(&c) => {
                 self.whitelist
                     .refused(&self.name, c, errmsg().as_deref().unwrap_or(""))
             }
-            _ => {}
+            Some(_) => {}
+        }
+        if let Some(c) = errcode {
+            self.quota.note(&self.name, c, path);
         }
     }
 }
@@ -75,6 +91,7 @@ impl Account {
             replays: Default::default(),
             requests: Default::default(),
             whitelist: Default::default(),
+            quota: Default::default(),
         }
     }
 }

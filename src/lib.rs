@@ -33,6 +33,7 @@ pub(crate) mod metrics;
 pub(crate) mod profile;
 pub(crate) mod proxy;
 pub mod query;
+pub(crate) mod quota;
 pub(crate) mod refresh;
 pub(crate) mod refusal;
 pub(crate) mod reply;

@@ -49,6 +49,9 @@ pub struct AccountStatus {
     /// WeChat refuses calls from that IP (not whitelisted); cleared by the
     /// next call that goes through.
     pub ip_whitelist_error: Option<IpWhitelistError>,
+    /// API paths whose daily quota WeChat said is spent (45009), until
+    /// midnight UTC+8.
+    pub quota_exhausted: Vec<String>,
 }
 
 /// A standing IP-whitelist refusal (40164, 60020, 61004, 89503).

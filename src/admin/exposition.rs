@@ -60,6 +60,18 @@ pub fn write_accounts(out: &mut Vec<u8>, accounts: &Accounts) {
 
     let mut f = TextFamily::new(
         out,
+        "wxsidecar_wechat_errors_total",
+        "WeChat's answers with an errcode that matters (token, quota, IP, permission), by account and errcode.",
+        "counter",
+    );
+    for a in accounts.iter() {
+        for (code, n) in a.quota.errors() {
+            f.series(&[("account", &a.name), ("errcode", &code.to_string())], n);
+        }
+    }
+
+    let mut f = TextFamily::new(
+        out,
         "wxsidecar_ip_not_whitelisted_total",
         "Answers from WeChat refusing our egress IP (40164, 60020, 61004, 89503), by account.",
         "counter",

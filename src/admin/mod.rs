@@ -95,6 +95,7 @@ impl Admin {
                     fetches_failed: st.fetches_failed,
                     last_error: last_error(st.last_error),
                     tickets: tickets(a),
+                    quota_exhausted: a.quota.exhausted(),
                     egress_ip_seen: a.whitelist.ip_seen().map(|ip| ip.to_string()),
                     ip_whitelist_error: a.whitelist.standing().map(|r| status::IpWhitelistError {
                         errcode: r.errcode,

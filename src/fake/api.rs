@@ -190,6 +190,15 @@ async fn serve(
     if verdict.busy {
         return errcode(-1, "system error");
     }
+    if let Some(code) = verdict.errcode {
+        let msg = match code {
+            45009 => "reach max api daily quota limit rid: 674c1a2b-5f3e9d21-0a1b2c3d",
+            45011 => "api minute-quota reach limit  mustslower  retry next minute",
+            45033 => "api concurrent out of limit",
+            _ => "injected error",
+        };
+        return errcode(code, msg);
+    }
     if let Some(refusal) = not_whitelisted(shared, &parts, &path) {
         return refusal;
     }

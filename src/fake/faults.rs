@@ -6,7 +6,8 @@
 //! `{"seed": 7, "rules": [{"path": "/cgi-bin/message/template/send",
 //!   "busy_rate": 0.05, "reset_before_rate": 0.05, "reset_after_rate": 0.05,
 //!   "refuse_rate": 0.0, "refuse_next": 0, "early_answer_rate": 0.0,
-//!   "token_error_rate": 0.0, "delay_ms": 0}]}`. A rule's `path` is a prefix;
+//!   "token_error_rate": 0.0, "errcode": 45009, "errcode_rate": 0.0,
+//!   "delay_ms": 0}]}`. A rule's `path` is a prefix;
 //! the first matching rule applies.
 
 use rand::rngs::StdRng;
@@ -41,6 +42,12 @@ pub struct Rule {
     /// as a server does that rejects a request on its header alone.
     #[serde(default)]
     pub early_answer_rate: f64,
+    /// Answer `errcode` (e.g. 45009 daily quota, 45011 minute limit, 45033
+    /// WeCom concurrency) without acting, at `errcode_rate`.
+    #[serde(default)]
+    pub errcode: i64,
+    #[serde(default)]
+    pub errcode_rate: f64,
     #[serde(default)]
     pub delay_ms: u64,
 }
@@ -63,6 +70,8 @@ pub struct Verdict {
     pub reset_after: bool,
     pub refuse: bool,
     pub early_answer: bool,
+    /// Answer this errcode without acting.
+    pub errcode: Option<i64>,
     pub delay_ms: u64,
 }
 
@@ -100,6 +109,7 @@ impl Faults {
             reset_after: roll(rule.reset_after_rate),
             refuse: roll(rule.refuse_rate) || counted_refusal,
             early_answer: roll(rule.early_answer_rate),
+            errcode: roll(rule.errcode_rate).then_some(rule.errcode),
             delay_ms: rule.delay_ms,
         }
     }

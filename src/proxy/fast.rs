@@ -427,7 +427,8 @@ impl FastLane {
                 Ok(Ok(Ok(b))) => b,
             };
             let errcode = inspect::errcode(&body);
-            plan.account.note_answer(errcode, || inspect::errmsg(&body));
+            plan.account
+                .note_answer(errcode, head.path, || inspect::errmsg(&body));
             let rejected = plan.token.is_some()
                 && errcode.is_some_and(|c| inspect::INVALID_TOKEN.contains(&c));
             if replaying {
@@ -457,6 +458,12 @@ impl FastLane {
             let mut out = Vec::with_capacity(256 + body.len());
             status_line(&mut out, status);
             copy_headers(&mut out, &x, plan.token.as_deref());
+            let after = errcode.and_then(crate::quota::retry_after);
+            if let Some(after) = after.filter(|_| !has_header(&x, b"retry-after")) {
+                out.extend_from_slice(b"Retry-After: ");
+                out.extend_from_slice(after.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
             x.finish().await;
             // No length on an answer that cannot have a body (RFC 9110 §8.6).
             if !(status == 204 || status == 304 || (100..200).contains(&status)) {
@@ -529,6 +536,13 @@ fn status_line(out: &mut Vec<u8>, status: u16) {
 
 /// The answer's headers for the app: not hop-by-hop, not its length (ours
 /// is written), and none that carries our token.
+/// Whether the answer carries header `name` (lowercase).
+fn has_header(x: &Reply<'_>, name: &[u8]) -> bool {
+    let mut found = false;
+    x.for_each_header(|n, _| found |= n.eq_ignore_ascii_case(name));
+    found
+}
+
 fn copy_headers(out: &mut Vec<u8>, x: &Reply<'_>, token: Option<&Lease>) {
     x.for_each_header(|name, value| {
         let skip = name.eq_ignore_ascii_case(b"content-length")

@@ -717,7 +717,7 @@ impl Proxy {
             x.finish().await;
             ctx.errcode = inspect::errcode(&answer);
             if let Some(a) = &plan.account {
-                a.note_answer(ctx.errcode, || inspect::errmsg(&answer));
+                a.note_answer(ctx.errcode, &plan.path, || inspect::errmsg(&answer));
             }
             let rejected = plan.token.is_some()
                 && ctx
@@ -739,6 +739,11 @@ impl Proxy {
             }
             let answer = scrub_body(answer, plan.token.as_deref());
             resp.insert_header(header::CONTENT_LENGTH, answer.len())?;
+            if let Some(after) = ctx.errcode.and_then(crate::quota::retry_after) {
+                if resp.headers.get(header::RETRY_AFTER).is_none() {
+                    resp.insert_header(header::RETRY_AFTER, after)?;
+                }
+            }
             session.write_response_header(Box::new(resp), false).await?;
             session.write_response_body(Some(answer), true).await?;
             return Ok(Ok(()));

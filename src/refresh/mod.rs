@@ -165,9 +165,11 @@ impl Source for TicketSource {
 /// Tells the account what a fetch's answer says about our egress IP.
 fn noted(account: &Account, fetched: Result<Fetched, FetchError>) -> Result<Fetched, FetchError> {
     match &fetched {
-        Ok(_) => account.note_answer(Some(0), || None),
+        Ok(_) => account.note_answer(Some(0), "", || None),
         Err(FetchError::WeChat { errcode, errmsg }) => {
-            account.note_answer(Some(*errcode), || Some(errmsg.clone()))
+            account.note_answer(Some(*errcode), "(token or ticket fetch)", || {
+                Some(errmsg.clone())
+            })
         }
         Err(_) => {}
     }

@@ -73,3 +73,59 @@ async fn an_ip_whitelist_refusal_names_the_ip_once_and_clears_when_calls_go_thro
         .log()
         .contains("accepts calls from the egress IP again"));
 }
+
+#[tokio::test]
+async fn quota_answers_carry_retry_after_and_a_spent_quota_shows_until_midnight() {
+    let fake = Fake::start(&[]);
+    let side = Sidecar::start_standard(&fake, "classic", "stable").await;
+    let c = client();
+    // The minute limit and WeCom's concurrency limit: the app's HTTP client
+    // is told when to come back, on both request paths (the fast lane, and
+    // the full path a request with `Expect` takes).
+    for (code, after) in [(45011, "60"), (45033, "1")] {
+        fake.faults(&format!(
+            r#"{{"rules":[{{"path":"{TEMPLATE_SEND}","errcode":{code},"errcode_rate":1.0}}]}}"#
+        ))
+        .await;
+        let r = c
+            .post(side.url(TEMPLATE_SEND))
+            .body(TEMPLATE)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.headers()["retry-after"], after, "{code}");
+        assert_eq!(r.json::<Value>().await.unwrap()["errcode"], code);
+        let r = c
+            .post(side.url(TEMPLATE_SEND))
+            .header("Expect", "100-continue")
+            .body(TEMPLATE)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.headers()["retry-after"], after, "{code}, full path");
+    }
+    // The daily quota: never replayed, the path marked spent.
+    fake.faults(&format!(
+        r#"{{"rules":[{{"path":"{TEMPLATE_SEND}","errcode":45009,"errcode_rate":1.0}}]}}"#
+    ))
+    .await;
+    let before = fake.requests().await.len();
+    let r = c
+        .post(side.url(TEMPLATE_SEND))
+        .body(TEMPLATE)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers().get("retry-after").is_none());
+    assert_eq!(r.json::<Value>().await.unwrap()["errcode"], 45009);
+    assert_eq!(fake.requests().await.len(), before + 1, "sent once");
+    let st = side.typed_status().await;
+    let shop = st.accounts.iter().find(|a| a.name == "shop").unwrap();
+    assert_eq!(shop.quota_exhausted, [TEMPLATE_SEND]);
+    let metrics = side.metrics().await;
+    for (code, n) in [(45009, 1), (45011, 2), (45033, 2)] {
+        let line =
+            format!(r#"wxsidecar_wechat_errors_total{{account="shop",errcode="{code}"}} {n}"#);
+        assert!(metrics.contains(&line), "{line}\n{metrics}");
+    }
+}
