@@ -22,7 +22,7 @@ pub struct Account {
     /// The id WeChat knows the account by: the appid, or a WeCom
     /// account's corpid.
     pub id: String,
-    pub agentid: Option<String>,
+    pub agentid: Option<Box<str>>,
     pub secret: Secret,
     pub token_api: TokenApi,
     pub replace_tokens: ReplaceTokens,
@@ -78,7 +78,7 @@ impl Account {
             name: c.name,
             kind: c.kind,
             id: c.appid,
-            agentid: c.agentid,
+            agentid: c.agentid.map(Into::into),
             secret: c.secret,
             token_api: c.token_api,
             replace_tokens: c.replace_tokens,

@@ -72,7 +72,7 @@ impl Admin {
                     name: a.name.clone(),
                     kind: a.kind.as_str().into(),
                     appid: a.id.clone(),
-                    agentid: a.agentid.clone(),
+                    agentid: a.agentid.as_deref().map(str::to_string),
                     token_api: a.token_api.as_str().into(),
                     token_valid: tok.as_ref().is_some_and(|t| t.is_valid()),
                     token_fetched_unix: tok
@@ -89,7 +89,7 @@ impl Admin {
                         .daily_budget
                         .saturating_sub(st.fetches_today),
                     budget_spent: st.budget_spent.is_some(),
-                    invalid_token_reports: st.invalid_reports,
+                    invalid_token_reports: st.invalid_reports.into(),
                     replays_ok: a.replays.get(true),
                     replays_failed: a.replays.get(false),
                     fetches_failed: st.fetches_failed,

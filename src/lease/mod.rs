@@ -111,9 +111,11 @@ pub struct CellStatus {
     pub last_error: Option<(i64, String)>,
     /// Fetches counted against today's budget (UTC+8 day, as WeChat counts).
     pub fetches_today: u32,
-    budget_day: i64,
+    /// The day `fetches_today` counts (days since 1970 fit 32 bits; the
+    /// small fields keep a cell in a smaller allocation class).
+    budget_day: i32,
     /// Refreshes asked for because WeChat called the token invalid.
-    pub invalid_reports: u64,
+    pub invalid_reports: u32,
     /// Set while today's budget is spent: why no fetch is made.
     pub budget_spent: Option<String>,
 }
@@ -121,7 +123,7 @@ pub struct CellStatus {
 impl CellStatus {
     /// Fetches counted against today's budget: 0 on a new day.
     fn today(&self) -> u32 {
-        if self.budget_day == wechat_day(SystemTime::now()) {
+        if i64::from(self.budget_day) == wechat_day(SystemTime::now()) {
             self.fetches_today
         } else {
             0
@@ -250,7 +252,9 @@ impl LeaseCell {
         if cur.reported_invalid.swap(true, Ordering::AcqRel) {
             return false;
         }
-        self.status.lock().invalid_reports += 1;
+        let mut st = self.status.lock();
+        st.invalid_reports = st.invalid_reports.saturating_add(1);
+        drop(st);
         self.wake_refresher();
         true
     }
@@ -298,8 +302,8 @@ impl LeaseCell {
     pub(crate) fn spend_budget(&self, budget: u32) -> bool {
         let day = wechat_day(SystemTime::now());
         let mut st = self.status.lock();
-        if st.budget_day != day {
-            st.budget_day = day;
+        if i64::from(st.budget_day) != day {
+            st.budget_day = day as i32;
             st.fetches_today = 0;
         }
         if st.fetches_today >= budget {

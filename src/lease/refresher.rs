@@ -197,7 +197,9 @@ pub async fn run<S: Source, St: Shared>(
 pub struct Refresher<S, St> {
     cell: Arc<LeaseCell>,
     source: S,
-    shared: Option<SharedKey<St>>,
+    /// Boxed: most leases of a large install share no store, and an idle
+    /// refresher should be small.
+    shared: Option<Box<SharedKey<St>>>,
     /// Shared by every refresher with the same settings.
     settings: Arc<Settings>,
     /// The errcode of the last failure logged, so each kind is logged once
@@ -232,7 +234,7 @@ impl<S: Source, St: Shared> Refresher<S, St> {
         Box::new(Refresher {
             cell,
             source,
-            shared,
+            shared: shared.map(Box::new),
             settings,
             last_logged: None,
             retry: None,
