@@ -16,6 +16,7 @@
 //! error, the answer scrubbed of our token, the same errors, counters and
 //! log line.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -208,13 +209,31 @@ pub(crate) fn parse(data: &[u8], body_limit: usize) -> Option<Head<'_>> {
 
 impl Fast for FastLane {
     async fn serve(&self, stream: &mut Stream, data: &[u8]) -> Option<LaneServed> {
-        let Some((head, plan)) = self.take(data) else {
+        let peer = || {
+            stream
+                .get_socket_digest()
+                .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()))
+        };
+        let Some(taken) = self.take(data, peer) else {
             HANDED_OFF.inc();
             return None;
         };
         SERVED.inc();
         let _in_flight = self.app.drain.enter();
         let start = std::time::Instant::now();
+        let (head, plan) = match taken {
+            Taken::Serve(head, plan) => (head, plan),
+            Taken::Refused(head, e) => {
+                let close = head.close || self.app.drain.is_draining();
+                let (_, _, _, written) = self.error(stream, e, close).await;
+                crate::metrics::NO_ACCOUNT.inc(Served::Api, Outcome::Refused);
+                crate::metrics::observe_duration(Served::Api, start.elapsed().as_secs_f64());
+                return Some(LaneServed {
+                    used: head.used,
+                    keep_alive: written.is_ok() && !close,
+                });
+            }
+        };
         let close = head.close || self.app.drain.is_draining();
         // Counted for the account whose token was put in, as on pingora's path.
         let account = plan.token.is_some().then(|| plan.account.clone());
@@ -262,6 +281,13 @@ fn replaces(app: &App, account: &Account, presented: Option<&str>) -> bool {
     }
 }
 
+/// What the lane does with a request it takes.
+enum Taken<'a> {
+    Serve(Head<'a>, Plan),
+    /// `clients` turned the caller away: answered here, as the full path would.
+    Refused(Head<'a>, ProxyError),
+}
+
 /// Where a taken request goes.
 struct Plan {
     account: Arc<Account>,
@@ -270,13 +296,16 @@ struct Plan {
 }
 
 impl FastLane {
-    /// The request and its plan, when the lane takes it.
-    fn take<'a>(&self, data: &'a [u8]) -> Option<(Head<'a>, Plan)> {
+    /// The request and its plan when the lane takes it, or the refusal
+    /// of a caller `clients` turns away. Everything that could hand the
+    /// request off is decided before the caller is admitted, so no request
+    /// is admitted (and rate-counted) twice.
+    fn take<'a>(&self, data: &'a [u8], peer: impl FnOnce() -> Option<IpAddr>) -> Option<Taken<'a>> {
         let app = &self.app;
-        if !app.clients.is_open() || app.intercept.is_some() || app.drain.is_draining() {
+        if app.intercept.is_some() || app.drain.is_draining() {
             return None;
         }
-        let head = parse(data, app.config.limits.buffered_body)?;
+        let mut head = parse(data, app.config.limits.buffered_body)?;
         if !crate::route::is_api(head.path)
             || head
                 .query
@@ -294,7 +323,35 @@ impl FastLane {
         } else {
             None
         };
-        Some((
+        if !app.clients.is_open() {
+            let mut auths = head
+                .forward
+                .iter()
+                .filter(|(n, _)| n.eq_ignore_ascii_case("authorization"));
+            let auth = auths.next().map(|(_, v)| *v);
+            if auths.next().is_some() {
+                // Two credentials: the full path decides.
+                return None;
+            }
+            let addr = if app.clients.needs_address() {
+                peer()
+            } else {
+                None
+            };
+            let admitted = app
+                .clients
+                .admit(addr, auth)
+                .and_then(|caller| app.clients.account(&caller, &account.name));
+            if let Err(denied) = admitted {
+                return Some(Taken::Refused(head, ProxyError::Denied(denied)));
+            }
+            if app.clients.uses_tokens() {
+                // Our own bearer token is for us, never for WeChat.
+                head.forward
+                    .retain(|(n, _)| !n.eq_ignore_ascii_case("authorization"));
+            }
+        }
+        Some(Taken::Serve(
             head,
             Plan {
                 account: account.clone(),

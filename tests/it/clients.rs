@@ -100,6 +100,15 @@ async fn bearer_tokens_name_the_app_and_limit_its_accounts() {
         .unwrap();
     assert_eq!(r.status(), 403);
     side.assert_log_clean(&[BILLING, OPS]);
+    // The five template sends above, refusals included, were the fast
+    // lane's: `clients` is checked there the same way.
+    let metrics = side.metrics().await;
+    let served: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"wxsidecar_fast_lane_total{result="served"} "#))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert_eq!(served, 5, "{metrics}");
 }
 
 #[tokio::test]
