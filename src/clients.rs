@@ -31,14 +31,18 @@ pub enum Denied {
     Token,
     #[error("client {client} may not use account {account}")]
     Account { client: String, account: String },
-    #[error("rate limit for {0} exceeded (clients.rate_limit); slow down")]
-    Rate(String),
+    #[error("rate limit for {who} exceeded (clients.rate_limit); retry in {retry_after} s")]
+    Rate {
+        who: String,
+        /// Seconds until the bucket holds a request again (`Retry-After`).
+        retry_after: u64,
+    },
 }
 
 impl Denied {
     pub fn status(&self) -> u16 {
         match self {
-            Denied::Rate(_) => 429,
+            Denied::Rate { .. } => 429,
             _ => 403,
         }
     }
@@ -48,8 +52,25 @@ impl Denied {
         match self {
             Denied::Address(_) => 40164,
             Denied::Token | Denied::Account { .. } => 48001,
-            Denied::Rate(_) => 45011,
+            Denied::Rate { .. } => 45011,
         }
+    }
+
+    /// Seconds to tell the caller to wait (`Retry-After`), for a rate limit.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            Denied::Rate { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
+    }
+}
+
+/// Whole seconds until a bucket refilling at `limit.rps` holds one request.
+fn refill_secs(limit: &Limit) -> u64 {
+    if limit.rps > 0.0 {
+        (1.0 / limit.rps).ceil().clamp(1.0, 3600.0) as u64
+    } else {
+        3600
     }
 }
 
@@ -183,7 +204,10 @@ impl Clients {
         }
         if let Some(limit) = self.conf.rate_limit.per_client {
             if !self.per_client.take(&caller.name, limit) {
-                return Err(Denied::Rate(format!("client {}", caller.name)));
+                return Err(Denied::Rate {
+                    who: format!("client {}", caller.name),
+                    retry_after: refill_secs(&limit),
+                });
             }
         }
         Ok(caller)
@@ -204,7 +228,10 @@ impl Clients {
         }
         if let Some(limit) = self.conf.rate_limit.per_account {
             if !self.per_account.take(account, limit) {
-                return Err(Denied::Rate(format!("account {account}")));
+                return Err(Denied::Rate {
+                    who: format!("account {account}"),
+                    retry_after: refill_secs(&limit),
+                });
             }
         }
         Ok(())
@@ -275,7 +302,7 @@ mod tests {
         for _ in 0..3 {
             assert!(c.admit(ip, None).is_ok());
         }
-        assert!(matches!(c.admit(ip, None), Err(Denied::Rate(_))));
+        assert!(matches!(c.admit(ip, None), Err(Denied::Rate { .. })));
         assert!(
             c.admit(Some("127.0.0.2".parse().unwrap()), None).is_ok(),
             "per client"

@@ -89,6 +89,16 @@ impl ProxyError {
     }
 }
 
+impl ProxyError {
+    /// Seconds to tell the caller to wait, when waiting is the answer.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            ProxyError::Denied(d) => d.retry_after(),
+            _ => None,
+        }
+    }
+}
+
 /// A WeChat-shaped error body.
 pub fn error_body(errcode: i64, message: &str) -> Bytes {
     let msg = format!("wxsidecar: {message}");
@@ -105,12 +115,16 @@ pub async fn send_json(session: &mut Session, status: u16, body: Bytes) -> pingo
     session.write_response_body(Some(body), true).await
 }
 
-/// Writes `err` as a WeChat-shaped answer.
+/// Writes `err` as a WeChat-shaped answer (with `Retry-After` on a rate
+/// limit).
 pub async fn send_error(session: &mut Session, err: &ProxyError) -> pingora::Result<()> {
-    send_json(
-        session,
-        err.status(),
-        error_body(err.errcode(), &err.to_string()),
-    )
-    .await
+    let body = error_body(err.errcode(), &err.to_string());
+    let mut resp = ResponseHeader::build(err.status(), Some(4))?;
+    resp.insert_header(http::header::CONTENT_TYPE, JSON)?;
+    resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+    if let Some(secs) = err.retry_after() {
+        resp.insert_header(http::header::RETRY_AFTER, secs.to_string())?;
+    }
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(body), true).await
 }

@@ -558,6 +558,9 @@ impl FastLane {
         out.extend_from_slice(b"\r\nContent-Length: ");
         out.extend_from_slice(body.len().to_string().as_bytes());
         out.extend_from_slice(b"\r\n");
+        if let Some(secs) = e.retry_after() {
+            out.extend_from_slice(format!("Retry-After: {secs}\r\n").as_bytes());
+        }
         if close {
             out.extend_from_slice(b"Connection: close\r\n");
         }

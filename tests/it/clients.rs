@@ -142,5 +142,18 @@ async fn rate_limits_per_client_and_per_account_answer_429() {
         v["errmsg"].as_str().unwrap().contains("client 127.0.0.1"),
         "{v}"
     );
+    // Refusals say when to come back (one request refills in 1 / 0.5 rps
+    // = 2 s), on the fast lane and on the full path (`Expect` takes it).
+    for expect in [None, Some("100-continue")] {
+        let mut r = c
+            .post(side.url("/cgi-bin/message/template/send"))
+            .body(TEMPLATE);
+        if let Some(e) = expect {
+            r = r.header("Expect", e);
+        }
+        let r = r.send().await.unwrap();
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()["retry-after"], "2", "{expect:?}");
+    }
     assert_eq!(fake.stats().await["messages"], 4);
 }
