@@ -59,16 +59,16 @@ impl Upstreams {
         self.hosts.iter().find(|h| self.in_use(h))
     }
 
-    /// Sends through the active host; a connect failure moves on to the
-    /// next host in use (the request was not sent).
-    pub async fn send(
-        &self,
-        req: &RequestHeader,
-        body: &[u8],
-    ) -> Result<Exchange<'_>, UpstreamError> {
+    /// Tries `attempt` on each host in use in turn: a connect failure moves
+    /// on to the next (nothing was sent), anything else is the answer.
+    async fn on_hosts<'a, T, F, Fut>(&'a self, mut attempt: F) -> Result<T, UpstreamError>
+    where
+        F: FnMut(&'a Upstream) -> Fut,
+        Fut: std::future::Future<Output = Result<T, UpstreamError>>,
+    {
         let mut last = UpstreamError::Unavailable;
         for h in self.hosts.iter().filter(|h| self.in_use(h)) {
-            match h.send(req, body).await {
+            match attempt(h).await {
                 Ok(x) => return Ok(x),
                 Err(e) if e.is_connect() => {
                     if !self.in_use(h) {
@@ -85,6 +85,15 @@ impl Upstreams {
         Err(last)
     }
 
+    /// Sends through the active host, with failover ([`Self::on_hosts`]).
+    pub async fn send(
+        &self,
+        req: &RequestHeader,
+        body: &[u8],
+    ) -> Result<Exchange<'_>, UpstreamError> {
+        self.on_hosts(|h| h.send(req, body)).await
+    }
+
     /// [`Self::send`] for requests built as bytes (the fast lane): the
     /// same failover, through our own HTTP/1.1 exchange.
     pub async fn call(
@@ -93,39 +102,12 @@ impl Upstreams {
         body: &[u8],
         idempotent: bool,
     ) -> Result<crate::upstream::RawExchange<'_>, UpstreamError> {
-        let mut last = UpstreamError::Unavailable;
-        for h in self.hosts.iter().filter(|h| self.in_use(h)) {
-            match h.call(head, body, idempotent).await {
-                Ok(x) => return Ok(x),
-                Err(e) if e.is_connect() => {
-                    if !self.in_use(h) {
-                        tracing::warn!(upstream = %h.url(), error = %e, "upstream out of use after repeated connect failures");
-                    }
-                    last = e;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Err(last)
+        self.on_hosts(|h| h.call(head, body, idempotent)).await
     }
 
-    /// Opens a streamed HTTP/1.1 exchange (media) on the active host; a
-    /// connect failure moves on to the next host in use (nothing was sent).
+    /// Opens a streamed HTTP/1.1 exchange (media), with the same failover.
     pub async fn open(&self, req: &RequestHeader) -> Result<Upload<'_>, UpstreamError> {
-        let mut last = UpstreamError::Unavailable;
-        for h in self.hosts.iter().filter(|h| self.in_use(h)) {
-            match h.open(req).await {
-                Ok(u) => return Ok(u),
-                Err(e) if e.is_connect() => {
-                    if !self.in_use(h) {
-                        tracing::warn!(upstream = %h.url(), error = %e, "upstream out of use after repeated connect failures");
-                    }
-                    last = e;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Err(last)
+        self.on_hosts(|h| h.open(req)).await
     }
 
     /// Whether requests go over HTTP/1.1 (the fast lane's own exchange):

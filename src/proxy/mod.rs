@@ -296,6 +296,25 @@ impl AnswerDeadline {
     }
 }
 
+/// The body is ours to read: tells a client waiting on `Expect:
+/// 100-continue` to send it (clients that did not wait ignore this).
+async fn continue_if_expected(session: &mut Session) -> pingora::Result<()> {
+    let expects_continue = session
+        .req_header()
+        .headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expects_continue && !session.as_downstream_mut().is_body_empty() {
+        session
+            .as_downstream_mut()
+            .write_continue_response()
+            .await?;
+        // The body that follows is the request's, not a next head.
+        crate::guard::head_complete();
+    }
+    Ok(())
+}
+
 /// Outcome of a step: `Err(ProxyError)` is answered to the app; the outer
 /// `pingora::Result` carries failures talking to the app itself.
 type Step<T> = pingora::Result<Result<T, ProxyError>>;
@@ -550,6 +569,26 @@ impl Proxy {
             .await
     }
 
+    /// The next piece of the request body (`None` at its end), unless the
+    /// body as a whole outlives `deadline` (`limits.body_timeout`): then the
+    /// connection is not reused, as the rest may still come.
+    async fn body_chunk(
+        &self,
+        session: &mut Session,
+        deadline: tokio::time::Instant,
+    ) -> Step<Option<Bytes>> {
+        match tokio::time::timeout_at(deadline, session.read_request_body()).await {
+            Ok(chunk) => Ok(Ok(chunk?)),
+            Err(_) => {
+                session.set_keepalive(None);
+                Ok(Err(ProxyError::BodyTimeout {
+                    path: session.req_header().uri.path().to_string(),
+                    limit: self.app.config.limits.body_timeout,
+                }))
+            }
+        }
+    }
+
     /// Reads the whole request body, up to `limit`.
     async fn read_body(&self, session: &mut Session, limit: usize) -> Step<Bytes> {
         let too_large = |session: &Session| ProxyError::BodyTooLarge {
@@ -561,36 +600,15 @@ impl Proxy {
             return Ok(Err(too_large(session)));
         }
         session.as_downstream_mut().enable_retry_buffering();
-        // The body is ours to read: tell a client waiting on `Expect:
-        // 100-continue` to send it (clients that did not wait ignore this).
-        let expects_continue = session
-            .req_header()
-            .headers
-            .get(header::EXPECT)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-        if expects_continue && !session.as_downstream_mut().is_body_empty() {
-            session
-                .as_downstream_mut()
-                .write_continue_response()
-                .await?;
-            // The body that follows is the request's, not a next head.
-            crate::guard::head_complete();
-        }
+        continue_if_expected(session).await?;
         // Most bodies come in one read: kept as it came, no copy.
         let mut first: Option<Bytes> = None;
         let mut buf = BytesMut::new();
         let deadline = tokio::time::Instant::now() + self.app.config.limits.body_timeout;
         loop {
-            let chunk = match tokio::time::timeout_at(deadline, session.read_request_body()).await {
-                Ok(chunk) => chunk?,
-                Err(_) => {
-                    // The rest of the body may still come: never reuse.
-                    session.set_keepalive(None);
-                    return Ok(Err(ProxyError::BodyTimeout {
-                        path: session.req_header().uri.path().to_string(),
-                        limit: self.app.config.limits.body_timeout,
-                    }));
-                }
+            let chunk = match self.body_chunk(session, deadline).await? {
+                Ok(chunk) => chunk,
+                Err(e) => return Ok(Err(e)),
             };
             let Some(chunk) = chunk else { break };
             if buf.is_empty() && first.is_none() {
@@ -822,33 +840,17 @@ impl Proxy {
             None if has_body => req.insert_header(header::TRANSFER_ENCODING, "chunked")?,
             None => {}
         }
-        let expects_continue = client
-            .headers
-            .get(header::EXPECT)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
         let upstreams = self.app.upstream_for(plan.family);
         let mut up = match upstreams.open(&req).await {
             Ok(u) => u,
             Err(e) => return Ok(Err(upstream_err(e))),
         };
-        if expects_continue && has_body {
-            session
-                .as_downstream_mut()
-                .write_continue_response()
-                .await?;
-            crate::guard::head_complete();
-        }
+        continue_if_expected(session).await?;
         let deadline = tokio::time::Instant::now() + self.app.config.limits.body_timeout;
         loop {
-            let chunk = match tokio::time::timeout_at(deadline, session.read_request_body()).await {
-                Ok(chunk) => chunk?,
-                Err(_) => {
-                    session.set_keepalive(None);
-                    return Ok(Err(ProxyError::BodyTimeout {
-                        path: plan.path.clone(),
-                        limit: self.app.config.limits.body_timeout,
-                    }));
-                }
+            let chunk = match self.body_chunk(session, deadline).await? {
+                Ok(chunk) => chunk,
+                Err(e) => return Ok(Err(e)),
             };
             let Some(chunk) = chunk else { break };
             if let Err(e) = up.write(&chunk).await {
