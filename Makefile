@@ -2,8 +2,9 @@
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the build and the tests need: cmake for pingora's zlib-ng,
-# a C compiler, redis-server for the shared-store tests.
-DEPS := cmake:cmake cc:build-essential redis-server:redis-server curl:curl
+# a C compiler, redis-server for the shared-store tests, tinyproxy for the
+# forward-proxy tests.
+DEPS := cmake:cmake cc:build-essential redis-server:redis-server curl:curl tinyproxy:tinyproxy
 
 .PHONY: demo test bench soak install-deps install-bench-deps build fmt clippy
 

@@ -176,11 +176,13 @@ impl Upstreams {
                     connections_reused: s.reused.get(),
                     requests: s.ok.get() + s.failed.get(),
                     failures: s.failed.get(),
+                    last_connect_error: s.last_connect_error.lock().clone(),
                 }
             })
             .collect();
         FamilyStatus {
             active: self.active().map(|h| h.url().to_string()),
+            proxy: self.hosts[0].proxy(),
             breaker_open: self.active().is_none(),
             hosts,
         }

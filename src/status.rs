@@ -100,6 +100,9 @@ pub struct StoreStatus {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FamilyStatus {
     pub active: Option<String>,
+    /// `upstream.proxy`, credentials masked.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub proxy: Option<String>,
     pub breaker_open: bool,
     pub hosts: Vec<HostStatus>,
 }
@@ -118,4 +121,7 @@ pub struct HostStatus {
     pub connections_reused: u64,
     pub requests: u64,
     pub failures: u64,
+    /// Why the last connect failed, until one succeeds.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub last_connect_error: Option<String>,
 }

@@ -8,6 +8,7 @@
 //! never appear in an error.
 
 pub mod clients;
+pub mod forward_proxy;
 pub mod intercept;
 pub mod print;
 pub mod sources;
@@ -205,6 +206,9 @@ pub struct UpstreamConfig {
     pub hosts_file: bool,
     /// Offer HTTP/2 by ALPN (`upstream.http2`); HTTP/1.1 when declined.
     pub http2: bool,
+    /// Every connection goes through this forward proxy (`upstream.proxy`).
+    #[serde(serialize_with = "print::display_opt")]
+    pub proxy: Option<forward_proxy::ForwardProxy>,
 }
 
 /// What an account is: decides its credentials, its token API and (through
@@ -465,6 +469,8 @@ mod raw {
         pub idle_timeout: Option<String>,
         pub dns: Option<Vec<String>>,
         pub http2: Option<bool>,
+        pub proxy: Option<String>,
+        pub proxy_file: Option<String>,
     }
 
     #[derive(Deserialize)]
@@ -1036,7 +1042,9 @@ fn parse_upstream(
                 .ok()
         })
         .collect();
+    let proxy = parse_proxy(prefix, up.proxy, up.proxy_file, problems);
     let upstream = UpstreamConfig {
+        proxy,
         dns,
         hosts_file: true,
         http2: up.http2.unwrap_or(DEFAULT_HTTP2),
@@ -1089,6 +1097,34 @@ fn parse_upstream(
     }
 
     upstream
+}
+
+/// `{prefix}.proxy` or `{prefix}.proxy_file` (the URL in a file, for a
+/// password kept in a Secret); `${ENV}` expanded in either.
+fn parse_proxy(
+    prefix: &str,
+    proxy: Option<String>,
+    proxy_file: Option<String>,
+    problems: &mut Vec<String>,
+) -> Option<forward_proxy::ForwardProxy> {
+    let key = format!("{prefix}.proxy");
+    let text = match (proxy, proxy_file) {
+        (Some(_), Some(_)) => {
+            problems.push(format!("{prefix}: give proxy or proxy_file, not both"));
+            return None;
+        }
+        (Some(p), None) => expand_env(&key, &p, problems)?,
+        (None, Some(f)) => {
+            let file_key = format!("{prefix}.proxy_file");
+            let path = expand_env(&file_key, &f, problems)?;
+            let text = secret_file(&file_key, &path, "", problems)?;
+            expand_env(&file_key, &text, problems)?
+        }
+        (None, None) => return None,
+    };
+    forward_proxy::ForwardProxy::parse(&key, &text)
+        .map_err(|e| problems.push(format!("{key}: {e}")))
+        .ok()
 }
 
 fn parse_accounts(raw: Vec<raw::Account>, problems: &mut Vec<String>) -> Vec<AccountConfig> {

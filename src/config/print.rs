@@ -36,6 +36,14 @@ pub fn display_all<T: Display, S: Serializer>(v: &[T], s: S) -> Result<S::Ok, S:
     s.collect_seq(v.iter().map(|x| x.to_string()))
 }
 
+/// An optional value as its `Display`, or nothing.
+pub fn display_opt<T: Display, S: Serializer>(v: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        None => s.serialize_none(),
+        Some(x) => s.serialize_str(&x.to_string()),
+    }
+}
+
 /// `token.store`: `memory`, or the Redis URL with its password masked.
 pub fn store_url<S: Serializer>(v: &Option<Secret>, s: S) -> Result<S::Ok, S::Error> {
     match v {

@@ -33,6 +33,8 @@ mod h1;
 pub use h1::RawExchange;
 mod pool;
 use pool::Pool;
+mod tunnel;
+use tunnel::Tunnel;
 
 /// Idle connections kept per upstream; far above what a sidecar needs.
 pub const DEFAULT_POOL_SIZE: usize = 256;
@@ -111,6 +113,8 @@ pub struct UpstreamStats {
     pub reused: prometheus::IntCounter,
     /// Connect attempts that failed in a row (every address); 0 after a success.
     pub connect_failures: AtomicU32,
+    /// Why the last connect failed, until one succeeds (for `/status`).
+    pub last_connect_error: parking_lot::Mutex<Option<String>>,
 }
 
 impl UpstreamStats {
@@ -122,6 +126,7 @@ impl UpstreamStats {
             opened: UPSTREAM_CONNECTIONS.with_label_values(&[host, "false"]),
             reused: UPSTREAM_CONNECTIONS.with_label_values(&[host, "true"]),
             connect_failures: AtomicU32::new(0),
+            last_connect_error: parking_lot::Mutex::new(None),
         }
     }
 }
@@ -135,6 +140,13 @@ struct Resolved {
 pub struct Upstream {
     url: UpstreamUrl,
     host_header: String,
+    /// The host and port we connect to: the upstream's own, or with
+    /// `upstream.proxy` the proxy's (WeChat's host is then the proxy's to
+    /// resolve).
+    dial_host: String,
+    dial_port: u16,
+    /// `upstream.proxy`: every connection is a `CONNECT` tunnel.
+    tunnel: Option<Arc<Tunnel>>,
     /// Opens connections (TCP, TLS with verification and SNI).
     transport: TransportConnector,
     /// Idle HTTP/1.1 connections.
@@ -185,13 +197,28 @@ impl Upstream {
         let mut opts = ConnectorOptions::new(DEFAULT_POOL_SIZE);
         opts.ca_file = ca_bundle.map(|p| p.display().to_string());
         let transport = TransportConnector::new(Some(opts));
-        let resolver = match conf.url.host.parse::<IpAddr>() {
+        let (dial_host, dial_port) = match &conf.proxy {
+            Some(p) => (p.host.clone(), p.port),
+            None => (conf.url.host.clone(), conf.url.port),
+        };
+        let tunnel = conf.proxy.as_ref().map(|p| {
+            let authority = if conf.url.host.contains(':') {
+                format!("[{}]:{}", conf.url.host, conf.url.port)
+            } else {
+                format!("{}:{}", conf.url.host, conf.url.port)
+            };
+            Arc::new(Tunnel::new(p, authority))
+        });
+        let resolver = match dial_host.parse::<IpAddr>() {
             Ok(_) => None,
             Err(_) => Some(build_resolver(conf)),
         };
         let up = Upstream {
+            tunnel,
             host_header: conf.url.host_header(),
             url: conf.url.clone(),
+            dial_host,
+            dial_port,
             transport,
             pool: Pool::new(DEFAULT_POOL_SIZE, conf.idle_timeout),
             resolved: ArcSwap::from_pointee(Resolved {
@@ -207,9 +234,9 @@ impl Upstream {
             conf: conf.clone(),
             stats: UpstreamStats::new(&conf.url.host_header()),
         };
-        if let Ok(ip) = conf.url.host.parse::<IpAddr>() {
+        if let Ok(ip) = up.dial_host.parse::<IpAddr>() {
             up.set_addrs(
-                &[SocketAddr::new(ip, conf.url.port)],
+                &[SocketAddr::new(ip, up.dial_port)],
                 Instant::now() + Duration::from_secs(86400 * 365),
             );
         }
@@ -220,6 +247,11 @@ impl Upstream {
         &self.url
     }
 
+    /// `upstream.proxy` as shown (credentials masked), when configured.
+    pub fn proxy(&self) -> Option<String> {
+        self.conf.proxy.as_ref().map(|p| p.to_string())
+    }
+
     fn make_peer(&self, addr: SocketAddr) -> HttpPeer {
         let mut peer = HttpPeer::new(addr, self.url.tls, self.url.host.clone());
         let o = &mut peer.options;
@@ -228,6 +260,9 @@ impl Upstream {
         o.read_timeout = Some(self.conf.read_timeout);
         o.write_timeout = Some(self.conf.read_timeout);
         o.idle_timeout = Some(self.conf.idle_timeout);
+        if let Some(t) = &self.tunnel {
+            o.custom_l4 = Some(t.clone());
+        }
         if self.uses_h2() {
             // Offer h2, accept HTTP/1.1 (ALPN).
             o.set_http_version(2, 1);
@@ -255,12 +290,12 @@ impl Upstream {
             // Someone else is resolving; use what we have.
             return Ok(());
         };
-        let host = self.url.host.clone();
+        let host = self.dial_host.clone();
         match resolver.lookup_ip(host.as_str()).await {
             Ok(lookup) => {
                 let addrs: Vec<SocketAddr> = lookup
                     .iter()
-                    .map(|ip| SocketAddr::new(ip, self.url.port))
+                    .map(|ip| SocketAddr::new(ip, self.dial_port))
                     .collect();
                 if addrs.is_empty() {
                     return Err(UpstreamError::Resolve {
@@ -272,7 +307,7 @@ impl Upstream {
                     .valid_until()
                     .saturating_duration_since(Instant::now())
                     .clamp(DEFAULT_MIN_DNS_TTL, DEFAULT_MAX_DNS_TTL);
-                tracing::debug!(host = %self.url.host, addrs = ?addrs, "upstream resolved");
+                tracing::debug!(host = %self.dial_host, addrs = ?addrs, "upstream resolved");
                 self.set_addrs(&addrs, Instant::now() + ttl);
                 Ok(())
             }
@@ -287,7 +322,7 @@ impl Upstream {
         let r = self.resolved.load_full();
         if r.peers.is_empty() {
             return Err(UpstreamError::Resolve {
-                host: self.url.host.clone(),
+                host: self.dial_host.clone(),
                 reason: "not resolved yet".into(),
             });
         }
@@ -312,9 +347,14 @@ impl Upstream {
     async fn connect_as(&self, h1_only: bool) -> Result<(Stream, HttpPeer), UpstreamError> {
         let result = self.connect_inner(h1_only).await;
         match &result {
-            Ok(_) => self.stats.connect_failures.store(0, Ordering::Relaxed),
-            Err(_) => {
+            Ok(_) => {
+                if self.stats.connect_failures.swap(0, Ordering::Relaxed) > 0 {
+                    *self.stats.last_connect_error.lock() = None;
+                }
+            }
+            Err(e) => {
                 self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                *self.stats.last_connect_error.lock() = Some(e.to_string());
             }
         }
         result
@@ -360,7 +400,11 @@ impl Upstream {
                     return Ok((stream, peer.clone()));
                 }
                 Err(e) => {
-                    let addr = peer.address().to_string();
+                    let addr = match &self.tunnel {
+                        // The reason names the proxy.
+                        Some(t) => t.target.clone(),
+                        None => peer.address().to_string(),
+                    };
                     tracing::warn!(upstream = %addr, error = %e, "upstream connect failed");
                     last = Some(if matches!(e.etype(), ErrorType::ConnectTimedout) {
                         UpstreamError::ConnectTimeout {
@@ -370,7 +414,11 @@ impl Upstream {
                     } else {
                         UpstreamError::Connect {
                             addr,
-                            reason: e.to_string(),
+                            // The tunnel's own words say what to change.
+                            reason: match (e.etype(), &e.context) {
+                                (ErrorType::ConnectProxyFailure, Some(c)) => c.to_string(),
+                                _ => e.to_string(),
+                            },
                         }
                     });
                 }

@@ -9,6 +9,7 @@ mod deploy;
 mod egress;
 mod failover;
 mod failures;
+mod forward_proxy;
 mod hardening;
 mod http2;
 mod intercept;

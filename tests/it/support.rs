@@ -463,6 +463,11 @@ impl Sidecar {
         None
     }
 
+    /// The config file this sidecar runs with.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("wxsidecar.yaml")
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
@@ -718,5 +723,67 @@ impl Redis {
 impl Drop for Redis {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A real forward proxy (Debian's `tinyproxy`) on a free loopback port: it
+/// connects out from `127.0.0.2`, so the fake sees that address only for
+/// calls that came through it.
+pub struct Tinyproxy {
+    child: Child,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+/// The address tinyproxy connects out from.
+pub const PROXY_EGRESS_IP: &str = "127.0.0.2";
+
+impl Tinyproxy {
+    /// `extra`: more config lines (`BasicAuth user pass`, `ConnectPort 443`).
+    pub async fn start(extra: &str) -> Tinyproxy {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let conf = dir.path().join("tinyproxy.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "Port {port}\nListen 127.0.0.1\nBind {PROXY_EGRESS_IP}\nTimeout 60\nMaxClients 200\nLogLevel Connect\nLogFile \"{}\"\n{extra}\n",
+                dir.path().join("log").display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("tinyproxy")
+            .arg("-d")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tinyproxy is installed (make install-deps)");
+        let deadline = Instant::now() + WAIT;
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "tinyproxy did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Tinyproxy { child, port, dir }
+    }
+
+    /// The `CONNECT` requests it was asked for.
+    pub fn connects(&self) -> usize {
+        std::fs::read_to_string(self.dir.path().join("log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("Request (file descriptor") && l.contains("CONNECT "))
+            .count()
+    }
+}
+
+impl Drop for Tinyproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
