@@ -1,6 +1,6 @@
 //! Micro-benches of the request path's pure parts (criterion):
 //! route classification, account choice, token injection into the query,
-//! errcode sniffing on a JSON answer, and log scrubbing.
+//! errcode sniffing on a JSON answer, log scrubbing, and the quota ledger.
 //! `cargo bench --bench hot_path`
 
 use std::time::Duration;
@@ -74,6 +74,24 @@ fn bench(c: &mut Criterion) {
     });
     c.bench_function("inspect::token_rejected 40001", |b| {
         b.iter(|| wxsidecar::inspect::token_rejected(black_box(bad)))
+    });
+
+    // The quota ledger's cost per call: the path is counted today already
+    // (the steady state), with and without a local cap to check.
+    let a = accounts(1);
+    let acc = a.iter().next().unwrap();
+    acc.admit_call("/cgi-bin/message/template/send").unwrap();
+    c.bench_function("quota ledger: count a call", |b| {
+        b.iter(|| {
+            acc.ledger
+                .admit(black_box("/cgi-bin/message/template/send"), None)
+        })
+    });
+    c.bench_function("quota ledger: count a call under a cap", |b| {
+        b.iter(|| {
+            acc.ledger
+                .admit(black_box("/cgi-bin/message/template/send"), Some(u64::MAX))
+        })
     });
 
     let line = r#"{"timestamp":"2026-11-28T10:00:00Z","level":"DEBUG","message":"request","method":"POST","path":"/cgi-bin/message/template/send","status":200}"#;

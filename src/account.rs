@@ -40,6 +40,10 @@ pub struct Account {
     pub whitelist: crate::egress::Whitelist,
     /// What WeChat's answers said about its quotas.
     pub quota: crate::quota::Quota,
+    /// Calls and errcodes per API path today.
+    pub ledger: crate::quota::ledger::Ledger,
+    /// Local daily caps per path (`accounts[].limits`); empty for most.
+    pub limits: Box<[(Box<str>, u64)]>,
 }
 
 impl Account {
@@ -48,6 +52,36 @@ impl Account {
     /// one; quota errors and the other errcodes that matter are counted.
     /// `errmsg` is read only on a whitelist refusal.
     pub fn note_answer(
+        &self,
+        errcode: Option<i64>,
+        path: &str,
+        errmsg: impl FnOnce() -> Option<String>,
+    ) {
+        if let Some(c) = errcode.filter(|c| *c != 0) {
+            self.ledger.error(crate::target::route_key(path), c);
+        }
+        self.note_errcode(errcode, path, errmsg)
+    }
+
+    /// Counts a call to `path` (an API path) about to go to WeChat in the
+    /// ledger, or refuses it when the path's local daily cap is reached.
+    pub fn admit_call(&self, path: &str) -> Result<(), crate::quota::ledger::OverLimit> {
+        let path = crate::target::route_key(path);
+        let cap = self
+            .limits
+            .iter()
+            .find(|(p, _)| **p == *path)
+            .map(|(_, n)| *n);
+        self.ledger.admit(path, cap)
+    }
+
+    /// [`Self::note_answer`] for a token or ticket fetch (not in the
+    /// ledger, whose paths are the app's calls).
+    pub fn note_fetch_answer(&self, errcode: Option<i64>, errmsg: impl FnOnce() -> Option<String>) {
+        self.note_errcode(errcode, "(token or ticket fetch)", errmsg)
+    }
+
+    fn note_errcode(
         &self,
         errcode: Option<i64>,
         path: &str,
@@ -92,6 +126,12 @@ impl Account {
             requests: Default::default(),
             whitelist: Default::default(),
             quota: Default::default(),
+            ledger: Default::default(),
+            limits: c
+                .limits
+                .into_iter()
+                .map(|(p, n)| (p.into_boxed_str(), n))
+                .collect(),
         }
     }
 }

@@ -28,6 +28,12 @@ pub enum ProxyError {
     BudgetSpent { account: String, what: &'static str },
     #[error("upstream unavailable, retry later")]
     Unavailable,
+    #[error("reach max api daily quota limit: {per_day} calls to {path} for account {account} today (accounts[].limits); it resets at midnight UTC+8")]
+    QuotaLimit {
+        account: String,
+        path: String,
+        per_day: u64,
+    },
     #[error("{0}")]
     Denied(#[from] crate::clients::Denied),
     #[error("request body over the {limit}-byte limit for {path} (limits.buffered_body)")]
@@ -55,6 +61,8 @@ impl ProxyError {
     pub fn status(&self) -> u16 {
         match self {
             ProxyError::NoAccount(_) | ProxyError::BadRequest { .. } => 400,
+            // As WeChat answers a spent quota: the errcode says it.
+            ProxyError::QuotaLimit { .. } => 200,
             ProxyError::Denied(d) => d.status(),
             ProxyError::NoToken { .. }
             | ProxyError::BudgetSpent { .. }
@@ -76,7 +84,7 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => 45002,
             // WeChat's "require POST method": the closest it has.
             ProxyError::MethodNotAllowed { .. } => 43002,
-            ProxyError::BudgetSpent { .. } => 45009,
+            ProxyError::BudgetSpent { .. } | ProxyError::QuotaLimit { .. } => 45009,
             ProxyError::BadRequest { .. } => 40035,
             // WeChat's "API unauthorized".
             ProxyError::Forbidden { .. } => 48001,

@@ -291,6 +291,22 @@ const DEFAULT_STORE_HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 /// Pings the store; when it comes back (e.g. a Redis restart that lost its
 /// data), puts this replica's valid tokens and tickets back unless another
 /// replica did.
+/// Shares every account's call counts through the store, every
+/// `DEFAULT_FLUSH_EVERY`; a failed flush keeps its counts for the next.
+async fn share_ledgers(app: Arc<App>, store: Arc<RedisStore>) {
+    use crate::quota::ledger;
+    loop {
+        tokio::time::sleep(ledger::DEFAULT_FLUSH_EVERY).await;
+        let ledgers = app
+            .accounts
+            .iter()
+            .map(|a| (crate::refresh::token_store_id(a).1, &a.ledger));
+        if let Err(e) = ledger::flush(&store, ledgers).await {
+            tracing::debug!(error = %e, "quota ledger not shared this time; kept for the next flush");
+        }
+    }
+}
+
 async fn watch_store(app: Arc<App>, store: Arc<RedisStore>) {
     loop {
         tokio::time::sleep(DEFAULT_STORE_HEALTH_INTERVAL).await;
@@ -412,6 +428,8 @@ impl<S> Gated<S> {
         if let Some(store) = &app.store {
             app.tasks
                 .spawn("store watcher", watch_store(app.clone(), store.clone()));
+            app.tasks
+                .spawn("quota ledger", share_ledgers(app.clone(), store.clone()));
         }
         if let Some(i) = &app.intercept {
             app.tasks

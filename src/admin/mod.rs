@@ -1,5 +1,6 @@
-//! The admin listener: `/healthz`, `/readyz`, `/status`, `/metrics` and
-//! `POST /refresh?account=NAME`.
+//! The admin listener: `/healthz`, `/readyz`, `/status`, `/metrics`,
+//! `POST /refresh?account=NAME`, and the quota tools (`/quota`,
+//! `POST /quota/clear`, `/rid`, in `quota.rs`).
 //!
 //! `/status` shows token ages and counters, never a token or a secret.
 //! Everything but the kubelet probes (and `/metrics`, unless
@@ -9,6 +10,7 @@
 //! `token.budget_reserve` fetches.
 
 mod exposition;
+mod quota;
 
 use std::collections::HashMap;
 
@@ -31,6 +33,8 @@ pub struct Admin {
     app: Arc<App>,
     /// When each (account, kind) may be force-refreshed again.
     next_refresh: Mutex<HashMap<(String, &'static str), Instant>>,
+    /// Quota resets this month, without a shared store.
+    clears: quota::LocalClears,
 }
 
 /// Whether a request carries the admin token (`Authorization: Bearer …`),
@@ -44,6 +48,7 @@ impl Admin {
         Admin {
             app,
             next_refresh: Mutex::new(HashMap::new()),
+            clears: Default::default(),
         }
     }
 
@@ -205,19 +210,9 @@ impl Admin {
     /// current token (or ticket in use), through its single flight, counted
     /// against its budget.
     async fn refresh(&self, query: &str) -> Response<Vec<u8>> {
-        let name = crate::query::param(query, "account").unwrap_or_default();
-        let Some(account) = self
-            .app
-            .accounts
-            .iter()
-            .find(|a| a.name == name || a.id == name)
-        else {
-            // Never list the configured accounts to whoever asks.
-            let body = crate::reply::error_body(
-                40013,
-                "no such account; pass account=NAME (a configured name or appid)",
-            );
-            return answer(404, JSON, body.to_vec());
+        let account = match self.named_account(query) {
+            Ok(a) => a,
+            Err(r) => return *r,
         };
         let (cell, ticket) = match crate::query::param(query, "ticket") {
             None => (&*account.tokens, None),
@@ -392,6 +387,8 @@ impl ServeHttp for Admin {
                 TEXT,
                 b"use POST /refresh?account=NAME[&ticket=TYPE]\n".to_vec(),
             ),
+            ("/quota/clear", _) if method == http::Method::POST => self.quota_clear(&query).await,
+            ("/quota/clear", _) => answer(405, TEXT, b"use POST /quota/clear?account=NAME\n".to_vec()),
             (_, false) => answer(405, TEXT, b"method not allowed\n".to_vec()),
             ("/healthz", _) => answer(200, TEXT, b"ok\n".to_vec()),
             ("/readyz", _) => match self.app.not_ready_reason() {
@@ -404,11 +401,13 @@ impl ServeHttp for Admin {
                 serde_json::to_vec(&self.status()).expect("status serialises"),
             ),
             ("/metrics", _) => self.metrics(),
+            ("/quota", _) => self.quota(&query).await,
+            ("/rid", _) => self.rid(&query).await,
             ("/debug/pprof/profile", _) => profile(&query).await,
             _ => answer(
                 404,
                 TEXT,
-                b"not found: try /healthz /readyz /status /metrics, POST /refresh?account=NAME\n"
+                b"not found: try /healthz /readyz /status /metrics /quota?account=NAME /rid?account=NAME&rid=RID, POST /refresh?account=NAME, POST /quota/clear?account=NAME\n"
                     .to_vec(),
             ),
         }

@@ -261,6 +261,8 @@ pub struct AccountConfig {
     pub token_api: TokenApi,
     pub default: bool,
     pub replace_tokens: ReplaceTokens,
+    /// Local daily caps per API path (`accounts[].limits`), normalised paths.
+    pub limits: Vec<(String, u64)>,
 }
 
 /// What a replica does about refreshing when the shared store is unreachable.
@@ -486,6 +488,13 @@ mod raw {
         pub token_api: Option<String>,
         pub default: Option<bool>,
         pub replace_tokens: Option<String>,
+        pub limits: Option<std::collections::BTreeMap<String, PathLimit>>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct PathLimit {
+        pub per_day: Option<u64>,
     }
 
     #[derive(Deserialize, Default)]
@@ -1277,6 +1286,7 @@ fn parse_accounts(raw: Vec<raw::Account>, problems: &mut Vec<String>) -> Vec<Acc
                 ReplaceTokens::Issued
             }
         };
+        let limits = parse_limits(&at("limits"), a.limits.unwrap_or_default(), problems);
         accounts.push(AccountConfig {
             name,
             kind,
@@ -1286,6 +1296,7 @@ fn parse_accounts(raw: Vec<raw::Account>, problems: &mut Vec<String>) -> Vec<Acc
             token_api,
             default: a.default.unwrap_or(only_one),
             replace_tokens,
+            limits,
         });
     }
     let defaults: Vec<&str> = accounts
@@ -1300,6 +1311,41 @@ fn parse_accounts(raw: Vec<raw::Account>, problems: &mut Vec<String>) -> Vec<Acc
         ));
     }
     accounts
+}
+
+/// `accounts[].limits`: `{"/cgi-bin/message/template/send": {per_day: N}}`,
+/// paths normalised as requests' are, so a cap matches the calls it names.
+fn parse_limits(
+    key: &str,
+    raw: std::collections::BTreeMap<String, raw::PathLimit>,
+    problems: &mut Vec<String>,
+) -> Vec<(String, u64)> {
+    let mut out: Vec<(String, u64)> = Vec::with_capacity(raw.len());
+    for (path, limit) in raw {
+        let normal = match crate::target::normalise(&path) {
+            Ok(p) => crate::target::route_key(&p).to_string(),
+            Err(e) => {
+                problems.push(format!(
+                    "{key}: `{path}` is not an API path ({}); write e.g. /cgi-bin/message/template/send",
+                    e.0
+                ));
+                continue;
+            }
+        };
+        match limit.per_day {
+            Some(n) if n >= 1 => {
+                if out.iter().any(|(p, _)| *p == normal) {
+                    problems.push(format!("{key}: `{path}` is given twice"));
+                } else {
+                    out.push((normal, n));
+                }
+            }
+            _ => problems.push(format!(
+                "{key}.{path}.per_day: give the calls allowed per day (at least 1)"
+            )),
+        }
+    }
+    out
 }
 
 /// Turns a YAML error into one line that names the key (serde_yaml_ng puts

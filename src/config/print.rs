@@ -72,6 +72,14 @@ impl Serialize for AccountConfig {
         m.serialize_entry("secret", &self.secret)?;
         m.serialize_entry("default", &self.default)?;
         m.serialize_entry("replace_tokens", &self.replace_tokens)?;
+        if !self.limits.is_empty() {
+            let limits: std::collections::BTreeMap<&str, std::collections::BTreeMap<&str, u64>> =
+                self.limits
+                    .iter()
+                    .map(|(p, n)| (p.as_str(), [("per_day", *n)].into_iter().collect()))
+                    .collect();
+            m.serialize_entry("limits", &limits)?;
+        }
         m.end()
     }
 }

@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response};
 use serde::Deserialize;
 
-use super::state::{Refused, Seen};
+use super::state::{Refused, Seen, State};
 use super::Shared;
 use crate::query;
 
@@ -50,6 +50,7 @@ fn masked_query(q: &str) -> String {
     q.split('&')
         .map(|p| match p.split_once('=') {
             Some(("secret", _)) => "secret=***".to_string(),
+            Some(("appsecret", _)) => "appsecret=***".to_string(),
             _ => p.to_string(),
         })
         .collect::<Vec<_>>()
@@ -192,12 +193,18 @@ async fn serve(
     }
     if let Some(code) = verdict.errcode {
         let msg = match code {
-            45009 => "reach max api daily quota limit rid: 674c1a2b-5f3e9d21-0a1b2c3d",
+            45009 => "reach max api daily quota limit",
             45011 => "api minute-quota reach limit  mustslower  retry next minute",
             45033 => "api concurrent out of limit",
             _ => "injected error",
         };
-        return errcode(code, msg);
+        let mut st = shared.state.lock();
+        let appid = token
+            .as_deref()
+            .and_then(|t| st.token_owner(t))
+            .map(|o| o.0);
+        let msg = st.quotas.failed(appid.as_deref(), &path, code, msg);
+        return errcode(code, &msg);
     }
     if let Some(refusal) = not_whitelisted(shared, &parts, &path) {
         return refusal;
@@ -241,7 +248,11 @@ async fn serve(
             ticket(shared, &path, token.as_deref(), &q)
         }
         "/wxa/getwxacodeunlimit" => qrcode(shared, token.as_deref()),
-        p if p.starts_with("/cgi-bin/") => api_call(shared, token.as_deref()),
+        "/cgi-bin/openapi/quota/get" | "/cgi-bin/openapi/rid/get" | "/cgi-bin/clear_quota" => {
+            quota_api(shared, &path, token.as_deref(), &body)
+        }
+        "/cgi-bin/clear_quota/v2" => clear_quota_v2(shared, &q, &body),
+        p if p.starts_with("/cgi-bin/") => api_call(shared, p, token.as_deref()),
         // /sns/* and friends: no server token involved.
         _ => errcode(0, "ok"),
     }
@@ -331,6 +342,18 @@ fn fake_admin(shared: &Shared, method: &hyper::Method, path: &str, q: &str, body
                     "expires_in_ms": left.map(|d| d.as_millis() as u64),
                 }),
             )
+        }
+        ("POST", "/__fake/quota") => {
+            match serde_json::from_slice::<serde_json::Value>(body)
+                .ok()
+                .and_then(|v| v.get("daily_limit").and_then(|n| n.as_u64()))
+            {
+                Some(n) => {
+                    shared.state.lock().quotas.daily_limit = n;
+                    errcode(0, "ok")
+                }
+                None => errcode(40035, "give {\"daily_limit\": N}"),
+            }
         }
         ("POST", "/__fake/invalidate") => match query::param(q, "appid") {
             Some(appid) => {
@@ -429,20 +452,105 @@ fn ticket(shared: &Shared, path: &str, token: Option<&str>, q: &str) -> Answer {
     }
 }
 
-fn api_call(shared: &Shared, token: Option<&str>) -> Answer {
-    let mut st = shared.state.lock();
+/// Checks the token and counts the call against the path's daily quota;
+/// a refusal carries a `rid`, as WeChat's do.
+fn admit(st: &mut State, path: &str, token: Option<&str>) -> Result<String, Box<Answer>> {
     st.api_calls += 1;
-    match st.check_token(token) {
+    let appid = match st.check_token(token) {
+        Ok(a) => a,
+        Err(r) => {
+            let msg = st.quotas.failed(None, path, r.errcode, r.errmsg);
+            return Err(Box::new(errcode(r.errcode, &msg)));
+        }
+    };
+    if !st.quotas.count(&appid, path) {
+        let msg = st
+            .quotas
+            .failed(Some(&appid), path, 45009, "reach max api daily quota limit");
+        return Err(Box::new(errcode(45009, &msg)));
+    }
+    Ok(appid)
+}
+
+fn api_call(shared: &Shared, path: &str, token: Option<&str>) -> Answer {
+    let mut st = shared.state.lock();
+    match admit(&mut st, path, token) {
         Ok(_) => errcode(0, "ok"),
-        Err(r) => refused(r),
+        Err(a) => *a,
+    }
+}
+
+/// `openapi/quota/get` (`cgi_path`), `openapi/rid/get` (`rid`) and
+/// `clear_quota` (`appid`, the token's own), with the account's token.
+fn quota_api(shared: &Shared, path: &str, token: Option<&str>, body: &[u8]) -> Answer {
+    let mut st = shared.state.lock();
+    let appid = match st.check_token(token) {
+        Ok(a) => a,
+        Err(r) => return refused(r),
+    };
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return errcode(47001, "data format error");
+    };
+    let field = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
+    match path {
+        "/cgi-bin/openapi/quota/get" => {
+            let cgi = field("cgi_path");
+            if !cgi.starts_with('/') {
+                return errcode(76021, "cgi_path not found, please check");
+            }
+            json(
+                200,
+                serde_json::json!({ "errcode": 0, "errmsg": "ok", "quota": st.quotas.get(&appid, &cgi) }),
+            )
+        }
+        "/cgi-bin/openapi/rid/get" => match st.quotas.lookup(&appid, &field("rid")) {
+            Some(r) => json(
+                200,
+                serde_json::json!({ "errcode": 0, "errmsg": "ok", "request": r }),
+            ),
+            None => errcode(76001, "rid not found"),
+        },
+        _ => {
+            if field("appid") != appid {
+                return errcode(40013, "invalid appid");
+            }
+            match st.quotas.clear(&appid) {
+                Ok(()) => errcode(0, "ok"),
+                Err((c, m)) => errcode(c, m),
+            }
+        }
+    }
+}
+
+/// `clear_quota/v2`: appid and appsecret in the query (as WeChat's example
+/// sends them) or the JSON body (as its newer pages say).
+fn clear_quota_v2(shared: &Shared, q: &str, body: &[u8]) -> Answer {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let get = |k: &str| {
+        query::param(q, k)
+            .map(|s| s.into_owned())
+            .or_else(|| v.get(k).and_then(|x| x.as_str()).map(str::to_string))
+    };
+    let Some(appid) = get("appid") else {
+        return errcode(41002, "appid missing");
+    };
+    let Some(secret) = get("appsecret") else {
+        return errcode(41004, "appsecret missing");
+    };
+    let mut st = shared.state.lock();
+    if let Err(r) = st.authenticate(&appid, &secret) {
+        return refused(r);
+    }
+    match st.quotas.clear(&appid) {
+        Ok(()) => errcode(0, "ok"),
+        Err((c, m)) => errcode(c, m),
     }
 }
 
 fn template_send(shared: &Shared, token: Option<&str>, body: &[u8]) -> Answer {
     let mut st = shared.state.lock();
-    st.api_calls += 1;
-    if let Err(r) = st.check_token(token) {
-        return refused(r);
+    if let Err(a) = admit(&mut st, "/cgi-bin/message/template/send", token) {
+        return *a;
     }
     let Ok(msg) = serde_json::from_slice::<serde_json::Value>(body) else {
         return errcode(47001, "data format error");

@@ -6,6 +6,7 @@
 
 mod api;
 pub mod faults;
+pub mod quota;
 pub mod state;
 pub mod tickets;
 

@@ -81,6 +81,7 @@ pub struct State {
     pub requests: VecDeque<Seen>,
     ttl: Duration,
     pub tickets: super::tickets::Tickets,
+    pub quotas: super::quota::Quotas,
 }
 
 /// Why a token was refused, as WeChat says it.
@@ -356,6 +357,7 @@ impl State {
             "tokens_issued": self.tokens.len(),
             "stable_tokens_issued": live_stable,
             "ticket_fetches": self.tickets.fetches,
+            "quota_clears": self.quotas.clears,
         })
     }
 }

@@ -378,6 +378,88 @@ impl RedisStore {
     }
 }
 
+impl RedisStore {
+    /// Adds increments to hash fields in one pipeline: `(key, field, by)`.
+    /// Returns each field's new total (the cluster's count). Every key
+    /// expires `ttl` after its last write.
+    pub async fn add_counts(
+        &self,
+        items: &[(String, String, u64)],
+        ttl: Duration,
+    ) -> Result<Vec<u64>, StoreError> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.run(|mut c| async move {
+            let mut pipe = redis::pipe();
+            for (key, field, by) in items {
+                pipe.cmd("HINCRBY").arg(key).arg(field).arg(*by);
+            }
+            let mut keys: Vec<&String> = items.iter().map(|i| &i.0).collect();
+            keys.dedup();
+            for key in keys {
+                pipe.cmd("EXPIRE").arg(key).arg(ttl.as_secs()).ignore();
+            }
+            pipe.query_async::<Vec<u64>>(&mut c).await
+        })
+        .await
+    }
+
+    /// The day's quota ledger key of account `id`.
+    pub fn quota_key(&self, id: &str, day: i64) -> String {
+        format!("{}:quota:{id}:{day}", self.prefix)
+    }
+
+    /// The count at `key` (0 when unset).
+    pub async fn count(&self, key: &str) -> Result<u64, StoreError> {
+        self.run(|mut c| async move {
+            redis::cmd("GET")
+                .arg(key)
+                .query_async::<Option<u64>>(&mut c)
+                .await
+                .map(Option::unwrap_or_default)
+        })
+        .await
+    }
+
+    /// Adds one to the count at `key` (expiring after `ttl`); the new count.
+    pub async fn bump(&self, key: &str, ttl: Duration) -> Result<u64, StoreError> {
+        self.run(|mut c| async move {
+            let (n,): (u64,) = redis::pipe()
+                .atomic()
+                .cmd("INCR")
+                .arg(key)
+                .cmd("EXPIRE")
+                .arg(key)
+                .arg(ttl.as_secs())
+                .ignore()
+                .query_async(&mut c)
+                .await?;
+            Ok(n)
+        })
+        .await
+    }
+
+    /// Sets the count at `key` (expiring after `ttl`).
+    pub async fn set_count(&self, key: &str, n: u64, ttl: Duration) -> Result<(), StoreError> {
+        self.run(|mut c| async move {
+            redis::cmd("SET")
+                .arg(key)
+                .arg(n)
+                .arg("EX")
+                .arg(ttl.as_secs())
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await
+    }
+
+    /// A key under this deployment's prefix.
+    pub fn key(&self, rest: &str) -> String {
+        format!("{}:{rest}", self.prefix)
+    }
+}
+
 impl super::refresher::Shared for RedisStore {
     async fn lock(
         &self,

@@ -427,6 +427,14 @@ impl FastLane {
         close: bool,
     ) -> (u16, Option<i64>, bool, std::io::Result<()>) {
         let app = &self.app;
+        if let Err(over) = plan.account.admit_call(head.path) {
+            let e = ProxyError::QuotaLimit {
+                account: plan.account.name.clone(),
+                path: head.path.to_string(),
+                per_day: over.per_day,
+            };
+            return self.error(stream, e, close).await;
+        }
         let limit = app.config.limits.buffered_body;
         let upstreams = app.upstream_for(plan.account.kind.family());
         let upstream_err = |source| match source {

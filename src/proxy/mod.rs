@@ -677,6 +677,15 @@ impl Proxy {
             Ok(b) => b,
             Err(e) => return Ok(Err(e)),
         };
+        if let Some(a) = &plan.account {
+            if let Err(over) = a.admit_call(&plan.path) {
+                return Ok(Err(ProxyError::QuotaLimit {
+                    account: a.name.clone(),
+                    path: plan.path.clone(),
+                    per_day: over.per_day,
+                }));
+            }
+        }
         // An HTML form's fields may carry an appsecret too.
         if route::content_type_is(
             &session.req_header().headers,

@@ -33,7 +33,7 @@ pub enum Subject {
 }
 
 /// The store key suffix of an account's token: its token API and id.
-fn token_store_id(account: &Account) -> (&'static str, String) {
+pub fn token_store_id(account: &Account) -> (&'static str, String) {
     match account.kind {
         AccountKind::WeCom => (
             "wecom",
@@ -165,11 +165,9 @@ impl Source for TicketSource {
 /// Tells the account what a fetch's answer says about our egress IP.
 fn noted(account: &Account, fetched: Result<Fetched, FetchError>) -> Result<Fetched, FetchError> {
     match &fetched {
-        Ok(_) => account.note_answer(Some(0), "", || None),
+        Ok(_) => account.note_fetch_answer(Some(0), || None),
         Err(FetchError::WeChat { errcode, errmsg }) => {
-            account.note_answer(Some(*errcode), "(token or ticket fetch)", || {
-                Some(errmsg.clone())
-            })
+            account.note_fetch_answer(Some(*errcode), || Some(errmsg.clone()))
         }
         Err(_) => {}
     }

@@ -112,31 +112,7 @@ pub(crate) async fn exchange(
     body: &[u8],
 ) -> Result<Fetched, FetchError> {
     let sent = tokio::time::Instant::now();
-    // Over HTTP/1.1, our own exchange (as the fast lane's): a start with
-    // thousands of accounts is mostly these.
-    let wire = upstream
-        .speaks_h1()
-        .then(|| pingora::protocols::http::v1::client::http_req_header_to_wire(req))
-        .flatten();
-    let (status, answer) = match wire {
-        Some(mut head) => {
-            // `call` adds Host and the blank line.
-            head.truncate(head.len() - 2);
-            let idempotent = req.method == http::Method::GET;
-            let mut x = upstream.call(&head, body, idempotent).await?;
-            let status = x.status;
-            let answer = x.read_to_end(DEFAULT_ANSWER_LIMIT).await?;
-            x.finish();
-            (status, answer.map_err(drop))
-        }
-        None => {
-            let mut x = upstream.send(req, body).await?;
-            let status = x.header().status.as_u16();
-            let answer = x.read_to_end(DEFAULT_ANSWER_LIMIT).await?;
-            x.finish().await;
-            (status, answer.map_err(drop))
-        }
-    };
+    let (status, answer) = upstream.round_trip(req, body, DEFAULT_ANSWER_LIMIT).await?;
     let answer = answer.map_err(|_| {
         FetchError::BadAnswer(format!(
             "HTTP {status}, body over {DEFAULT_ANSWER_LIMIT} bytes"

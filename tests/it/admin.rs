@@ -15,9 +15,18 @@ async fn metrics_count_requests_fetches_replays_and_connections() {
     fake.invalidate(SHOP_APPID).await;
     side.send("/cgi-bin/message/template/send", TEMPLATE).await;
     side.token(SHOP_APPID, SHOP_SECRET).await;
-    let r = client().get(side.admin("/metrics")).send().await.unwrap();
-    assert_eq!(r.status(), 200);
-    let text = r.text().await.unwrap();
+    // A request is counted once its answer is written (pingora's logging
+    // phase): the scrape may come a moment before the last one is in.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let text = loop {
+        let r = client().get(side.admin("/metrics")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let text = r.text().await.unwrap();
+        if text.contains(r#"outcome="ok",route="token"}"#) || std::time::Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
     let value = |series: &str| -> f64 {
         text.lines()
             .find(|l| l.starts_with(series))

@@ -17,6 +17,7 @@ mod lifecycle;
 mod limits;
 mod path;
 mod pool;
+mod quota;
 mod raw;
 mod replay;
 mod store;

@@ -215,6 +215,12 @@ impl Fake {
         self.post_ok(&self.https, "/__fake/whitelist", &body).await;
     }
 
+    /// Sets the daily limit of every API path (45009 past it).
+    pub async fn daily_limit(&self, n: u64) {
+        let body = serde_json::json!({ "daily_limit": n }).to_string();
+        self.post_ok(&self.https, "/__fake/quota", &body).await;
+    }
+
     /// Sets the fake's injected faults (see `src/fake/faults.rs`).
     pub async fn faults(&self, plan: &str) {
         self.post_ok(&self.https, "/__fake/faults", plan).await;

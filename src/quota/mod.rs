@@ -5,6 +5,8 @@
 //! can back off without knowing WeChat's errcodes; the errcodes that matter
 //! are counted per account (`wxsidecar_wechat_errors_total`).
 
+pub mod ledger;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::SystemTime;
