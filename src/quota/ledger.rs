@@ -8,7 +8,6 @@
 //! what each path gained (`HINCRBY`, one pipeline for every account) and
 //! learns the cluster's totals back, so no request waits on Redis.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
@@ -36,18 +35,30 @@ pub struct Ledger(OnceLock<Box<Book>>);
 struct Book {
     /// The WeChat day the counts are for.
     day: AtomicI64,
-    paths: RwLock<HashMap<Box<str>, PathCount>>,
+    /// foldhash, not SipHash: counted on every call, keyed by our own paths.
+    paths: RwLock<hashbrown::HashMap<Box<str>, PathCount>>,
 }
 
 #[derive(Default)]
 struct PathCount {
     calls: AtomicU64,
-    /// Calls not yet sent to the shared store.
-    unflushed: AtomicU64,
+    /// Of `calls`, those sent to the shared store (one atomic add per call,
+    /// not two).
+    flushed: AtomicU64,
     /// The cluster's total (ours included) when we last flushed.
     cluster: AtomicU64,
     /// errcode, count today, count not yet flushed.
     errors: Mutex<Vec<(i64, u64, u64)>>,
+}
+
+impl PathCount {
+    /// Every replica's calls as far as known: the cluster's total at the
+    /// last flush (ours included), or ours if more, plus ours since.
+    fn cluster_calls(&self) -> u64 {
+        let calls = self.calls.load(Ordering::Relaxed);
+        let flushed = self.flushed.load(Ordering::Relaxed).min(calls);
+        self.cluster.load(Ordering::Relaxed).max(flushed) + (calls - flushed)
+    }
 }
 
 /// What the ledger says of one path today.
@@ -80,7 +91,7 @@ impl Ledger {
         let book = self.0.get_or_init(|| {
             Box::new(Book {
                 day: AtomicI64::new(today),
-                paths: RwLock::new(HashMap::new()),
+                paths: RwLock::new(hashbrown::HashMap::new()),
             })
         });
         if book.day.load(Ordering::Relaxed) != today {
@@ -118,15 +129,11 @@ impl Ledger {
     pub fn admit(&self, path: &str, per_day: Option<u64>) -> Result<(), OverLimit> {
         self.with_path(path, |p| {
             if let Some(per_day) = per_day {
-                let cluster = p.cluster.load(Ordering::Relaxed);
-                let unflushed = p.unflushed.load(Ordering::Relaxed);
-                let known = cluster.max(p.calls.load(Ordering::Relaxed) - unflushed) + unflushed;
-                if known >= per_day {
+                if p.cluster_calls() >= per_day {
                     return Err(OverLimit { per_day });
                 }
             }
             p.calls.fetch_add(1, Ordering::Relaxed);
-            p.unflushed.fetch_add(1, Ordering::Relaxed);
             Ok(())
         })
     }
@@ -159,16 +166,11 @@ impl Ledger {
         let mut out: Vec<PathReport> = paths
             .iter()
             .filter(|(k, _)| only.is_none_or(|o| &***k == o))
-            .map(|(k, p)| {
-                let calls = p.calls.load(Ordering::Relaxed);
-                let unflushed = p.unflushed.load(Ordering::Relaxed);
-                PathReport {
-                    path: k.to_string(),
-                    calls,
-                    cluster_calls: p.cluster.load(Ordering::Relaxed).max(calls - unflushed)
-                        + unflushed,
-                    errors: p.errors.lock().iter().map(|e| (e.0, e.1)).collect(),
-                }
+            .map(|(k, p)| PathReport {
+                path: k.to_string(),
+                calls: p.calls.load(Ordering::Relaxed),
+                cluster_calls: p.cluster_calls(),
+                errors: p.errors.lock().iter().map(|e| (e.0, e.1)).collect(),
             })
             .collect();
         out.sort_by(|a, b| b.calls.cmp(&a.calls).then(a.path.cmp(&b.path)));
@@ -184,7 +186,8 @@ impl Ledger {
         let paths = book.paths.read();
         let mut out = Vec::new();
         for (k, p) in paths.iter() {
-            let by = p.unflushed.swap(0, Ordering::Relaxed);
+            let calls = p.calls.load(Ordering::Relaxed);
+            let by = calls - p.flushed.swap(calls, Ordering::Relaxed);
             if by > 0 {
                 out.push(Pending {
                     field: k.to_string(),
@@ -220,7 +223,7 @@ impl Ledger {
                 }
                 None => {
                     if let Some(p) = paths.get(x.field.as_str()) {
-                        p.unflushed.fetch_add(x.by, Ordering::Relaxed);
+                        p.flushed.fetch_sub(x.by, Ordering::Relaxed);
                     }
                 }
             }
