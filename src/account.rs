@@ -23,9 +23,15 @@ pub struct Account {
     /// account's corpid.
     pub id: String,
     pub agentid: Option<Box<str>>,
-    pub secret: Secret,
+    /// Read when a token is fetched or an app's secret checked; a reload
+    /// may replace it.
+    pub secret: parking_lot::RwLock<Secret>,
     pub token_api: TokenApi,
-    pub replace_tokens: ReplaceTokens,
+    /// `accounts[].replace_tokens: always` (a reload may change it).
+    always_replace: std::sync::atomic::AtomicBool,
+    /// The number its tokens are indexed under: its position when the
+    /// sidecar started, a new one for an account a reload added.
+    key: u32,
     pub tokens: Arc<LeaseCell>,
     /// Its JS-SDK and card tickets, made on first use.
     pub tickets: crate::ticket::Tickets,
@@ -42,8 +48,9 @@ pub struct Account {
     pub quota: crate::quota::Quota,
     /// Calls and errcodes per API path today.
     pub ledger: crate::quota::ledger::Ledger,
-    /// Local daily caps per path (`accounts[].limits`); empty for most.
-    pub limits: Box<[(Box<str>, u64)]>,
+    /// Local daily caps per path (`accounts[].limits`); none for most (a
+    /// reload may change them).
+    limits: arc_swap::ArcSwapOption<PathLimits>,
 }
 
 impl Account {
@@ -67,12 +74,63 @@ impl Account {
     /// ledger, or refuses it when the path's local daily cap is reached.
     pub fn admit_call(&self, path: &str) -> Result<(), crate::quota::ledger::OverLimit> {
         let path = crate::target::route_key(path);
-        let cap = self
-            .limits
+        self.ledger.admit(path, self.limit_for(path))
+    }
+
+    /// The local daily cap of `path` (a route key), if one is set.
+    pub fn limit_for(&self, path: &str) -> Option<u64> {
+        let limits = self.limits.load();
+        limits
+            .as_deref()?
             .iter()
             .find(|(p, _)| **p == *path)
-            .map(|(_, n)| *n);
-        self.ledger.admit(path, cap)
+            .map(|(_, n)| *n)
+    }
+
+    pub fn replace_tokens(&self) -> ReplaceTokens {
+        if self
+            .always_replace
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            ReplaceTokens::Always
+        } else {
+            ReplaceTokens::Issued
+        }
+    }
+
+    /// What a reload may change in place: the secret (`true` when it
+    /// changed), `replace_tokens` and the limits.
+    fn update(&self, c: &AccountConfig) -> bool {
+        self.always_replace.store(
+            c.replace_tokens == ReplaceTokens::Always,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        self.limits.store(limits_of(&c.limits));
+        let mut secret = self.secret.write();
+        if secret.expose() == c.secret.expose() {
+            return false;
+        }
+        *secret = c.secret.clone();
+        true
+    }
+
+    /// Whether `c` describes this account (the same token, so the same
+    /// cell): name, kind, appid, agentid and token API.
+    fn is(&self, c: &AccountConfig) -> bool {
+        self.name == c.name
+            && self.kind == c.kind
+            && self.id == c.appid
+            && self.agentid.as_deref() == c.agentid.as_deref()
+            && self.token_api == c.token_api
+    }
+
+    /// Stops its refreshers: the account is gone (requests in flight still
+    /// read its token).
+    pub fn retire(&self) {
+        self.tokens.retire();
+        for (_, cell) in self.tickets.in_use() {
+            cell.retire();
+        }
     }
 
     /// [`Self::note_answer`] for a token or ticket fetch (not in the
@@ -106,19 +164,34 @@ impl Account {
     }
 }
 
+/// Daily caps by path (`accounts[].limits`).
+type PathLimits = Box<[(Box<str>, u64)]>;
+
+fn limits_of(limits: &[(String, u64)]) -> Option<Arc<PathLimits>> {
+    (!limits.is_empty()).then(|| {
+        Arc::new(
+            limits
+                .iter()
+                .map(|(p, n)| (p.as_str().into(), *n))
+                .collect(),
+        )
+    })
+}
+
 impl Account {
-    pub fn new(c: AccountConfig, index: Arc<TokenIndex>, position: usize) -> Self {
+    pub fn new(c: AccountConfig, index: Arc<TokenIndex>, key: u32) -> Self {
         Account {
             name: c.name,
             kind: c.kind,
             id: c.appid,
             agentid: c.agentid.map(Into::into),
-            secret: c.secret,
+            secret: parking_lot::RwLock::new(c.secret),
             token_api: c.token_api,
-            replace_tokens: c.replace_tokens,
+            always_replace: (c.replace_tokens == ReplaceTokens::Always).into(),
+            key,
             tokens: Arc::new(LeaseCell::new(
                 index,
-                position,
+                key as usize,
                 crate::metrics::FetchCounters::default(),
             )),
             tickets: Default::default(),
@@ -127,11 +200,7 @@ impl Account {
             whitelist: Default::default(),
             quota: Default::default(),
             ledger: Default::default(),
-            limits: c
-                .limits
-                .into_iter()
-                .map(|(p, n)| (p.into_boxed_str(), n))
-                .collect(),
+            limits: arc_swap::ArcSwapOption::new(limits_of(&c.limits)),
         }
     }
 }
@@ -161,6 +230,23 @@ pub struct Accounts {
     by_key: hashbrown::HashTable<u32>,
     hasher: std::hash::RandomState,
     default: Option<usize>,
+    /// Index key → position, sorted, once a reload made them differ (at
+    /// start every account's key is its position).
+    positions: Option<Box<[(u32, u32)]>>,
+    /// The key the next account a reload adds gets.
+    next_key: u32,
+}
+
+/// A reloaded account table and what changed against the running one.
+pub struct Reloaded {
+    pub accounts: Accounts,
+    /// New accounts: their refreshers are to be started (and a first token
+    /// fetched) before the table is used.
+    pub added: Vec<Arc<Account>>,
+    /// Gone: to be retired once the new table is in use.
+    pub removed: Vec<Arc<Account>>,
+    /// Kept, with a new secret: a token is to be fetched with it.
+    pub secret_changed: Vec<Arc<Account>>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -196,10 +282,70 @@ impl Accounts {
         let mut list: Vec<Arc<Account>> = configs
             .into_iter()
             .enumerate()
-            .map(|(i, c)| Arc::new(Account::new(c, issued.clone(), i)))
+            .map(|(i, c)| Arc::new(Account::new(c, issued.clone(), i as u32)))
             .collect();
         // The collect reuses the configs' buffer (12 times the size needed).
         list.shrink_to_fit();
+        let next_key = list.len() as u32;
+        Self::table(list, issued, default, next_key)
+    }
+
+    /// The table of `configs` for a reload: accounts that stay (same name,
+    /// kind, appid, agentid and token API) keep their token cell, ledger and
+    /// counters, taking a new secret, `replace_tokens` and limits in place;
+    /// the others are new. Nothing of the running table changes here but
+    /// those in-place updates.
+    pub fn reloaded(&self, configs: Vec<AccountConfig>) -> Reloaded {
+        let default = configs.iter().position(|c| c.default);
+        let mut next_key = self.next_key;
+        let (mut added, mut secret_changed) = (Vec::new(), Vec::new());
+        let list: Vec<Arc<Account>> = configs
+            .into_iter()
+            .map(|c| match self.list.iter().find(|a| a.is(&c)) {
+                Some(a) => {
+                    if a.update(&c) {
+                        secret_changed.push(a.clone());
+                    }
+                    a.clone()
+                }
+                None => {
+                    let a = Arc::new(Account::new(c, self.issued.clone(), next_key));
+                    next_key += 1;
+                    added.push(a.clone());
+                    a
+                }
+            })
+            .collect();
+        let removed = self
+            .list
+            .iter()
+            .filter(|a| !list.iter().any(|b| Arc::ptr_eq(a, b)))
+            .cloned()
+            .collect();
+        Reloaded {
+            accounts: Self::table(list, self.issued.clone(), default, next_key),
+            added,
+            removed,
+            secret_changed,
+        }
+    }
+
+    fn table(
+        list: Vec<Arc<Account>>,
+        issued: Arc<TokenIndex>,
+        default: Option<usize>,
+        next_key: u32,
+    ) -> Self {
+        let identity = list.iter().enumerate().all(|(i, a)| a.key as usize == i);
+        let positions = (!identity).then(|| {
+            let mut p: Vec<(u32, u32)> = list
+                .iter()
+                .enumerate()
+                .map(|(i, a)| (a.key, i as u32))
+                .collect();
+            p.sort_unstable();
+            p.into_boxed_slice()
+        });
         let hasher = std::hash::RandomState::new();
         let mut by_key = hashbrown::HashTable::with_capacity(list.len() * 2);
         // Names first: a name wins over another account's appid.
@@ -218,6 +364,8 @@ impl Accounts {
             list,
             issued,
             default,
+            positions,
+            next_key,
         }
     }
 
@@ -258,7 +406,19 @@ impl Accounts {
 
     /// The account that handed out `token`, if any.
     pub fn by_issued_token(&self, token: &str) -> Option<&Arc<Account>> {
-        self.issued.get(token).map(|i| &self.list[i])
+        let key = self.issued.get(token)?;
+        match &self.positions {
+            None => self.list.get(key),
+            Some(p) => {
+                let at = p.binary_search_by_key(&(key as u32), |e| e.0).ok()?;
+                self.list.get(p[at].1 as usize)
+            }
+        }
+    }
+
+    /// Forgets the tokens `removed` handed out: they name no account now.
+    pub fn forget(&self, removed: &Account) {
+        self.issued.forget(removed.key as usize);
     }
 
     fn known(&self) -> String {
@@ -436,5 +596,65 @@ mod tests {
             assert_eq!(a.pick(Some(&by_id), None).unwrap().id, by_id);
         }
         assert!(a.pick(Some("a10000"), None).is_err());
+    }
+
+    #[test]
+    fn a_reload_keeps_what_stays_and_indexes_tokens_by_key() {
+        let a = Accounts::new(
+            Config::parse(
+                "accounts:\n  - {name: shop, appid: wxshop, secret: a, default: true}\n  - {name: mall, appid: wxmall, secret: b}\n  - {name: park, appid: wxpark, secret: c}\n",
+            )
+            .unwrap()
+            .accounts,
+        );
+        a.list[0]
+            .tokens
+            .store("shop-token", Duration::from_secs(60));
+        a.list[1]
+            .tokens
+            .store("mall-token", Duration::from_secs(60));
+        a.list[2]
+            .tokens
+            .store("park-token", Duration::from_secs(60));
+        // mall goes, shop gets a new secret and a cap, outlet arrives,
+        // park changes token API (a different token: a new account).
+        let next = Config::parse(
+            "accounts:\n  - {name: outlet, appid: wxoutlet, secret: d}\n  - {name: shop, appid: wxshop, secret: a2, default: true, limits: {/cgi-bin/x: {per_day: 5}}}\n  - {name: park, appid: wxpark, secret: c, token_api: classic}\n",
+        )
+        .unwrap()
+        .accounts;
+        let r = a.reloaded(next);
+        let names = |v: &[Arc<Account>]| v.iter().map(|a| a.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&r.added), ["outlet", "park"]);
+        assert_eq!(names(&r.removed), ["mall", "park"]);
+        assert_eq!(names(&r.secret_changed), ["shop"]);
+        let b = r.accounts;
+        let shop = b.pick(None, Some("shop-token")).unwrap();
+        assert!(
+            Arc::ptr_eq(shop, &a.list[0]),
+            "the same account, its cell kept"
+        );
+        assert_eq!(shop.secret.read().expose(), "a2");
+        assert_eq!(shop.limit_for("/cgi-bin/x"), Some(5));
+        assert!(b.by_issued_token("mall-token").is_none(), "mall is gone");
+        assert!(
+            b.by_issued_token("park-token").is_none(),
+            "old park's token"
+        );
+        b.list[0]
+            .tokens
+            .store("outlet-token", Duration::from_secs(60));
+        assert_eq!(b.pick(None, Some("outlet-token")).unwrap().name, "outlet");
+        assert_eq!(b.pick(None, None).unwrap().name, "shop", "default");
+        b.forget(&a.list[1]);
+        assert!(a.by_issued_token("mall-token").is_none(), "forgotten");
+        // A second reload goes on from the keys handed out.
+        let again = b.reloaded(
+            Config::parse("accounts:\n  - {name: shop, appid: wxshop, secret: a2}\n  - {name: mall, appid: wxmall, secret: b}\n")
+                .unwrap()
+                .accounts,
+        );
+        assert_eq!(names(&again.added), ["mall"]);
+        assert_eq!(again.added[0].key, 5);
     }
 }

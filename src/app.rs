@@ -5,24 +5,29 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use arc_swap::{ArcSwap, Guard};
+
 use crate::account::Accounts;
 use crate::config::{Config, Family, OnStoreError};
-use crate::failover::Upstreams;
+use crate::failover::{Families, Upstreams};
 use crate::lease::store::RedisStore;
 
+/// Everything a reload may replace is behind an `ArcSwap`: a request reads
+/// the current one (an atomic load) and keeps it until it ends; a reload
+/// publishes a new one without waiting for anybody.
 pub struct App {
     /// The checked configuration, less its `accounts`: those are moved
     /// into [`App::accounts`] (read them there).
-    pub config: Config,
-    pub accounts: Accounts,
-    /// Official Account / mini program hosts.
-    pub upstream: Arc<Upstreams>,
-    /// WeCom hosts, when a WeCom account is configured.
-    pub wecom: Option<Arc<Upstreams>>,
+    config: ArcSwap<Config>,
+    accounts: ArcSwap<Accounts>,
+    /// The upstream families, shared with the refreshers.
+    pub upstreams: Arc<Families>,
     /// The shared token store (`token.store`), when not memory.
     pub store: Option<Arc<RedisStore>>,
     /// Who may call, and how fast.
-    pub clients: crate::clients::Clients,
+    clients: ArcSwap<crate::clients::Clients>,
+    /// The config generation and what the last reload did.
+    pub generation: crate::generation::Generation,
     /// Transparent mode, when `intercept` is configured.
     pub intercept: Option<crate::intercept::Intercept>,
     /// Requests in flight; draining after SIGTERM/SIGQUIT.
@@ -58,13 +63,14 @@ impl App {
         Arc::new(App {
             store,
             intercept,
-            clients: crate::clients::Clients::new(config.clients.clone()),
+            generation: Default::default(),
+            clients: ArcSwap::from_pointee(crate::clients::Clients::new(config.clients.clone())),
             drain: Arc::default(),
             tasks: Default::default(),
             refreshers: crate::lease::schedule::Scheduler::new(
                 crate::lease::schedule::DEFAULT_FETCHES_IN_FLIGHT,
             ),
-            accounts: Accounts::new(std::mem::take(&mut config.accounts)),
+            accounts: ArcSwap::from_pointee(Accounts::new(std::mem::take(&mut config.accounts))),
             refresh_settings: [OnStoreError::Wait, OnStoreError::Fetch].map(|on_store_error| {
                 let t = &config.token;
                 Arc::new(crate::lease::refresher::Settings {
@@ -75,31 +81,67 @@ impl App {
                     on_store_error,
                 })
             }),
-            config,
-            upstream,
-            wecom,
+            config: ArcSwap::from_pointee(config),
+            upstreams: Arc::new(Families::new(upstream, wecom)),
             started: Instant::now(),
             listening: AtomicBool::new(false),
         })
     }
 
-    /// The hosts an account of `kind` talks to.
-    pub fn upstream_for(&self, family: Family) -> &Arc<Upstreams> {
-        match (family, &self.wecom) {
-            (Family::WeCom, Some(w)) => w,
-            _ => &self.upstream,
+    /// The running configuration (less its accounts).
+    pub fn config(&self) -> Guard<Arc<Config>> {
+        self.config.load()
+    }
+
+    /// The accounts (a guard: read, do not hold across a wait).
+    pub fn accounts(&self) -> Guard<Arc<Accounts>> {
+        self.accounts.load()
+    }
+
+    /// The accounts, to hold across waits (background tasks).
+    pub fn accounts_full(&self) -> Arc<Accounts> {
+        self.accounts.load_full()
+    }
+
+    /// The configuration, to hold across waits.
+    pub fn config_full(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    /// Who may call.
+    pub fn clients(&self) -> Guard<Arc<crate::clients::Clients>> {
+        self.clients.load()
+    }
+
+    /// Publishes a reloaded configuration, accounts and clients; requests
+    /// already running keep what they loaded.
+    pub fn publish(
+        &self,
+        config: Config,
+        accounts: Accounts,
+        clients: Option<crate::clients::Clients>,
+    ) {
+        self.accounts.store(Arc::new(accounts));
+        if let Some(c) = clients {
+            self.clients.store(Arc::new(c));
         }
+        self.config.store(Arc::new(config));
+    }
+
+    /// The hosts an account of `kind` talks to.
+    pub fn upstream_for(&self, family: Family) -> Arc<Upstreams> {
+        self.upstreams.get(family)
     }
 
     /// Every upstream family in use.
-    pub fn families(&self) -> impl Iterator<Item = &Arc<Upstreams>> {
-        std::iter::once(&self.upstream).chain(self.wecom.as_ref())
+    pub fn families(&self) -> Vec<Arc<Upstreams>> {
+        self.upstreams.all()
     }
 
     /// Where requests that carry no account of ours go: the default
     /// account's family, else the Official Account hosts.
     pub fn default_family(&self) -> Family {
-        self.accounts
+        self.accounts()
             .default_account()
             .map_or(Family::Official, |a| a.kind.family())
     }
@@ -117,7 +159,7 @@ impl App {
             return Some("app listener not open yet (fetching first tokens)".into());
         }
         let missing: Vec<String> = self
-            .accounts
+            .accounts()
             .iter()
             .filter(|a| a.tokens.valid().is_none())
             .map(|a| match a.tokens.status().last_error {

@@ -97,6 +97,7 @@ pub fn main() -> i32 {
             let mode = server::RunMode {
                 upgrade: r.upgrade,
                 daemon: r.daemon,
+                config_path: Some(r.config.config.clone()),
             };
             run(&r.config.config, mode)
         }

@@ -18,12 +18,65 @@ use std::time::Duration;
 
 use pingora::http::RequestHeader;
 
-use crate::config::UpstreamConfig;
+use crate::config::{Family, UpstreamConfig};
 use crate::upstream::{Exchange, Upload, Upstream, UpstreamError};
 
 pub struct Upstreams {
     hosts: Vec<Arc<Upstream>>,
     conf: UpstreamConfig,
+    /// Set when a reload replaced this family: its upkeep tasks end.
+    retired: tokio::sync::watch::Sender<bool>,
+}
+
+/// The upstream families in use: the Official Account hosts, and WeCom's
+/// once a WeCom account is configured. A reload swaps either; requests
+/// and fetches already running finish on the one they took.
+pub struct Families {
+    official: arc_swap::ArcSwap<Upstreams>,
+    wecom: arc_swap::ArcSwapOption<Upstreams>,
+}
+
+impl Families {
+    pub fn new(official: Arc<Upstreams>, wecom: Option<Arc<Upstreams>>) -> Self {
+        Families {
+            official: arc_swap::ArcSwap::new(official),
+            wecom: arc_swap::ArcSwapOption::new(wecom),
+        }
+    }
+
+    /// The hosts of `family` (WeCom's fall back to the official ones when
+    /// no WeCom account is configured).
+    pub fn get(&self, family: Family) -> Arc<Upstreams> {
+        match family {
+            Family::WeCom => self
+                .wecom
+                .load_full()
+                .unwrap_or_else(|| self.official.load_full()),
+            Family::Official => self.official.load_full(),
+        }
+    }
+
+    pub fn has_wecom(&self) -> bool {
+        self.wecom.load().is_some()
+    }
+
+    pub fn all(&self) -> Vec<Arc<Upstreams>> {
+        std::iter::once(self.official.load_full())
+            .chain(self.wecom.load_full())
+            .collect()
+    }
+
+    /// Replaces a family; the old one's upkeep stops (its pooled
+    /// connections close as their exchanges end).
+    pub fn replace(&self, family: Family, new: Arc<Upstreams>) {
+        let old = match family {
+            Family::Official => Some(self.official.swap(new)),
+            Family::WeCom => self.wecom.swap(Some(new)),
+        };
+        if let Some(old) = old {
+            let _ = old.retired.send(true);
+        }
+    }
 }
 
 impl Upstreams {
@@ -37,6 +90,7 @@ impl Upstreams {
         Arc::new(Upstreams {
             hosts,
             conf: conf.clone(),
+            retired: tokio::sync::watch::channel(false).0,
         })
     }
 
@@ -170,10 +224,10 @@ impl Upstreams {
     /// hosts in use, a probe every `probe_interval` for hosts out of use.
     pub fn maintain(self: &Arc<Self>, tasks: &crate::lifecycle::Tasks) {
         for h in &self.hosts {
-            tasks.spawn("upstream upkeep", h.clone().maintain());
+            tasks.spawn("upstream upkeep", self.until_retired(h.clone().maintain()));
             let me = self.clone();
             let h = h.clone();
-            tasks.spawn("upstream probe", async move {
+            tasks.spawn("upstream probe", self.until_retired(async move {
                 loop {
                     tokio::time::sleep(me.conf.probe_interval).await;
                     if me.in_use(&h) {
@@ -188,7 +242,21 @@ impl Upstreams {
                         }
                     }
                 }
-            });
+            }));
+        }
+    }
+
+    /// `fut`, ending early once a reload replaced this family.
+    fn until_retired(
+        &self,
+        fut: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut retired = self.retired.subscribe();
+        async move {
+            tokio::select! {
+                _ = fut => {}
+                _ = retired.wait_for(|r| *r) => {}
+            }
         }
     }
 

@@ -85,7 +85,7 @@ impl ForwardProxy {
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
         if let Some(ip) = peer {
-            if !self.app.clients.allows_address(ip) {
+            if !self.app.clients().allows_address(ip) {
                 return refuse(io, &format!("{ip} is not in clients.allow")).await;
             }
         }

@@ -20,6 +20,7 @@ pub(crate) mod failover;
 #[cfg(feature = "fake")]
 pub(crate) mod fake;
 pub(crate) mod forward;
+pub mod generation;
 pub(crate) mod guard;
 pub mod inspect;
 pub(crate) mod intercept;
@@ -36,6 +37,7 @@ pub mod query;
 pub(crate) mod quota;
 pub(crate) mod refresh;
 pub(crate) mod refusal;
+pub(crate) mod reload;
 pub(crate) mod reply;
 pub mod route;
 pub(crate) mod secret;

@@ -68,7 +68,7 @@ pub fn authenticate<'a>(
             errcode: 41004,
             errmsg: "appsecret missing",
         })?;
-    if !account.secret.matches(secret) {
+    if !account.secret.read().matches(secret) {
         return Err(Refusal {
             errcode: 40125,
             errmsg: "invalid appsecret",
@@ -110,7 +110,7 @@ pub fn authenticate_wecom<'a>(
         })?;
     // Check every candidate, so the time does not tell which one matched.
     let matched = accounts.into_iter().fold(None, |found, a| {
-        if a.secret.matches(&secret) {
+        if a.secret.read().matches(&secret) {
             Some(a)
         } else {
             found

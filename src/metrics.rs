@@ -67,6 +67,15 @@ pub static CONNECTIONS_OPEN: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+pub static CONFIG_RELOADS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "wxsidecar_config_reloads_total",
+        "Config reloads (SIGHUP, POST /reload, a watched file changing), by result (ok, failed).",
+        &["result"]
+    )
+    .expect("metric registers once")
+});
+
 pub static BUILD_INFO: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     register_int_gauge_vec!(
         "wxsidecar_build_info",
@@ -86,6 +95,9 @@ pub fn init() {
     LazyLock::force(&UPSTREAM_CONNECTIONS);
     LazyLock::force(&CONNECTIONS_REFUSED);
     LazyLock::force(&CONNECTIONS_OPEN);
+    for result in ["ok", "failed"] {
+        CONFIG_RELOADS.with_label_values(&[result]);
+    }
 }
 
 /// The routes requests are counted by (`route` label).

@@ -42,12 +42,14 @@ pub struct Prepared {
 
 /// Validates what the config alone cannot: the CA bundle and free ports.
 /// How the process was started.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct RunMode {
     /// Take the listening sockets over from a running process (`run --upgrade`).
     pub upgrade: bool,
     /// Detach and write `pid_file` (`run --daemon`).
     pub daemon: bool,
+    /// The config file, re-read on a reload (none: no reloads).
+    pub config_path: Option<std::path::PathBuf>,
 }
 
 /// What the offline checks build: `run` keeps it, `check` drops it.
@@ -78,20 +80,7 @@ pub fn prepare(config: Config, mode: RunMode) -> Result<Prepared, String> {
     crate::metrics::init();
     let Offline { store, intercept } = offline_checks(&config)?;
     let wecom_in_use = config.accounts.iter().any(|a| a.kind == AccountKind::WeCom);
-    let mut extras: Vec<&std::path::Path> = config
-        .upstream
-        .ca_file
-        .iter()
-        .map(|p| p.as_path())
-        .collect();
-    if wecom_in_use {
-        extras.extend(config.wecom_upstream.ca_file.as_deref());
-    }
-    let ca_bundle = if extras.is_empty() {
-        None
-    } else {
-        Some(upstream::ca_bundle(&extras)?)
-    };
+    let ca_bundle = upstream::ca_bundle_for(&config, wecom_in_use)?;
     crate::intercept::loopcheck::check(&config, wecom_in_use)?;
     // An upgrade takes the ports over from the running process.
     if !mode.upgrade {
@@ -124,7 +113,7 @@ impl Prepared {
 
     /// Runs until SIGTERM (graceful) or SIGINT (fast).
     pub fn run(self) {
-        let config = &self.app.config;
+        let config = &self.app.config_full();
         let grace = config.shutdown_grace.as_secs().max(1);
         let conf = ServerConf {
             threads: config.threads,
@@ -169,6 +158,7 @@ impl Prepared {
         let app_service = Gated {
             inner: proxy,
             app: self.app.clone(),
+            config_path: self.mode.config_path.clone(),
         };
 
         let mut admin = ListeningService::new(
@@ -231,10 +221,8 @@ impl Prepared {
         >,
         conf: &Arc<ServerConf>,
     ) -> Option<ListeningService<crate::guard::Capped<crate::forward::ForwardProxy>>> {
-        let (i, ic) = (
-            self.app.intercept.as_ref()?,
-            self.app.config.intercept.as_ref()?,
-        );
+        let config = self.app.config_full();
+        let (i, ic) = (self.app.intercept.as_ref()?, config.intercept.as_ref()?);
         let tls_settings = || {
             let mut t = pingora::listeners::tls::TlsSettings::intermediate("", "")
                 .expect("settings without files");
@@ -263,7 +251,7 @@ impl Prepared {
         // same request path.
         let guarded = crate::guard::Capped::new(
             forward,
-            self.app.config.limits.max_connections,
+            self.app.config().limits.max_connections,
             "forward_proxy",
         );
         let mut service = ListeningService::new("wxsidecar forward proxy".to_string(), guarded);
@@ -297,8 +285,8 @@ async fn share_ledgers(app: Arc<App>, store: Arc<RedisStore>) {
     use crate::quota::ledger;
     loop {
         tokio::time::sleep(ledger::DEFAULT_FLUSH_EVERY).await;
-        let ledgers = app
-            .accounts
+        let accounts = app.accounts_full();
+        let ledgers = accounts
             .iter()
             .map(|a| (crate::refresh::token_store_id(a).1, &a.ledger));
         if let Err(e) = ledger::flush(&store, ledgers).await {
@@ -314,7 +302,7 @@ async fn watch_store(app: Arc<App>, store: Arc<RedisStore>) {
         if store.ping().await.is_err() || was_healthy {
             continue;
         }
-        for account in app.accounts.iter() {
+        for account in app.accounts().iter() {
             for (subject, cell) in Subject::in_use(account) {
                 let (api, id) = subject.store_id(account);
                 restore(&app, &store, &account.name, api, &id, cell).await;
@@ -338,7 +326,7 @@ async fn restore(
     let delay = refresh_delay(
         token.remaining(),
         token.lifetime,
-        app.config.token.refresh_before,
+        app.config().token.refresh_before,
     );
     let record = Record::now(
         token.value.to_string(),
@@ -397,6 +385,8 @@ impl<S: Service> Service for Draining<S> {
 struct Gated<S> {
     inner: S,
     app: Arc<App>,
+    /// Re-read on a reload.
+    config_path: Option<std::path::PathBuf>,
 }
 
 impl<S> Gated<S> {
@@ -408,13 +398,13 @@ impl<S> Gated<S> {
         if let Some(drive) = app.refreshers.drive() {
             app.tasks.spawn("lease scheduler", drive);
         }
-        for account in app.accounts.iter() {
+        for account in app.accounts().iter() {
             refresher::start(app, account, Subject::Token);
         }
-        let wait = app.config.upstream.connect_timeout
-            + app.config.upstream.read_timeout
+        let wait = app.config().upstream.connect_timeout
+            + app.config().upstream.read_timeout
             + DEFAULT_BOOT_SLACK;
-        for account in app.accounts.iter() {
+        for account in app.accounts().iter() {
             if !account.tokens.wait_attempted(wait).await {
                 tracing::error!(account = %account.name, "first token fetch still running; opening the listener anyway");
             } else if account.tokens.valid().is_none() {
@@ -435,6 +425,9 @@ impl<S> Gated<S> {
             app.tasks
                 .spawn("leaf re-signing", i.resolver.clone().keep_fresh());
         }
+        if let Some(path) = &self.config_path {
+            crate::reload::start(app, path.clone());
+        }
         app.set_listening();
     }
 }
@@ -448,7 +441,7 @@ impl<S: Service> Service for Gated<S> {
         listeners_per_fd: usize,
     ) {
         self.boot().await;
-        tracing::info!(listen = %self.app.config.listen, "app listener open");
+        tracing::info!(listen = %self.app.config().listen, "app listener open");
         let shutdown = self.app.drain.service_watch(shutdown);
         self.inner
             .start_service(fds, shutdown, listeners_per_fd)

@@ -16,6 +16,12 @@ pub struct Status {
     /// Tokens and tickets kept fresh by the lease scheduler.
     pub leases_refreshed: usize,
     pub accounts: Vec<AccountStatus>,
+    /// 1 at start, one more per applied reload.
+    #[serde(default)]
+    pub config_generation: u64,
+    /// What the last reload did (or why it was refused).
+    #[serde(default)]
+    pub last_reload: Option<crate::generation::ReloadReport>,
     pub store: StoreStatus,
     pub upstream: FamilyStatus,
     pub wecom_upstream: Option<FamilyStatus>,

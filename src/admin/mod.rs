@@ -29,6 +29,10 @@ use crate::app::App;
 use crate::reply::JSON;
 use crate::status::{self, Status};
 
+/// How long `POST /reload` waits for the outcome: a reload that adds
+/// accounts waits for their first token (connect + read timeouts).
+const DEFAULT_RELOAD_WAIT: Duration = Duration::from_secs(60);
+
 pub struct Admin {
     app: Arc<App>,
     /// When each (account, kind) may be force-refreshed again.
@@ -61,14 +65,14 @@ impl Admin {
         if let Some(at) = slots.get(&key).filter(|at| **at > now) {
             return Err(*at - now);
         }
-        slots.insert(key, now + self.app.config.admin.refresh_interval);
+        slots.insert(key, now + self.app.config().admin.refresh_interval);
         Ok(())
     }
 
     fn status(&self) -> Status {
         let app = &self.app;
         let accounts = app
-            .accounts
+            .accounts()
             .iter()
             .map(|a| {
                 let st = a.tokens.status();
@@ -89,7 +93,7 @@ impl Admin {
                     fetches_ok: st.fetches_ok,
                     fetches_today: st.fetches_today,
                     budget_left: app
-                        .config
+                        .config()
                         .token
                         .daily_budget
                         .saturating_sub(st.fetches_today),
@@ -130,8 +134,13 @@ impl Admin {
                     state: Some(s.state()),
                 },
             },
-            upstream: app.upstream.status(),
-            wecom_upstream: app.wecom.as_ref().map(|w| w.status()),
+            config_generation: app.generation.current(),
+            last_reload: app.generation.last(),
+            upstream: app.upstream_for(crate::config::Family::Official).status(),
+            wecom_upstream: app
+                .upstreams
+                .has_wecom()
+                .then(|| app.upstream_for(crate::config::Family::WeCom).status()),
         }
     }
 }
@@ -200,9 +209,33 @@ async fn profile(_query: &str) -> Response<Vec<u8>> {
 }
 
 impl Admin {
+    /// `POST /reload`: re-reads the config and answers what the reload did
+    /// (200 applied, 422 refused: the running config stays).
+    async fn reload(&self) -> Response<Vec<u8>> {
+        match self
+            .app
+            .generation
+            .request("POST /reload", DEFAULT_RELOAD_WAIT)
+            .await
+        {
+            Some(report) => {
+                let status = if report.result == "ok" { 200 } else { 422 };
+                let body = serde_json::to_vec(&report).expect("report serialises");
+                answer(status, JSON, body)
+            }
+            None => {
+                let body = crate::reply::error_body(
+                    -1,
+                    "no reload: the sidecar runs without a config file (demo), or the reload is still running; see /status last_reload",
+                );
+                answer(503, JSON, body.to_vec())
+            }
+        }
+    }
+
     fn metrics(&self) -> Response<Vec<u8>> {
         let mut out = crate::metrics::render();
-        exposition::write_accounts(&mut out, &self.app.accounts);
+        exposition::write_accounts(&mut out, &self.app.accounts());
         answer(200, "text/plain; version=0.0.4", out)
     }
 
@@ -216,7 +249,7 @@ impl Admin {
         };
         let (cell, ticket) = match crate::query::param(query, "ticket") {
             None => (&*account.tokens, None),
-            Some(t) => match self.ticket_cell(account, &t) {
+            Some(t) => match self.ticket_cell(&account, &t) {
                 Ok((cell, kind)) => (cell, Some(kind)),
                 // WeChat's "invalid ticket type".
                 Err((status, msg)) => {
@@ -233,7 +266,7 @@ impl Admin {
             );
             return answer(503, JSON, body.to_vec());
         }
-        let token = &self.app.config.token;
+        let token = &self.app.config().token;
         if let Err(left) = cell.may_force_refresh(token.daily_budget, token.budget_reserve) {
             let body = crate::reply::error_body(
                 45009,
@@ -263,8 +296,9 @@ impl Admin {
         cell.request_refresh();
         tracing::info!(account = %account.name, what, "refresh requested on the admin listener");
         // A ticket may wait for a new token first.
-        let wait =
-            2 * (self.app.config.upstream.connect_timeout + self.app.config.upstream.read_timeout);
+        let wait = 2
+            * (self.app.config().upstream.connect_timeout
+                + self.app.config().upstream.read_timeout);
         let fresh = match &before {
             // WeChat hands a ticket out again until late in its life: the
             // fetch is what was asked for, not a new value.
@@ -361,8 +395,8 @@ impl ServeHttp for Admin {
         let method = req.method.clone();
         let read_only = method == http::Method::GET || method == http::Method::HEAD;
         let probe = matches!(path.as_str(), "/healthz" | "/readyz")
-            || (path == "/metrics" && !self.app.config.admin.protect_metrics);
-        if let Some(expected) = self.app.config.admin.token.as_ref().filter(|_| !probe) {
+            || (path == "/metrics" && !self.app.config().admin.protect_metrics);
+        if let Some(expected) = self.app.config().admin.token.as_ref().filter(|_| !probe) {
             let auth = req
                 .headers
                 .get(http::header::AUTHORIZATION)
@@ -387,6 +421,8 @@ impl ServeHttp for Admin {
                 TEXT,
                 b"use POST /refresh?account=NAME[&ticket=TYPE]\n".to_vec(),
             ),
+            ("/reload", _) if method == http::Method::POST => self.reload().await,
+            ("/reload", _) => answer(405, TEXT, b"use POST /reload\n".to_vec()),
             ("/quota/clear", _) if method == http::Method::POST => self.quota_clear(&query).await,
             ("/quota/clear", _) => answer(405, TEXT, b"use POST /quota/clear?account=NAME\n".to_vec()),
             (_, false) => answer(405, TEXT, b"method not allowed\n".to_vec()),
@@ -407,7 +443,7 @@ impl ServeHttp for Admin {
             _ => answer(
                 404,
                 TEXT,
-                b"not found: try /healthz /readyz /status /metrics /quota?account=NAME /rid?account=NAME&rid=RID, POST /refresh?account=NAME, POST /quota/clear?account=NAME\n"
+                b"not found: try /healthz /readyz /status /metrics /quota?account=NAME /rid?account=NAME&rid=RID, POST /refresh?account=NAME, POST /quota/clear?account=NAME, POST /reload\n"
                     .to_vec(),
             ),
         }

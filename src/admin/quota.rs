@@ -77,12 +77,13 @@ impl Admin {
     pub(super) fn named_account(
         &self,
         query: &str,
-    ) -> Result<&std::sync::Arc<Account>, Box<Response<Vec<u8>>>> {
+    ) -> Result<std::sync::Arc<Account>, Box<Response<Vec<u8>>>> {
         let name = crate::query::param(query, "account").unwrap_or_default();
         self.app
-            .accounts
+            .accounts()
             .iter()
             .find(|a| a.name == name || a.id == name)
+            .cloned()
             .ok_or_else(|| {
                 Box::new(error(
                     404,
@@ -102,7 +103,8 @@ impl Admin {
         with_token: bool,
     ) -> Result<Value, String> {
         let upstream = self.app.upstream_for(account.kind.family());
-        let wait = self.app.config.upstream.connect_timeout + self.app.config.upstream.read_timeout;
+        let wait =
+            self.app.config().upstream.connect_timeout + self.app.config().upstream.read_timeout;
         let mut token = None;
         for attempt in 0..2 {
             let target = if with_token {
@@ -190,10 +192,7 @@ impl Admin {
             "day": day,
             "ours": ours,
         });
-        let limit = path
-            .as_deref()
-            .and_then(|p| account.limits.iter().find(|(l, _)| **l == *p))
-            .map(|(_, n)| *n);
+        let limit = path.as_deref().and_then(|p| account.limit_for(p));
         if let Some(n) = limit {
             out["local_limit_per_day"] = json!(n);
         }
@@ -208,7 +207,12 @@ impl Admin {
         }
         let body = json!({ "cgi_path": path }).to_string();
         match self
-            .call_wechat(account, "/cgi-bin/openapi/quota/get", body.as_bytes(), true)
+            .call_wechat(
+                &account,
+                "/cgi-bin/openapi/quota/get",
+                body.as_bytes(),
+                true,
+            )
             .await
         {
             Ok(v) => {
@@ -273,9 +277,9 @@ impl Admin {
         let target = format!(
             "/cgi-bin/clear_quota/v2?appid={}&appsecret={}",
             enc(&account.id),
-            enc(account.secret.expose())
+            enc(account.secret.read().expose())
         );
-        let v = match self.call_wechat(account, &target, b"", false).await {
+        let v = match self.call_wechat(&account, &target, b"", false).await {
             Ok(v) => v,
             Err(e) => {
                 // The error never quotes the query (it holds the secret).
@@ -343,7 +347,7 @@ impl Admin {
         };
         let body = json!({ "rid": rid.trim() }).to_string();
         match self
-            .call_wechat(account, "/cgi-bin/openapi/rid/get", body.as_bytes(), true)
+            .call_wechat(&account, "/cgi-bin/openapi/rid/get", body.as_bytes(), true)
             .await
         {
             Ok(mut v) => {

@@ -321,7 +321,22 @@ pub struct Config {
     /// Transparent mode (`intercept`), when configured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub intercept: Option<crate::config::intercept::InterceptConfig>,
+    pub reload: ReloadConfig,
 }
+
+/// Reload without restart (`reload.*`).
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadConfig {
+    /// Re-read the config when it or a file it names changes.
+    pub watch: bool,
+    /// How often the watched files are read.
+    #[serde(serialize_with = "print::duration")]
+    pub interval: Duration,
+}
+
+/// Files are small; a read every 2 s costs nothing and sees a Kubernetes
+/// Secret's symlink swap within 2 s of the kubelet making it.
+const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Bounds on what apps and admin callers may hold (`limits.*`).
 #[derive(Debug, Clone, Serialize)]
@@ -403,6 +418,14 @@ mod raw {
         pub token: Option<Token>,
         pub clients: Option<Clients>,
         pub intercept: Option<crate::config::intercept::RawIntercept>,
+        pub reload: Option<Reload>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Reload {
+        pub watch: Option<bool>,
+        pub interval: Option<String>,
     }
 
     #[derive(Deserialize, Default)]
@@ -638,7 +661,20 @@ impl Config {
             file: file.clone(),
             problems: vec![format!("cannot read the file: {e}")],
         })?;
-        Self::parse(&text).map_err(|problems| ConfigErrors { file, problems })
+        // The sources in effect ([`sources::with`]): the process's own
+        // unless a caller records them.
+        Self::check(&text).map_err(|problems| ConfigErrors { file, problems })
+    }
+
+    /// [`Self::load`], also naming every file it read (the config file and
+    /// each `*_file`): what a reload watches.
+    pub fn load_recording(path: &Path) -> (Result<Config, ConfigErrors>, Vec<PathBuf>) {
+        let recording = std::sync::Arc::new(sources::Recording::default());
+        let result = sources::with(recording.clone(), || Self::load(path));
+        let mut files = vec![path.to_path_buf()];
+        files.extend(recording.files().into_iter().map(PathBuf::from));
+        files.dedup();
+        (result, files)
     }
 
     /// Validates configuration text, with `${VAR}` and `*_file` read from
@@ -873,6 +909,20 @@ impl Config {
             ..token
         };
 
+        let raw_reload = raw.reload.unwrap_or_default();
+        let reload = ReloadConfig {
+            watch: raw_reload.watch.unwrap_or(true),
+            interval: duration_field(
+                "reload.interval",
+                raw_reload.interval.as_ref(),
+                DEFAULT_RELOAD_INTERVAL,
+                &mut problems,
+            ),
+        };
+        if reload.interval.is_zero() {
+            problems.push("reload.interval: must be greater than zero".into());
+        }
+
         if problems.is_empty() {
             Ok(Config {
                 listen,
@@ -893,6 +943,7 @@ impl Config {
                 token,
                 clients,
                 intercept,
+                reload,
             })
         } else {
             Err(problems)

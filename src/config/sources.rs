@@ -50,6 +50,29 @@ impl Sources for Fixed {
     }
 }
 
+/// The process's sources, noting each file read (what a reload watches).
+#[derive(Default)]
+pub struct Recording {
+    read: parking_lot::Mutex<Vec<String>>,
+}
+
+impl Recording {
+    pub fn files(&self) -> Vec<String> {
+        self.read.lock().clone()
+    }
+}
+
+impl Sources for Recording {
+    fn var(&self, name: &str) -> Option<String> {
+        System.var(name)
+    }
+
+    fn file(&self, path: &str) -> std::io::Result<String> {
+        self.read.lock().push(path.to_string());
+        System.file(path)
+    }
+}
+
 thread_local! {
     static CURRENT: RefCell<Option<Arc<dyn Sources>>> = const { RefCell::new(None) };
 }

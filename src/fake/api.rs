@@ -355,6 +355,13 @@ fn fake_admin(shared: &Shared, method: &hyper::Method, path: &str, q: &str, body
                 None => errcode(40035, "give {\"daily_limit\": N}"),
             }
         }
+        ("POST", "/__fake/secret") => {
+            let (appid, secret) = (query::param(q, "appid"), query::param(q, "secret"));
+            match (appid, secret) {
+                (Some(a), Some(s)) if shared.state.lock().set_secret(&a, &s) => errcode(0, "ok"),
+                _ => errcode(40013, "give appid= (a configured app) and secret="),
+            }
+        }
         ("POST", "/__fake/invalidate") => match query::param(q, "appid") {
             Some(appid) => {
                 let n = shared.state.lock().invalidate(&appid);

@@ -204,6 +204,18 @@ impl State {
         value
     }
 
+    /// Resets an app's secret, as the console's "reset AppSecret" does:
+    /// the old one stops working; tokens already issued stay valid.
+    pub fn set_secret(&mut self, appid: &str, secret: &str) -> bool {
+        match self.apps.get_mut(appid) {
+            Some(a) => {
+                a.secret = secret.to_string();
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Checks appid and secret like WeChat's token endpoints.
     pub fn authenticate(&self, appid: &str, secret: &str) -> Result<(), Refused> {
         match self.apps.get(appid) {

@@ -155,6 +155,11 @@ impl TokenIndex {
         self.0.read().get(value).copied()
     }
 
+    /// Drops every token of `account` (removed by a reload).
+    pub fn forget(&self, account: usize) {
+        self.0.write().retain(|_, a| *a != account);
+    }
+
     fn update(&self, added: &Arc<str>, removed: Option<&Arc<str>>, account: usize) {
         let mut map = self.0.write();
         if let Some(r) = removed {
@@ -191,6 +196,11 @@ pub struct LeaseCell {
     wake: std::sync::OnceLock<schedule::Wake>,
     /// An operator asked for a refresh (`POST /refresh`).
     forced: AtomicBool,
+    /// Its account was removed (a reload): the refresher stops.
+    retired: AtomicBool,
+    /// Fetch once now, keeping the value until the new one arrives (a
+    /// reload changed the secret).
+    refetch: AtomicBool,
 }
 
 impl Default for LeaseCell {
@@ -221,6 +231,8 @@ impl LeaseCell {
             counters,
             wake: std::sync::OnceLock::new(),
             forced: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
+            refetch: AtomicBool::new(false),
         }
     }
 }
@@ -264,6 +276,30 @@ impl LeaseCell {
     pub fn request_refresh(&self) {
         self.forced.store(true, Ordering::Release);
         self.wake_refresher();
+    }
+
+    /// Asks for one fetch now, as a due refresh makes it (not a forced
+    /// one: the value held is not reported as bad, so a stable token API
+    /// is not asked for a new one).
+    pub fn request_fetch(&self) {
+        self.refetch.store(true, Ordering::Release);
+        self.wake_refresher();
+    }
+
+    pub(crate) fn take_refetch(&self) -> bool {
+        self.refetch.swap(false, Ordering::AcqRel)
+    }
+
+    /// Stops its refresher for good (the account was removed): the
+    /// scheduler drops the job at its next look. The value stays readable
+    /// for requests still in flight.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+        self.wake_refresher();
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
     }
 
     /// Ties the cell to its refresher's place in the scheduler (once).

@@ -303,7 +303,12 @@ pub(crate) fn asked(cell: &LeaseCell) -> Option<Option<Arc<str>>> {
         return Some(Some(t.value.clone()));
     }
     if cell.take_forced() {
+        // A forced fetch is a fetch too.
+        cell.take_refetch();
         return Some(cell.latest().map(|t| t.value.clone()));
+    }
+    if cell.take_refetch() {
+        return Some(None);
     }
     None
 }

@@ -159,6 +159,9 @@ async fn run(mut d: Drive, limit: usize) {
         while running.len() < limit {
             let Some(id) = queue.pop_front() else { break };
             let slot = &mut slots[id];
+            if retire_if_done(slot) || slot.job.is_none() {
+                continue;
+            }
             let (Some(job), State::Queued(asked)) = (
                 slot.job.take(),
                 std::mem::replace(&mut slot.state, State::Running),
@@ -194,6 +197,9 @@ async fn run(mut d: Drive, limit: usize) {
             }
             Some(id) = d.wakes.recv() => {
                 let Some(slot) = slots.get_mut(id) else { continue };
+                if retire_if_done(slot) {
+                    continue;
+                }
                 let Some(job) = &slot.job else {
                     slot.woken = true;
                     continue;
@@ -240,6 +246,7 @@ async fn run(mut d: Drive, limit: usize) {
                         }
                     }
                     slot.job = Some(job);
+                    retire_if_done(slot);
                 }
                 Err(e) => {
                     let (id, name) = names.remove(&e.id()).unwrap_or((usize::MAX, String::new()));
@@ -267,6 +274,19 @@ async fn run(mut d: Drive, limit: usize) {
             else => return,
         }
     }
+}
+
+/// Drops a job whose cell was retired (its account removed); the slot
+/// stays, as `Running` with no job, so every later event for it is a no-op.
+fn retire_if_done(slot: &mut Slot) -> bool {
+    if !slot.job.as_ref().is_some_and(|j| j.cell().is_retired()) {
+        return false;
+    }
+    if let Some(job) = slot.job.take() {
+        tracing::debug!(lease = %job.name(), "refresher stopped: its account was removed");
+    }
+    slot.state = State::Running;
+    true
 }
 
 async fn sleep_until(at: Option<Instant>) {

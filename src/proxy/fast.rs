@@ -275,8 +275,8 @@ fn replaces(app: &App, account: &Account, presented: Option<&str>) -> bool {
     match presented {
         None => true,
         Some(t) => {
-            account.replace_tokens == ReplaceTokens::Always
-                || app.accounts.by_issued_token(t).is_some()
+            account.replace_tokens() == ReplaceTokens::Always
+                || app.accounts().by_issued_token(t).is_some()
         }
     }
 }
@@ -305,7 +305,7 @@ impl FastLane {
         if app.intercept.is_some() || app.drain.is_draining() {
             return None;
         }
-        let mut head = parse(data, app.config.limits.buffered_body)?;
+        let mut head = parse(data, app.config().limits.buffered_body)?;
         if !crate::route::is_api(head.path)
             || head
                 .query
@@ -315,15 +315,17 @@ impl FastLane {
         }
         let presented = head.query.and_then(|q| query::param(q, TOKEN_PARAM));
         let account = app
-            .accounts
+            .accounts()
             .pick_for(head.account, presented.as_deref(), None)
-            .ok()?;
-        let token = if replaces(app, account, presented.as_deref()) {
+            .ok()?
+            .clone();
+        let token = if replaces(app, &account, presented.as_deref()) {
             Some(account.tokens.valid()?)
         } else {
             None
         };
-        if !app.clients.is_open() {
+        let clients = app.clients();
+        if !clients.is_open() {
             let mut auths = head
                 .forward
                 .iter()
@@ -333,19 +335,18 @@ impl FastLane {
                 // Two credentials: the full path decides.
                 return None;
             }
-            let addr = if app.clients.needs_address() {
+            let addr = if clients.needs_address() {
                 peer()
             } else {
                 None
             };
-            let admitted = app
-                .clients
+            let admitted = clients
                 .admit(addr, auth)
-                .and_then(|caller| app.clients.account(&caller, &account.name));
+                .and_then(|caller| clients.account(&caller, &account.name));
             if let Err(denied) = admitted {
                 return Some(Taken::Refused(head, ProxyError::Denied(denied)));
             }
-            if app.clients.uses_tokens() {
+            if app.clients().uses_tokens() {
                 // Our own bearer token is for us, never for WeChat.
                 head.forward
                     .retain(|(n, _)| !n.eq_ignore_ascii_case("authorization"));
@@ -435,7 +436,7 @@ impl FastLane {
             };
             return self.error(stream, e, close).await;
         }
-        let limit = app.config.limits.buffered_body;
+        let limit = app.config().limits.buffered_body;
         let upstreams = app.upstream_for(plan.account.kind.family());
         let upstream_err = |source| match source {
             UpstreamError::Unavailable => ProxyError::Unavailable,
@@ -504,7 +505,11 @@ impl FastLane {
                 let fresh = plan
                     .account
                     .tokens
-                    .wait_replacement(&bad.value, app.upstream.read_timeout())
+                    .wait_replacement(
+                        &bad.value,
+                        app.upstream_for(crate::config::Family::Official)
+                            .read_timeout(),
+                    )
                     .await;
                 if let Some(fresh) = fresh {
                     x.finish().await;

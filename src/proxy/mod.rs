@@ -353,13 +353,18 @@ impl Proxy {
             });
         }
         // A ticket fetch may first wait for the token: allow for both.
-        cell.wait_valid(self.app.upstream.read_timeout() * 2)
-            .await
-            .ok_or_else(|| ProxyError::NoToken {
-                account: account.to_string(),
-                what,
-                reason: format!("timed out waiting for the {what} fetch"),
-            })
+        cell.wait_valid(
+            self.app
+                .upstream_for(crate::config::Family::Official)
+                .read_timeout()
+                * 2,
+        )
+        .await
+        .ok_or_else(|| ProxyError::NoToken {
+            account: account.to_string(),
+            what,
+            reason: format!("timed out waiting for the {what} fetch"),
+        })
     }
 
     /// The account a ticket or JS-SDK request is for — checked to have a
@@ -373,7 +378,7 @@ impl Proxy {
         family: Option<AccountKind>,
         kind: TicketKind,
     ) -> Result<(Arc<Account>, Arc<Lease>), ProxyError> {
-        let account = self.app.accounts.pick(named, presented)?;
+        let account = self.app.accounts().pick(named, presented)?.clone();
         if !kind.exists_for(account.kind) || family.is_some_and(|f| f != account.kind) {
             return Err(ProxyError::BadRequest {
                 path: path.to_string(),
@@ -384,9 +389,9 @@ impl Proxy {
                 ),
             });
         }
-        self.admit_account(ctx, account)?;
+        self.admit_account(ctx, &account)?;
         ctx.account = Some(account.clone());
-        let cell = crate::refresh::ticket_cell(&self.app, account, kind);
+        let cell = crate::refresh::ticket_cell(&self.app, &account, kind);
         let ticket = self.valid_from(cell, &account.name, kind.what()).await?;
         Ok((account.clone(), ticket))
     }
@@ -463,7 +468,7 @@ impl Proxy {
     /// a refusal itself and returns `true` then.
     async fn admit_caller(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
         // The peer address costs a getpeername(2): ask only when it matters.
-        let addr = if self.app.clients.needs_address() {
+        let addr = if self.app.clients().needs_address() {
             session
                 .client_addr()
                 .and_then(|a| a.as_inet())
@@ -476,7 +481,7 @@ impl Proxy {
             .headers
             .get(header::AUTHORIZATION)
             .map(|v| v.as_bytes());
-        match self.app.clients.admit(addr, auth) {
+        match self.app.clients().admit(addr, auth) {
             Ok(caller) => ctx.caller = Some(caller),
             Err(denied) => {
                 let e = ProxyError::Denied(denied);
@@ -499,23 +504,25 @@ impl Proxy {
                 reason: "X-Wx-Account is not ASCII".into(),
             })?),
         };
-        let account = self
-            .app
-            .accounts
-            .pick_for(named, presented.as_deref(), ctx.family)?;
-        self.admit_account(ctx, account)?;
-        let replace = match &presented {
-            None => true,
-            Some(t) => {
-                account.replace_tokens == ReplaceTokens::Always
-                    || self.app.accounts.by_issued_token(t).is_some()
-            }
+        // The table is read, not held: the token may take a wait.
+        let (account, ours) = {
+            let accounts = self.app.accounts();
+            let account = accounts
+                .pick_for(named, presented.as_deref(), ctx.family)?
+                .clone();
+            let ours = presented
+                .as_deref()
+                .is_some_and(|t| accounts.by_issued_token(t).is_some());
+            (account, ours)
         };
+        self.admit_account(ctx, &account)?;
+        let replace =
+            presented.is_none() || account.replace_tokens() == ReplaceTokens::Always || ours;
         let mut plan = Plan::untouched(req, account.kind.family());
         if replace {
             // A token the app brought itself stays: not ours to touch.
-            plan.token = Some(self.token_for(account).await?);
-            plan.account = Some(account.clone());
+            plan.token = Some(self.token_for(&account).await?);
+            plan.account = Some(account);
         }
         Ok(plan)
     }
@@ -553,7 +560,7 @@ impl Proxy {
     /// Whether the caller may use `account`, at this rate.
     fn admit_account(&self, ctx: &Ctx, account: &Account) -> Result<(), ProxyError> {
         match &ctx.caller {
-            Some(caller) => Ok(self.app.clients.account(caller, &account.name)?),
+            Some(caller) => Ok(self.app.clients().account(caller, &account.name)?),
             None => Ok(()),
         }
     }
@@ -565,7 +572,12 @@ impl Proxy {
         account.tokens.report_invalid(&bad.value);
         account
             .tokens
-            .wait_replacement(&bad.value, self.app.upstream.read_timeout())
+            .wait_replacement(
+                &bad.value,
+                self.app
+                    .upstream_for(crate::config::Family::Official)
+                    .read_timeout(),
+            )
             .await
     }
 
@@ -583,7 +595,7 @@ impl Proxy {
                 session.set_keepalive(None);
                 Ok(Err(ProxyError::BodyTimeout {
                     path: session.req_header().uri.path().to_string(),
-                    limit: self.app.config.limits.body_timeout,
+                    limit: self.app.config().limits.body_timeout,
                 }))
             }
         }
@@ -604,7 +616,7 @@ impl Proxy {
         // Most bodies come in one read: kept as it came, no copy.
         let mut first: Option<Bytes> = None;
         let mut buf = BytesMut::new();
-        let deadline = tokio::time::Instant::now() + self.app.config.limits.body_timeout;
+        let deadline = tokio::time::Instant::now() + self.app.config().limits.body_timeout;
         loop {
             let chunk = match self.body_chunk(session, deadline).await? {
                 Ok(chunk) => chunk,
@@ -649,7 +661,7 @@ impl Proxy {
             // `Expect` too: the body is already in hand, nothing to wait for.
             // Our own bearer token is for us, never for WeChat.
             if is_hop_by_hop(name)
-                || (name == header::AUTHORIZATION && self.app.clients.uses_tokens())
+                || (name == header::AUTHORIZATION && self.app.clients().uses_tokens())
                 || name == header::EXPECT
                 || name == header::HOST
                 || name == header::CONTENT_LENGTH
@@ -672,7 +684,7 @@ impl Proxy {
     /// only the second answer.
     async fn forward(&self, session: &mut Session, mut plan: Plan, ctx: &mut Ctx) -> Step<()> {
         ctx.account = plan.account.clone();
-        let limit = self.app.config.limits.buffered_body;
+        let limit = self.app.config().limits.buffered_body;
         let body = match self.read_body(session, limit).await? {
             Ok(b) => b,
             Err(e) => return Ok(Err(e)),
@@ -855,7 +867,7 @@ impl Proxy {
             Err(e) => return Ok(Err(upstream_err(e))),
         };
         continue_if_expected(session).await?;
-        let deadline = tokio::time::Instant::now() + self.app.config.limits.body_timeout;
+        let deadline = tokio::time::Instant::now() + self.app.config().limits.body_timeout;
         loop {
             let chunk = match self.body_chunk(session, deadline).await? {
                 Ok(chunk) => chunk,
@@ -923,17 +935,21 @@ impl Proxy {
             }
             _ => Some(Credentials::from_query(&query)),
         };
-        let authenticated = match &creds {
-            None => local::authenticate_wecom(&self.app.accounts, &query),
-            Some(c) => local::authenticate(&self.app.accounts, c),
+        let authenticated = {
+            let accounts = self.app.accounts();
+            match &creds {
+                None => local::authenticate_wecom(&accounts, &query),
+                Some(c) => local::authenticate(&accounts, c),
+            }
+            .cloned()
         };
         let account = match authenticated {
             Ok(a) => {
                 ctx.account = Some(a.clone());
-                if let Err(e) = self.admit_account(ctx, a) {
+                if let Err(e) = self.admit_account(ctx, &a) {
                     return Ok(Err(e));
                 }
-                a.clone()
+                a
             }
             Err(r) => return self.refuse(session, r).await,
         };
@@ -954,7 +970,12 @@ impl Proxy {
             tracing::info!(account = %account.name, "app asked for force_refresh; refreshing once");
             if let Some(fresh) = account
                 .tokens
-                .wait_replacement(&token.value, self.app.upstream.read_timeout())
+                .wait_replacement(
+                    &token.value,
+                    self.app
+                        .upstream_for(crate::config::Family::Official)
+                        .read_timeout(),
+                )
                 .await
             {
                 token = fresh;
@@ -1004,7 +1025,7 @@ impl ProxyHttp for Proxy {
         // Pipelined requests are answered in order (RFC 9112 §9.3.2), not
         // dropped with the connection.
         session.as_downstream_mut().set_pipelining_enabled(true);
-        if !self.app.clients.is_open() && self.admit_caller(session, ctx).await? {
+        if !self.app.clients().is_open() && self.admit_caller(session, ctx).await? {
             return Ok(true);
         }
         if let Err(e) = self

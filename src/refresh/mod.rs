@@ -17,7 +17,7 @@ use self::token::FetchError;
 use crate::account::Account;
 use crate::app::App;
 use crate::config::{AccountKind, OnStoreError, TokenApi};
-use crate::failover::Upstreams;
+use crate::failover::Families;
 use crate::lease::refresher::{Fetched, Label, Refresher, SharedKey, Source};
 use crate::lease::LeaseCell;
 use crate::ticket::TicketKind;
@@ -112,7 +112,8 @@ fn label(account: &Account, subject: Subject) -> Label<'_> {
 /// with `force_refresh: true`, as often as WeChat allows it.
 struct TokenSource {
     account: Arc<Account>,
-    upstream: Arc<Upstreams>,
+    /// Read at each fetch: a reload may replace the hosts.
+    upstreams: Arc<Families>,
     /// When `force_refresh: true` was last sent.
     last_force: Option<tokio::time::Instant>,
 }
@@ -125,7 +126,8 @@ impl Source for TokenSource {
     }
 
     async fn fetch(&mut self, rejected: Option<&str>) -> Result<Fetched, FetchError> {
-        let (account, upstream) = (&self.account, &self.upstream);
+        let account = &self.account;
+        let upstream = &self.upstreams.get(account.kind.family());
         let f = noted(account, self::token::fetch(upstream, account, false).await)?;
         let may_force = account.token_api == TokenApi::Stable
             && account.kind == AccountKind::Official
@@ -144,7 +146,7 @@ impl Source for TokenSource {
 /// Fetches an account's ticket of one kind with its current token.
 struct TicketSource {
     account: Arc<Account>,
-    upstream: Arc<Upstreams>,
+    upstreams: Arc<Families>,
     kind: TicketKind,
 }
 
@@ -156,8 +158,9 @@ impl Source for TicketSource {
     }
 
     async fn fetch(&mut self, _rejected: Option<&str>) -> Result<Fetched, FetchError> {
-        let wait = self.upstream.read_timeout();
-        let fetched = self::ticket::fetch(&self.upstream, &self.account, self.kind, wait).await;
+        let upstream = self.upstreams.get(self.account.kind.family());
+        let wait = upstream.read_timeout();
+        let fetched = self::ticket::fetch(&upstream, &self.account, self.kind, wait).await;
         noted(&self.account, fetched)
     }
 }
@@ -178,7 +181,7 @@ fn noted(account: &Account, fetched: Result<Fetched, FetchError>) -> Result<Fetc
 /// by default wait for classic tokens (a lone fetch invalidates the other
 /// replicas' token) and fetch alone for the rest.
 fn store_policy(app: &App, account: &Account) -> OnStoreError {
-    app.config.token.on_store_error.unwrap_or(
+    app.config().token.on_store_error.unwrap_or(
         if account.kind == AccountKind::Official && account.token_api == TokenApi::Classic {
             OnStoreError::Wait
         } else {
@@ -201,13 +204,13 @@ pub fn start(app: &App, account: &Arc<Account>, subject: Subject) {
         key: store.token_key(api, &id),
         budget_id: format!("{api}:{id}"),
     });
-    let upstream = app.upstream_for(account.kind.family()).clone();
+    let upstreams = app.upstreams.clone();
     let account = account.clone();
     match subject {
         Subject::Token => {
             let source = TokenSource {
                 account,
-                upstream,
+                upstreams,
                 last_force: None,
             };
             let job = Refresher::new(cell, source, shared, settings);
@@ -216,7 +219,7 @@ pub fn start(app: &App, account: &Arc<Account>, subject: Subject) {
         Subject::Ticket(kind) => {
             let source = TicketSource {
                 account,
-                upstream,
+                upstreams,
                 kind,
             };
             let job = Refresher::new(cell, source, shared, settings);

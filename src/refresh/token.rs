@@ -134,12 +134,14 @@ struct StableTokenRequest<'a> {
 
 fn build_request(account: &Account, force: bool) -> (RequestHeader, Vec<u8>) {
     let enc = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+    // Read at each fetch: a reload may have changed it.
+    let secret = account.secret.read();
     let (mut req, body) = match (account.kind, account.token_api) {
         (AccountKind::WeCom, _) => {
             let path = format!(
                 "/cgi-bin/gettoken?corpid={}&corpsecret={}",
                 enc(&account.id),
-                enc(account.secret.expose())
+                enc(secret.expose())
             );
             let req = RequestHeader::build("GET", path.as_bytes(), None).expect("valid path");
             (req, Vec::new())
@@ -148,7 +150,7 @@ fn build_request(account: &Account, force: bool) -> (RequestHeader, Vec<u8>) {
             let path = format!(
                 "/cgi-bin/token?grant_type=client_credential&appid={}&secret={}",
                 enc(&account.id),
-                enc(account.secret.expose())
+                enc(secret.expose())
             );
             let req = RequestHeader::build("GET", path.as_bytes(), None).expect("valid path");
             (req, Vec::new())
@@ -157,7 +159,7 @@ fn build_request(account: &Account, force: bool) -> (RequestHeader, Vec<u8>) {
             let body = serde_json::to_vec(&StableTokenRequest {
                 grant_type: "client_credential",
                 appid: &account.id,
-                secret: account.secret.expose(),
+                secret: secret.expose(),
                 force_refresh: force,
             })
             .expect("strings serialise");

@@ -1040,6 +1040,28 @@ fn h1_peer(peer: &HttpPeer) -> HttpPeer {
     p
 }
 
+/// The CA file every upstream TLS connection trusts: the system roots
+/// plus the families' `ca_file`s; `None` when neither adds one.
+pub fn ca_bundle_for(
+    config: &crate::config::Config,
+    wecom_in_use: bool,
+) -> Result<Option<std::path::PathBuf>, String> {
+    let mut extras: Vec<&std::path::Path> = config
+        .upstream
+        .ca_file
+        .iter()
+        .map(|p| p.as_path())
+        .collect();
+    if wecom_in_use {
+        extras.extend(config.wecom_upstream.ca_file.as_deref());
+    }
+    if extras.is_empty() {
+        Ok(None)
+    } else {
+        ca_bundle(&extras).map(Some)
+    }
+}
+
 /// The resolver for an upstream family: the system's nameservers or
 /// `upstream.dns`, and `/etc/hosts` only outside transparent mode.
 pub fn build_resolver(conf: &UpstreamConfig) -> TokioAsyncResolver {

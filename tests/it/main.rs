@@ -19,6 +19,7 @@ mod path;
 mod pool;
 mod quota;
 mod raw;
+mod reload;
 mod replay;
 mod store;
 mod streaming;

@@ -215,6 +215,12 @@ impl Fake {
         self.post_ok(&self.https, "/__fake/whitelist", &body).await;
     }
 
+    /// Resets an app's secret (the old one stops working).
+    pub async fn set_secret(&self, appid: &str, secret: &str) {
+        let path = format!("/__fake/secret?appid={appid}&secret={secret}");
+        self.post_ok(&self.https, &path, "").await;
+    }
+
     /// Sets the daily limit of every API path (45009 past it).
     pub async fn daily_limit(&self, n: u64) {
         let body = serde_json::json!({ "daily_limit": n }).to_string();

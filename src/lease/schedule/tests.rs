@@ -226,3 +226,29 @@ async fn a_step_that_panics_leaves_the_others_running() {
     assert!(!task.is_finished());
     task.abort();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_retired_cell_stops_its_job_whether_waiting_queued_or_running() {
+    let shared = Shared::default();
+    let s = Scheduler::new(4);
+    let task = drive(&s);
+    // 0: waiting for its time; 1: mid-step when retired; 2: keeps going.
+    let waiting = job(0, S(10), &shared);
+    let mut running = job(1, S(10), &shared);
+    running.latency = S(5);
+    let other = job(2, S(10), &shared);
+    let (c0, c1) = (waiting.cell.clone(), running.cell.clone());
+    for j in [waiting, running, other] {
+        s.add(Box::new(j));
+    }
+    tokio::time::sleep(S(2)).await;
+    c0.retire();
+    c1.retire();
+    // A report on a retired cell wakes nothing.
+    c0.request_refresh();
+    tokio::time::sleep(S(60)).await;
+    assert_eq!(runs(&shared.log, 0), [S(0)], "stopped while waiting");
+    assert_eq!(runs(&shared.log, 1), [S(0)], "stopped after its step");
+    assert_eq!(runs(&shared.log, 2).len(), 7, "the others go on");
+    task.abort();
+}

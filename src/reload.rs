@@ -1,0 +1,288 @@
+//! Reload without restart. SIGHUP, `POST /reload` on the admin listener and,
+//! with `reload.watch`, a change to the config file or any file it names
+//! (`*_file`, `ca_file`; a Kubernetes Secret's symlink swap included) re-read
+//! the config.
+//!
+//! An invalid config changes nothing: every problem is logged and shown in
+//! `/status`. A valid one is applied without dropping a request: new
+//! accounts fetch a token before they are served; removed ones take no new
+//! requests while those in flight finish; a new secret is used for a fetch
+//! at once while the old token serves until the new one arrives; upstream
+//! (and its proxy), clients and per-request limits apply to new requests.
+//! Keys only a restart can change keep their running value and are named.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::app::App;
+use crate::config::{AccountKind, Config, Family, UpstreamConfig};
+use crate::failover::Upstreams;
+use crate::generation::{Outcome, ReloadReport};
+use crate::refresh::{self, Subject};
+
+/// Starts the reloader: one task that takes requests (the admin listener,
+/// SIGHUP) and, with `reload.watch`, reads the watched files every
+/// `reload.interval`.
+pub fn start(app: &Arc<App>, path: PathBuf) {
+    let Some(requests) = app.generation.take_requests() else {
+        return;
+    };
+    app.tasks
+        .spawn("config reloader", run(app.clone(), path, requests));
+}
+
+async fn run(
+    app: Arc<App>,
+    path: PathBuf,
+    mut requests: tokio::sync::mpsc::UnboundedReceiver<crate::generation::Request>,
+) {
+    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGHUP; reload with POST /reload");
+            None
+        }
+    };
+    let (_, files) = load(path.clone()).await;
+    let mut watched = Watched::read(files).await;
+    loop {
+        let interval = app.config().reload.interval;
+        let watch = app.config().reload.watch;
+        let (trigger, reply) = tokio::select! {
+            Some((trigger, reply)) = requests.recv() => (trigger, reply),
+            Some(()) = async { hangup.as_mut()?.recv().await } => ("SIGHUP".to_string(), None),
+            _ = tokio::time::sleep(interval), if watch => {
+                if !watched.changed().await {
+                    continue;
+                }
+                ("file change".to_string(), None)
+            }
+        };
+        let (report, files) = reload(&app, &path, &trigger).await;
+        watched = Watched::read(files).await;
+        if let Some(r) = reply {
+            let _ = r.send(report);
+        }
+    }
+}
+
+/// The files a config was read from, with a hash of what each held.
+struct Watched(Vec<(PathBuf, Option<u64>)>);
+
+impl Watched {
+    async fn read(files: Vec<PathBuf>) -> Self {
+        let mut out = Vec::with_capacity(files.len());
+        for f in files {
+            let h = hash_of(&f).await;
+            out.push((f, h));
+        }
+        Watched(out)
+    }
+
+    /// Whether any file's content changed (or it appeared or went away).
+    /// Content, not time stamps: a symlink swap keeps the path and may keep
+    /// the time.
+    async fn changed(&mut self) -> bool {
+        let mut changed = false;
+        for (f, h) in &mut self.0 {
+            let now = hash_of(f).await;
+            if now != *h {
+                *h = now;
+                changed = true;
+            }
+        }
+        changed
+    }
+}
+
+async fn hash_of(path: &std::path::Path) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let bytes = tokio::fs::read(path).await.ok()?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    Some(h.finish())
+}
+
+/// Reads the config off the runtime (file reads block).
+async fn load(path: PathBuf) -> (Result<Config, Vec<String>>, Vec<PathBuf>) {
+    let fallback = vec![path.clone()];
+    tokio::task::spawn_blocking(move || {
+        let (r, files) = Config::load_recording(&path);
+        (r.map_err(|e| e.problems), files)
+    })
+    .await
+    .unwrap_or_else(|e| {
+        (
+            Err(vec![format!("reading the config failed: {e}")]),
+            fallback,
+        )
+    })
+}
+
+/// One reload: read, check, apply; the outcome is recorded and logged.
+pub async fn reload(
+    app: &Arc<App>,
+    path: &std::path::Path,
+    trigger: &str,
+) -> (ReloadReport, Vec<PathBuf>) {
+    let (loaded, files) = load(path.to_path_buf()).await;
+    let outcome = match loaded {
+        Err(problems) => Outcome {
+            problems,
+            ..Outcome::default()
+        },
+        Ok(config) => match apply(app, config).await {
+            Ok(o) => o,
+            Err(problems) => Outcome {
+                problems,
+                ..Outcome::default()
+            },
+        },
+    };
+    let report = app.generation.record(trigger, outcome);
+    if report.result == "ok" {
+        tracing::info!(
+            trigger,
+            generation = report.generation,
+            changes = ?report.changes,
+            "config reloaded"
+        );
+        if !report.restart_needed.is_empty() {
+            tracing::warn!(keys = ?report.restart_needed, "these keys changed but take a restart; their running values stay");
+        }
+    } else {
+        for p in &report.problems {
+            tracing::error!(trigger, problem = %p, "config reload refused; the running config stays");
+        }
+    }
+    (report, files)
+}
+
+/// Whether two values differ as `check --print` shows them.
+fn differs<T: serde::Serialize>(a: &T, b: &T) -> bool {
+    serde_json::to_value(a).ok() != serde_json::to_value(b).ok()
+}
+
+/// An upstream block changed: anything shown, or the proxy's password
+/// (shown masked).
+fn upstream_differs(a: &UpstreamConfig, b: &UpstreamConfig) -> bool {
+    let creds = |u: &UpstreamConfig| {
+        u.proxy
+            .as_ref()
+            .and_then(|p| p.credentials.as_ref())
+            .map(|c| c.expose().to_string())
+    };
+    differs(a, b) || creds(a) != creds(b)
+}
+
+async fn apply(app: &Arc<App>, mut new: Config) -> Result<Outcome, Vec<String>> {
+    let old = app.config_full();
+    let mut restart_needed = Vec::new();
+    macro_rules! needs_restart {
+        ($key:literal, $($field:tt)+) => {
+            if differs(&old.$($field)+, &new.$($field)+) {
+                restart_needed.push($key.to_string());
+                new.$($field)+ = old.$($field)+.clone();
+            }
+        };
+    }
+    needs_restart!("listen", listen);
+    needs_restart!("admin_listen", admin_listen);
+    needs_restart!("upgrade_sock", upgrade_sock);
+    needs_restart!("pid_file", pid_file);
+    needs_restart!("threads", threads);
+    needs_restart!("shutdown_grace", shutdown_grace);
+    needs_restart!("limits.max_connections", limits.max_connections);
+    needs_restart!("limits.max_admin_connections", limits.max_admin_connections);
+    needs_restart!("limits.header_timeout", limits.header_timeout);
+    needs_restart!("limits.idle_timeout", limits.idle_timeout);
+    needs_restart!("intercept", intercept);
+    let store = |c: &Config| c.token.store.as_ref().map(|s| s.expose().to_string());
+    if differs(&old.token, &new.token) || store(&old) != store(&new) {
+        restart_needed.push("token".to_string());
+        new.token = old.token.clone();
+    }
+
+    let mut changes = Vec::new();
+    // Upstream families first: the one step that can still fail.
+    let wecom_needed =
+        app.upstreams.has_wecom() || new.accounts.iter().any(|a| a.kind == AccountKind::WeCom);
+    let official = upstream_differs(&old.upstream, &new.upstream);
+    let wecom = wecom_needed
+        && (!app.upstreams.has_wecom()
+            || upstream_differs(&old.wecom_upstream, &new.wecom_upstream));
+    let mut replaced = Vec::new();
+    if official || wecom {
+        let ca = crate::upstream::ca_bundle_for(&new, wecom_needed).map_err(|e| vec![e])?;
+        if official {
+            replaced.push((
+                Family::Official,
+                Upstreams::new(&new.upstream, ca.as_deref()),
+            ));
+            changes.push("upstream".to_string());
+        }
+        if wecom {
+            replaced.push((
+                Family::WeCom,
+                Upstreams::new(&new.wecom_upstream, ca.as_deref()),
+            ));
+            changes.push("wecom_upstream".to_string());
+        }
+    }
+    for (family, up) in replaced {
+        up.resolve().await;
+        up.warm().await;
+        up.maintain(&app.tasks);
+        app.upstreams.replace(family, up);
+    }
+
+    // Accounts: the new ones get a first token before the table is used.
+    let accounts = app.accounts_full();
+    let reloaded = accounts.reloaded(std::mem::take(&mut new.accounts));
+    for a in &reloaded.added {
+        refresh::start(app, a, Subject::Token);
+    }
+    let wait = new.upstream.connect_timeout + new.upstream.read_timeout + Duration::from_secs(2);
+    futures_util::future::join_all(reloaded.added.iter().map(|a| a.tokens.wait_attempted(wait)))
+        .await;
+    for a in &reloaded.added {
+        changes.push(format!("account {} added", a.name));
+        if a.tokens.valid().is_none() {
+            tracing::error!(account = %a.name, "account added by a reload has no token yet; its requests get 503 until a fetch succeeds");
+        }
+    }
+    for a in &reloaded.secret_changed {
+        changes.push(format!("secret of account {} changed", a.name));
+    }
+    for a in &reloaded.removed {
+        changes.push(format!("account {} removed", a.name));
+    }
+    if differs(&old.clients, &new.clients) {
+        changes.push("clients".to_string());
+    }
+    if differs(&old.limits, &new.limits) {
+        changes.push("limits".to_string());
+    }
+    if differs(&old.admin, &new.admin) || old.admin.token != new.admin.token {
+        changes.push("admin".to_string());
+    }
+    // Rate-limit buckets start afresh with the clients they belong to.
+    let clients = crate::clients::Clients::new(new.clients.clone());
+    app.publish(new, reloaded.accounts, Some(clients));
+
+    for a in &reloaded.secret_changed {
+        // The old token serves until the one fetched with the new secret
+        // arrives.
+        a.tokens.request_fetch();
+    }
+    for a in &reloaded.removed {
+        a.retire();
+        accounts.forget(a);
+    }
+    Ok(Outcome {
+        changes,
+        problems: Vec::new(),
+        restart_needed,
+    })
+}
