@@ -262,4 +262,21 @@ async fn a_reload_puts_the_upstream_behind_a_proxy_for_new_requests() {
         format!("http://127.0.0.1:{}", proxy.port),
         "{st}"
     );
+
+    // Limits and clients apply to the next request too.
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        format!("limits:\n  buffered_body: 40\nclients:\n  rate_limit:\n    per_client: {{rps: 1000, burst: 1000}}\n{text}"),
+    )
+    .unwrap();
+    let (code, r) = reload(&side).await;
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(
+        r["changes"],
+        serde_json::json!(["clients", "limits"]),
+        "{r}"
+    );
+    let (code, v) = side.send(TEMPLATE_SEND, TEMPLATE).await;
+    assert_eq!((code, v["errcode"].as_i64()), (413, Some(45002)), "{v}");
 }
