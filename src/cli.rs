@@ -98,6 +98,7 @@ pub fn main() -> i32 {
                 upgrade: r.upgrade,
                 daemon: r.daemon,
                 config_path: Some(r.config.config.clone()),
+                watched: Vec::new(),
             };
             run(&r.config.config, mode)
         }
@@ -136,11 +137,18 @@ fn load(path: &std::path::Path) -> Result<Config, i32> {
     })
 }
 
-fn run(path: &std::path::Path, mode: server::RunMode) -> i32 {
-    let config = match load(path) {
+fn run(path: &std::path::Path, mut mode: server::RunMode) -> i32 {
+    // The files read are what a reload watches: noted now, so the reloader
+    // need not parse the config again at start.
+    let (loaded, files) = Config::load_recording(path);
+    let config = match loaded {
         Ok(c) => c,
-        Err(code) => return code,
+        Err(e) => {
+            eprint!("{e}");
+            return 2;
+        }
     };
+    mode.watched = files;
     match server::prepare(config, mode) {
         Ok(p) => {
             p.run();

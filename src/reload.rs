@@ -24,17 +24,19 @@ use crate::refresh::{self, Subject};
 /// Starts the reloader: one task that takes requests (the admin listener,
 /// SIGHUP) and, with `reload.watch`, reads the watched files every
 /// `reload.interval`.
-pub fn start(app: &Arc<App>, path: PathBuf) {
+/// `files`: what the running config was read from.
+pub fn start(app: &Arc<App>, path: PathBuf, files: Vec<PathBuf>) {
     let Some(requests) = app.generation.take_requests() else {
         return;
     };
     app.tasks
-        .spawn("config reloader", run(app.clone(), path, requests));
+        .spawn("config reloader", run(app.clone(), path, files, requests));
 }
 
 async fn run(
     app: Arc<App>,
     path: PathBuf,
+    files: Vec<PathBuf>,
     mut requests: tokio::sync::mpsc::UnboundedReceiver<crate::generation::Request>,
 ) {
     let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
@@ -44,7 +46,6 @@ async fn run(
             None
         }
     };
-    let (_, files) = load(path.clone()).await;
     let mut watched = Watched::read(files).await;
     loop {
         let interval = app.config().reload.interval;

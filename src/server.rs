@@ -50,6 +50,8 @@ pub struct RunMode {
     pub daemon: bool,
     /// The config file, re-read on a reload (none: no reloads).
     pub config_path: Option<std::path::PathBuf>,
+    /// The files the config was read from (watched for changes).
+    pub watched: Vec<std::path::PathBuf>,
 }
 
 /// What the offline checks build: `run` keeps it, `check` drops it.
@@ -159,6 +161,7 @@ impl Prepared {
             inner: proxy,
             app: self.app.clone(),
             config_path: self.mode.config_path.clone(),
+            watched: self.mode.watched.clone(),
         };
 
         let mut admin = ListeningService::new(
@@ -385,8 +388,9 @@ impl<S: Service> Service for Draining<S> {
 struct Gated<S> {
     inner: S,
     app: Arc<App>,
-    /// Re-read on a reload.
+    /// Re-read on a reload, and the files it was read from.
     config_path: Option<std::path::PathBuf>,
+    watched: Vec<std::path::PathBuf>,
 }
 
 impl<S> Gated<S> {
@@ -426,7 +430,7 @@ impl<S> Gated<S> {
                 .spawn("leaf re-signing", i.resolver.clone().keep_fresh());
         }
         if let Some(path) = &self.config_path {
-            crate::reload::start(app, path.clone());
+            crate::reload::start(app, path.clone(), self.watched.clone());
         }
         app.set_listening();
     }

@@ -673,6 +673,7 @@ impl Config {
         let result = sources::with(recording.clone(), || Self::load(path));
         let mut files = vec![path.to_path_buf()];
         files.extend(recording.files().into_iter().map(PathBuf::from));
+        files.sort_unstable();
         files.dedup();
         (result, files)
     }

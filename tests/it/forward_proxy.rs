@@ -136,3 +136,31 @@ async fn proxy_refusals_name_the_key_and_what_to_change() {
     let (_, v) = side.send(TEMPLATE_SEND, TEMPLATE).await;
     assert!(v.to_string().contains("http://user:pass@host:port"), "{v}");
 }
+
+#[tokio::test]
+async fn a_dead_proxy_counts_toward_failover_like_a_dead_host() {
+    let fake = Fake::start(&[]);
+    // Nothing listens there.
+    let dead = free_port();
+    let side = Sidecar::start_unready(
+        &fake,
+        &proxied(
+            "",
+            &format!("proxy: http://127.0.0.1:{dead}\n  failover_after: 2\n  probe_interval: 60s"),
+        ),
+    )
+    .await;
+    for _ in 0..3 {
+        let (code, _) = side.send(TEMPLATE_SEND, TEMPLATE).await;
+        assert_eq!(code, 503);
+    }
+    let st = side.status().await;
+    assert_eq!(st["upstream"]["breaker_open"], true, "{st}");
+    let host = &st["upstream"]["hosts"][0];
+    assert!(
+        host["connect_failures_in_a_row"].as_u64().unwrap() >= 2,
+        "{st}"
+    );
+    let err = host["last_connect_error"].as_str().unwrap_or_default();
+    assert!(err.contains("cannot reach upstream.proxy"), "{err}");
+}
