@@ -32,6 +32,7 @@ pub mod logging;
 pub(crate) mod metrics;
 #[cfg(feature = "profiling")]
 pub(crate) mod profile;
+pub(crate) mod platform;
 pub(crate) mod proxy;
 pub mod query;
 pub(crate) mod quota;
