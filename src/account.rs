@@ -29,6 +29,9 @@ pub struct Account {
     pub token_api: TokenApi,
     /// `accounts[].replace_tokens: always` (a reload may change it).
     always_replace: std::sync::atomic::AtomicBool,
+    /// The platform it authorised (`platforms[].name`), for an authorised
+    /// account: its token comes from the platform's component token.
+    pub platform: Option<Box<str>>,
     /// The number its tokens are indexed under: its position when the
     /// sidecar started, a new one for an account a reload added.
     key: u32,
@@ -122,6 +125,7 @@ impl Account {
             && self.id == c.appid
             && self.agentid.as_deref() == c.agentid.as_deref()
             && self.token_api == c.token_api
+            && self.platform.as_deref() == c.platform.as_deref()
     }
 
     /// Stops its refreshers: the account is gone (requests in flight still
@@ -188,6 +192,7 @@ impl Account {
             secret: parking_lot::RwLock::new(c.secret),
             token_api: c.token_api,
             always_replace: (c.replace_tokens == ReplaceTokens::Always).into(),
+            platform: c.platform.map(Into::into),
             key,
             tokens: Arc::new(LeaseCell::new(
                 index,
@@ -327,6 +332,39 @@ impl Accounts {
             added,
             removed,
             secret_changed,
+        }
+    }
+
+    /// The table with `add` appended and the accounts `remove` picks left
+    /// out (a platform's authorisations come and go); the default stays.
+    pub fn edited(&self, add: Vec<AccountConfig>, remove: impl Fn(&Account) -> bool) -> Reloaded {
+        let mut next_key = self.next_key;
+        let (mut list, mut removed) = (Vec::with_capacity(self.list.len() + add.len()), Vec::new());
+        for a in &self.list {
+            if remove(a) {
+                removed.push(a.clone());
+            } else {
+                list.push(a.clone());
+            }
+        }
+        let mut added = Vec::with_capacity(add.len());
+        for c in add {
+            if list.iter().any(|a| a.is(&c)) {
+                continue;
+            }
+            let a = Arc::new(Account::new(c, self.issued.clone(), next_key));
+            next_key += 1;
+            added.push(a.clone());
+            list.push(a);
+        }
+        let default = self
+            .default_account()
+            .and_then(|d| list.iter().position(|a| Arc::ptr_eq(a, d)));
+        Reloaded {
+            accounts: Self::table(list, self.issued.clone(), default, next_key),
+            added,
+            removed,
+            secret_changed: Vec::new(),
         }
     }
 

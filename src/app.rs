@@ -28,6 +28,11 @@ pub struct App {
     clients: ArcSwap<crate::clients::Clients>,
     /// The config generation and what the last reload did.
     pub generation: crate::generation::Generation,
+    /// Third-party platforms (`platforms:`).
+    pub platforms: Vec<Arc<crate::platform::Platform>>,
+    /// One change of the account table at a time (reloads, platform
+    /// authorisations), so none is lost.
+    pub accounts_edit: tokio::sync::Mutex<()>,
     /// Transparent mode, when `intercept` is configured.
     pub intercept: Option<crate::intercept::Intercept>,
     /// Requests in flight; draining after SIGTERM/SIGQUIT.
@@ -59,8 +64,22 @@ impl App {
         wecom: Option<Arc<Upstreams>>,
         store: Option<Arc<RedisStore>>,
         intercept: Option<crate::intercept::Intercept>,
+        platforms: Vec<Arc<crate::platform::Platform>>,
     ) -> Arc<Self> {
+        // Authorised accounts known at start (seeds, the state file) are
+        // accounts from the first request on.
+        for p in &platforms {
+            for appid in p.authorizers() {
+                if !config.accounts.iter().any(|a| a.appid == appid) {
+                    config
+                        .accounts
+                        .push(crate::config::AccountConfig::authorizer(&p.name, &appid));
+                }
+            }
+        }
         Arc::new(App {
+            platforms,
+            accounts_edit: tokio::sync::Mutex::new(()),
             store,
             intercept,
             generation: Default::default(),
@@ -128,6 +147,15 @@ impl App {
         self.config.store(Arc::new(config));
     }
 
+    pub fn platform(&self, name: &str) -> Option<&Arc<crate::platform::Platform>> {
+        self.platforms.iter().find(|p| p.name == name)
+    }
+
+    /// Publishes a new account table alone (a platform's authorisations).
+    pub fn publish_accounts(&self, accounts: Accounts) {
+        self.accounts.store(Arc::new(accounts));
+    }
+
     /// The hosts an account of `kind` talks to.
     pub fn upstream_for(&self, family: Family) -> Arc<Upstreams> {
         self.upstreams.get(family)
@@ -158,10 +186,12 @@ impl App {
         if !self.listening.load(Ordering::Acquire) {
             return Some("app listener not open yet (fetching first tokens)".into());
         }
+        // Authorised accounts wait on WeChat's ticket push, which may come
+        // through this very listener: they never hold readiness back.
         let missing: Vec<String> = self
             .accounts()
             .iter()
-            .filter(|a| a.tokens.valid().is_none())
+            .filter(|a| a.platform.is_none() && a.tokens.valid().is_none())
             .map(|a| match a.tokens.status().last_error {
                 Some((code, msg)) => format!("{} (errcode {code}: {msg})", a.name),
                 None => a.name.clone(),

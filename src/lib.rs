@@ -30,9 +30,10 @@ pub(crate) mod lifecycle;
 pub(crate) mod local;
 pub mod logging;
 pub(crate) mod metrics;
+pub mod msgcrypt;
+pub(crate) mod platform;
 #[cfg(feature = "profiling")]
 pub(crate) mod profile;
-pub(crate) mod platform;
 pub(crate) mod proxy;
 pub mod query;
 pub(crate) mod quota;

@@ -109,20 +109,31 @@ pub enum Served {
     Token = 3,
     Ticket = 4,
     Jssdk = 5,
+    /// A third-party platform's authorisation events.
+    Platform = 6,
 }
 
 impl Served {
-    const ALL: [Served; 6] = [
+    const ALL: [Served; 7] = [
         Served::Api,
         Served::Untouched,
         Served::Stream,
         Served::Token,
         Served::Ticket,
         Served::Jssdk,
+        Served::Platform,
     ];
 
     pub fn as_str(self) -> &'static str {
-        ["api", "untouched", "stream", "token", "ticket", "jssdk"][self as usize]
+        [
+            "api",
+            "untouched",
+            "stream",
+            "token",
+            "ticket",
+            "jssdk",
+            "platform",
+        ][self as usize]
     }
 }
 
@@ -177,7 +188,7 @@ impl<const N: usize> Counts<N> {
 /// One account's requests by route and outcome
 /// (`wxsidecar_requests_total{account,outcome,route}`).
 #[derive(Default)]
-pub struct RequestCounters(Counts<24>);
+pub struct RequestCounters(Counts<28>);
 
 impl RequestCounters {
     pub fn inc(&self, route: Served, outcome: Outcome) {
@@ -216,7 +227,7 @@ impl ReplayCounters {
 pub static NO_ACCOUNT: LazyLock<RequestCounters> = LazyLock::new(RequestCounters::default);
 
 /// `wxsidecar_request_duration_seconds` per route, resolved once.
-static DURATIONS: LazyLock<[Histogram; 6]> =
+static DURATIONS: LazyLock<[Histogram; 7]> =
     LazyLock::new(|| Served::ALL.map(|r| REQUEST_DURATION.with_label_values(&[r.as_str()])));
 
 /// Records how long a request on `route` took.

@@ -20,6 +20,8 @@ pub enum Route {
     LocalTicket,
     /// `/wxsidecar/jssdk/*`: the JS-SDK signature helper.
     JsSdk,
+    /// `/wxsidecar/platform/{name}/callback`: a platform's events.
+    PlatformCallback,
     /// Forwarded untouched: no token added, replaced or removed.
     Untouched,
     /// Gets a token; body and answer streamed (media, multipart).
@@ -90,9 +92,17 @@ fn local_route(path: &str) -> Option<Route> {
         Some(Route::LocalTicket)
     } else if is(crate::jssdk::CONFIG_PATH) || is(crate::jssdk::AGENT_CONFIG_PATH) {
         Some(Route::JsSdk)
+    } else if is_platform_callback(path) {
+        Some(Route::PlatformCallback)
     } else {
         None
     }
+}
+
+/// `/wxsidecar/platform/{name}/callback`, any name.
+pub fn is_platform_callback(path: &str) -> bool {
+    crate::target::starts_with_ignore_case(path.as_bytes(), b"/wxsidecar/platform/")
+        && path.ends_with("/callback")
 }
 
 /// Whether `path` starts with one of `prefixes`, ignoring ASCII case.

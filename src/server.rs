@@ -100,8 +100,13 @@ pub fn prepare(config: Config, mode: RunMode) -> Result<Prepared, String> {
     }
     let up = Upstreams::new(&config.upstream, ca_bundle.as_deref());
     let wecom = wecom_in_use.then(|| Upstreams::new(&config.wecom_upstream, ca_bundle.as_deref()));
+    let platforms = config
+        .platforms
+        .iter()
+        .map(|p| crate::platform::Platform::new(p).map(Arc::new))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(Prepared {
-        app: App::new(config, up, wecom, store, intercept),
+        app: App::new(config, up, wecom, store, intercept, platforms),
         mode,
     })
 }
@@ -305,7 +310,8 @@ async fn watch_store(app: Arc<App>, store: Arc<RedisStore>) {
         if store.ping().await.is_err() || was_healthy {
             continue;
         }
-        for account in app.accounts().iter() {
+        let accounts = app.accounts_full();
+        for account in accounts.iter() {
             for (subject, cell) in Subject::in_use(account) {
                 let (api, id) = subject.store_id(account);
                 restore(&app, &store, &account.name, api, &id, cell).await;
@@ -402,13 +408,17 @@ impl<S> Gated<S> {
         if let Some(drive) = app.refreshers.drive() {
             app.tasks.spawn("lease scheduler", drive);
         }
+        crate::refresh::platform::start_platforms(app);
         for account in app.accounts().iter() {
             refresher::start(app, account, Subject::Token);
         }
         let wait = app.config().upstream.connect_timeout
             + app.config().upstream.read_timeout
             + DEFAULT_BOOT_SLACK;
-        for account in app.accounts().iter() {
+        // Authorised accounts wait for the platform's ticket, which may
+        // come through this very listener: the listener does not wait.
+        let accounts = app.accounts_full();
+        for account in accounts.iter().filter(|a| a.platform.is_none()) {
             if !account.tokens.wait_attempted(wait).await {
                 tracing::error!(account = %account.name, "first token fetch still running; opening the listener anyway");
             } else if account.tokens.valid().is_none() {

@@ -22,6 +22,9 @@ pub struct Status {
     /// What the last reload did (or why it was refused).
     #[serde(default)]
     pub last_reload: Option<crate::generation::ReloadReport>,
+    /// Third-party platforms (`platforms:`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub platforms: Vec<PlatformStatus>,
     pub store: StoreStatus,
     pub upstream: FamilyStatus,
     pub wecom_upstream: Option<FamilyStatus>,
@@ -100,6 +103,19 @@ pub struct StoreStatus {
     pub url: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub state: Option<String>,
+}
+
+/// A third-party platform: its ticket and component token (never their
+/// values), and how many accounts authorised it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PlatformStatus {
+    pub name: String,
+    pub component_appid: String,
+    pub ticket_received: bool,
+    pub component_token_valid: bool,
+    pub component_token_expires_in_seconds: Option<u64>,
+    pub component_last_error: Option<LastError>,
+    pub authorizers: usize,
 }
 
 /// An upstream family (its failover group).

@@ -82,7 +82,11 @@ impl Admin {
                     kind: a.kind.as_str().into(),
                     appid: a.id.clone(),
                     agentid: a.agentid.as_deref().map(str::to_string),
-                    token_api: a.token_api.as_str().into(),
+                    token_api: if a.platform.is_some() {
+                        "authorizer".into()
+                    } else {
+                        a.token_api.as_str().into()
+                    },
                     token_valid: tok.as_ref().is_some_and(|t| t.is_valid()),
                     token_fetched_unix: tok
                         .as_ref()
@@ -134,6 +138,24 @@ impl Admin {
                     state: Some(s.state()),
                 },
             },
+            platforms: app
+                .platforms
+                .iter()
+                .map(|p| {
+                    let t = p.component.latest();
+                    status::PlatformStatus {
+                        name: p.name.clone(),
+                        component_appid: p.component_appid.clone(),
+                        ticket_received: p.ticket().is_some(),
+                        component_token_valid: t.as_ref().is_some_and(|t| t.is_valid()),
+                        component_token_expires_in_seconds: t
+                            .as_ref()
+                            .map(|t| t.remaining().as_secs()),
+                        component_last_error: last_error(p.component.status().last_error),
+                        authorizers: p.authorizers().len(),
+                    }
+                })
+                .collect(),
             config_generation: app.generation.current(),
             last_reload: app.generation.last(),
             upstream: app.upstream_for(crate::config::Family::Official).status(),
@@ -229,6 +251,41 @@ impl Admin {
                     "no reload: the sidecar runs without a config file (demo), or the reload is still running; see /status last_reload",
                 );
                 answer(503, JSON, body.to_vec())
+            }
+        }
+    }
+
+    /// `POST /platform/resync?name=PLATFORM`: reads WeChat's authoriser
+    /// list, keeps every refresh token in it and makes every authoriser
+    /// listed an account (after lost refresh tokens).
+    async fn resync(&self, query: &str) -> Response<Vec<u8>> {
+        let name = crate::query::param(query, "name").unwrap_or_default();
+        let Some(p) = self.app.platform(&name).cloned() else {
+            let body = crate::reply::error_body(
+                40013,
+                "no such platform; pass name=PLATFORM (platforms[].name)",
+            );
+            return answer(404, JSON, body.to_vec());
+        };
+        match crate::refresh::platform::recover(&p, &self.app.upstreams).await {
+            Ok(listed) => {
+                for appid in &listed {
+                    crate::refresh::platform::add_authorizer(&self.app, &p, appid).await;
+                }
+                tracing::info!(platform = %p.name, authorizers = listed.len(), "authoriser list resynced on the admin listener");
+                let body = serde_json::json!({
+                    "errcode": 0,
+                    "errmsg": "ok",
+                    "platform": p.name,
+                    "authorizers": listed,
+                });
+                answer(200, JSON, body.to_string().into_bytes())
+            }
+            Err(e) => {
+                let status = if e.contains("less than") { 429 } else { 503 };
+                let body =
+                    crate::reply::error_body(-1, &format!("resync of platform {}: {e}", p.name));
+                answer(status, JSON, body.to_vec())
             }
         }
     }
@@ -421,6 +478,8 @@ impl ServeHttp for Admin {
                 TEXT,
                 b"use POST /refresh?account=NAME[&ticket=TYPE]\n".to_vec(),
             ),
+            ("/platform/resync", _) if method == http::Method::POST => self.resync(&query).await,
+            ("/platform/resync", _) => answer(405, TEXT, b"use POST /platform/resync?name=PLATFORM\n".to_vec()),
             ("/reload", _) if method == http::Method::POST => self.reload().await,
             ("/reload", _) => answer(405, TEXT, b"use POST /reload\n".to_vec()),
             ("/quota/clear", _) if method == http::Method::POST => self.quota_clear(&query).await,
@@ -443,7 +502,7 @@ impl ServeHttp for Admin {
             _ => answer(
                 404,
                 TEXT,
-                b"not found: try /healthz /readyz /status /metrics /quota?account=NAME /rid?account=NAME&rid=RID, POST /refresh?account=NAME, POST /quota/clear?account=NAME, POST /reload\n"
+                b"not found: try /healthz /readyz /status /metrics /quota?account=NAME /rid?account=NAME&rid=RID, POST /refresh?account=NAME, POST /quota/clear?account=NAME, POST /reload, POST /platform/resync?name=PLATFORM\n"
                     .to_vec(),
             ),
         }

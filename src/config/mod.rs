@@ -10,6 +10,7 @@
 pub mod clients;
 pub mod forward_proxy;
 pub mod intercept;
+pub mod platform;
 pub mod print;
 pub mod sources;
 
@@ -263,6 +264,28 @@ pub struct AccountConfig {
     pub replace_tokens: ReplaceTokens,
     /// Local daily caps per API path (`accounts[].limits`), normalised paths.
     pub limits: Vec<(String, u64)>,
+    /// The platform an authorised account belongs to (never from the
+    /// file's `accounts:`; see `platforms:`).
+    pub platform: Option<String>,
+}
+
+impl AccountConfig {
+    /// An account that authorised `platform`: known by its appid, its
+    /// token from the platform (no secret of its own).
+    pub fn authorizer(platform: &str, appid: &str) -> Self {
+        AccountConfig {
+            name: appid.to_string(),
+            kind: AccountKind::Official,
+            appid: appid.to_string(),
+            agentid: None,
+            secret: Secret::new(""),
+            token_api: TokenApi::Stable,
+            default: false,
+            replace_tokens: ReplaceTokens::Issued,
+            limits: Vec::new(),
+            platform: Some(platform.to_string()),
+        }
+    }
 }
 
 /// What a replica does about refreshing when the shared store is unreachable.
@@ -322,6 +345,9 @@ pub struct Config {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub intercept: Option<crate::config::intercept::InterceptConfig>,
     pub reload: ReloadConfig,
+    /// Third-party platforms (`platforms:`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub platforms: Vec<platform::PlatformConfig>,
 }
 
 /// Reload without restart (`reload.*`).
@@ -419,6 +445,7 @@ mod raw {
         pub clients: Option<Clients>,
         pub intercept: Option<crate::config::intercept::RawIntercept>,
         pub reload: Option<Reload>,
+        pub platforms: Option<Vec<crate::config::platform::raw::Platform>>,
     }
 
     #[derive(Deserialize, Default)]
@@ -804,7 +831,14 @@ impl Config {
             }
         }
 
-        let accounts = parse_accounts(raw.accounts.unwrap_or_default(), &mut problems);
+        // A platform alone is a whole configuration: its authorisers are
+        // the accounts.
+        let has_platforms = raw.platforms.as_ref().is_some_and(|p| !p.is_empty());
+        let accounts = parse_accounts(
+            raw.accounts.unwrap_or_default(),
+            has_platforms,
+            &mut problems,
+        );
 
         let tok = raw.token.unwrap_or_default();
         let token = TokenConfig {
@@ -923,6 +957,7 @@ impl Config {
         if reload.interval.is_zero() {
             problems.push("reload.interval: must be greater than zero".into());
         }
+        let platforms = platform::parse(raw.platforms.unwrap_or_default(), &mut problems);
 
         if problems.is_empty() {
             Ok(Config {
@@ -945,6 +980,7 @@ impl Config {
                 clients,
                 intercept,
                 reload,
+                platforms,
             })
         } else {
             Err(problems)
@@ -1188,9 +1224,16 @@ fn parse_proxy(
         .ok()
 }
 
-fn parse_accounts(raw: Vec<raw::Account>, problems: &mut Vec<String>) -> Vec<AccountConfig> {
+fn parse_accounts(
+    raw: Vec<raw::Account>,
+    has_platforms: bool,
+    problems: &mut Vec<String>,
+) -> Vec<AccountConfig> {
+    if raw.is_empty() && has_platforms {
+        return Vec::new();
+    }
     if raw.is_empty() {
-        problems.push("accounts: at least one account is required (name, appid, secret)".into());
+        problems.push("accounts: at least one account is required (name, appid, secret), or a platform (platforms:)".into());
         return Vec::new();
     }
     let mut accounts = Vec::with_capacity(raw.len());
@@ -1349,6 +1392,7 @@ fn parse_accounts(raw: Vec<raw::Account>, problems: &mut Vec<String>) -> Vec<Acc
             default: a.default.unwrap_or(only_one),
             replace_tokens,
             limits,
+            platform: None,
         });
     }
     let defaults: Vec<&str> = accounts

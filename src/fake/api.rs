@@ -114,6 +114,21 @@ pub(super) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Resul
     };
     if admin {
         let q = parts.uri.query().unwrap_or("");
+        if parts.method == hyper::Method::POST
+            && matches!(
+                path.as_str(),
+                "/__fake/authorize" | "/__fake/unauthorize" | "/__fake/platform-callback"
+            )
+        {
+            let arg = query::param(q, "authorizer")
+                .or_else(|| query::param(q, "url"))
+                .unwrap_or_default()
+                .into_owned();
+            return Ok(json(
+                200,
+                super::platform::admin(&shared, &path, &arg).await,
+            ));
+        }
         return Ok(fake_admin(&shared, &parts.method, &path, q, &body));
     }
     if verdict.delay_ms > 0 {
@@ -248,6 +263,11 @@ async fn serve(
             ticket(shared, &path, token.as_deref(), &q)
         }
         "/wxa/getwxacodeunlimit" => qrcode(shared, token.as_deref()),
+        p if p.starts_with("/cgi-bin/component/") => {
+            let t = query::param(&q, "component_access_token")
+                .or_else(|| query::param(&q, "access_token"));
+            json(200, super::platform::api(shared, p, t.as_deref(), &body))
+        }
         "/cgi-bin/openapi/quota/get" | "/cgi-bin/openapi/rid/get" | "/cgi-bin/clear_quota" => {
             quota_api(shared, &path, token.as_deref(), &body)
         }

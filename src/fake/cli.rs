@@ -53,6 +53,19 @@ pub struct FakeArgs {
     /// With --h2: send GOAWAY on a connection after this many requests.
     #[arg(long, value_name = "N")]
     h2_max_requests: Option<u64>,
+    /// A third-party platform: APPID:SECRET:TOKEN:AESKEY (AESKEY: the 43
+    /// characters of an EncodingAESKey).
+    #[arg(long, value_name = "APPID:SECRET:TOKEN:AESKEY")]
+    platform: Option<String>,
+    /// Where the platform's events (tickets, authorisations) are POSTed.
+    #[arg(long, value_name = "URL")]
+    platform_callback: Option<String>,
+    /// Seconds between ticket pushes (WeChat: 600).
+    #[arg(long, default_value_t = 600)]
+    ticket_push_every: u64,
+    /// Hand out a new refresh token on every api_authorizer_token.
+    #[arg(long)]
+    rotate_refresh_tokens: bool,
     /// Injected faults as JSON, e.g. '{"seed":1,"rules":[{"path":"/cgi-bin/message","reset_after_rate":0.05}]}'
     /// (also settable at run time with POST /__fake/faults).
     #[arg(long)]
@@ -88,6 +101,10 @@ pub fn run(f: FakeArgs) -> i32 {
         ca_dir: f.ca_dir.clone(),
         h2: f.h2,
         h2_max_requests: f.h2_max_requests,
+        platform: f.platform.clone(),
+        platform_callback: f.platform_callback.clone(),
+        ticket_push_every: Duration::from_secs(f.ticket_push_every.max(1)),
+        rotate_refresh: f.rotate_refresh_tokens,
         ..FakeOptions::default()
     };
     if let Some(text) = &f.faults {

@@ -6,6 +6,7 @@
 
 mod api;
 pub mod faults;
+pub mod platform;
 pub mod quota;
 pub mod state;
 pub mod tickets;
@@ -61,6 +62,14 @@ pub struct FakeOptions {
     /// Keep the CA here (`ca.pem`, `ca-key.pem`) and reuse it when present,
     /// so fakes restarted or run side by side share one CA.
     pub ca_dir: Option<std::path::PathBuf>,
+    /// A third-party platform, `APPID:SECRET:TOKEN:AESKEY` (`--platform`).
+    pub platform: Option<String>,
+    /// Where its events are POSTed (`--platform-callback`).
+    pub platform_callback: Option<String>,
+    /// How often a ticket is pushed (`--ticket-push-every`).
+    pub ticket_push_every: Duration,
+    /// Rotate refresh tokens on every `api_authorizer_token`.
+    pub rotate_refresh: bool,
 }
 
 impl Default for FakeOptions {
@@ -79,6 +88,10 @@ impl Default for FakeOptions {
             ca_dir: None,
             h2: false,
             h2_max_requests: None,
+            platform: None,
+            platform_callback: None,
+            ticket_push_every: Duration::from_secs(600),
+            rotate_refresh: false,
         }
     }
 }
@@ -129,12 +142,17 @@ pub async fn start(opts: FakeOptions) -> std::io::Result<Fake> {
             tls_acceptor(opts.ca_dir.as_deref(), opts.h2).map_err(std::io::Error::other)?;
         (Some(acceptor), Some(ca))
     };
+    let mut state = State::new(&opts.apps, opts.token_ttl)
+        .with_wecom(&opts.wecom_apps)
+        .with_tickets(opts.ticket_ttl, opts.ticket_quota);
+    if let Some(spec) = &opts.platform {
+        let mut p = platform::Platform::parse(spec, opts.platform_callback.clone())
+            .map_err(std::io::Error::other)?;
+        p.rotate_refresh = opts.rotate_refresh;
+        state.platform = Some(p);
+    }
     let shared = Arc::new(Shared {
-        state: Mutex::new(
-            State::new(&opts.apps, opts.token_ttl)
-                .with_wecom(&opts.wecom_apps)
-                .with_tickets(opts.ticket_ttl, opts.ticket_quota),
-        ),
+        state: Mutex::new(state),
         faults: Mutex::new(faults::Faults::new(opts.faults.clone())),
         tls_handshakes: AtomicU64::new(0),
         connections: AtomicU64::new(0),
@@ -146,6 +164,12 @@ pub async fn start(opts: FakeOptions) -> std::io::Result<Fake> {
         whitelist: Mutex::new(None),
         opts: opts.clone(),
     });
+    if opts.platform.is_some() {
+        tokio::spawn(platform::push_tickets(
+            shared.clone(),
+            opts.ticket_push_every,
+        ));
+    }
     tokio::spawn(accept_loop(listener, acceptor, shared));
     Ok(Fake {
         addr,

@@ -82,6 +82,8 @@ pub struct State {
     ttl: Duration,
     pub tickets: super::tickets::Tickets,
     pub quotas: super::quota::Quotas,
+    /// The third-party platform, with `--platform`.
+    pub platform: Option<super::platform::Platform>,
 }
 
 /// Why a token was refused, as WeChat says it.
@@ -181,6 +183,12 @@ impl State {
 
     fn overlap(&self) -> Duration {
         Duration::from_secs(300).min(self.ttl / 4)
+    }
+
+    /// A new token owned by `appid` (a component or authorizer token), valid
+    /// for the fake's token lifetime; the lifetime in seconds.
+    pub fn issue(&mut self, appid: &str) -> (String, u64) {
+        (self.new_token(appid, false), self.ttl.as_secs())
     }
 
     fn new_token(&mut self, appid: &str, stable: bool) -> String {
@@ -370,6 +378,7 @@ impl State {
             "stable_tokens_issued": live_stable,
             "ticket_fetches": self.tickets.fetches,
             "quota_clears": self.quotas.clears,
+            "platform": self.platform.as_ref().map(|p| p.stats()),
         })
     }
 }

@@ -244,6 +244,9 @@ impl<S: Source, St: Shared> Refresher<S, St> {
     /// One refresh attempt; `asked` names the value to replace when a
     /// report or an operator asked for it. Returns when to run again.
     async fn refresh(&mut self, asked: Option<Arc<str>>) -> Duration {
+        // The fetch about to run answers any request for one made so far
+        // (one made while it runs asks again afterwards).
+        self.cell.take_refetch();
         let (rejected, mut backoff) = match self.retry.take() {
             Some(r) => (r.rejected, r.backoff),
             None => (asked, Backoff::default()),

@@ -1,4 +1,212 @@
-//! Third-party platforms (开放平台第三方平台): one sidecar holds the
-//! component token and the tokens of the accounts that authorised it.
+//! Third-party platforms (开放平台第三方平台): one sidecar holds a platform's
+//! `component_access_token` and the tokens of the accounts that authorised
+//! it. This is the platform's own state: its message crypto, the latest
+//! `component_verify_ticket`, the component token's cell, and every
+//! authoriser's `authorizer_refresh_token` — which must never be lost (a
+//! lost one means the customer authorises again), so with the memory store
+//! it is written to `state_file` (atomically, mode 0600) before it is used.
+//!
+//! Authorised accounts are ordinary accounts (`account::Account` with
+//! `platform` set): the request path, replay, metrics and `/status` are
+//! theirs as for configured accounts. What WeChat is asked for them is in
+//! `refresh::platform`.
 
-pub mod crypto;
+pub use crate::msgcrypt as crypto;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::config::platform::PlatformConfig;
+use crate::lease::{LeaseCell, TokenIndex};
+use crate::metrics::FetchCounters;
+use crate::secret::Secret;
+
+pub struct Platform {
+    pub name: String,
+    pub component_appid: String,
+    pub component_secret: Secret,
+    pub crypt: crypto::MsgCrypt,
+    /// The `component_access_token`.
+    pub component: Arc<LeaseCell>,
+    state: Mutex<State>,
+    state_file: Option<PathBuf>,
+    /// When the authoriser list was last asked for (recovery is spaced).
+    pub last_recovery: Mutex<Option<std::time::Instant>>,
+}
+
+/// What survives a restart with the memory store.
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+struct State {
+    /// The latest `component_verify_ticket` (valid 12 h; WeChat pushes a
+    /// new one every 10 minutes).
+    #[serde(default)]
+    ticket: Option<String>,
+    /// Authoriser appid → its refresh token.
+    #[serde(default)]
+    refresh_tokens: BTreeMap<String, String>,
+}
+
+impl Platform {
+    /// The platform of `c`, with what `state_file` kept (if any) and the
+    /// seed authorisers of the config (a seed never replaces a newer
+    /// refresh token the file holds).
+    pub fn new(c: &PlatformConfig) -> Result<Self, String> {
+        let crypt = crypto::MsgCrypt::new(
+            c.token.clone(),
+            c.encoding_aes_key.expose(),
+            &c.component_appid,
+        )
+        .map_err(|e| format!("platforms {}: encoding_aes_key {e}", c.name))?;
+        let mut state = match &c.state_file {
+            Some(p) if p.exists() => {
+                let text = std::fs::read_to_string(p).map_err(|e| {
+                    format!("platforms {}: state_file {}: {e}", c.name, p.display())
+                })?;
+                serde_json::from_str(&text).map_err(|e| {
+                    format!(
+                        "platforms {}: state_file {} is not the sidecar's JSON ({e}); move it away to start empty",
+                        c.name,
+                        p.display()
+                    )
+                })?
+            }
+            _ => State::default(),
+        };
+        for seed in &c.authorizers {
+            state
+                .refresh_tokens
+                .entry(seed.appid.clone())
+                .or_insert_with(|| seed.refresh_token.expose().to_string());
+        }
+        Ok(Platform {
+            name: c.name.clone(),
+            component_appid: c.component_appid.clone(),
+            component_secret: c.component_secret.clone(),
+            crypt,
+            component: Arc::new(LeaseCell::new(
+                Arc::new(TokenIndex::default()),
+                0,
+                FetchCounters::default(),
+            )),
+            state: Mutex::new(state),
+            state_file: c.state_file.clone(),
+            last_recovery: Mutex::new(None),
+        })
+    }
+
+    pub fn ticket(&self) -> Option<String> {
+        self.state.lock().ticket.clone()
+    }
+
+    /// Records a pushed ticket; `true` when it is new.
+    pub fn set_ticket(&self, ticket: &str) -> bool {
+        let mut st = self.state.lock();
+        if st.ticket.as_deref() == Some(ticket) {
+            return false;
+        }
+        st.ticket = Some(ticket.to_string());
+        true
+    }
+
+    pub fn refresh_token(&self, authorizer: &str) -> Option<Secret> {
+        self.state
+            .lock()
+            .refresh_tokens
+            .get(authorizer)
+            .map(|t| Secret::new(t.as_str()))
+    }
+
+    /// Records an authoriser's refresh token; `true` when it changed.
+    pub fn set_refresh_token(&self, authorizer: &str, token: &str) -> bool {
+        let mut st = self.state.lock();
+        if st.refresh_tokens.get(authorizer).map(String::as_str) == Some(token) {
+            return false;
+        }
+        st.refresh_tokens
+            .insert(authorizer.to_string(), token.to_string());
+        true
+    }
+
+    /// Forgets an authoriser (it revoked the authorisation).
+    pub fn remove(&self, authorizer: &str) -> bool {
+        self.state
+            .lock()
+            .refresh_tokens
+            .remove(authorizer)
+            .is_some()
+    }
+
+    /// Every authoriser with a refresh token.
+    pub fn authorizers(&self) -> Vec<String> {
+        self.state.lock().refresh_tokens.keys().cloned().collect()
+    }
+
+    /// Writes the state file (if configured): a temporary file beside it,
+    /// mode 0600, then renamed over it, so a crash leaves the old or the
+    /// new one whole. Off the runtime: it is a blocking write.
+    pub async fn persist(&self) -> Result<(), String> {
+        let Some(path) = self.state_file.clone() else {
+            return Ok(());
+        };
+        let text = serde_json::to_string_pretty(&*self.state.lock()).expect("state serialises");
+        let name = self.name.clone();
+        tokio::task::spawn_blocking(move || write_private(&path, &text))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("platforms {name}: state_file: {e}"))
+    }
+}
+
+/// Writes `text` to `path` atomically, readable by the owner alone.
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn refresh_tokens_survive_in_the_state_file_and_seeds_do_not_override_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("saas.json");
+        let yaml = format!(
+            "platforms:\n  - name: saas\n    component_appid: wxcomp\n    component_secret: cs\n    token: tok\n    encoding_aes_key: abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG\n    state_file: {}\n    authorizers: [{{appid: wxa1, refresh_token: seed-1}}]\n",
+            file.display()
+        );
+        let c = crate::config::Config::parse(&yaml).unwrap();
+        let p = Platform::new(&c.platforms[0]).unwrap();
+        assert_eq!(p.refresh_token("wxa1").unwrap().expose(), "seed-1");
+        assert!(p.set_refresh_token("wxa1", "rotated-1"));
+        assert!(p.set_refresh_token("wxa2", "rt-2"));
+        assert!(p.set_ticket("ticket@@@1"));
+        p.persist().await.unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        let again = Platform::new(&c.platforms[0]).unwrap();
+        assert_eq!(
+            again.refresh_token("wxa1").unwrap().expose(),
+            "rotated-1",
+            "the file wins over the seed"
+        );
+        assert_eq!(again.authorizers(), ["wxa1", "wxa2"]);
+        assert_eq!(again.ticket().as_deref(), Some("ticket@@@1"));
+        assert!(again.remove("wxa2"));
+    }
+}

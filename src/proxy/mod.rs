@@ -34,6 +34,7 @@ use crate::route::{self, Route};
 use crate::ticket::{self, TicketKind};
 use crate::upstream::UpstreamError;
 
+mod callback;
 pub mod fast;
 
 /// Credentials sent to a token endpoint are tiny.
@@ -1025,7 +1026,13 @@ impl ProxyHttp for Proxy {
         // Pipelined requests are answered in order (RFC 9112 §9.3.2), not
         // dropped with the connection.
         session.as_downstream_mut().set_pipelining_enabled(true);
-        if !self.app.clients().is_open() && self.admit_caller(session, ctx).await? {
+        // A platform's events are signed by WeChat: `clients` is not
+        // theirs to pass (the handler checks the signature).
+        let platform_event = crate::route::is_platform_callback(session.req_header().uri.path());
+        if !platform_event
+            && !self.app.clients().is_open()
+            && self.admit_caller(session, ctx).await?
+        {
             return Ok(true);
         }
         if let Err(e) = self
@@ -1049,6 +1056,10 @@ impl ProxyHttp for Proxy {
             Route::JsSdk => {
                 ctx.route = Served::Jssdk;
                 self.jssdk(session, ctx).await?
+            }
+            Route::PlatformCallback => {
+                ctx.route = Served::Platform;
+                self.platform_callback(session, ctx).await?
             }
             Route::Untouched => {
                 ctx.route = Served::Untouched;

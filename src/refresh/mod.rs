@@ -10,6 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod platform;
 pub mod ticket;
 pub mod token;
 
@@ -34,6 +35,9 @@ pub enum Subject {
 
 /// The store key suffix of an account's token: its token API and id.
 pub fn token_store_id(account: &Account) -> (&'static str, String) {
+    if account.platform.is_some() {
+        return ("authorizer", account.id.clone());
+    }
     match account.kind {
         AccountKind::WeCom => (
             "wecom",
@@ -206,7 +210,24 @@ pub fn start(app: &App, account: &Arc<Account>, subject: Subject) {
     });
     let upstreams = app.upstreams.clone();
     let account = account.clone();
+    let platform = account
+        .platform
+        .as_deref()
+        .and_then(|name| app.platform(name).cloned());
     match subject {
+        Subject::Token if account.platform.is_some() => {
+            let Some(platform) = platform else {
+                tracing::error!(account = %account.name, "authorised account of an unknown platform; its token is not kept");
+                return;
+            };
+            let source = self::platform::AuthorizerSource {
+                account,
+                platform,
+                families: upstreams,
+            };
+            let job = Refresher::new(cell, source, shared, settings);
+            app.refreshers.add(job);
+        }
         Subject::Token => {
             let source = TokenSource {
                 account,

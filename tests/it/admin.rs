@@ -191,7 +191,12 @@ async fn cpu_profiles_as_pprof_and_flamegraph() {
             })
         })
         .collect();
-    let c = client();
+    // Symbolising a debug build's profile takes seconds, more on a busy
+    // box: a longer wait than the usual client's.
+    let c = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(120))
+        .build()
+        .unwrap();
     let r = c
         .get(side.admin("/debug/pprof/profile?seconds=1"))
         .send()

@@ -16,6 +16,7 @@ mod intercept;
 mod lifecycle;
 mod limits;
 mod path;
+mod platform;
 mod pool;
 mod quota;
 mod raw;

@@ -215,6 +215,18 @@ impl Fake {
         self.post_ok(&self.https, "/__fake/whitelist", &body).await;
     }
 
+    /// A platform admin call (`/__fake/authorize?authorizer=`, …): its answer.
+    pub async fn platform_admin(&self, path_and_query: &str) -> Value {
+        self.https
+            .post(format!("{}{path_and_query}", self.url()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// Resets an app's secret (the old one stops working).
     pub async fn set_secret(&self, appid: &str, secret: &str) {
         let path = format!("/__fake/secret?appid={appid}&secret={secret}");

@@ -1,4 +1,4 @@
-//! WeChat's message encryption for the third-party platform's callbacks
+//! WeChat's message encryption, as the third-party platform's callbacks use it
 //! (the scheme of WeChat's `WXBizMsgCrypt` samples).
 //!
 //! `msg_signature` = SHA-1 (hex) of the sorted concatenation of the
@@ -39,7 +39,11 @@ pub struct MsgCrypt {
 
 impl MsgCrypt {
     /// `encoding_aes_key`: the 43 characters the platform's console shows.
-    pub fn new(token: crate::secret::Secret, encoding_aes_key: &str, appid: &str) -> Result<Self, String> {
+    pub fn new(
+        token: crate::secret::Secret,
+        encoding_aes_key: &str,
+        appid: &str,
+    ) -> Result<Self, String> {
         let key = decode_key(encoding_aes_key)?;
         Ok(MsgCrypt {
             token,
@@ -200,11 +204,24 @@ mod tests {
         assert_eq!(xml_field(&msg, "MsgType"), Some("text"));
         // A wrong signature, a wrong appid, a wrong key: refused.
         assert_eq!(
-            c.open("0".repeat(40).as_str(), "1409735669", "1320562132", SAMPLE_ENCRYPT),
+            c.open(
+                "0".repeat(40).as_str(),
+                "1409735669",
+                "1320562132",
+                SAMPLE_ENCRYPT
+            ),
             Err(CryptError::Signature)
         );
-        let other = MsgCrypt::new(crate::secret::Secret::new("spamtest"), SAMPLE_KEY, "wxother").unwrap();
-        assert!(matches!(other.decrypt(SAMPLE_ENCRYPT), Err(CryptError::AppId(_))));
+        let other = MsgCrypt::new(
+            crate::secret::Secret::new("spamtest"),
+            SAMPLE_KEY,
+            "wxother",
+        )
+        .unwrap();
+        assert!(matches!(
+            other.decrypt(SAMPLE_ENCRYPT),
+            Err(CryptError::AppId(_))
+        ));
         let wrong_key = MsgCrypt::new(
             crate::secret::Secret::new("spamtest"),
             "bbcdefghijklmnopqrstuvwxyz0123456789ABCDEFG",
@@ -217,14 +234,23 @@ mod tests {
     #[test]
     fn encrypt_and_decrypt_round_trip_with_32_byte_padding() {
         let c = sample();
-        for msg in ["", "<xml><InfoType>component_verify_ticket</InfoType></xml>", &"x".repeat(100)] {
+        for msg in [
+            "",
+            "<xml><InfoType>component_verify_ticket</InfoType></xml>",
+            &"x".repeat(100),
+        ] {
             let e = c.encrypt(msg, [7; 16]);
-            let raw = base64::engine::general_purpose::STANDARD.decode(&e).unwrap();
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(&e)
+                .unwrap();
             assert_eq!(raw.len() % 32, 0, "padded to 32-byte blocks");
             assert_eq!(c.decrypt(&e).unwrap(), msg);
         }
         assert!(MsgCrypt::new(crate::secret::Secret::new("t"), "short", "a").is_err());
-        assert_eq!(xml_field("<xml><A>1</A><B><![CDATA[x y]]></B></xml>", "B"), Some("x y"));
+        assert_eq!(
+            xml_field("<xml><A>1</A><B><![CDATA[x y]]></B></xml>", "B"),
+            Some("x y")
+        );
         assert_eq!(xml_field("<xml><A>1</A></xml>", "C"), None);
     }
 }

@@ -1,0 +1,288 @@
+//! `platforms:`: third-party platforms (开放平台第三方平台) whose component
+//! token and authorised accounts' tokens the sidecar holds.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{duration_field, expand_env, secret_file, valid_appid};
+use crate::secret::Secret;
+
+/// An authorised account's token is kept fresh this long after its last
+/// use; then it is dropped from memory (its refresh token is kept).
+pub const DEFAULT_IDLE_AFTER: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PlatformConfig {
+    pub name: String,
+    pub component_appid: String,
+    pub component_secret: Secret,
+    /// The message-verification token of the platform's console.
+    pub token: Secret,
+    /// The 43-character EncodingAESKey.
+    pub encoding_aes_key: Secret,
+    /// Authorisers known before any event (a migration), with their
+    /// refresh tokens.
+    pub authorizers: Vec<AuthorizerSeed>,
+    /// Where decrypted events are passed on, if anywhere.
+    pub forward_events: Option<String>,
+    /// Where refresh tokens are kept with the memory store.
+    pub state_file: Option<PathBuf>,
+    #[serde(serialize_with = "super::print::duration")]
+    pub idle_after: Duration,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AuthorizerSeed {
+    pub appid: String,
+    pub refresh_token: Secret,
+}
+
+pub(super) mod raw {
+    use super::Deserialize;
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Platform {
+        pub name: Option<String>,
+        pub component_appid: Option<String>,
+        pub component_secret: Option<String>,
+        pub component_secret_file: Option<String>,
+        pub token: Option<String>,
+        pub token_file: Option<String>,
+        pub encoding_aes_key: Option<String>,
+        pub encoding_aes_key_file: Option<String>,
+        pub authorizers: Option<Vec<Authorizer>>,
+        pub forward_events: Option<String>,
+        pub state_file: Option<String>,
+        pub idle_after: Option<String>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Authorizer {
+        pub appid: Option<String>,
+        pub refresh_token: Option<String>,
+        pub refresh_token_file: Option<String>,
+    }
+}
+
+/// A value given inline (`${ENV}` expanded) or in a file (`key_file`);
+/// exactly one. Problems name `at(key)`; the value is never quoted.
+fn one_of(
+    at: &dyn Fn(&str) -> String,
+    key: &str,
+    value: Option<String>,
+    file: Option<String>,
+    problems: &mut Vec<String>,
+) -> Option<Secret> {
+    let file_key = format!("{key}_file");
+    match (value, file) {
+        (Some(_), Some(_)) => {
+            problems.push(format!("{}: give {key} or {file_key}, not both", at(key)));
+            None
+        }
+        (Some(v), None) => expand_env(&at(key), &v, problems),
+        (None, Some(f)) => expand_env(&at(&file_key), &f, problems)
+            .and_then(|p| secret_file(&at(&file_key), &p, "", problems)),
+        (None, None) => {
+            problems.push(format!("{}: missing; give {key} or {file_key}", at(key)));
+            None
+        }
+    }
+    .filter(|v| {
+        let empty = v.trim().is_empty();
+        if empty {
+            problems.push(format!("{}: is empty", at(key)));
+        }
+        !empty
+    })
+    .map(Secret::new)
+}
+
+pub(super) fn parse(raw: Vec<raw::Platform>, problems: &mut Vec<String>) -> Vec<PlatformConfig> {
+    let mut out: Vec<PlatformConfig> = Vec::with_capacity(raw.len());
+    for (i, p) in raw.into_iter().enumerate() {
+        let at = |k: &str| format!("platforms[{i}].{k}");
+        let name = match p.name {
+            Some(n)
+                if !n.is_empty()
+                    && n.len() <= 64
+                    && n.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') =>
+            {
+                n
+            }
+            _ => {
+                problems.push(format!(
+                    "{}: give each platform a name of letters, digits, - and _ (it is part of its callback path)",
+                    at("name")
+                ));
+                continue;
+            }
+        };
+        if out.iter().any(|o| o.name == name) {
+            problems.push(format!(
+                "{}: `{name}` is used by another platform",
+                at("name")
+            ));
+        }
+        let component_appid = match p.component_appid {
+            Some(a) if valid_appid(&a) => a,
+            Some(_) => {
+                problems.push(format!(
+                    "{}: not an appid (letters, digits, - and _; the value is not shown)",
+                    at("component_appid")
+                ));
+                String::new()
+            }
+            None => {
+                problems.push(format!("{}: missing", at("component_appid")));
+                String::new()
+            }
+        };
+        let component_secret = one_of(
+            &at,
+            "component_secret",
+            p.component_secret,
+            p.component_secret_file,
+            problems,
+        );
+        let token = one_of(&at, "token", p.token, p.token_file, problems);
+        let aes = one_of(
+            &at,
+            "encoding_aes_key",
+            p.encoding_aes_key,
+            p.encoding_aes_key_file,
+            problems,
+        );
+        if let Some(k) = &aes {
+            let k = k.expose().trim();
+            if k.len() != 43
+                || !k
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
+            {
+                problems.push(format!(
+                    "{}: must be the 43 letters and digits of the platform's EncodingAESKey (the value is not shown)",
+                    at("encoding_aes_key")
+                ));
+            }
+        }
+        let mut authorizers: Vec<AuthorizerSeed> = Vec::new();
+        for (j, a) in p.authorizers.unwrap_or_default().into_iter().enumerate() {
+            let at_a = |k: &str| format!("platforms[{i}].authorizers[{j}].{k}");
+            let appid = match a.appid {
+                Some(x) if valid_appid(&x) => x,
+                _ => {
+                    problems.push(format!("{}: missing or not an appid", at_a("appid")));
+                    continue;
+                }
+            };
+            if authorizers.iter().any(|s| s.appid == appid) {
+                problems.push(format!("{}: `{appid}` is listed twice", at_a("appid")));
+                continue;
+            }
+            if let Some(rt) = one_of(
+                &at_a,
+                "refresh_token",
+                a.refresh_token,
+                a.refresh_token_file,
+                problems,
+            ) {
+                authorizers.push(AuthorizerSeed {
+                    appid,
+                    refresh_token: rt,
+                });
+            }
+        }
+        // Passing decrypted events on is not built yet: say so rather than
+        // accept a key that does nothing.
+        if p.forward_events.is_some() {
+            problems.push(format!(
+                "{}: passing events on to the app is not supported yet; remove the key (the sidecar answers WeChat itself)",
+                at("forward_events")
+            ));
+        }
+        let forward_events = p
+            .forward_events
+            .and_then(|u| expand_env(&at("forward_events"), &u, problems))
+            .filter(|u| {
+                let ok = url::Url::parse(u).is_ok_and(|x| matches!(x.scheme(), "http" | "https"));
+                if !ok {
+                    problems.push(format!(
+                        "{}: `{}` is not an http(s) URL",
+                        at("forward_events"),
+                        crate::secret::mask_url(u)
+                    ));
+                }
+                ok
+            });
+        let idle_after = duration_field(
+            &at("idle_after"),
+            p.idle_after.as_ref(),
+            DEFAULT_IDLE_AFTER,
+            problems,
+        );
+        if let (Some(component_secret), Some(token), Some(encoding_aes_key)) =
+            (component_secret, token, aes)
+        {
+            out.push(PlatformConfig {
+                name,
+                component_appid,
+                component_secret,
+                token,
+                encoding_aes_key,
+                authorizers,
+                forward_events,
+                state_file: p.state_file.map(PathBuf::from),
+                idle_after,
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    const KEY: &str = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG";
+
+    #[test]
+    fn a_platform_parses_and_its_problems_are_named_without_values() {
+        let base = "accounts:\n  - {name: shop, appid: wxshop, secret: s}\n";
+        let c = Config::parse(&format!(
+            "{base}platforms:\n  - name: saas\n    component_appid: wxcomp\n    component_secret: cs-1\n    token: tok\n    encoding_aes_key: {KEY}\n    authorizers: [{{appid: wxauth1, refresh_token: rt-1}}]\n"
+        ))
+        .unwrap();
+        let p = &c.platforms[0];
+        assert_eq!(
+            (p.name.as_str(), p.component_appid.as_str()),
+            ("saas", "wxcomp")
+        );
+        assert_eq!(p.authorizers[0].refresh_token.expose(), "rt-1");
+        let printed = crate::config::print::yaml(&c);
+        assert!(
+            !printed.contains("cs-1") && !printed.contains("rt-1") && !printed.contains(KEY),
+            "{printed}"
+        );
+
+        let e = Config::parse(&format!(
+            "{base}platforms:\n  - name: a b\n  - name: ok\n    component_appid: wxcomp\n    component_secret: cs-secret-9\n    component_secret_file: /x\n    token: t\n    encoding_aes_key: too-short-secret-value\n"
+        ))
+        .unwrap_err();
+        let all = e.join("\n");
+        assert!(all.contains("platforms[0].name"), "{all}");
+        assert!(all.contains("platforms[1].component_secret: give component_secret or component_secret_file, not both"), "{all}");
+        assert!(
+            all.contains("platforms[1].encoding_aes_key: must be the 43"),
+            "{all}"
+        );
+        assert!(
+            !all.contains("cs-secret-9") && !all.contains("too-short-secret-value"),
+            "{all}"
+        );
+    }
+}

@@ -1,0 +1,252 @@
+//! Third-party platforms: WeChat (the fake) pushes encrypted tickets to the
+//! sidecar's callback, the sidecar fetches the component token, exchanges
+//! an authorisation, and apps call the authoriser's APIs with no token.
+
+use serde_json::Value;
+
+use crate::support::*;
+
+const TEMPLATE_SEND: &str = "/cgi-bin/message/template/send";
+const COMPONENT: &str = "wxcomponent00001";
+const COMPONENT_SECRET: &str = "component-secret-1";
+const PTOKEN: &str = "platform-token";
+const AES_KEY: &str = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG";
+const AUTHORIZER: &str = "wxauthorizer0001";
+
+fn fake() -> Fake {
+    Fake::start(&[
+        "--platform",
+        &format!("{COMPONENT}:{COMPONENT_SECRET}:{PTOKEN}:{AES_KEY}"),
+    ])
+}
+
+fn platform_config(extra: &str) -> String {
+    format!(
+        "{}platforms:\n  - name: saas\n    component_appid: {COMPONENT}\n    component_secret: {COMPONENT_SECRET}\n    token: {PTOKEN}\n    encoding_aes_key: {AES_KEY}\n{extra}",
+        upstream()
+    )
+}
+
+async fn send_for(side: &Sidecar, account: &str) -> (u16, Value) {
+    let r = client()
+        .post(side.url(TEMPLATE_SEND))
+        .header("X-Wx-Account", account)
+        .body(TEMPLATE)
+        .send()
+        .await
+        .unwrap();
+    let s = r.status().as_u16();
+    (s, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn platform_stats(fake: &Fake) -> Value {
+    fake.stats().await["platform"].clone()
+}
+
+#[tokio::test]
+async fn ticket_then_component_token_then_an_authorised_account_served_without_a_token() {
+    let fake = fake();
+    let side = Sidecar::start(&fake, &platform_config("")).await;
+    // The platform's events reach the sidecar's callback.
+    let callback = side.url("/wxsidecar/platform/saas/callback");
+    let v = fake
+        .platform_admin(&format!("/__fake/platform-callback?url={callback}"))
+        .await;
+    assert_eq!(
+        v["delivered"], true,
+        "the ticket push was answered success: {v}"
+    );
+
+    let v = fake
+        .platform_admin(&format!("/__fake/authorize?authorizer={AUTHORIZER}"))
+        .await;
+    assert_eq!(v["delivered"], true, "the authorisation was exchanged: {v}");
+    let (code, v) = send_for(&side, AUTHORIZER).await;
+    assert_eq!((code, v["errcode"].as_i64()), (200, Some(0)), "{v}");
+    let seen = fake.last_request().await;
+    assert!(seen["access_token"].as_str().is_some_and(|t| !t.is_empty()));
+    let stats = platform_stats(&fake).await;
+    assert_eq!(stats["component_token_fetches"], 1, "{stats}");
+    assert_eq!(stats["query_auth_calls"], 1, "{stats}");
+
+    // WeChat revokes the authoriser's token: one refresh, the send replayed.
+    let fetches = stats["authorizer_token_fetches"].as_u64().unwrap();
+    fake.invalidate(AUTHORIZER).await;
+    let (code, v) = send_for(&side, AUTHORIZER).await;
+    assert_eq!(
+        (code, v["errcode"].as_i64()),
+        (200, Some(0)),
+        "replayed: {v}"
+    );
+    let stats = platform_stats(&fake).await;
+    assert_eq!(stats["authorizer_token_fetches"], fetches + 1, "{stats}");
+
+    // /status knows it as an account; nothing secret in the log.
+    let st = side.typed_status().await;
+    assert!(st
+        .accounts
+        .iter()
+        .any(|a| a.appid == AUTHORIZER && a.token_valid && a.token_api == "authorizer"));
+    let p = &st.platforms[0];
+    assert!(p.ticket_received && p.component_token_valid, "{p:?}");
+    assert_eq!(p.authorizers, 1);
+    assert!(!side.status().await.to_string().contains("ticket@@@"));
+    side.assert_log_clean(&[COMPONENT_SECRET, PTOKEN]);
+
+    // Revoked: gone.
+    let v = fake
+        .platform_admin(&format!("/__fake/unauthorize?authorizer={AUTHORIZER}"))
+        .await;
+    assert_eq!(v["delivered"], true, "{v}");
+    let (code, v) = send_for(&side, AUTHORIZER).await;
+    assert_eq!(code, 400, "an unknown account now: {v}");
+}
+
+#[tokio::test]
+async fn a_forged_event_is_refused_and_nothing_is_stored() {
+    let fake = fake();
+    let side = Sidecar::start(&fake, &platform_config("")).await;
+    let url = side.url("/wxsidecar/platform/saas/callback");
+    // Well-formed, but signed with the wrong token.
+    let forged = "<xml><AppId>x</AppId><Encrypt><![CDATA[AAAA]]></Encrypt></xml>";
+    let r = client()
+        .post(format!("{url}?timestamp=1&nonce=2&encrypt_type=aes&msg_signature=0000000000000000000000000000000000000000"))
+        .body(forged)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let r = client()
+        .post(side.url("/wxsidecar/platform/nope/callback?timestamp=1&nonce=2&msg_signature=x"))
+        .body(forged)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400, "unknown platform");
+    // No ticket was taken: the component token cannot have been fetched.
+    assert_eq!(platform_stats(&fake).await["component_token_fetches"], 0);
+}
+
+#[tokio::test]
+async fn a_restart_with_the_memory_store_keeps_refresh_tokens() {
+    let fake = fake();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("saas.json");
+    let config = platform_config(&format!("    state_file: {}\n", state.display()));
+    let side = Sidecar::start(&fake, &config).await;
+    let cb = |s: &Sidecar| {
+        format!(
+            "/__fake/platform-callback?url={}",
+            s.url("/wxsidecar/platform/saas/callback")
+        )
+    };
+    assert_eq!(fake.platform_admin(&cb(&side)).await["delivered"], true);
+    let v = fake
+        .platform_admin(&format!("/__fake/authorize?authorizer={AUTHORIZER}"))
+        .await;
+    assert_eq!(v["delivered"], true, "{v}");
+    assert_eq!(send_for(&side, AUTHORIZER).await.1["errcode"], 0);
+    drop(side);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&state).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let text = std::fs::read_to_string(&state).unwrap();
+    assert!(text.contains(AUTHORIZER));
+
+    // A new process: the authoriser is an account at once, its token comes
+    // from the refresh token kept (no new authorisation), the component
+    // token from the ticket kept.
+    let side = Sidecar::start(&fake, &config).await;
+    let (code, v) = send_for(&side, AUTHORIZER).await;
+    assert_eq!((code, v["errcode"].as_i64()), (200, Some(0)), "{v}");
+    let stats = platform_stats(&fake).await;
+    assert_eq!(stats["query_auth_calls"], 1, "no re-authorisation: {stats}");
+}
+
+#[tokio::test]
+async fn a_stale_refresh_token_is_recovered_through_the_authoriser_list() {
+    let fake = fake();
+    // The authoriser exists at WeChat; the sidecar's seed holds an old token.
+    let v = fake
+        .platform_admin(&format!("/__fake/authorize?authorizer={AUTHORIZER}"))
+        .await;
+    assert_eq!(v["delivered"], false, "no callback yet: {v}");
+    let config = platform_config(&format!(
+        "    authorizers:\n      - {{appid: {AUTHORIZER}, refresh_token: refreshtoken@@@stale}}\n"
+    ));
+    let side = Sidecar::start(&fake, &config).await;
+    let cb = format!(
+        "/__fake/platform-callback?url={}",
+        side.url("/wxsidecar/platform/saas/callback")
+    );
+    assert_eq!(fake.platform_admin(&cb).await["delivered"], true);
+    // The seeded account fetches with the stale token: 61023, recovered.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (code, v) = send_for(&side, AUTHORIZER).await;
+        if v["errcode"] == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never recovered: {code} {v}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let stats = platform_stats(&fake).await;
+    assert_eq!(stats["authorizer_list_calls"], 1, "{stats}");
+    assert_eq!(stats["query_auth_calls"], 0, "no re-authorisation: {stats}");
+    assert!(side
+        .log()
+        .contains("recovering it through api_get_authorizer_list"));
+    side.assert_log_clean(&["refreshtoken@@@"]);
+}
+
+#[tokio::test]
+async fn an_operator_resync_makes_every_listed_authoriser_an_account() {
+    let fake = fake();
+    let side = Sidecar::start(&fake, &platform_config("")).await;
+    let cb = format!(
+        "/__fake/platform-callback?url={}",
+        side.url("/wxsidecar/platform/saas/callback")
+    );
+    assert_eq!(fake.platform_admin(&cb).await["delivered"], true);
+    // Two authorisations the sidecar never heard of (events lost).
+    fake.platform_admin(&format!(
+        "/__fake/platform-callback?url=http://127.0.0.1:{}/x",
+        free_port()
+    ))
+    .await;
+    for a in ["wxauthorizer0001", "wxauthorizer0002"] {
+        let v = fake
+            .platform_admin(&format!("/__fake/authorize?authorizer={a}"))
+            .await;
+        assert_eq!(v["delivered"], false, "{v}");
+    }
+    assert_eq!(
+        send_for(&side, "wxauthorizer0002").await.0,
+        400,
+        "unknown yet"
+    );
+    let r = client()
+        .post(side.admin("/platform/resync?name=saas"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["authorizers"].as_array().unwrap().len(), 2, "{v}");
+    for a in ["wxauthorizer0001", "wxauthorizer0002"] {
+        let (code, v) = send_for(&side, a).await;
+        assert_eq!((code, v["errcode"].as_i64()), (200, Some(0)), "{a}: {v}");
+    }
+    // Spaced: a second resync at once is refused.
+    let r = client()
+        .post(side.admin("/platform/resync?name=saas"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+}
