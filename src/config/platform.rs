@@ -219,6 +219,12 @@ pub(super) fn parse(raw: Vec<raw::Platform>, problems: &mut Vec<String>) -> Vec<
                 }
                 ok
             });
+        if p.idle_after.is_some() {
+            problems.push(format!(
+                "{}: dropping idle authorisers' tokens is not supported yet; remove the key (every authoriser's token is kept fresh)",
+                at("idle_after")
+            ));
+        }
         let idle_after = duration_field(
             &at("idle_after"),
             p.idle_after.as_ref(),
