@@ -103,7 +103,7 @@ pub fn prepare(config: Config, mode: RunMode) -> Result<Prepared, String> {
     let platforms = config
         .platforms
         .iter()
-        .map(|p| crate::platform::Platform::new(p).map(Arc::new))
+        .map(|p| crate::platform::Platform::new(p, store.clone()).map(Arc::new))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Prepared {
         app: App::new(config, up, wecom, store, intercept, platforms),

@@ -458,6 +458,67 @@ impl RedisStore {
     pub fn key(&self, rest: &str) -> String {
         format!("{}:{rest}", self.prefix)
     }
+
+    /// Sets a hash field, never expiring (a platform's refresh tokens).
+    pub async fn hset(&self, key: &str, field: &str, value: &str) -> Result<(), StoreError> {
+        self.run(|mut c| async move {
+            redis::cmd("HSET")
+                .arg(key)
+                .arg(field)
+                .arg(value)
+                .query_async::<i64>(&mut c)
+                .await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn hget(&self, key: &str, field: &str) -> Result<Option<String>, StoreError> {
+        self.run(|mut c| async move {
+            redis::cmd("HGET")
+                .arg(key)
+                .arg(field)
+                .query_async::<Option<String>>(&mut c)
+                .await
+        })
+        .await
+    }
+
+    pub async fn hdel(&self, key: &str, field: &str) -> Result<(), StoreError> {
+        self.run(|mut c| async move {
+            redis::cmd("HDEL")
+                .arg(key)
+                .arg(field)
+                .query_async::<i64>(&mut c)
+                .await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Sets a string key expiring after `ttl` (a platform's ticket).
+    pub async fn set_for(&self, key: &str, value: &str, ttl: Duration) -> Result<(), StoreError> {
+        self.run(|mut c| async move {
+            redis::cmd("SET")
+                .arg(key)
+                .arg(value)
+                .arg("EX")
+                .arg(ttl.as_secs().max(1))
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.run(|mut c| async move {
+            redis::cmd("GET")
+                .arg(key)
+                .query_async::<Option<String>>(&mut c)
+                .await
+        })
+        .await
+    }
 }
 
 impl super::refresher::Shared for RedisStore {

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use crate::config::platform::PlatformConfig;
+use crate::lease::store::RedisStore;
 use crate::lease::{LeaseCell, TokenIndex};
 use crate::metrics::FetchCounters;
 use crate::secret::Secret;
@@ -35,7 +36,13 @@ pub struct Platform {
     state_file: Option<PathBuf>,
     /// When the authoriser list was last asked for (recovery is spaced).
     pub last_recovery: Mutex<Option<std::time::Instant>>,
+    /// The shared store (`token.store`): refresh tokens and the ticket live
+    /// there too, so every replica has them whichever one WeChat called.
+    store: Option<Arc<RedisStore>>,
 }
+
+/// A ticket is valid 12 hours.
+const TICKET_LIFETIME: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
 
 /// What survives a restart with the memory store.
 #[derive(Default, serde::Serialize, serde::Deserialize)]
@@ -53,7 +60,7 @@ impl Platform {
     /// The platform of `c`, with what `state_file` kept (if any) and the
     /// seed authorisers of the config (a seed never replaces a newer
     /// refresh token the file holds).
-    pub fn new(c: &PlatformConfig) -> Result<Self, String> {
+    pub fn new(c: &PlatformConfig, store: Option<Arc<RedisStore>>) -> Result<Self, String> {
         let crypt = crypto::MsgCrypt::new(
             c.token.clone(),
             c.encoding_aes_key.expose(),
@@ -94,6 +101,7 @@ impl Platform {
             state: Mutex::new(state),
             state_file: c.state_file.clone(),
             last_recovery: Mutex::new(None),
+            store,
         })
     }
 
@@ -144,6 +152,92 @@ impl Platform {
         self.state.lock().refresh_tokens.keys().cloned().collect()
     }
 
+    fn refresh_key(&self, store: &RedisStore) -> String {
+        store.key(&format!("platform:{}:refresh_tokens", self.component_appid))
+    }
+
+    fn ticket_key(&self, store: &RedisStore) -> String {
+        store.key(&format!("platform:{}:ticket", self.component_appid))
+    }
+
+    /// Keeps a refresh token durably before anything uses it: memory, the
+    /// shared store (never expiring) and the state file.
+    pub async fn keep_refresh_token(&self, authorizer: &str, token: &str) -> Result<(), String> {
+        self.share_refresh_token(authorizer, token).await?;
+        self.persist().await
+    }
+
+    /// [`Self::keep_refresh_token`] without the state file (write it once
+    /// after a batch).
+    pub async fn share_refresh_token(&self, authorizer: &str, token: &str) -> Result<(), String> {
+        self.set_refresh_token(authorizer, token);
+        if let Some(store) = &self.store {
+            store
+                .hset(&self.refresh_key(store), authorizer, token)
+                .await
+                .map_err(|e| format!("refresh token of {authorizer} not stored: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Forgets an authoriser everywhere it is kept.
+    pub async fn forget(&self, authorizer: &str) {
+        self.remove(authorizer);
+        if let Some(store) = &self.store {
+            if let Err(e) = store.hdel(&self.refresh_key(store), authorizer).await {
+                tracing::error!(platform = %self.name, error = %e, "revoked authoriser not removed from the store");
+            }
+        }
+        if let Err(e) = self.persist().await {
+            tracing::error!(platform = %self.name, error = %e, "state_file not written");
+        }
+    }
+
+    /// The refresh token of `authorizer`: ours, else the shared store's
+    /// (another replica took the authorisation).
+    pub async fn find_refresh_token(&self, authorizer: &str) -> Option<Secret> {
+        if let Some(t) = self.refresh_token(authorizer) {
+            return Some(t);
+        }
+        let store = self.store.as_ref()?;
+        let t = store
+            .hget(&self.refresh_key(store), authorizer)
+            .await
+            .ok()??;
+        self.set_refresh_token(authorizer, &t);
+        Some(Secret::new(t))
+    }
+
+    /// Keeps a pushed ticket (memory, store, state file); `true` when new.
+    pub async fn keep_ticket(&self, ticket: &str) -> bool {
+        if !self.set_ticket(ticket) {
+            return false;
+        }
+        if let Some(store) = &self.store {
+            if let Err(e) = store
+                .set_for(&self.ticket_key(store), ticket, TICKET_LIFETIME)
+                .await
+            {
+                tracing::error!(platform = %self.name, error = %e, "ticket not written to the store");
+            }
+        }
+        if let Err(e) = self.persist().await {
+            tracing::error!(platform = %self.name, error = %e, "ticket not written to state_file");
+        }
+        true
+    }
+
+    /// The latest ticket: ours, else the shared store's.
+    pub async fn find_ticket(&self) -> Option<String> {
+        if let Some(t) = self.ticket() {
+            return Some(t);
+        }
+        let store = self.store.as_ref()?;
+        let t = store.get(&self.ticket_key(store)).await.ok()??;
+        self.set_ticket(&t);
+        Some(t)
+    }
+
     /// Writes the state file (if configured): a temporary file beside it,
     /// mode 0600, then renamed over it, so a crash leaves the old or the
     /// new one whole. Off the runtime: it is a blocking write.
@@ -189,7 +283,7 @@ mod tests {
             file.display()
         );
         let c = crate::config::Config::parse(&yaml).unwrap();
-        let p = Platform::new(&c.platforms[0]).unwrap();
+        let p = Platform::new(&c.platforms[0], None).unwrap();
         assert_eq!(p.refresh_token("wxa1").unwrap().expose(), "seed-1");
         assert!(p.set_refresh_token("wxa1", "rotated-1"));
         assert!(p.set_refresh_token("wxa2", "rt-2"));
@@ -199,7 +293,7 @@ mod tests {
         let mode = std::fs::metadata(&file).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
 
-        let again = Platform::new(&c.platforms[0]).unwrap();
+        let again = Platform::new(&c.platforms[0], None).unwrap();
         assert_eq!(
             again.refresh_token("wxa1").unwrap().expose(),
             "rotated-1",

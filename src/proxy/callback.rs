@@ -90,10 +90,7 @@ impl Proxy {
                         "component_verify_ticket event without ComponentVerifyTicket".into(),
                     )));
                 };
-                if platform.set_ticket(ticket) {
-                    if let Err(e) = platform.persist().await {
-                        tracing::error!(platform = %platform.name, error = %e, "ticket not written to state_file");
-                    }
+                if platform.keep_ticket(ticket).await {
                     tracing::debug!(platform = %platform.name, "component_verify_ticket received");
                     if platform.component.valid().is_none() {
                         platform.component.request_fetch();

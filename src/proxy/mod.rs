@@ -505,6 +505,14 @@ impl Proxy {
                 reason: "X-Wx-Account is not ASCII".into(),
             })?),
         };
+        // An authoriser another replica (or a lost event) knows of: made an
+        // account on first use, from the refresh token the store keeps.
+        if let Some(h) = named.filter(|_| !self.app.platforms.is_empty()) {
+            let h = h.trim();
+            if self.app.accounts().pick(Some(h), None).is_err() {
+                self.adopt_authorizer(h).await;
+            }
+        }
         // The table is read, not held: the token may take a wait.
         let (account, ours) = {
             let accounts = self.app.accounts();
@@ -526,6 +534,25 @@ impl Proxy {
             plan.account = Some(account);
         }
         Ok(plan)
+    }
+
+    /// Makes `appid` an account if a platform holds its refresh token
+    /// (in memory or in the shared store).
+    async fn adopt_authorizer(&self, appid: &str) {
+        let plausible = !appid.is_empty()
+            && appid.len() <= 64
+            && appid
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !plausible {
+            return;
+        }
+        for p in &self.app.platforms {
+            if p.find_refresh_token(appid).await.is_some() {
+                crate::refresh::platform::add_authorizer(&self.app, p, appid).await;
+                return;
+            }
+        }
     }
 
     /// Reads which family an intercepted host names, and refuses proxy-style

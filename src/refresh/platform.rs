@@ -100,7 +100,7 @@ impl Source for ComponentSource {
 
     async fn fetch(&mut self, _rejected: Option<&str>) -> Result<Fetched, FetchError> {
         let p = &self.platform;
-        let ticket = p.ticket().ok_or_else(|| {
+        let ticket = p.find_ticket().await.ok_or_else(|| {
             FetchError::NoToken(format!(
                 "no component_verify_ticket yet for platform {}: WeChat pushes one every 10 minutes to POST /wxsidecar/platform/{}/callback",
                 p.name, p.name
@@ -208,7 +208,7 @@ pub async fn recover(p: &Platform, families: &Families) -> Result<Vec<String>, S
             if let (Some(id), Some(rt)) =
                 (a["authorizer_appid"].as_str(), a["refresh_token"].as_str())
             {
-                p.set_refresh_token(id, rt);
+                p.share_refresh_token(id, rt).await?;
                 listed.push(id.to_string());
             }
         }
@@ -231,7 +231,7 @@ impl AuthorizerSource {
             .get(crate::config::Family::Official)
             .read_timeout();
         let component = component_token(p, wait).await?;
-        let refresh = p.refresh_token(appid).ok_or_else(|| {
+        let refresh = p.find_refresh_token(appid).await.ok_or_else(|| {
             FetchError::NoToken(format!(
                 "no authorizer_refresh_token for {appid} on platform {}",
                 p.name
@@ -261,10 +261,10 @@ impl AuthorizerSource {
         };
         let fetched = token_in(&v, "authorizer_access_token")?;
         if let Some(rotated) = v.get("authorizer_refresh_token").and_then(Value::as_str) {
-            if p.set_refresh_token(appid, rotated) {
+            if p.refresh_token(appid).is_none_or(|t| t.expose() != rotated) {
                 // Durable before the new token is used.
-                if let Err(e) = p.persist().await {
-                    tracing::error!(account = %appid, error = %e, "rotated refresh token not written to state_file");
+                if let Err(e) = p.keep_refresh_token(appid, rotated).await {
+                    tracing::error!(account = %appid, error = %e, "rotated refresh token not kept");
                 }
             }
         }
@@ -278,7 +278,7 @@ async fn component_token(
     wait: Duration,
 ) -> Result<Arc<crate::lease::Lease>, FetchError> {
     // Without a ticket no component token can come: fail now, not later.
-    let wait = if p.ticket().is_none() {
+    let wait = if p.find_ticket().await.is_none() {
         Duration::ZERO
     } else {
         wait
@@ -347,8 +347,7 @@ pub async fn authorize(app: &Arc<App>, p: &Arc<Platform>, code: &str) -> Result<
         .as_str()
         .filter(|t| !t.is_empty())
         .ok_or("api_query_auth: authorizer_refresh_token missing")?;
-    p.set_refresh_token(&appid, refresh);
-    p.persist().await?;
+    p.keep_refresh_token(&appid, refresh).await?;
     add_authorizer(app, p, &appid).await;
     Ok(appid)
 }
@@ -373,10 +372,7 @@ pub async fn add_authorizer(app: &Arc<App>, p: &Arc<Platform>, appid: &str) {
 
 /// Removes an authoriser that revoked its authorisation.
 pub async fn remove_authorizer(app: &Arc<App>, p: &Arc<Platform>, appid: &str) {
-    p.remove(appid);
-    if let Err(e) = p.persist().await {
-        tracing::error!(platform = %p.name, error = %e, "state_file not written");
-    }
+    p.forget(appid).await;
     let _editing = app.accounts_edit.lock().await;
     let current = app.accounts_full();
     let edited = current.edited(Vec::new(), |a| {

@@ -250,3 +250,45 @@ async fn an_operator_resync_makes_every_listed_authoriser_an_account() {
         .unwrap();
     assert_eq!(r.status(), 429);
 }
+
+#[tokio::test]
+async fn three_replicas_on_redis_share_the_component_and_authoriser_tokens() {
+    let fake = fake();
+    let redis = Redis::start().await;
+    let config = format!("{}token:\n  store: {}\n", platform_config(""), redis.url());
+    let a = Sidecar::start(&fake, &config).await;
+    let b = Sidecar::start(&fake, &config).await;
+    let c = Sidecar::start(&fake, &config).await;
+    // WeChat calls one replica only.
+    let cb = format!(
+        "/__fake/platform-callback?url={}",
+        a.url("/wxsidecar/platform/saas/callback")
+    );
+    assert_eq!(fake.platform_admin(&cb).await["delivered"], true);
+    let v = fake
+        .platform_admin(&format!("/__fake/authorize?authorizer={AUTHORIZER}"))
+        .await;
+    assert_eq!(v["delivered"], true, "{v}");
+    for side in [&a, &b, &c] {
+        let (code, v) = send_for(side, AUTHORIZER).await;
+        assert_eq!((code, v["errcode"].as_i64()), (200, Some(0)), "{v}");
+    }
+    let stats = platform_stats(&fake).await;
+    assert_eq!(
+        stats["component_token_fetches"], 1,
+        "one per lifetime: {stats}"
+    );
+    assert_eq!(
+        stats["authorizer_token_fetches"], 1,
+        "one per lifetime: {stats}"
+    );
+    // The refresh token is in Redis, for any replica to come.
+    let mut conn = redis.conn().await.unwrap();
+    let kept: Option<String> = redis::cmd("HGET")
+        .arg(format!("wxsidecar:platform:{COMPONENT}:refresh_tokens"))
+        .arg(AUTHORIZER)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(kept.is_some_and(|t| t.starts_with("refreshtoken@@@")));
+}
