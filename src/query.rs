@@ -38,6 +38,11 @@ fn percent_decode(v: &str) -> Cow<'_, str> {
 /// `query` with `access_token` set to `token`: replaced in place where the app
 /// sent one (duplicates dropped), appended otherwise.
 pub fn with_token(query: Option<&str>, token: &str) -> String {
+    with_param(query, TOKEN_PARAM, token)
+}
+
+/// [`with_token`] for any parameter (`component_access_token`).
+pub fn with_param(query: Option<&str>, name: &str, token: &str) -> String {
     let encoded: Cow<'_, str> = if token
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~'))
@@ -46,17 +51,16 @@ pub fn with_token(query: Option<&str>, token: &str) -> String {
     } else {
         Cow::Owned(url::form_urlencoded::byte_serialize(token.as_bytes()).collect())
     };
-    let mut out =
-        String::with_capacity(query.map_or(0, str::len) + TOKEN_PARAM.len() + encoded.len() + 2);
+    let mut out = String::with_capacity(query.map_or(0, str::len) + name.len() + encoded.len() + 2);
     let mut placed = false;
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let key = pair.split_once('=').map_or(pair, |(k, _)| k);
-        if key_is(key, TOKEN_PARAM) {
+        if key_is(key, name) {
             if placed {
                 continue;
             }
             placed = true;
-            push_pair(&mut out, TOKEN_PARAM, &encoded);
+            push_pair(&mut out, name, &encoded);
         } else {
             if !out.is_empty() {
                 out.push('&');
@@ -65,7 +69,7 @@ pub fn with_token(query: Option<&str>, token: &str) -> String {
         }
     }
     if !placed {
-        push_pair(&mut out, TOKEN_PARAM, &encoded);
+        push_pair(&mut out, name, &encoded);
     }
     out
 }

@@ -35,6 +35,7 @@ use crate::ticket::{self, TicketKind};
 use crate::upstream::UpstreamError;
 
 mod callback;
+mod component;
 pub mod fast;
 
 /// Credentials sent to a token endpoint are tiny.
@@ -1087,6 +1088,16 @@ impl ProxyHttp for Proxy {
             Route::PlatformCallback => {
                 ctx.route = Served::Platform;
                 self.platform_callback(session, ctx).await?
+            }
+            Route::Untouched
+                if !self.app.platforms.is_empty()
+                    && crate::target::starts_with_ignore_case(
+                        session.req_header().uri.path().as_bytes(),
+                        b"/cgi-bin/component/",
+                    ) =>
+            {
+                ctx.route = Served::Platform;
+                self.component(session, ctx).await?
             }
             Route::Untouched => {
                 ctx.route = Served::Untouched;

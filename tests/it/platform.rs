@@ -292,3 +292,103 @@ async fn three_replicas_on_redis_share_the_component_and_authoriser_tokens() {
         .unwrap();
     assert!(kept.is_some_and(|t| t.starts_with("refreshtoken@@@")));
 }
+
+#[tokio::test]
+async fn an_apps_own_component_calls_get_the_component_token_or_are_answered_locally() {
+    let fake = fake();
+    let side = Sidecar::start(&fake, &platform_config("")).await;
+    let cb = format!(
+        "/__fake/platform-callback?url={}",
+        side.url("/wxsidecar/platform/saas/callback")
+    );
+    assert_eq!(fake.platform_admin(&cb).await["delivered"], true);
+    let v = fake
+        .platform_admin(&format!("/__fake/authorize?authorizer={AUTHORIZER}"))
+        .await;
+    assert_eq!(v["delivered"], true, "{v}");
+    let before = platform_stats(&fake).await;
+    let c = client();
+    let post = |path: &str, body: Value| {
+        let (url, c) = (side.url(path), c.clone());
+        async move {
+            let r = c.post(url).body(body.to_string()).send().await.unwrap();
+            let s = r.status().as_u16();
+            (s, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    // The SDK's own token calls: answered from the cache, secret checked.
+    let (code, v) = post(
+        "/cgi-bin/component/api_component_token",
+        serde_json::json!({"component_appid": COMPONENT, "component_appsecret": COMPONENT_SECRET, "component_verify_ticket": "whatever"}),
+    )
+    .await;
+    assert_eq!(code, 200, "{v}");
+    let component = v["component_access_token"].as_str().unwrap().to_string();
+    let (_, v) = post(
+        "/cgi-bin/component/api_component_token",
+        serde_json::json!({"component_appid": COMPONENT, "component_appsecret": "guess", "component_verify_ticket": "x"}),
+    )
+    .await;
+    assert_eq!(v["errcode"], 61006, "{v}");
+    let (code, v) = post(
+        &format!("/cgi-bin/component/api_authorizer_token?component_access_token={component}"),
+        serde_json::json!({"component_appid": COMPONENT, "authorizer_appid": AUTHORIZER, "authorizer_refresh_token": "x"}),
+    )
+    .await;
+    assert_eq!(code, 200, "{v}");
+    assert!(
+        v["authorizer_access_token"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty()),
+        "{v}"
+    );
+    // Without the component token it learns nothing.
+    let (_, v) = post(
+        "/cgi-bin/component/api_authorizer_token?component_access_token=guess",
+        serde_json::json!({"component_appid": COMPONENT, "authorizer_appid": AUTHORIZER, "authorizer_refresh_token": "x"}),
+    )
+    .await;
+    assert_eq!(v["errcode"], 40001, "{v}");
+    assert!(v.get("authorizer_access_token").is_none());
+    let after = platform_stats(&fake).await;
+    assert_eq!(
+        after["component_token_fetches"],
+        before["component_token_fetches"]
+    );
+    assert_eq!(
+        after["authorizer_token_fetches"],
+        before["authorizer_token_fetches"]
+    );
+
+    // Any other component API: the component token put in.
+    let (code, v) = post(
+        "/cgi-bin/component/api_create_preauthcode",
+        serde_json::json!({"component_appid": COMPONENT}),
+    )
+    .await;
+    assert_eq!((code, v["errcode"].as_i64()), (200, Some(0)), "{v}");
+    // No parameter given: it goes in as access_token (the newer docs' name).
+    let seen = fake.last_request().await;
+    assert_eq!(seen["access_token"], component.as_str(), "{seen}");
+    let (_, v) = post(
+        &format!("/cgi-bin/component/api_create_preauthcode?component_access_token={component}"),
+        serde_json::json!({"component_appid": COMPONENT}),
+    )
+    .await;
+    assert_eq!(v["errcode"], 0, "{v}");
+    let seen = fake.last_request().await;
+    assert!(
+        seen["query"]
+            .as_str()
+            .unwrap()
+            .starts_with("component_access_token="),
+        "in the parameter the caller used: {seen}"
+    );
+    // A component token that is not ours stays.
+    let (_, v) = post(
+        "/cgi-bin/component/api_create_preauthcode?component_access_token=FOREIGN",
+        serde_json::json!({"component_appid": COMPONENT}),
+    )
+    .await;
+    assert_eq!(v["errcode"], 40001, "forwarded as sent: {v}");
+}
