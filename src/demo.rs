@@ -7,6 +7,12 @@ use std::net::SocketAddr;
 
 use crate::config::Config;
 use crate::fake::{self, FakeOptions, DEMO_APPID, DEMO_SECRET};
+
+/// The demo's third-party platform (the fake plays WeChat's side of it).
+const DEMO_COMPONENT: &str = "wxdemocomponent01";
+const DEMO_COMPONENT_SECRET: &str = "demo-component-secret";
+const DEMO_PLATFORM_TOKEN: &str = "demo-platform-token";
+const DEMO_AES_KEY: &str = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG";
 use crate::server;
 use clap::Args;
 
@@ -38,6 +44,7 @@ pub fn run(args: DemoArgs) -> i32 {
     // The fake runs on its own runtime thread; pingora owns the main thread.
     let (tx, rx) = std::sync::mpsc::channel();
     let fake_listen = args.fake_listen;
+    let sidecar_listen = args.listen;
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -49,6 +56,15 @@ pub fn run(args: DemoArgs) -> i32 {
                 listen: fake_listen,
                 // Like WeChat's gateways, offer HTTP/2 (the sidecar's default).
                 h2: true,
+                // A third-party platform whose events go to the sidecar; the
+                // ticket comes every few seconds instead of WeChat's 10 min.
+                platform: Some(format!(
+                    "{DEMO_COMPONENT}:{DEMO_COMPONENT_SECRET}:{DEMO_PLATFORM_TOKEN}:{DEMO_AES_KEY}"
+                )),
+                platform_callback: Some(format!(
+                    "http://{sidecar_listen}/wxsidecar/platform/demo/callback"
+                )),
+                ticket_push_every: Duration::from_secs(3),
                 ..FakeOptions::default()
             })
             .await;
@@ -83,6 +99,13 @@ accounts:
     appid: {DEMO_APPID}
     secret: {DEMO_SECRET}
     token_api: stable
+    default: true
+platforms:
+  - name: demo
+    component_appid: {DEMO_COMPONENT}
+    component_secret: {DEMO_COMPONENT_SECRET}
+    token: {DEMO_PLATFORM_TOKEN}
+    encoding_aes_key: {DEMO_AES_KEY}
 "#,
         listen = args.listen,
         admin = args.admin_listen,
@@ -155,7 +178,14 @@ curl -s 'http://{listen}/cgi-bin/token?grant_type=client_credential&appid={DEMO_
 # 5. A web page's wx.config, signed with the cached jsapi_ticket.
 curl -s 'http://{listen}/wxsidecar/jssdk/config?url=https%3A%2F%2Fshop.example.com%2Fpay'; echo
 
-# 6. Health and status.
+# 6. A third-party platform: three customers authorise it (the fake pushes the
+#    encrypted events to the sidecar, which exchanges them), then a send for each
+#    with no token: X-Wx-Account names the customer's appid.
+for n in 1 2 3; do curl -s -X POST --cacert {ca} "https://localhost:{fport}/__fake/authorize?authorizer=wxcustomer000000$n"; echo; done
+for n in 1 2 3; do curl -s -X POST 'http://{listen}/cgi-bin/message/template/send' \
+  -H "X-Wx-Account: wxcustomer000000$n" -d '{{"touser":"oUSER123","template_id":"TPL_ORDER"}}'; echo; done
+
+# 7. Health and status.
 curl -s http://{admin}/readyz; curl -s http://{admin}/status; echo
 
 Stop with Ctrl-C.
