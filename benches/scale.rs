@@ -6,7 +6,9 @@
 //!    (requests spread over the accounts by `X-Wx-Account`).
 //!
 //! `cargo bench --bench scale` (env: DURATION=5, CLIENTS=16, ACCOUNTS="1,100,10000",
-//! PARTS="refresh,accounts", SIDECAR_BIN=an older wxsidecar to compare).
+//! PARTS="refresh,accounts" (add `platform` for N=AUTHORIZERS authorisers of
+//! a third-party platform, 10,000 by default), SIDECAR_BIN=an older
+//! wxsidecar to compare).
 //! Loopback only (plain HTTP fake: the point is the sidecar's own cost).
 
 mod common;
@@ -51,6 +53,17 @@ fn proc_stat(pid: u32) -> (u64, u64) {
 
 /// Steady load for `secs`; returns (latency, start offset) per request.
 async fn load(port: u16, accounts: usize, clients: usize, secs: u64) -> Vec<(Duration, Duration)> {
+    load_as(port, accounts, clients, secs, |i| format!("a{i}")).await
+}
+
+/// [`load`] naming account `i` by `name(i)`.
+async fn load_as(
+    port: u16,
+    accounts: usize,
+    clients: usize,
+    secs: u64,
+    name: fn(usize) -> String,
+) -> Vec<(Duration, Duration)> {
     let out = Arc::new(Mutex::new(Vec::new()));
     let t0 = Instant::now();
     let end = t0 + Duration::from_secs(secs);
@@ -66,7 +79,7 @@ async fn load(port: u16, accounts: usize, clients: usize, secs: u64) -> Vec<(Dur
                     .post(format!(
                         "http://127.0.0.1:{port}/cgi-bin/message/template/send"
                     ))
-                    .header("X-Wx-Account", format!("a{}", i % accounts))
+                    .header("X-Wx-Account", name(i % accounts))
                     .body(BODY)
                     .send()
                     .await;
@@ -191,13 +204,115 @@ async fn main() {
     }
 
     // 2. Many accounts.
-    if !parts.contains("accounts") {
-        return;
+    if parts.contains("accounts") {
+        configured_accounts(&counts, clients, secs).await;
     }
+    // 3. A platform with many authorisers.
+    if parts.contains("platform") {
+        let n: usize = env_or("AUTHORIZERS", 10_000);
+        platform(n, clients, secs).await;
+    }
+}
+
+fn authorizer(i: usize) -> String {
+    format!("wxcustomer{i:07}")
+}
+
+/// A third-party platform whose `n` authorisers the sidecar learns at once
+/// (`POST /platform/resync`, as after lost refresh tokens): how long until
+/// every token is in, what they hold, and a request's cost spread over
+/// them.
+async fn platform(n: usize, clients: usize, secs: u64) {
+    const KEY: &str = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG";
+    let dir = tempfile::tempdir().unwrap();
+    let spec = format!("wxbenchcomponent:cs:ptok:{KEY}");
+    let (_fake, fport, _) = fake(dir.path(), &["--plain", "--platform", &spec]);
+    let admin_fake = |path: String| async move {
+        http()
+            .post(format!("http://127.0.0.1:{fport}{path}"))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+    };
+    // The authorisers exist at WeChat before the sidecar hears of them.
+    for i in 0..n {
+        admin_fake(format!("/__fake/authorize?authorizer={}", authorizer(i))).await;
+    }
+    let body = format!(
+        "upstream:\n  url: http://127.0.0.1:{fport}\n  read_timeout: 60s\nplatforms:\n  - {{name: bench, component_appid: wxbenchcomponent, component_secret: cs, token: ptok, encoding_aes_key: {KEY}}}\n"
+    );
+    let (side, port, admin) = sidecar(dir.path(), "platform", &body).await;
+    let pid = side.0.id();
+    admin_fake(format!(
+        "/__fake/platform-callback?url=http://127.0.0.1:{port}/wxsidecar/platform/bench/callback"
+    ))
+    .await;
+    // Wait for the component token (the ticket was just pushed).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(SETTLE_SECS)).await;
+    let (_, rss_before) = proc_stat(pid);
+    let started = Instant::now();
+    let r = http()
+        .post(format!(
+            "http://127.0.0.1:{admin}/platform/resync?name=bench"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        r.status().is_success(),
+        "resync: {}",
+        r.text().await.unwrap()
+    );
+    // Every authoriser's token in: /readyz does not wait for them, so ask
+    // the fake how many it handed out.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let v = json(&http(), format!("http://127.0.0.1:{fport}/__fake/stats")).await;
+        if v["platform"]["authorizer_token_fetches"]
+            .as_u64()
+            .unwrap_or(0)
+            >= n as u64
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "tokens never all came: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let all_in = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(SETTLE_SECS)).await;
+    let (t_before, rss_settled) = proc_stat(pid);
+    let mut lat: Vec<Duration> = load_as(port, n, clients, secs, authorizer)
+        .await
+        .into_iter()
+        .map(|x| x.0)
+        .collect();
+    let (t_after, rss_after) = proc_stat(pid);
+    let cpu_us = (t_after - t_before) as f64 / 100.0 * 1e6 / lat.len().max(1) as f64;
+    println!("\n**A platform's authorisers** ({clients} clients, {secs} s, requests spread over every authoriser by X-Wx-Account)\n");
+    println!("| authorisers | all tokens in after resync s | RSS before MiB | RSS settled MiB | per authoriser KiB | req/s | p99 ms | CPU µs / request | RSS after load MiB |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| {n} | {:.2} | {:.1} | {:.1} | {:.2} | {:.0} | {:.2} | {:.0} | {:.1} |",
+        all_in.as_secs_f64(),
+        rss_before as f64 / 1024.0,
+        rss_settled as f64 / 1024.0,
+        (rss_settled as f64 - rss_before as f64) / n as f64,
+        lat.len() as f64 / secs as f64,
+        pct(&mut lat, 0.99),
+        cpu_us,
+        rss_after as f64 / 1024.0,
+    );
+}
+
+async fn configured_accounts(counts: &[usize], clients: usize, secs: u64) {
     println!("**Configured accounts** ({clients} clients, {secs} s, requests spread over every account by X-Wx-Account)\n");
     println!("| accounts | req/s | p99 ms | CPU µs / request | RSS at ready MiB | RSS settled MiB | RSS after load MiB | start-up s |");
     println!("|---|---|---|---|---|---|---|---|");
-    for n in counts {
+    for &n in counts {
         let dir = tempfile::tempdir().unwrap();
         let apps: String = (0..n).map(|i| format!("wxs{i:013}:s{i}\n")).collect();
         std::fs::write(dir.path().join("apps"), apps).unwrap();

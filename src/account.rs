@@ -335,8 +335,9 @@ impl Accounts {
         }
     }
 
-    /// The table with `add` appended and the accounts `remove` picks left
-    /// out (a platform's authorisations come and go); the default stays.
+    /// The table with `add` (accounts it does not hold) appended and the
+    /// accounts `remove` picks left out (a platform's authorisations come
+    /// and go); the default stays.
     pub fn edited(&self, add: Vec<AccountConfig>, remove: impl Fn(&Account) -> bool) -> Reloaded {
         let mut next_key = self.next_key;
         let (mut list, mut removed) = (Vec::with_capacity(self.list.len() + add.len()), Vec::new());
@@ -347,11 +348,10 @@ impl Accounts {
                 list.push(a.clone());
             }
         }
+        // The caller passes accounts the table does not hold (checking here
+        // would cost a scan per account added: 10,000 at a resync).
         let mut added = Vec::with_capacity(add.len());
         for c in add {
-            if list.iter().any(|a| a.is(&c)) {
-                continue;
-            }
             let a = Arc::new(Account::new(c, self.issued.clone(), next_key));
             next_key += 1;
             added.push(a.clone());

@@ -269,9 +269,7 @@ impl Admin {
         };
         match crate::refresh::platform::recover(&p, &self.app.upstreams).await {
             Ok(listed) => {
-                for appid in &listed {
-                    crate::refresh::platform::add_authorizer(&self.app, &p, appid).await;
-                }
+                crate::refresh::platform::add_authorizers(&self.app, &p, &listed).await;
                 tracing::info!(platform = %p.name, authorizers = listed.len(), "authoriser list resynced on the admin listener");
                 let body = serde_json::json!({
                     "errcode": 0,

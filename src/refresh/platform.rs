@@ -354,19 +354,37 @@ pub async fn authorize(app: &Arc<App>, p: &Arc<Platform>, code: &str) -> Result<
 
 /// Makes `appid` (with a refresh token on `p`) an account, if it is not.
 pub async fn add_authorizer(app: &Arc<App>, p: &Arc<Platform>, appid: &str) {
+    add_authorizers(app, p, &[appid.to_string()]).await
+}
+
+/// [`add_authorizer`] for many at once: one new table, not one each.
+pub async fn add_authorizers(app: &Arc<App>, p: &Arc<Platform>, appids: &[String]) {
     let _editing = app.accounts_edit.lock().await;
     let current = app.accounts_full();
-    if current
+    let known: std::collections::HashSet<&str> = current
         .iter()
-        .any(|a| a.id == appid && a.platform.is_some())
-    {
+        .filter(|a| a.platform.is_some())
+        .map(|a| a.id.as_str())
+        .collect();
+    let add: Vec<AccountConfig> = appids
+        .iter()
+        .filter(|a| !known.contains(a.as_str()))
+        .map(|a| AccountConfig::authorizer(&p.name, a))
+        .collect();
+    if add.is_empty() {
         return;
     }
-    let edited = current.edited(vec![AccountConfig::authorizer(&p.name, appid)], |_| false);
+    let edited = current.edited(add, |_| false);
     app.publish_accounts(edited.accounts);
+    let one_by_one = edited.added.len() <= 10;
     for a in &edited.added {
         super::start(app, a, super::Subject::Token);
-        tracing::info!(platform = %p.name, account = %a.id, "account authorised the platform; its token is kept from now on");
+        if one_by_one {
+            tracing::info!(platform = %p.name, account = %a.id, "account authorised the platform; its token is kept from now on");
+        }
+    }
+    if !one_by_one {
+        tracing::info!(platform = %p.name, accounts = edited.added.len(), "authorised accounts added; their tokens are kept from now on");
     }
 }
 
