@@ -32,6 +32,9 @@ pub struct Account {
     /// The platform it authorised (`platforms[].name`), for an authorised
     /// account: its token comes from the platform's component token.
     pub platform: Option<Box<str>>,
+    /// An authorised account's last request, in seconds since the epoch
+    /// (0 for configured accounts, which are never dropped).
+    last_used: std::sync::atomic::AtomicU32,
     /// The number its tokens are indexed under: its position when the
     /// sidecar started, a new one for an account a reload added.
     key: u32,
@@ -76,8 +79,18 @@ impl Account {
     /// Counts a call to `path` (an API path) about to go to WeChat in the
     /// ledger, or refuses it when the path's local daily cap is reached.
     pub fn admit_call(&self, path: &str) -> Result<(), crate::quota::ledger::OverLimit> {
+        if self.platform.is_some() {
+            self.last_used
+                .store(unix_secs(), std::sync::atomic::Ordering::Relaxed);
+        }
         let path = crate::target::route_key(path);
         self.ledger.admit(path, self.limit_for(path))
+    }
+
+    /// Seconds since an authorised account's last request (since it was
+    /// made an account, before the first).
+    pub fn idle_secs(&self) -> u32 {
+        unix_secs().saturating_sub(self.last_used.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// The local daily cap of `path` (a route key), if one is set.
@@ -168,6 +181,12 @@ impl Account {
     }
 }
 
+fn unix_secs() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as u32)
+}
+
 /// Daily caps by path (`accounts[].limits`).
 type PathLimits = Box<[(Box<str>, u64)]>;
 
@@ -192,6 +211,11 @@ impl Account {
             secret: parking_lot::RwLock::new(c.secret),
             token_api: c.token_api,
             always_replace: (c.replace_tokens == ReplaceTokens::Always).into(),
+            last_used: std::sync::atomic::AtomicU32::new(if c.platform.is_some() {
+                unix_secs()
+            } else {
+                0
+            }),
             platform: c.platform.map(Into::into),
             key,
             tokens: Arc::new(LeaseCell::new(

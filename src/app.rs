@@ -66,17 +66,8 @@ impl App {
         intercept: Option<crate::intercept::Intercept>,
         platforms: Vec<Arc<crate::platform::Platform>>,
     ) -> Arc<Self> {
-        // Authorised accounts known at start (seeds, the state file) are
-        // accounts from the first request on.
-        for p in &platforms {
-            for appid in p.authorizers() {
-                if !config.accounts.iter().any(|a| a.appid == appid) {
-                    config
-                        .accounts
-                        .push(crate::config::AccountConfig::authorizer(&p.name, &appid));
-                }
-            }
-        }
+        // Authorised accounts known at start (seeds, the state file, the
+        // store) become accounts on their first request, not before.
         Arc::new(App {
             platforms,
             accounts_edit: tokio::sync::Mutex::new(()),

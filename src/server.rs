@@ -409,6 +409,12 @@ impl<S> Gated<S> {
             app.tasks.spawn("lease scheduler", drive);
         }
         crate::refresh::platform::start_platforms(app);
+        if !app.platforms.is_empty() {
+            app.tasks.spawn(
+                "idle authorisers",
+                crate::refresh::platform::sweep_idle(app.clone()),
+            );
+        }
         for account in app.accounts().iter() {
             refresher::start(app, account, Subject::Token);
         }

@@ -29,6 +29,8 @@ pub struct PlatformConfig {
     pub forward_events: Option<String>,
     /// Where refresh tokens are kept with the memory store.
     pub state_file: Option<PathBuf>,
+    /// An authoriser unused this long is dropped from memory (its refresh
+    /// token kept) and made an account again on its next request.
     #[serde(serialize_with = "super::print::duration")]
     pub idle_after: Duration,
 }
@@ -219,12 +221,6 @@ pub(super) fn parse(raw: Vec<raw::Platform>, problems: &mut Vec<String>) -> Vec<
                 }
                 ok
             });
-        if p.idle_after.is_some() {
-            problems.push(format!(
-                "{}: dropping idle authorisers' tokens is not supported yet; remove the key (every authoriser's token is kept fresh)",
-                at("idle_after")
-            ));
-        }
         let idle_after = duration_field(
             &at("idle_after"),
             p.idle_after.as_ref(),

@@ -34,6 +34,8 @@ pub struct Platform {
     pub component: Arc<LeaseCell>,
     state: Mutex<State>,
     state_file: Option<PathBuf>,
+    /// Unused this long, an authoriser leaves memory (`idle_after`).
+    pub idle_after: std::time::Duration,
     /// When the authoriser list was last asked for (recovery is spaced).
     pub last_recovery: Mutex<Option<std::time::Instant>>,
     /// The shared store (`token.store`): refresh tokens and the ticket live
@@ -101,6 +103,7 @@ impl Platform {
             state: Mutex::new(state),
             state_file: c.state_file.clone(),
             last_recovery: Mutex::new(None),
+            idle_after: c.idle_after,
             store,
         })
     }

@@ -403,3 +403,37 @@ pub async fn remove_authorizer(app: &Arc<App>, p: &Arc<Platform>, appid: &str) {
         tracing::info!(platform = %p.name, account = %a.id, "account revoked its authorisation; removed");
     }
 }
+
+/// Drops authorised accounts unused for their platform's `idle_after`:
+/// their refresher stops and they leave the table; the refresh token stays,
+/// and the next request makes the account again. Runs for the app's life.
+pub async fn sweep_idle(app: Arc<App>) {
+    let Some(shortest) = app.platforms.iter().map(|p| p.idle_after).min() else {
+        return;
+    };
+    let every = (shortest / 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    loop {
+        tokio::time::sleep(every).await;
+        let idle = |a: &Account| {
+            a.platform.as_deref().is_some_and(|name| {
+                app.platform(name)
+                    .is_some_and(|p| u64::from(a.idle_secs()) >= p.idle_after.as_secs())
+            })
+        };
+        if !app.accounts_full().iter().any(|a| idle(a)) {
+            continue;
+        }
+        let _editing = app.accounts_edit.lock().await;
+        let current = app.accounts_full();
+        let edited = current.edited(Vec::new(), |a| idle(a));
+        app.publish_accounts(edited.accounts);
+        for a in &edited.removed {
+            a.retire();
+            current.forget(a);
+        }
+        tracing::info!(
+            accounts = edited.removed.len(),
+            "idle authorised accounts dropped from memory; their refresh tokens stay"
+        );
+    }
+}

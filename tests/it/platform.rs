@@ -392,3 +392,34 @@ async fn an_apps_own_component_calls_get_the_component_token_or_are_answered_loc
     .await;
     assert_eq!(v["errcode"], 40001, "forwarded as sent: {v}");
 }
+
+#[tokio::test]
+async fn an_idle_authoriser_leaves_memory_and_comes_back_on_its_next_request() {
+    let fake = fake();
+    let side = Sidecar::start(&fake, &platform_config("    idle_after: 2s\n")).await;
+    let cb = format!(
+        "/__fake/platform-callback?url={}",
+        side.url("/wxsidecar/platform/saas/callback")
+    );
+    assert_eq!(fake.platform_admin(&cb).await["delivered"], true);
+    let v = fake
+        .platform_admin(&format!("/__fake/authorize?authorizer={AUTHORIZER}"))
+        .await;
+    assert_eq!(v["delivered"], true, "{v}");
+    assert_eq!(send_for(&side, AUTHORIZER).await.1["errcode"], 0);
+    let listed = |st: &wxsidecar::status::Status| st.accounts.iter().any(|a| a.appid == AUTHORIZER);
+    assert!(listed(&side.typed_status().await));
+    // Unused past idle_after: dropped (the refresh token stays).
+    let deadline = std::time::Instant::now() + WAIT;
+    while listed(&side.typed_status().await) {
+        assert!(std::time::Instant::now() < deadline, "never dropped");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let st = side.typed_status().await;
+    assert_eq!(st.platforms[0].authorizers, 1, "its refresh token is kept");
+    assert!(side.log().contains("idle authorised accounts dropped"));
+    // Its next request brings it back, with no new authorisation.
+    let (code, v) = send_for(&side, AUTHORIZER).await;
+    assert_eq!((code, v["errcode"].as_i64()), (200, Some(0)), "{v}");
+    assert_eq!(platform_stats(&fake).await["query_auth_calls"], 1);
+}
