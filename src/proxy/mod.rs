@@ -537,8 +537,8 @@ impl Proxy {
         Ok(plan)
     }
 
-    /// Makes `appid` an account if a platform holds its refresh token
-    /// (in memory or in the shared store).
+    /// Makes `appid` an account if a platform holds its refresh token (in
+    /// memory or in the shared store), or WeChat's authoriser list has it.
     async fn adopt_authorizer(&self, appid: &str) {
         let plausible = !appid.is_empty()
             && appid.len() <= 64
@@ -552,6 +552,21 @@ impl Proxy {
             if p.find_refresh_token(appid).await.is_some() {
                 crate::refresh::platform::add_authorizer(&self.app, p, appid).await;
                 return;
+            }
+        }
+        // Nobody holds its refresh token (a flushed store, a lost event):
+        // WeChat's authoriser list may, read at most once a minute per
+        // platform, so unknown names cannot make it a load.
+        for p in &self.app.platforms {
+            match crate::refresh::platform::recover(p, &self.app.upstreams).await {
+                Ok(listed) if listed.iter().any(|a| a == appid) => {
+                    crate::refresh::platform::add_authorizer(&self.app, p, appid).await;
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(platform = %p.name, account = appid, error = %e, "authoriser list not read")
+                }
             }
         }
     }

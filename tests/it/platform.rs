@@ -225,11 +225,12 @@ async fn an_operator_resync_makes_every_listed_authoriser_an_account() {
             .await;
         assert_eq!(v["delivered"], false, "{v}");
     }
-    assert_eq!(
-        send_for(&side, "wxauthorizer0002").await.0,
-        400,
-        "unknown yet"
-    );
+    // Nothing named them yet: not accounts.
+    let st = side.typed_status().await;
+    assert!(st
+        .accounts
+        .iter()
+        .all(|a| !a.appid.starts_with("wxauthorizer")));
     let r = client()
         .post(side.admin("/platform/resync?name=saas"))
         .send()
@@ -306,6 +307,8 @@ async fn an_apps_own_component_calls_get_the_component_token_or_are_answered_loc
         .platform_admin(&format!("/__fake/authorize?authorizer={AUTHORIZER}"))
         .await;
     assert_eq!(v["delivered"], true, "{v}");
+    // The authoriser's first token is in (its fetch runs after the event).
+    assert_eq!(send_for(&side, AUTHORIZER).await.1["errcode"], 0);
     let before = platform_stats(&fake).await;
     let c = client();
     let post = |path: &str, body: Value| {
@@ -422,4 +425,54 @@ async fn an_idle_authoriser_leaves_memory_and_comes_back_on_its_next_request() {
     let (code, v) = send_for(&side, AUTHORIZER).await;
     assert_eq!((code, v["errcode"].as_i64()), (200, Some(0)), "{v}");
     assert_eq!(platform_stats(&fake).await["query_auth_calls"], 1);
+}
+
+#[tokio::test]
+async fn a_flushed_store_is_recovered_through_the_authoriser_list_without_reauthorising() {
+    let fake = fake();
+    let redis = Redis::start().await;
+    let config = format!("{}token:\n  store: {}\n", platform_config(""), redis.url());
+    let a = Sidecar::start(&fake, &config).await;
+    let cb = |s: &Sidecar| {
+        format!(
+            "/__fake/platform-callback?url={}",
+            s.url("/wxsidecar/platform/saas/callback")
+        )
+    };
+    assert_eq!(fake.platform_admin(&cb(&a)).await["delivered"], true);
+    let v = fake
+        .platform_admin(&format!("/__fake/authorize?authorizer={AUTHORIZER}"))
+        .await;
+    assert_eq!(v["delivered"], true, "{v}");
+    assert_eq!(send_for(&a, AUTHORIZER).await.1["errcode"], 0);
+    // Redis loses everything; a new replica starts and gets the next ticket.
+    let mut conn = redis.conn().await.unwrap();
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+    let b = Sidecar::start(&fake, &config).await;
+    assert_eq!(fake.platform_admin(&cb(&b)).await["delivered"], true);
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (code, v) = send_for(&b, AUTHORIZER).await;
+        if v["errcode"] == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never recovered: {code} {v}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    let stats = platform_stats(&fake).await;
+    assert_eq!(stats["query_auth_calls"], 1, "no re-authorisation: {stats}");
+    assert!(
+        stats["authorizer_list_calls"].as_u64().unwrap() >= 1,
+        "{stats}"
+    );
+    let kept: Option<String> = redis::cmd("HGET")
+        .arg(format!("wxsidecar:platform:{COMPONENT}:refresh_tokens"))
+        .arg(AUTHORIZER)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(kept.is_some(), "back in the store");
 }
