@@ -194,6 +194,26 @@ impl Upstreams {
         })
     }
 
+    /// [`Self::round_trip`] of a JSON `POST` to `path_and_query` (WeChat's
+    /// component, quota and rid APIs).
+    pub async fn post_json(
+        &self,
+        path_and_query: &str,
+        body: &[u8],
+        limit: usize,
+    ) -> Result<(u16, Result<bytes::Bytes, ()>), UpstreamError> {
+        let mut req =
+            RequestHeader::build("POST", path_and_query.as_bytes(), Some(2)).map_err(|e| {
+                UpstreamError::Exchange {
+                    addr: "the upstream".into(),
+                    reason: format!("cannot build the request: {e}"),
+                }
+            })?;
+        let _ = req.insert_header(http::header::CONTENT_TYPE, "application/json");
+        let _ = req.insert_header(http::header::CONTENT_LENGTH, body.len());
+        self.round_trip(&req, body, limit).await
+    }
+
     /// Opens a streamed HTTP/1.1 exchange (media), with the same failover.
     pub async fn open(&self, req: &RequestHeader) -> Result<Upload<'_>, UpstreamError> {
         self.on_hosts(|h| h.open(req)).await

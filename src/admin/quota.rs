@@ -6,11 +6,9 @@
 //!
 //! Answers are WeChat's, scrubbed of any token, with our counts beside them.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use http::Response;
-use pingora::http::RequestHeader;
 use serde_json::{json, Value};
 
 use super::{answer, Admin};
@@ -46,28 +44,20 @@ fn ok(v: Value) -> Response<Vec<u8>> {
 }
 
 /// Resets counted in memory, per account, when there is no shared store:
-/// `YYYYMM * 100 + count`.
+/// the month they count in (`YYYYMM`) and how many.
 #[derive(Default)]
-pub struct LocalClears(parking_lot::Mutex<std::collections::HashMap<String, AtomicU64>>);
+pub struct LocalClears(parking_lot::Mutex<std::collections::HashMap<String, (u32, u64)>>);
 
 impl LocalClears {
     fn get(&self, id: &str, month: u32) -> u64 {
-        self.0.lock().get(id).map_or(0, |v| {
-            let v = v.load(Ordering::Relaxed);
-            if v / 100 == u64::from(month) {
-                v % 100
-            } else {
-                0
-            }
-        })
+        match self.0.lock().get(id) {
+            Some(&(m, n)) if m == month => n,
+            _ => 0,
+        }
     }
 
     fn set(&self, id: &str, month: u32, n: u64) {
-        self.0
-            .lock()
-            .entry(id.to_string())
-            .or_default()
-            .store(u64::from(month) * 100 + n.min(99), Ordering::Relaxed);
+        self.0.lock().insert(id.to_string(), (month, n));
     }
 }
 
@@ -105,33 +95,26 @@ impl Admin {
         let upstream = self.app.upstream_for(account.kind.family());
         let wait =
             self.app.config().upstream.connect_timeout + self.app.config().upstream.read_timeout;
-        let mut token = None;
-        for attempt in 0..2 {
-            let target = if with_token {
-                let t = match token.take() {
-                    Some(t) => t,
-                    None => account.tokens.wait_valid(wait).await.ok_or_else(|| {
+        let mut token =
+            match with_token {
+                true => {
+                    Some(account.tokens.wait_valid(wait).await.ok_or_else(|| {
                         format!("account {} has no valid token yet", account.name)
-                    })?,
-                };
-                let sep = if path_and_query.contains('?') {
-                    '&'
-                } else {
-                    '?'
-                };
-                let t2 = t.clone();
-                token = Some(t);
-                format!("{path_and_query}{sep}access_token={}", t2.value)
-            } else {
-                path_and_query.to_string()
+                    })?)
+                }
+                false => None,
             };
-            let mut req = RequestHeader::build("POST", target.as_bytes(), Some(3))
-                .map_err(|e| format!("cannot build the request: {e}"))?;
-            let _ = req.insert_header(http::header::CONTENT_TYPE, "application/json");
-            let _ = req.insert_header(http::header::CONTENT_LENGTH, body.len());
-            let path = path_and_query.split('?').next().unwrap_or("");
+        let (path, query) = match path_and_query.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (path_and_query, None),
+        };
+        for attempt in 0..2 {
+            let target = match &token {
+                Some(t) => format!("{path}?{}", crate::query::with_token(query, &t.value)),
+                None => path_and_query.to_string(),
+            };
             let (status, answer) = upstream
-                .round_trip(&req, body, DEFAULT_ANSWER_LIMIT)
+                .post_json(&target, body, DEFAULT_ANSWER_LIMIT)
                 .await
                 .map_err(|e| format!("{path}: {e}"))?;
             let answer =
@@ -145,13 +128,11 @@ impl Admin {
                 .map_err(|_| format!("{path}: WeChat answered HTTP {status}, not JSON"))?;
             let errcode = v.get("errcode").and_then(Value::as_i64);
             let rejected = errcode.is_some_and(|c| crate::inspect::INVALID_TOKEN.contains(&c));
-            if rejected && attempt == 0 {
-                if let Some(bad) = token.take() {
-                    account.tokens.report_invalid(&bad.value);
-                    token = account.tokens.wait_replacement(&bad.value, wait).await;
-                    if token.is_some() {
-                        continue;
-                    }
+            if let (true, 0, Some(bad)) = (rejected, attempt, &token) {
+                account.tokens.report_invalid(&bad.value);
+                if let Some(fresh) = account.tokens.wait_replacement(&bad.value, wait).await {
+                    token = Some(fresh);
+                    continue;
                 }
             }
             return Ok(v);

@@ -25,8 +25,6 @@ pub struct PlatformConfig {
     /// Authorisers known before any event (a migration), with their
     /// refresh tokens.
     pub authorizers: Vec<AuthorizerSeed>,
-    /// Where decrypted events are passed on, if anywhere.
-    pub forward_events: Option<String>,
     /// Where refresh tokens are kept with the memory store.
     pub state_file: Option<PathBuf>,
     /// An authoriser unused this long is dropped from memory (its refresh
@@ -207,20 +205,6 @@ pub(super) fn parse(raw: Vec<raw::Platform>, problems: &mut Vec<String>) -> Vec<
                 at("forward_events")
             ));
         }
-        let forward_events = p
-            .forward_events
-            .and_then(|u| expand_env(&at("forward_events"), &u, problems))
-            .filter(|u| {
-                let ok = url::Url::parse(u).is_ok_and(|x| matches!(x.scheme(), "http" | "https"));
-                if !ok {
-                    problems.push(format!(
-                        "{}: `{}` is not an http(s) URL",
-                        at("forward_events"),
-                        crate::secret::mask_url(u)
-                    ));
-                }
-                ok
-            });
         let idle_after = duration_field(
             &at("idle_after"),
             p.idle_after.as_ref(),
@@ -237,7 +221,6 @@ pub(super) fn parse(raw: Vec<raw::Platform>, problems: &mut Vec<String>) -> Vec<
                 token,
                 encoding_aes_key,
                 authorizers,
-                forward_events,
                 state_file: p.state_file.map(PathBuf::from),
                 idle_after,
             });

@@ -19,7 +19,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType};
 
-use crate::account::{Account, ACCOUNT_HEADER};
+use crate::account::{Account, PickError, ACCOUNT_HEADER};
 use crate::app::App;
 use crate::config::{AccountKind, Family, ReplaceTokens};
 use crate::inspect;
@@ -506,24 +506,25 @@ impl Proxy {
                 reason: "X-Wx-Account is not ASCII".into(),
             })?),
         };
-        // An authoriser another replica (or a lost event) knows of: made an
-        // account on first use, from the refresh token the store keeps.
-        if let Some(h) = named.filter(|_| !self.app.platforms.is_empty()) {
-            let h = h.trim();
-            if self.app.accounts().pick(Some(h), None).is_err() {
-                self.adopt_authorizer(h).await;
-            }
-        }
         // The table is read, not held: the token may take a wait.
-        let (account, ours) = {
-            let accounts = self.app.accounts();
+        let pick = |app: &App| {
+            let accounts = app.accounts();
             let account = accounts
                 .pick_for(named, presented.as_deref(), ctx.family)?
                 .clone();
             let ours = presented
                 .as_deref()
                 .is_some_and(|t| accounts.by_issued_token(t).is_some());
-            (account, ours)
+            Ok::<_, PickError>((account, ours))
+        };
+        let (account, ours) = match (pick(&self.app), named) {
+            // An authoriser another replica (or a lost event) knows of: made
+            // an account on first use, then picked again.
+            (Err(PickError::Unknown { .. }), Some(h)) if !self.app.platforms.is_empty() => {
+                self.adopt_authorizer(h.trim()).await;
+                pick(&self.app)?
+            }
+            (picked, _) => picked?,
         };
         self.admit_account(ctx, &account)?;
         let replace =

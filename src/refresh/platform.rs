@@ -7,7 +7,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use pingora::http::RequestHeader;
 use serde_json::{json, Value};
 
 use super::token::FetchError;
@@ -30,17 +29,14 @@ async fn post(
     path_and_query: &str,
     body: &Value,
 ) -> Result<(u16, Value), FetchError> {
-    let body = body.to_string();
-    let mut req = RequestHeader::build("POST", path_and_query.as_bytes(), Some(3))
-        .map_err(|e| FetchError::BadAnswer(format!("cannot build the request: {e}")))?;
-    let _ = req.insert_header(http::header::CONTENT_TYPE, "application/json");
-    let _ = req.insert_header(http::header::CONTENT_LENGTH, body.len());
-    let upstream = families.get(crate::config::Family::Official);
-    let sent = tokio::time::Instant::now();
-    let (status, answer) = upstream
-        .round_trip(&req, body.as_bytes(), DEFAULT_ANSWER_LIMIT)
+    let (status, answer) = families
+        .get(crate::config::Family::Official)
+        .post_json(
+            path_and_query,
+            body.to_string().as_bytes(),
+            DEFAULT_ANSWER_LIMIT,
+        )
         .await?;
-    let _ = sent;
     let answer = answer.map_err(|_| {
         FetchError::BadAnswer(format!(
             "HTTP {status}, body over {DEFAULT_ANSWER_LIMIT} bytes"
@@ -172,6 +168,9 @@ fn is_lost(e: &FetchError) -> bool {
 
 /// Authorisers listed per call (WeChat's maximum).
 const LIST_PAGE: u64 = 500;
+/// Pages read at most in one recovery (100,000 authorisers): an answer
+/// that never ends (a `total_count` it never reaches) stops here.
+const DEFAULT_MAX_LIST_PAGES: u64 = 200;
 /// Recovery asks WeChat for the list at most this often per platform.
 const DEFAULT_RECOVERY_SPACING: Duration = Duration::from_secs(60);
 
@@ -197,7 +196,7 @@ pub async fn recover(p: &Platform, families: &Families) -> Result<Vec<String>, S
     );
     let mut listed = Vec::new();
     let mut offset = 0;
-    loop {
+    for _ in 0..DEFAULT_MAX_LIST_PAGES {
         let body =
             json!({ "component_appid": p.component_appid, "offset": offset, "count": LIST_PAGE });
         let (_, v) = post(families, &path, &body)
