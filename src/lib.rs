@@ -42,7 +42,7 @@ pub(crate) mod refusal;
 pub(crate) mod reload;
 pub(crate) mod reply;
 pub mod route;
-pub(crate) mod secret;
+pub mod secret;
 pub(crate) mod server;
 pub mod status;
 pub(crate) mod target;

@@ -60,7 +60,7 @@ impl MsgCrypt {
             &ring::digest::SHA1_FOR_LEGACY_USE_ONLY,
             parts.concat().as_bytes(),
         );
-        digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+        hex(digest.as_ref())
     }
 
     /// Checks the signature (in constant time) and decrypts: the message.
@@ -111,6 +111,29 @@ impl MsgCrypt {
         String::from_utf8(msg.to_vec()).map_err(|_| CryptError::Decrypt)
     }
 
+    /// `msg` as WeChat posts it: the query (`signature`, `timestamp`,
+    /// `nonce`, `encrypt_type=aes`, `msg_signature`) and the XML body with
+    /// `<AppId>` and `<Encrypt>`, at `timestamp` with `nonce` (the fake's
+    /// pushes, and events handed on to the app in WeChat's format).
+    pub fn seal(&self, msg: &str, timestamp: &str, nonce: &str) -> (String, String) {
+        let encrypt = self.encrypt(msg, rand::random());
+        let msg_signature = self.signature(timestamp, nonce, &encrypt);
+        let mut parts = [self.token.expose(), timestamp, nonce];
+        parts.sort_unstable();
+        let signature = hex(ring::digest::digest(
+            &ring::digest::SHA1_FOR_LEGACY_USE_ONLY,
+            parts.concat().as_bytes(),
+        )
+        .as_ref());
+        (
+            format!("signature={signature}&timestamp={timestamp}&nonce={nonce}&encrypt_type=aes&msg_signature={msg_signature}"),
+            format!(
+                "<xml><AppId><![CDATA[{}]]></AppId><Encrypt><![CDATA[{encrypt}]]></Encrypt></xml>",
+                self.appid
+            ),
+        )
+    }
+
     /// Encrypts `msg` with `random` as its first 16 bytes (the fake WeChat
     /// and the tests push events this way).
     pub fn encrypt(&self, msg: &str, random: [u8; 16]) -> String {
@@ -127,6 +150,10 @@ impl MsgCrypt {
             .expect("whole blocks");
         base64::engine::general_purpose::STANDARD.encode(out)
     }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The 32-byte key of a 43-character EncodingAESKey.

@@ -103,7 +103,10 @@ pub fn prepare(config: Config, mode: RunMode) -> Result<Prepared, String> {
     let platforms = config
         .platforms
         .iter()
-        .map(|p| crate::platform::Platform::new(p, store.clone()).map(Arc::new))
+        .map(|p| {
+            crate::platform::Platform::new(p, store.clone(), &config.upstream, ca_bundle.as_deref())
+                .map(Arc::new)
+        })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Prepared {
         app: App::new(config, up, wecom, store, intercept, platforms),

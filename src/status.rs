@@ -116,6 +116,22 @@ pub struct PlatformStatus {
     pub component_token_expires_in_seconds: Option<u64>,
     pub component_last_error: Option<LastError>,
     pub authorizers: usize,
+    /// `forward_events`: what was handed on to the app.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub forward: Option<ForwardStatus>,
+}
+
+/// Events handed on to the app's handler (`platforms[].forward_events`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ForwardStatus {
+    pub url: String,
+    pub format: String,
+    pub sent: u64,
+    /// Given up after every try.
+    pub failed: u64,
+    /// Not queued: the queue was full.
+    pub dropped: u64,
+    pub last_error: Option<String>,
 }
 
 /// An upstream family (its failover group).

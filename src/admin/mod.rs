@@ -153,6 +153,7 @@ impl Admin {
                             .map(|t| t.remaining().as_secs()),
                         component_last_error: last_error(p.component.status().last_error),
                         authorizers: p.authorizers().len(),
+                        forward: p.forward.as_ref().map(|f| f.status()),
                     }
                 })
                 .collect(),

@@ -31,6 +31,37 @@ pub struct PlatformConfig {
     /// token kept) and made an account again on its next request.
     #[serde(serialize_with = "super::print::duration")]
     pub idle_after: Duration,
+    /// Where each decrypted event is handed on (`forward_events`).
+    pub forward: Option<ForwardEvents>,
+}
+
+/// `forward_events` / `forward_format`: the app's own event handler.
+#[derive(Debug, Clone, Serialize)]
+pub struct ForwardEvents {
+    /// Scheme, host and port (the connection); [`Self::path`] is the rest.
+    #[serde(skip)]
+    pub origin: super::UpstreamUrl,
+    /// Path and query of the URL, as given (`/` when none).
+    #[serde(skip)]
+    pub path: String,
+    /// The URL as shown (`check --print`, `/status`): its query, which may
+    /// carry the handler's own key, masked.
+    pub url: String,
+    pub format: ForwardFormat,
+}
+
+/// How an event is handed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ForwardFormat {
+    /// As WeChat sends it: encrypted and signed again with the platform's
+    /// token and key (fresh timestamp and nonce), so a handler written for
+    /// WeChat's callbacks takes it unchanged; the signature is its
+    /// credential.
+    Wechat,
+    /// The decrypted XML with `X-Wx-Platform` and `X-Wx-Info-Type` headers;
+    /// only over https or to loopback (the events carry authorisation codes).
+    Plain,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -55,6 +86,7 @@ pub(super) mod raw {
         pub encoding_aes_key_file: Option<String>,
         pub authorizers: Option<Vec<Authorizer>>,
         pub forward_events: Option<String>,
+        pub forward_format: Option<String>,
         pub state_file: Option<String>,
         pub idle_after: Option<String>,
     }
@@ -197,14 +229,7 @@ pub(super) fn parse(raw: Vec<raw::Platform>, problems: &mut Vec<String>) -> Vec<
                 });
             }
         }
-        // Passing decrypted events on is not built yet: say so rather than
-        // accept a key that does nothing.
-        if p.forward_events.is_some() {
-            problems.push(format!(
-                "{}: passing events on to the app is not supported yet; remove the key (the sidecar answers WeChat itself)",
-                at("forward_events")
-            ));
-        }
+        let forward = forward_events(&at, p.forward_events, p.forward_format, problems);
         let idle_after = duration_field(
             &at("idle_after"),
             p.idle_after.as_ref(),
@@ -223,10 +248,88 @@ pub(super) fn parse(raw: Vec<raw::Platform>, problems: &mut Vec<String>) -> Vec<
                 authorizers,
                 state_file: p.state_file.map(PathBuf::from),
                 idle_after,
+                forward,
             });
         }
     }
     out
+}
+
+/// `forward_events` (a URL) and `forward_format` (`wechat`, the default, or
+/// `plain`).
+fn forward_events(
+    at: &dyn Fn(&str) -> String,
+    url: Option<String>,
+    format: Option<String>,
+    problems: &mut Vec<String>,
+) -> Option<ForwardEvents> {
+    let format = match format.as_deref() {
+        None | Some("wechat") => ForwardFormat::Wechat,
+        Some("plain") => ForwardFormat::Plain,
+        Some(other) => {
+            problems.push(format!(
+                "{}: `{}` is not a format; use wechat (encrypted and signed as WeChat sends it) or plain (the decrypted XML)",
+                at("forward_format"),
+                other.chars().take(32).collect::<String>()
+            ));
+            ForwardFormat::Wechat
+        }
+    };
+    let url = expand_env(&at("forward_events"), &url?, problems)?;
+    let parsed = match url::Url::parse(url.trim()) {
+        Ok(u) => u,
+        Err(e) => {
+            problems.push(format!(
+                "{}: not a URL ({e}); give the app's handler as http(s)://host[:port]/path",
+                at("forward_events")
+            ));
+            return None;
+        }
+    };
+    if !parsed.username().is_empty() || parsed.password().is_some() || parsed.fragment().is_some() {
+        problems.push(format!(
+            "{}: must not carry credentials or a #fragment (the value is not shown)",
+            at("forward_events")
+        ));
+        return None;
+    }
+    let mut base = parsed.clone();
+    base.set_path("");
+    base.set_query(None);
+    let origin = match super::UpstreamUrl::parse(base.as_str()) {
+        Ok(o) => o,
+        Err(e) => {
+            problems.push(format!("{}: {e}", at("forward_events")));
+            return None;
+        }
+    };
+    let loopback = match parsed.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(d)) => d == "localhost",
+        None => false,
+    };
+    if format == ForwardFormat::Plain && !origin.tls && !loopback {
+        problems.push(format!(
+            "{}: plain events carry authorisation codes: send them over https, to loopback, or use forward_format: wechat (encrypted and signed)",
+            at("forward_events")
+        ));
+        return None;
+    }
+    let path = match parsed.query() {
+        Some(q) => format!("{}?{q}", parsed.path()),
+        None => parsed.path().to_string(),
+    };
+    let mut shown = parsed.clone();
+    if shown.query().is_some() {
+        shown.set_query(Some("***"));
+    }
+    Some(ForwardEvents {
+        origin,
+        path,
+        url: shown.to_string(),
+        format,
+    })
 }
 
 #[cfg(test)]
@@ -269,5 +372,51 @@ mod tests {
             !all.contains("cs-secret-9") && !all.contains("too-short-secret-value"),
             "{all}"
         );
+    }
+
+    #[test]
+    fn forward_events_takes_a_url_and_a_format_and_refuses_plain_text_off_loopback() {
+        let base = format!("accounts: []\nplatforms:\n  - name: saas\n    component_appid: wxcomp\n    component_secret: cs\n    token: tok\n    encoding_aes_key: {KEY}\n");
+        let c = Config::parse(&format!(
+            "{base}    forward_events: http://127.0.0.1:9000/wechat/events?x=1\n"
+        ))
+        .unwrap();
+        let f = c.platforms[0].forward.as_ref().unwrap();
+        assert_eq!(f.format, super::ForwardFormat::Wechat);
+        assert_eq!(f.path, "/wechat/events?x=1");
+        assert_eq!((f.origin.host.as_str(), f.origin.port), ("127.0.0.1", 9000));
+        assert_eq!(f.url, "http://127.0.0.1:9000/wechat/events?***");
+        let plain = Config::parse(&format!(
+            "{base}    forward_events: https://events.internal/in\n    forward_format: plain\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            plain.platforms[0].forward.as_ref().unwrap().format,
+            super::ForwardFormat::Plain
+        );
+        for (extra, expect) in [
+            (
+                "    forward_events: http://10.0.0.5/in\n    forward_format: plain\n",
+                "platforms[0].forward_events: plain events carry authorisation codes",
+            ),
+            (
+                "    forward_events: http://127.0.0.1/in\n    forward_format: xml\n",
+                "platforms[0].forward_format: `xml` is not a format",
+            ),
+            (
+                "    forward_events: http://user:pw-secret@127.0.0.1/in\n",
+                "platforms[0].forward_events: must not carry credentials",
+            ),
+            (
+                "    forward_events: ftp://127.0.0.1/in\n",
+                "platforms[0].forward_events: scheme `ftp`",
+            ),
+        ] {
+            let all = Config::parse(&format!("{base}{extra}"))
+                .unwrap_err()
+                .join("\n");
+            assert!(all.contains(expect), "{extra}: {all}");
+            assert!(!all.contains("pw-secret"), "{all}");
+        }
     }
 }

@@ -145,18 +145,8 @@ impl Platform {
 
     /// The envelope WeChat POSTs: query and body.
     fn envelope(&self, xml: &str) -> (String, String) {
-        let encrypt = self.crypt.encrypt(xml, rand::random());
         let (timestamp, nonce) = (unix_now().to_string(), rand::random::<u32>().to_string());
-        let signature = self.crypt.signature(&timestamp, &nonce, &encrypt);
-        (
-            format!(
-                "timestamp={timestamp}&nonce={nonce}&encrypt_type=aes&msg_signature={signature}"
-            ),
-            format!(
-                "<xml><AppId><![CDATA[{}]]></AppId><Encrypt><![CDATA[{encrypt}]]></Encrypt></xml>",
-                self.appid
-            ),
-        )
+        self.crypt.seal(xml, &timestamp, &nonce)
     }
 }
 

@@ -13,6 +13,8 @@
 
 pub use crate::msgcrypt as crypto;
 
+pub mod forward;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -41,6 +43,8 @@ pub struct Platform {
     /// The shared store (`token.store`): refresh tokens and the ticket live
     /// there too, so every replica has them whichever one WeChat called.
     store: Option<Arc<RedisStore>>,
+    /// `forward_events`: where accepted events are handed on.
+    pub forward: Option<Arc<forward::Forwarder>>,
 }
 
 /// A ticket is valid 12 hours.
@@ -62,7 +66,12 @@ impl Platform {
     /// The platform of `c`, with what `state_file` kept (if any) and the
     /// seed authorisers of the config (a seed never replaces a newer
     /// refresh token the file holds).
-    pub fn new(c: &PlatformConfig, store: Option<Arc<RedisStore>>) -> Result<Self, String> {
+    pub fn new(
+        c: &PlatformConfig,
+        store: Option<Arc<RedisStore>>,
+        upstream: &crate::config::UpstreamConfig,
+        ca_bundle: Option<&std::path::Path>,
+    ) -> Result<Self, String> {
         let crypt = crypto::MsgCrypt::new(
             c.token.clone(),
             c.encoding_aes_key.expose(),
@@ -105,6 +114,10 @@ impl Platform {
             last_recovery: Mutex::new(None),
             idle_after: c.idle_after,
             store,
+            forward: c
+                .forward
+                .as_ref()
+                .map(|f| Arc::new(forward::Forwarder::new(f, upstream, ca_bundle))),
         })
     }
 
@@ -286,7 +299,7 @@ mod tests {
             file.display()
         );
         let c = crate::config::Config::parse(&yaml).unwrap();
-        let p = Platform::new(&c.platforms[0], None).unwrap();
+        let p = Platform::new(&c.platforms[0], None, &c.upstream, None).unwrap();
         assert_eq!(p.refresh_token("wxa1").unwrap().expose(), "seed-1");
         assert!(p.set_refresh_token("wxa1", "rotated-1"));
         assert!(p.set_refresh_token("wxa2", "rt-2"));
@@ -296,7 +309,7 @@ mod tests {
         let mode = std::fs::metadata(&file).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
 
-        let again = Platform::new(&c.platforms[0], None).unwrap();
+        let again = Platform::new(&c.platforms[0], None, &c.upstream, None).unwrap();
         assert_eq!(
             again.refresh_token("wxa1").unwrap().expose(),
             "rotated-1",

@@ -80,6 +80,12 @@ impl Proxy {
                 }));
             }
         };
+        // An event we handed on ourselves, passed back as received: acted
+        // on again (idempotent) but not handed on a second time.
+        let forwarded = session
+            .req_header()
+            .headers
+            .contains_key(crate::platform::forward::FORWARDED_HEADER);
         let info = xml_field(&event, "InfoType").unwrap_or_default();
         match info {
             "component_verify_ticket" => {
@@ -129,6 +135,9 @@ impl Proxy {
             other => {
                 tracing::info!(platform = %platform.name, info_type = other, "platform event not acted on");
             }
+        }
+        if let (Some(f), false) = (&platform.forward, forwarded) {
+            f.hand_on(&event);
         }
         let mut resp = ResponseHeader::build(200, Some(2))?;
         resp.insert_header(http::header::CONTENT_TYPE, "text/plain")?;

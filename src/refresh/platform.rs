@@ -297,9 +297,12 @@ async fn component_token(
     })
 }
 
-/// Starts every platform's component-token refresher.
+/// Starts every platform's component-token refresher and event hand-off.
 pub fn start_platforms(app: &App) {
     for p in &app.platforms {
+        if let Some(f) = &p.forward {
+            app.tasks.spawn("platform events", f.clone().run(p.clone()));
+        }
         let shared = app.store.as_ref().map(|store| SharedKey {
             store: store.clone(),
             key: store.token_key("component", &p.component_appid),
