@@ -21,7 +21,7 @@ pub struct Account {
     pub kind: AccountKind,
     /// The id WeChat knows the account by: the appid, or a WeCom
     /// account's corpid.
-    pub id: String,
+    pub id: Box<str>,
     pub agentid: Option<Box<str>>,
     /// Read when a token is fetched or an app's secret checked; a reload
     /// may replace it.
@@ -135,7 +135,7 @@ impl Account {
     fn is(&self, c: &AccountConfig) -> bool {
         self.name == c.name
             && self.kind == c.kind
-            && self.id == c.appid
+            && *self.id == *c.appid
             && self.agentid.as_deref() == c.agentid.as_deref()
             && self.token_api == c.token_api
             && self.platform.as_deref() == c.platform.as_deref()
@@ -206,7 +206,7 @@ impl Account {
         Account {
             name: c.name,
             kind: c.kind,
-            id: c.appid,
+            id: c.appid.into(),
             agentid: c.agentid.map(Into::into),
             secret: parking_lot::RwLock::new(c.secret),
             token_api: c.token_api,
@@ -439,14 +439,14 @@ impl Accounts {
     pub fn by_appid(&self, appid: &str) -> Option<&Arc<Account>> {
         self.list
             .iter()
-            .find(|a| a.kind == AccountKind::Official && a.id == appid)
+            .find(|a| a.kind == AccountKind::Official && &*a.id == appid)
     }
 
     /// The WeCom accounts of a corp (one per app secret).
     pub fn by_corpid(&self, corpid: &str) -> Vec<&Arc<Account>> {
         self.list
             .iter()
-            .filter(|a| a.kind == AccountKind::WeCom && a.id == corpid)
+            .filter(|a| a.kind == AccountKind::WeCom && &*a.id == corpid)
             .collect()
     }
 
@@ -655,7 +655,7 @@ mod tests {
                 format!("a{i}")
             );
             let by_id = format!("wx{i:013}");
-            assert_eq!(a.pick(Some(&by_id), None).unwrap().id, by_id);
+            assert_eq!(a.pick(Some(&by_id), None).unwrap().id.as_ref(), by_id);
         }
         assert!(a.pick(Some("a10000"), None).is_err());
     }

@@ -7,7 +7,6 @@
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::OnceLock;
 use std::time::SystemTime;
 
 use parking_lot::Mutex;
@@ -17,7 +16,7 @@ pub const IP_NOT_WHITELISTED: [i64; 4] = [40164, 60020, 61004, 89503];
 
 /// One account's view of its egress IP; 8 bytes until WeChat refuses one.
 #[derive(Default)]
-pub struct Whitelist(OnceLock<Box<State>>);
+pub struct Whitelist(once_cell::race::OnceBox<State>);
 
 #[derive(Default)]
 struct State {

@@ -10,7 +10,7 @@ use prometheus::{
     HistogramVec, IntCounterVec, IntGaugeVec, TextEncoder,
 };
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{LazyLock, OnceLock};
+use std::sync::LazyLock;
 
 pub static REQUEST_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
     register_histogram_vec!(
@@ -164,11 +164,11 @@ impl Outcome {
 /// Plain atomics, not registered series: a series costs ~500 bytes, and
 /// with thousands of accounts that is most of an account's memory. The
 /// admin listener writes them out at each scrape ([`TextFamily`]).
-pub struct Counts<const N: usize>(OnceLock<Box<[AtomicU64; N]>>);
+pub struct Counts<const N: usize>(once_cell::race::OnceBox<[AtomicU64; N]>);
 
 impl<const N: usize> Default for Counts<N> {
     fn default() -> Self {
-        Counts(OnceLock::new())
+        Counts(once_cell::race::OnceBox::new())
     }
 }
 

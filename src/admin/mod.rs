@@ -80,7 +80,7 @@ impl Admin {
                 status::AccountStatus {
                     name: a.name.clone(),
                     kind: a.kind.as_str().into(),
-                    appid: a.id.clone(),
+                    appid: a.id.to_string(),
                     agentid: a.agentid.as_deref().map(str::to_string),
                     token_api: if a.platform.is_some() {
                         "authorizer".into()
@@ -257,8 +257,9 @@ impl Admin {
     }
 
     /// `POST /platform/resync?name=PLATFORM`: reads WeChat's authoriser
-    /// list, keeps every refresh token in it and makes every authoriser
-    /// listed an account (after lost refresh tokens).
+    /// list and keeps every refresh token in it (after lost refresh
+    /// tokens); authorisers in use without a token fetch at once, the rest
+    /// become accounts on their first request.
     async fn resync(&self, query: &str) -> Response<Vec<u8>> {
         let name = crate::query::param(query, "name").unwrap_or_default();
         let Some(p) = self.app.platform(&name).cloned() else {
@@ -270,7 +271,7 @@ impl Admin {
         };
         match crate::refresh::platform::recover(&p, &self.app.upstreams).await {
             Ok(listed) => {
-                crate::refresh::platform::add_authorizers(&self.app, &p, &listed).await;
+                crate::refresh::platform::refetch_failed(&self.app, &p);
                 tracing::info!(platform = %p.name, authorizers = listed.len(), "authoriser list resynced on the admin listener");
                 let body = serde_json::json!({
                     "errcode": 0,

@@ -72,7 +72,7 @@ impl Admin {
         self.app
             .accounts()
             .iter()
-            .find(|a| a.name == name || a.id == name)
+            .find(|a| a.name == name || *a.id == *name)
             .cloned()
             .ok_or_else(|| {
                 Box::new(error(

@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 // advance it, so expiry is testable in milliseconds of wall time.
 use tokio::time::Instant;
 
-use arc_swap::ArcSwap;
+use arc_swap::ArcSwapOption;
 use parking_lot::Mutex;
 
 use crate::metrics::FetchCounters;
@@ -44,7 +44,7 @@ pub struct Lease {
     reported_invalid: AtomicBool,
     /// A searcher for the value, built on first use: answers are scanned
     /// for it on every request. Boxed: ~290 bytes an idle account need not hold.
-    finder: std::sync::OnceLock<Box<memchr::memmem::Finder<'static>>>,
+    finder: once_cell::race::OnceBox<memchr::memmem::Finder<'static>>,
 }
 
 impl Lease {
@@ -60,7 +60,7 @@ impl Lease {
             fetched_at,
             lifetime,
             reported_invalid: AtomicBool::new(false),
-            finder: std::sync::OnceLock::new(),
+            finder: once_cell::race::OnceBox::new(),
         }
     }
 
@@ -92,13 +92,6 @@ impl Lease {
     }
 }
 
-#[derive(Default)]
-struct Snapshot {
-    current: Option<Arc<Lease>>,
-    /// Values issued before `current`, newest last.
-    earlier: Vec<Arc<str>>,
-}
-
 /// What `/status` and the logs say about an account's token.
 #[derive(Debug, Clone, Default)]
 pub struct CellStatus {
@@ -111,16 +104,37 @@ pub struct CellStatus {
     pub last_error: Option<(i64, String)>,
     /// Fetches counted against today's budget (UTC+8 day, as WeChat counts).
     pub fetches_today: u32,
-    /// The day `fetches_today` counts (days since 1970 fit 32 bits; the
-    /// small fields keep a cell in a smaller allocation class).
-    budget_day: i32,
     /// Refreshes asked for because WeChat called the token invalid.
     pub invalid_reports: u32,
     /// Set while today's budget is spent: why no fetch is made.
     pub budget_spent: Option<String>,
 }
 
-impl CellStatus {
+/// What a cell keeps to answer [`LeaseCell::status`]: the counts inline,
+/// a failure's words boxed (a healthy cell has none), so a cell fits a
+/// smaller allocation class.
+#[derive(Default)]
+struct CellState {
+    attempted: bool,
+    fetches_today: u32,
+    /// The day `fetches_today` counts (days since 1970 fit 32 bits).
+    budget_day: i32,
+    invalid_reports: u32,
+    trouble: Option<Box<Trouble>>,
+    /// Values issued before the current one, newest last (the token index
+    /// forgets the oldest); none until the first refresh. A boxed `Vec`:
+    /// 8 bytes in every cell where a `Vec` takes 24 (a cell class larger).
+    #[allow(clippy::box_collection)]
+    earlier: Option<Box<Vec<Arc<str>>>>,
+}
+
+/// The last failure and, while today's budget is spent, why.
+struct Trouble {
+    last_error: (i64, String),
+    budget_spent: Option<String>,
+}
+
+impl CellState {
     /// Fetches counted against today's budget: 0 on a new day.
     fn today(&self) -> u32 {
         if i64::from(self.budget_day) == wechat_day(SystemTime::now()) {
@@ -183,13 +197,14 @@ pub struct LeaseCell {
     /// The shared index and this account's place in it (none for tickets).
     index: Option<Arc<TokenIndex>>,
     account: usize,
-    snap: ArcSwap<Snapshot>,
+    /// The current token: read by every request, never locked.
+    current: ArcSwapOption<Lease>,
     /// Bumped whenever a token is stored or a fetch attempt ends; waiters
     /// sleep on `changed_wake` (a `Notify`, 32 bytes, where a watch channel
     /// costs ~350 per cell).
     changed: std::sync::atomic::AtomicU64,
     changed_wake: tokio::sync::Notify,
-    status: Mutex<CellStatus>,
+    status: Mutex<CellState>,
     /// Fetch outcomes: the metric series themselves.
     counters: FetchCounters,
     /// How to ask the refresher to fetch now (set when it is scheduled).
@@ -224,10 +239,10 @@ impl LeaseCell {
         LeaseCell {
             index,
             account,
-            snap: ArcSwap::from_pointee(Snapshot::default()),
+            current: ArcSwapOption::empty(),
             changed: Default::default(),
             changed_wake: Default::default(),
-            status: Mutex::new(CellStatus::default()),
+            status: Mutex::new(CellState::default()),
             counters,
             wake: std::sync::OnceLock::new(),
             forced: AtomicBool::new(false),
@@ -240,9 +255,8 @@ impl LeaseCell {
 impl LeaseCell {
     /// The current token if it has not expired. Never waits.
     pub fn valid(&self) -> Option<Arc<Lease>> {
-        self.snap
+        self.current
             .load()
-            .current
             .as_ref()
             .filter(|t| t.is_valid())
             .cloned()
@@ -250,15 +264,15 @@ impl LeaseCell {
 
     /// The current token, expired or not (for the refresher's schedule).
     pub fn latest(&self) -> Option<Arc<Lease>> {
-        self.snap.load().current.clone()
+        self.current.load_full()
     }
 
     /// Reports that WeChat rejected `bad`. Compare-and-refresh: only when the
     /// cell still holds `bad` is a refresh asked for, and only once; a report
     /// about a token already replaced does nothing. Returns whether it asked.
     pub fn report_invalid(&self, bad: &str) -> bool {
-        let snap = self.snap.load();
-        let Some(cur) = snap.current.as_ref().filter(|t| &*t.value == bad) else {
+        let current = self.current.load();
+        let Some(cur) = current.as_ref().filter(|t| &*t.value == bad) else {
             return false;
         };
         if cur.reported_invalid.swap(true, Ordering::AcqRel) {
@@ -413,26 +427,24 @@ impl LeaseCell {
     /// and believing it is how SDKs end up signing with an expired ticket.
     pub(crate) fn store(&self, value: &str, expires_in: Duration) -> StoreOutcome {
         let now = Instant::now();
-        let old = self.snap.load_full();
+        let old = self.current.load_full();
         let outcome;
-        let snap = match &old.current {
+        let lease = match &old {
             Some(cur) if &*cur.value == value => {
                 outcome = StoreOutcome::Same;
-                Snapshot {
-                    current: Some(Arc::new(Lease::new(
-                        cur.value.clone(),
-                        cur.expires_at.min(now + expires_in),
-                        cur.fetched_at,
-                        cur.lifetime,
-                    ))),
-                    earlier: old.earlier.clone(),
-                }
+                Lease::new(
+                    cur.value.clone(),
+                    cur.expires_at.min(now + expires_in),
+                    cur.fetched_at,
+                    cur.lifetime,
+                )
             }
             _ => {
                 outcome = StoreOutcome::New;
-                let mut earlier = old.earlier.clone();
                 let mut evicted = None;
-                if let Some(cur) = &old.current {
+                if let Some(cur) = &old {
+                    let mut st = self.status.lock();
+                    let earlier = st.earlier.get_or_insert_with(Default::default);
                     earlier.push(cur.value.clone());
                     if earlier.len() > DEFAULT_ISSUED_HISTORY {
                         evicted = Some(earlier.remove(0));
@@ -442,23 +454,14 @@ impl LeaseCell {
                 if let Some(index) = &self.index {
                     index.update(&value, evicted.as_ref(), self.account);
                 }
-                Snapshot {
-                    current: Some(Arc::new(Lease::new(
-                        value,
-                        now + expires_in,
-                        SystemTime::now(),
-                        expires_in,
-                    ))),
-                    earlier,
-                }
+                Lease::new(value, now + expires_in, SystemTime::now(), expires_in)
             }
         };
-        self.snap.store(Arc::new(snap));
+        self.current.store(Some(Arc::new(lease)));
         {
             let mut st = self.status.lock();
             st.attempted = true;
-            st.last_error = None;
-            st.budget_spent = None;
+            st.trouble = None;
         }
         self.bump();
         outcome
@@ -474,7 +477,10 @@ impl LeaseCell {
         {
             let mut st = self.status.lock();
             st.attempted = true;
-            st.last_error = Some((errcode, message));
+            st.trouble = Some(Box::new(Trouble {
+                last_error: (errcode, message),
+                budget_spent: None,
+            }));
         }
         self.bump();
     }
@@ -483,8 +489,10 @@ impl LeaseCell {
         {
             let mut st = self.status.lock();
             st.attempted = true;
-            st.last_error = Some((45009, message.clone()));
-            st.budget_spent = Some(message);
+            st.trouble = Some(Box::new(Trouble {
+                last_error: (45009, message.clone()),
+                budget_spent: Some(message),
+            }));
         }
         self.bump();
     }
@@ -504,11 +512,14 @@ impl LeaseCell {
         let c = &self.counters;
         let st = self.status.lock();
         CellStatus {
+            attempted: st.attempted,
             fetches_today: st.today(),
             fetches_ok: c.get(FetchResult::Ok as usize),
             fetches_failed: c.get(FetchResult::WeChatError as usize)
                 + c.get(FetchResult::TransportError as usize),
-            ..st.clone()
+            last_error: st.trouble.as_ref().map(|t| t.last_error.clone()),
+            invalid_reports: st.invalid_reports,
+            budget_spent: st.trouble.as_ref().and_then(|t| t.budget_spent.clone()),
         }
     }
 }

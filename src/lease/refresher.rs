@@ -204,7 +204,7 @@ pub struct Refresher<S, St> {
     settings: Arc<Settings>,
     /// The errcode of the last failure logged, so each kind is logged once
     /// until fetches recover.
-    last_logged: Option<i64>,
+    last_logged: Option<i32>,
     /// Set while a refresh is being retried (failure, busy lock, budget);
     /// boxed, as few are at any time.
     retry: Option<Box<Retry>>,
@@ -360,7 +360,7 @@ impl<S: Source, St> Refresher<S, St> {
         } else {
             FetchResult::TransportError
         });
-        if self.last_logged != Some(e.errcode()) {
+        if self.last_logged != Some(e.errcode() as i32) {
             let l = self.source.label();
             let still_valid = self.cell.valid().map(|t| t.remaining().as_secs());
             tracing::error!(
@@ -374,7 +374,7 @@ impl<S: Source, St> Refresher<S, St> {
                 current_valid_for_s = ?still_valid,
                 "{} fetch failed", l.what
             );
-            self.last_logged = Some(e.errcode());
+            self.last_logged = Some(e.errcode() as i32);
         }
         self.cell.record_failure(e.errcode(), e.to_string());
         Step::Retry(wait)

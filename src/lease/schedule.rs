@@ -148,6 +148,9 @@ struct Slot {
     woken: bool,
 }
 
+/// Queue capacity kept once it empties (a start queues every lease).
+const DEFAULT_QUEUE_KEPT: usize = 64;
+
 async fn run(mut d: Drive, limit: usize) {
     let mut slots: Vec<Slot> = Vec::new();
     let mut timers: BinaryHeap<Reverse<(Instant, usize)>> = BinaryHeap::new();
@@ -157,7 +160,13 @@ async fn run(mut d: Drive, limit: usize) {
     let mut names: HashMap<tokio::task::Id, (usize, String)> = HashMap::new();
     loop {
         while running.len() < limit {
-            let Some(id) = queue.pop_front() else { break };
+            let Some(id) = queue.pop_front() else {
+                // The start queued every lease at once: give that back.
+                if queue.capacity() > DEFAULT_QUEUE_KEPT {
+                    queue.shrink_to(DEFAULT_QUEUE_KEPT);
+                }
+                break;
+            };
             let slot = &mut slots[id];
             if retire_if_done(slot) || slot.job.is_none() {
                 continue;
@@ -226,6 +235,7 @@ async fn run(mut d: Drive, limit: usize) {
             Some(done) = running.join_next_with_id(), if !running.is_empty() => match done {
                 Ok((task, (id, job, wait))) => {
                     names.remove(&task);
+                    let leases = slots.len();
                     let slot = &mut slots[id];
                     // Asked again while the step ran: go again now.
                     let again = if slot.woken && !job.retrying() {
@@ -242,6 +252,12 @@ async fn run(mut d: Drive, limit: usize) {
                         None => {
                             let at = Instant::now() + wait;
                             slot.state = State::Due(at);
+                            // Grown to what the slots need, not doubled: a
+                            // timer per lease, 24 bytes each.
+                            if timers.len() == timers.capacity() {
+                                let more = leases.saturating_sub(timers.len()).max(timers.len() / 8 + 1);
+                                timers.reserve_exact(more);
+                            }
                             timers.push(Reverse((at, id)));
                         }
                     }

@@ -40,6 +40,10 @@ pub struct Platform {
     pub idle_after: std::time::Duration,
     /// When the authoriser list was last asked for (recovery is spaced).
     pub last_recovery: Mutex<Option<std::time::Instant>>,
+    /// Authorisers waiting to become accounts: whoever edits the account
+    /// table next adds them all in one edit (many first requests at once
+    /// cost one table, not one each).
+    pub pending_adds: Mutex<Vec<String>>,
     /// The shared store (`token.store`): refresh tokens and the ticket live
     /// there too, so every replica has them whichever one WeChat called.
     store: Option<Arc<RedisStore>>,
@@ -112,6 +116,7 @@ impl Platform {
             state: Mutex::new(state),
             state_file: c.state_file.clone(),
             last_recovery: Mutex::new(None),
+            pending_adds: Mutex::new(Vec::new()),
             idle_after: c.idle_after,
             store,
             forward: c

@@ -133,7 +133,7 @@ impl Proxy {
                     let found = accounts
                         .iter()
                         .find(|a| {
-                            a.id == appid && a.platform.as_deref() == Some(platform.name.as_str())
+                            *a.id == *appid && a.platform.as_deref() == Some(platform.name.as_str())
                         })
                         .cloned();
                     found

@@ -9,7 +9,6 @@
 //! learns the cluster's totals back, so no request waits on Redis.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
 use parking_lot::{Mutex, RwLock};
@@ -30,7 +29,7 @@ pub const DEFAULT_FLUSH_EVERY: Duration = Duration::from_secs(2);
 
 /// One account's ledger; 8 bytes until its first call.
 #[derive(Default)]
-pub struct Ledger(OnceLock<Box<Book>>);
+pub struct Ledger(once_cell::race::OnceBox<Book>);
 
 struct Book {
     /// The WeChat day the counts are for.

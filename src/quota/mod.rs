@@ -8,7 +8,6 @@
 pub mod ledger;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
 use std::time::SystemTime;
 
 use parking_lot::Mutex;
@@ -37,7 +36,7 @@ pub fn retry_after(errcode: i64) -> Option<&'static str> {
 
 /// One account's quota view; 8 bytes until WeChat answers an error.
 #[derive(Default)]
-pub struct Quota(OnceLock<Box<State>>);
+pub struct Quota(once_cell::race::OnceBox<State>);
 
 #[derive(Default)]
 struct State {

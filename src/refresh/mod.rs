@@ -36,7 +36,7 @@ pub enum Subject {
 /// The store key suffix of an account's token: its token API and id.
 pub fn token_store_id(account: &Account) -> (&'static str, String) {
     if account.platform.is_some() {
-        return ("authorizer", account.id.clone());
+        return ("authorizer", account.id.to_string());
     }
     match account.kind {
         AccountKind::WeCom => (
@@ -47,7 +47,7 @@ pub fn token_store_id(account: &Account) -> (&'static str, String) {
                 account.agentid.as_deref().unwrap_or(&account.name)
             ),
         ),
-        AccountKind::Official => (account.token_api.as_str(), account.id.clone()),
+        AccountKind::Official => (account.token_api.as_str(), account.id.to_string()),
     }
 }
 
@@ -76,7 +76,7 @@ impl Subject {
             (Subject::Ticket(TicketKind::AgentConfig), AccountKind::WeCom) => {
                 (self.store_api(account), token_store_id(account).1)
             }
-            (Subject::Ticket(_), _) => (self.store_api(account), account.id.clone()),
+            (Subject::Ticket(_), _) => (self.store_api(account), account.id.to_string()),
         }
     }
 
@@ -118,8 +118,9 @@ struct TokenSource {
     account: Arc<Account>,
     /// Read at each fetch: a reload may replace the hosts.
     upstreams: Arc<Families>,
-    /// When `force_refresh: true` was last sent.
-    last_force: Option<tokio::time::Instant>,
+    /// When `force_refresh: true` was last sent (boxed: rare, and it keeps
+    /// a refresher in the 64-byte class).
+    last_force: Option<Box<tokio::time::Instant>>,
 }
 
 impl Source for TokenSource {
@@ -137,10 +138,11 @@ impl Source for TokenSource {
             && account.kind == AccountKind::Official
             && self
                 .last_force
+                .as_ref()
                 .is_none_or(|t| t.elapsed() >= FORCE_REFRESH_SPACING);
         if rejected == Some(f.value.as_str()) && may_force {
             tracing::info!(account = %account.name, "stable token unchanged after a rejection; forcing a new one");
-            self.last_force = Some(tokio::time::Instant::now());
+            self.last_force = Some(Box::new(tokio::time::Instant::now()));
             return noted(account, self::token::fetch(upstream, account, true).await);
         }
         Ok(f)

@@ -359,14 +359,19 @@ pub async fn add_authorizer(app: &Arc<App>, p: &Arc<Platform>, appid: &str) {
     add_authorizers(app, p, &[appid.to_string()]).await
 }
 
-/// [`add_authorizer`] for many at once: one new table, not one each.
-pub async fn add_authorizers(app: &Arc<App>, p: &Arc<Platform>, appids: &[String]) {
+/// [`add_authorizer`] for every authoriser waiting: one new table, not
+/// one each.
+async fn add_authorizers(app: &Arc<App>, p: &Arc<Platform>, appids: &[String]) {
+    p.pending_adds.lock().extend_from_slice(appids);
     let _editing = app.accounts_edit.lock().await;
+    // Ours and every other waiting one; none when an edit before this one
+    // took ours (it is in the table by now).
+    let appids = std::mem::take(&mut *p.pending_adds.lock());
     let current = app.accounts_full();
     let known: std::collections::HashSet<&str> = current
         .iter()
         .filter(|a| a.platform.is_some())
-        .map(|a| a.id.as_str())
+        .map(|a| &*a.id)
         .collect();
     let add: Vec<AccountConfig> = appids
         .iter()
@@ -390,13 +395,23 @@ pub async fn add_authorizers(app: &Arc<App>, p: &Arc<Platform>, appids: &[String
     }
 }
 
+/// After refresh tokens came back (a resync): every authoriser of `p` in
+/// use without a valid token fetches now, with the token it has now.
+pub fn refetch_failed(app: &App, p: &Platform) {
+    for a in app.accounts().iter() {
+        if a.platform.as_deref() == Some(p.name.as_str()) && a.tokens.valid().is_none() {
+            a.tokens.request_fetch();
+        }
+    }
+}
+
 /// Removes an authoriser that revoked its authorisation.
 pub async fn remove_authorizer(app: &Arc<App>, p: &Arc<Platform>, appid: &str) {
     p.forget(appid).await;
     let _editing = app.accounts_edit.lock().await;
     let current = app.accounts_full();
     let edited = current.edited(Vec::new(), |a| {
-        a.id == appid && a.platform.as_deref() == Some(p.name.as_str())
+        &*a.id == appid && a.platform.as_deref() == Some(p.name.as_str())
     });
     app.publish_accounts(edited.accounts);
     for a in &edited.removed {

@@ -74,7 +74,7 @@ impl TicketKind {
 /// as most accounts never use a ticket (8 bytes each instead of 48).
 #[derive(Default)]
 pub struct Tickets {
-    cells: OnceLock<Box<[OnceLock<Arc<LeaseCell>>; 3]>>,
+    cells: once_cell::race::OnceBox<[OnceLock<Arc<LeaseCell>>; 3]>,
 }
 
 impl Tickets {

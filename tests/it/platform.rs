@@ -205,7 +205,7 @@ async fn a_stale_refresh_token_is_recovered_through_the_authoriser_list() {
 }
 
 #[tokio::test]
-async fn an_operator_resync_makes_every_listed_authoriser_an_account() {
+async fn an_operator_resync_keeps_every_listed_refresh_token_for_first_use() {
     let fake = fake();
     let side = Sidecar::start(&fake, &platform_config("")).await;
     let cb = format!(
@@ -239,6 +239,13 @@ async fn an_operator_resync_makes_every_listed_authoriser_an_account() {
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["authorizers"].as_array().unwrap().len(), 2, "{v}");
+    // Kept, not fetched: an authoriser's token comes on its first use.
+    let st = side.typed_status().await;
+    assert!(st
+        .accounts
+        .iter()
+        .all(|a| !a.appid.starts_with("wxauthorizer")));
+    assert_eq!(platform_stats(&fake).await["authorizer_token_fetches"], 0);
     for a in ["wxauthorizer0001", "wxauthorizer0002"] {
         let (code, v) = send_for(&side, a).await;
         assert_eq!((code, v["errcode"].as_i64()), (200, Some(0)), "{a}: {v}");
