@@ -468,14 +468,17 @@ impl Accounts {
 
     /// The account that handed out `token`, if any.
     pub fn by_issued_token(&self, token: &str) -> Option<&Arc<Account>> {
-        let key = self.issued.get(token)?;
-        match &self.positions {
+        let at = |key: usize| match &self.positions {
             None => self.list.get(key),
             Some(p) => {
                 let at = p.binary_search_by_key(&(key as u32), |e| e.0).ok()?;
                 self.list.get(p[at].1 as usize)
             }
-        }
+        };
+        let key = self
+            .issued
+            .find(token, |key| at(key).is_some_and(|a| a.tokens.issued(token)))?;
+        at(key)
     }
 
     /// Forgets the tokens `removed` handed out: they name no account now.

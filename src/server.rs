@@ -337,7 +337,7 @@ async fn restore(
     };
     let delay = refresh_delay(
         token.remaining(),
-        token.lifetime,
+        token.lifetime(),
         app.config().token.refresh_before,
     );
     let record = Record::now(

@@ -38,8 +38,10 @@ pub struct Lease {
     pub expires_at: Instant,
     /// Wall-clock time of the fetch, for `/status`.
     pub fetched_at: SystemTime,
-    /// Its full lifetime as first seen (`expires_in` of the fetch that issued it).
-    pub lifetime: Duration,
+    /// Its full lifetime as first seen (`expires_in` of the fetch that
+    /// issued it), in milliseconds: 4 bytes where a `Duration` takes 16
+    /// keep a lease in the 80-byte class.
+    lifetime_ms: u32,
     /// WeChat called it invalid (40001/40014/42001): not handed out any more.
     reported_invalid: AtomicBool,
     /// A searcher for the value, built on first use: answers are scanned
@@ -58,7 +60,7 @@ impl Lease {
             value,
             expires_at,
             fetched_at,
-            lifetime,
+            lifetime_ms: u32::try_from(lifetime.as_millis()).unwrap_or(u32::MAX),
             reported_invalid: AtomicBool::new(false),
             finder: once_cell::race::OnceBox::new(),
         }
@@ -71,6 +73,11 @@ impl Lease {
                 Box::new(memchr::memmem::Finder::new(self.value.as_bytes()).into_owned())
             })
             .find(haystack)
+    }
+
+    /// Its full lifetime as first seen.
+    pub fn lifetime(&self) -> Duration {
+        Duration::from_millis(u64::from(self.lifetime_ms))
     }
 
     pub fn is_reported_invalid(&self) -> bool {
@@ -160,26 +167,63 @@ pub fn until_next_wechat_day(now: SystemTime) -> Duration {
 /// Which account issued a token, for every account at once: the request
 /// path finds the account of a presented token in one hash lookup, however
 /// many accounts there are. Written only when a token is stored.
+///
+/// An entry is 8 bytes — 32 bits of the token's keyed hash and the account —
+/// not the token itself (24 bytes with its `Arc`): a lookup yields the
+/// accounts whose tokens share those bits, and the caller keeps the one
+/// whose cell really issued the token ([`LeaseCell::issued`]).
 #[derive(Default)]
-pub struct TokenIndex(parking_lot::RwLock<std::collections::HashMap<Arc<str>, usize>>);
+pub struct TokenIndex {
+    hasher: hashbrown::DefaultHashBuilder,
+    entries: parking_lot::RwLock<hashbrown::HashTable<(u32, u32)>>,
+}
 
 impl TokenIndex {
-    /// The index of the account that issued `value` (now or earlier).
-    pub fn get(&self, value: &str) -> Option<usize> {
-        self.0.read().get(value).copied()
+    fn short_hash(&self, value: &str) -> u32 {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one(value) as u32
+    }
+
+    /// The table's hash of a stored short hash: spread over 64 bits, as
+    /// hashbrown reads its control bits from the top.
+    fn spread(short: u32) -> u64 {
+        u64::from(short).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    }
+
+    /// The first account `issued` accepts among those that may have issued
+    /// `value` (now or earlier).
+    pub fn find(&self, value: &str, issued: impl Fn(usize) -> bool) -> Option<usize> {
+        let short = self.short_hash(value);
+        let entries = self.entries.read();
+        let found = entries
+            .iter_hash(Self::spread(short))
+            .filter(|e| e.0 == short)
+            .map(|e| e.1 as usize)
+            .find(|&a| issued(a));
+        found
     }
 
     /// Drops every token of `account` (removed by a reload).
     pub fn forget(&self, account: usize) {
-        self.0.write().retain(|_, a| *a != account);
+        self.entries.write().retain(|e| e.1 as usize != account);
     }
 
-    fn update(&self, added: &Arc<str>, removed: Option<&Arc<str>>, account: usize) {
-        let mut map = self.0.write();
+    fn update(&self, added: &str, removed: Option<&str>, account: usize) {
+        let account = account as u32;
+        let added = self.short_hash(added);
+        let removed = removed.map(|r| self.short_hash(r));
+        let mut entries = self.entries.write();
         if let Some(r) = removed {
-            map.remove(r);
+            if let Ok(e) = entries.find_entry(Self::spread(r), |e| *e == (r, account)) {
+                e.remove();
+            }
         }
-        map.insert(added.clone(), account);
+        if entries
+            .find(Self::spread(added), |e| *e == (added, account))
+            .is_none()
+        {
+            entries.insert_unique(Self::spread(added), (added, account), |e| Self::spread(e.0));
+        }
     }
 }
 
@@ -260,6 +304,23 @@ impl LeaseCell {
             .as_ref()
             .filter(|t| t.is_valid())
             .cloned()
+    }
+
+    /// Whether this cell handed out `value`: its current token or one of the
+    /// [`DEFAULT_ISSUED_HISTORY`] before it.
+    pub fn issued(&self, value: &str) -> bool {
+        if self
+            .current
+            .load()
+            .as_ref()
+            .is_some_and(|t| &*t.value == value)
+        {
+            return true;
+        }
+        let st = self.status.lock();
+        st.earlier
+            .as_ref()
+            .is_some_and(|e| e.iter().any(|v| &**v == value))
     }
 
     /// The current token, expired or not (for the refresher's schedule).
@@ -436,7 +497,7 @@ impl LeaseCell {
                     cur.value.clone(),
                     cur.expires_at.min(now + expires_in),
                     cur.fetched_at,
-                    cur.lifetime,
+                    cur.lifetime(),
                 )
             }
             _ => {
@@ -452,7 +513,7 @@ impl LeaseCell {
                 }
                 let value: Arc<str> = Arc::from(value);
                 if let Some(index) = &self.index {
-                    index.update(&value, evicted.as_ref(), self.account);
+                    index.update(&value, evicted.as_deref(), self.account);
                 }
                 Lease::new(value, now + expires_in, SystemTime::now(), expires_in)
             }
@@ -542,8 +603,10 @@ mod tests {
         assert_eq!(cell.store("t2", Duration::from_secs(60)), StoreOutcome::New);
         assert_eq!(&*cell.valid().unwrap().value, "t2");
         let index = cell.index.as_ref().unwrap();
-        assert!(index.get("t1").is_some() && index.get("t2").is_some());
-        assert!(index.get("t3").is_none());
+        let find = |v: &str| index.find(v, |_| cell.issued(v));
+        assert!(find("t1").is_some() && find("t2").is_some());
+        assert!(find("t3").is_none());
+        assert!(index.find("t3", |_| true).is_none());
     }
 
     #[test]
@@ -555,7 +618,7 @@ mod tests {
             StoreOutcome::Same
         );
         let t = cell.valid().unwrap();
-        assert_eq!(t.lifetime, Duration::from_secs(7200));
+        assert_eq!(t.lifetime(), Duration::from_secs(7200));
         assert!(t.remaining() <= Duration::from_secs(300));
     }
 
@@ -575,10 +638,11 @@ mod tests {
             cell.store(&format!("t{i}"), Duration::from_secs(60));
         }
         let index = cell.index.as_ref().unwrap();
-        assert!(index.get("t0").is_none());
-        assert!(index
-            .get(&format!("t{}", DEFAULT_ISSUED_HISTORY + 4))
-            .is_some());
+        // Gone from the index and from the cell's history alike.
+        assert!(index.find("t0", |_| true).is_none());
+        assert!(!cell.issued("t3") && cell.issued("t4"));
+        let last = format!("t{}", DEFAULT_ISSUED_HISTORY + 4);
+        assert!(index.find(&last, |_| cell.issued(&last)).is_some());
     }
 
     #[test]

@@ -325,7 +325,7 @@ impl<S: Source, St> Refresher<S, St> {
         match outcome {
             StoreOutcome::New => refresh_delay(
                 lease.remaining(),
-                lease.lifetime,
+                lease.lifetime(),
                 self.settings.refresh_before,
             ),
             // WeChat has not rotated the value yet: ask again halfway to its

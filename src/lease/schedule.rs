@@ -131,17 +131,25 @@ impl Scheduler {
 }
 
 /// Where a job is.
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum State {
-    /// Waiting for its time (the heap holds an entry with this instant).
-    Due(Instant),
-    /// In the queue to run, with the value it is asked to replace.
-    Queued(Option<Arc<str>>),
+    /// Waiting for its time: the heap holds an entry with the slot's
+    /// current `due` number.
+    Due,
+    /// In the queue to run (what it is asked to replace, if anything, is in
+    /// the `asked` map: rare, so not a field of every slot).
+    Queued,
     /// Its step is running (the job is inside the step).
     Running,
 }
 
+/// 24 bytes a lease: the job, which heap entry is its current one, where
+/// it is.
 struct Slot {
     job: Option<Box<dyn Job>>,
+    /// Bumped each time the slot becomes due: a heap entry with another
+    /// number is stale.
+    due: u32,
     state: State,
     /// Woken while its step ran or a retry was pending: look at the cell
     /// once that is over (a permit, as `Notify` keeps one).
@@ -153,8 +161,10 @@ const DEFAULT_QUEUE_KEPT: usize = 64;
 
 async fn run(mut d: Drive, limit: usize) {
     let mut slots: Vec<Slot> = Vec::new();
-    let mut timers: BinaryHeap<Reverse<(Instant, usize)>> = BinaryHeap::new();
+    let mut timers: BinaryHeap<Reverse<(Instant, u32, u32)>> = BinaryHeap::new();
     let mut queue: VecDeque<usize> = VecDeque::new();
+    // Queued jobs asked to replace a value (a report, an operator).
+    let mut asked_for: HashMap<usize, Arc<str>> = HashMap::new();
     let mut running: JoinSet<(usize, Box<dyn Job>, Duration)> = JoinSet::new();
     // Which job a running task holds, to name it if it panics.
     let mut names: HashMap<tokio::task::Id, (usize, String)> = HashMap::new();
@@ -169,14 +179,16 @@ async fn run(mut d: Drive, limit: usize) {
             };
             let slot = &mut slots[id];
             if retire_if_done(slot) || slot.job.is_none() {
+                asked_for.remove(&id);
                 continue;
             }
-            let (Some(job), State::Queued(asked)) = (
+            let (Some(job), State::Queued) = (
                 slot.job.take(),
                 std::mem::replace(&mut slot.state, State::Running),
             ) else {
                 unreachable!("only queued jobs are in the queue");
             };
+            let asked = asked_for.remove(&id);
             // A fresh step answers what woke it; a retry does not.
             if !job.retrying() {
                 slot.woken = false;
@@ -189,13 +201,13 @@ async fn run(mut d: Drive, limit: usize) {
             });
             names.insert(handle.id(), (id, name));
         }
-        let next = timers.peek().map(|Reverse((t, _))| *t);
+        let next = timers.peek().map(|Reverse((t, _, _))| *t);
         tokio::select! {
             Some((id, job)) = d.adds.recv() => {
                 if slots.len() <= id {
-                    slots.resize_with(id + 1, || Slot { job: None, state: State::Running, woken: false });
+                    slots.resize_with(id + 1, || Slot { job: None, due: 0, state: State::Running, woken: false });
                 }
-                slots[id] = Slot { job: Some(job), state: State::Queued(None), woken: false };
+                slots[id] = Slot { job: Some(job), due: 0, state: State::Queued, woken: false };
                 queue.push_back(id);
                 // After a burst of adds (the start), give back what doubling
                 // reserved: with 10,000 leases, ~50 bytes each.
@@ -217,16 +229,17 @@ async fn run(mut d: Drive, limit: usize) {
                     slot.woken = true;
                     continue;
                 }
-                match &mut slot.state {
-                    State::Due(_) => {
+                match slot.state {
+                    State::Due => {
                         if let Some(asked) = super::refresher::asked(job.cell()) {
-                            slot.state = State::Queued(asked);
+                            slot.state = State::Queued;
+                            set_asked(&mut asked_for, id, asked);
                             queue.push_front(id);
                         }
                     }
-                    State::Queued(a) => {
+                    State::Queued => {
                         if let Some(asked) = super::refresher::asked(job.cell()) {
-                            *a = asked;
+                            set_asked(&mut asked_for, id, asked);
                         }
                     }
                     State::Running => {}
@@ -246,19 +259,21 @@ async fn run(mut d: Drive, limit: usize) {
                     };
                     match again {
                         Some(asked) => {
-                            slot.state = State::Queued(asked);
+                            slot.state = State::Queued;
+                            set_asked(&mut asked_for, id, asked);
                             queue.push_front(id);
                         }
                         None => {
                             let at = Instant::now() + wait;
-                            slot.state = State::Due(at);
+                            slot.state = State::Due;
+                            slot.due = slot.due.wrapping_add(1);
                             // Grown to what the slots need, not doubled: a
                             // timer per lease, 24 bytes each.
                             if timers.len() == timers.capacity() {
                                 let more = leases.saturating_sub(timers.len()).max(timers.len() / 8 + 1);
                                 timers.reserve_exact(more);
                             }
-                            timers.push(Reverse((at, id)));
+                            timers.push(Reverse((at, id as u32, slot.due)));
                         }
                     }
                     slot.job = Some(job);
@@ -274,15 +289,16 @@ async fn run(mut d: Drive, limit: usize) {
             },
             _ = sleep_until(next), if next.is_some() => {
                 let now = Instant::now();
-                while let Some(Reverse((at, id))) = timers.peek().copied() {
+                while let Some(Reverse((at, id, due))) = timers.peek().copied() {
                     if at > now {
                         break;
                     }
                     timers.pop();
+                    let id = id as usize;
                     let slot = &mut slots[id];
                     // An entry for a time since replaced is stale.
-                    if matches!(slot.state, State::Due(t) if t == at) {
-                        slot.state = State::Queued(None);
+                    if slot.state == State::Due && slot.due == due {
+                        slot.state = State::Queued;
                         queue.push_back(id);
                     }
                 }
@@ -303,6 +319,18 @@ fn retire_if_done(slot: &mut Slot) -> bool {
     }
     slot.state = State::Running;
     true
+}
+
+/// Records what a queued job is asked to replace (`None`: a plain refresh).
+fn set_asked(asked_for: &mut HashMap<usize, Arc<str>>, id: usize, asked: Option<Arc<str>>) {
+    match asked {
+        Some(a) => {
+            asked_for.insert(id, a);
+        }
+        None => {
+            asked_for.remove(&id);
+        }
+    }
 }
 
 async fn sleep_until(at: Option<Instant>) {
