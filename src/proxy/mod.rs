@@ -889,6 +889,18 @@ impl Proxy {
     /// Nothing is replayed: a streamed body is not kept.
     async fn stream(&self, session: &mut Session, plan: Plan, ctx: &mut Ctx) -> Step<()> {
         ctx.account = plan.account.clone();
+        // Counted (and capped) like every API call, before any body moves.
+        if let Some(a) = &plan.account {
+            if let Err(over) = a.admit_call(&plan.path) {
+                // The body stays unread: the connection cannot be reused.
+                session.set_keepalive(None);
+                return Ok(Err(ProxyError::QuotaLimit {
+                    account: a.name.clone(),
+                    path: plan.path.clone(),
+                    per_day: over.per_day,
+                }));
+            }
+        }
         let upstream_err = |source| match source {
             UpstreamError::Unavailable => ProxyError::Unavailable,
             source => ProxyError::Upstream {

@@ -186,7 +186,7 @@ async fn quota_resets_stop_at_ten_a_month_and_need_the_admin_token() {
 async fn a_local_daily_cap_answers_45009_before_wechat_would() {
     let fake = Fake::start(&[]);
     let body = format!(
-        "{}{}    limits:\n      {TEMPLATE_SEND}: {{per_day: 3}}\n",
+        "{}{}    limits:\n      {TEMPLATE_SEND}: {{per_day: 3}}\n      /cgi-bin/media/upload: {{per_day: 1}}\n",
         upstream(),
         Sidecar::accounts("classic", "stable")
     );
@@ -229,6 +229,24 @@ async fn a_local_daily_cap_answers_45009_before_wechat_would() {
     // Other paths and other accounts are not capped.
     assert_eq!(mall("/cgi-bin/message/custom/send").await.1["errcode"], 0);
     assert_eq!(side.send(TEMPLATE_SEND, TEMPLATE).await.1["errcode"], 0);
+    // A streamed upload is capped too, before its body moves.
+    let upload = || async {
+        let form = reqwest::multipart::Form::new().part(
+            "media",
+            reqwest::multipart::Part::bytes(vec![7u8; 64 * 1024]).file_name("a.bin"),
+        );
+        let r = client()
+            .post(side.url("/cgi-bin/media/upload?type=file"))
+            .header("X-Wx-Account", "mall")
+            .multipart(form)
+            .send()
+            .await
+            .unwrap();
+        r.json::<Value>().await.unwrap()
+    };
+    assert!(upload().await["media_id"].is_string());
+    let v = upload().await;
+    assert_eq!(v["errcode"], 45009, "{v}");
     let (_, q) = admin_get(&side, &format!("/quota?account=mall&path={TEMPLATE_SEND}")).await;
     assert_eq!(q["local_limit_per_day"], 3, "{q}");
     assert_eq!(
