@@ -96,6 +96,19 @@ fn bench(c: &mut Criterion) {
 
     let line = r#"{"timestamp":"2026-11-28T10:00:00Z","level":"DEBUG","message":"request","method":"POST","path":"/cgi-bin/message/template/send","status":200}"#;
     let secret_line = "GET /cgi-bin/token?grant_type=client_credential&appid=wx1&secret=abcdef0123456789 HTTP/1.1";
+    // Scanning an answer for the token (nothing sent back may carry it):
+    // a searcher kept with the token against one built per answer.
+    let token: String = (0..136)
+        .map(|i| (b'A' + (i * 7 % 26) as u8) as char)
+        .collect();
+    let answer = br#"{"errcode":0,"errmsg":"ok","msgid":200228332}"#;
+    let kept = memchr::memmem::Finder::new(token.as_bytes()).into_owned();
+    c.bench_function("token scan: kept searcher", |b| {
+        b.iter(|| kept.find(black_box(answer)))
+    });
+    c.bench_function("token scan: searcher per answer", |b| {
+        b.iter(|| memchr::memmem::find(black_box(answer), black_box(token.as_bytes())))
+    });
     c.bench_function("logging::scrub clean line", |b| {
         b.iter(|| wxsidecar::logging::scrub(black_box(line)))
     });

@@ -44,9 +44,6 @@ pub struct Lease {
     lifetime_ms: u32,
     /// WeChat called it invalid (40001/40014/42001): not handed out any more.
     reported_invalid: AtomicBool,
-    /// A searcher for the value, built on first use: answers are scanned
-    /// for it on every request. Boxed: ~290 bytes an idle account need not hold.
-    finder: once_cell::race::OnceBox<memchr::memmem::Finder<'static>>,
 }
 
 impl Lease {
@@ -62,17 +59,19 @@ impl Lease {
             fetched_at,
             lifetime_ms: u32::try_from(lifetime.as_millis()).unwrap_or(u32::MAX),
             reported_invalid: AtomicBool::new(false),
-            finder: once_cell::race::OnceBox::new(),
         }
     }
 
-    /// Where the value occurs in `haystack`, if it does.
+    /// Where the value occurs in `haystack`, if it does. No searcher is
+    /// kept with the token (~400 bytes each): most answers are shorter than
+    /// a token and need none, a longer one builds its own (~70 ns,
+    /// `cargo bench --bench hot_path -- "token scan"`).
     pub fn find_in(&self, haystack: &[u8]) -> Option<usize> {
-        self.finder
-            .get_or_init(|| {
-                Box::new(memchr::memmem::Finder::new(self.value.as_bytes()).into_owned())
-            })
-            .find(haystack)
+        let needle = self.value.as_bytes();
+        if haystack.len() < needle.len() {
+            return None;
+        }
+        memchr::memmem::find(haystack, needle)
     }
 
     /// Its full lifetime as first seen.
