@@ -437,9 +437,27 @@ impl Accounts {
 
     /// The Official Account / mini program account with this appid.
     pub fn by_appid(&self, appid: &str) -> Option<&Arc<Account>> {
-        self.list
-            .iter()
-            .find(|a| a.kind == AccountKind::Official && &*a.id == appid)
+        // One hash lookup: every account's appid is in the table unless an
+        // earlier entry has the same text (another account's name, or a
+        // WeCom corpid); then the list is read.
+        let hash = self.hasher.hash_one(appid);
+        let linear = || {
+            self.list
+                .iter()
+                .find(|a| a.kind == AccountKind::Official && &*a.id == appid)
+        };
+        match self.by_key.find(hash, |&e| key_of(&self.list, e) == appid) {
+            None => None,
+            Some(&e) if e & BY_ID != 0 => {
+                let a = &self.list[(e & !BY_ID) as usize];
+                if a.kind == AccountKind::Official {
+                    Some(a)
+                } else {
+                    linear()
+                }
+            }
+            Some(_) => linear(),
+        }
     }
 
     /// The WeCom accounts of a corp (one per app secret).
@@ -584,6 +602,22 @@ mod tests {
         );
         let err = a.pick(Some("nope"), None).err().unwrap();
         assert!(err.to_string().contains("`nope`") && err.to_string().contains("shop, mall"));
+    }
+
+    #[test]
+    fn by_appid_is_a_lookup_and_a_name_shadowing_an_appid_is_read_through() {
+        let a = two();
+        assert_eq!(a.by_appid("wxmall").unwrap().name, "mall");
+        assert!(a.by_appid("mall").is_none() && a.by_appid("wxnone").is_none());
+        // "wxmall" is also the first account's name: the table holds the
+        // name, the appid is still found.
+        let c = Config::parse(
+            "accounts:\n  - {name: wxmall, appid: wxshop, secret: a}\n  - {name: mall, appid: wxmall, secret: b}\n",
+        )
+        .unwrap();
+        let a = Accounts::new(c.accounts.clone());
+        assert_eq!(a.by_appid("wxmall").unwrap().name, "mall");
+        assert_eq!(a.by_appid("wxshop").unwrap().name, "wxmall");
     }
 
     #[test]

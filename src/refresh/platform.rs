@@ -368,16 +368,13 @@ async fn add_authorizers(app: &Arc<App>, p: &Arc<Platform>, appids: &[String]) {
     // took ours (it is in the table by now).
     let appids = std::mem::take(&mut *p.pending_adds.lock());
     let current = app.accounts_full();
-    let known: std::collections::HashSet<&str> = current
-        .iter()
-        .filter(|a| a.platform.is_some())
-        .map(|a| &*a.id)
-        .collect();
-    let add: Vec<AccountConfig> = appids
-        .iter()
-        .filter(|a| !known.contains(a.as_str()))
-        .map(|a| AccountConfig::authorizer(&p.name, a))
-        .collect();
+    let mut add: Vec<AccountConfig> = Vec::new();
+    for a in &appids {
+        let known = current.by_appid(a).is_some_and(|x| x.platform.is_some());
+        if !known && !add.iter().any(|c| &c.appid == a) {
+            add.push(AccountConfig::authorizer(&p.name, a));
+        }
+    }
     if add.is_empty() {
         return;
     }
