@@ -47,6 +47,11 @@ fn bench(c: &mut Criterion) {
             &format!("account::pick by issued token ({n} accounts)"),
             |b| b.iter(|| a.pick(None, black_box(Some(last.as_str()))).is_ok()),
         );
+        // A local token answer (`/cgi-bin/token?appid=`) finds its account.
+        let appid = format!("wx{:016}", n - 1);
+        c.bench_function(&format!("account::by_appid ({n} accounts)"), |b| {
+            b.iter(|| a.by_appid(black_box(appid.as_str())).is_some())
+        });
     }
 
     let token = format!("TOKEN{:090}", 7);
