@@ -7,6 +7,30 @@
 use crate::account::{Account, Accounts};
 use crate::metrics::{TextFamily, FETCH_RESULTS, NO_ACCOUNT};
 
+/// Appends the platforms' event hand-off counts (`forward_events`) to `out`.
+pub fn write_platforms(out: &mut Vec<u8>, platforms: &[std::sync::Arc<crate::platform::Platform>]) {
+    if platforms.iter().all(|p| p.forward.is_none()) {
+        return;
+    }
+    let mut f = TextFamily::new(
+        out,
+        "wxsidecar_platform_events_forwarded_total",
+        "Platform events handed on to the app's handler (forward_events), by platform and result (sent, failed, dropped).",
+        "counter",
+    );
+    for p in platforms {
+        let Some(fw) = &p.forward else { continue };
+        let st = fw.status();
+        for (result, n) in [
+            ("sent", st.sent),
+            ("failed", st.failed),
+            ("dropped", st.dropped),
+        ] {
+            f.series(&[("platform", &p.name), ("result", result)], n);
+        }
+    }
+}
+
 /// Appends every per-account family to `out`.
 pub fn write_accounts(out: &mut Vec<u8>, accounts: &Accounts) {
     let mut f = TextFamily::new(

@@ -293,6 +293,7 @@ impl Admin {
     fn metrics(&self) -> Response<Vec<u8>> {
         let mut out = crate::metrics::render();
         exposition::write_accounts(&mut out, &self.app.accounts());
+        exposition::write_platforms(&mut out, &self.app.platforms);
         answer(200, "text/plain; version=0.0.4", out)
     }
 

@@ -689,6 +689,11 @@ async fn events_are_handed_on_to_the_app_signed_as_wechat_sends_them_and_retried
     assert_eq!(f.format, "wechat");
     assert_eq!(f.last_error.as_deref(), Some("the handler answered 503"));
     assert!(f.url.ends_with("/wechat/events?***"), "{}", f.url);
+    assert_eq!(
+        side.metric("wxsidecar_platform_events_forwarded_total{platform=\"saas\",result=\"sent\"}")
+            .await,
+        2.0
+    );
     assert!(!side.status().await.to_string().contains("handler-key-1"));
     side.assert_log_clean(&[COMPONENT_SECRET, PTOKEN, "handler-key-1"]);
 }
