@@ -152,7 +152,7 @@ impl Admin {
                             .as_ref()
                             .map(|t| t.remaining().as_secs()),
                         component_last_error: last_error(p.component.status().last_error),
-                        authorizers: p.authorizers().len(),
+                        authorizers: p.authorizer_count(),
                         forward: p.forward.as_ref().map(|f| f.status()),
                     }
                 })
