@@ -23,12 +23,14 @@ const DEFAULT_ANSWER_LIMIT: usize = 64 * 1024;
 /// recovered through `api_get_authorizer_list` (or authorise again).
 pub const REFRESH_TOKEN_INVALID: i64 = 61023;
 
-/// POSTs `body` as JSON to a component API and reads the answer.
+/// POSTs `body` as JSON to a component API and reads the answer; with it,
+/// when the request was sent (a token's lifetime counts from then).
 async fn post(
     families: &Families,
     path_and_query: &str,
     body: &Value,
-) -> Result<(u16, Value), FetchError> {
+) -> Result<(tokio::time::Instant, Value), FetchError> {
+    let sent = tokio::time::Instant::now();
     let (status, answer) = families
         .get(crate::config::Family::Official)
         .post_json(
@@ -56,11 +58,12 @@ async fn post(
                 .collect(),
         });
     }
-    Ok((status, v))
+    Ok((sent, v))
 }
 
-/// The token named `field` in `v` and its `expires_in`.
-fn token_in(v: &Value, field: &str) -> Result<Fetched, FetchError> {
+/// The token named `field` in `v` and its `expires_in`, counted from `sent`
+/// as every token fetch is ([`Fetched::counted_from`]).
+fn token_in(v: &Value, field: &str, sent: tokio::time::Instant) -> Result<Fetched, FetchError> {
     let value = v
         .get(field)
         .and_then(Value::as_str)
@@ -73,7 +76,8 @@ fn token_in(v: &Value, field: &str) -> Result<Fetched, FetchError> {
     Ok(Fetched {
         value: value.to_string(),
         expires_in: Duration::from_secs(secs),
-    })
+    }
+    .counted_from(sent))
 }
 
 /// The component token, with the latest ticket.
@@ -107,13 +111,13 @@ impl Source for ComponentSource {
             "component_appsecret": p.component_secret.expose(),
             "component_verify_ticket": ticket,
         });
-        let (_, v) = post(
+        let (sent, v) = post(
             &self.families,
             "/cgi-bin/component/api_component_token",
             &body,
         )
         .await?;
-        token_in(&v, "component_access_token")
+        token_in(&v, "component_access_token", sent)
     }
 }
 
@@ -245,7 +249,7 @@ impl AuthorizerSource {
             "/cgi-bin/component/api_authorizer_token?component_access_token={}",
             component.value
         );
-        let v = match post(&self.families, &path, &body).await {
+        let (sent, v) = match post(&self.families, &path, &body).await {
             Err(FetchError::WeChat { errcode, .. })
                 if crate::inspect::INVALID_TOKEN.contains(&errcode) =>
             {
@@ -256,9 +260,9 @@ impl AuthorizerSource {
                     p.name
                 )));
             }
-            other => other?.1,
+            other => other?,
         };
-        let fetched = token_in(&v, "authorizer_access_token")?;
+        let fetched = token_in(&v, "authorizer_access_token", sent)?;
         if let Some(rotated) = v.get("authorizer_refresh_token").and_then(Value::as_str) {
             if p.refresh_token(appid).is_none_or(|t| t.expose() != rotated) {
                 // Durable before the new token is used.
