@@ -128,16 +128,14 @@ impl Proxy {
                     .and_then(Value::as_str)
                     .unwrap_or("")
                     .to_string();
-                let account = {
-                    let accounts = self.app.accounts();
-                    let found = accounts
-                        .iter()
-                        .find(|a| {
-                            *a.id == *appid && a.platform.as_deref() == Some(platform.name.as_str())
-                        })
-                        .cloned();
-                    found
+                let authorised = || {
+                    self.app
+                        .accounts()
+                        .by_appid(&appid)
+                        .filter(|a| a.platform.as_deref() == Some(platform.name.as_str()))
+                        .cloned()
                 };
+                let account = authorised();
                 let Some(account) = account else {
                     return Ok(Err(bad(format!(
                         "authorizer `{}` has not authorised platform {}",
