@@ -135,7 +135,15 @@ impl Proxy {
                         .filter(|a| a.platform.as_deref() == Some(platform.name.as_str()))
                         .cloned()
                 };
-                let account = authorised();
+                // Not in memory (unused past idle_after, or known only by
+                // its refresh token): made an account as on any request.
+                let account = match authorised() {
+                    Some(a) => Some(a),
+                    None => {
+                        self.adopt_authorizer(&appid).await;
+                        authorised()
+                    }
+                };
                 let Some(account) = account else {
                     return Ok(Err(bad(format!(
                         "authorizer `{}` has not authorised platform {}",

@@ -428,7 +428,36 @@ async fn an_idle_authoriser_leaves_memory_and_comes_back_on_its_next_request() {
     let st = side.typed_status().await;
     assert_eq!(st.platforms[0].authorizers, 1, "its refresh token is kept");
     assert!(side.log().contains("idle authorised accounts dropped"));
-    // Its next request brings it back, with no new authorisation.
+    // Its next request brings it back, with no new authorisation — the
+    // app's own api_authorizer_token call too.
+    let component = client()
+        .post(side.url("/cgi-bin/component/api_component_token"))
+        .body(serde_json::json!({"component_appid": COMPONENT, "component_appsecret": COMPONENT_SECRET, "component_verify_ticket": "x"}).to_string())
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap()["component_access_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = client()
+        .post(side.url(&format!(
+            "/cgi-bin/component/api_authorizer_token?component_access_token={component}"
+        )))
+        .body(serde_json::json!({"component_appid": COMPONENT, "authorizer_appid": AUTHORIZER, "authorizer_refresh_token": "x"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["authorizer_access_token"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty()),
+        "{v}"
+    );
     let (code, v) = send_for(&side, AUTHORIZER).await;
     assert_eq!((code, v["errcode"].as_i64()), (200, Some(0)), "{v}");
     assert_eq!(platform_stats(&fake).await["query_auth_calls"], 1);
