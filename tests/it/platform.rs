@@ -27,18 +27,6 @@ fn platform_config(extra: &str) -> String {
     )
 }
 
-async fn send_for(side: &Sidecar, account: &str) -> (u16, Value) {
-    let r = client()
-        .post(side.url(TEMPLATE_SEND))
-        .header("X-Wx-Account", account)
-        .body(TEMPLATE)
-        .send()
-        .await
-        .unwrap();
-    let s = r.status().as_u16();
-    (s, r.json().await.unwrap_or(Value::Null))
-}
-
 async fn platform_stats(fake: &Fake) -> Value {
     fake.stats().await["platform"].clone()
 }
@@ -61,7 +49,7 @@ async fn ticket_then_component_token_then_an_authorised_account_served_without_a
         .platform_admin(&format!("/__fake/authorize?authorizer={AUTHORIZER}"))
         .await;
     assert_eq!(v["delivered"], true, "the authorisation was exchanged: {v}");
-    let (code, v) = send_for(&side, AUTHORIZER).await;
+    let (code, v) = side.send_as(AUTHORIZER, TEMPLATE_SEND, TEMPLATE).await;
     assert_eq!((code, v["errcode"].as_i64()), (200, Some(0)), "{v}");
     let seen = fake.last_request().await;
     assert!(seen["access_token"].as_str().is_some_and(|t| !t.is_empty()));
@@ -72,7 +60,7 @@ async fn ticket_then_component_token_then_an_authorised_account_served_without_a
     // WeChat revokes the authoriser's token: one refresh, the send replayed.
     let fetches = stats["authorizer_token_fetches"].as_u64().unwrap();
     fake.invalidate(AUTHORIZER).await;
-    let (code, v) = send_for(&side, AUTHORIZER).await;
+    let (code, v) = side.send_as(AUTHORIZER, TEMPLATE_SEND, TEMPLATE).await;
     assert_eq!(
         (code, v["errcode"].as_i64()),
         (200, Some(0)),
@@ -98,7 +86,7 @@ async fn ticket_then_component_token_then_an_authorised_account_served_without_a
         .platform_admin(&format!("/__fake/unauthorize?authorizer={AUTHORIZER}"))
         .await;
     assert_eq!(v["delivered"], true, "{v}");
-    let (code, v) = send_for(&side, AUTHORIZER).await;
+    let (code, v) = side.send_as(AUTHORIZER, TEMPLATE_SEND, TEMPLATE).await;
     assert_eq!(code, 400, "an unknown account now: {v}");
 }
 
@@ -145,7 +133,10 @@ async fn a_restart_with_the_memory_store_keeps_refresh_tokens() {
         .platform_admin(&format!("/__fake/authorize?authorizer={AUTHORIZER}"))
         .await;
     assert_eq!(v["delivered"], true, "{v}");
-    assert_eq!(send_for(&side, AUTHORIZER).await.1["errcode"], 0);
+    assert_eq!(
+        side.send_as(AUTHORIZER, TEMPLATE_SEND, TEMPLATE).await.1["errcode"],
+        0
+    );
     drop(side);
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(
@@ -159,7 +150,7 @@ async fn a_restart_with_the_memory_store_keeps_refresh_tokens() {
     // from the refresh token kept (no new authorisation), the component
     // token from the ticket kept.
     let side = Sidecar::start(&fake, &config).await;
-    let (code, v) = send_for(&side, AUTHORIZER).await;
+    let (code, v) = side.send_as(AUTHORIZER, TEMPLATE_SEND, TEMPLATE).await;
     assert_eq!((code, v["errcode"].as_i64()), (200, Some(0)), "{v}");
     let stats = platform_stats(&fake).await;
     assert_eq!(stats["query_auth_calls"], 1, "no re-authorisation: {stats}");
@@ -185,7 +176,7 @@ async fn a_stale_refresh_token_is_recovered_through_the_authoriser_list() {
     // The seeded account fetches with the stale token: 61023, recovered.
     let deadline = std::time::Instant::now() + WAIT;
     loop {
-        let (code, v) = send_for(&side, AUTHORIZER).await;
+        let (code, v) = side.send_as(AUTHORIZER, TEMPLATE_SEND, TEMPLATE).await;
         if v["errcode"] == 0 {
             break;
         }
@@ -247,7 +238,7 @@ async fn an_operator_resync_keeps_every_listed_refresh_token_for_first_use() {
         .all(|a| !a.appid.starts_with("wxauthorizer")));
     assert_eq!(platform_stats(&fake).await["authorizer_token_fetches"], 0);
     for a in ["wxauthorizer0001", "wxauthorizer0002"] {
-        let (code, v) = send_for(&side, a).await;
+        let (code, v) = side.send_as(a, TEMPLATE_SEND, TEMPLATE).await;
         assert_eq!((code, v["errcode"].as_i64()), (200, Some(0)), "{a}: {v}");
     }
     // Spaced: a second resync at once is refused.
@@ -278,7 +269,7 @@ async fn three_replicas_on_redis_share_the_component_and_authoriser_tokens() {
         .await;
     assert_eq!(v["delivered"], true, "{v}");
     for side in [&a, &b, &c] {
-        let (code, v) = send_for(side, AUTHORIZER).await;
+        let (code, v) = side.send_as(AUTHORIZER, TEMPLATE_SEND, TEMPLATE).await;
         assert_eq!((code, v["errcode"].as_i64()), (200, Some(0)), "{v}");
     }
     let stats = platform_stats(&fake).await;
@@ -315,7 +306,10 @@ async fn an_apps_own_component_calls_get_the_component_token_or_are_answered_loc
         .await;
     assert_eq!(v["delivered"], true, "{v}");
     // The authoriser's first token is in (its fetch runs after the event).
-    assert_eq!(send_for(&side, AUTHORIZER).await.1["errcode"], 0);
+    assert_eq!(
+        side.send_as(AUTHORIZER, TEMPLATE_SEND, TEMPLATE).await.1["errcode"],
+        0
+    );
     let before = platform_stats(&fake).await;
     let c = client();
     let post = |path: &str, body: Value| {
@@ -416,7 +410,10 @@ async fn an_idle_authoriser_leaves_memory_and_comes_back_on_its_next_request() {
         .platform_admin(&format!("/__fake/authorize?authorizer={AUTHORIZER}"))
         .await;
     assert_eq!(v["delivered"], true, "{v}");
-    assert_eq!(send_for(&side, AUTHORIZER).await.1["errcode"], 0);
+    assert_eq!(
+        side.send_as(AUTHORIZER, TEMPLATE_SEND, TEMPLATE).await.1["errcode"],
+        0
+    );
     let listed = |st: &wxsidecar::status::Status| st.accounts.iter().any(|a| a.appid == AUTHORIZER);
     assert!(listed(&side.typed_status().await));
     // Unused past idle_after: dropped (the refresh token stays).
@@ -458,7 +455,7 @@ async fn an_idle_authoriser_leaves_memory_and_comes_back_on_its_next_request() {
             .is_some_and(|t| !t.is_empty()),
         "{v}"
     );
-    let (code, v) = send_for(&side, AUTHORIZER).await;
+    let (code, v) = side.send_as(AUTHORIZER, TEMPLATE_SEND, TEMPLATE).await;
     assert_eq!((code, v["errcode"].as_i64()), (200, Some(0)), "{v}");
     assert_eq!(platform_stats(&fake).await["query_auth_calls"], 1);
 }
@@ -480,7 +477,10 @@ async fn a_flushed_store_is_recovered_through_the_authoriser_list_without_reauth
         .platform_admin(&format!("/__fake/authorize?authorizer={AUTHORIZER}"))
         .await;
     assert_eq!(v["delivered"], true, "{v}");
-    assert_eq!(send_for(&a, AUTHORIZER).await.1["errcode"], 0);
+    assert_eq!(
+        a.send_as(AUTHORIZER, TEMPLATE_SEND, TEMPLATE).await.1["errcode"],
+        0
+    );
     // Redis loses everything; a new replica starts and gets the next ticket.
     let mut conn = redis.conn().await.unwrap();
     let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
@@ -488,7 +488,7 @@ async fn a_flushed_store_is_recovered_through_the_authoriser_list_without_reauth
     assert_eq!(fake.platform_admin(&cb(&b)).await["delivered"], true);
     let deadline = std::time::Instant::now() + WAIT;
     loop {
-        let (code, v) = send_for(&b, AUTHORIZER).await;
+        let (code, v) = b.send_as(AUTHORIZER, TEMPLATE_SEND, TEMPLATE).await;
         if v["errcode"] == 0 {
             break;
         }

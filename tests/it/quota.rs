@@ -8,12 +8,6 @@ use crate::support::*;
 
 const TEMPLATE_SEND: &str = "/cgi-bin/message/template/send";
 
-async fn admin_get(side: &Sidecar, path: &str) -> (u16, Value) {
-    let r = client().get(side.admin(path)).send().await.unwrap();
-    let s = r.status().as_u16();
-    (s, r.json().await.unwrap_or(Value::Null))
-}
-
 async fn admin_post(side: &Sidecar, path: &str) -> (u16, Value) {
     let r = client().post(side.admin(path)).send().await.unwrap();
     let s = r.status().as_u16();
@@ -59,7 +53,7 @@ async fn the_ledger_counts_per_path_beside_wechats_count_and_a_rid_is_looked_up(
     let rid = errmsg.rsplit("rid: ").next().unwrap().trim().to_string();
     assert!(errmsg.contains("rid: ") && rid.len() > 10, "{errmsg}");
 
-    let (code, q) = admin_get(&side, "/quota?account=shop").await;
+    let (code, q) = side.admin_get("/quota?account=shop").await;
     assert_eq!(code, 200, "{q}");
     let send = path_of(&q["ours"], TEMPLATE_SEND);
     assert_eq!(send["calls"], 7, "{q}");
@@ -67,7 +61,9 @@ async fn the_ledger_counts_per_path_beside_wechats_count_and_a_rid_is_looked_up(
     assert_eq!(path_of(&q["ours"], "/cgi-bin/user/info")["calls"], 2);
     assert!(q["day"].as_str().unwrap().len() == 10);
 
-    let (code, q) = admin_get(&side, &format!("/quota?account=shop&path={TEMPLATE_SEND}")).await;
+    let (code, q) = side
+        .admin_get(&format!("/quota?account=shop&path={TEMPLATE_SEND}"))
+        .await;
     assert_eq!(code, 200, "{q}");
     assert_eq!(q["ours"].as_array().unwrap().len(), 1);
     assert_eq!(q["ours"][0]["calls"], 7);
@@ -76,7 +72,9 @@ async fn the_ledger_counts_per_path_beside_wechats_count_and_a_rid_is_looked_up(
     assert_eq!(q["wechat"]["quota"]["used"], 6, "{q}");
     assert_eq!(q["wechat"]["quota"]["daily_limit"], 100000);
 
-    let (code, r) = admin_get(&side, &format!("/rid?account=shop&rid={rid}")).await;
+    let (code, r) = side
+        .admin_get(&format!("/rid?account=shop&rid={rid}"))
+        .await;
     assert_eq!(code, 200, "{r}");
     assert_eq!(r["errcode"], 0, "{r}");
     let req = &r["request"];
@@ -89,13 +87,13 @@ async fn the_ledger_counts_per_path_beside_wechats_count_and_a_rid_is_looked_up(
         url.starts_with(TEMPLATE_SEND) && url.contains("access_token=***"),
         "{url}"
     );
-    let (_, r) = admin_get(&side, "/rid?account=shop&rid=nope-nope").await;
+    let (_, r) = side.admin_get("/rid?account=shop&rid=nope-nope").await;
     assert_eq!(r["errcode"], 76001, "WeChat's answer as it is: {r}");
-    let (code, _) = admin_get(&side, "/rid?account=shop").await;
+    let (code, _) = side.admin_get("/rid?account=shop").await;
     assert_eq!(code, 400);
-    let (code, v) = admin_get(&side, "/quota?account=nobody").await;
+    let (code, v) = side.admin_get("/quota?account=nobody").await;
     assert_eq!(code, 404, "{v}");
-    let (code, v) = admin_get(&side, "/quota?account=shop&path=cgi-bin").await;
+    let (code, v) = side.admin_get("/quota?account=shop&path=cgi-bin").await;
     assert_eq!(code, 400, "{v}");
     let all = side.log();
     side.assert_log_clean(&[]);
@@ -192,19 +190,7 @@ async fn a_local_daily_cap_answers_45009_before_wechat_would() {
     );
     // The cap sits on mall, the last account in the standard config.
     let side = Sidecar::start(&fake, &body).await;
-    let mall = |path: &'static str| {
-        let side = &side;
-        async move {
-            let r = client()
-                .post(side.url(path))
-                .header("X-Wx-Account", "mall")
-                .body(TEMPLATE)
-                .send()
-                .await
-                .unwrap();
-            (r.status().as_u16(), r.json::<Value>().await.unwrap())
-        }
-    };
+    let mall = |path: &'static str| side.send_as("mall", path, TEMPLATE);
     for _ in 0..3 {
         assert_eq!(mall(TEMPLATE_SEND).await.1["errcode"], 0);
     }
@@ -247,7 +233,9 @@ async fn a_local_daily_cap_answers_45009_before_wechat_would() {
     assert!(upload().await["media_id"].is_string());
     let v = upload().await;
     assert_eq!(v["errcode"], 45009, "{v}");
-    let (_, q) = admin_get(&side, &format!("/quota?account=mall&path={TEMPLATE_SEND}")).await;
+    let (_, q) = side
+        .admin_get(&format!("/quota?account=mall&path={TEMPLATE_SEND}"))
+        .await;
     assert_eq!(q["local_limit_per_day"], 3, "{q}");
     assert_eq!(
         q["ours"][0]["calls"], 3,
@@ -289,7 +277,9 @@ async fn replicas_share_counts_caps_and_resets_through_redis() {
     // Shared within a flush interval (2 s); wait for the count to land.
     let deadline = std::time::Instant::now() + WAIT;
     loop {
-        let (_, q) = admin_get(&b, &format!("/quota?account=mall&path={TEMPLATE_SEND}")).await;
+        let (_, q) = b
+            .admin_get(&format!("/quota?account=mall&path={TEMPLATE_SEND}"))
+            .await;
         if send(&b).await.is_some() && q["ours"][0]["cluster_calls"].as_u64().unwrap_or(0) >= 7 {
             break;
         }

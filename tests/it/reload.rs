@@ -20,18 +20,6 @@ async fn reload(side: &Sidecar) -> (u16, Value) {
     (s, r.json().await.unwrap_or(Value::Null))
 }
 
-async fn send_as(side: &Sidecar, account: &str) -> (u16, Value) {
-    let r = client()
-        .post(side.url(TEMPLATE_SEND))
-        .header("X-Wx-Account", account)
-        .body(TEMPLATE)
-        .send()
-        .await
-        .unwrap();
-    let s = r.status().as_u16();
-    (s, r.json().await.unwrap_or(Value::Null))
-}
-
 async fn wait_generation(side: &Sidecar, n: u64) -> Value {
     let deadline = Instant::now() + WAIT;
     loop {
@@ -168,7 +156,7 @@ async fn accounts_come_and_go_and_a_bad_config_changes_nothing() {
     assert_eq!(st["config_generation"], 1);
     assert_eq!(st["last_reload"]["result"], "failed");
     assert_eq!(
-        send_as(&side, "mall").await.1["errcode"],
+        side.send_as("mall", TEMPLATE_SEND, TEMPLATE).await.1["errcode"],
         0,
         "still serving"
     );
@@ -210,8 +198,11 @@ async fn accounts_come_and_go_and_a_bad_config_changes_nothing() {
     );
     assert_eq!(r["generation"], 2);
     // outlet was fetched before it was served; mall is gone.
-    assert_eq!(send_as(&side, "outlet").await.1["errcode"], 0);
-    let (code, v) = send_as(&side, "mall").await;
+    assert_eq!(
+        side.send_as("outlet", TEMPLATE_SEND, TEMPLATE).await.1["errcode"],
+        0
+    );
+    let (code, v) = side.send_as("mall", TEMPLATE_SEND, TEMPLATE).await;
     assert_eq!(code, 400, "{v}");
     assert_eq!(v["errcode"], 40013);
     assert_eq!(
@@ -228,8 +219,11 @@ async fn accounts_come_and_go_and_a_bad_config_changes_nothing() {
     side.signal("HUP");
     let st = wait_generation(&side, 3).await;
     assert_eq!(st["last_reload"]["trigger"], "SIGHUP");
-    assert_eq!(send_as(&side, "mall").await.1["errcode"], 0);
-    assert_eq!(send_as(&side, "outlet").await.0, 400);
+    assert_eq!(
+        side.send_as("mall", TEMPLATE_SEND, TEMPLATE).await.1["errcode"],
+        0
+    );
+    assert_eq!(side.send_as("outlet", TEMPLATE_SEND, TEMPLATE).await.0, 400);
     side.assert_log_clean(&["outlet-secret"]);
 }
 

@@ -56,14 +56,9 @@ async fn twenty_megabytes_up_and_down() {
         .unwrap();
     assert!(upload["body_len"].as_u64().unwrap() > 20 * 1024 * 1024);
     // Counted in the quota ledger like any call.
-    let q: Value = client()
-        .get(side.admin("/quota?account=shop&path=/cgi-bin/media/upload"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, q) = side
+        .admin_get("/quota?account=shop&path=/cgi-bin/media/upload")
+        .await;
     assert_eq!(q["ours"][0]["calls"], 1, "{q}");
     assert!(
         upload["access_token"].as_str().is_some(),

@@ -620,14 +620,37 @@ impl Sidecar {
 
     /// POSTs a template message through the sidecar; returns (status, JSON).
     pub async fn send(&self, path_and_query: &str, body: &str) -> (u16, Value) {
-        let r = client()
-            .post(self.url(path_and_query))
-            .body(body.to_string())
-            .send()
+        self.post_with(path_and_query, body, &[]).await
+    }
+
+    /// [`Self::send`] naming the account (`X-Wx-Account`).
+    pub async fn send_as(&self, account: &str, path_and_query: &str, body: &str) -> (u16, Value) {
+        self.post_with(path_and_query, body, &[("X-Wx-Account", account)])
             .await
-            .unwrap();
+    }
+
+    async fn post_with(
+        &self,
+        path_and_query: &str,
+        body: &str,
+        headers: &[(&str, &str)],
+    ) -> (u16, Value) {
+        let mut req = client()
+            .post(self.url(path_and_query))
+            .body(body.to_string());
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let r = req.send().await.unwrap();
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// A GET on the admin listener: (status, JSON).
+    pub async fn admin_get(&self, path: &str) -> (u16, Value) {
+        let r = client().get(self.admin(path)).send().await.unwrap();
+        let s = r.status().as_u16();
+        (s, r.json().await.unwrap_or(Value::Null))
     }
 
     /// Asserts that no secret and none of `tokens` appears in the log.
