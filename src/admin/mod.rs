@@ -384,12 +384,7 @@ impl Admin {
                 .into_bytes(),
             ),
             None => {
-                let why = cell
-                    .status()
-                    .last_error
-                    .map_or(format!("no new {what} in time"), |(c, m)| {
-                        format!("errcode {c}: {m}")
-                    });
+                let why = cell.status().why(&format!("no new {what} in time"));
                 let body = crate::reply::error_body(
                     -1,
                     &format!(

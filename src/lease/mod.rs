@@ -116,6 +116,15 @@ pub struct CellStatus {
     pub budget_spent: Option<String>,
 }
 
+impl CellStatus {
+    /// The last failure as errors say it (`errcode C: message`), else `none`.
+    pub fn why(&self, none: &str) -> String {
+        self.last_error
+            .as_ref()
+            .map_or_else(|| none.to_string(), |(c, m)| format!("errcode {c}: {m}"))
+    }
+}
+
 /// What a cell keeps to answer [`LeaseCell::status`]: the counts inline,
 /// a failure's words boxed (a healthy cell has none), so a cell fits a
 /// smaller allocation class.

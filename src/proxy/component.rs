@@ -156,13 +156,7 @@ impl Proxy {
                     return Ok(Err(ProxyError::NoToken {
                         account: account.name.clone(),
                         what: "authorizer token",
-                        reason: account
-                            .tokens
-                            .status()
-                            .last_error
-                            .map_or("not fetched yet".into(), |(c, m)| {
-                                format!("errcode {c}: {m}")
-                            }),
+                        reason: account.tokens.status().why("not fetched yet"),
                     }));
                 };
                 // The latest refresh token too: the app may keep its own copy.
@@ -212,10 +206,10 @@ fn no_component(p: &Platform) -> ProxyError {
     ProxyError::NoToken {
         account: p.name.clone(),
         what: "component token",
-        reason: p.component.status().last_error.map_or(
-            "not fetched yet (no ticket pushed yet?)".into(),
-            |(c, m)| format!("errcode {c}: {m}"),
-        ),
+        reason: p
+            .component
+            .status()
+            .why("not fetched yet (no ticket pushed yet?)"),
     }
 }
 

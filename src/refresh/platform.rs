@@ -287,13 +287,7 @@ async fn component_token(
         wait
     };
     p.component.wait_valid(wait).await.ok_or_else(|| {
-        let why = p
-            .component
-            .status()
-            .last_error
-            .map_or("not fetched yet".to_string(), |(c, m)| {
-                format!("errcode {c}: {m}")
-            });
+        let why = p.component.status().why("not fetched yet");
         FetchError::NoToken(format!(
             "platform {}'s component token is not available ({why})",
             p.name
