@@ -124,19 +124,34 @@ impl Upstreams {
         for h in self.hosts.iter().filter(|h| self.in_use(h)) {
             match attempt(h).await {
                 Ok(x) => return Ok(x),
-                Err(e) if e.is_connect() => {
-                    if !self.in_use(h) {
-                        tracing::warn!(upstream = %h.url(), error = %e, "upstream out of use after repeated connect failures");
-                    }
-                    last = e;
-                }
-                Err(e) => return Err(e),
+                Err(e) => last = self.next_host_after(h, e)?,
             }
         }
+        Err(Self::none_left(last))
+    }
+
+    /// After `h` failed with `e`: `Ok(e)` when the next host may take the
+    /// request (a connect failure), `Err(e)` when the request is done.
+    fn next_host_after(
+        &self,
+        h: &Upstream,
+        e: UpstreamError,
+    ) -> Result<UpstreamError, UpstreamError> {
+        if !e.is_connect() {
+            return Err(e);
+        }
+        if !self.in_use(h) {
+            tracing::warn!(upstream = %h.url(), error = %e, "upstream out of use after repeated connect failures");
+        }
+        Ok(e)
+    }
+
+    /// The error when no host was left to try.
+    fn none_left(last: UpstreamError) -> UpstreamError {
         if matches!(last, UpstreamError::Unavailable) {
             tracing::debug!("every upstream host is out of use; failing fast");
         }
-        Err(last)
+        last
     }
 
     /// Sends through the active host, with failover ([`Self::on_hosts`]).
@@ -150,13 +165,25 @@ impl Upstreams {
 
     /// [`Self::send`] for requests built as bytes (the fast lane): the
     /// same failover, through our own HTTP/1.1 exchange.
+    /// `wire` holds the request line and headers (without `Host`); each
+    /// host appends its own and the body, and takes them off again. `by`:
+    /// the answer deadline, checked by each step of the exchange.
     pub async fn call(
         &self,
-        head: &[u8],
+        wire: &mut Vec<u8>,
         body: &[u8],
         idempotent: bool,
+        by: Option<crate::upstream::AnswerDeadline>,
     ) -> Result<crate::upstream::RawExchange<'_>, UpstreamError> {
-        self.on_hosts(|h| h.call(head, body, idempotent)).await
+        // `on_hosts` by hand: its closure could not lend `wire` to each try.
+        let mut last = UpstreamError::Unavailable;
+        for h in self.hosts.iter().filter(|h| self.in_use(h)) {
+            match h.call(wire, body, idempotent, by).await {
+                Ok(x) => return Ok(x),
+                Err(e) => last = self.next_host_after(h, e)?,
+            }
+        }
+        Err(Self::none_left(last))
     }
 
     /// One whole small exchange (token fetches, admin calls to WeChat):
@@ -174,11 +201,11 @@ impl Upstreams {
             .then(|| pingora::protocols::http::v1::client::http_req_header_to_wire(req))
             .flatten();
         Ok(match wire {
-            Some(mut head) => {
+            Some(head) => {
                 // `call` adds Host and the blank line.
-                head.truncate(head.len() - 2);
+                let mut head = head[..head.len() - 2].to_vec();
                 let idempotent = req.method == http::Method::GET;
-                let mut x = self.call(&head, body, idempotent).await?;
+                let mut x = self.call(&mut head, body, idempotent, None).await?;
                 let status = x.status;
                 let answer = x.read_to_end(limit).await?;
                 x.finish();

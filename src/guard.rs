@@ -207,8 +207,9 @@ thread_local! {
 /// have) for the fast lane or, through [`put_back`], pingora's parser.
 async fn first_read(
     stream: Stream,
-    limit: Duration,
-    shutdown: &ShutdownWatch,
+    until: Instant,
+    mut timer: std::pin::Pin<&mut tokio::time::Sleep>,
+    shutdown: &mut ShutdownWatch,
 ) -> (Stream, FirstRead) {
     use pingora::protocols::l4::stream::Stream as L4Stream;
     use tokio::io::{AsyncRead, ReadBuf};
@@ -229,16 +230,31 @@ async fn first_read(
             }
         })
     });
-    let mut shutdown = shutdown.clone();
+    if timer.deadline() > until {
+        timer.as_mut().reset(until);
+    }
+    // The connection's one timer fires at or before `until`; fired early
+    // (it was set for an earlier wait), it is moved on, not re-armed per request.
+    let expired = async {
+        loop {
+            timer.as_mut().await;
+            if Instant::now() >= until {
+                return;
+            }
+            timer.as_mut().reset(until);
+        }
+    };
     let outcome = tokio::select! {
-        got = tokio::time::timeout(limit, read) => match got {
-            Ok(Ok(data)) if !data.is_empty() => {
+        biased;
+        got = read => match got {
+            Ok(data) if !data.is_empty() => {
                 let whole_head = memchr::memmem::find(&data, b"\r\n\r\n").is_some();
                 FirstRead::Came(data, whole_head)
             }
             _ => FirstRead::Close,
         },
         _ = shutdown.changed() => FirstRead::Close,
+        _ = expired => FirstRead::Close,
     };
     (l4, outcome)
 }
@@ -273,6 +289,10 @@ impl<A: HttpServerApp + Send + Sync + 'static, F: Fast> ServerApp for Guarded<A,
         let mut settings: Option<HttpPersistentSettings> = None;
         let mut kept = false;
         let keepalive = self.limits.idle_timeout.as_secs().max(1);
+        // One timer for every wait on this connection (see `first_read`).
+        let timer = tokio::time::sleep(self.limits.header_timeout);
+        tokio::pin!(timer);
+        let mut watch = shutdown.clone();
         loop {
             // Between requests only this small future is held.
             let pipelined = settings.as_ref().is_some_and(has_pipelined_prefix);
@@ -284,7 +304,8 @@ impl<A: HttpServerApp + Send + Sync + 'static, F: Fast> ServerApp for Guarded<A,
             // `None`: the head is already in hand, no deadline needed.
             let mut head_limit = Some(self.limits.header_timeout);
             if !pipelined {
-                let (back, found) = first_read(stream, wait, shutdown).await;
+                let until = Instant::now() + wait;
+                let (back, found) = first_read(stream, until, timer.as_mut(), &mut watch).await;
                 stream = back;
                 match found {
                     FirstRead::Came(data, true) => {

@@ -43,6 +43,18 @@ pub fn with_token(query: Option<&str>, token: &str) -> String {
 
 /// [`with_token`] for any parameter (`component_access_token`).
 pub fn with_param(query: Option<&str>, name: &str, token: &str) -> String {
+    let mut out = Vec::with_capacity(query.map_or(0, str::len) + name.len() + token.len() + 2);
+    push_with_param(&mut out, query, name, token);
+    String::from_utf8(out).expect("made of str parts")
+}
+
+/// [`with_token`] written onto the end of `out` (the fast lane's request
+/// buffer): no string of its own.
+pub fn push_with_token(out: &mut Vec<u8>, query: Option<&str>, token: &str) {
+    push_with_param(out, query, TOKEN_PARAM, token)
+}
+
+fn push_with_param(out: &mut Vec<u8>, query: Option<&str>, name: &str, token: &str) {
     let encoded: Cow<'_, str> = if token
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~'))
@@ -51,7 +63,7 @@ pub fn with_param(query: Option<&str>, name: &str, token: &str) -> String {
     } else {
         Cow::Owned(url::form_urlencoded::byte_serialize(token.as_bytes()).collect())
     };
-    let mut out = String::with_capacity(query.map_or(0, str::len) + name.len() + encoded.len() + 2);
+    let start = out.len();
     let mut placed = false;
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let key = pair.split_once('=').map_or(pair, |(k, _)| k);
@@ -60,27 +72,27 @@ pub fn with_param(query: Option<&str>, name: &str, token: &str) -> String {
                 continue;
             }
             placed = true;
-            push_pair(&mut out, name, &encoded);
+            push_pair(out, start, name, &encoded);
         } else {
-            if !out.is_empty() {
-                out.push('&');
+            if out.len() > start {
+                out.push(b'&');
             }
-            out.push_str(pair);
+            out.extend_from_slice(pair.as_bytes());
         }
     }
     if !placed {
-        push_pair(&mut out, name, &encoded);
+        push_pair(out, start, name, &encoded);
     }
-    out
 }
 
-fn push_pair(out: &mut String, k: &str, v: &str) {
-    if !out.is_empty() {
-        out.push('&');
+/// `k=v`, after a `&` unless it is the first pair written since `start`.
+fn push_pair(out: &mut Vec<u8>, start: usize, k: &str, v: &str) {
+    if out.len() > start {
+        out.push(b'&');
     }
-    out.push_str(k);
-    out.push('=');
-    out.push_str(v);
+    out.extend_from_slice(k.as_bytes());
+    out.push(b'=');
+    out.extend_from_slice(v.as_bytes());
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ use bytes::Bytes;
 use pingora::protocols::Stream;
 use tokio::io::AsyncWriteExt;
 
-use super::{scrub_body, AnswerDeadline, HOP_BY_HOP};
+use super::{scrubbed, AnswerDeadline, HOP_BY_HOP};
 use crate::account::{Account, ACCOUNT_HEADER};
 use crate::app::App;
 use crate::config::ReplaceTokens;
@@ -367,7 +367,7 @@ impl FastLane {
         match (token, head.query) {
             (Some(t), q) => {
                 out.push(b'?');
-                out.extend_from_slice(query::with_token(q, &t.value).as_bytes());
+                query::push_with_token(out, q, &t.value);
             }
             (None, Some(q)) => {
                 out.push(b'?');
@@ -397,9 +397,10 @@ impl FastLane {
         Ok(req)
     }
 
-    /// The request line and headers for WeChat, with `token` in the query.
+    /// The request line and headers for WeChat, with `token` in the query,
+    /// in a buffer with room for `Host` and the body (the upstream adds them).
     fn upstream_head(head: &Head<'_>, token: Option<&Lease>) -> Vec<u8> {
-        let mut out = Vec::with_capacity(256 + head.forward.len() * 32);
+        let mut out = Vec::with_capacity(320 + head.forward.len() * 32 + head.body.len());
         out.extend_from_slice(if head.post { b"POST " } else { b"GET " });
         Self::target(&mut out, head, token);
         out.extend_from_slice(b" HTTP/1.1\r\n");
@@ -411,7 +412,7 @@ impl FastLane {
         }
         if head.post || !head.body.is_empty() {
             out.extend_from_slice(b"Content-Length: ");
-            out.extend_from_slice(head.body.len().to_string().as_bytes());
+            out.extend_from_slice(itoa::Buffer::new().format(head.body.len()).as_bytes());
             out.extend_from_slice(b"\r\n");
         }
         out
@@ -448,53 +449,55 @@ impl FastLane {
         let mut replaying = false;
         loop {
             let deadline = AnswerDeadline::from_now(upstreams.answer_timeout());
-            let sent = async {
-                if upstreams.speaks_h1() {
-                    let wire = Self::upstream_head(head, plan.token.as_deref());
-                    upstreams
-                        .call(&wire, head.body, !head.post)
-                        .await
-                        .map(Reply::H1)
-                } else {
+            let sent = if upstreams.speaks_h1() {
+                // Our exchange keeps the deadline itself: one timer per wait.
+                let mut wire = Self::upstream_head(head, plan.token.as_deref());
+                upstreams
+                    .call(&mut wire, head.body, !head.post, Some(deadline))
+                    .await
+                    .map(Reply::H1)
+            } else {
+                let sent = async {
                     let req = Self::upstream_header(head, plan.token.as_deref()).map_err(|e| {
                         UpstreamError::Exchange {
                             addr: "the upstream".into(),
                             reason: format!("request not valid for HTTP/2: {e}"),
                         }
                     })?;
-                    upstreams.send(&req, head.body).await.map(Reply::H2)
-                }
+                    upstreams
+                        .send(&req, head.body)
+                        .await
+                        .map(|x| Reply::H2(x, Bytes::new()))
+                };
+                tokio::time::timeout_at(deadline.at, sent)
+                    .await
+                    .unwrap_or_else(|_| Err(deadline.missed()))
             };
-            let sent = tokio::time::timeout_at(deadline.at, sent).await;
             let mut x = match sent {
-                Err(_) => {
-                    return self
-                        .error(stream, upstream_err(deadline.missed()), close)
-                        .await
-                }
-                Ok(Err(e)) => return self.error(stream, upstream_err(e), close).await,
-                Ok(Ok(x)) => x,
+                Err(e) => return self.error(stream, upstream_err(e), close).await,
+                Ok(x) => x,
             };
-            let read = tokio::time::timeout_at(deadline.at, x.read_to_end(limit)).await;
-            let body = match read {
-                Err(_) => {
-                    return self
-                        .error(stream, upstream_err(deadline.missed()), close)
-                        .await
-                }
-                Ok(Err(e)) => return self.error(stream, upstream_err(e), close).await,
-                Ok(Ok(Err(partial))) => {
+            let read = match &mut x {
+                Reply::H1(x) => x.read_whole(limit).await,
+                h2 => tokio::time::timeout_at(deadline.at, h2.read_whole(limit))
+                    .await
+                    .unwrap_or_else(|_| Err(deadline.missed())),
+            };
+            match read {
+                Err(e) => return self.error(stream, upstream_err(e), close).await,
+                Ok(Err(partial)) => {
                     // Over the buffered limit: stream it through.
                     let status = x.status();
                     let written =
                         stream_rest(stream, &mut x, partial, plan.token.as_deref(), deadline).await;
                     return (status, None, true, written);
                 }
-                Ok(Ok(Ok(b))) => b,
-            };
-            let errcode = inspect::errcode(&body);
+                Ok(Ok(())) => {}
+            }
+            let body = x.body();
+            let errcode = inspect::errcode(body);
             plan.account
-                .note_answer(errcode, head.path, || inspect::errmsg(&body));
+                .note_answer(errcode, head.path, || inspect::errmsg(body));
             let rejected = plan.token.is_some()
                 && errcode.is_some_and(|c| inspect::INVALID_TOKEN.contains(&c));
             if replaying {
@@ -524,7 +527,7 @@ impl FastLane {
                 count_replay(&plan.account, head.path, false);
             }
             let status = x.status();
-            let body = scrub_body(body, plan.token.as_deref());
+            let body = scrubbed(body, plan.token.as_deref());
             let mut out = Vec::with_capacity(256 + body.len());
             status_line(&mut out, status);
             copy_headers(&mut out, &x, plan.token.as_deref());
@@ -534,11 +537,10 @@ impl FastLane {
                 out.extend_from_slice(after.as_bytes());
                 out.extend_from_slice(b"\r\n");
             }
-            x.finish().await;
             // No length on an answer that cannot have a body (RFC 9110 §8.6).
             if !(status == 204 || status == 304 || (100..200).contains(&status)) {
                 out.extend_from_slice(b"Content-Length: ");
-                out.extend_from_slice(body.len().to_string().as_bytes());
+                out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
                 out.extend_from_slice(b"\r\n");
             }
             if close {
@@ -546,6 +548,9 @@ impl FastLane {
             }
             out.extend_from_slice(b"\r\n");
             out.extend_from_slice(&body);
+            drop(body);
+            // The connection goes back before the app's write (the body lives in it).
+            x.finish().await;
             return (status, errcode, false, write_all(stream, &out).await);
         }
     }
@@ -569,7 +574,7 @@ impl FastLane {
         out.extend_from_slice(b"Content-Type: ");
         out.extend_from_slice(reply::JSON.as_bytes());
         out.extend_from_slice(b"\r\nContent-Length: ");
-        out.extend_from_slice(body.len().to_string().as_bytes());
+        out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
         out.extend_from_slice(b"\r\n");
         if let Some(secs) = e.retry_after() {
             out.extend_from_slice(format!("Retry-After: {secs}\r\n").as_bytes());
@@ -601,7 +606,7 @@ fn status_line(out: &mut Vec<u8>, status: u16) {
         .and_then(|s| s.canonical_reason())
         .unwrap_or("");
     out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.to_string().as_bytes());
+    out.extend_from_slice(itoa::Buffer::new().format(status).as_bytes());
     out.push(b' ');
     out.extend_from_slice(reason.as_bytes());
     out.extend_from_slice(b"\r\n");
@@ -643,22 +648,23 @@ fn copy_headers(out: &mut Vec<u8>, x: &Reply<'_>, token: Option<&Lease>) {
 enum Reply<'a> {
     /// Our own HTTP/1.1 exchange.
     H1(crate::upstream::RawExchange<'a>),
-    /// pingora's: a stream of a shared HTTP/2 connection.
-    H2(crate::upstream::Exchange<'a>),
+    /// pingora's: a stream of a shared HTTP/2 connection, and its body
+    /// once read whole.
+    H2(crate::upstream::Exchange<'a>, Bytes),
 }
 
 impl Reply<'_> {
     fn status(&self) -> u16 {
         match self {
             Reply::H1(x) => x.status,
-            Reply::H2(x) => x.header().status.as_u16(),
+            Reply::H2(x, _) => x.header().status.as_u16(),
         }
     }
 
     fn for_each_header(&self, mut f: impl FnMut(&[u8], &[u8])) {
         match self {
             Reply::H1(x) => x.headers().for_each(|(n, v)| f(n, v)),
-            Reply::H2(x) => x
+            Reply::H2(x, _) => x
                 .header()
                 .headers
                 .iter()
@@ -669,7 +675,7 @@ impl Reply<'_> {
     fn declared_length(&self) -> Option<usize> {
         match self {
             Reply::H1(x) => x.declared_length(),
-            Reply::H2(_) => None,
+            Reply::H2(..) => None,
         }
     }
 
@@ -679,24 +685,39 @@ impl Reply<'_> {
         }
     }
 
-    async fn read_to_end(&mut self, cap: usize) -> Result<Result<Bytes, Vec<u8>>, UpstreamError> {
+    /// Reads the body whole, up to `cap`, for [`Self::body`];
+    /// `Ok(Err(partial))` when it is larger.
+    async fn read_whole(&mut self, cap: usize) -> Result<Result<(), Vec<u8>>, UpstreamError> {
         match self {
-            Reply::H1(x) => x.read_to_end(cap).await,
-            Reply::H2(x) => Ok(x.read_to_end(cap).await?.map_err(|p| p.to_vec())),
+            Reply::H1(x) => x.read_whole(cap).await,
+            Reply::H2(x, body) => Ok(match x.read_to_end(cap).await? {
+                Ok(b) => {
+                    *body = b;
+                    Ok(())
+                }
+                Err(partial) => Err(partial.to_vec()),
+            }),
+        }
+    }
+
+    fn body(&self) -> &[u8] {
+        match self {
+            Reply::H1(x) => x.body(),
+            Reply::H2(_, body) => body,
         }
     }
 
     async fn chunk(&mut self) -> Result<Option<Bytes>, UpstreamError> {
         match self {
             Reply::H1(x) => x.chunk().await,
-            Reply::H2(x) => x.chunk().await,
+            Reply::H2(x, _) => x.chunk().await,
         }
     }
 
     async fn finish(self) {
         match self {
             Reply::H1(x) => x.finish(),
-            Reply::H2(x) => x.finish().await,
+            Reply::H2(x, _) => x.finish().await,
         }
     }
 }

@@ -163,21 +163,33 @@ pub(crate) fn scrub_token(resp: &mut ResponseHeader, token: Option<&Lease>) {
 /// A buffered answer with our token masked wherever it appears (WeChat never
 /// sends it back; an echoing or misbehaving upstream might).
 fn scrub_body(answer: Bytes, token: Option<&Lease>) -> Bytes {
-    let Some(t) = token else { return answer };
-    if t.find_in(&answer).is_none() {
-        return answer;
+    match scrubbed(&answer, token) {
+        std::borrow::Cow::Borrowed(_) => answer,
+        std::borrow::Cow::Owned(masked) => Bytes::from(masked),
     }
+}
+
+/// [`scrub_body`] of a borrowed answer: itself when clean (the usual case).
+fn scrubbed<'a>(answer: &'a [u8], token: Option<&Lease>) -> std::borrow::Cow<'a, [u8]> {
+    let Some(t) = token else {
+        return answer.into();
+    };
+    let Some(first) = t.find_in(answer) else {
+        return answer.into();
+    };
     tracing::warn!("an upstream answer carried our token; masked");
     let needle_len = t.value.len();
     let mut out = Vec::with_capacity(answer.len());
-    let mut rest = &answer[..];
-    while let Some(i) = t.find_in(rest) {
+    let mut rest = answer;
+    let mut at = Some(first);
+    while let Some(i) = at {
         out.extend_from_slice(&rest[..i]);
         out.extend_from_slice(b"***");
         rest = &rest[i + needle_len..];
+        at = t.find_in(rest);
     }
     out.extend_from_slice(rest);
-    Bytes::from(out)
+    out.into()
 }
 
 fn content_length(headers: &http::HeaderMap) -> Option<usize> {
@@ -274,29 +286,7 @@ fn refuse_misplaced_secret(path: &str, params: &[u8]) -> Result<(), ProxyError> 
     })
 }
 
-/// When a whole upstream answer must be in (`upstream.answer_timeout`).
-#[derive(Clone, Copy)]
-struct AnswerDeadline {
-    at: tokio::time::Instant,
-    limit: std::time::Duration,
-}
-
-impl AnswerDeadline {
-    fn from_now(limit: std::time::Duration) -> Self {
-        AnswerDeadline {
-            at: tokio::time::Instant::now() + limit,
-            limit,
-        }
-    }
-
-    /// The error when it passed.
-    fn missed(self) -> UpstreamError {
-        UpstreamError::Timeout {
-            addr: "the upstream".into(),
-            after: self.limit,
-        }
-    }
-}
+use crate::upstream::AnswerDeadline;
 
 /// The body is ours to read: tells a client waiting on `Expect:
 /// 100-continue` to send it (clients that did not wait ignore this).

@@ -14,11 +14,12 @@ use std::ops::Range;
 use std::time::Duration;
 
 use bytes::Bytes;
+use pingora::protocols::l4::socket::SocketAddr;
 use pingora::protocols::Stream;
-use pingora::upstreams::peer::{HttpPeer, Peer};
+use pingora::upstreams::peer::Peer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{Upstream, UpstreamError, DEFAULT_MAX_INFORMATIONAL};
+use super::{AnswerDeadline, Upstream, UpstreamError, DEFAULT_MAX_INFORMATIONAL};
 
 /// Answer heads are small; WeChat's are a few hundred bytes.
 const DEFAULT_HEAD_BUFFER: usize = 2048;
@@ -49,11 +50,17 @@ pub struct RawExchange<'a> {
     upstream: &'a Upstream,
     stream: Stream,
     reuse_hash: u64,
-    peer: HttpPeer,
+    /// The address it went to, for errors.
+    addr: SocketAddr,
     pub status: u16,
     /// The head, then whatever body bytes came with it (from `at`).
     buf: Vec<u8>,
     at: usize,
+    /// Where the body read by [`RawExchange::read_whole`] starts in `buf`
+    /// (it ends at `at`).
+    body_from: usize,
+    /// The deadline every read of the body also ends at.
+    by: Option<AnswerDeadline>,
     headers: Vec<(Range<usize>, Range<usize>)>,
     framing: Framing,
     keep_alive: bool,
@@ -65,52 +72,103 @@ struct Failed {
     sent: bool,
 }
 
-fn io_err(up: &Upstream, peer: &HttpPeer, e: std::io::Error, what: &str) -> UpstreamError {
-    if e.kind() == std::io::ErrorKind::TimedOut {
+/// A read that ended at the answer deadline, not at its own limit.
+#[derive(Debug)]
+struct DeadlinePassed(Duration);
+
+impl std::fmt::Display for DeadlinePassed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "no whole answer within {:?}", self.0)
+    }
+}
+
+impl std::error::Error for DeadlinePassed {}
+
+fn io_err(up: &Upstream, addr: &SocketAddr, e: std::io::Error, what: &str) -> UpstreamError {
+    if let Some(DeadlinePassed(after)) = e.get_ref().and_then(|e| e.downcast_ref()) {
         UpstreamError::Timeout {
-            addr: peer.address().to_string(),
+            addr: addr.to_string(),
+            after: *after,
+        }
+    } else if e.kind() == std::io::ErrorKind::TimedOut {
+        UpstreamError::Timeout {
+            addr: addr.to_string(),
             after: up.conf.read_timeout,
         }
     } else {
         UpstreamError::Exchange {
-            addr: peer.address().to_string(),
+            addr: addr.to_string(),
             reason: format!("{what}: {e}"),
         }
     }
 }
 
-fn bad(peer: &HttpPeer, reason: impl Into<String>) -> UpstreamError {
+fn bad(addr: &SocketAddr, reason: impl Into<String>) -> UpstreamError {
     UpstreamError::Exchange {
-        addr: peer.address().to_string(),
+        addr: addr.to_string(),
         reason: reason.into(),
     }
 }
 
-/// Reads once into `buf`'s spare room (growing it), within `limit`.
+/// The instant a wait of `limit` ends, or `by`'s when that comes first,
+/// and whether it is `by`'s.
+fn wait_until(limit: Duration, by: Option<AnswerDeadline>) -> (tokio::time::Instant, bool) {
+    let own = tokio::time::Instant::now() + limit;
+    match by {
+        Some(d) if d.at < own => (d.at, true),
+        _ => (own, false),
+    }
+}
+
+fn timed_out(by: Option<AnswerDeadline>, answer: bool) -> std::io::Error {
+    match by {
+        Some(d) if answer => {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, DeadlinePassed(d.limit))
+        }
+        _ => std::io::ErrorKind::TimedOut.into(),
+    }
+}
+
+/// Reads once into `buf`'s spare room (growing it), within `limit` and
+/// before `by`: one timer for both.
 async fn read_more(
     stream: &mut Stream,
     buf: &mut Vec<u8>,
     limit: Duration,
+    by: Option<AnswerDeadline>,
 ) -> std::io::Result<usize> {
     if buf.capacity() - buf.len() < 512 {
         buf.reserve(DEFAULT_READ);
     }
-    match tokio::time::timeout(limit, stream.read_buf(buf)).await {
+    let (until, answer) = wait_until(limit, by);
+    match tokio::time::timeout_at(until, stream.read_buf(buf)).await {
         Ok(r) => r,
-        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+        Err(_) => Err(timed_out(by, answer)),
     }
 }
 
 impl Upstream {
-    /// Sends `head` (request line and headers, without `Host` and the
-    /// blank line) and `body`; reads the answer head.
+    /// Sends `wire` (request line and headers, without `Host` and the
+    /// blank line) and `body`; reads the answer head. `Host`, the blank
+    /// line and the body are put after `wire`'s head for the write and
+    /// taken off again, so one buffer serves every host tried. With `by`,
+    /// every step (connect, write, each read of head and body) also ends
+    /// at that deadline.
     pub async fn call(
         &self,
-        head: &[u8],
+        wire: &mut Vec<u8>,
         body: &[u8],
         idempotent: bool,
+        by: Option<AnswerDeadline>,
     ) -> Result<RawExchange<'_>, UpstreamError> {
-        let result = self.call_inner(head, body, idempotent).await;
+        let head = wire.len();
+        wire.reserve(self.host_header.len() + 10 + body.len());
+        wire.extend_from_slice(b"Host: ");
+        wire.extend_from_slice(self.host_header.as_bytes());
+        wire.extend_from_slice(b"\r\n\r\n");
+        wire.extend_from_slice(body);
+        let result = self.call_inner(wire, idempotent, by).await;
+        wire.truncate(head);
         if result.is_err() {
             self.stats.failed.inc();
         } else {
@@ -121,30 +179,26 @@ impl Upstream {
 
     async fn call_inner(
         &self,
-        head: &[u8],
-        body: &[u8],
+        wire: &[u8],
         idempotent: bool,
+        by: Option<AnswerDeadline>,
     ) -> Result<RawExchange<'_>, UpstreamError> {
-        let mut wire = Vec::with_capacity(head.len() + self.host_header.len() + 10 + body.len());
-        wire.extend_from_slice(head);
-        wire.extend_from_slice(b"Host: ");
-        wire.extend_from_slice(self.host_header.as_bytes());
-        wire.extend_from_slice(b"\r\n\r\n");
-        wire.extend_from_slice(body);
         let (r, _) = self.peers().inspect_err(|_| {
             self.stats
                 .connect_failures
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         })?;
         let pooled = {
-            let p =
-                &r.peers[self.preferred.load(std::sync::atomic::Ordering::Relaxed) % r.peers.len()];
-            self.pool.take(p.reuse_hash()).map(|s| (s, p.clone()))
+            let i = self.preferred.load(std::sync::atomic::Ordering::Relaxed) % r.peers.len();
+            let hash = r.hashes[i];
+            self.pool
+                .take(hash)
+                .map(|s| (s, hash, r.peers[i].address().clone()))
         };
         drop(r);
-        if let Some((stream, p)) = pooled {
+        if let Some((stream, hash, addr)) = pooled {
             self.stats.reused.inc();
-            match self.exchange_raw(stream, p, &wire).await {
+            match self.exchange_raw(stream, hash, addr, wire, by).await {
                 Ok(x) => return Ok(x),
                 Err(Failed { error, .. }) if error.is_timeout() => return Err(error),
                 Err(Failed { error, sent: true }) if !idempotent => return Err(error),
@@ -153,8 +207,13 @@ impl Upstream {
                 }
             }
         }
-        let (stream, p) = self.connect().await?;
-        self.exchange_raw(stream, p, &wire)
+        let (stream, p) = match by {
+            None => self.connect().await?,
+            Some(d) => tokio::time::timeout_at(d.at, self.connect())
+                .await
+                .map_err(|_| d.missed())??,
+        };
+        self.exchange_raw(stream, p.reuse_hash(), p.address().clone(), wire, by)
             .await
             .map_err(|f| f.error)
     }
@@ -162,25 +221,29 @@ impl Upstream {
     async fn exchange_raw(
         &self,
         mut stream: Stream,
-        peer: HttpPeer,
+        reuse_hash: u64,
+        addr: SocketAddr,
         wire: &[u8],
+        by: Option<AnswerDeadline>,
     ) -> Result<RawExchange<'_>, Failed> {
         let wait = self.conf.read_timeout;
         let write = async {
             stream.write_all(wire).await?;
             stream.flush().await
         };
-        match tokio::time::timeout(wait, write).await {
+        // Usually done at once: the timer is then never armed.
+        let (until, answer) = wait_until(wait, by);
+        match tokio::time::timeout_at(until, write).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 return Err(Failed {
-                    error: io_err(self, &peer, e, "while writing the request"),
+                    error: io_err(self, &addr, e, "while writing the request"),
                     sent: false,
                 })
             }
             Err(_) => {
                 return Err(Failed {
-                    error: io_err(self, &peer, std::io::ErrorKind::TimedOut.into(), ""),
+                    error: io_err(self, &addr, timed_out(by, answer), ""),
                     sent: false,
                 })
             }
@@ -210,16 +273,16 @@ impl Upstream {
                             break (resp.code.unwrap_or(0), version, len, headers);
                         }
                         Ok(httparse::Status::Partial) => {}
-                        Err(e) => return Err(sent(bad(&peer, format!("bad answer head: {e}")))),
+                        Err(e) => return Err(sent(bad(&addr, format!("bad answer head: {e}")))),
                     }
                 }
                 if buf.len() > DEFAULT_MAX_HEAD {
-                    return Err(sent(bad(&peer, "answer head too large")));
+                    return Err(sent(bad(&addr, "answer head too large")));
                 }
-                match read_more(&mut stream, &mut buf, wait).await {
-                    Ok(0) => return Err(sent(bad(&peer, "connection closed before an answer"))),
+                match read_more(&mut stream, &mut buf, wait, by).await {
+                    Ok(0) => return Err(sent(bad(&addr, "connection closed before an answer"))),
                     Ok(_) => {}
-                    Err(e) => return Err(sent(io_err(self, &peer, e, "while reading the answer"))),
+                    Err(e) => return Err(sent(io_err(self, &addr, e, "while reading the answer"))),
                 }
             };
             let (status, version, len, headers) = parsed;
@@ -227,7 +290,7 @@ impl Upstream {
                 informational += 1;
                 if informational > DEFAULT_MAX_INFORMATIONAL {
                     return Err(sent(bad(
-                        &peer,
+                        &addr,
                         format!("more than {DEFAULT_MAX_INFORMATIONAL} informational answers"),
                     )));
                 }
@@ -247,7 +310,7 @@ impl Upstream {
             let mut lengths = value("content-length");
             let length = lengths.next();
             if lengths.next().is_some() && !chunked {
-                return Err(sent(bad(&peer, "answer with more than one Content-Length")));
+                return Err(sent(bad(&addr, "answer with more than one Content-Length")));
             }
             let framing = if status == 204 || status == 304 {
                 Framing::Done
@@ -260,7 +323,7 @@ impl Upstream {
                 let n = std::str::from_utf8(l)
                     .ok()
                     .and_then(|s| s.trim().parse::<usize>().ok())
-                    .ok_or_else(|| sent(bad(&peer, "answer Content-Length is not a number")))?;
+                    .ok_or_else(|| sent(bad(&addr, "answer Content-Length is not a number")))?;
                 Framing::Length(n)
             } else {
                 Framing::Close
@@ -270,15 +333,16 @@ impl Upstream {
                     .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
             });
             let keep_alive = !close && version == 1 && framing != Framing::Close;
-            let reuse_hash = peer.reuse_hash();
             let mut x = RawExchange {
                 upstream: self,
                 stream,
                 reuse_hash,
-                peer,
+                addr,
                 status,
                 buf,
                 at: len,
+                body_from: len,
+                by,
                 headers,
                 framing,
                 keep_alive,
@@ -317,7 +381,7 @@ impl RawExchange<'_> {
     fn err(&self, e: std::io::Error) -> UpstreamError {
         io_err(
             self.upstream,
-            &self.peer,
+            &self.addr,
             e,
             "while reading the answer body",
         )
@@ -330,7 +394,7 @@ impl RawExchange<'_> {
             self.at = 0;
         }
         let wait = self.upstream.conf.read_timeout;
-        read_more(&mut self.stream, &mut self.buf, wait)
+        read_more(&mut self.stream, &mut self.buf, wait, self.by)
             .await
             .map_err(|e| self.err(e))
     }
@@ -354,7 +418,7 @@ impl RawExchange<'_> {
                         return Ok(Some(out));
                     }
                     if self.fill().await? == 0 {
-                        return Err(bad(&self.peer, "answer ended before its Content-Length"));
+                        return Err(bad(&self.addr, "answer ended before its Content-Length"));
                     }
                 }
                 Framing::Close => {
@@ -379,7 +443,7 @@ impl RawExchange<'_> {
                         return Ok(Some(out));
                     }
                     if self.fill().await? == 0 {
-                        return Err(bad(&self.peer, "chunked answer cut short"));
+                        return Err(bad(&self.addr, "chunked answer cut short"));
                     }
                 }
                 Framing::Chunked { data_seen, .. } => {
@@ -388,12 +452,12 @@ impl RawExchange<'_> {
                     let rest = if data_seen {
                         if rest.len() < 2 {
                             if self.fill().await? == 0 {
-                                return Err(bad(&self.peer, "chunked answer cut short"));
+                                return Err(bad(&self.addr, "chunked answer cut short"));
                             }
                             continue;
                         }
                         if &rest[..2] != b"\r\n" {
-                            return Err(bad(&self.peer, "bad chunk ending"));
+                            return Err(bad(&self.addr, "bad chunk ending"));
                         }
                         &rest[2..]
                     } else {
@@ -411,12 +475,12 @@ impl RawExchange<'_> {
                                 self.at += skip + used + end + 4;
                                 self.framing = Framing::Done;
                             } else if self.fill().await? == 0 {
-                                return Err(bad(&self.peer, "chunked answer cut short"));
+                                return Err(bad(&self.addr, "chunked answer cut short"));
                             }
                         }
                         Ok(httparse::Status::Complete((used, size))) => {
                             let size = usize::try_from(size)
-                                .map_err(|_| bad(&self.peer, "chunk too large"))?;
+                                .map_err(|_| bad(&self.addr, "chunk too large"))?;
                             self.at += skip + used;
                             self.framing = Framing::Chunked {
                                 left: size,
@@ -425,10 +489,10 @@ impl RawExchange<'_> {
                         }
                         Ok(httparse::Status::Partial) => {
                             if self.fill().await? == 0 {
-                                return Err(bad(&self.peer, "chunked answer cut short"));
+                                return Err(bad(&self.addr, "chunked answer cut short"));
                             }
                         }
-                        Err(_) => return Err(bad(&self.peer, "bad chunk size")),
+                        Err(_) => return Err(bad(&self.addr, "bad chunk size")),
                     }
                 }
             }
@@ -458,6 +522,34 @@ impl RawExchange<'_> {
             }
         }
         Ok(Ok(Bytes::from(out)))
+    }
+
+    /// [`Self::read_to_end`] kept in the exchange, for [`Self::body`]: a
+    /// body that came with the head (the usual answer) is neither copied
+    /// nor given a buffer of its own.
+    pub async fn read_whole(&mut self, cap: usize) -> Result<Result<(), Vec<u8>>, UpstreamError> {
+        if let Framing::Length(left) = self.framing {
+            if self.buf.len() - self.at == left && left <= cap {
+                self.body_from = self.at;
+                self.at = self.buf.len();
+                self.framing = Framing::Done;
+                return Ok(Ok(()));
+            }
+        }
+        let body = match self.read_to_end(cap).await? {
+            Ok(body) => body,
+            Err(partial) => return Ok(Err(partial)),
+        };
+        // All of `buf` is consumed now: the body goes after it.
+        self.body_from = self.buf.len();
+        self.buf.extend_from_slice(&body);
+        self.at = self.buf.len();
+        Ok(Ok(()))
+    }
+
+    /// The body [`Self::read_whole`] read (empty before).
+    pub fn body(&self) -> &[u8] {
+        &self.buf[self.body_from.min(self.at)..self.at]
     }
 
     /// Returns the connection to the pool when the answer was read whole,

@@ -133,7 +133,36 @@ impl UpstreamStats {
 
 struct Resolved {
     peers: Vec<HttpPeer>,
+    /// Each peer's pool key, worked out once (hashing a peer per request
+    /// showed in the profile).
+    hashes: Vec<u64>,
     valid_until: Instant,
+}
+
+/// When a whole upstream answer must be in (`upstream.answer_timeout`).
+/// Our own exchange checks it at each read, within the same timer as the
+/// read's own limit: a request waits on one timer, not one per layer.
+#[derive(Clone, Copy, Debug)]
+pub struct AnswerDeadline {
+    pub at: tokio::time::Instant,
+    pub limit: Duration,
+}
+
+impl AnswerDeadline {
+    pub fn from_now(limit: Duration) -> Self {
+        AnswerDeadline {
+            at: tokio::time::Instant::now() + limit,
+            limit,
+        }
+    }
+
+    /// The error when it passed.
+    pub fn missed(self) -> UpstreamError {
+        UpstreamError::Timeout {
+            addr: "the upstream".into(),
+            after: self.limit,
+        }
+    }
 }
 
 /// One upstream host with its pool.
@@ -223,6 +252,7 @@ impl Upstream {
             pool: Pool::new(DEFAULT_POOL_SIZE, conf.idle_timeout),
             resolved: ArcSwap::from_pointee(Resolved {
                 peers: Vec::new(),
+                hashes: Vec::new(),
                 valid_until: Instant::now(),
             }),
             preferred: AtomicUsize::new(0),
@@ -272,9 +302,13 @@ impl Upstream {
     }
 
     fn set_addrs(&self, addrs: &[SocketAddr], valid_until: Instant) {
-        let peers = addrs.iter().map(|a| self.make_peer(*a)).collect();
-        self.resolved
-            .store(Arc::new(Resolved { peers, valid_until }));
+        let peers: Vec<HttpPeer> = addrs.iter().map(|a| self.make_peer(*a)).collect();
+        let hashes = peers.iter().map(Peer::reuse_hash).collect();
+        self.resolved.store(Arc::new(Resolved {
+            peers,
+            hashes,
+            valid_until,
+        }));
         self.preferred.store(0, Ordering::Relaxed);
     }
 

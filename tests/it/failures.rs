@@ -66,6 +66,30 @@ async fn slow_upstream_is_a_504() {
 }
 
 #[tokio::test]
+async fn an_answer_later_than_answer_timeout_is_a_504_at_that_deadline() {
+    // The answer deadline is shorter than the read timeout: the fast lane's
+    // exchange ends at it (one timer for both), and says which limit it was.
+    let fake = Fake::start(&["--latency-ms", "1500"]);
+    let cfg = format!(
+        "upstream:\n  url: FAKE_URL\n  ca_file: FAKE_CA\n  http2: false\n  read_timeout: 10s\n  answer_timeout: 300ms\n{}",
+        Sidecar::accounts("stable", "stable")
+    );
+    let side = Sidecar::start(&fake, &cfg).await;
+    let start = std::time::Instant::now();
+    let (status, v) = side.send("/cgi-bin/message/template/send", TEMPLATE).await;
+    assert_eq!(status, 504, "{v}");
+    assert!(
+        v["errmsg"].as_str().unwrap().contains("300ms"),
+        "names answer_timeout: {v}"
+    );
+    assert!(
+        start.elapsed() < std::time::Duration::from_millis(1500),
+        "answered before the fake would have: {:?}",
+        start.elapsed()
+    );
+}
+
+#[tokio::test]
 async fn body_over_the_limit_is_a_413() {
     let fake = Fake::start(&[]);
     let cfg = format!(

@@ -85,6 +85,12 @@ async fn slow_heads_and_idle_connections_are_closed() {
         .unwrap();
     let answer = read_until_quiet(&mut kept, Duration::from_millis(500));
     assert!(answer.starts_with("HTTP/1.1 200"), "reused: {answer}");
+    // The idle clock restarts with each request (the connection's one timer
+    // is moved on, not left at an earlier wait's end).
+    assert!(
+        !closed_within(&mut kept, Duration::from_secs(2)),
+        "idle for 2 s after the second answer: still open"
+    );
     assert!(
         closed_within(&mut kept, Duration::from_secs(10)),
         "closed after idle_timeout"
