@@ -191,6 +191,11 @@ enum FirstRead {
     Close,
 }
 
+/// The end of a request head; the searcher is built once (building one
+/// per request showed in the profile).
+static HEAD_END: LazyLock<memchr::memmem::Finder<'static>> =
+    LazyLock::new(|| memchr::memmem::Finder::new(b"\r\n\r\n"));
+
 /// How much of the next request the guard reads itself: one template send
 /// (head and body) fits, so the parser finds it all without another read.
 const DEFAULT_FIRST_READ: usize = 4096;
@@ -248,7 +253,7 @@ async fn first_read(
         biased;
         got = read => match got {
             Ok(data) if !data.is_empty() => {
-                let whole_head = memchr::memmem::find(&data, b"\r\n\r\n").is_some();
+                let whole_head = HEAD_END.find(&data).is_some();
                 FirstRead::Came(data, whole_head)
             }
             _ => FirstRead::Close,

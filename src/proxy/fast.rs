@@ -86,6 +86,19 @@ fn query_byte_ok(b: u8) -> bool {
     path_byte_ok(b) || b == b'%' || b == b'?'
 }
 
+/// No `.` or `..` segment and no empty one but the last (`//` inside):
+/// nothing a normaliser would change. `path` starts with `/`.
+fn segments_plain(path: &str) -> bool {
+    let mut segments = path.as_bytes()[1..].split(|&b| b == b'/').peekable();
+    while let Some(seg) = segments.next() {
+        let last = segments.peek().is_none();
+        if seg == b"." || seg == b".." || (seg.is_empty() && !last) {
+            return false;
+        }
+    }
+    true
+}
+
 /// Header value bytes: visible ASCII, space and tab only.
 fn value_ok(v: &[u8]) -> bool {
     v.iter().all(|&b| (0x20..0x7f).contains(&b) || b == b'\t')
@@ -124,8 +137,7 @@ pub(crate) fn parse(data: &[u8], body_limit: usize) -> Option<Head<'_>> {
     };
     if !path.starts_with('/')
         || !path.bytes().all(path_byte_ok)
-        || path.contains("//")
-        || path.split('/').any(|seg| seg == "." || seg == "..")
+        || !segments_plain(path)
         || !query.is_none_or(|q| q.bytes().all(query_byte_ok))
     {
         return None;
@@ -237,7 +249,8 @@ impl Fast for FastLane {
         let close = head.close || self.app.drain.is_draining();
         // Counted for the account whose token was put in, as on pingora's path.
         let account = plan.token.is_some().then(|| plan.account.clone());
-        let (status, errcode, streamed, written) = self.answer(stream, &head, plan, close).await;
+        let (status, errcode, streamed, written) =
+            self.answer(stream, &head, plan, close, start).await;
         let ok = written.is_ok();
         let outcome = match (status, errcode) {
             (200..=299, Some(c)) if c != 0 => Outcome::WeChatError,
@@ -427,6 +440,7 @@ impl FastLane {
         head: &Head<'_>,
         mut plan: Plan,
         close: bool,
+        start: std::time::Instant,
     ) -> (u16, Option<i64>, bool, std::io::Result<()>) {
         let app = &self.app;
         if let Err(over) = plan.account.admit_call(head.path) {
@@ -448,7 +462,12 @@ impl FastLane {
         };
         let mut replaying = false;
         loop {
-            let deadline = AnswerDeadline::from_now(upstreams.answer_timeout());
+            // The request's start is the first try's "now" (one clock read).
+            let deadline = if replaying {
+                AnswerDeadline::from_now(upstreams.answer_timeout())
+            } else {
+                AnswerDeadline::from(start, upstreams.answer_timeout())
+            };
             let sent = if upstreams.speaks_h1() {
                 // Our exchange keeps the deadline itself: one timer per wait.
                 let mut wire = Self::upstream_head(head, plan.token.as_deref());

@@ -112,8 +112,15 @@ fn bad(addr: &SocketAddr, reason: impl Into<String>) -> UpstreamError {
 
 /// The instant a wait of `limit` ends, or `by`'s when that comes first,
 /// and whether it is `by`'s.
-fn wait_until(limit: Duration, by: Option<AnswerDeadline>) -> (tokio::time::Instant, bool) {
-    let own = tokio::time::Instant::now() + limit;
+/// `now`: the time when the caller has it (the request's start, a few
+/// µs ago), saving a clock read.
+fn wait_until(
+    limit: Duration,
+    by: Option<AnswerDeadline>,
+    now: Option<std::time::Instant>,
+) -> (tokio::time::Instant, bool) {
+    let now = now.map_or_else(tokio::time::Instant::now, tokio::time::Instant::from_std);
+    let own = now + limit;
     match by {
         Some(d) if d.at < own => (d.at, true),
         _ => (own, false),
@@ -136,11 +143,12 @@ async fn read_more(
     buf: &mut Vec<u8>,
     limit: Duration,
     by: Option<AnswerDeadline>,
+    now: Option<std::time::Instant>,
 ) -> std::io::Result<usize> {
     if buf.capacity() - buf.len() < 512 {
         buf.reserve(DEFAULT_READ);
     }
-    let (until, answer) = wait_until(limit, by);
+    let (until, answer) = wait_until(limit, by, now);
     match tokio::time::timeout_at(until, stream.read_buf(buf)).await {
         Ok(r) => r,
         Err(_) => Err(timed_out(by, answer)),
@@ -188,17 +196,23 @@ impl Upstream {
                 .connect_failures
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         })?;
+        // With a deadline, its start is "now" for the pool and the first
+        // read: the clock is read once per request, not at every step.
+        let started = by.map(|d| d.started());
         let pooled = {
             let i = self.preferred.load(std::sync::atomic::Ordering::Relaxed) % r.peers.len();
             let hash = r.hashes[i];
             self.pool
-                .take(hash)
+                .take_at(hash, started.unwrap_or_else(std::time::Instant::now))
                 .map(|s| (s, hash, r.peers[i].address().clone()))
         };
         drop(r);
         if let Some((stream, hash, addr)) = pooled {
             self.stats.reused.inc();
-            match self.exchange_raw(stream, hash, addr, wire, by).await {
+            match self
+                .exchange_raw(stream, hash, addr, wire, by, started)
+                .await
+            {
                 Ok(x) => return Ok(x),
                 Err(Failed { error, .. }) if error.is_timeout() => return Err(error),
                 Err(Failed { error, sent: true }) if !idempotent => return Err(error),
@@ -213,7 +227,7 @@ impl Upstream {
                 .await
                 .map_err(|_| d.missed())??,
         };
-        self.exchange_raw(stream, p.reuse_hash(), p.address().clone(), wire, by)
+        self.exchange_raw(stream, p.reuse_hash(), p.address().clone(), wire, by, None)
             .await
             .map_err(|f| f.error)
     }
@@ -225,6 +239,7 @@ impl Upstream {
         addr: SocketAddr,
         wire: &[u8],
         by: Option<AnswerDeadline>,
+        now: Option<std::time::Instant>,
     ) -> Result<RawExchange<'_>, Failed> {
         let wait = self.conf.read_timeout;
         let write = async {
@@ -232,7 +247,7 @@ impl Upstream {
             stream.flush().await
         };
         // Usually done at once: the timer is then never armed.
-        let (until, answer) = wait_until(wait, by);
+        let (until, answer) = wait_until(wait, by, now);
         match tokio::time::timeout_at(until, write).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
@@ -251,6 +266,7 @@ impl Upstream {
         let sent = |error| Failed { error, sent: true };
         let mut buf = Vec::with_capacity(DEFAULT_HEAD_BUFFER);
         let mut informational = 0;
+        let mut read_from = now;
         loop {
             // Parse what is there; read more until the head is whole.
             let parsed = loop {
@@ -279,7 +295,9 @@ impl Upstream {
                 if buf.len() > DEFAULT_MAX_HEAD {
                     return Err(sent(bad(&addr, "answer head too large")));
                 }
-                match read_more(&mut stream, &mut buf, wait, by).await {
+                // The first read's limit counts from `now` (when given).
+                let first = std::mem::take(&mut read_from);
+                match read_more(&mut stream, &mut buf, wait, by, first).await {
                     Ok(0) => return Err(sent(bad(&addr, "connection closed before an answer"))),
                     Ok(_) => {}
                     Err(e) => return Err(sent(io_err(self, &addr, e, "while reading the answer"))),
@@ -394,7 +412,7 @@ impl RawExchange<'_> {
             self.at = 0;
         }
         let wait = self.upstream.conf.read_timeout;
-        read_more(&mut self.stream, &mut self.buf, wait, self.by)
+        read_more(&mut self.stream, &mut self.buf, wait, self.by, None)
             .await
             .map_err(|e| self.err(e))
     }
@@ -556,7 +574,14 @@ impl RawExchange<'_> {
     /// nothing more came, and both sides allow keep-alive.
     pub fn finish(self) {
         if self.framing == Framing::Done && self.keep_alive && self.at == self.buf.len() {
-            self.upstream.pool.put(self.stream, self.reuse_hash);
+            // Parked as of the request's start when known (no clock read;
+            // it only ages the connection by the exchange's few ms).
+            let since = self
+                .by
+                .map_or_else(std::time::Instant::now, |d| d.started());
+            self.upstream
+                .pool
+                .put_at(self.stream, self.reuse_hash, since);
         }
     }
 }

@@ -156,6 +156,19 @@ impl AnswerDeadline {
         }
     }
 
+    /// `limit` from `start` (a clock reading the caller already has).
+    pub fn from(start: std::time::Instant, limit: Duration) -> Self {
+        AnswerDeadline {
+            at: tokio::time::Instant::from_std(start) + limit,
+            limit,
+        }
+    }
+
+    /// When the wait began.
+    pub fn started(&self) -> std::time::Instant {
+        (self.at - self.limit).into_std()
+    }
+
     /// The error when it passed.
     pub fn missed(self) -> UpstreamError {
         UpstreamError::Timeout {

@@ -40,13 +40,18 @@ impl Pool {
     /// Parks a connection whose last exchange ended cleanly. When the pool
     /// is full the oldest connection is closed.
     pub fn put(&self, stream: Stream, key: u64) {
+        self.put_at(stream, key, Instant::now())
+    }
+
+    /// [`Self::put`] with the time given: idle since `now`.
+    pub fn put_at(&self, stream: Stream, key: u64, now: Instant) {
         let evicted = {
             let mut idle = self.idle.lock();
             let evicted = (idle.len() >= self.max).then(|| idle.remove(0));
             idle.push(Idle {
                 stream,
                 key,
-                since: Instant::now(),
+                since: now,
             });
             evicted
         };
@@ -55,13 +60,18 @@ impl Pool {
 
     /// The most recently parked live connection to `key`, if any.
     pub fn take(&self, key: u64) -> Option<Stream> {
+        self.take_at(key, Instant::now())
+    }
+
+    /// [`Self::take`] with the time given.
+    pub fn take_at(&self, key: u64, now: Instant) -> Option<Stream> {
         loop {
             let candidate = {
                 let mut idle = self.idle.lock();
                 let at = idle.iter().rposition(|i| i.key == key)?;
                 idle.remove(at)
             };
-            if candidate.since.elapsed() < self.idle_timeout {
+            if now.saturating_duration_since(candidate.since) < self.idle_timeout {
                 let mut stream = candidate.stream;
                 if is_quiet(&mut stream) {
                     return Some(stream);

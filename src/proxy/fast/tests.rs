@@ -68,6 +68,9 @@ fn leaves_everything_unusual_to_pingora() {
         ("escape in path", "GET /cgi-bin/%74oken HTTP/1.1\r\nHost: x\r\n\r\n".into()),
         ("dot segment", "GET /cgi-bin/../token HTTP/1.1\r\nHost: x\r\n\r\n".into()),
         ("double slash", "GET //cgi-bin/token HTTP/1.1\r\nHost: x\r\n\r\n".into()),
+        ("empty segment", "GET /cgi-bin//token HTTP/1.1\r\nHost: x\r\n\r\n".into()),
+        ("dot segment at the end", "GET /cgi-bin/. HTTP/1.1\r\nHost: x\r\n\r\n".into()),
+        ("dot-dot at the end", "GET /cgi-bin/.. HTTP/1.1\r\nHost: x\r\n\r\n".into()),
         ("parameters", "GET /cgi-bin/a;b HTTP/1.1\r\nHost: x\r\n\r\n".into()),
         ("absolute form", "GET http://x/cgi-bin/a HTTP/1.1\r\nHost: x\r\n\r\n".into()),
         ("body still to come", post("").trim_end_matches('}').to_string()),
@@ -243,4 +246,23 @@ async fn whatever_the_lane_takes_pingora_reads_the_same() {
         assert!(lengths <= 1, "{shown:?}");
     }
     assert!(taken > 200 && compared == taken, "taken {taken}");
+}
+
+#[test]
+fn plain_segments_are_what_a_normaliser_leaves_alone() {
+    for ok in [
+        "/",
+        "/cgi-bin/token",
+        "/cgi-bin/x/",
+        "/a/.b/c..",
+        "/a/...",
+        "/.well-known",
+    ] {
+        assert!(super::segments_plain(ok), "{ok}");
+    }
+    for bad in [
+        "//", "//a", "/a//b", "/a/./b", "/a/../b", "/.", "/..", "/a/.", "/a/..", "/a//",
+    ] {
+        assert!(!super::segments_plain(bad), "{bad}");
+    }
 }
