@@ -6,7 +6,8 @@
 # top symbols (self time, µs per request).
 #
 # Usage: benches/profile.sh   (env: CONNS=64 DURATION=10 BIN=target/release/wxsidecar
-#        PERF=1 to record; OUT=dir keeps perf.data there)
+#        PERF=1 to record; OUT=dir keeps perf.data there; STRACE=1 counts
+#        syscalls per request with strace -c)
 # Needs: a release build, nginx, wrk, perf (make install-bench-deps).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -69,8 +70,12 @@ read -r u0 s0 < <(awk '{print $14, $15}' /proc/$SCPID/stat)
 if [ "$PERF" = 1 ]; then
   perf record -F ${FREQ:-500} --call-graph ${CALLGRAPH:-dwarf,16384} -o "$OUT/perf.data" -p "$SCPID" -- sleep "$DURATION" 2>/dev/null & PP=$!
 fi
+if [ "${STRACE:-0}" = 1 ]; then
+  timeout -s INT $((DURATION + 1)) strace -c -f -p "$SCPID" -o "$OUT/strace.txt" 2>/dev/null & SP=$!
+fi
 res=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" -s "$dir/post.lua" "$url")
 [ "$PERF" = 1 ] && wait $PP || true
+[ "${STRACE:-0}" = 1 ] && { wait $SP || true; }
 read -r u1 s1 < <(awk '{print $14, $15}' /proc/$SCPID/stat)
 reqs=$(echo "$res" | awk '/requests in/ {print $1}')
 rps=$(echo "$res" | awk '/Requests\/sec/ {print $2}')
@@ -78,6 +83,10 @@ non2xx=$(echo "$res" | awk '/Non-2xx/ {print $NF}')
 hz=$(getconf CLK_TCK)
 awk -v u=$((u1-u0)) -v s=$((s1-s0)) -v n="$reqs" -v hz="$hz" -v rps="$rps" -v bad="${non2xx:-0}" 'BEGIN {
   printf "requests/s %s  (non-2xx %s)\nCPU µs/request: user %.1f  kernel %.1f  total %.1f\n", rps, bad, u/hz*1e6/n, s/hz*1e6/n, (u+s)/hz*1e6/n }'
+if [ "${STRACE:-0}" = 1 ]; then
+  echo "syscalls per request (strace -c -f; strace slows the run, counts only):"
+  awk -v n="$reqs" '$NF ~ /^[a-z_0-9]+$/ && $4 ~ /^[0-9]+$/ && $NF != "total" { printf "  %-16s %.3f\n", $NF, $4 / n }' "$OUT/strace.txt" | sort -k2 -nr | head -12
+fi
 if [ "$PERF" = 1 ]; then
   echo "top symbols (self, % of samples):"
   perf report -i "$OUT/perf.data" --no-children --sort symbol --stdio 2>/dev/null | grep -E '^ +[0-9.]+%' | head -40
