@@ -75,15 +75,35 @@ pub(crate) struct Head<'a> {
     pub close: bool,
 }
 
-/// Bytes a path may hold in the lane: unreserved and sub-delims, `:`, `@`
-/// and `/` — no escapes, no `;` parameters, nothing to normalise.
-fn path_byte_ok(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"/-._~!$&'()*+,=:@".contains(&b)
+/// A table of the bytes in `extra` and ASCII letters and digits (one
+/// lookup per byte instead of a scan of the list).
+const fn byte_table(extra: &[u8]) -> [bool; 256] {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        t[b] = (b as u8).is_ascii_alphanumeric();
+        b += 1;
+    }
+    let mut i = 0;
+    while i < extra.len() {
+        t[extra[i] as usize] = true;
+        i += 1;
+    }
+    t
 }
 
-/// Query bytes: the same plus `%` escapes, `?` and `/`.
+/// Bytes a path may hold in the lane: unreserved and sub-delims, `:`, `@`
+/// and `/` — no escapes, no `;` parameters, nothing to normalise.
+static PATH_BYTES: [bool; 256] = byte_table(b"/-._~!$&'()*+,=:@");
+/// Query bytes: the same plus `%` escapes and `?`.
+static QUERY_BYTES: [bool; 256] = byte_table(b"/-._~!$&'()*+,=:@%?");
+
+fn path_byte_ok(b: u8) -> bool {
+    PATH_BYTES[b as usize]
+}
+
 fn query_byte_ok(b: u8) -> bool {
-    path_byte_ok(b) || b == b'%' || b == b'?'
+    QUERY_BYTES[b as usize]
 }
 
 /// No `.` or `..` segment and no empty one but the last (`//` inside):
@@ -123,11 +143,7 @@ pub(crate) fn parse(data: &[u8], body_limit: usize) -> Option<Head<'_>> {
     };
     // Every line ends in CRLF: no bare LF (httparse allows one).
     let head = &data[..head_len];
-    if head
-        .iter()
-        .enumerate()
-        .any(|(i, &b)| b == b'\n' && (i == 0 || head[i - 1] != b'\r'))
-    {
+    if memchr::memchr_iter(b'\n', head).any(|i| i == 0 || head[i - 1] != b'\r') {
         return None;
     }
     let target = req.path?;

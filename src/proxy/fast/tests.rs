@@ -266,3 +266,16 @@ fn plain_segments_are_what_a_normaliser_leaves_alone() {
         assert!(!super::segments_plain(bad), "{bad}");
     }
 }
+
+#[test]
+fn the_byte_tables_hold_exactly_the_listed_bytes() {
+    for b in 0..=255u8 {
+        let path = b.is_ascii_alphanumeric() || b"/-._~!$&'()*+,=:@".contains(&b);
+        assert_eq!(super::path_byte_ok(b), path, "path byte {b:#x}");
+        assert_eq!(
+            super::query_byte_ok(b),
+            path || b == b'%' || b == b'?',
+            "query byte {b:#x}"
+        );
+    }
+}
