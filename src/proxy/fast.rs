@@ -502,9 +502,11 @@ impl FastLane {
                     upstreams
                         .send(&req, head.body)
                         .await
-                        .map(|x| Reply::H2(x, Bytes::new()))
+                        .map(|x| Reply::H2(Box::new((x, Bytes::new()))))
                 };
-                tokio::time::timeout_at(deadline.at, sent)
+                // Boxed: pingora's h2 send is a few KiB of future that the
+                // HTTP/1.1 requests would otherwise carry and move.
+                Box::pin(tokio::time::timeout_at(deadline.at, sent))
                     .await
                     .unwrap_or_else(|_| Err(deadline.missed()))
             };
@@ -677,40 +679,41 @@ fn copy_headers(out: &mut Vec<u8>, x: &Reply<'_>, token: Option<&Lease>) {
 }
 
 /// An answer from either kind of upstream connection.
-// Lives once per request inside the lane's future; boxing either variant
-// would add an allocation to every request for no saving.
+// The common answer stays inline (boxing it would allocate per request);
+// the rare HTTP/2 one is boxed.
 #[allow(clippy::large_enum_variant)]
 enum Reply<'a> {
     /// Our own HTTP/1.1 exchange.
     H1(crate::upstream::RawExchange<'a>),
     /// pingora's: a stream of a shared HTTP/2 connection, and its body
-    /// once read whole.
-    H2(crate::upstream::Exchange<'a>, Bytes),
+    /// once read whole. Boxed: ~1 KiB the HTTP/1.1 answers need not carry.
+    H2(Box<(crate::upstream::Exchange<'a>, Bytes)>),
 }
 
 impl Reply<'_> {
     fn status(&self) -> u16 {
         match self {
             Reply::H1(x) => x.status,
-            Reply::H2(x, _) => x.header().status.as_u16(),
+            Reply::H2(x) => x.0.header().status.as_u16(),
         }
     }
 
     fn for_each_header(&self, mut f: impl FnMut(&[u8], &[u8])) {
         match self {
             Reply::H1(x) => x.headers().for_each(|(n, v)| f(n, v)),
-            Reply::H2(x, _) => x
-                .header()
-                .headers
-                .iter()
-                .for_each(|(n, v)| f(n.as_str().as_bytes(), v.as_bytes())),
+            Reply::H2(x) => {
+                x.0.header()
+                    .headers
+                    .iter()
+                    .for_each(|(n, v)| f(n.as_str().as_bytes(), v.as_bytes()))
+            }
         }
     }
 
     fn declared_length(&self) -> Option<usize> {
         match self {
             Reply::H1(x) => x.declared_length(),
-            Reply::H2(..) => None,
+            Reply::H2(_) => None,
         }
     }
 
@@ -725,9 +728,9 @@ impl Reply<'_> {
     async fn read_whole(&mut self, cap: usize) -> Result<Result<(), Vec<u8>>, UpstreamError> {
         match self {
             Reply::H1(x) => x.read_whole(cap).await,
-            Reply::H2(x, body) => Ok(match x.read_to_end(cap).await? {
+            Reply::H2(x) => Ok(match x.0.read_to_end(cap).await? {
                 Ok(b) => {
-                    *body = b;
+                    x.1 = b;
                     Ok(())
                 }
                 Err(partial) => Err(partial.to_vec()),
@@ -738,21 +741,22 @@ impl Reply<'_> {
     fn body(&self) -> &[u8] {
         match self {
             Reply::H1(x) => x.body(),
-            Reply::H2(_, body) => body,
+            Reply::H2(x) => &x.1,
         }
     }
 
     async fn chunk(&mut self) -> Result<Option<Bytes>, UpstreamError> {
         match self {
             Reply::H1(x) => x.chunk().await,
-            Reply::H2(x, _) => x.chunk().await,
+            Reply::H2(x) => x.0.chunk().await,
         }
     }
 
     async fn finish(self) {
         match self {
             Reply::H1(x) => x.finish(),
-            Reply::H2(x, _) => x.finish().await,
+            // Boxed: pingora's session hand-back is a ~4 KiB future.
+            Reply::H2(x) => Box::pin(x.0.finish()).await,
         }
     }
 }

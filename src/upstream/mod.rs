@@ -391,7 +391,19 @@ impl Upstream {
 
     /// [`Self::connect`], offering HTTP/1.1 alone when `h1_only` (streamed
     /// media, even where requests go over HTTP/2).
-    async fn connect_as(&self, h1_only: bool) -> Result<(Stream, HttpPeer), UpstreamError> {
+    ///
+    /// Boxed: pingora's connect (TCP, TLS, a proxy tunnel) is a ~9 KiB
+    /// future, and every exchange that might connect would carry it inline
+    /// and move it per request; a new connection is rare, so it pays one
+    /// allocation instead.
+    fn connect_as(
+        &self,
+        h1_only: bool,
+    ) -> futures_util::future::BoxFuture<'_, Result<(Stream, HttpPeer), UpstreamError>> {
+        Box::pin(self.connect_counted(h1_only))
+    }
+
+    async fn connect_counted(&self, h1_only: bool) -> Result<(Stream, HttpPeer), UpstreamError> {
         let result = self.connect_inner(h1_only).await;
         match &result {
             Ok(_) => {
