@@ -214,7 +214,8 @@ async fn first_read(
     stream: Stream,
     until: Instant,
     mut timer: std::pin::Pin<&mut tokio::time::Sleep>,
-    shutdown: &mut ShutdownWatch,
+    shutdown: &ShutdownWatch,
+    stopping: std::pin::Pin<&mut impl std::future::Future>,
 ) -> (Stream, FirstRead) {
     use pingora::protocols::l4::stream::Stream as L4Stream;
     use tokio::io::{AsyncRead, ReadBuf};
@@ -258,7 +259,7 @@ async fn first_read(
             }
             _ => FirstRead::Close,
         },
-        _ = shutdown.changed() => FirstRead::Close,
+        _ = stopping => FirstRead::Close,
         _ = expired => FirstRead::Close,
     };
     (l4, outcome)
@@ -297,7 +298,11 @@ impl<A: HttpServerApp + Send + Sync + 'static, F: Fast> ServerApp for Guarded<A,
         // One timer for every wait on this connection (see `first_read`).
         let timer = tokio::time::sleep(self.limits.header_timeout);
         tokio::pin!(timer);
+        // One wait for shutdown for the connection's life: registered once,
+        // not at every request (its unlinking showed in the profile).
         let mut watch = shutdown.clone();
+        let stopping = watch.changed();
+        tokio::pin!(stopping);
         loop {
             // Between requests only this small future is held.
             let pipelined = settings.as_ref().is_some_and(has_pipelined_prefix);
@@ -310,7 +315,8 @@ impl<A: HttpServerApp + Send + Sync + 'static, F: Fast> ServerApp for Guarded<A,
             let mut head_limit = Some(self.limits.header_timeout);
             if !pipelined {
                 let until = Instant::now() + wait;
-                let (back, found) = first_read(stream, until, timer.as_mut(), &mut watch).await;
+                let (back, found) =
+                    first_read(stream, until, timer.as_mut(), shutdown, stopping.as_mut()).await;
                 stream = back;
                 match found {
                     FirstRead::Came(data, true) => {

@@ -2,6 +2,7 @@
 //! the grace period (at once when idle), SIGINT exits now, and SIGQUIT hands
 //! the listening sockets to a new process without a failed request.
 
+use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,6 +20,13 @@ async fn sigterm_finishes_the_request_in_flight_then_exits() {
         Sidecar::accounts("stable", "stable")
     );
     let mut side = Sidecar::start(&fake, &cfg).await;
+    // A kept-alive connection between requests (answered at once: an
+    // unknown account is refused without asking WeChat).
+    let mut kept = std::net::TcpStream::connect(("127.0.0.1", side.port)).unwrap();
+    kept.write_all(b"GET /cgi-bin/x HTTP/1.1\r\nHost: x\r\nX-Wx-Account: nobody\r\n\r\n")
+        .unwrap();
+    let answer = crate::raw::read_until_quiet(&mut kept, Duration::from_millis(300));
+    assert!(answer.starts_with("HTTP/1.1 4"), "{answer}");
     let slow = {
         let url = side.url("/cgi-bin/message/template/send");
         tokio::spawn(async move { client().post(url).body(TEMPLATE).send().await })
@@ -26,7 +34,16 @@ async fn sigterm_finishes_the_request_in_flight_then_exits() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let sent = Instant::now();
     side.signal("TERM");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Closed at once, while the request in flight still runs (not at exit).
+    let kept_closed = tokio::task::spawn_blocking(move || {
+        crate::raw::closed_within(&mut kept, Duration::from_millis(800))
+    })
+    .await
+    .unwrap();
+    assert!(
+        kept_closed,
+        "the idle kept-alive connection was closed on SIGTERM"
+    );
     let refused = tokio::net::TcpStream::connect(("127.0.0.1", side.port)).await;
     let r = slow
         .await
