@@ -10,13 +10,13 @@
 //! back to the pool only when the answer was read whole and both sides
 //! allow it.
 
+use std::net::SocketAddr;
 use std::ops::Range;
 use std::time::Duration;
 
 use bytes::Bytes;
-use pingora::protocols::l4::socket::SocketAddr;
 use pingora::protocols::Stream;
-use pingora::upstreams::peer::Peer;
+use pingora::upstreams::peer::{HttpPeer, Peer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{AnswerDeadline, Upstream, UpstreamError, DEFAULT_MAX_INFORMATIONAL};
@@ -70,6 +70,15 @@ pub struct RawExchange<'a> {
 struct Failed {
     error: UpstreamError,
     sent: bool,
+}
+
+/// A peer's address for errors, in 32 bytes (pingora's allows for Unix
+/// paths: 120); upstream peers are always IP addresses.
+fn peer_addr(p: &HttpPeer) -> SocketAddr {
+    p.address()
+        .as_inet()
+        .copied()
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
 }
 
 /// A read that ended at the answer deadline, not at its own limit.
@@ -204,7 +213,7 @@ impl Upstream {
             let hash = r.hashes[i];
             self.pool
                 .take_at(hash, started.unwrap_or_else(std::time::Instant::now))
-                .map(|s| (s, hash, r.peers[i].address().clone()))
+                .map(|s| (s, hash, peer_addr(&r.peers[i])))
         };
         drop(r);
         if let Some((stream, hash, addr)) = pooled {
@@ -221,15 +230,30 @@ impl Upstream {
                 }
             }
         }
-        let (stream, p) = match by {
-            None => self.connect().await?,
-            Some(d) => tokio::time::timeout_at(d.at, self.connect())
+        self.call_fresh(wire, by).await
+    }
+
+    /// The exchange on a new connection. Boxed: the pool usually has one,
+    /// and this path would otherwise make every request's future ~700
+    /// bytes larger.
+    fn call_fresh<'s: 'w, 'w>(
+        &'s self,
+        wire: &'w [u8],
+        by: Option<AnswerDeadline>,
+    ) -> futures_util::future::BoxFuture<'w, Result<RawExchange<'s>, UpstreamError>> {
+        Box::pin(async move {
+            let (stream, p) = match by {
+                None => self.connect().await?,
+                Some(d) => tokio::time::timeout_at(d.at, self.connect())
+                    .await
+                    .map_err(|_| d.missed())??,
+            };
+            let (hash, addr) = (p.reuse_hash(), peer_addr(&p));
+            drop(p);
+            self.exchange_raw(stream, hash, addr, wire, by, None)
                 .await
-                .map_err(|_| d.missed())??,
-        };
-        self.exchange_raw(stream, p.reuse_hash(), p.address().clone(), wire, by, None)
-            .await
-            .map_err(|f| f.error)
+                .map_err(|f| f.error)
+        })
     }
 
     async fn exchange_raw(
