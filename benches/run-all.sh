@@ -23,8 +23,10 @@ cargo build --release
   echo
   echo "## B. Proxy throughput and tail latency on loopback"
   echo
-  echo "\`benches/proxy_bench.sh\` (wrk, 3 s per cell, median of 3 runs, contenders alternating)"
-  benches/proxy_bench.sh 2>/dev/null
+  echo "\`RUNS=6 CONNS=\"16 64 256\" benches/proxy_bench.sh\` (wrk -t1, 3 s per cell, six blocks: in each"
+  echo "block every contender runs back to back; \"vs nginx1\" is the median of the per-block ratios to nginx with"
+  echo "one worker; wxsidecar runs with \`threads: 1\`; CPU is each contender's own, from /proc)"
+  RUNS=${BENCH_RUNS:-6} CONNS=${BENCH_CONNS:-"16 64 256"} benches/proxy_bench.sh 2>/dev/null
   echo
   echo "## C. Token replay under revocations and resets"
   echo
