@@ -11,7 +11,8 @@
 # the median of RUNS runs. Each run is a block: every contender back to back,
 # so "vs nginx" is the median of per-block ratios against nginx with one
 # worker (nginx1; the box is noisy, only paired ratios mean anything). CPU is
-# split into user and kernel µs per request. Prints Markdown.
+# split into user and kernel µs per request; the upstream's own CPU per request
+# shows what each contender's way of talking to it costs there. Prints Markdown.
 #
 # Usage: benches/proxy_bench.sh   (env: DURATION=3 RUNS=3 CONNS="1 16 64 256" MODES="plain tls"
 #        BASELINE_BIN=path/to/older/wxsidecar adds it as contender "baseline", same config:
@@ -73,7 +74,7 @@ http {
   }
 }
 EOF
-nginx -c "$dir/up/nginx.conf" -g 'daemon off;' & pids+=($!)
+nginx -c "$dir/up/nginx.conf" -g 'daemon off;' & UPPID=$!; pids+=($UPPID)
 wait_port "$UP"
 
 start_contenders() { # $1 = plain|tls
@@ -195,9 +196,11 @@ for mode in $MODES; do
           haproxy) url="http://127.0.0.1:$HA"; procs="$HAPID" ;;
         esac
         read -r bu bk < <(cpu_ticks $procs)
+        read -r ubu ubk < <(cpu_ticks $(children $UPPID))
         line=$(wrk -t1 -c"$c" -d"${DURATION}s" -s "$dir/post.lua" "$url/cgi-bin/message/template/send?foo=1" 2>/dev/null | grep '^RESULT' || echo "RESULT 0 1 0 0 0 1")
         read -r au ak < <(cpu_ticks $procs)
-        echo "$mode $who $c $run $line $((au - bu)) $((ak - bk))" >> "$results"
+        read -r uau uak < <(cpu_ticks $(children $UPPID))
+        echo "$mode $who $c $run $line $((au - bu)) $((ak - bk)) $((uau - ubu + uak - ubk))" >> "$results"
       done
     done
   done
@@ -228,16 +231,19 @@ for line in open(path):
     mode, who, c, run = f[0], f[1], int(f[2]), int(f[3])
     reqs, secs, p50, p99, p999, errs = int(f[5]), float(f[6]), float(f[7]), float(f[8]), float(f[9]), int(f[10])
     user, kern = int(f[11]), int(f[12])
+    # The canned upstream's own CPU per request: what this contender's way
+    # of talking to it costs the upstream.
+    upus = int(f[13]) / hz * 1e6 / reqs if reqs and len(f) > 13 else None
     cpu10k = ((user + kern) / hz) / reqs * 10000 if reqs and who != "direct" else None
     us = (user / hz * 1e6 / reqs, kern / hz * 1e6 / reqs) if reqs and who != "direct" else None
-    cells[(mode, who, c)].append((reqs / secs, p50, p99, p999, cpu10k, errs, us, run))
+    cells[(mode, who, c)].append((reqs / secs, p50, p99, p999, cpu10k, errs, us, run, upus))
 med = lambda xs: statistics.median(xs) if xs else None
 for mode in ["plain", "tls"]:
     if not any(k[0] == mode for k in cells):
         continue
     print(f"\n**Upstream over {'plain HTTP' if mode == 'plain' else 'TLS'}** (median of runs; wrk -t1, POST template body)\n")
-    print("| conns | contender | req/s | p50 ms | p99 ms | p99.9 ms | CPU s / 10k req | CPU µs/req user + kernel | vs nginx1 (median of block ratios) | errors |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| conns | contender | req/s | p50 ms | p99 ms | p99.9 ms | CPU s / 10k req | CPU µs/req user + kernel | upstream's CPU µs/req | vs nginx1 (median of block ratios) | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for c in sorted({k[2] for k in cells if k[0] == mode}):
         ref = {r[7]: r[0] for r in cells[(mode, "nginx1", c)]}
         for who in ["direct", "wxsidecar", "baseline", "wxsidecar-h2", "nginx1", "nginx", "haproxy"]:
@@ -248,8 +254,10 @@ for mode in ["plain", "tls"]:
             split = [r[6] for r in rs if r[6] is not None]
             ratios = [r[0] / ref[r[7]] for r in rs if ref.get(r[7])]
             shown = f"{med([u for u, _ in split]):.1f} + {med([k for _, k in split]):.1f}" if split else "—"
+            ups = [r[8] for r in rs if r[8] is not None]
+            up_shown = f"{med(ups):.1f}" if ups else "—"
             print(f"| {c} | {who} | {rps:,.0f} | {med([r[1] for r in rs]):.2f} | {med([r[2] for r in rs]):.2f} | "
-                  f"{med([r[3] for r in rs]):.2f} | {('%.2f' % med(cpu)) if cpu else '—'} | {shown} | "
+                  f"{med([r[3] for r in rs]):.2f} | {('%.2f' % med(cpu)) if cpu else '—'} | {shown} | {up_shown} | "
                   f"{('%.2f×' % med(ratios)) if ratios else '—'} | {sum(r[5] for r in rs)} |")
     if mode in meta:
         idle, load, reuse = meta[mode]
