@@ -788,16 +788,21 @@ async fn stream_rest(
     write_all(stream, &out).await?;
     write_all(stream, &first).await?;
     loop {
-        match tokio::time::timeout_at(deadline.at, x.chunk()).await {
-            Ok(Ok(Some(c))) => write_all(stream, &c).await?,
-            Ok(Ok(None)) => return Ok(()),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "upstream failed mid-answer");
-                return Err(std::io::ErrorKind::BrokenPipe.into());
-            }
-            Err(_) => {
+        let got = tokio::time::timeout_at(deadline.at, x.chunk())
+            .await
+            .unwrap_or_else(|_| Err(deadline.missed()));
+        match got {
+            Ok(Some(c)) => write_all(stream, &c).await?,
+            Ok(None) => return Ok(()),
+            // Passed here, or inside our HTTP/1.1 exchange, which ends its
+            // reads at the deadline itself: either names the deadline's limit.
+            Err(UpstreamError::Timeout { after, .. }) if after == deadline.limit => {
                 tracing::warn!(limit = ?deadline.limit, "answer cut at upstream.answer_timeout");
                 return Err(std::io::ErrorKind::TimedOut.into());
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "upstream failed mid-answer");
+                return Err(std::io::ErrorKind::BrokenPipe.into());
             }
         }
     }
