@@ -175,7 +175,9 @@ impl Upstreams {
         idempotent: bool,
         by: Option<crate::upstream::AnswerDeadline>,
     ) -> Result<crate::upstream::RawExchange<'_>, UpstreamError> {
-        // `on_hosts` by hand: its closure could not lend `wire` to each try.
+        // `on_hosts` by hand: its closure could not lend `wire` to each try
+        // (an async closure could, but its future is then not provably Send
+        // where pingora needs it: rustc 1.95).
         let mut last = UpstreamError::Unavailable;
         for h in self.hosts.iter().filter(|h| self.in_use(h)) {
             match h.call(wire, body, idempotent, by).await {
@@ -203,7 +205,8 @@ impl Upstreams {
         Ok(match wire {
             Some(head) => {
                 // `call` adds Host and the blank line.
-                let mut head = head[..head.len() - 2].to_vec();
+                let mut head = Vec::from(head);
+                head.truncate(head.len() - 2);
                 let idempotent = req.method == http::Method::GET;
                 let mut x = self.call(&mut head, body, idempotent, None).await?;
                 let status = x.status;

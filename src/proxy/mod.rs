@@ -32,7 +32,7 @@ use crate::refusal::Refusal;
 use crate::reply::{self, ProxyError};
 use crate::route::{self, Route};
 use crate::ticket::{self, TicketKind};
-use crate::upstream::UpstreamError;
+use crate::upstream::{AnswerDeadline, UpstreamError};
 
 mod callback;
 mod component;
@@ -285,8 +285,6 @@ fn refuse_misplaced_secret(path: &str, params: &[u8]) -> Result<(), ProxyError> 
         ),
     })
 }
-
-use crate::upstream::AnswerDeadline;
 
 /// The body is ours to read: tells a client waiting on `Expect:
 /// 100-continue` to send it (clients that did not wait ignore this).
