@@ -14,9 +14,14 @@
 # split into user and kernel µs per request; the upstream's own CPU per request
 # shows what each contender's way of talking to it costs there. Prints Markdown.
 #
+# "wrk's CPU µs/req" is the load generator's own (GNU time). "sleeps/req" is how often the contender's threads went to sleep per request
+# (voluntary context switches): each sleep costs whoever wakes it (wrk, the
+# upstream) a cross-CPU wake-up; "box idle %" is the whole machine's idle share.
+#
 # Usage: benches/proxy_bench.sh   (env: DURATION=3 RUNS=3 CONNS="1 16 64 256" MODES="plain tls"
 #        BASELINE_BIN=path/to/older/wxsidecar adds it as contender "baseline", same config:
-#        before/after comparisons in the same blocks)
+#        before/after comparisons in the same blocks; PIN=1 runs the upstream and
+#        wrk on CPU 0 and each contender on CPU 1)
 # Needs: a release build, nginx, haproxy, wrk, openssl (make bench installs them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +41,15 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
 cpu_ticks() { local u=0 k=0; for p in "$@"; do [ -r /proc/$p/stat ] && read -r a b < <(awk '{print $14, $15}' /proc/$p/stat) && u=$((u + a)) && k=$((k + b)); done; echo "$u $k"; }
 children() { pgrep -P "$1" | tr '\n' ' '; }
+# Times the processes went to sleep (voluntary context switches, all threads):
+# a proxy that sleeps often makes every request's sender pay a wake-up.
+sleeps() { local v=0 t; for p in "$@"; do for t in /proc/$p/task/*/status; do v=$((v + $(awk '/^voluntary_ctxt/ {print $2}' "$t" 2>/dev/null || echo 0))); done; done; echo "$v"; }
+# Idle and total jiffies of the whole box.
+box_idle() { awk '/^cpu / {print $5 + $6, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9}' /proc/stat; }
+# PIN=1: the upstream and wrk on CPU 0, each contender on CPU 1 — the same
+# placement for everyone, so the scheduler's choice drops out of the ratio.
+PIN=${PIN:-}
+pin() { [ -n "$PIN" ] || return 0; local cpu=$1; shift; for p in "$@"; do for t in /proc/$p/task/*; do taskset -pc "$cpu" "${t##*/}" >/dev/null 2>&1 || true; done; done; }
 
 TOKEN=ACCESS_TOKEN_$(head -c 30 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | head -c 40)
 # A CA (cert.pem, what every client trusts) and a leaf for localhost signed by it.
@@ -176,6 +190,9 @@ done = function(summary, latency, requests)
 end
 EOF
 
+# wrk's own CPU (GNU time, when installed): the load generator pays for the
+# proxy's wake-ups too.
+WRKTIME=""; [ -x /usr/bin/time ] && WRKTIME="/usr/bin/time -f %U_%S -o $dir/wrk.time"
 results="$dir/results.txt"; : > "$results"
 for mode in $MODES; do
   start_contenders "$mode"
@@ -195,12 +212,16 @@ for mode in $MODES; do
           nginx1) url="http://127.0.0.1:$NG1"; procs="$(children $NG1PID)" ;;
           haproxy) url="http://127.0.0.1:$HA"; procs="$HAPID" ;;
         esac
+        pin 0 $(children $UPPID); pin 1 $procs
         read -r bu bk < <(cpu_ticks $procs)
         read -r ubu ubk < <(cpu_ticks $(children $UPPID))
-        line=$(wrk -t1 -c"$c" -d"${DURATION}s" -s "$dir/post.lua" "$url/cgi-bin/message/template/send?foo=1" 2>/dev/null | grep '^RESULT' || echo "RESULT 0 1 0 0 0 1")
+        s0=$(sleeps $procs); read -r i0 t0 < <(box_idle)
+        line=$($WRKTIME ${PIN:+taskset -c 0} wrk -t1 -c"$c" -d"${DURATION}s" -s "$dir/post.lua" "$url/cgi-bin/message/template/send?foo=1" 2>/dev/null | grep '^RESULT' || echo "RESULT 0 1 0 0 0 1")
         read -r au ak < <(cpu_ticks $procs)
         read -r uau uak < <(cpu_ticks $(children $UPPID))
-        echo "$mode $who $c $run $line $((au - bu)) $((ak - bk)) $((uau - ubu + uak - ubk))" >> "$results"
+        s1=$(sleeps $procs); read -r i1 t1 < <(box_idle)
+        wu=0; ws=0; [ -n "$WRKTIME" ] && IFS=_ read -r wu ws < "$dir/wrk.time"
+        echo "$mode $who $c $run $line $((au - bu)) $((ak - bk)) $((uau - ubu + uak - ubk)) $((s1 - s0)) $(( (i1 - i0) * 1000 / (t1 - t0 + 1) )) $wu $ws" >> "$results"
       done
     done
   done
@@ -236,14 +257,18 @@ for line in open(path):
     upus = int(f[13]) / hz * 1e6 / reqs if reqs and len(f) > 13 else None
     cpu10k = ((user + kern) / hz) / reqs * 10000 if reqs and who != "direct" else None
     us = (user / hz * 1e6 / reqs, kern / hz * 1e6 / reqs) if reqs and who != "direct" else None
-    cells[(mode, who, c)].append((reqs / secs, p50, p99, p999, cpu10k, errs, us, run, upus))
+    # How often the contender slept per request, and the whole box's idle share.
+    slp = int(f[14]) / reqs if reqs and len(f) > 14 and who != "direct" else None
+    idle = int(f[15]) / 10 if len(f) > 15 else None
+    wrk_us = (float(f[16]) + float(f[17])) * 1e6 / reqs if reqs and len(f) > 17 and float(f[16]) + float(f[17]) > 0 else None
+    cells[(mode, who, c)].append((reqs / secs, p50, p99, p999, cpu10k, errs, us, run, upus, slp, idle, wrk_us))
 med = lambda xs: statistics.median(xs) if xs else None
 for mode in ["plain", "tls"]:
     if not any(k[0] == mode for k in cells):
         continue
     print(f"\n**Upstream over {'plain HTTP' if mode == 'plain' else 'TLS'}** (median of runs; wrk -t1, POST template body)\n")
-    print("| conns | contender | req/s | p50 ms | p99 ms | p99.9 ms | CPU s / 10k req | CPU µs/req user + kernel | upstream's CPU µs/req | vs nginx1 (median of block ratios) | errors |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| conns | contender | req/s | p50 ms | p99 ms | p99.9 ms | CPU s / 10k req | CPU µs/req user + kernel | upstream's CPU µs/req | wrk's CPU µs/req | sleeps/req | box idle % | vs nginx1 (median of block ratios) | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for c in sorted({k[2] for k in cells if k[0] == mode}):
         ref = {r[7]: r[0] for r in cells[(mode, "nginx1", c)]}
         for who in ["direct", "wxsidecar", "baseline", "wxsidecar-h2", "nginx1", "nginx", "haproxy"]:
@@ -256,8 +281,11 @@ for mode in ["plain", "tls"]:
             shown = f"{med([u for u, _ in split]):.1f} + {med([k for _, k in split]):.1f}" if split else "—"
             ups = [r[8] for r in rs if r[8] is not None]
             up_shown = f"{med(ups):.1f}" if ups else "—"
+            slps = [r[9] for r in rs if r[9] is not None]; idles = [r[10] for r in rs if r[10] is not None]
+            wrks = [r[11] for r in rs if r[11] is not None]
             print(f"| {c} | {who} | {rps:,.0f} | {med([r[1] for r in rs]):.2f} | {med([r[2] for r in rs]):.2f} | "
                   f"{med([r[3] for r in rs]):.2f} | {('%.2f' % med(cpu)) if cpu else '—'} | {shown} | {up_shown} | "
+                  f"{('%.1f' % med(wrks)) if wrks else '—'} | {('%.2f' % med(slps)) if slps else '—'} | {('%.0f' % med(idles)) if idles else '—'} | "
                   f"{('%.2f×' % med(ratios)) if ratios else '—'} | {sum(r[5] for r in rs)} |")
     if mode in meta:
         idle, load, reuse = meta[mode]
