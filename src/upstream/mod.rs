@@ -213,7 +213,7 @@ pub struct Upstream {
 pub struct Exchange<'a> {
     upstream: &'a Upstream,
     session: Session,
-    peer: HttpPeer,
+    on: On,
 }
 
 /// An HTTP/1.1 request whose head is sent and whose body the caller is
@@ -222,7 +222,38 @@ pub struct Exchange<'a> {
 pub struct Upload<'a> {
     upstream: &'a Upstream,
     session: HttpSession,
-    peer: HttpPeer,
+    on: On,
+}
+
+/// Which connection an exchange is on: the address (for errors) and the
+/// pool key (to park an HTTP/1.1 connection again). An `HttpPeer` is 672
+/// bytes with heap parts; it was cloned and moved with every request.
+#[derive(Clone, Copy)]
+struct On {
+    addr: SocketAddr,
+    reuse: u64,
+}
+
+impl On {
+    fn peer(peer: &HttpPeer) -> On {
+        On {
+            addr: inet(peer),
+            reuse: peer.reuse_hash(),
+        }
+    }
+
+    /// An HTTP/2 stream: never pooled, so no key is hashed.
+    fn stream(addr: SocketAddr) -> On {
+        On { addr, reuse: 0 }
+    }
+}
+
+/// The peer's address; ours are always IP addresses (see `make_peer`).
+fn inet(peer: &HttpPeer) -> SocketAddr {
+    peer.address()
+        .as_inet()
+        .copied()
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
 }
 
 /// One exchange's connection: its own HTTP/1.1 connection, or a stream of a
@@ -383,6 +414,12 @@ impl Upstream {
         Ok(r.peers[first].clone())
     }
 
+    /// The preferred resolved address, without cloning its peer.
+    fn preferred_addr(&self) -> Result<SocketAddr, UpstreamError> {
+        let (r, first) = self.peers()?;
+        Ok(inet(&r.peers[first]))
+    }
+
     /// Opens a new connection, trying each resolved address in turn, and
     /// keeps count of failures in a row (for failover).
     async fn connect(&self) -> Result<(Stream, HttpPeer), UpstreamError> {
@@ -531,7 +568,7 @@ impl Upstream {
         };
         if let Some((stream, p)) = pooled {
             self.stats.reused.inc();
-            match self.write_head(stream, p, req).await {
+            match self.write_head(stream, &p, req).await {
                 Ok(u) => return Ok(u),
                 Err(e) if e.is_timeout() => return Err(e),
                 Err(e) => {
@@ -540,16 +577,16 @@ impl Upstream {
             }
         }
         let (stream, p) = self.connect_as(true).await?;
-        self.write_head(stream, p, req).await
+        self.write_head(stream, &p, req).await
     }
 
     async fn write_head(
         &self,
         stream: Stream,
-        peer: HttpPeer,
+        peer: &HttpPeer,
         req: &RequestHeader,
     ) -> Result<Upload<'_>, UpstreamError> {
-        let mut session = HttpSession::new_with_options(stream, &peer);
+        let mut session = HttpSession::new_with_options(stream, peer);
         session.read_timeout = Some(self.conf.read_timeout);
         session.write_timeout = Some(self.conf.read_timeout);
         let mut req = req.clone();
@@ -563,7 +600,7 @@ impl Upstream {
         Ok(Upload {
             upstream: self,
             session,
-            peer,
+            on: On::peer(peer),
         })
     }
 
@@ -585,14 +622,14 @@ impl Upstream {
     /// A new stream on a live HTTP/2 connection, opening one if none has
     /// room. `None` when the server declined h2: use HTTP/1.1 from now on
     /// (the connection it declined on goes to the HTTP/1.1 pool).
-    async fn h2_stream(&self) -> Result<Option<(Http2Session, HttpPeer)>, UpstreamError> {
+    async fn h2_stream(&self) -> Result<Option<(Http2Session, SocketAddr)>, UpstreamError> {
         if let Some(s) = self.h2_shared_stream().await {
-            return Ok(Some((s, self.peer()?)));
+            return Ok(Some((s, self.preferred_addr()?)));
         }
         let _one_at_a_time = self.h2_connecting.lock().await;
         // Someone may have connected while we waited.
         if let Some(s) = self.h2_shared_stream().await {
-            return Ok(Some((s, self.peer()?)));
+            return Ok(Some((s, self.preferred_addr()?)));
         }
         if !self.uses_h2() {
             return Ok(None);
@@ -635,7 +672,7 @@ impl Upstream {
             })?;
         self.h2.lock().push(conn.clone());
         match conn.spawn_stream().await {
-            Ok(Some(s)) => Ok(Some((s, peer))),
+            Ok(Some(s)) => Ok(Some((s, inet(&peer)))),
             _ => Err(UpstreamError::Connect {
                 addr,
                 reason: "new HTTP/2 connection refused a stream".into(),
@@ -668,10 +705,10 @@ impl Upstream {
         let mut attempts = 3;
         loop {
             attempts -= 1;
-            let Some((session, peer)) = self.h2_stream().await? else {
+            let Some((session, addr)) = self.h2_stream().await? else {
                 return Ok(None);
             };
-            match self.exchange_h2(session, peer, req, body).await {
+            match self.exchange_h2(session, addr, req, body).await {
                 Ok(x) => return Ok(Some(x)),
                 Err(Failed { error, .. }) if error.is_timeout() || attempts == 0 => {
                     return Err(error)
@@ -689,17 +726,18 @@ impl Upstream {
     async fn exchange_h2(
         &self,
         mut session: Http2Session,
-        peer: HttpPeer,
+        at: SocketAddr,
         req: &RequestHeader,
         body: &[u8],
     ) -> Result<Exchange<'_>, Failed> {
         session.read_timeout = Some(self.conf.read_timeout);
         session.write_timeout = Some(self.conf.read_timeout);
-        let addr = peer.address().to_string();
+        // The address is only for errors: formatted when one happens.
+        let addr = || at.to_string();
         let unsent = |e: Box<pingora::Error>| {
             tracing::debug!(error = %e, "HTTP/2 stream could not be sent");
             Failed {
-                error: self.map_err(&addr, &e),
+                error: self.map_err(&addr(), &e),
                 sent: false,
             }
         };
@@ -715,7 +753,7 @@ impl Upstream {
             .build()
             .map_err(|_| Failed {
                 error: UpstreamError::Exchange {
-                    addr: addr.clone(),
+                    addr: addr(),
                     reason: "request target not valid for HTTP/2".into(),
                 },
                 sent: false,
@@ -738,7 +776,7 @@ impl Upstream {
                 return Ok(Exchange {
                     upstream: self,
                     session: Session::H2(session),
-                    peer,
+                    on: On::stream(at),
                 });
             }
         }
@@ -762,14 +800,14 @@ impl Upstream {
                 session.conn.mark_shutdown();
             }
             return Err(Failed {
-                error: self.map_err(&addr, &e),
+                error: self.map_err(&addr(), &e),
                 sent: !e.retry(),
             });
         }
         Ok(Exchange {
             upstream: self,
             session: Session::H2(session),
-            peer,
+            on: On::stream(at),
         })
     }
 
@@ -786,13 +824,10 @@ impl Upstream {
         let (peer, _) = self.peers().inspect_err(|_| {
             self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
         })?;
-        let pooled = {
-            let p = &peer.peers[self.preferred.load(Ordering::Relaxed) % peer.peers.len()];
-            self.pool.take(p.reuse_hash()).map(|s| (s, p.clone()))
-        };
-        if let Some((stream, p)) = pooled {
+        let at = self.preferred.load(Ordering::Relaxed) % peer.peers.len();
+        if let Some(stream) = self.pool.take(peer.hashes[at]) {
             self.stats.reused.inc();
-            match self.exchange(stream, p, req, body).await {
+            match self.exchange(stream, &peer.peers[at], req, body).await {
                 Ok(x) => return Ok(x),
                 Err(Failed { error, .. }) if error.is_timeout() => return Err(error),
                 Err(Failed { error, sent: true }) if !is_idempotent(&req.method) => {
@@ -804,7 +839,7 @@ impl Upstream {
             }
         }
         let (stream, p) = self.connect().await?;
-        self.exchange(stream, p, req, body)
+        self.exchange(stream, &p, req, body)
             .await
             .map_err(|f| f.error)
     }
@@ -812,7 +847,7 @@ impl Upstream {
     async fn exchange(
         &self,
         mut stream: Stream,
-        peer: HttpPeer,
+        peer: &HttpPeer,
         req: &RequestHeader,
         body: &[u8],
     ) -> Result<Exchange<'_>, Failed> {
@@ -865,7 +900,7 @@ impl Upstream {
                 }
             }
         }
-        let mut session = HttpSession::new_with_options(stream, &peer);
+        let mut session = HttpSession::new_with_options(stream, peer);
         // pingora does not copy the peer's timeouts into the session.
         session.read_timeout = Some(self.conf.read_timeout);
         session.write_timeout = Some(self.conf.read_timeout);
@@ -910,7 +945,7 @@ impl Upstream {
         Ok(Exchange {
             upstream: self,
             session: Session::H1(session),
-            peer,
+            on: On::peer(peer),
         })
     }
 
@@ -1029,14 +1064,14 @@ impl<'a> Upload<'a> {
         Ok(Exchange {
             upstream: self.upstream,
             session: Session::H1(self.session),
-            peer: self.peer,
+            on: self.on,
         })
     }
 
     fn failed(&self, e: &pingora::Error) -> UpstreamError {
         tracing::debug!(error = %e, "streamed exchange failed");
         self.upstream.stats.failed.inc();
-        self.upstream.map_err(&self.peer.address().to_string(), e)
+        self.upstream.map_err(&self.on.addr.to_string(), e)
     }
 }
 
@@ -1055,7 +1090,7 @@ impl Exchange<'_> {
             Session::H1(s) => s.read_body_bytes().await,
             Session::H2(s) => s.read_response_body().await,
         };
-        read.map_err(|e| self.upstream.map_err(&self.peer.address().to_string(), &e))
+        read.map_err(|e| self.upstream.map_err(&self.on.addr.to_string(), &e))
     }
 
     /// Reads the rest of the body into memory, up to `cap` bytes. Returns
@@ -1086,7 +1121,7 @@ impl Exchange<'_> {
         }
         session.respect_keepalive();
         if let Some(stream) = session.reuse().await {
-            self.upstream.pool.put(stream, self.peer.reuse_hash());
+            self.upstream.pool.put(stream, self.on.reuse);
         }
     }
 }
