@@ -626,6 +626,14 @@ impl Upstream {
         if let Some(s) = self.h2_shared_stream().await {
             return Ok(Some((s, self.preferred_addr()?)));
         }
+        // Boxed: opening a connection (handshake included) is a large
+        // future that every request's future would otherwise carry.
+        Box::pin(self.h2_new_stream()).await
+    }
+
+    /// [`Self::h2_stream`] when no live connection has room: one caller
+    /// at a time opens a connection, the others then share it.
+    async fn h2_new_stream(&self) -> Result<Option<(Http2Session, SocketAddr)>, UpstreamError> {
         let _one_at_a_time = self.h2_connecting.lock().await;
         // Someone may have connected while we waited.
         if let Some(s) = self.h2_shared_stream().await {
@@ -1107,6 +1115,13 @@ impl Exchange<'_> {
             }
         }
         Ok(Ok(buf.freeze()))
+    }
+
+    /// Whether this exchange is a stream of a shared HTTP/2 connection:
+    /// then [`Self::finish`] has nothing to wait for (dropping it frees the
+    /// stream), and a caller can skip building its future.
+    pub fn is_h2(&self) -> bool {
+        matches!(self.session, Session::H2(_))
     }
 
     /// Returns the connection to the pool when the answer was read whole and
