@@ -415,10 +415,18 @@ impl FastLane {
         let mut target = Vec::with_capacity(256);
         Self::target(&mut target, head, token);
         let method = if head.post { "POST" } else { "GET" };
-        let mut req =
-            pingora::http::RequestHeader::build(method, &target, Some(head.forward.len() + 1))?;
+        // No case map: HTTP/2 sends names in lower case anyway (and the
+        // rare fall-back to HTTP/1.1 after h2 is declined sends them so too).
+        let mut req = pingora::http::RequestHeader::build_no_case(
+            method,
+            &target,
+            Some(head.forward.len() + 1),
+        )?;
         for (name, value) in &head.forward {
-            req.append_header(name.to_string(), *value)?;
+            let name = http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                pingora::Error::explain(pingora::ErrorType::InvalidHTTPHeader, "header name")
+            })?;
+            req.append_header(name, *value)?;
         }
         if head.post || !head.body.is_empty() {
             req.insert_header(http::header::CONTENT_LENGTH, head.body.len())?;

@@ -182,6 +182,9 @@ impl AnswerDeadline {
 pub struct Upstream {
     url: UpstreamUrl,
     host_header: String,
+    /// `host_header` as an HTTP/2 `:authority`, parsed once (`None`: it
+    /// does not parse, and each HTTP/2 request says so).
+    authority: Option<http::uri::Authority>,
     /// The host and port we connect to: the upstream's own, or with
     /// `upstream.proxy` the proxy's (WeChat's host is then the proxy's to
     /// resolve).
@@ -289,6 +292,7 @@ impl Upstream {
         let up = Upstream {
             tunnel,
             host_header: conf.url.host_header(),
+            authority: http::uri::Authority::try_from(conf.url.host_header().as_str()).ok(),
             url: conf.url.clone(),
             dial_host,
             dial_port,
@@ -753,19 +757,24 @@ impl Upstream {
         // duplicate some servers (nginx) refuse.
         let mut req = req.clone();
         req.remove_header(&http::header::HOST);
-        let pq = req.uri.path_and_query().map_or("/", |p| p.as_str());
-        let uri = http::Uri::builder()
-            .scheme("https")
-            .authority(self.host_header.as_str())
-            .path_and_query(pq)
-            .build()
-            .map_err(|_| Failed {
-                error: UpstreamError::Exchange {
-                    addr: addr(),
-                    reason: "request target not valid for HTTP/2".into(),
-                },
-                sent: false,
-            })?;
+        // From parts already parsed: the authority once per upstream, the
+        // path and query as the request has them.
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(http::uri::Scheme::HTTPS);
+        parts.authority = self.authority.clone();
+        parts.path_and_query = Some(
+            req.uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+        );
+        let uri = http::Uri::from_parts(parts).map_err(|_| Failed {
+            error: UpstreamError::Exchange {
+                addr: addr(),
+                reason: "request target not valid for HTTP/2".into(),
+            },
+            sent: false,
+        })?;
         req.set_uri(uri);
         session
             .write_request_header(Box::new(req), body.is_empty())
