@@ -16,10 +16,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use pingora::protocols::Stream;
-use pingora::upstreams::peer::{HttpPeer, Peer};
+use pingora::upstreams::peer::Peer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{AnswerDeadline, Upstream, UpstreamError, DEFAULT_MAX_INFORMATIONAL};
+use super::{peer_addr, AnswerDeadline, Upstream, UpstreamError, DEFAULT_MAX_INFORMATIONAL};
 
 /// Answer heads are small; WeChat's are a few hundred bytes.
 const DEFAULT_HEAD_BUFFER: usize = 2048;
@@ -70,15 +70,6 @@ pub struct RawExchange<'a> {
 struct Failed {
     error: UpstreamError,
     sent: bool,
-}
-
-/// A peer's address for errors, in 32 bytes (pingora's allows for Unix
-/// paths: 120); upstream peers are always IP addresses.
-fn peer_addr(p: &HttpPeer) -> SocketAddr {
-    p.address()
-        .as_inet()
-        .copied()
-        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
 }
 
 /// A read that ended at the answer deadline, not at its own limit.

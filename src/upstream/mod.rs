@@ -240,7 +240,7 @@ struct On {
 impl On {
     fn peer(peer: &HttpPeer) -> On {
         On {
-            addr: inet(peer),
+            addr: peer_addr(peer),
             reuse: peer.reuse_hash(),
         }
     }
@@ -251,8 +251,9 @@ impl On {
     }
 }
 
-/// The peer's address; ours are always IP addresses (see `make_peer`).
-fn inet(peer: &HttpPeer) -> SocketAddr {
+/// A peer's address for errors, in 32 bytes (pingora's allows for Unix
+/// paths: 120); upstream peers are always IP addresses (see `make_peer`).
+fn peer_addr(peer: &HttpPeer) -> SocketAddr {
     peer.address()
         .as_inet()
         .copied()
@@ -421,7 +422,7 @@ impl Upstream {
     /// The preferred resolved address, without cloning its peer.
     fn preferred_addr(&self) -> Result<SocketAddr, UpstreamError> {
         let (r, first) = self.peers()?;
-        Ok(inet(&r.peers[first]))
+        Ok(peer_addr(&r.peers[first]))
     }
 
     /// Opens a new connection, trying each resolved address in turn, and
@@ -684,7 +685,7 @@ impl Upstream {
             })?;
         self.h2.lock().push(conn.clone());
         match conn.spawn_stream().await {
-            Ok(Some(s)) => Ok(Some((s, inet(&peer)))),
+            Ok(Some(s)) => Ok(Some((s, peer_addr(&peer)))),
             _ => Err(UpstreamError::Connect {
                 addr,
                 reason: "new HTTP/2 connection refused a stream".into(),
