@@ -845,7 +845,11 @@ impl Upstream {
         let at = self.preferred.load(Ordering::Relaxed) % peer.peers.len();
         if let Some(stream) = self.pool.take(peer.hashes[at]) {
             self.stats.reused.inc();
-            match self.exchange(stream, &peer.peers[at], req, body).await {
+            let on = On {
+                addr: peer_addr(&peer.peers[at]),
+                reuse: peer.hashes[at],
+            };
+            match self.exchange(stream, &peer.peers[at], on, req, body).await {
                 Ok(x) => return Ok(x),
                 Err(Failed { error, .. }) if error.is_timeout() => return Err(error),
                 Err(Failed { error, sent: true }) if !is_idempotent(&req.method) => {
@@ -857,21 +861,25 @@ impl Upstream {
             }
         }
         let (stream, p) = self.connect().await?;
-        self.exchange(stream, &p, req, body)
+        self.exchange(stream, &p, On::peer(&p), req, body)
             .await
             .map_err(|f| f.error)
     }
 
+    /// An HTTP/1.1 exchange through pingora's client on `stream` to `peer`;
+    /// `on` is its address and pool key (the pool key from the resolution's
+    /// precomputed hashes when there is one).
     async fn exchange(
         &self,
         mut stream: Stream,
         peer: &HttpPeer,
+        on: On,
         req: &RequestHeader,
         body: &[u8],
     ) -> Result<Exchange<'_>, Failed> {
         debug_assert!(req.headers.get(http::header::HOST).is_none());
         // The address is only for errors: formatted when one happens.
-        let addr = || peer.address().to_string();
+        let addr = || on.addr.to_string();
         let unsent = |e: Box<pingora::Error>| Failed {
             error: self.map_err(&addr(), &e),
             sent: false,
@@ -963,7 +971,7 @@ impl Upstream {
         Ok(Exchange {
             upstream: self,
             session: Session::H1(session),
-            on: On::peer(peer),
+            on,
         })
     }
 
