@@ -763,10 +763,7 @@ impl Reply<'_> {
     async fn finish(self) {
         match self {
             Reply::H1(x) => x.finish(),
-            // An HTTP/2 stream ends when dropped. Boxed otherwise (the
-            // server declined h2): pingora's hand-back is a ~2.5 KiB future.
-            Reply::H2(x) if x.0.is_h2() => drop(x),
-            Reply::H2(x) => Box::pin(x.0.finish()).await,
+            Reply::H2(x) => x.0.finish().await,
         }
     }
 }

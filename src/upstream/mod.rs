@@ -1135,13 +1135,6 @@ impl Exchange<'_> {
         Ok(Ok(buf.freeze()))
     }
 
-    /// Whether this exchange is a stream of a shared HTTP/2 connection:
-    /// then [`Self::finish`] has nothing to wait for (dropping it frees the
-    /// stream), and a caller can skip building its future.
-    pub fn is_h2(&self) -> bool {
-        matches!(self.session, Session::H2(_))
-    }
-
     /// Returns the connection to the pool when the answer was read whole and
     /// both sides allow keep-alive; otherwise closes it.
     pub async fn finish(self) {
@@ -1153,7 +1146,9 @@ impl Exchange<'_> {
             return;
         }
         session.respect_keepalive();
-        if let Some(stream) = session.reuse().await {
+        // Boxed: pingora's hand-back is a ~2.5 KiB future that every
+        // caller's future (an HTTP/2 one included) would otherwise carry.
+        if let Some(stream) = Box::pin(session.reuse()).await {
             self.upstream.pool.put(stream, self.on.reuse);
         }
     }
