@@ -14,9 +14,10 @@
 # split into user and kernel µs per request; the upstream's own CPU per request
 # shows what each contender's way of talking to it costs there. Prints Markdown.
 #
-# "wrk's CPU µs/req" is the load generator's own (GNU time). "sleeps/req" is how often the contender's threads went to sleep per request
-# (voluntary context switches): each sleep costs whoever wakes it (wrk, the
-# upstream) a cross-CPU wake-up; "box idle %" is the whole machine's idle share.
+# "wrk's CPU µs/req" is the load generator's own (GNU time). "sleeps/req" is
+# how often the contender's threads went to sleep per request (voluntary
+# context switches): each sleep costs whoever wakes it (wrk, the upstream) a
+# cross-CPU wake-up; "box idle %" is the whole machine's idle share.
 #
 # Usage: benches/proxy_bench.sh   (env: DURATION=3 RUNS=3 CONNS="1 16 64 256" MODES="plain tls"
 #        BASELINE_BIN=path/to/older/wxsidecar adds it as contender "baseline", same config:
