@@ -163,6 +163,17 @@ impl Upstreams {
         self.on_hosts(|h| h.send(req, body)).await
     }
 
+    /// [`Self::send`] over HTTP/2 for a request built as HTTP/2 sends it
+    /// (the fast lane's), with the same failover; `None` when the server
+    /// declined h2 (send over HTTP/1.1 then).
+    pub async fn send_h2<R: crate::upstream::Outgoing + ?Sized>(
+        &self,
+        req: &R,
+        body: &[u8],
+    ) -> Result<Option<Exchange<'_>>, UpstreamError> {
+        self.on_hosts(|h| h.send_h2(req, body)).await
+    }
+
     /// [`Self::send`] for requests built as bytes (the fast lane): the
     /// same failover, through our own HTTP/1.1 exchange.
     /// `wire` holds the request line and headers (without `Host`); each

@@ -406,34 +406,6 @@ impl FastLane {
         }
     }
 
-    /// The same request for an HTTP/2 upstream: pingora's h2 client takes
-    /// a request header.
-    fn upstream_header(
-        head: &Head<'_>,
-        token: Option<&Lease>,
-    ) -> pingora::Result<pingora::http::RequestHeader> {
-        let mut target = Vec::with_capacity(256);
-        Self::target(&mut target, head, token);
-        let method = if head.post { "POST" } else { "GET" };
-        // No case map: HTTP/2 sends names in lower case anyway (and the
-        // rare fall-back to HTTP/1.1 after h2 is declined sends them so too).
-        let mut req = pingora::http::RequestHeader::build_no_case(
-            method,
-            &target,
-            Some(head.forward.len() + 1),
-        )?;
-        for (name, value) in &head.forward {
-            let name = http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
-                pingora::Error::explain(pingora::ErrorType::InvalidHTTPHeader, "header name")
-            })?;
-            req.append_header(name, *value)?;
-        }
-        if head.post || !head.body.is_empty() {
-            req.insert_header(http::header::CONTENT_LENGTH, head.body.len())?;
-        }
-        Ok(req)
-    }
-
     /// The request line and headers for WeChat, with `token` in the query,
     /// in a buffer with room for `Host` and the body (the upstream adds them).
     fn upstream_head(head: &Head<'_>, token: Option<&Lease>) -> Vec<u8> {
@@ -501,19 +473,24 @@ impl FastLane {
                     .map(Reply::H1)
             } else {
                 let sent = async {
-                    let req = Self::upstream_header(head, plan.token.as_deref()).map_err(|e| {
-                        UpstreamError::Exchange {
-                            addr: "the upstream".into(),
-                            reason: format!("request not valid for HTTP/2: {e}"),
+                    let req = H2Request {
+                        head,
+                        token: plan.token.as_deref(),
+                    };
+                    match upstreams.send_h2(&req, head.body).await? {
+                        Some(x) => Ok(Reply::H2(Box::new((x, Bytes::new())))),
+                        // Declined h2 just now: our HTTP/1.1 exchange.
+                        None => {
+                            let mut wire = Self::upstream_head(head, plan.token.as_deref());
+                            upstreams
+                                .call(&mut wire, head.body, !head.post, Some(deadline))
+                                .await
+                                .map(Reply::H1)
                         }
-                    })?;
-                    upstreams
-                        .send(&req, head.body)
-                        .await
-                        .map(|x| Reply::H2(Box::new((x, Bytes::new()))))
+                    }
                 };
-                // Boxed: pingora's h2 send is a few KiB of future that the
-                // HTTP/1.1 requests would otherwise carry and move.
+                // Boxed: the h2 send is a few hundred bytes of future that
+                // the HTTP/1.1 requests would otherwise carry and move.
                 Box::pin(tokio::time::timeout_at(deadline.at, sent))
                     .await
                     .unwrap_or_else(|_| Err(deadline.missed()))
@@ -686,6 +663,48 @@ fn copy_headers(out: &mut Vec<u8>, x: &Reply<'_>, token: Option<&Lease>) {
     });
 }
 
+/// The fast lane's request as an HTTP/2 stream sends it: built from the
+/// bytes at hand, no request header in between.
+struct H2Request<'a> {
+    head: &'a Head<'a>,
+    token: Option<&'a Lease>,
+}
+
+impl crate::upstream::Outgoing for H2Request<'_> {
+    fn to_h2(&self, authority: &http::uri::Authority) -> Result<http::Request<()>, &'static str> {
+        let mut target = Vec::with_capacity(256);
+        FastLane::target(&mut target, self.head, self.token);
+        let target = http::uri::PathAndQuery::from_maybe_shared(Bytes::from(target))
+            .map_err(|_| "request target not valid for HTTP/2")?;
+        let mut req = http::Request::new(());
+        if self.head.post {
+            *req.method_mut() = http::Method::POST;
+        }
+        *req.uri_mut() = crate::upstream::h2_uri(authority, Some(target))?;
+        *req.version_mut() = http::Version::HTTP_2;
+        let headers = req.headers_mut();
+        headers.reserve(self.head.forward.len() + 1);
+        for (name, value) in &self.head.forward {
+            let name = http::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| "header name not valid for HTTP/2")?;
+            let value = http::HeaderValue::from_bytes(value)
+                .map_err(|_| "header value not valid for HTTP/2")?;
+            headers.append(name, value);
+        }
+        if self.head.post || !self.head.body.is_empty() {
+            headers.insert(
+                http::header::CONTENT_LENGTH,
+                http::HeaderValue::from(self.head.body.len()),
+            );
+        }
+        Ok(req)
+    }
+
+    fn idempotent(&self) -> bool {
+        !self.head.post
+    }
+}
+
 /// An answer from either kind of upstream connection.
 // The common answer stays inline (boxing it would allocate per request);
 // the rare HTTP/2 one is boxed.
@@ -693,7 +712,7 @@ fn copy_headers(out: &mut Vec<u8>, x: &Reply<'_>, token: Option<&Lease>) {
 enum Reply<'a> {
     /// Our own HTTP/1.1 exchange.
     H1(crate::upstream::RawExchange<'a>),
-    /// pingora's: a stream of a shared HTTP/2 connection, and its body
+    /// A stream of a shared HTTP/2 connection, and its body
     /// once read whole. Boxed: ~1 KiB the HTTP/1.1 answers need not carry.
     H2(Box<(crate::upstream::Exchange<'a>, Bytes)>),
 }

@@ -17,11 +17,9 @@ use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use hickory_resolver::config::{LookupIpStrategy, ResolverConfig, ResolverOpts};
 use hickory_resolver::TokioAsyncResolver;
-use pingora::connectors::http::v2::{handshake, ConnectionRef, H2HandshakeSettings};
 use pingora::connectors::{ConnectorOptions, TransportConnector};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::v1::client::{http_req_header_to_wire, HttpSession};
-use pingora::protocols::http::v2::client::Http2Session;
 use pingora::protocols::{Stream, ALPN};
 use pingora::upstreams::peer::{HttpPeer, Peer};
 use pingora::ErrorType;
@@ -31,6 +29,8 @@ use crate::config::{UpstreamConfig, UpstreamUrl};
 
 mod h1;
 pub use h1::RawExchange;
+mod h2;
+pub use self::h2::{uri as h2_uri, Outgoing};
 mod pool;
 use pool::Pool;
 mod tunnel;
@@ -44,9 +44,9 @@ const DEFAULT_MAX_DNS_TTL: Duration = Duration::from_secs(60);
 /// Re-resolve no more often than this, whatever the TTL says.
 const DEFAULT_MIN_DNS_TTL: Duration = Duration::from_secs(5);
 /// Concurrent streams we open on one HTTP/2 connection before opening
-/// another. Below what servers advertise (nginx 128, most 100+): pingora
-/// fixes the count at the handshake, and a stream beyond the server's limit
-/// waits unopened and fails its body write ("cannot reserve capacity").
+/// another. Below what servers advertise (nginx 128, most 100+): the count
+/// is fixed at the handshake, and a stream beyond the server's limit
+/// waits unopened until another ends.
 const DEFAULT_H2_STREAMS: usize = 32;
 /// Informational (1xx) answers read before the final one: WeChat sends at
 /// most a `100 Continue`; an upstream sending them without end is cut off.
@@ -203,7 +203,7 @@ pub struct Upstream {
     resolving: tokio::sync::Mutex<()>,
     /// Multiplexed HTTP/2 connections (`upstream.http2`); the lock is
     /// held only to pick or add one, never across an await.
-    h2: parking_lot::Mutex<Vec<ConnectionRef>>,
+    h2: parking_lot::Mutex<Vec<self::h2::Conn>>,
     /// The server answered our h2 offer with HTTP/1.1: stop offering.
     h2_declined: std::sync::atomic::AtomicBool,
     /// One new HTTP/2 connection at a time: concurrent first requests share it.
@@ -262,9 +262,11 @@ fn peer_addr(peer: &HttpPeer) -> SocketAddr {
 
 /// One exchange's connection: its own HTTP/1.1 connection, or a stream of a
 /// shared HTTP/2 one.
+// Both inline: boxing pingora's HTTP/1.1 session would allocate per request.
+#[allow(clippy::large_enum_variant)]
 enum Session {
     H1(HttpSession),
-    H2(Http2Session),
+    H2(self::h2::Answer),
 }
 
 impl Upstream {
@@ -624,12 +626,14 @@ impl Upstream {
         self.conf.http2 && !self.h2_declined.load(Ordering::Relaxed)
     }
 
-    /// A new stream on a live HTTP/2 connection, opening one if none has
-    /// room. `None` when the server declined h2: use HTTP/1.1 from now on
-    /// (the connection it declined on goes to the HTTP/1.1 pool).
-    async fn h2_stream(&self) -> Result<Option<(Http2Session, SocketAddr)>, UpstreamError> {
-        if let Some(s) = self.h2_shared_stream().await {
-            return Ok(Some((s, self.preferred_addr()?)));
+    /// Room for a new stream on a live HTTP/2 connection, opening one if
+    /// none has it. `None` when the server declined h2: use HTTP/1.1 from
+    /// now on (the connection it declined on goes to the HTTP/1.1 pool).
+    async fn h2_stream(
+        &self,
+    ) -> Result<Option<(self::h2::Conn, self::h2::Slot, SocketAddr)>, UpstreamError> {
+        if let Some((conn, slot)) = self.h2_shared_stream() {
+            return Ok(Some((conn, slot, self.preferred_addr()?)));
         }
         // Boxed: opening a connection (handshake included) is a large
         // future that every request's future would otherwise carry.
@@ -638,11 +642,13 @@ impl Upstream {
 
     /// [`Self::h2_stream`] when no live connection has room: one caller
     /// at a time opens a connection, the others then share it.
-    async fn h2_new_stream(&self) -> Result<Option<(Http2Session, SocketAddr)>, UpstreamError> {
+    async fn h2_new_stream(
+        &self,
+    ) -> Result<Option<(self::h2::Conn, self::h2::Slot, SocketAddr)>, UpstreamError> {
         let _one_at_a_time = self.h2_connecting.lock().await;
         // Someone may have connected while we waited.
-        if let Some(s) = self.h2_shared_stream().await {
-            return Ok(Some((s, self.preferred_addr()?)));
+        if let Some((conn, slot)) = self.h2_shared_stream() {
+            return Ok(Some((conn, slot, self.preferred_addr()?)));
         }
         if !self.uses_h2() {
             return Ok(None);
@@ -674,43 +680,56 @@ impl Upstream {
             }
             return Ok(None);
         }
-        let addr = peer.address().to_string();
-        let mut settings = H2HandshakeSettings::new();
-        settings.max_streams = DEFAULT_H2_STREAMS;
-        let conn = handshake(stream, settings)
+        let addr = peer_addr(&peer);
+        let conn = self::h2::handshake(stream, DEFAULT_H2_STREAMS)
             .await
             .map_err(|e| UpstreamError::Connect {
-                addr: addr.clone(),
-                reason: e.to_string(),
+                addr: addr.to_string(),
+                reason: format!("HTTP/2 handshake: {e}"),
             })?;
         self.h2.lock().push(conn.clone());
-        match conn.spawn_stream().await {
-            Ok(Some(s)) => Ok(Some((s, peer_addr(&peer)))),
-            _ => Err(UpstreamError::Connect {
-                addr,
-                reason: "new HTTP/2 connection refused a stream".into(),
-            }),
-        }
+        let slot = conn.claim().ok_or_else(|| UpstreamError::Connect {
+            addr: addr.to_string(),
+            reason: "new HTTP/2 connection has no room for a stream".into(),
+        })?;
+        Ok(Some((conn, slot, addr)))
     }
 
-    /// A stream on a live connection with room, if there is one.
-    async fn h2_shared_stream(&self) -> Option<Http2Session> {
-        let live = {
-            let mut conns = self.h2.lock();
-            conns.retain(|c| !c.is_closed() && !c.is_shutting_down() && !c.ping_timedout());
-            conns.iter().find(|c| c.more_streams_allowed()).cloned()
-        }?;
-        let s = live.spawn_stream().await.ok().flatten()?;
+    /// Room on a live connection, if one has it.
+    fn h2_shared_stream(&self) -> Option<(self::h2::Conn, self::h2::Slot)> {
+        let mut conns = self.h2.lock();
+        conns.retain(self::h2::Conn::usable);
+        let found = conns
+            .iter()
+            .find_map(|c| c.claim().map(|slot| (c.clone(), slot)))?;
+        drop(conns);
         self.stats.reused.inc();
-        Some(s)
+        Some(found)
+    }
+
+    /// [`Self::send`] over HTTP/2 alone, for a request built as HTTP/2
+    /// sends it (the fast lane's): `None` when the server declined h2 (the
+    /// caller uses HTTP/1.1).
+    pub async fn send_h2<R: Outgoing + ?Sized>(
+        &self,
+        req: &R,
+        body: &[u8],
+    ) -> Result<Option<Exchange<'_>>, UpstreamError> {
+        let result = self.h2_send(req, body).await;
+        match &result {
+            Ok(None) => {}
+            Ok(Some(_)) => self.stats.ok.inc(),
+            Err(_) => self.stats.failed.inc(),
+        }
+        result
     }
 
     /// The HTTP/2 way: a stream on a shared connection. The same resend
     /// rule as HTTP/1.1: again (up to three tries in all) only when WeChat
     /// cannot have acted.
-    async fn send_h2(
+    async fn h2_send<R: Outgoing + ?Sized>(
         &self,
-        req: &RequestHeader,
+        req: &R,
         body: &[u8],
     ) -> Result<Option<Exchange<'_>>, UpstreamError> {
         // A connection the server is closing refuses new streams; the
@@ -718,17 +737,15 @@ impl Upstream {
         let mut attempts = 3;
         loop {
             attempts -= 1;
-            let Some((session, addr)) = self.h2_stream().await? else {
+            let Some((conn, slot, at)) = self.h2_stream().await? else {
                 return Ok(None);
             };
-            match self.exchange_h2(session, addr, req, body).await {
+            match self.exchange_h2(&conn, slot, at, req, body).await {
                 Ok(x) => return Ok(Some(x)),
                 Err(Failed { error, .. }) if error.is_timeout() || attempts == 0 => {
                     return Err(error)
                 }
-                Err(Failed { error, sent: true }) if !is_idempotent(&req.method) => {
-                    return Err(error)
-                }
+                Err(Failed { error, sent: true }) if !req.idempotent() => return Err(error),
                 Err(Failed { error, .. }) => {
                     tracing::debug!(error = %error, "HTTP/2 stream not processed; retrying");
                 }
@@ -736,97 +753,66 @@ impl Upstream {
         }
     }
 
-    async fn exchange_h2(
+    async fn exchange_h2<R: Outgoing + ?Sized>(
         &self,
-        mut session: Http2Session,
+        conn: &self::h2::Conn,
+        slot: self::h2::Slot,
         at: SocketAddr,
-        req: &RequestHeader,
+        req: &R,
         body: &[u8],
     ) -> Result<Exchange<'_>, Failed> {
-        session.read_timeout = Some(self.conf.read_timeout);
-        session.write_timeout = Some(self.conf.read_timeout);
         // The address is only for errors: formatted when one happens.
-        let addr = || at.to_string();
-        let unsent = |e: Box<pingora::Error>| {
-            tracing::debug!(error = %e, "HTTP/2 stream could not be sent");
-            Failed {
-                error: self.map_err(&addr(), &e),
-                sent: false,
-            }
-        };
-        // HTTP/2 names the host in :authority; a Host header as well is a
-        // duplicate some servers (nginx) refuse.
-        let mut req = req.clone();
-        req.remove_header(&http::header::HOST);
-        // From parts already parsed: the authority once per upstream, the
-        // path and query as the request has them.
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(http::uri::Scheme::HTTPS);
-        parts.authority = self.authority.clone();
-        parts.path_and_query = Some(
-            req.uri
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-        );
-        let uri = http::Uri::from_parts(parts).map_err(|_| Failed {
+        let built = self
+            .authority
+            .as_ref()
+            .ok_or("upstream host not valid as an HTTP/2 authority")
+            .and_then(|a| req.to_h2(a));
+        let req = built.map_err(|reason| Failed {
             error: UpstreamError::Exchange {
-                addr: addr(),
-                reason: "request target not valid for HTTP/2".into(),
+                addr: at.to_string(),
+                reason: reason.into(),
             },
             sent: false,
         })?;
-        req.set_uri(uri);
-        session
-            .write_request_header(Box::new(req), body.is_empty())
-            .map_err(unsent)?;
-        if !body.is_empty() {
-            if let Err(e) = session
-                .write_request_body(Bytes::copy_from_slice(body), true)
-                .await
-            {
-                // A server may answer before it has the whole body and then
-                // close the stream (RFC 9113 §8.1): its answer is the answer.
-                // Without one, nothing was acted on.
-                if session.read_response_header().await.is_err() {
-                    return Err(unsent(e));
+        match self::h2::exchange(conn, slot, req, body, self.conf.read_timeout).await {
+            Ok(answer) => Ok(Exchange {
+                upstream: self,
+                session: Session::H2(answer),
+                on: On::stream(at),
+            }),
+            Err(failure) => Err(self.h2_failed(conn, at, failure)),
+        }
+    }
+
+    /// An HTTP/2 failure as ours; a server closing the connection gets no
+    /// more streams on it (a refused stream leaves it in use).
+    fn h2_failed(&self, conn: &self::h2::Conn, at: SocketAddr, f: self::h2::Failure) -> Failed {
+        match f {
+            self::h2::Failure::TimedOut => Failed {
+                error: UpstreamError::Timeout {
+                    addr: at.to_string(),
+                    after: self.conf.read_timeout,
+                },
+                sent: true,
+            },
+            self::h2::Failure::Broken {
+                reason,
+                sent,
+                going_away,
+            } => {
+                tracing::debug!(error = %reason, sent, "HTTP/2 stream failed");
+                if going_away {
+                    conn.mark_going_away();
                 }
-                return Ok(Exchange {
-                    upstream: self,
-                    session: Session::H2(session),
-                    on: On::stream(at),
-                });
+                Failed {
+                    error: UpstreamError::Exchange {
+                        addr: at.to_string(),
+                        reason,
+                    },
+                    sent,
+                }
             }
         }
-        // A stream refused by the server (REFUSED_STREAM, or GOAWAY as a
-        // connection closes) was not processed: pingora marks it retryable.
-        if let Err(mut e) = session.read_response_header().await {
-            // pingora leaves a dropped connection's error undecided ("retry
-            // if reused"); the request may have been processed, so it counts
-            // as sent: a POST is not resent, an idempotent request may be.
-            e.retry.decide_reuse(false);
-            tracing::debug!(error = %e, retryable = e.retry(), "HTTP/2 stream failed");
-            let go_away = e
-                .cause
-                .as_deref()
-                .and_then(|c| c.downcast_ref::<h2::Error>())
-                .is_some_and(h2::Error::is_go_away);
-            if go_away {
-                // The server is closing this connection: pick no more
-                // streams from it. A refused stream (REFUSED_STREAM) leaves
-                // the connection in use.
-                session.conn.mark_shutdown();
-            }
-            return Err(Failed {
-                error: self.map_err(&addr(), &e),
-                sent: !e.retry(),
-            });
-        }
-        Ok(Exchange {
-            upstream: self,
-            session: Session::H2(session),
-            on: On::stream(at),
-        })
     }
 
     async fn send_inner(
@@ -835,7 +821,7 @@ impl Upstream {
         body: &[u8],
     ) -> Result<Exchange<'_>, UpstreamError> {
         if self.uses_h2() {
-            if let Some(x) = self.send_h2(req, body).await? {
+            if let Some(x) = self.h2_send(req, body).await? {
                 return Ok(x);
             }
         }
@@ -1105,18 +1091,30 @@ impl Exchange<'_> {
     pub fn header(&self) -> &ResponseHeader {
         match &self.session {
             Session::H1(s) => s.resp_header(),
-            Session::H2(s) => s.response_header(),
+            Session::H2(a) => Some(&a.head),
         }
         .expect("response header was read")
     }
 
     /// Reads the next body chunk; `None` at the end.
     pub async fn chunk(&mut self) -> Result<Option<Bytes>, UpstreamError> {
-        let read = match &mut self.session {
-            Session::H1(s) => s.read_body_bytes().await,
-            Session::H2(s) => s.read_response_body().await,
-        };
-        read.map_err(|e| self.upstream.map_err(&self.on.addr.to_string(), &e))
+        match &mut self.session {
+            Session::H1(s) => s
+                .read_body_bytes()
+                .await
+                .map_err(|e| self.upstream.map_err(&self.on.addr.to_string(), &e)),
+            Session::H2(a) => match a.chunk(self.upstream.conf.read_timeout).await {
+                Ok(c) => Ok(c),
+                Err(self::h2::Failure::TimedOut) => Err(UpstreamError::Timeout {
+                    addr: self.on.addr.to_string(),
+                    after: self.upstream.conf.read_timeout,
+                }),
+                Err(self::h2::Failure::Broken { reason, .. }) => Err(UpstreamError::Exchange {
+                    addr: self.on.addr.to_string(),
+                    reason,
+                }),
+            },
+        }
     }
 
     /// Reads the rest of the body into memory, up to `cap` bytes. Returns

@@ -206,3 +206,49 @@ async fn a_server_closing_connections_loses_no_request() {
     assert!(stats["h2_connections"].as_u64().unwrap() >= 3, "{stats}");
     assert!(ok >= 60, "{ok} of 80 answered");
 }
+
+#[tokio::test]
+async fn a_slow_h2_answer_is_a_504_and_frees_its_stream() {
+    let fake = Fake::start(&["--h2", "--latency-ms", "1500"]);
+    let cfg = config(true).replace("  http2: true\n", "  http2: true\n  read_timeout: 300ms\n");
+    let side = Sidecar::start(&fake, &cfg).await;
+    let c = client();
+    // Two rounds of 40 at once: the first opens two connections (32
+    // streams each); the second finds the room the first gave up.
+    for _ in 0..2 {
+        let start = std::time::Instant::now();
+        let sends = (0..40).map(|_| {
+            let c = c.clone();
+            let url = side.url("/cgi-bin/message/template/send");
+            async move {
+                let r = c.post(url).body(TEMPLATE).send().await.unwrap();
+                (r.status().as_u16(), r.json::<Value>().await.unwrap())
+            }
+        });
+        for (status, v) in futures_util::future::join_all(sends).await {
+            assert_eq!((status, &v["errcode"]), (504, &Value::from(-1)), "{v}");
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_millis(1400),
+            "cut at read_timeout: {:?}",
+            start.elapsed()
+        );
+    }
+    let stats = fake.stats().await;
+    assert_eq!(stats["h2_connections"], 2, "{stats}");
+    let st = side.status().await;
+    assert_eq!(st["upstream"]["hosts"][0]["h2_connections_open"], 2, "{st}");
+}
+
+#[tokio::test]
+async fn streams_beyond_a_connections_room_open_another() {
+    // 32 streams at once per connection: 40 slow sends at once need two.
+    let fake = Fake::start(&["--h2", "--latency-ms", "300"]);
+    let side = Sidecar::start(&fake, &config(true)).await;
+    for v in send_parallel(&side, 40).await {
+        assert_eq!(v["errcode"], 0, "{v}");
+    }
+    let stats = fake.stats().await;
+    assert_eq!(stats["h2_connections"], 2, "{stats}");
+    assert_eq!(stats["messages"], 40, "{stats}");
+}
