@@ -1123,14 +1123,29 @@ impl Exchange<'_> {
         &mut self,
         cap: usize,
     ) -> Result<Result<Bytes, BytesMut>, UpstreamError> {
-        let mut buf = BytesMut::new();
-        while let Some(chunk) = self.chunk().await? {
-            buf.extend_from_slice(&chunk);
-            if buf.len() > cap {
-                return Ok(Err(buf));
+        // An answer in one piece (WeChat's JSON, an HTTP/2 DATA frame) is
+        // kept as it came: no buffer, no copy.
+        let first = match self.chunk().await? {
+            None => return Ok(Ok(Bytes::new())),
+            Some(c) if c.len() > cap => return Ok(Err(BytesMut::from(c))),
+            Some(c) => c,
+        };
+        let mut buf = match self.chunk().await? {
+            None => return Ok(Ok(first)),
+            Some(next) => {
+                let mut buf = BytesMut::with_capacity(first.len() + next.len());
+                buf.extend_from_slice(&first);
+                buf.extend_from_slice(&next);
+                buf
+            }
+        };
+        while buf.len() <= cap {
+            match self.chunk().await? {
+                Some(chunk) => buf.extend_from_slice(&chunk),
+                None => return Ok(Ok(buf.freeze())),
             }
         }
-        Ok(Ok(buf.freeze()))
+        Ok(Err(buf))
     }
 
     /// Returns the connection to the pool when the answer was read whole and
