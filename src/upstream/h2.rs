@@ -262,3 +262,40 @@ impl Answer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_header_goes_with_authority_and_without_host() {
+        let mut req = RequestHeader::build("POST", b"/cgi-bin/stable_token?x=1", None).unwrap();
+        req.insert_header("Host", "api.weixin.qq.com").unwrap();
+        req.insert_header("Content-Type", "application/json")
+            .unwrap();
+        req.insert_header("Content-Length", "2").unwrap();
+        let authority = http::uri::Authority::from_static("api.weixin.qq.com");
+        let h2 = req.to_h2(&authority).unwrap();
+        assert_eq!(h2.method(), http::Method::POST);
+        assert_eq!(h2.version(), http::Version::HTTP_2);
+        assert_eq!(
+            h2.uri().to_string(),
+            "https://api.weixin.qq.com/cgi-bin/stable_token?x=1"
+        );
+        assert!(h2.headers().get(http::header::HOST).is_none());
+        assert_eq!(h2.headers()["content-type"], "application/json");
+        assert_eq!(h2.headers()["content-length"], "2");
+        assert!(!req.idempotent());
+        let get = RequestHeader::build("GET", b"/cgi-bin/get_api_domain_ip", None).unwrap();
+        assert!(get.idempotent());
+    }
+
+    #[test]
+    fn a_target_without_a_path_is_the_root() {
+        let authority = http::uri::Authority::from_static("qyapi.weixin.qq.com:8443");
+        assert_eq!(
+            uri(&authority, None).unwrap().to_string(),
+            "https://qyapi.weixin.qq.com:8443/"
+        );
+    }
+}

@@ -279,3 +279,51 @@ fn the_byte_tables_hold_exactly_the_listed_bytes() {
         );
     }
 }
+
+#[test]
+fn the_h2_request_is_the_lanes_request() {
+    use crate::upstream::Outgoing;
+    let authority = http::uri::Authority::from_static("api.weixin.qq.com");
+    let text = post("X-Trace: t1\r\n");
+    let h = parse(text.as_bytes(), LIMIT).expect("taken");
+    let out = H2Request {
+        head: &h,
+        token: None,
+    };
+    let req = out.to_h2(&authority).expect("valid for HTTP/2");
+    assert_eq!(req.method(), http::Method::POST);
+    assert_eq!(req.version(), http::Version::HTTP_2);
+    assert_eq!(
+        req.uri().to_string(),
+        "https://api.weixin.qq.com/cgi-bin/message/template/send"
+    );
+    let names: Vec<&str> = req.headers().keys().map(|n| n.as_str()).collect();
+    assert_eq!(
+        names,
+        ["content-type", "x-trace", "content-length"],
+        "no Host (it is :authority), names in lower case"
+    );
+    assert_eq!(
+        req.headers()["content-length"],
+        BODY.len().to_string().as_str()
+    );
+    assert!(!out.idempotent(), "a POST may not be sent twice");
+
+    let get = "GET /cgi-bin/user/info?openid=o1&lang=zh_CN HTTP/1.1\r\nHost: x\r\n\r\n";
+    let h = parse(get.as_bytes(), LIMIT).expect("taken");
+    let out = H2Request {
+        head: &h,
+        token: None,
+    };
+    let req = out.to_h2(&authority).expect("valid for HTTP/2");
+    assert_eq!(req.method(), http::Method::GET);
+    assert_eq!(
+        req.uri().path_and_query().unwrap().as_str(),
+        "/cgi-bin/user/info?openid=o1&lang=zh_CN"
+    );
+    assert!(
+        req.headers().is_empty(),
+        "a GET without a body has no length"
+    );
+    assert!(out.idempotent());
+}
