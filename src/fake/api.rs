@@ -137,9 +137,16 @@ pub(super) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Resul
     if verdict.reset_before {
         return Err(Reset::DROP);
     }
-    let answer = serve(&shared, parts, body, verdict).await;
+    let mut answer = serve(&shared, parts, body, verdict).await;
     if verdict.reset_after {
         return Err(Reset::DROP);
+    }
+    if verdict.pad_header_bytes > 0 {
+        let pad = "a".repeat(verdict.pad_header_bytes);
+        answer.headers_mut().insert(
+            "x-fake-pad",
+            http::HeaderValue::from_str(&pad).expect("ASCII"),
+        );
     }
     Ok(answer)
 }

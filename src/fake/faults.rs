@@ -1,13 +1,14 @@
 //! Fault injection for the fake: per path, a rate of errcode -1 answers,
 //! token rejections, connection resets before or after the request takes
-//! effect, refused HTTP/2 streams, answers before the body, and extra delay. Deterministic for a given seed.
+//! effect, refused HTTP/2 streams, answers before the body, extra delay and
+//! an oversized answer head. Deterministic for a given seed.
 //!
 //! Set with `POST /__fake/faults` (JSON below) or `fake-wechat --faults JSON`:
 //! `{"seed": 7, "rules": [{"path": "/cgi-bin/message/template/send",
 //!   "busy_rate": 0.05, "reset_before_rate": 0.05, "reset_after_rate": 0.05,
 //!   "refuse_rate": 0.0, "refuse_next": 0, "early_answer_rate": 0.0,
 //!   "token_error_rate": 0.0, "errcode": 45009, "errcode_rate": 0.0,
-//!   "delay_ms": 0}]}`. A rule's `path` is a prefix;
+//!   "delay_ms": 0, "pad_header_bytes": 0}]}`. A rule's `path` is a prefix;
 //! the first matching rule applies.
 
 use rand::rngs::StdRng;
@@ -50,6 +51,9 @@ pub struct Rule {
     pub errcode_rate: f64,
     #[serde(default)]
     pub delay_ms: u64,
+    /// Add a header of this many bytes to every answer (a hostile head).
+    #[serde(default)]
+    pub pad_header_bytes: usize,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -73,6 +77,7 @@ pub struct Verdict {
     /// Answer this errcode without acting.
     pub errcode: Option<i64>,
     pub delay_ms: u64,
+    pub pad_header_bytes: usize,
 }
 
 pub struct Faults {
@@ -111,6 +116,7 @@ impl Faults {
             early_answer: roll(rule.early_answer_rate),
             errcode: roll(rule.errcode_rate).then_some(rule.errcode),
             delay_ms: rule.delay_ms,
+            pad_header_bytes: rule.pad_header_bytes,
         }
     }
 }

@@ -20,6 +20,9 @@ use pingora::protocols::Stream;
 const DEFAULT_WINDOW: u32 = 1 << 23;
 /// The frame size we ask the server for: a large answer in fewer frames.
 const DEFAULT_MAX_FRAME: u32 = 64 * 1024;
+/// The largest answer head we take (HPACK-decoded, as h2 counts it), as
+/// for HTTP/1.1: WeChat's are a few hundred bytes; h2's default is 16 MiB.
+const DEFAULT_MAX_HEAD: u32 = 64 * 1024;
 
 /// A request as an HTTP/2 stream sends it, built again for each try (h2
 /// takes it by value): from a request header, or from the fast lane's bytes.
@@ -107,6 +110,7 @@ pub(super) async fn handshake(stream: Stream, max_streams: usize) -> Result<Conn
         .enable_push(false)
         .initial_max_send_streams(max_streams)
         .max_frame_size(DEFAULT_MAX_FRAME)
+        .max_header_list_size(DEFAULT_MAX_HEAD)
         .initial_window_size(DEFAULT_WINDOW)
         .initial_connection_window_size(DEFAULT_WINDOW)
         .handshake::<_, Bytes>(stream)

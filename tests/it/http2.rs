@@ -252,3 +252,30 @@ async fn streams_beyond_a_connections_room_open_another() {
     assert_eq!(stats["h2_connections"], 2, "{stats}");
     assert_eq!(stats["messages"], 40, "{stats}");
 }
+
+#[tokio::test]
+async fn an_oversized_answer_head_is_a_502_on_either_protocol() {
+    // 100 KB of answer head: over the 64 KiB both exchanges take. The app
+    // gets a clear 502 and the next answer comes as usual.
+    for h2 in [false, true] {
+        let fake = Fake::start(&["--h2"]);
+        let side = Sidecar::start(&fake, &config(h2)).await;
+        fake.faults(
+            r#"{"rules":[{"path":"/cgi-bin/message/template/send","pad_header_bytes":100000}]}"#,
+        )
+        .await;
+        let (status, v) = side.send("/cgi-bin/message/template/send", TEMPLATE).await;
+        assert_eq!(
+            (status, &v["errcode"]),
+            (502, &Value::from(-1)),
+            "h2 {h2}: {v}"
+        );
+        fake.faults(r#"{"rules":[]}"#).await;
+        let (status, v) = side.send("/cgi-bin/message/template/send", TEMPLATE).await;
+        assert_eq!(
+            (status, &v["errcode"]),
+            (200, &Value::from(0)),
+            "h2 {h2}: {v}"
+        );
+    }
+}
