@@ -165,13 +165,15 @@ impl Upstreams {
 
     /// [`Self::send`] over HTTP/2 for a request built as HTTP/2 sends it
     /// (the fast lane's), with the same failover; `None` when the server
-    /// declined h2 (send over HTTP/1.1 then).
+    /// declined h2 (send over HTTP/1.1 then). `by`: the answer deadline,
+    /// kept by each wait of the exchange.
     pub async fn send_h2<R: crate::upstream::Outgoing + ?Sized>(
         &self,
         req: &R,
         body: &[u8],
+        by: Option<crate::upstream::AnswerDeadline>,
     ) -> Result<Option<Exchange<'_>>, UpstreamError> {
-        self.on_hosts(|h| h.send_h2(req, body)).await
+        self.on_hosts(|h| h.send_h2(req, body, by)).await
     }
 
     /// [`Self::send`] for requests built as bytes (the fast lane): the

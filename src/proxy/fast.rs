@@ -477,7 +477,7 @@ impl FastLane {
                         head,
                         token: plan.token.as_deref(),
                     };
-                    match upstreams.send_h2(&req, head.body).await? {
+                    match upstreams.send_h2(&req, head.body, Some(deadline)).await? {
                         Some(x) => Ok(Reply::H2(Box::new((x, Bytes::new())))),
                         // Declined h2 just now: our HTTP/1.1 exchange.
                         None => {
@@ -490,21 +490,16 @@ impl FastLane {
                     }
                 };
                 // Boxed: the h2 send is a few hundred bytes of future that
-                // the HTTP/1.1 requests would otherwise carry and move.
-                Box::pin(tokio::time::timeout_at(deadline.at, sent))
-                    .await
-                    .unwrap_or_else(|_| Err(deadline.missed()))
+                // the HTTP/1.1 requests would otherwise carry and move. Each
+                // of its waits keeps the deadline (one timer per wait).
+                Box::pin(sent).await
             };
             let mut x = match sent {
                 Err(e) => return self.error(stream, upstream_err(e), close).await,
                 Ok(x) => x,
             };
-            let read = match &mut x {
-                Reply::H1(x) => x.read_whole(limit).await,
-                h2 => tokio::time::timeout_at(deadline.at, h2.read_whole(limit))
-                    .await
-                    .unwrap_or_else(|_| Err(deadline.missed())),
-            };
+            // Both exchanges keep the deadline in each read's timer.
+            let read = x.read_whole(limit).await;
             match read {
                 Err(e) => return self.error(stream, upstream_err(e), close).await,
                 Ok(Err(partial)) => {

@@ -114,7 +114,7 @@ fn bad(addr: &SocketAddr, reason: impl Into<String>) -> UpstreamError {
 /// and whether it is `by`'s.
 /// `now`: the time when the caller has it (the request's start, a few
 /// µs ago), saving a clock read.
-fn wait_until(
+pub(super) fn wait_until(
     limit: Duration,
     by: Option<AnswerDeadline>,
     now: Option<std::time::Instant>,

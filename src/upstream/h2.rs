@@ -9,7 +9,6 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -166,11 +165,14 @@ pub(super) struct Answer {
     /// The stream's room, given back when the answer is dropped (h2 resets
     /// a stream dropped before its end).
     _slot: Slot,
+    /// The deadline of the whole answer, when the caller has one: each
+    /// read's one timer ends at it or at the read timeout, what comes first.
+    pub by: Option<super::AnswerDeadline>,
 }
 
 /// Why an exchange failed.
 pub(super) enum Failure {
-    /// No answer (or no next piece of it) within the read timeout.
+    /// No answer (or no next piece of it) by the instant given.
     TimedOut,
     /// The stream or its connection failed.
     Broken {
@@ -211,13 +213,13 @@ impl Failure {
 }
 
 /// Sends `req` and `body` on a new stream of `conn` (its room claimed as
-/// `slot`) and reads the answer's head within `read_timeout`.
+/// `slot`) and reads the answer's head by `until`.
 pub(super) async fn exchange(
     conn: &Conn,
     slot: Slot,
     req: http::Request<()>,
     body: &[u8],
-    read_timeout: Duration,
+    until: tokio::time::Instant,
 ) -> Result<Answer, Failure> {
     // A clone has no stream of its own pending, so it can send at once;
     // a connection that failed or is going away says so here.
@@ -234,7 +236,7 @@ pub(super) async fn exchange(
             tracing::debug!(error = %e, "HTTP/2 request body not taken");
         }
     }
-    let answer = match tokio::time::timeout(read_timeout, answer).await {
+    let answer = match tokio::time::timeout_at(until, answer).await {
         Err(_) => return Err(Failure::TimedOut),
         Ok(Err(e)) => return Err(Failure::answer(e)),
         Ok(Ok(a)) => a,
@@ -244,14 +246,15 @@ pub(super) async fn exchange(
         head: ResponseHeader::from(parts),
         body,
         _slot: slot,
+        by: None,
     })
 }
 
 impl Answer {
-    /// The next piece of the body, `None` at its end; waits at most
-    /// `read_timeout` for it.
-    pub async fn chunk(&mut self, read_timeout: Duration) -> Result<Option<Bytes>, Failure> {
-        let next = match tokio::time::timeout(read_timeout, self.body.data()).await {
+    /// The next piece of the body, `None` at its end; waits until `until`
+    /// at most.
+    pub async fn chunk(&mut self, until: tokio::time::Instant) -> Result<Option<Bytes>, Failure> {
+        let next = match tokio::time::timeout_at(until, self.body.data()).await {
             Err(_) => return Err(Failure::TimedOut),
             Ok(next) => next,
         };

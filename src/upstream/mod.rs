@@ -629,15 +629,22 @@ impl Upstream {
     /// Room for a new stream on a live HTTP/2 connection, opening one if
     /// none has it. `None` when the server declined h2: use HTTP/1.1 from
     /// now on (the connection it declined on goes to the HTTP/1.1 pool).
+    /// With `by`, a connection opened here is ready by its deadline.
     async fn h2_stream(
         &self,
+        by: Option<AnswerDeadline>,
     ) -> Result<Option<(self::h2::Conn, self::h2::Slot, SocketAddr)>, UpstreamError> {
         if let Some((conn, slot)) = self.h2_shared_stream() {
             return Ok(Some((conn, slot, self.preferred_addr()?)));
         }
         // Boxed: opening a connection (handshake included) is a large
         // future that every request's future would otherwise carry.
-        Box::pin(self.h2_new_stream()).await
+        match by {
+            None => Box::pin(self.h2_new_stream()).await,
+            Some(d) => Box::pin(tokio::time::timeout_at(d.at, self.h2_new_stream()))
+                .await
+                .map_err(|_| d.missed())?,
+        }
     }
 
     /// [`Self::h2_stream`] when no live connection has room: one caller
@@ -681,12 +688,26 @@ impl Upstream {
             return Ok(None);
         }
         let addr = peer_addr(&peer);
-        let conn = self::h2::handshake(stream, DEFAULT_H2_STREAMS)
-            .await
-            .map_err(|e| UpstreamError::Connect {
-                addr: addr.to_string(),
-                reason: format!("HTTP/2 handshake: {e}"),
-            })?;
+        // The preface and settings go out within the connect timeout too.
+        let handshake = tokio::time::timeout(
+            self.conf.connect_timeout,
+            self::h2::handshake(stream, DEFAULT_H2_STREAMS),
+        );
+        let conn = match handshake.await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => {
+                return Err(UpstreamError::Connect {
+                    addr: addr.to_string(),
+                    reason: format!("HTTP/2 handshake: {e}"),
+                })
+            }
+            Err(_) => {
+                return Err(UpstreamError::ConnectTimeout {
+                    addr: addr.to_string(),
+                    after: self.conf.connect_timeout,
+                })
+            }
+        };
         self.h2.lock().push(conn.clone());
         let slot = conn.claim().ok_or_else(|| UpstreamError::Connect {
             addr: addr.to_string(),
@@ -709,13 +730,15 @@ impl Upstream {
 
     /// [`Self::send`] over HTTP/2 alone, for a request built as HTTP/2
     /// sends it (the fast lane's): `None` when the server declined h2 (the
-    /// caller uses HTTP/1.1).
+    /// caller uses HTTP/1.1). `by`: the answer deadline, kept by each wait
+    /// of the exchange within the same timer as its read timeout.
     pub async fn send_h2<R: Outgoing + ?Sized>(
         &self,
         req: &R,
         body: &[u8],
+        by: Option<AnswerDeadline>,
     ) -> Result<Option<Exchange<'_>>, UpstreamError> {
-        let result = self.h2_send(req, body).await;
+        let result = self.h2_send(req, body, by).await;
         match &result {
             Ok(None) => {}
             Ok(Some(_)) => self.stats.ok.inc(),
@@ -731,16 +754,17 @@ impl Upstream {
         &self,
         req: &R,
         body: &[u8],
+        by: Option<AnswerDeadline>,
     ) -> Result<Option<Exchange<'_>>, UpstreamError> {
         // A connection the server is closing refuses new streams; the
         // next try goes to another (or a new) one.
         let mut attempts = 3;
         loop {
             attempts -= 1;
-            let Some((conn, slot, at)) = self.h2_stream().await? else {
+            let Some((conn, slot, at)) = self.h2_stream(by).await? else {
                 return Ok(None);
             };
-            match self.exchange_h2(&conn, slot, at, req, body).await {
+            match self.exchange_h2(&conn, slot, at, req, body, by).await {
                 Ok(x) => return Ok(Some(x)),
                 Err(Failed { error, .. }) if error.is_timeout() || attempts == 0 => {
                     return Err(error)
@@ -760,6 +784,7 @@ impl Upstream {
         at: SocketAddr,
         req: &R,
         body: &[u8],
+        by: Option<AnswerDeadline>,
     ) -> Result<Exchange<'_>, Failed> {
         // The address is only for errors: formatted when one happens.
         let built = self
@@ -774,25 +799,55 @@ impl Upstream {
             },
             sent: false,
         })?;
-        match self::h2::exchange(conn, slot, req, body, self.conf.read_timeout).await {
-            Ok(answer) => Ok(Exchange {
-                upstream: self,
-                session: Session::H2(answer),
-                on: On::stream(at),
-            }),
-            Err(failure) => Err(self.h2_failed(conn, at, failure)),
+        let (until, answer_deadline) = h1::wait_until(self.conf.read_timeout, by, None);
+        match self::h2::exchange(conn, slot, req, body, until).await {
+            Ok(mut answer) => {
+                answer.by = by;
+                Ok(Exchange {
+                    upstream: self,
+                    session: Session::H2(answer),
+                    on: On::stream(at),
+                })
+            }
+            Err(failure) => Err(self.h2_failed(conn, at, failure, by, answer_deadline)),
         }
     }
 
     /// An HTTP/2 failure as ours; a server closing the connection gets no
     /// more streams on it (a refused stream leaves it in use).
-    fn h2_failed(&self, conn: &self::h2::Conn, at: SocketAddr, f: self::h2::Failure) -> Failed {
+    /// An HTTP/2 wait that timed out, naming the limit that passed: the
+    /// answer deadline's (`by`, when `answer_deadline`) or the read timeout.
+    fn h2_timeout(
+        &self,
+        at: SocketAddr,
+        by: Option<AnswerDeadline>,
+        answer_deadline: bool,
+    ) -> UpstreamError {
+        match by {
+            Some(d) if answer_deadline => UpstreamError::Timeout {
+                addr: at.to_string(),
+                after: d.limit,
+            },
+            _ => UpstreamError::Timeout {
+                addr: at.to_string(),
+                after: self.conf.read_timeout,
+            },
+        }
+    }
+
+    /// `answer_deadline`: the wait that timed out was `by`'s, not the read
+    /// timeout's (the error names which limit passed).
+    fn h2_failed(
+        &self,
+        conn: &self::h2::Conn,
+        at: SocketAddr,
+        f: self::h2::Failure,
+        by: Option<AnswerDeadline>,
+        answer_deadline: bool,
+    ) -> Failed {
         match f {
             self::h2::Failure::TimedOut => Failed {
-                error: UpstreamError::Timeout {
-                    addr: at.to_string(),
-                    after: self.conf.read_timeout,
-                },
+                error: self.h2_timeout(at, by, answer_deadline),
                 sent: true,
             },
             self::h2::Failure::Broken {
@@ -821,7 +876,7 @@ impl Upstream {
         body: &[u8],
     ) -> Result<Exchange<'_>, UpstreamError> {
         if self.uses_h2() {
-            if let Some(x) = self.h2_send(req, body).await? {
+            if let Some(x) = self.h2_send(req, body, None).await? {
                 return Ok(x);
             }
         }
@@ -985,7 +1040,7 @@ impl Upstream {
         }
         if self.uses_h2() {
             // One multiplexed connection is the warm pool.
-            match self.h2_stream().await {
+            match self.h2_stream(None).await {
                 Ok(Some(_)) => return,
                 Ok(None) => {}
                 Err(e) => {
@@ -1103,17 +1158,22 @@ impl Exchange<'_> {
                 .read_body_bytes()
                 .await
                 .map_err(|e| self.upstream.map_err(&self.on.addr.to_string(), &e)),
-            Session::H2(a) => match a.chunk(self.upstream.conf.read_timeout).await {
-                Ok(c) => Ok(c),
-                Err(self::h2::Failure::TimedOut) => Err(UpstreamError::Timeout {
-                    addr: self.on.addr.to_string(),
-                    after: self.upstream.conf.read_timeout,
-                }),
-                Err(self::h2::Failure::Broken { reason, .. }) => Err(UpstreamError::Exchange {
-                    addr: self.on.addr.to_string(),
-                    reason,
-                }),
-            },
+            Session::H2(a) => {
+                let (until, answer_deadline) =
+                    h1::wait_until(self.upstream.conf.read_timeout, a.by, None);
+                match a.chunk(until).await {
+                    Ok(c) => Ok(c),
+                    Err(self::h2::Failure::TimedOut) => {
+                        Err(self
+                            .upstream
+                            .h2_timeout(self.on.addr, a.by, answer_deadline))
+                    }
+                    Err(self::h2::Failure::Broken { reason, .. }) => Err(UpstreamError::Exchange {
+                        addr: self.on.addr.to_string(),
+                        reason,
+                    }),
+                }
+            }
         }
     }
 

@@ -279,3 +279,28 @@ async fn an_oversized_answer_head_is_a_502_on_either_protocol() {
         );
     }
 }
+
+#[tokio::test]
+async fn an_h2_answer_later_than_answer_timeout_is_a_504_at_that_deadline() {
+    // The answer deadline is shorter than the read timeout: the HTTP/2
+    // exchange ends at it (one timer for both) and says which limit it was.
+    let fake = Fake::start(&["--h2", "--latency-ms", "1500"]);
+    let cfg = config(true).replace(
+        "  http2: true\n",
+        "  http2: true\n  read_timeout: 10s\n  answer_timeout: 300ms\n",
+    );
+    let side = Sidecar::start(&fake, &cfg).await;
+    let start = std::time::Instant::now();
+    let (status, v) = side.send("/cgi-bin/message/template/send", TEMPLATE).await;
+    assert_eq!(status, 504, "{v}");
+    assert!(
+        v["errmsg"].as_str().unwrap().contains("300ms"),
+        "names answer_timeout: {v}"
+    );
+    assert!(
+        start.elapsed() < std::time::Duration::from_millis(1400),
+        "answered before the fake would have: {:?}",
+        start.elapsed()
+    );
+    assert_eq!(fake.stats().await["h2_connections"], 1);
+}
