@@ -53,6 +53,10 @@ pub struct FakeArgs {
     /// With --h2: send GOAWAY on a connection after this many requests.
     #[arg(long, value_name = "N")]
     h2_max_requests: Option<u64>,
+    /// With --h2: allow at most N streams at once on a connection
+    /// (SETTINGS_MAX_CONCURRENT_STREAMS; hyper's default is 200).
+    #[arg(long, value_name = "N")]
+    h2_max_streams: Option<u32>,
     /// A third-party platform: APPID:SECRET:TOKEN:AESKEY (AESKEY: the 43
     /// characters of an EncodingAESKey).
     #[arg(long, value_name = "APPID:SECRET:TOKEN:AESKEY")]
@@ -101,6 +105,7 @@ pub fn run(f: FakeArgs) -> i32 {
         ca_dir: f.ca_dir.clone(),
         h2: f.h2,
         h2_max_requests: f.h2_max_requests,
+        h2_max_streams: f.h2_max_streams,
         platform: f.platform.clone(),
         platform_callback: f.platform_callback.clone(),
         ticket_push_every: Duration::from_secs(f.ticket_push_every.max(1)),

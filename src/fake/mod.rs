@@ -59,6 +59,8 @@ pub struct FakeOptions {
     pub h2: bool,
     /// Send GOAWAY on an HTTP/2 connection after this many requests.
     pub h2_max_requests: Option<u64>,
+    /// Streams allowed at once on an HTTP/2 connection (`--h2-max-streams`).
+    pub h2_max_streams: Option<u32>,
     /// Keep the CA here (`ca.pem`, `ca-key.pem`) and reuse it when present,
     /// so fakes restarted or run side by side share one CA.
     pub ca_dir: Option<std::path::PathBuf>,
@@ -88,6 +90,7 @@ impl Default for FakeOptions {
             ca_dir: None,
             h2: false,
             h2_max_requests: None,
+            h2_max_streams: None,
             platform: None,
             platform_callback: None,
             ticket_push_every: Duration::from_secs(600),
@@ -239,11 +242,14 @@ where
             api::handle(shared.clone(), req)
         })
     };
-    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        // The protocol's default window (hyper's is 1 MiB): a large body
-        // waits on flow control, as with most servers.
-        .initial_stream_window_size(DEFAULT_H2_STREAM_WINDOW)
-        .serve_connection(TokioIo::new(stream), svc);
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    // The protocol's default window (hyper's is 1 MiB): a large body
+    // waits on flow control, as with most servers.
+    builder.initial_stream_window_size(DEFAULT_H2_STREAM_WINDOW);
+    if let Some(n) = shared.opts.h2_max_streams {
+        builder.max_concurrent_streams(n);
+    }
+    let conn = builder.serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => return r,

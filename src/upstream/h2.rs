@@ -84,7 +84,7 @@ pub(super) struct Conn {
 struct Shared {
     /// Streams open on it now.
     open: AtomicUsize,
-    /// How many may be open at once.
+    /// How many we open at once at most.
     max: usize,
     /// Its task ended: closed by either side, or failed.
     closed: AtomicBool,
@@ -147,10 +147,16 @@ impl Conn {
         self.shared.going_away.store(true, Ordering::Relaxed);
     }
 
-    /// Room for one more stream, if it has some.
+    /// Room for one more stream, if it has some: below our limit and the
+    /// server's (which its SETTINGS may lower or raise at any time; until
+    /// they come, ours), so no stream waits unopened for another to end.
     pub fn claim(&self) -> Option<Slot> {
+        let max = self
+            .shared
+            .max
+            .min(self.send.current_max_send_streams().max(1));
         let open = self.shared.open.fetch_add(1, Ordering::Relaxed);
-        if open >= self.shared.max {
+        if open >= max {
             self.shared.open.fetch_sub(1, Ordering::Relaxed);
             return None;
         }

@@ -44,10 +44,12 @@ const DEFAULT_MAX_DNS_TTL: Duration = Duration::from_secs(60);
 /// Re-resolve no more often than this, whatever the TTL says.
 const DEFAULT_MIN_DNS_TTL: Duration = Duration::from_secs(5);
 /// Concurrent streams we open on one HTTP/2 connection before opening
-/// another. Below what servers advertise (nginx 128, most 100+): the count
-/// is fixed at the handshake, and a stream beyond the server's limit
-/// waits unopened until another ends.
-const DEFAULT_H2_STREAMS: usize = 32;
+/// another, fewer when the server allows fewer (its
+/// SETTINGS_MAX_CONCURRENT_STREAMS): RFC 9113 asks servers to allow at
+/// least 100; nginx allows 128. More streams per connection share writes
+/// (measured: 32 → 100 gave ~1.5 % more requests per second at 64 and 256
+/// connections over TLS).
+const DEFAULT_H2_STREAMS: usize = 100;
 /// Informational (1xx) answers read before the final one: WeChat sends at
 /// most a `100 Continue`; an upstream sending them without end is cut off.
 pub const DEFAULT_MAX_INFORMATIONAL: usize = 8;

@@ -209,11 +209,15 @@ async fn a_server_closing_connections_loses_no_request() {
 
 #[tokio::test]
 async fn a_slow_h2_answer_is_a_504_and_frees_its_stream() {
-    let fake = Fake::start(&["--h2", "--latency-ms", "1500"]);
+    // The server allows 32 streams at once per connection.
+    let fake = Fake::start(&["--h2", "--h2-max-streams", "32", "--latency-ms", "1500"]);
     let cfg = config(true).replace("  http2: true\n", "  http2: true\n  read_timeout: 300ms\n");
     let side = Sidecar::start(&fake, &cfg).await;
+    // The first request learns the server's limit (its SETTINGS).
+    let (status, _) = side.send("/cgi-bin/message/template/send", TEMPLATE).await;
+    assert_eq!(status, 504);
     let c = client();
-    // Two rounds of 40 at once: the first opens two connections (32
+    // Two rounds of 40 at once: the first opens a second connection (32
     // streams each); the second finds the room the first gave up.
     for _ in 0..2 {
         let start = std::time::Instant::now();
@@ -242,15 +246,32 @@ async fn a_slow_h2_answer_is_a_504_and_frees_its_stream() {
 
 #[tokio::test]
 async fn streams_beyond_a_connections_room_open_another() {
-    // 32 streams at once per connection: 40 slow sends at once need two.
+    // 100 streams at once per connection at most: 120 slow sends at once
+    // need two.
     let fake = Fake::start(&["--h2", "--latency-ms", "300"]);
     let side = Sidecar::start(&fake, &config(true)).await;
-    for v in send_parallel(&side, 40).await {
+    for v in send_parallel(&side, 120).await {
         assert_eq!(v["errcode"], 0, "{v}");
     }
     let stats = fake.stats().await;
     assert_eq!(stats["h2_connections"], 2, "{stats}");
-    assert_eq!(stats["messages"], 40, "{stats}");
+    assert_eq!(stats["messages"], 120, "{stats}");
+}
+
+#[tokio::test]
+async fn a_server_allowing_fewer_streams_gets_more_connections() {
+    // The server allows 8 streams at once: 20 slow sends at once go on
+    // three connections, none waits unopened behind another.
+    let fake = Fake::start(&["--h2", "--h2-max-streams", "8", "--latency-ms", "300"]);
+    let side = Sidecar::start(&fake, &config(true)).await;
+    // The first request learns the server's limit (its SETTINGS).
+    let (status, _) = side.send("/cgi-bin/message/template/send", TEMPLATE).await;
+    assert_eq!(status, 200);
+    for v in send_parallel(&side, 20).await {
+        assert_eq!(v["errcode"], 0, "{v}");
+    }
+    let stats = fake.stats().await;
+    assert_eq!(stats["h2_connections"], 3, "{stats}");
 }
 
 #[tokio::test]
