@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
 # Where one proxied request's CPU goes: wxsidecar (one worker thread) in
-# front of a canned nginx upstream (plain HTTP), wrk -t1 POSTing the
+# front of a canned nginx upstream (plain HTTP, or TLS with HTTP/1.1 or
+# HTTP/2: the default path), wrk -t1 POSTing the
 # template body, perf recording the sidecar. Prints requests/s, the
 # sidecar's CPU µs per request (user and kernel, from /proc), and perf's
 # top symbols (self time, µs per request).
 #
 # Usage: benches/profile.sh   (env: CONNS=64 DURATION=10 BIN=target/release/wxsidecar
+#        UPSTREAM=plain|tls|h2 (tls: HTTP/1.1 over TLS; h2: HTTP/2 over TLS, the default config)
 #        PERF=1 to record; OUT=dir keeps perf.data there; STRACE=1 counts
 #        syscalls per request with strace -c)
-# Needs: a release build, nginx, wrk, perf (make install-bench-deps).
+# Needs: a release build, nginx, wrk, perf, openssl (make install-bench-deps).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONNS=${CONNS:-64}
 DURATION=${DURATION:-10}
 BIN=${BIN:-$PWD/target/release/wxsidecar}
 PERF=${PERF:-1}
+UPSTREAM=${UPSTREAM:-plain}
+case $UPSTREAM in plain|tls|h2) ;; *) echo "UPSTREAM is plain, tls or h2" >&2; exit 2 ;; esac
 [ -x "$BIN" ] || { echo "build first: cargo build --release" >&2; exit 2; }
 dir=$(mktemp -d); OUT=${OUT:-$dir}
 pids=()
@@ -25,6 +29,21 @@ wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/nul
 UP=$(free_port); SC=$(free_port); SCA=$(free_port)
 TOKEN=ACCESS_TOKEN_$(head -c 30 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | head -c 40)
 mkdir -p "$dir/up"
+listen="listen 127.0.0.1:$UP;"; scheme=http; host=127.0.0.1; ca_line=""; http2=false
+if [ "$UPSTREAM" != plain ]; then
+  # A CA the sidecar trusts and a leaf for localhost signed by it.
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=profile CA" \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign" \
+    -keyout "$dir/ca-key.pem" -out "$dir/ca.pem" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=localhost \
+    -keyout "$dir/key.pem" -out "$dir/leaf.csr" 2>/dev/null
+  printf 'subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n' > "$dir/leaf.ext"
+  openssl x509 -req -in "$dir/leaf.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca-key.pem" -CAcreateserial \
+    -days 2 -extfile "$dir/leaf.ext" -out "$dir/leaf.pem" 2>/dev/null
+  listen="listen 127.0.0.1:$UP ssl http2; ssl_certificate $dir/leaf.pem; ssl_certificate_key $dir/key.pem;"
+  scheme=https; host=localhost; ca_line="  ca_file: $dir/ca.pem"
+  [ "$UPSTREAM" = h2 ] && http2=true
+fi
 cat > "$dir/up/nginx.conf" <<EOF
 worker_processes 1;
 pid $dir/up/nginx.pid;
@@ -35,7 +54,7 @@ http {
   keepalive_requests 1000000;
   client_body_temp_path $dir/up;
   server {
-    listen 127.0.0.1:$UP;
+    $listen
     default_type application/json;
     location = /cgi-bin/stable_token { return 200 '{"access_token":"$TOKEN","expires_in":7200}'; }
     location = /cgi-bin/message/template/send { return 200 '{"errcode":0,"errmsg":"ok","msgid":200228332}'; }
@@ -49,9 +68,10 @@ listen: 127.0.0.1:$SC
 admin_listen: 127.0.0.1:$SCA
 threads: 1
 upstream:
-  url: http://127.0.0.1:$UP
+  url: $scheme://$host:$UP
+$ca_line
   warm_connections: 16
-  http2: false
+  http2: $http2
 accounts:
   - name: bench
     appid: wxbench000000001
@@ -77,12 +97,13 @@ res=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" -s "$dir/post.lua" "$url")
 [ "$PERF" = 1 ] && wait $PP || true
 [ "${STRACE:-0}" = 1 ] && { wait $SP || true; }
 read -r u1 s1 < <(awk '{print $14, $15}' /proc/$SCPID/stat)
+proto=$(curl -s "http://127.0.0.1:$SCA/status" | python3 -c 'import json,sys; print(json.load(sys.stdin)["upstream"]["hosts"][0]["protocol"])' 2>/dev/null || echo "?")
 reqs=$(echo "$res" | awk '/requests in/ {print $1}')
 rps=$(echo "$res" | awk '/Requests\/sec/ {print $2}')
 non2xx=$(echo "$res" | awk '/Non-2xx/ {print $NF}')
 hz=$(getconf CLK_TCK)
 awk -v u=$((u1-u0)) -v s=$((s1-s0)) -v n="$reqs" -v hz="$hz" -v rps="$rps" -v bad="${non2xx:-0}" 'BEGIN {
-  printf "requests/s %s  (non-2xx %s)\nCPU µs/request: user %.1f  kernel %.1f  total %.1f\n", rps, bad, u/hz*1e6/n, s/hz*1e6/n, (u+s)/hz*1e6/n }'
+  printf "upstream: '"$UPSTREAM ($proto)"'\nrequests/s %s  (non-2xx %s)\nCPU µs/request: user %.1f  kernel %.1f  total %.1f\n", rps, bad, u/hz*1e6/n, s/hz*1e6/n, (u+s)/hz*1e6/n }'
 if [ "${STRACE:-0}" = 1 ]; then
   echo "syscalls per request (strace -c -f; strace slows the run, counts only):"
   awk -v n="$reqs" '$NF ~ /^[a-z_0-9]+$/ && $4 ~ /^[0-9]+$/ && $NF != "total" { printf "  %-16s %.3f\n", $NF, $4 / n }' "$OUT/strace.txt" | sort -k2 -nr | head -12
