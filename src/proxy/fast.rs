@@ -464,35 +464,33 @@ impl FastLane {
             } else {
                 AnswerDeadline::from(start, upstreams.answer_timeout())
             };
-            let sent = if upstreams.speaks_h1() {
-                // Our exchange keeps the deadline itself: one timer per wait.
-                let mut wire = Self::upstream_head(head, plan.token.as_deref());
-                upstreams
-                    .call(&mut wire, head.body, !head.post, Some(deadline))
-                    .await
-                    .map(Reply::H1)
+            let h2 = if upstreams.speaks_h1() {
+                Ok(None)
             } else {
-                let sent = async {
+                // Boxed: the h2 send is a few hundred bytes of future that
+                // the HTTP/1.1 requests would otherwise carry and move. Each
+                // of its waits keeps the deadline (one timer per wait).
+                Box::pin(async {
                     let req = H2Request {
                         head,
                         token: plan.token.as_deref(),
                     };
-                    match upstreams.send_h2(&req, head.body, Some(deadline)).await? {
-                        Some(x) => Ok(Reply::H2(Box::new((x, Bytes::new())))),
-                        // Declined h2 just now: our HTTP/1.1 exchange.
-                        None => {
-                            let mut wire = Self::upstream_head(head, plan.token.as_deref());
-                            upstreams
-                                .call(&mut wire, head.body, !head.post, Some(deadline))
-                                .await
-                                .map(Reply::H1)
-                        }
-                    }
-                };
-                // Boxed: the h2 send is a few hundred bytes of future that
-                // the HTTP/1.1 requests would otherwise carry and move. Each
-                // of its waits keeps the deadline (one timer per wait).
-                Box::pin(sent).await
+                    upstreams.send_h2(&req, head.body, Some(deadline)).await
+                })
+                .await
+            };
+            let sent = match h2 {
+                Ok(Some(x)) => Ok(Reply::H2(Box::new((x, Bytes::new())))),
+                Err(e) => Err(e),
+                // Our HTTP/1.1 exchange (also when the server declined h2
+                // just now); it keeps the deadline itself: one timer per wait.
+                Ok(None) => {
+                    let mut wire = Self::upstream_head(head, plan.token.as_deref());
+                    upstreams
+                        .call(&mut wire, head.body, !head.post, Some(deadline))
+                        .await
+                        .map(Reply::H1)
+                }
             };
             let mut x = match sent {
                 Err(e) => return self.error(stream, upstream_err(e), close).await,

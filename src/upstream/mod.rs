@@ -817,28 +817,8 @@ impl Upstream {
 
     /// An HTTP/2 failure as ours; a server closing the connection gets no
     /// more streams on it (a refused stream leaves it in use).
-    /// An HTTP/2 wait that timed out, naming the limit that passed: the
-    /// answer deadline's (`by`, when `answer_deadline`) or the read timeout.
-    fn h2_timeout(
-        &self,
-        at: SocketAddr,
-        by: Option<AnswerDeadline>,
-        answer_deadline: bool,
-    ) -> UpstreamError {
-        match by {
-            Some(d) if answer_deadline => UpstreamError::Timeout {
-                addr: at.to_string(),
-                after: d.limit,
-            },
-            _ => UpstreamError::Timeout {
-                addr: at.to_string(),
-                after: self.conf.read_timeout,
-            },
-        }
-    }
-
-    /// `answer_deadline`: the wait that timed out was `by`'s, not the read
-    /// timeout's (the error names which limit passed).
+    /// `answer_deadline`: a wait that timed out was `by`'s, not the read
+    /// timeout's.
     fn h2_failed(
         &self,
         conn: &self::h2::Conn,
@@ -847,28 +827,48 @@ impl Upstream {
         by: Option<AnswerDeadline>,
         answer_deadline: bool,
     ) -> Failed {
-        match f {
-            self::h2::Failure::TimedOut => Failed {
-                error: self.h2_timeout(at, by, answer_deadline),
-                sent: true,
-            },
+        let sent = match &f {
+            self::h2::Failure::TimedOut => true,
             self::h2::Failure::Broken {
                 reason,
                 sent,
                 going_away,
             } => {
                 tracing::debug!(error = %reason, sent, "HTTP/2 stream failed");
-                if going_away {
+                if *going_away {
                     conn.mark_going_away();
                 }
-                Failed {
-                    error: UpstreamError::Exchange {
-                        addr: at.to_string(),
-                        reason,
-                    },
-                    sent,
-                }
+                *sent
             }
+        };
+        Failed {
+            error: self.h2_error(at, f, by, answer_deadline),
+            sent,
+        }
+    }
+
+    /// An HTTP/2 failure as our error; a timeout names the limit that
+    /// passed: the answer deadline's (`by`, when `answer_deadline`) or the
+    /// read timeout.
+    fn h2_error(
+        &self,
+        at: SocketAddr,
+        f: self::h2::Failure,
+        by: Option<AnswerDeadline>,
+        answer_deadline: bool,
+    ) -> UpstreamError {
+        match f {
+            self::h2::Failure::TimedOut => UpstreamError::Timeout {
+                addr: at.to_string(),
+                after: match by {
+                    Some(d) if answer_deadline => d.limit,
+                    _ => self.conf.read_timeout,
+                },
+            },
+            self::h2::Failure::Broken { reason, .. } => UpstreamError::Exchange {
+                addr: at.to_string(),
+                reason,
+            },
         }
     }
 
@@ -1163,18 +1163,10 @@ impl Exchange<'_> {
             Session::H2(a) => {
                 let (until, answer_deadline) =
                     h1::wait_until(self.upstream.conf.read_timeout, a.by, None);
-                match a.chunk(until).await {
-                    Ok(c) => Ok(c),
-                    Err(self::h2::Failure::TimedOut) => {
-                        Err(self
-                            .upstream
-                            .h2_timeout(self.on.addr, a.by, answer_deadline))
-                    }
-                    Err(self::h2::Failure::Broken { reason, .. }) => Err(UpstreamError::Exchange {
-                        addr: self.on.addr.to_string(),
-                        reason,
-                    }),
-                }
+                a.chunk(until).await.map_err(|f| {
+                    self.upstream
+                        .h2_error(self.on.addr, f, a.by, answer_deadline)
+                })
             }
         }
     }
