@@ -31,17 +31,11 @@ TOKEN=ACCESS_TOKEN_$(head -c 30 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | hea
 mkdir -p "$dir/up"
 listen="listen 127.0.0.1:$UP;"; scheme=http; host=127.0.0.1; ca_line=""; http2=false
 if [ "$UPSTREAM" != plain ]; then
-  # A CA the sidecar trusts and a leaf for localhost signed by it.
-  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=profile CA" \
-    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign" \
-    -keyout "$dir/ca-key.pem" -out "$dir/ca.pem" 2>/dev/null
-  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=localhost \
-    -keyout "$dir/key.pem" -out "$dir/leaf.csr" 2>/dev/null
-  printf 'subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n' > "$dir/leaf.ext"
-  openssl x509 -req -in "$dir/leaf.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca-key.pem" -CAcreateserial \
-    -days 2 -extfile "$dir/leaf.ext" -out "$dir/leaf.pem" 2>/dev/null
+  # A CA the sidecar trusts (cert.pem) and a leaf for localhost signed by it.
+  . benches/certs.sh
+  bench_certs "$dir"
   listen="listen 127.0.0.1:$UP ssl http2; ssl_certificate $dir/leaf.pem; ssl_certificate_key $dir/key.pem;"
-  scheme=https; host=localhost; ca_line="  ca_file: $dir/ca.pem"
+  scheme=https; host=localhost; ca_line="  ca_file: $dir/cert.pem"
   [ "$UPSTREAM" = h2 ] && http2=true
 fi
 cat > "$dir/up/nginx.conf" <<EOF

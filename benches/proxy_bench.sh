@@ -54,14 +54,8 @@ pin() { [ -n "$PIN" ] || return 0; local cpu=$1; shift; for p in "$@"; do for t 
 
 TOKEN=ACCESS_TOKEN_$(head -c 30 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | head -c 40)
 # A CA (cert.pem, what every client trusts) and a leaf for localhost signed by it.
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=bench CA" \
-  -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign" \
-  -keyout "$dir/ca-key.pem" -out "$dir/cert.pem" 2>/dev/null
-openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=localhost \
-  -keyout "$dir/key.pem" -out "$dir/leaf.csr" 2>/dev/null
-printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' > "$dir/leaf.ext"
-openssl x509 -req -in "$dir/leaf.csr" -CA "$dir/cert.pem" -CAkey "$dir/ca-key.pem" -CAcreateserial \
-  -days 2 -extfile "$dir/leaf.ext" -out "$dir/leaf.pem" 2>/dev/null
+. benches/certs.sh
+bench_certs "$dir"
 
 UP=$(free_port); UPT=$(free_port); NG=$(free_port); NG1=$(free_port); HA=$(free_port); SC=$(free_port); SCA=$(free_port)
 SC2=$(free_port); SCA2=$(free_port); SC3=$(free_port); SCA3=$(free_port)

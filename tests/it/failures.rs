@@ -68,25 +68,32 @@ async fn slow_upstream_is_a_504() {
 #[tokio::test]
 async fn an_answer_later_than_answer_timeout_is_a_504_at_that_deadline() {
     // The answer deadline is shorter than the read timeout: the fast lane's
-    // exchange ends at it (one timer for both), and says which limit it was.
-    let fake = Fake::start(&["--latency-ms", "1500"]);
-    let cfg = format!(
-        "upstream:\n  url: FAKE_URL\n  ca_file: FAKE_CA\n  http2: false\n  read_timeout: 10s\n  answer_timeout: 300ms\n{}",
-        Sidecar::accounts("stable", "stable")
-    );
-    let side = Sidecar::start(&fake, &cfg).await;
-    let start = std::time::Instant::now();
-    let (status, v) = side.send("/cgi-bin/message/template/send", TEMPLATE).await;
-    assert_eq!(status, 504, "{v}");
-    assert!(
-        v["errmsg"].as_str().unwrap().contains("300ms"),
-        "names answer_timeout: {v}"
-    );
-    assert!(
-        start.elapsed() < std::time::Duration::from_millis(1500),
-        "answered before the fake would have: {:?}",
-        start.elapsed()
-    );
+    // exchange (HTTP/1.1 or HTTP/2) ends at it (one timer for both), and
+    // says which limit it was.
+    for h2 in [false, true] {
+        let fake = Fake::start(&["--h2", "--latency-ms", "1500"]);
+        let cfg = format!(
+            "upstream:\n  url: FAKE_URL\n  ca_file: FAKE_CA\n  http2: {h2}\n  read_timeout: 10s\n  answer_timeout: 300ms\n{}",
+            Sidecar::accounts("stable", "stable")
+        );
+        let side = Sidecar::start(&fake, &cfg).await;
+        let start = std::time::Instant::now();
+        let (status, v) = side.send("/cgi-bin/message/template/send", TEMPLATE).await;
+        assert_eq!(status, 504, "h2 {h2}: {v}");
+        assert!(
+            v["errmsg"].as_str().unwrap().contains("300ms"),
+            "h2 {h2}: names answer_timeout: {v}"
+        );
+        assert!(
+            start.elapsed() < std::time::Duration::from_millis(1500),
+            "h2 {h2}: answered before the fake would have: {:?}",
+            start.elapsed()
+        );
+        let protocol = if h2 { "h2" } else { "http/1.1" };
+        let st = side.status().await;
+        assert_eq!(st["upstream"]["hosts"][0]["protocol"], protocol, "{st}");
+        assert_eq!(fake.stats().await["h2_connections"], u64::from(h2));
+    }
 }
 
 #[tokio::test]
