@@ -148,6 +148,17 @@ async fn refused_streams_are_sent_again() {
     let (status, v) = side.send("/cgi-bin/message/template/send", TEMPLATE).await;
     assert_eq!((status, &v["errcode"]), (502, &Value::from(-1)), "{v}");
     assert_eq!(fake.stats().await["messages"], 31);
+    // Failed and resent streams are logged (debug): never with the token.
+    let log = side.log();
+    assert!(
+        log.contains("HTTP/2 stream failed"),
+        "the refusals were logged"
+    );
+    let token = fake.last_request().await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    side.assert_log_clean(&[&token]);
 }
 
 #[tokio::test]
