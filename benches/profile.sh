@@ -9,7 +9,8 @@
 # Usage: benches/profile.sh   (env: CONNS=64 DURATION=10 BIN=target/release/wxsidecar
 #        UPSTREAM=plain|tls|h2 (tls: HTTP/1.1 over TLS; h2: HTTP/2 over TLS, the default config)
 #        PERF=1 to record; OUT=dir keeps perf.data there; STRACE=1 counts
-#        syscalls per request with strace -c)
+#        syscalls per request with strace -c; SYSCALLS=1 counts them with
+#        perf's syscall tracepoints, which barely slow the run)
 # Needs: a release build, nginx, wrk, perf, openssl (make install-bench-deps).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -87,9 +88,14 @@ fi
 if [ "${STRACE:-0}" = 1 ]; then
   timeout -s INT $((DURATION + 1)) strace -c -f -p "$SCPID" -o "$OUT/strace.txt" 2>/dev/null & SP=$!
 fi
+if [ "${SYSCALLS:-0}" = 1 ]; then
+  evs=$(for c in recvfrom sendto writev readv read write epoll_wait futex; do printf 'syscalls:sys_enter_%s,' $c; done)
+  perf stat -x, -e "${evs%,}" -p "$SCPID" -o "$OUT/syscalls.txt" -- sleep "$DURATION" 2>/dev/null & YP=$!
+fi
 res=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" -s "$dir/post.lua" "$url")
 [ "$PERF" = 1 ] && wait $PP || true
 [ "${STRACE:-0}" = 1 ] && { wait $SP || true; }
+[ "${SYSCALLS:-0}" = 1 ] && { wait $YP || true; }
 read -r u1 s1 < <(awk '{print $14, $15}' /proc/$SCPID/stat)
 proto=$(curl -s "http://127.0.0.1:$SCA/status" | python3 -c 'import json,sys; print(json.load(sys.stdin)["upstream"]["hosts"][0]["protocol"])' 2>/dev/null || echo "?")
 reqs=$(echo "$res" | awk '/requests in/ {print $1}')
@@ -101,6 +107,10 @@ awk -v u=$((u1-u0)) -v s=$((s1-s0)) -v n="$reqs" -v hz="$hz" -v rps="$rps" -v ba
 if [ "${STRACE:-0}" = 1 ]; then
   echo "syscalls per request (strace -c -f; strace slows the run, counts only):"
   awk -v n="$reqs" '$NF ~ /^[a-z_0-9]+$/ && $4 ~ /^[0-9]+$/ && $NF != "total" { printf "  %-16s %.3f\n", $NF, $4 / n }' "$OUT/strace.txt" | sort -k2 -nr | head -12
+fi
+if [ "${SYSCALLS:-0}" = 1 ]; then
+  echo "syscalls per request (perf tracepoints):"
+  awk -F, -v n="$reqs" '$3 ~ /sys_enter_/ { sub(/.*sys_enter_/, "", $3); if ($1 > 0) printf "  %-12s %.3f\n", $3, $1 / n }' "$OUT/syscalls.txt"
 fi
 if [ "$PERF" = 1 ]; then
   echo "top symbols (self, % of samples):"

@@ -21,7 +21,8 @@
 #
 # Usage: benches/proxy_bench.sh   (env: DURATION=3 RUNS=3 CONNS="1 16 64 256" MODES="plain tls"
 #        BASELINE_BIN=path/to/older/wxsidecar adds it as contender "baseline", same config:
-#        before/after comparisons in the same blocks; PIN=1 runs the upstream and
+#        before/after comparisons in the same blocks (BASELINE_HTTP2=true: with
+#        `upstream.http2: true`, against wxsidecar-h2 over TLS); PIN=1 runs the upstream and
 #        wrk on CPU 0 and each contender on CPU 1)
 # Needs: a release build, nginx, haproxy, wrk, openssl (make bench installs them).
 set -euo pipefail
@@ -157,7 +158,8 @@ EOF
   RUST_LOG=warn "$BIN" run --config "$dir/sc.yaml" 2>"$dir/sc.log" & SCPID=$!; pids+=($SCPID)
   SC3PID=""
   if [ -n "$BASELINE_BIN" ]; then
-    sed -e "s/127.0.0.1:$SC\$/127.0.0.1:$SC3/" -e "s/127.0.0.1:$SCA\$/127.0.0.1:$SCA3/" "$dir/sc.yaml" > "$dir/sc3.yaml"
+    sed -e "s/127.0.0.1:$SC\$/127.0.0.1:$SC3/" -e "s/127.0.0.1:$SCA\$/127.0.0.1:$SCA3/" \
+      -e "s/^  http2: false\$/  http2: ${BASELINE_HTTP2:-false}/" "$dir/sc.yaml" > "$dir/sc3.yaml"
     RUST_LOG=warn "$BASELINE_BIN" run --config "$dir/sc3.yaml" 2>"$dir/sc3.log" & SC3PID=$!; pids+=($SC3PID)
   fi
   SC2PID=""
