@@ -19,19 +19,24 @@ use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::app::App;
+use crate::guard::Guarded;
 use crate::intercept::tls::LeafResolver;
 use crate::proxy::Proxy;
 
 /// A proxy request head is a few hundred bytes.
 const DEFAULT_HEAD_LIMIT: usize = 8 * 1024;
-/// A client that opens a connection and says nothing is dropped after this.
-const DEFAULT_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct ForwardProxy {
     pub app: Arc<App>,
-    pub http: Arc<HttpProxy<Proxy>>,
+    /// The app listener's request path, under the same connection deadlines
+    /// (head, idle, send); the forward proxy's own cap counts the connection.
+    pub http: Arc<Guarded<HttpProxy<Proxy>>>,
     pub resolver: Arc<LeafResolver>,
     pub tls: Acceptor,
+    /// The proxy request head, and the TLS handshake inside a `CONNECT`,
+    /// must each arrive within this (`limits.header_timeout`), as a request
+    /// head must.
+    pub head_timeout: Duration,
 }
 
 /// The first line of a request: method and target.
@@ -90,7 +95,7 @@ impl ForwardProxy {
             }
         }
         let mut head = Vec::with_capacity(512);
-        let read = tokio::time::timeout(DEFAULT_HEAD_TIMEOUT, async {
+        let read = tokio::time::timeout(self.head_timeout, async {
             let mut buf = [0u8; 1024];
             while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < DEFAULT_HEAD_LIMIT {
                 let n = io.read(&mut buf).await?;
@@ -133,10 +138,15 @@ impl ForwardProxy {
             if established.await.is_err() {
                 return;
             }
-            let tls = match self.tls.tls_handshake(*io).await {
-                Ok(t) => t,
-                Err(e) => {
+            let handshake = self.tls.tls_handshake(*io);
+            let tls = match tokio::time::timeout(self.head_timeout, handshake).await {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
                     tracing::info!(host, error = %e, "TLS inside CONNECT failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::info!(host, limit = ?self.head_timeout, "TLS inside CONNECT not done within limits.header_timeout; closed");
                     return;
                 }
             };

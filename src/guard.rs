@@ -4,13 +4,18 @@
 //! progress — a new connection's first byte within `limits.header_timeout`
 //! of the accept, a kept-alive connection's next request within
 //! `limits.idle_timeout`, and every request head within
-//! `limits.header_timeout` of its first byte. Request bodies and upstream
-//! answers have their own whole-message deadlines in the request path.
+//! `limits.header_timeout` of its first byte, and every answer write taken
+//! by the app within `limits.send_timeout`; on a listener whose TLS it ends
+//! ([`tls`]), the handshake within `limits.header_timeout`. Request bodies
+//! and upstream answers have their own whole-message deadlines in the
+//! request path.
 //!
 //! For HTTP/1.1 this runs pingora's keep-alive loop itself, so that between
 //! requests a connection holds only a small future waiting for the next
 //! byte, not pingora's whole request state machine (~14 KiB): that is most
 //! of what an idle connection costs. Never reads or logs what passes.
+
+pub mod tls;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -33,6 +38,8 @@ pub struct ConnLimits {
     pub max: usize,
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
+    /// An answer write must be taken within this (`limits.send_timeout`).
+    pub send_timeout: Duration,
 }
 
 static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
@@ -150,13 +157,30 @@ impl Fast for NoFast {
 pub struct Guarded<A, F = NoFast> {
     inner: Arc<A>,
     limits: ConnLimits,
-    cap: Cap,
+    /// `None` where a connection was counted before it got here (the
+    /// forward proxy's tunnels, capped by their listener).
+    cap: Option<Cap>,
     fast: F,
+    /// The HTTPS listener's TLS, done here under the cap and the head
+    /// deadline (transparent mode).
+    tls: Option<crate::guard::tls::TlsFront>,
 }
 
 impl<A> Guarded<A> {
     pub fn new(inner: A, limits: ConnLimits, listener: &'static str) -> Self {
         Guarded::with_fast(inner, limits, listener, NoFast)
+    }
+
+    /// The deadlines without a cap of its own: for connections a capped
+    /// listener already counts.
+    pub fn uncapped(inner: A, limits: ConnLimits) -> Self {
+        Guarded {
+            inner: Arc::new(inner),
+            limits,
+            cap: None,
+            fast: NoFast,
+            tls: None,
+        }
     }
 }
 
@@ -166,9 +190,16 @@ impl<A, F> Guarded<A, F> {
         Guarded {
             inner: Arc::new(inner),
             limits,
-            cap: Cap::new(limits.max, listener),
+            cap: Some(Cap::new(limits.max, listener)),
             fast,
+            tls: None,
         }
+    }
+
+    /// Ends TLS itself on the connections `front` serves.
+    pub fn with_tls(mut self, front: crate::guard::tls::TlsFront) -> Self {
+        self.tls = Some(front);
+        self
     }
 }
 
@@ -283,7 +314,13 @@ impl<A: HttpServerApp + Send + Sync + 'static, F: Fast> ServerApp for Guarded<A,
         mut stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let _slot = self.cap.enter()?;
+        let _slot = match &self.cap {
+            Some(cap) => Some(cap.enter()?),
+            None => None,
+        };
+        if let Some(tls) = self.tls.as_ref().filter(|t| t.serves(&stream)) {
+            stream = tls.handshake(stream, self.limits.header_timeout).await?;
+        }
         if matches!(
             stream.selected_alpn_proto(),
             Some(pingora::protocols::ALPN::H2)
@@ -340,6 +377,8 @@ impl<A: HttpServerApp + Send + Sync + 'static, F: Fast> ServerApp for Guarded<A,
                 }
             }
             let mut session = ServerSession::new_http1(stream);
+            // pingora bounds each of its writes by this (it has no default).
+            session.set_write_timeout(Some(self.limits.send_timeout));
             match settings.take() {
                 Some(s) => s.apply_to_session(&mut session),
                 None if kept => session.set_keepalive(Some(keepalive)),

@@ -159,18 +159,20 @@ impl Prepared {
             ),
             header_timeout: config.limits.header_timeout,
             idle_timeout: config.limits.idle_timeout,
+            send_timeout: config.limits.send_timeout,
         };
-        let mut proxy = ListeningService::new(
-            "wxsidecar app listener".to_string(),
-            crate::guard::Guarded::with_fast(
-                pingora::proxy::http_proxy(&server.configuration, Proxy::new(self.app.clone())),
-                app_limits,
-                "app",
-                crate::proxy::fast::FastLane::new(self.app.clone()),
-            ),
+        let mut guarded = crate::guard::Guarded::with_fast(
+            pingora::proxy::http_proxy(&server.configuration, Proxy::new(self.app.clone())),
+            app_limits,
+            "app",
+            crate::proxy::fast::FastLane::new(self.app.clone(), config.limits.send_timeout),
         );
+        if let Some(front) = self.https_front() {
+            guarded = guarded.with_tls(front);
+        }
+        let mut proxy = ListeningService::new("wxsidecar app listener".to_string(), guarded);
         proxy.add_listener(plain_listener(config.listen));
-        let forward = self.add_intercept_listeners(&mut proxy, &server.configuration);
+        let forward = self.add_intercept_listeners(&mut proxy, &server.configuration, app_limits);
         let app_service = Gated {
             inner: proxy,
             app: self.app.clone(),
@@ -231,24 +233,32 @@ impl Prepared {
     /// Transparent mode: the HTTPS and HTTP listeners join the app service
     /// (same request path); the forward proxy is a service of its own that
     /// hands what it accepts to the same path. Returns the forward proxy.
+    /// TLS for `intercept.https_listen`, ended by the app listener's guard
+    /// under its cap and `limits.header_timeout`.
+    fn https_front(&self) -> Option<crate::guard::tls::TlsFront> {
+        let config = self.app.config_full();
+        let (i, ic) = (self.app.intercept.as_ref()?, config.intercept.as_ref()?);
+        let addr = ic.https_listen?;
+        Some(crate::guard::tls::TlsFront::new(
+            addr,
+            intercept_tls(&i.resolver).build(),
+        ))
+    }
+
     fn add_intercept_listeners(
         &self,
         proxy: &mut ListeningService<
             crate::guard::Guarded<HttpProxy<Proxy>, crate::proxy::fast::FastLane>,
         >,
         conf: &Arc<ServerConf>,
+        limits: crate::guard::ConnLimits,
     ) -> Option<ListeningService<crate::guard::Capped<crate::forward::ForwardProxy>>> {
         let config = self.app.config_full();
         let (i, ic) = (self.app.intercept.as_ref()?, config.intercept.as_ref()?);
-        let tls_settings = || {
-            let mut t = pingora::listeners::tls::TlsSettings::intermediate("", "")
-                .expect("settings without files");
-            t.set_cert_resolver(i.resolver.clone());
-            t.set_alpn(pingora::protocols::ALPN::H1);
-            t
-        };
+        // HTTPS arrives as plain TCP: the app listener's guard ends TLS
+        // (see `https_front`).
         if let Some(addr) = ic.https_listen {
-            proxy.add_tls_with_settings(&addr.to_string(), None, tls_settings());
+            proxy.add_listener(plain_listener(addr));
         }
         if let Some(addr) = ic.http_listen {
             proxy.add_listener(plain_listener(addr));
@@ -256,16 +266,17 @@ impl Prepared {
         let addr = ic.proxy_listen?;
         let forward = crate::forward::ForwardProxy {
             app: self.app.clone(),
-            http: Arc::new(pingora::proxy::http_proxy(
-                conf,
-                Proxy::new(self.app.clone()),
+            http: Arc::new(crate::guard::Guarded::uncapped(
+                pingora::proxy::http_proxy(conf, Proxy::new(self.app.clone())),
+                limits,
             )),
             resolver: i.resolver.clone(),
-            tls: tls_settings().build(),
+            tls: intercept_tls(&i.resolver).build(),
+            head_timeout: limits.header_timeout,
         };
         // The forward proxy reads the raw socket (CONNECT, then TLS) and
-        // bounds the proxy head itself; the requests inside go through the
-        // same request path.
+        // bounds the proxy head and the handshake itself; the requests inside
+        // go through the same request path under the same deadlines.
         let guarded = crate::guard::Capped::new(
             forward,
             self.app.config().limits.max_connections,
@@ -276,6 +287,17 @@ impl Prepared {
         service.add_tcp(&addr.to_string());
         Some(service)
     }
+}
+
+/// TLS for the intercepted hosts: the local leaf by SNI, HTTP/1.1 only.
+fn intercept_tls(
+    resolver: &Arc<crate::intercept::tls::LeafResolver>,
+) -> pingora::listeners::tls::TlsSettings {
+    let mut t =
+        pingora::listeners::tls::TlsSettings::intermediate("", "").expect("settings without files");
+    t.set_cert_resolver(resolver.clone());
+    t.set_alpn(pingora::protocols::ALPN::H1);
+    t
 }
 
 /// The read buffer pingora puts under each accepted connection: its 64 KiB

@@ -78,6 +78,10 @@ pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// A kept-alive app connection idle this long is closed (apps' pools
 /// usually idle out sooner; the same 60 s pingora uses).
 pub const DEFAULT_CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// An answer write the app takes none of for this long ends the connection
+/// (nginx's `send_timeout`): a client that stops reading holds no slot,
+/// buffer or upstream answer for good.
+pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
 /// A whole request body: 20 MB media at about 1 Mbit/s.
 pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(180);
 /// A whole upstream answer: 20 MB media downloads at about 1 Mbit/s.
@@ -377,6 +381,8 @@ pub struct LimitsConfig {
     pub idle_timeout: Duration,
     #[serde(serialize_with = "print::duration")]
     pub body_timeout: Duration,
+    #[serde(serialize_with = "print::duration")]
+    pub send_timeout: Duration,
 }
 
 /// The admin listener's protection (`admin.*`).
@@ -495,6 +501,7 @@ mod raw {
         pub header_timeout: Option<String>,
         pub idle_timeout: Option<String>,
         pub body_timeout: Option<String>,
+        pub send_timeout: Option<String>,
     }
 
     #[derive(Deserialize, Default)]
@@ -781,6 +788,12 @@ impl Config {
                 DEFAULT_BODY_TIMEOUT,
                 &mut problems,
             ),
+            send_timeout: duration_field(
+                "limits.send_timeout",
+                limits.send_timeout.as_ref(),
+                DEFAULT_SEND_TIMEOUT,
+                &mut problems,
+            ),
         };
         for (key, n) in [
             ("limits.max_connections", limits.max_connections),
@@ -794,6 +807,7 @@ impl Config {
             ("limits.header_timeout", limits.header_timeout),
             ("limits.idle_timeout", limits.idle_timeout),
             ("limits.body_timeout", limits.body_timeout),
+            ("limits.send_timeout", limits.send_timeout),
         ] {
             if d.is_zero() {
                 problems.push(format!("{key}: must be greater than zero"));
@@ -1488,6 +1502,21 @@ accounts:
         assert!(c.accounts[0].default, "one account is the default");
         assert_eq!(c.default_account(), Some(0));
         assert!(!format!("{c:?}").contains("plain-secret-value"));
+    }
+
+    #[test]
+    fn send_timeout_defaults_parses_and_refuses_zero() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.limits.send_timeout, DEFAULT_SEND_TIMEOUT);
+        let c = Config::parse(&format!("{GOOD}limits:\n  send_timeout: 5s\n")).unwrap();
+        assert_eq!(c.limits.send_timeout, Duration::from_secs(5));
+        let e = Config::parse(&format!("{GOOD}limits:\n  send_timeout: 0s\n"))
+            .unwrap_err()
+            .join("\n");
+        assert!(
+            e.contains("limits.send_timeout: must be greater than zero"),
+            "{e}"
+        );
     }
 
     #[test]

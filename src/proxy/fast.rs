@@ -18,6 +18,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use pingora::protocols::Stream;
@@ -47,14 +48,18 @@ static HANDED_OFF: std::sync::LazyLock<prometheus::IntCounter> =
 
 pub struct FastLane {
     app: Arc<App>,
+    /// Each answer write must be taken by the app within this
+    /// (`limits.send_timeout`, fixed at start like the other connection
+    /// limits).
+    send_timeout: Duration,
 }
 
 impl FastLane {
-    pub fn new(app: Arc<App>) -> Self {
+    pub fn new(app: Arc<App>, send_timeout: Duration) -> Self {
         // Both series show from the first scrape.
         std::sync::LazyLock::force(&SERVED);
         std::sync::LazyLock::force(&HANDED_OFF);
-        FastLane { app }
+        FastLane { app, send_timeout }
     }
 }
 
@@ -503,8 +508,15 @@ impl FastLane {
                 Ok(Err(partial)) => {
                     // Over the buffered limit: stream it through.
                     let status = x.status();
-                    let written =
-                        stream_rest(stream, &mut x, partial, plan.token.as_deref(), deadline).await;
+                    let written = stream_rest(
+                        stream,
+                        &mut x,
+                        partial,
+                        plan.token.as_deref(),
+                        deadline,
+                        self.send_timeout,
+                    )
+                    .await;
                     return (status, None, true, written);
                 }
                 Ok(Ok(())) => {}
@@ -566,7 +578,8 @@ impl FastLane {
             drop(body);
             // The connection goes back before the app's write (the body lives in it).
             x.finish().await;
-            return (status, errcode, false, write_all(stream, &out).await);
+            let written = write_all(stream, &out, self.send_timeout).await;
+            return (status, errcode, false, written);
         }
     }
 
@@ -599,12 +612,8 @@ impl FastLane {
         }
         out.extend_from_slice(b"\r\n");
         out.extend_from_slice(&body);
-        (
-            status,
-            Some(e.errcode()),
-            false,
-            write_all(stream, &out).await,
-        )
+        let written = write_all(stream, &out, self.send_timeout).await;
+        (status, Some(e.errcode()), false, written)
     }
 }
 
@@ -780,9 +789,26 @@ impl Reply<'_> {
     }
 }
 
-async fn write_all(stream: &mut Stream, out: &[u8]) -> std::io::Result<()> {
-    stream.write_all(out).await?;
-    stream.flush().await
+/// Writes `out` whole, unless the app takes none of it for `limit` (it
+/// stopped reading): then the connection is given up. Most writes fit the
+/// socket's buffer at once and arm no timer.
+async fn write_all(stream: &mut Stream, out: &[u8], limit: Duration) -> std::io::Result<()> {
+    use std::future::Future;
+    let mut write = std::pin::pin!(async {
+        stream.write_all(out).await?;
+        stream.flush().await
+    });
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(write.as_mut().poll(cx))).await;
+    if let std::task::Poll::Ready(done) = first {
+        return done;
+    }
+    match tokio::time::timeout(limit, write).await {
+        Ok(done) => done,
+        Err(_) => {
+            tracing::info!(limit = ?limit, "app took no answer bytes within limits.send_timeout; connection closed");
+            Err(std::io::ErrorKind::TimedOut.into())
+        }
+    }
 }
 
 /// An answer over the buffered limit: its head, what was read, then the
@@ -794,6 +820,7 @@ async fn stream_rest(
     first: Vec<u8>,
     token: Option<&Lease>,
     deadline: AnswerDeadline,
+    send_timeout: Duration,
 ) -> std::io::Result<()> {
     let mut out = Vec::with_capacity(512);
     status_line(&mut out, x.status());
@@ -804,14 +831,14 @@ async fn stream_rest(
     }
     out.extend_from_slice(b"Connection: close\r\n\r\n");
     x.release_head();
-    write_all(stream, &out).await?;
-    write_all(stream, &first).await?;
+    write_all(stream, &out, send_timeout).await?;
+    write_all(stream, &first, send_timeout).await?;
     loop {
         let got = tokio::time::timeout_at(deadline.at, x.chunk())
             .await
             .unwrap_or_else(|_| Err(deadline.missed()));
         match got {
-            Ok(Some(c)) => write_all(stream, &c).await?,
+            Ok(Some(c)) => write_all(stream, &c, send_timeout).await?,
             Ok(None) => return Ok(()),
             // Passed here, or inside our HTTP/1.1 exchange, which ends its
             // reads at the deadline itself: either names the deadline's limit.

@@ -234,6 +234,82 @@ async fn forward_proxy_tunnels_wechat_and_refuses_everything_else() {
     assert_eq!(fake.stats().await["messages"], 3);
 }
 
+/// Every way into transparent mode is bounded like the plain listener: a
+/// connection that never ends its TLS handshake (on the HTTPS listener or
+/// inside `CONNECT`), says nothing to the forward proxy, or trickles its
+/// next request head through it is closed at `limits.header_timeout`; a
+/// handshake in progress counts against `limits.max_connections`.
+#[tokio::test]
+async fn every_way_in_is_bounded_by_the_head_deadline() {
+    use crate::raw::closed_within;
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    let (_fake, side, _ca, _pem, p) =
+        setup("limits:\n  header_timeout: 1s\n  max_connections: 3\n").await;
+    // Three silent sockets on the HTTPS listener fill the cap: a fourth is
+    // refused at once, and counted.
+    let silent: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect(("127.0.0.1", p.https)).unwrap())
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut fourth = TcpStream::connect(("127.0.0.1", p.https)).unwrap();
+    assert!(closed_within(&mut fourth, Duration::from_secs(5)));
+    assert_eq!(
+        side.metric(r#"wxsidecar_connections_refused_total{listener="app"}"#)
+            .await,
+        1.0,
+        "handshakes in progress count against the cap"
+    );
+    // pingora's own bound on a handshake is 60 s; ours is the head's.
+    for mut s in silent {
+        assert!(
+            closed_within(&mut s, Duration::from_secs(5)),
+            "a handshake that never starts is cut at header_timeout"
+        );
+    }
+    let mut partial = TcpStream::connect(("127.0.0.1", p.https)).unwrap();
+    partial.write_all(&[0x16, 0x03, 0x01]).unwrap();
+    assert!(closed_within(&mut partial, Duration::from_secs(5)));
+
+    // The forward proxy: silence, and CONNECT with no TLS after it.
+    let mut quiet = TcpStream::connect(("127.0.0.1", p.proxy)).unwrap();
+    assert!(closed_within(&mut quiet, Duration::from_secs(5)));
+    let mut tunnel = TcpStream::connect(("127.0.0.1", p.proxy)).unwrap();
+    tunnel
+        .write_all(b"CONNECT api.weixin.qq.com:443 HTTP/1.1\r\nHost: api.weixin.qq.com:443\r\n\r\n")
+        .unwrap();
+    let mut answer = [0u8; 39];
+    tunnel.read_exact(&mut answer).unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+    assert!(
+        closed_within(&mut tunnel, Duration::from_secs(5)),
+        "a tunnel whose TLS never starts is cut at header_timeout"
+    );
+
+    // A plain proxy request is answered; the next head, trickled, is cut.
+    let mut s = TcpStream::connect(("127.0.0.1", p.proxy)).unwrap();
+    s.write_all(
+        format!("POST http://api.weixin.qq.com/cgi-bin/message/template/send HTTP/1.1\r\nHost: api.weixin.qq.com\r\nContent-Length: {}\r\n\r\n{TEMPLATE}", TEMPLATE.len()).as_bytes(),
+    )
+    .unwrap();
+    let answer = crate::raw::read_until_quiet(&mut s, Duration::from_millis(500));
+    assert!(answer.contains("\"errcode\":0"), "{answer}");
+    s.write_all(b"GET http://api.weixin.qq.com/cgi-bin/x HTTP/1.1\r\n")
+        .unwrap();
+    let start = std::time::Instant::now();
+    let mut cut = false;
+    while start.elapsed() < Duration::from_secs(10) {
+        if s.write_all(b"X").is_err() || closed_within(&mut s, Duration::from_millis(200)) {
+            cut = true;
+            break;
+        }
+    }
+    assert!(
+        cut,
+        "a head trickled through the forward proxy for 10 s was never cut off"
+    );
+}
+
 #[tokio::test]
 async fn leaf_covers_exactly_the_hosts_and_is_resigned_before_it_expires() {
     let (_fake, _side, _ca, pem, p) =

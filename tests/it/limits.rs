@@ -333,6 +333,59 @@ async fn under_a_low_open_file_limit_the_cap_holds_and_requests_are_served() {
     let _ = child.wait();
 }
 
+/// A client that asks for a large answer and stops reading is let go at
+/// `limits.send_timeout`, on the fast lane (a JSON answer over the buffered
+/// limit, streamed) and on pingora's path (streamed media); the sidecar
+/// serves others meanwhile and after.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_let_go_at_the_send_timeout() {
+    let up = RawUpstream::start();
+    let side = Sidecar::start_bare(&up.config("limits:\n  send_timeout: 1s\n")).await;
+    // Far more than the socket buffers between us hold (a few MiB).
+    const SIZE: usize = 24 << 20;
+    for target in [
+        format!("/cgi-bin/big?size={SIZE}"),
+        format!("/cgi-bin/media/big?media_id=1&size={SIZE}"),
+    ] {
+        let mut s = TcpStream::connect(("127.0.0.1", side.port)).unwrap();
+        s.write_all(
+            format!("GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .unwrap();
+        // Not reading: the sidecar's writes stall.
+        std::thread::sleep(Duration::from_secs(3));
+        let answer = exchange(
+            side.port,
+            b"GET /cgi-bin/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            Duration::from_secs(2),
+        );
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "others are served: {answer}"
+        );
+        // What the buffers held, then the close.
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 1 << 16];
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let ended = loop {
+            match std::io::Read::read(&mut s, &mut buf) {
+                Ok(0) => break true,
+                Ok(n) => got += n,
+                Err(_) => break false,
+            }
+        };
+        assert!(ended, "{target}: the connection was closed");
+        assert!(
+            got < SIZE,
+            "{target}: the answer was cut when the client stopped reading ({got} of {SIZE} bytes came)"
+        );
+    }
+    assert!(
+        side.log().contains("send_timeout"),
+        "the fast lane says why it let the client go"
+    );
+}
+
 #[tokio::test]
 async fn a_trickled_answer_ends_at_the_answer_timeout() {
     let up = RawUpstream::start();

@@ -75,6 +75,7 @@ pub fn statuses(raw: &str) -> Vec<u16> {
 /// - `/slow…`: a 40-byte answer trickled a byte every 200 ms;
 /// - `/chunked…`: a chunked answer in 7-byte chunks with a trailer
 ///   (`?size=N`: about N bytes);
+/// - `/big…?size=N`: a JSON answer of about N bytes with its length;
 /// - anything else: `{"errcode":0,"errmsg":"ok"}`.
 pub struct RawUpstream {
     pub port: u16,
@@ -230,6 +231,16 @@ fn serve(mut s: TcpStream, seen: Arc<Mutex<Vec<String>>>) {
                 return;
             }
             continue;
+        } else if path.contains("/big") {
+            let size: usize = query
+                .split('&')
+                .find_map(|p| p.strip_prefix("size="))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            (
+                200,
+                format!(r#"{{"errcode":0,"pad":"{}"}}"#, "x".repeat(size)),
+            )
         } else if path.contains("/flood") {
             for _ in 0..1000 {
                 out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
