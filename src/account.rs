@@ -303,6 +303,30 @@ impl std::fmt::Display for PickError {
 
 impl std::error::Error for PickError {}
 
+/// Account names an error shows at most: enough to spot a typo; with
+/// thousands configured (platform authorisers) every bad request would
+/// otherwise answer, and log, all of them.
+const DEFAULT_NAMES_SHOWN: usize = 5;
+
+/// `a, b, c` — or the first [`DEFAULT_NAMES_SHOWN`] and how many more.
+fn names<'a>(all: impl Iterator<Item = &'a str>) -> String {
+    let mut out = String::new();
+    let mut n = 0;
+    for name in all {
+        if n < DEFAULT_NAMES_SHOWN {
+            if n > 0 {
+                out.push_str(", ");
+            }
+            out.push_str(name);
+        }
+        n += 1;
+    }
+    if n > DEFAULT_NAMES_SHOWN {
+        out.push_str(&format!(" and {} more", n - DEFAULT_NAMES_SHOWN));
+    }
+    out
+}
+
 impl Accounts {
     /// The accounts of `configs`, taking their strings.
     pub fn new(configs: Vec<AccountConfig>) -> Self {
@@ -505,11 +529,7 @@ impl Accounts {
     }
 
     fn known(&self) -> String {
-        self.list
-            .iter()
-            .map(|a| a.name.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
+        names(self.list.iter().map(|a| a.name.as_str()))
     }
 
     /// Chooses the account for a request.
@@ -543,13 +563,12 @@ impl Accounts {
                 return match (of_kind.next(), of_kind.next()) {
                     (Some(only), None) => Ok(only),
                     _ => Err(PickError::NoneNamed {
-                        known: self
-                            .list
-                            .iter()
-                            .filter(|a| a.kind.family() == family)
-                            .map(|a| a.name.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", "),
+                        known: names(
+                            self.list
+                                .iter()
+                                .filter(|a| a.kind.family() == family)
+                                .map(|a| a.name.as_str()),
+                        ),
                     }),
                 };
             }
@@ -649,6 +668,27 @@ mod tests {
         let official = Some(Family::Official);
         assert_eq!(a.pick_for(None, None, official).unwrap().name, "shop");
         assert_eq!(a.pick_for(Some("shop"), None, wecom).unwrap().name, "shop");
+    }
+
+    #[test]
+    fn an_unknown_name_lists_a_few_accounts_not_all() {
+        let yaml: String = (0..50)
+            .map(|i| format!("  - {{name: acc{i}, appid: wx{i:014}, secret: s{i}}}\n"))
+            .collect();
+        let c = Config::parse(&format!("accounts:\n{yaml}")).unwrap();
+        let a = Accounts::new(c.accounts.clone());
+        let e = a.pick(Some("nope"), None).err().unwrap().to_string();
+        assert!(e.contains("`nope`"), "{e}");
+        assert!(
+            e.contains("acc0, acc1, acc2, acc3, acc4 and 45 more"),
+            "{e}"
+        );
+        assert!(!e.contains("acc5"), "{e}");
+        let e = a.pick(None, None).err().unwrap().to_string();
+        assert!(e.contains("acc4 and 45 more"), "{e}");
+        // A few accounts are all named.
+        let e = two().pick(Some("nope"), None).err().unwrap().to_string();
+        assert!(e.contains("(configured: shop, mall)"), "{e}");
     }
 
     #[test]
