@@ -37,6 +37,8 @@ pub struct App {
     pub intercept: Option<crate::intercept::Intercept>,
     /// Requests in flight; draining after SIGTERM/SIGQUIT.
     pub drain: Arc<crate::lifecycle::Drain>,
+    /// Request body bytes buffered at once (`limits.buffered_total`).
+    pub bodies: crate::guard::bodies::Bodies,
     /// Background work: the lease scheduler, upstream upkeep, the store watcher.
     pub tasks: crate::lifecycle::Tasks,
     /// Every token's and ticket's refresher, driven by one task.
@@ -76,6 +78,7 @@ impl App {
             generation: Default::default(),
             clients: ArcSwap::from_pointee(crate::clients::Clients::new(config.clients.clone())),
             drain: Arc::default(),
+            bodies: crate::guard::bodies::Bodies::new(config.limits.buffered_total),
             tasks: Default::default(),
             refreshers: crate::lease::schedule::Scheduler::new(
                 crate::lease::schedule::DEFAULT_FETCHES_IN_FLIGHT,

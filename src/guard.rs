@@ -15,6 +15,7 @@
 //! byte, not pingora's whole request state machine (~14 KiB): that is most
 //! of what an idle connection costs. Never reads or logs what passes.
 
+pub mod bodies;
 pub mod tls;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};

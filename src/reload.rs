@@ -223,6 +223,7 @@ async fn apply(app: &Arc<App>, mut new: Config) -> Result<Outcome, Vec<String>> 
     needs_restart!("limits.header_timeout", limits.header_timeout);
     needs_restart!("limits.idle_timeout", limits.idle_timeout);
     needs_restart!("limits.send_timeout", limits.send_timeout);
+    needs_restart!("limits.buffered_total", limits.buffered_total);
     needs_restart!("intercept", intercept);
     needs_restart!("platforms", platforms);
     let store = |c: &Config| c.token.store.as_ref().map(|s| s.expose().to_string());

@@ -38,6 +38,8 @@ pub enum ProxyError {
     Denied(#[from] crate::clients::Denied),
     #[error("request body over the {limit}-byte limit for {path} (limits.buffered_body)")]
     BodyTooLarge { limit: usize, path: String },
+    #[error("request bodies being read fill limits.buffered_total ({total} bytes); retry shortly")]
+    BodiesBusy { total: usize },
     #[error("{reason}")]
     Forbidden { reason: String },
     #[error("bad request for {path}: {reason}")]
@@ -66,7 +68,8 @@ impl ProxyError {
             ProxyError::Denied(d) => d.status(),
             ProxyError::NoToken { .. }
             | ProxyError::BudgetSpent { .. }
-            | ProxyError::Unavailable => 503,
+            | ProxyError::Unavailable
+            | ProxyError::BodiesBusy { .. } => 503,
             ProxyError::BodyTooLarge { .. } => 413,
             ProxyError::MethodNotAllowed { .. } => 405,
             ProxyError::BodyTimeout { .. } => 408,
@@ -92,6 +95,7 @@ impl ProxyError {
             ProxyError::NoToken { .. }
             | ProxyError::Upstream { .. }
             | ProxyError::Unavailable
+            | ProxyError::BodiesBusy { .. }
             | ProxyError::BodyTimeout { .. } => -1,
         }
     }
@@ -102,6 +106,7 @@ impl ProxyError {
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             ProxyError::Denied(d) => d.retry_after(),
+            ProxyError::BodiesBusy { .. } => Some(1),
             _ => None,
         }
     }

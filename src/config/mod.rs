@@ -63,6 +63,9 @@ pub const DEFAULT_STORE_PREFIX: &str = "wxsidecar";
 const DEFAULT_LOCK_SLACK: Duration = Duration::from_secs(2);
 /// JSON API bodies are small; 1 MiB leaves room for big template batches.
 pub const DEFAULT_BUFFERED_BODY: usize = 1 << 20;
+/// Every request body buffered at once: 256 bodies at the default limit,
+/// so thousands of connections trickling bodies cannot take gigabytes.
+pub const DEFAULT_BUFFERED_TOTAL: usize = 256 << 20;
 /// One worker thread: a sidecar shares its pod's CPU with the app.
 pub const DEFAULT_THREADS: usize = 1;
 /// Kubernetes gives 30 s; we stop well within it (and sooner when idle).
@@ -373,6 +376,8 @@ const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 pub struct LimitsConfig {
     /// JSON request and answer bodies are read whole up to this many bytes.
     pub buffered_body: usize,
+    /// Request bodies being buffered, all together, at most.
+    pub buffered_total: usize,
     pub max_connections: usize,
     pub max_admin_connections: usize,
     #[serde(serialize_with = "print::duration")]
@@ -496,6 +501,7 @@ mod raw {
     #[serde(deny_unknown_fields)]
     pub struct Limits {
         pub buffered_body: Option<String>,
+        pub buffered_total: Option<String>,
         pub max_connections: Option<usize>,
         pub max_admin_connections: Option<usize>,
         pub header_timeout: Option<String>,
@@ -764,8 +770,25 @@ impl Config {
                 DEFAULT_BUFFERED_BODY
             }),
         };
+        let buffered_total = match limits.buffered_total.as_deref() {
+            None => DEFAULT_BUFFERED_TOTAL.max(buffered_body),
+            Some(v) => match parse_size(v) {
+                Ok(n) if n < buffered_body => {
+                    problems.push(format!(
+                        "limits.buffered_total: {v} is less than limits.buffered_body ({buffered_body} bytes): no body that size could ever be buffered"
+                    ));
+                    buffered_body
+                }
+                Ok(n) => n,
+                Err(e) => {
+                    problems.push(format!("limits.buffered_total: {e}"));
+                    DEFAULT_BUFFERED_TOTAL
+                }
+            },
+        };
         let limits = LimitsConfig {
             buffered_body,
+            buffered_total,
             max_connections: limits.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
             max_admin_connections: limits
                 .max_admin_connections
@@ -1515,6 +1538,27 @@ accounts:
             .join("\n");
         assert!(
             e.contains("limits.send_timeout: must be greater than zero"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn buffered_total_holds_at_least_one_body() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.limits.buffered_total, DEFAULT_BUFFERED_TOTAL);
+        let c = Config::parse(&format!("{GOOD}limits:\n  buffered_body: 512MiB\n")).unwrap();
+        assert_eq!(
+            c.limits.buffered_total,
+            512 << 20,
+            "the default grows to one body"
+        );
+        let e = Config::parse(&format!(
+            "{GOOD}limits:\n  buffered_body: 2MiB\n  buffered_total: 1MiB\n"
+        ))
+        .unwrap_err()
+        .join("\n");
+        assert!(
+            e.contains("limits.buffered_total: 1MiB is less than limits.buffered_body"),
             "{e}"
         );
     }

@@ -38,6 +38,20 @@ mod callback;
 mod component;
 pub mod fast;
 
+/// A request body read whole, and its share of `limits.buffered_total`
+/// until it is dropped.
+pub(crate) struct Body {
+    bytes: Bytes,
+    _hold: crate::guard::bodies::Hold,
+}
+
+impl std::ops::Deref for Body {
+    type Target = Bytes;
+    fn deref(&self) -> &Bytes {
+        &self.bytes
+    }
+}
+
 /// Credentials sent to a token endpoint are tiny.
 const DEFAULT_CREDENTIALS_LIMIT: usize = 64 * 1024;
 
@@ -634,15 +648,28 @@ impl Proxy {
         }
     }
 
-    /// Reads the whole request body, up to `limit`.
-    async fn read_body(&self, session: &mut Session, limit: usize) -> Step<Bytes> {
+    /// Reads the whole request body, up to `limit`, counted against
+    /// `limits.buffered_total` while it lives (by its declared length from
+    /// the start, else as it comes).
+    async fn read_body(&self, session: &mut Session, limit: usize) -> Step<Body> {
         let too_large = |session: &Session| ProxyError::BodyTooLarge {
             limit,
             path: session.req_header().uri.path().to_string(),
         };
-        if content_length(&session.req_header().headers).is_some_and(|n| n > limit) {
+        let declared = content_length(&session.req_header().headers);
+        if declared.is_some_and(|n| n > limit) {
             session.set_keepalive(None);
             return Ok(Err(too_large(session)));
+        }
+        let bodies = &self.app.bodies;
+        let mut hold = bodies.hold();
+        let spent = |session: &mut Session, s: crate::guard::bodies::Spent| {
+            // The body is left unread: the connection cannot carry another.
+            session.set_keepalive(None);
+            ProxyError::BodiesBusy { total: s.max }
+        };
+        if let Err(s) = bodies.grow(&mut hold, declared.unwrap_or(0)) {
+            return Ok(Err(spent(session, s)));
         }
         session.as_downstream_mut().enable_retry_buffering();
         continue_if_expected(session).await?;
@@ -661,6 +688,9 @@ impl Proxy {
                     session.set_keepalive(None);
                     return Ok(Err(too_large(session)));
                 }
+                if let Err(s) = bodies.grow(&mut hold, chunk.len()) {
+                    return Ok(Err(spent(session, s)));
+                }
                 first = Some(chunk);
                 continue;
             }
@@ -672,8 +702,14 @@ impl Proxy {
                 session.set_keepalive(None);
                 return Ok(Err(too_large(session)));
             }
+            if let Err(s) = bodies.grow(&mut hold, buf.len()) {
+                return Ok(Err(spent(session, s)));
+            }
         }
-        Ok(Ok(first.unwrap_or_else(|| buf.freeze())))
+        Ok(Ok(Body {
+            bytes: first.unwrap_or_else(|| buf.freeze()),
+            _hold: hold,
+        }))
     }
 
     /// The request WeChat receives: the app's, minus hop-by-hop headers and

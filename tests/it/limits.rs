@@ -386,6 +386,59 @@ async fn a_client_that_stops_reading_is_let_go_at_the_send_timeout() {
     );
 }
 
+/// Request bodies being buffered share `limits.buffered_total`: past it a
+/// body is refused at once (503, retry in a second) instead of held, and
+/// what a finished request held is free again.
+#[tokio::test]
+async fn bodies_buffered_at_once_share_a_total() {
+    let up = RawUpstream::start();
+    let side = Sidecar::start_bare(
+        &up.config("limits:\n  buffered_body: 64KiB\n  buffered_total: 100KiB\n"),
+    )
+    .await;
+    const LEN: usize = 60_000;
+    let head = format!(
+        "POST /cgi-bin/message/template/send HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {LEN}\r\nConnection: close\r\n\r\n"
+    );
+    let body = format!("{{\"pad\":\"{}\"}}", "x".repeat(LEN - 10));
+    assert_eq!(body.len(), LEN);
+    // A body on its way holds its declared length.
+    let mut first = TcpStream::connect(("127.0.0.1", side.port)).unwrap();
+    first.write_all(head.as_bytes()).unwrap();
+    first.write_all(&body.as_bytes()[..10]).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    // A second would pass the total: refused before its body is read.
+    let mut second = TcpStream::connect(("127.0.0.1", side.port)).unwrap();
+    second.write_all(head.as_bytes()).unwrap();
+    let answer = read_until_quiet(&mut second, Duration::from_secs(2));
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("retry-after: 1"),
+        "{answer}"
+    );
+    assert!(answer.contains("limits.buffered_total"), "{answer}");
+    assert!(answer.contains("\"errcode\":-1"), "{answer}");
+    // The first completes as usual; then its share is free again.
+    first.write_all(&body.as_bytes()[10..]).unwrap();
+    let answer = read_until_quiet(&mut first, Duration::from_secs(2));
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    drop(first);
+    for _ in 0..2 {
+        let answer = exchange(
+            side.port,
+            format!("{head}{body}").as_bytes(),
+            Duration::from_secs(2),
+        );
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+    let sent = up
+        .api_requests()
+        .iter()
+        .filter(|r| r.contains("template/send"))
+        .count();
+    assert_eq!(sent, 3, "the refused body never went upstream");
+}
+
 #[tokio::test]
 async fn a_trickled_answer_ends_at_the_answer_timeout() {
     let up = RawUpstream::start();

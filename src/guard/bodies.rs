@@ -1,0 +1,94 @@
+//! The bytes of request bodies buffered at once, across every connection
+//! (`limits.buffered_total`). Each body is bounded by `limits.buffered_body`,
+//! but 10,000 connections each trickling 1 MiB would hold 10 GB: past the
+//! total, a body is refused (503, retry shortly) instead of buffered.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// The shared count and its bound.
+#[derive(Debug)]
+pub struct Bodies {
+    held: Arc<AtomicUsize>,
+    max: usize,
+}
+
+/// One body's share of the total, given back when dropped.
+#[derive(Debug)]
+pub struct Hold {
+    held: Arc<AtomicUsize>,
+    n: usize,
+}
+
+/// The total is spent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Spent {
+    pub max: usize,
+}
+
+impl Bodies {
+    pub fn new(max: usize) -> Self {
+        Bodies {
+            held: Arc::default(),
+            max,
+        }
+    }
+
+    /// An empty hold, grown as the body comes.
+    pub fn hold(&self) -> Hold {
+        Hold {
+            held: self.held.clone(),
+            n: 0,
+        }
+    }
+
+    /// Bytes held now.
+    #[cfg(test)]
+    fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// Grows `hold` to `n` bytes, unless that would pass the total.
+    pub fn grow(&self, hold: &mut Hold, n: usize) -> Result<(), Spent> {
+        if n <= hold.n {
+            return Ok(());
+        }
+        let more = n - hold.n;
+        let before = self.held.fetch_add(more, Ordering::Relaxed);
+        if before + more > self.max {
+            self.held.fetch_sub(more, Ordering::Relaxed);
+            return Err(Spent { max: self.max });
+        }
+        hold.n = n;
+        Ok(())
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.held.fetch_sub(self.n, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holds_share_the_total_and_give_it_back() {
+        let bodies = Bodies::new(100);
+        let mut a = bodies.hold();
+        let mut b = bodies.hold();
+        bodies.grow(&mut a, 60).unwrap();
+        assert_eq!(bodies.grow(&mut b, 50), Err(Spent { max: 100 }));
+        assert_eq!(bodies.held(), 60, "a refused growth takes nothing");
+        bodies.grow(&mut b, 40).unwrap();
+        bodies.grow(&mut a, 30).unwrap();
+        assert_eq!(bodies.held(), 100, "a hold never shrinks while it lives");
+        drop(a);
+        assert_eq!(bodies.held(), 40);
+        bodies.grow(&mut b, 100).unwrap();
+        drop(b);
+        assert_eq!(bodies.held(), 0);
+    }
+}
