@@ -320,7 +320,9 @@ impl<A: HttpServerApp + Send + Sync + 'static, F: Fast> ServerApp for Guarded<A,
             None => None,
         };
         if let Some(tls) = self.tls.as_ref().filter(|t| t.serves(&stream)) {
-            stream = tls.handshake(stream, self.limits.header_timeout).await?;
+            // Boxed: a handshake's state is kilobytes that every connection's
+            // future (idle ones too) would otherwise carry.
+            stream = Box::pin(tls.handshake(stream, self.limits.header_timeout)).await?;
         }
         if matches!(
             stream.selected_alpn_proto(),
