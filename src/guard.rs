@@ -297,6 +297,62 @@ async fn first_read(
     (l4, outcome)
 }
 
+/// The largest request head taken (nginx: four 8 KiB buffers); pingora's
+/// parser would buffer up to 1 MiB, which 10,000 connections make 10 GB.
+const DEFAULT_MAX_HEAD: usize = 64 * 1024;
+
+enum RestOfHead {
+    /// The head is whole in these bytes (a body may follow in them).
+    Whole(Vec<u8>),
+    TooLarge,
+    /// Closed, failed, or not whole by the head deadline.
+    Closed,
+}
+
+/// Reads on after `data` until the request head is whole, by `until`,
+/// refusing one over [`DEFAULT_MAX_HEAD`].
+async fn rest_of_head(stream: &mut Stream, mut data: Vec<u8>, until: Instant) -> RestOfHead {
+    use tokio::io::AsyncReadExt;
+    let mut scanned: usize = 0;
+    loop {
+        // The end may straddle the previous read's last bytes.
+        if HEAD_END.find(&data[scanned.saturating_sub(3)..]).is_some() {
+            return RestOfHead::Whole(data);
+        }
+        if data.len() > DEFAULT_MAX_HEAD {
+            return RestOfHead::TooLarge;
+        }
+        scanned = data.len();
+        data.reserve(DEFAULT_FIRST_READ);
+        match tokio::time::timeout_at(until, stream.read_buf(&mut data)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return RestOfHead::Closed,
+        }
+    }
+}
+
+/// Answers a request whose head is over [`DEFAULT_MAX_HEAD`] (the
+/// connection then closes).
+async fn refuse_large_head(stream: &mut Stream) {
+    use tokio::io::AsyncWriteExt;
+    tracing::info!(
+        limit = DEFAULT_MAX_HEAD,
+        "request head over the limit; answered 431 and closed"
+    );
+    let body = format!(
+        r#"{{"errcode":40035,"errmsg":"wxsidecar: request head over {DEFAULT_MAX_HEAD} bytes"}}"#
+    );
+    let answer = format!(
+        "HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let write = async {
+        stream.write_all(answer.as_bytes()).await?;
+        stream.flush().await
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), write).await;
+}
+
 /// Puts bytes read from a plain socket back, for the next reader.
 fn put_back(stream: Stream, data: &[u8]) -> Stream {
     use pingora::protocols::l4::stream::Stream as L4Stream;
@@ -373,7 +429,22 @@ impl<A: HttpServerApp + Send + Sync + 'static, F: Fast> ServerApp for Guarded<A,
                         stream = put_back(stream, &data);
                         head_limit = None;
                     }
-                    FirstRead::Came(data, false) => stream = put_back(stream, &data),
+                    FirstRead::Came(data, false) => {
+                        // The rest of the head is read here, bounded, before
+                        // pingora's parser would buffer up to 1 MiB of it.
+                        let until = Instant::now() + self.limits.header_timeout;
+                        match rest_of_head(&mut stream, data, until).await {
+                            RestOfHead::Whole(data) => {
+                                stream = put_back(stream, &data);
+                                head_limit = None;
+                            }
+                            RestOfHead::TooLarge => {
+                                refuse_large_head(&mut stream).await;
+                                return None;
+                            }
+                            RestOfHead::Closed => return None,
+                        }
+                    }
                     // The head's clock then runs from here, wait included.
                     FirstRead::CannotWait => head_limit = Some(self.limits.header_timeout + wait),
                     FirstRead::Close => return None,

@@ -439,6 +439,47 @@ async fn bodies_buffered_at_once_share_a_total() {
     assert_eq!(sent, 3, "the refused body never went upstream");
 }
 
+/// A request head is taken up to 64 KiB (pingora's parser would buffer
+/// 1 MiB per connection): a larger one is refused and its connection
+/// closed at once; one under it, in many pieces, is served.
+#[tokio::test]
+async fn a_request_head_over_64_kib_is_refused() {
+    let up = RawUpstream::start();
+    let side = Sidecar::start_bare(&up.config("")).await;
+    let line = format!("X-Pad: {}\r\n", "a".repeat(1000));
+    // 100 KiB of header lines, no end: cut long before header_timeout.
+    let mut s = TcpStream::connect(("127.0.0.1", side.port)).unwrap();
+    s.write_all(b"GET /cgi-bin/x HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let start = Instant::now();
+    for _ in 0..100 {
+        if s.write_all(line.as_bytes()).is_err() {
+            break;
+        }
+    }
+    let answer = read_until_quiet(&mut s, Duration::from_secs(5));
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
+        "{answer}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "closed at once, not at the 10 s header timeout"
+    );
+    assert!(side.log().contains("request head over the limit"));
+    // 30 KiB of headers, sent in pieces: served.
+    let mut s = TcpStream::connect(("127.0.0.1", side.port)).unwrap();
+    s.write_all(b"GET /cgi-bin/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n")
+        .unwrap();
+    for _ in 0..30 {
+        s.write_all(line.as_bytes()).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    s.write_all(b"\r\n").unwrap();
+    let answer = read_until_quiet(&mut s, Duration::from_secs(2));
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
 #[tokio::test]
 async fn a_trickled_answer_ends_at_the_answer_timeout() {
     let up = RawUpstream::start();
