@@ -315,8 +315,12 @@ async fn rest_of_head(stream: &mut Stream, mut data: Vec<u8>, until: Instant) ->
     use tokio::io::AsyncReadExt;
     let mut scanned: usize = 0;
     loop {
-        // The end may straddle the previous read's last bytes.
-        if HEAD_END.find(&data[scanned.saturating_sub(3)..]).is_some() {
+        // The end may straddle the previous read's last bytes. An empty
+        // line ends the head, CRLF or bare LF alike: the parser judges it.
+        let fresh = &data[scanned.saturating_sub(2)..];
+        if memchr::memmem::find(fresh, b"\n\r\n").is_some()
+            || memchr::memmem::find(fresh, b"\n\n").is_some()
+        {
             return RestOfHead::Whole(data);
         }
         if data.len() > DEFAULT_MAX_HEAD {

@@ -478,6 +478,20 @@ async fn a_request_head_over_64_kib_is_refused() {
     s.write_all(b"\r\n").unwrap();
     let answer = read_until_quiet(&mut s, Duration::from_secs(2));
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // A long head ended by a bare-LF empty line goes to the parser at once.
+    let mut s = TcpStream::connect(("127.0.0.1", side.port)).unwrap();
+    s.write_all(b"GET /cgi-bin/x HTTP/1.1\nHost: x\nConnection: close\n")
+        .unwrap();
+    for _ in 0..6 {
+        s.write_all(format!("X-Pad: {}\n", "a".repeat(1000)).as_bytes())
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let start = Instant::now();
+    s.write_all(b"\n").unwrap();
+    let answer = read_until_quiet(&mut s, Duration::from_secs(2));
+    assert!(answer.starts_with("HTTP/1.1 "), "{answer:?}");
+    assert!(start.elapsed() < Duration::from_secs(5));
 }
 
 #[tokio::test]
