@@ -138,15 +138,10 @@ impl ForwardProxy {
             if established.await.is_err() {
                 return;
             }
-            let handshake = self.tls.tls_handshake(*io);
-            let tls = match tokio::time::timeout(self.head_timeout, handshake).await {
-                Ok(Ok(t)) => t,
-                Ok(Err(e)) => {
-                    tracing::info!(host, error = %e, "TLS inside CONNECT failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::info!(host, limit = ?self.head_timeout, "TLS inside CONNECT not done within limits.header_timeout; closed");
+            let tls = match crate::guard::tls::handshake(&self.tls, *io, self.head_timeout).await {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::info!(host, error = %e, "TLS inside CONNECT");
                     return;
                 }
             };

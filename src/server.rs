@@ -230,9 +230,6 @@ impl Prepared {
 }
 
 impl Prepared {
-    /// Transparent mode: the HTTPS and HTTP listeners join the app service
-    /// (same request path); the forward proxy is a service of its own that
-    /// hands what it accepts to the same path. Returns the forward proxy.
     /// TLS for `intercept.https_listen`, ended by the app listener's guard
     /// under its cap and `limits.header_timeout`.
     fn https_front(&self) -> Option<crate::guard::tls::TlsFront> {
@@ -245,6 +242,9 @@ impl Prepared {
         ))
     }
 
+    /// Transparent mode: the HTTPS and HTTP listeners join the app service
+    /// (same request path); the forward proxy is a service of its own that
+    /// hands what it accepts to the same path. Returns the forward proxy.
     fn add_intercept_listeners(
         &self,
         proxy: &mut ListeningService<

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use pingora::listeners::tls::Acceptor;
 use pingora::protocols::l4::stream::Stream as L4Stream;
+use pingora::protocols::tls::TlsStream;
 use pingora::protocols::Stream;
 
 /// TLS for the connections accepted on one address.
@@ -39,16 +40,28 @@ impl TlsFront {
     /// not end within `limit`.
     pub async fn handshake(&self, stream: Stream, limit: Duration) -> Option<Stream> {
         let l4 = stream.into_any().downcast::<L4Stream>().ok()?;
-        match tokio::time::timeout(limit, self.acceptor.tls_handshake(*l4)).await {
-            Ok(Ok(tls)) => Some(Box::new(tls)),
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "TLS handshake on the HTTPS listener failed");
-                None
-            }
-            Err(_) => {
-                tracing::debug!(limit = ?limit, "TLS handshake on the HTTPS listener not done within limits.header_timeout; closed");
+        match handshake(&self.acceptor, *l4, limit).await {
+            Ok(tls) => Some(Box::new(tls)),
+            Err(e) => {
+                tracing::debug!(error = %e, "TLS on the HTTPS listener");
                 None
             }
         }
+    }
+}
+
+/// Ends TLS on `l4` within `limit` (`limits.header_timeout`); the error
+/// says which way it failed.
+pub async fn handshake(
+    acceptor: &Acceptor,
+    l4: L4Stream,
+    limit: Duration,
+) -> Result<TlsStream<L4Stream>, String> {
+    match tokio::time::timeout(limit, acceptor.tls_handshake(l4)).await {
+        Ok(Ok(tls)) => Ok(tls),
+        Ok(Err(e)) => Err(format!("handshake failed: {e}")),
+        Err(_) => Err(format!(
+            "handshake not done within {limit:?} (limits.header_timeout); closed"
+        )),
     }
 }

@@ -143,6 +143,15 @@ impl Drop for RawUpstream {
     }
 }
 
+/// The `size=N` of a query (0 without one).
+fn size_param(query: &str) -> usize {
+    query
+        .split('&')
+        .find_map(|p| p.strip_prefix("size="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
 fn serve(mut s: TcpStream, seen: Arc<Mutex<Vec<String>>>) {
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut buf: Vec<u8> = Vec::new();
@@ -210,11 +219,7 @@ fn serve(mut s: TcpStream, seen: Arc<Mutex<Vec<String>>>) {
         } else if path.contains("/chunked") {
             // Chunked, in pieces, with an extension and a trailer; a
             // `size=N` query makes the body N bytes.
-            let size: usize = query
-                .split('&')
-                .find_map(|p| p.strip_prefix("size="))
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0);
+            let size = size_param(query);
             let body = if size == 0 {
                 r#"{"errcode":0,"errmsg":"ok","chunked":true}"#.to_string()
             } else {
@@ -232,11 +237,7 @@ fn serve(mut s: TcpStream, seen: Arc<Mutex<Vec<String>>>) {
             }
             continue;
         } else if path.contains("/big") {
-            let size: usize = query
-                .split('&')
-                .find_map(|p| p.strip_prefix("size="))
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0);
+            let size = size_param(query);
             (
                 200,
                 format!(r#"{{"errcode":0,"pad":"{}"}}"#, "x".repeat(size)),
