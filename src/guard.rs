@@ -16,6 +16,7 @@
 //! of what an idle connection costs. Never reads or logs what passes.
 
 pub mod bodies;
+pub mod rewind;
 pub mod tls;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -216,9 +217,6 @@ enum FirstRead {
     /// Bytes came (not yet put back for the parser); `true` when they
     /// hold the whole head (no head deadline needed).
     Came(Vec<u8>, bool),
-    /// The stream is not a plain socket (TLS): the wait happens inside the
-    /// parser.
-    CannotWait,
     /// Nothing within the limit, the peer closed, or shutdown: close.
     Close,
 }
@@ -239,29 +237,24 @@ thread_local! {
         std::cell::RefCell::new(vec![0; DEFAULT_FIRST_READ].into_boxed_slice());
 }
 
-/// Waits for the next request's first bytes on a plain socket, up to
-/// `limit`, or for shutdown; reads them (one `recv`, as the parser would
+/// Waits for the next request's first bytes, up to `limit`, or for
+/// shutdown; reads them (one `recv` on a plain socket, as the parser would
 /// have) for the fast lane or, through [`put_back`], pingora's parser.
 async fn first_read(
-    stream: Stream,
+    mut stream: Stream,
     until: Instant,
     mut timer: std::pin::Pin<&mut tokio::time::Sleep>,
     shutdown: &ShutdownWatch,
     stopping: std::pin::Pin<&mut impl std::future::Future>,
 ) -> (Stream, FirstRead) {
-    use pingora::protocols::l4::stream::Stream as L4Stream;
-    use tokio::io::{AsyncRead, ReadBuf};
+    use tokio::io::ReadBuf;
     if *shutdown.borrow() {
         return (stream, FirstRead::Close);
     }
-    if !stream.as_any().is::<L4Stream>() {
-        return (stream, FirstRead::CannotWait);
-    }
-    let mut l4: Box<L4Stream> = stream.into_any().downcast().expect("checked to be l4");
     let read = std::future::poll_fn(|cx| {
         SCRATCH.with_borrow_mut(|buf| {
             let mut rb = ReadBuf::new(buf);
-            match std::pin::Pin::new(&mut *l4).poll_read(cx, &mut rb) {
+            match std::pin::Pin::new(&mut *stream).poll_read(cx, &mut rb) {
                 std::task::Poll::Ready(Ok(())) => std::task::Poll::Ready(Ok(rb.filled().to_vec())),
                 std::task::Poll::Ready(Err(e)) => std::task::Poll::Ready(Err(e)),
                 std::task::Poll::Pending => std::task::Poll::Pending,
@@ -294,7 +287,7 @@ async fn first_read(
         _ = stopping => FirstRead::Close,
         _ = expired => FirstRead::Close,
     };
-    (l4, outcome)
+    (stream, outcome)
 }
 
 /// The largest request head taken (nginx: four 8 KiB buffers); pingora's
@@ -357,13 +350,14 @@ async fn refuse_large_head(stream: &mut Stream) {
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), write).await;
 }
 
-/// Puts bytes read from a plain socket back, for the next reader.
+/// Puts bytes read ahead back, for the next reader: into a plain socket's
+/// own buffer, or in front of a TLS stream ([`rewind::Rewound`]).
 fn put_back(stream: Stream, data: &[u8]) -> Stream {
     use pingora::protocols::l4::stream::Stream as L4Stream;
-    let mut l4: Box<L4Stream> = stream
-        .into_any()
-        .downcast()
-        .expect("only plain sockets are read ahead");
+    if !stream.as_any().is::<L4Stream>() {
+        return rewind::Rewound::put_back(stream, data);
+    }
+    let mut l4: Box<L4Stream> = stream.into_any().downcast().expect("checked to be l4");
     l4.rewind(data);
     l4
 }
@@ -391,6 +385,11 @@ impl<A: HttpServerApp + Send + Sync + 'static, F: Fast> ServerApp for Guarded<A,
             // Not offered by our listeners; pingora's own loop if it happens.
             return ServerApp::process_new(&self.inner, stream, shutdown).await;
         }
+        // The fast lane serves plain sockets; TLS (transparent mode) goes to
+        // pingora, its head read ahead and bounded here all the same.
+        let plain = stream
+            .as_any()
+            .is::<pingora::protocols::l4::stream::Stream>();
         let head_done = Arc::new(AtomicBool::new(false));
         let mut settings: Option<HttpPersistentSettings> = None;
         let mut kept = false;
@@ -420,7 +419,11 @@ impl<A: HttpServerApp + Send + Sync + 'static, F: Fast> ServerApp for Guarded<A,
                 stream = back;
                 match found {
                     FirstRead::Came(data, true) => {
-                        if let Some(done) = self.fast.serve(&mut stream, &data).await {
+                        let served = match plain {
+                            true => self.fast.serve(&mut stream, &data).await,
+                            false => None,
+                        };
+                        if let Some(done) = served {
                             if !done.keep_alive {
                                 return None;
                             }
@@ -449,8 +452,6 @@ impl<A: HttpServerApp + Send + Sync + 'static, F: Fast> ServerApp for Guarded<A,
                             RestOfHead::Closed => return None,
                         }
                     }
-                    // The head's clock then runs from here, wait included.
-                    FirstRead::CannotWait => head_limit = Some(self.limits.header_timeout + wait),
                     FirstRead::Close => return None,
                 }
             }

@@ -310,6 +310,126 @@ async fn every_way_in_is_bounded_by_the_head_deadline() {
     );
 }
 
+/// TLS to the sidecar on `tcp`, trusting only the local CA, as `api.weixin.qq.com`.
+async fn tls_over(
+    pem: &str,
+    tcp: tokio::net::TcpStream,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("api.weixin.qq.com").unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap()
+}
+
+/// Writes `head` in pieces (kept small so a server that stops reading
+/// cannot block the writer for long) and reads what comes back until the
+/// connection closes or is quiet for 3 s; returns it and whether the
+/// sidecar closed the connection.
+async fn send_head_over<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    s: &mut S,
+    pieces: &[Vec<u8>],
+) -> (String, bool) {
+    for piece in pieces {
+        match tokio::time::timeout(Duration::from_secs(3), s.write_all(piece)).await {
+            Ok(Ok(())) => {}
+            _ => break,
+        }
+    }
+    let _ = s.flush().await;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let closed = loop {
+        match tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => break false,
+        }
+    };
+    (String::from_utf8_lossy(&got).into_owned(), closed)
+}
+
+/// Over TLS too (the HTTPS listener, and TLS inside `CONNECT`) a request
+/// head over 64 KiB is answered 431 and its connection closed at once, not
+/// buffered by pingora's parser up to 1 MiB until the head deadline; a
+/// 30 KiB head, and a second request on the same connection, are served.
+#[tokio::test]
+async fn a_head_over_64_kib_is_refused_over_tls_too() {
+    let (_fake, side, _ca, pem, p) = setup("limits:\n  header_timeout: 20s\n").await;
+    let pad = |n: usize| -> Vec<Vec<u8>> {
+        let mut pieces = vec![b"GET /cgi-bin/x HTTP/1.1\r\nHost: api.weixin.qq.com\r\n".to_vec()];
+        pieces.extend((0..n).map(|_| format!("X-Pad: {}\r\n", "a".repeat(1000)).into_bytes()));
+        pieces
+    };
+    let over_https = || async {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", p.https))
+            .await
+            .unwrap();
+        tls_over(&pem, tcp).await
+    };
+    let over_connect = || async {
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", p.proxy))
+            .await
+            .unwrap();
+        tcp.write_all(
+            b"CONNECT api.weixin.qq.com:443 HTTP/1.1\r\nHost: api.weixin.qq.com:443\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut answer = [0u8; 39];
+        tcp.read_exact(&mut answer).await.unwrap();
+        assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+        tls_over(&pem, tcp).await
+    };
+    for (way, mut s) in [
+        ("https", over_https().await),
+        ("connect", over_connect().await),
+    ] {
+        let (answer, closed) = send_head_over(&mut s, &pad(100)).await;
+        assert!(
+            answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
+            "{way}: {answer}"
+        );
+        assert!(
+            closed,
+            "{way}: closed at once, not held to the 20 s header timeout"
+        );
+    }
+    assert!(side.log().contains("request head over the limit"));
+    for (way, mut s) in [
+        ("https", over_https().await),
+        ("connect", over_connect().await),
+    ] {
+        let mut pieces = pad(30);
+        pieces.push(b"\r\n".to_vec());
+        pieces.push(
+            format!(
+                "POST /cgi-bin/message/template/send HTTP/1.1\r\nHost: api.weixin.qq.com\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{TEMPLATE}",
+                TEMPLATE.len()
+            )
+            .into_bytes(),
+        );
+        let (answer, _) = send_head_over(&mut s, &pieces).await;
+        assert_eq!(
+            answer.matches("HTTP/1.1 ").count(),
+            2,
+            "{way}: both requests answered: {answer}"
+        );
+        assert!(answer.contains("\"errcode\":0"), "{way}: {answer}");
+    }
+}
+
 #[tokio::test]
 async fn leaf_covers_exactly_the_hosts_and_is_resigned_before_it_expires() {
     let (_fake, _side, _ca, pem, p) =
