@@ -223,14 +223,14 @@ impl Upstreams {
                 let idempotent = req.method == http::Method::GET;
                 let mut x = self.call(&mut head, body, idempotent, None).await?;
                 let status = x.status;
-                let answer = x.read_to_end(limit).await?;
+                let answer = x.read_to_end(limit, None).await?;
                 x.finish();
                 (status, answer.map_err(drop))
             }
             None => {
                 let mut x = self.send(req, body).await?;
                 let status = x.header().status.as_u16();
-                let answer = x.read_to_end(limit).await?;
+                let answer = x.read_to_end(limit, None).await?;
                 x.finish().await;
                 (status, answer.map_err(drop))
             }

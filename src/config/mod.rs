@@ -376,7 +376,7 @@ const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 pub struct LimitsConfig {
     /// JSON request and answer bodies are read whole up to this many bytes.
     pub buffered_body: usize,
-    /// Request bodies being buffered, all together, at most.
+    /// Request bodies and upstream answers being buffered, all together, at most.
     pub buffered_total: usize,
     pub max_connections: usize,
     pub max_admin_connections: usize,

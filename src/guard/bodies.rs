@@ -1,7 +1,9 @@
-//! The bytes of request bodies buffered at once, across every connection
-//! (`limits.buffered_total`). Each body is bounded by `limits.buffered_body`,
-//! but 10,000 connections each trickling 1 MiB would hold 10 GB: past the
-//! total, a body is refused (503, retry shortly) instead of buffered.
+//! The bytes of request bodies and upstream answers buffered at once,
+//! across every connection (`limits.buffered_total`). Each is bounded by
+//! `limits.buffered_body`, but 10,000 connections each trickling 1 MiB, or
+//! asking at once for WeChat's largest answers, would hold 10 GB: past the
+//! total, a request body is refused (503, retry shortly) instead of
+//! buffered, and an answer is streamed through instead of buffered.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -17,6 +19,7 @@ pub struct Bodies {
 #[derive(Debug)]
 pub struct Hold {
     held: Arc<AtomicUsize>,
+    max: usize,
     n: usize,
 }
 
@@ -38,6 +41,7 @@ impl Bodies {
     pub fn hold(&self) -> Hold {
         Hold {
             held: self.held.clone(),
+            max: self.max,
             n: 0,
         }
     }
@@ -50,16 +54,23 @@ impl Bodies {
 
     /// Grows `hold` to `n` bytes, unless that would pass the total.
     pub fn grow(&self, hold: &mut Hold, n: usize) -> Result<(), Spent> {
-        if n <= hold.n {
+        hold.grow(n)
+    }
+}
+
+impl Hold {
+    /// Grows to `n` bytes, unless that would pass the total.
+    pub fn grow(&mut self, n: usize) -> Result<(), Spent> {
+        if n <= self.n {
             return Ok(());
         }
-        let more = n - hold.n;
+        let more = n - self.n;
         let before = self.held.fetch_add(more, Ordering::Relaxed);
         if before + more > self.max {
             self.held.fetch_sub(more, Ordering::Relaxed);
             return Err(Spent { max: self.max });
         }
-        hold.n = n;
+        self.n = n;
         Ok(())
     }
 }

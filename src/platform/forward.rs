@@ -184,7 +184,7 @@ impl Forwarder {
             .await
             .map_err(|e| e.to_string())?;
         let status = x.header().status.as_u16();
-        let _ = x.read_to_end(DEFAULT_FORWARD_ANSWER_LIMIT).await;
+        let _ = x.read_to_end(DEFAULT_FORWARD_ANSWER_LIMIT, None).await;
         x.finish().await;
         if (200..300).contains(&status) {
             Ok(())

@@ -28,6 +28,7 @@ use super::{scrubbed, AnswerDeadline, HOP_BY_HOP};
 use crate::account::{Account, ACCOUNT_HEADER};
 use crate::app::App;
 use crate::config::ReplaceTokens;
+use crate::guard::bodies::Hold;
 use crate::guard::{Fast, Served as LaneServed};
 use crate::inspect;
 use crate::lease::Lease;
@@ -462,6 +463,8 @@ impl FastLane {
             },
         };
         let mut replaying = false;
+        // The answer's share of limits.buffered_total, held until it is written.
+        let mut hold = app.bodies.hold();
         loop {
             // The request's start is the first try's "now" (one clock read).
             let deadline = if replaying {
@@ -502,11 +505,12 @@ impl FastLane {
                 Ok(x) => x,
             };
             // Both exchanges keep the deadline in each read's timer.
-            let read = x.read_whole(limit).await;
+            let read = x.read_whole(limit, &mut hold).await;
             match read {
                 Err(e) => return self.error(stream, upstream_err(e), close).await,
                 Ok(Err(partial)) => {
-                    // Over the buffered limit: stream it through.
+                    // Over the buffered limit, or over the shared total
+                    // now: stream it through.
                     let status = x.status();
                     let written = stream_rest(
                         stream,
@@ -752,12 +756,17 @@ impl Reply<'_> {
         }
     }
 
-    /// Reads the body whole, up to `cap`, for [`Self::body`];
-    /// `Ok(Err(partial))` when it is larger.
-    async fn read_whole(&mut self, cap: usize) -> Result<Result<(), Vec<u8>>, UpstreamError> {
+    /// Reads the body whole, up to `cap` and as far as `hold` may grow in
+    /// the shared total, for [`Self::body`]; `Ok(Err(partial))` when it is
+    /// larger.
+    async fn read_whole(
+        &mut self,
+        cap: usize,
+        hold: &mut Hold,
+    ) -> Result<Result<(), Vec<u8>>, UpstreamError> {
         match self {
-            Reply::H1(x) => x.read_whole(cap).await,
-            Reply::H2(x) => Ok(match x.0.read_to_end(cap).await? {
+            Reply::H1(x) => x.read_whole(cap, hold).await,
+            Reply::H2(x) => Ok(match x.0.read_to_end(cap, Some(hold)).await? {
                 Ok(b) => {
                     x.1 = b;
                     Ok(())

@@ -786,6 +786,8 @@ impl Proxy {
         let mut replaying = false;
         let upstreams = self.app.upstream_for(plan.family);
         let answer_timeout = upstreams.answer_timeout();
+        // The answer's share of limits.buffered_total, held until it is written.
+        let mut hold = self.app.bodies.hold();
         loop {
             let pq = plan.path_and_query();
             let req = self.upstream_request(session.req_header(), &pq, body.len())?;
@@ -808,13 +810,17 @@ impl Proxy {
                     .stream_answer(session, resp, None, x, deadline, false)
                     .await;
             }
-            let answer = match tokio::time::timeout_at(deadline.at, x.read_to_end(limit)).await {
-                Err(_) => return Ok(Err(upstream_err(deadline.missed()))),
-                Ok(read) => read,
-            };
+            let answer =
+                match tokio::time::timeout_at(deadline.at, x.read_to_end(limit, Some(&mut hold)))
+                    .await
+                {
+                    Err(_) => return Ok(Err(upstream_err(deadline.missed()))),
+                    Ok(read) => read,
+                };
             let answer = match answer {
                 Err(e) => return Ok(Err(upstream_err(e))),
-                // Bigger than declared or than the cap: stream the rest.
+                // Bigger than declared, than the cap or than the shared
+                // total allows now: stream the rest.
                 Ok(Err(partial)) => {
                     return self
                         .stream_answer(session, resp, Some(partial.freeze()), x, deadline, false)

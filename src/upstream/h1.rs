@@ -15,6 +15,8 @@ use std::ops::Range;
 use std::time::Duration;
 
 use bytes::Bytes;
+
+use crate::guard::bodies::Hold;
 use pingora::protocols::Stream;
 use pingora::upstreams::peer::Peer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -532,15 +534,18 @@ impl RawExchange<'_> {
         }
     }
 
-    /// The rest of the body in memory, up to `cap` bytes; `Ok(Err(partial))`
-    /// when it is larger, with what was read so far.
+    /// The rest of the body in memory, up to `cap` bytes and, with a
+    /// `hold`, as far as the shared total (`limits.buffered_total`) allows;
+    /// `Ok(Err(partial))` when it is larger, with what was read so far.
     pub async fn read_to_end(
         &mut self,
         cap: usize,
+        mut hold: Option<&mut Hold>,
     ) -> Result<Result<Bytes, Vec<u8>>, UpstreamError> {
+        let mut room = |n: usize| n <= cap && hold.as_mut().is_none_or(|h| h.grow(n).is_ok());
         // The usual case: a declared length, all of it already read.
         if let Framing::Length(left) = self.framing {
-            if self.buf.len() - self.at == left && left <= cap {
+            if self.buf.len() - self.at == left && room(left) {
                 let out = Bytes::copy_from_slice(&self.buf[self.at..]);
                 self.at = self.buf.len();
                 self.framing = Framing::Done;
@@ -550,7 +555,7 @@ impl RawExchange<'_> {
         let mut out = Vec::new();
         while let Some(c) = self.chunk().await? {
             out.extend_from_slice(&c);
-            if out.len() > cap {
+            if !room(out.len()) {
                 return Ok(Err(out));
             }
         }
@@ -560,16 +565,20 @@ impl RawExchange<'_> {
     /// [`Self::read_to_end`] kept in the exchange, for [`Self::body`]: a
     /// body that came with the head (the usual answer) is neither copied
     /// nor given a buffer of its own.
-    pub async fn read_whole(&mut self, cap: usize) -> Result<Result<(), Vec<u8>>, UpstreamError> {
+    pub async fn read_whole(
+        &mut self,
+        cap: usize,
+        hold: &mut Hold,
+    ) -> Result<Result<(), Vec<u8>>, UpstreamError> {
         if let Framing::Length(left) = self.framing {
-            if self.buf.len() - self.at == left && left <= cap {
+            if self.buf.len() - self.at == left && left <= cap && hold.grow(left).is_ok() {
                 self.body_from = self.at;
                 self.at = self.buf.len();
                 self.framing = Framing::Done;
                 return Ok(Ok(()));
             }
         }
-        let body = match self.read_to_end(cap).await? {
+        let body = match self.read_to_end(cap, Some(hold)).await? {
             Ok(body) => body,
             Err(partial) => return Ok(Err(partial)),
         };

@@ -1171,17 +1171,21 @@ impl Exchange<'_> {
         }
     }
 
-    /// Reads the rest of the body into memory, up to `cap` bytes. Returns
-    /// `Ok(Err(partial))` when the body is larger, with what was read so far.
+    /// Reads the rest of the body into memory, up to `cap` bytes and, with
+    /// a `hold`, as far as the shared total (`limits.buffered_total`)
+    /// allows. Returns `Ok(Err(partial))` when the body is larger, with what
+    /// was read so far.
     pub async fn read_to_end(
         &mut self,
         cap: usize,
+        mut hold: Option<&mut crate::guard::bodies::Hold>,
     ) -> Result<Result<Bytes, BytesMut>, UpstreamError> {
+        let mut room = |n: usize| n <= cap && hold.as_mut().is_none_or(|h| h.grow(n).is_ok());
         // An answer in one piece (WeChat's JSON, an HTTP/2 DATA frame) is
         // kept as it came: no buffer, no copy.
         let first = match self.chunk().await? {
             None => return Ok(Ok(Bytes::new())),
-            Some(c) if c.len() > cap => return Ok(Err(BytesMut::from(c))),
+            Some(c) if !room(c.len()) => return Ok(Err(BytesMut::from(c))),
             Some(c) => c,
         };
         let mut buf = match self.chunk().await? {
@@ -1193,7 +1197,7 @@ impl Exchange<'_> {
                 buf
             }
         };
-        while buf.len() <= cap {
+        while room(buf.len()) {
             match self.chunk().await? {
                 Some(chunk) => buf.extend_from_slice(&chunk),
                 None => return Ok(Ok(buf.freeze())),

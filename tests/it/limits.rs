@@ -439,6 +439,58 @@ async fn bodies_buffered_at_once_share_a_total() {
     assert_eq!(sent, 3, "the refused body never went upstream");
 }
 
+/// Upstream answers share `limits.buffered_total` with request bodies:
+/// past it an answer is not buffered but streamed through (whole, then the
+/// connection closes), so many large answers at once cannot take memory
+/// without bound; with room again, it is buffered (and kept alive) as usual.
+#[tokio::test]
+async fn answers_past_the_shared_total_are_streamed_not_buffered() {
+    let up = RawUpstream::start();
+    let side = Sidecar::start_bare(
+        &up.config("limits:\n  buffered_body: 64KiB\n  buffered_total: 100KiB\n"),
+    )
+    .await;
+    const LEN: usize = 60_000;
+    let head = format!(
+        "POST /cgi-bin/message/template/send HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {LEN}\r\nConnection: close\r\n\r\n"
+    );
+    let body = format!("{{\"pad\":\"{}\"}}", "x".repeat(LEN - 10));
+    let ask = b"GET /cgi-bin/big?size=50000 HTTP/1.1\r\nHost: x\r\n\r\n";
+    let whole = |answer: &str| {
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((answer, ""));
+        head.starts_with("HTTP/1.1 200") && body.len() > 50_000 && body.ends_with("\"}")
+    };
+    // A body on its way holds 60,000 of the 102,400 bytes.
+    let mut first = TcpStream::connect(("127.0.0.1", side.port)).unwrap();
+    first.write_all(head.as_bytes()).unwrap();
+    first.write_all(&body.as_bytes()[..10]).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    // A 50 kB answer (under buffered_body) would pass the total: streamed.
+    let mut s = TcpStream::connect(("127.0.0.1", side.port)).unwrap();
+    s.write_all(ask).unwrap();
+    let answer = read_until_quiet(&mut s, Duration::from_secs(2));
+    assert!(whole(&answer), "{}", &answer[..answer.len().min(300)]);
+    assert!(
+        answer.contains("Connection: close"),
+        "streamed, not buffered: {}",
+        &answer[..answer.len().min(300)]
+    );
+    // With the body done and its share free, the answer is buffered again.
+    first.write_all(&body.as_bytes()[10..]).unwrap();
+    let done = read_until_quiet(&mut first, Duration::from_secs(2));
+    assert!(done.starts_with("HTTP/1.1 200"), "{done}");
+    drop(first);
+    let mut s = TcpStream::connect(("127.0.0.1", side.port)).unwrap();
+    s.write_all(ask).unwrap();
+    let answer = read_until_quiet(&mut s, Duration::from_millis(500));
+    assert!(whole(&answer), "{}", &answer[..answer.len().min(300)]);
+    assert!(
+        !answer.contains("Connection: close"),
+        "buffered and kept alive: {}",
+        &answer[..answer.len().min(300)]
+    );
+}
+
 /// A request head is taken up to 64 KiB (pingora's parser would buffer
 /// 1 MiB per connection): a larger one is refused and its connection
 /// closed at once; one under it, in many pieces, is served.
