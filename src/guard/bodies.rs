@@ -23,6 +23,34 @@ pub struct Hold {
     n: usize,
 }
 
+/// Answers this small are buffered whatever the total says: their memory
+/// is about one socket read's, and an errcode in them (40001: replay) must
+/// be read.
+pub const DEFAULT_SMALL_ANSWER: usize = 16 * 1024;
+
+/// An upstream answer's claim on the total, taken only once the answer
+/// passes [`DEFAULT_SMALL_ANSWER`] (the usual answer never touches the
+/// shared count).
+#[derive(Debug)]
+pub struct AnswerClaim<'a> {
+    bodies: &'a Bodies,
+    hold: Option<Hold>,
+}
+
+impl AnswerClaim<'_> {
+    /// Room for an answer of `n` bytes so far.
+    pub fn room(&mut self, n: usize) -> bool {
+        if n <= DEFAULT_SMALL_ANSWER {
+            return true;
+        }
+        let bodies = self.bodies;
+        self.hold
+            .get_or_insert_with(|| bodies.hold())
+            .grow(n)
+            .is_ok()
+    }
+}
+
 /// The total is spent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Spent {
@@ -43,6 +71,14 @@ impl Bodies {
             held: self.held.clone(),
             max: self.max,
             n: 0,
+        }
+    }
+
+    /// A claim for one upstream answer, held until it is written.
+    pub fn answer(&self) -> AnswerClaim<'_> {
+        AnswerClaim {
+            bodies: self,
+            hold: None,
         }
     }
 
@@ -100,6 +136,24 @@ mod tests {
         assert_eq!(bodies.held(), 40);
         bodies.grow(&mut b, 100).unwrap();
         drop(b);
+        assert_eq!(bodies.held(), 0);
+    }
+
+    #[test]
+    fn small_answers_take_no_share_large_ones_do() {
+        let bodies = Bodies::new(DEFAULT_SMALL_ANSWER * 3);
+        let mut small = bodies.answer();
+        assert!(small.room(DEFAULT_SMALL_ANSWER));
+        assert_eq!(bodies.held(), 0);
+        let mut large = bodies.answer();
+        assert!(large.room(DEFAULT_SMALL_ANSWER * 2));
+        assert_eq!(bodies.held(), DEFAULT_SMALL_ANSWER * 2);
+        let mut other = bodies.answer();
+        assert!(!other.room(DEFAULT_SMALL_ANSWER * 2), "past the total");
+        assert!(other.room(100), "a small one still fits");
+        drop(large);
+        assert!(other.room(DEFAULT_SMALL_ANSWER * 2));
+        drop(other);
         assert_eq!(bodies.held(), 0);
     }
 }

@@ -28,7 +28,7 @@ use super::{scrubbed, AnswerDeadline, HOP_BY_HOP};
 use crate::account::{Account, ACCOUNT_HEADER};
 use crate::app::App;
 use crate::config::ReplaceTokens;
-use crate::guard::bodies::Hold;
+use crate::guard::bodies::AnswerClaim;
 use crate::guard::{Fast, Served as LaneServed};
 use crate::inspect;
 use crate::lease::Lease;
@@ -464,7 +464,7 @@ impl FastLane {
         };
         let mut replaying = false;
         // The answer's share of limits.buffered_total, held until it is written.
-        let mut hold = app.bodies.hold();
+        let mut claim = app.bodies.answer();
         loop {
             // The request's start is the first try's "now" (one clock read).
             let deadline = if replaying {
@@ -505,7 +505,7 @@ impl FastLane {
                 Ok(x) => x,
             };
             // Both exchanges keep the deadline in each read's timer.
-            let read = x.read_whole(limit, &mut hold).await;
+            let read = x.read_whole(limit, &mut claim).await;
             match read {
                 Err(e) => return self.error(stream, upstream_err(e), close).await,
                 Ok(Err(partial)) => {
@@ -756,17 +756,17 @@ impl Reply<'_> {
         }
     }
 
-    /// Reads the body whole, up to `cap` and as far as `hold` may grow in
+    /// Reads the body whole, up to `cap` and as far as `claim` has room in
     /// the shared total, for [`Self::body`]; `Ok(Err(partial))` when it is
     /// larger.
     async fn read_whole(
         &mut self,
         cap: usize,
-        hold: &mut Hold,
+        claim: &mut AnswerClaim<'_>,
     ) -> Result<Result<(), Vec<u8>>, UpstreamError> {
         match self {
-            Reply::H1(x) => x.read_whole(cap, hold).await,
-            Reply::H2(x) => Ok(match x.0.read_to_end(cap, Some(hold)).await? {
+            Reply::H1(x) => x.read_whole(cap, claim).await,
+            Reply::H2(x) => Ok(match x.0.read_to_end(cap, Some(claim)).await? {
                 Ok(b) => {
                     x.1 = b;
                     Ok(())

@@ -787,7 +787,7 @@ impl Proxy {
         let upstreams = self.app.upstream_for(plan.family);
         let answer_timeout = upstreams.answer_timeout();
         // The answer's share of limits.buffered_total, held until it is written.
-        let mut hold = self.app.bodies.hold();
+        let mut claim = self.app.bodies.answer();
         loop {
             let pq = plan.path_and_query();
             let req = self.upstream_request(session.req_header(), &pq, body.len())?;
@@ -811,7 +811,7 @@ impl Proxy {
                     .await;
             }
             let answer =
-                match tokio::time::timeout_at(deadline.at, x.read_to_end(limit, Some(&mut hold)))
+                match tokio::time::timeout_at(deadline.at, x.read_to_end(limit, Some(&mut claim)))
                     .await
                 {
                     Err(_) => return Ok(Err(upstream_err(deadline.missed()))),

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::guard::bodies::Hold;
+use crate::guard::bodies::AnswerClaim;
 use pingora::protocols::Stream;
 use pingora::upstreams::peer::Peer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -535,14 +535,14 @@ impl RawExchange<'_> {
     }
 
     /// The rest of the body in memory, up to `cap` bytes and, with a
-    /// `hold`, as far as the shared total (`limits.buffered_total`) allows;
+    /// `claim`, as far as the shared total (`limits.buffered_total`) allows;
     /// `Ok(Err(partial))` when it is larger, with what was read so far.
     pub async fn read_to_end(
         &mut self,
         cap: usize,
-        mut hold: Option<&mut Hold>,
+        mut claim: Option<&mut AnswerClaim<'_>>,
     ) -> Result<Result<Bytes, Vec<u8>>, UpstreamError> {
-        let mut room = |n: usize| n <= cap && hold.as_mut().is_none_or(|h| h.grow(n).is_ok());
+        let mut room = |n: usize| n <= cap && claim.as_mut().is_none_or(|c| c.room(n));
         // The usual case: a declared length, all of it already read.
         if let Framing::Length(left) = self.framing {
             if self.buf.len() - self.at == left && room(left) {
@@ -568,17 +568,17 @@ impl RawExchange<'_> {
     pub async fn read_whole(
         &mut self,
         cap: usize,
-        hold: &mut Hold,
+        claim: &mut AnswerClaim<'_>,
     ) -> Result<Result<(), Vec<u8>>, UpstreamError> {
         if let Framing::Length(left) = self.framing {
-            if self.buf.len() - self.at == left && left <= cap && hold.grow(left).is_ok() {
+            if self.buf.len() - self.at == left && left <= cap && claim.room(left) {
                 self.body_from = self.at;
                 self.at = self.buf.len();
                 self.framing = Framing::Done;
                 return Ok(Ok(()));
             }
         }
-        let body = match self.read_to_end(cap, Some(hold)).await? {
+        let body = match self.read_to_end(cap, Some(claim)).await? {
             Ok(body) => body,
             Err(partial) => return Ok(Err(partial)),
         };

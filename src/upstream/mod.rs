@@ -1172,15 +1172,15 @@ impl Exchange<'_> {
     }
 
     /// Reads the rest of the body into memory, up to `cap` bytes and, with
-    /// a `hold`, as far as the shared total (`limits.buffered_total`)
+    /// a `claim`, as far as the shared total (`limits.buffered_total`)
     /// allows. Returns `Ok(Err(partial))` when the body is larger, with what
     /// was read so far.
     pub async fn read_to_end(
         &mut self,
         cap: usize,
-        mut hold: Option<&mut crate::guard::bodies::Hold>,
+        mut claim: Option<&mut crate::guard::bodies::AnswerClaim<'_>>,
     ) -> Result<Result<Bytes, BytesMut>, UpstreamError> {
-        let mut room = |n: usize| n <= cap && hold.as_mut().is_none_or(|h| h.grow(n).is_ok());
+        let mut room = |n: usize| n <= cap && claim.as_mut().is_none_or(|c| c.room(n));
         // An answer in one piece (WeChat's JSON, an HTTP/2 DATA frame) is
         // kept as it came: no buffer, no copy.
         let first = match self.chunk().await? {

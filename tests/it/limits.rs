@@ -475,6 +475,24 @@ async fn answers_past_the_shared_total_are_streamed_not_buffered() {
         "streamed, not buffered: {}",
         &answer[..answer.len().min(300)]
     );
+    // Another body on its way leaves 2,400 bytes: a 5 kB answer is still
+    // buffered (an answer under 16 KiB always is, so its errcode is read).
+    let mut second = TcpStream::connect(("127.0.0.1", side.port)).unwrap();
+    second
+        .write_all(head.replace(&LEN.to_string(), "40000").as_bytes())
+        .unwrap();
+    second.write_all(b"{").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut s = TcpStream::connect(("127.0.0.1", side.port)).unwrap();
+    s.write_all(b"GET /cgi-bin/big?size=5000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let answer = read_until_quiet(&mut s, Duration::from_millis(500));
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        !answer.contains("Connection: close"),
+        "a small answer is buffered: {answer}"
+    );
+    drop(second);
     // With the body done and its share free, the answer is buffered again.
     first.write_all(&body.as_bytes()[10..]).unwrap();
     let done = read_until_quiet(&mut first, Duration::from_secs(2));
