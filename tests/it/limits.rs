@@ -475,6 +475,12 @@ async fn answers_past_the_shared_total_are_streamed_not_buffered() {
         "streamed, not buffered: {}",
         &answer[..answer.len().min(300)]
     );
+    // Through pingora's session too (a chunked request body is handed
+    // off): streamed, so its errcode is not read into the ledger.
+    let chunked = b"POST /cgi-bin/big?size=50000&errcode=45009 HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n2\r\n{}\r\n0\r\n\r\n";
+    let answer = exchange(side.port, chunked, Duration::from_secs(2));
+    assert!(whole(&answer), "{}", &answer[..answer.len().min(300)]);
+    assert_eq!(ledger_errors(&side).await, 0, "streamed: errcode not read");
     // Another body on its way leaves 2,400 bytes: a 5 kB answer is still
     // buffered (an answer under 16 KiB always is, so its errcode is read).
     let mut second = TcpStream::connect(("127.0.0.1", side.port)).unwrap();
@@ -507,6 +513,20 @@ async fn answers_past_the_shared_total_are_streamed_not_buffered() {
         "buffered and kept alive: {}",
         &answer[..answer.len().min(300)]
     );
+    let answer = exchange(side.port, chunked, Duration::from_secs(2));
+    assert!(whole(&answer), "{}", &answer[..answer.len().min(300)]);
+    assert_eq!(ledger_errors(&side).await, 1, "buffered: errcode read");
+}
+
+/// How many 45009 answers the ledger holds for `/cgi-bin/big` today.
+async fn ledger_errors(side: &Sidecar) -> u64 {
+    let (code, q) = side.admin_get("/quota?account=raw").await;
+    assert_eq!(code, 200, "{q}");
+    q["ours"]
+        .as_array()
+        .and_then(|paths| paths.iter().find(|p| p["path"] == "/cgi-bin/big"))
+        .and_then(|p| p["errors"]["45009"].as_u64())
+        .unwrap_or(0)
 }
 
 /// A request head is taken up to 64 KiB (pingora's parser would buffer

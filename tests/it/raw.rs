@@ -75,7 +75,8 @@ pub fn statuses(raw: &str) -> Vec<u16> {
 /// - `/slow…`: a 40-byte answer trickled a byte every 200 ms;
 /// - `/chunked…`: a chunked answer in 7-byte chunks with a trailer
 ///   (`?size=N`: about N bytes);
-/// - `/big…?size=N`: a JSON answer of about N bytes with its length;
+/// - `/big…?size=N`: a JSON answer of about N bytes with its length
+///   (`&errcode=C`: that errcode, else 0);
 /// - anything else: `{"errcode":0,"errmsg":"ok"}`.
 pub struct RawUpstream {
     pub port: u16,
@@ -145,9 +146,14 @@ impl Drop for RawUpstream {
 
 /// The `size=N` of a query (0 without one).
 fn size_param(query: &str) -> usize {
+    number_param(query, "size=") as usize
+}
+
+/// The number after `name` (`size=`) in `query`, 0 when absent.
+fn number_param(query: &str, name: &str) -> i64 {
     query
         .split('&')
-        .find_map(|p| p.strip_prefix("size="))
+        .find_map(|p| p.strip_prefix(name))
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
 }
@@ -238,9 +244,10 @@ fn serve(mut s: TcpStream, seen: Arc<Mutex<Vec<String>>>) {
             continue;
         } else if path.contains("/big") {
             let size = size_param(query);
+            let errcode = number_param(query, "errcode=");
             (
                 200,
-                format!(r#"{{"errcode":0,"pad":"{}"}}"#, "x".repeat(size)),
+                format!(r#"{{"errcode":{errcode},"pad":"{}"}}"#, "x".repeat(size)),
             )
         } else if path.contains("/flood") {
             for _ in 0..1000 {
