@@ -40,6 +40,15 @@ pub static UPSTREAM_CONNECTIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+pub static BUFFERED_TOTAL_SPENT: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "wxsidecar_buffered_total_spent_total",
+        "Times limits.buffered_total was spent: a request body refused (503, kind=request_body) or an upstream answer streamed instead of buffered (kind=answer).",
+        &["kind"]
+    )
+    .expect("metric registers once")
+});
+
 pub static FAST_LANE: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "wxsidecar_fast_lane_total",
@@ -97,6 +106,9 @@ pub fn init() {
     LazyLock::force(&CONNECTIONS_OPEN);
     for result in ["ok", "failed"] {
         CONFIG_RELOADS.with_label_values(&[result]);
+    }
+    for kind in ["request_body", "answer"] {
+        BUFFERED_TOTAL_SPENT.with_label_values(&[kind]);
     }
 }
 

@@ -5,8 +5,37 @@
 //! total, a request body is refused (503, retry shortly) instead of
 //! buffered, and an answer is streamed through instead of buffered.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
+
+/// How often a spent total is logged at most (it is counted every time).
+const DEFAULT_SPENT_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// When a spent total was last logged (ms since the guard's epoch, 0: never).
+static LAST_LOGGED: AtomicU64 = AtomicU64::new(0);
+
+/// Counts a body refused or an answer streamed because the total is spent,
+/// and says so in the log once a minute: the operator's cue to raise it.
+fn spent(kind: &'static str, max: usize) {
+    crate::metrics::BUFFERED_TOTAL_SPENT
+        .with_label_values(&[kind])
+        .inc();
+    let now = super::now_ms().max(1);
+    let last = LAST_LOGGED.load(Ordering::Relaxed);
+    let interval = DEFAULT_SPENT_LOG_INTERVAL.as_millis() as u64;
+    if (last == 0 || now.saturating_sub(last) >= interval)
+        && LAST_LOGGED
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(
+            limit = max,
+            kind,
+            "limits.buffered_total is spent: request bodies are refused (503) and answers over 16 KiB streamed until it frees; raise it if this recurs (logged once a minute, counted in wxsidecar_buffered_total_spent_total)"
+        );
+    }
+}
 
 /// The shared count and its bound.
 #[derive(Debug)]
@@ -44,10 +73,13 @@ impl AnswerClaim<'_> {
             return true;
         }
         let bodies = self.bodies;
-        self.hold
-            .get_or_insert_with(|| bodies.hold())
-            .grow(n)
-            .is_ok()
+        match self.hold.get_or_insert_with(|| bodies.hold()).grow(n) {
+            Ok(()) => true,
+            Err(s) => {
+                spent("answer", s.max);
+                false
+            }
+        }
     }
 }
 
@@ -88,9 +120,10 @@ impl Bodies {
         self.held.load(Ordering::Relaxed)
     }
 
-    /// Grows `hold` to `n` bytes, unless that would pass the total.
+    /// Grows a request body's `hold` to `n` bytes, unless that would pass
+    /// the total (counted and logged: the body is refused).
     pub fn grow(&self, hold: &mut Hold, n: usize) -> Result<(), Spent> {
-        hold.grow(n)
+        hold.grow(n).inspect_err(|s| spent("request_body", s.max))
     }
 }
 

@@ -418,6 +418,12 @@ async fn bodies_buffered_at_once_share_a_total() {
     );
     assert!(answer.contains("limits.buffered_total"), "{answer}");
     assert!(answer.contains("\"errcode\":-1"), "{answer}");
+    assert_eq!(
+        side.metric(r#"wxsidecar_buffered_total_spent_total{kind="request_body"}"#)
+            .await,
+        1.0
+    );
+    assert!(side.log().contains("limits.buffered_total is spent"));
     // The first completes as usual; then its share is free again.
     first.write_all(&body.as_bytes()[10..]).unwrap();
     let answer = read_until_quiet(&mut first, Duration::from_secs(2));
@@ -481,6 +487,13 @@ async fn answers_past_the_shared_total_are_streamed_not_buffered() {
     let answer = exchange(side.port, chunked, Duration::from_secs(2));
     assert!(whole(&answer), "{}", &answer[..answer.len().min(300)]);
     assert_eq!(ledger_errors(&side).await, 0, "streamed: errcode not read");
+    assert_eq!(
+        side.metric(r#"wxsidecar_buffered_total_spent_total{kind="answer"}"#)
+            .await,
+        2.0,
+        "both streamed answers counted"
+    );
+    assert!(side.log().contains("limits.buffered_total is spent"));
     // Another body on its way leaves 2,400 bytes: a 5 kB answer is still
     // buffered (an answer under 16 KiB always is, so its errcode is read).
     let mut second = TcpStream::connect(("127.0.0.1", side.port)).unwrap();
