@@ -19,14 +19,20 @@ pub const WECOM_HOST: &str = "qyapi.weixin.qq.com";
 /// an absolute-form target pingora has already checked that `Host` matches
 /// the target's authority, and keeps the authority off the Uri.)
 pub fn request_host(req: &pingora::http::RequestHeader) -> Option<String> {
-    let h = req.headers.get(http::header::HOST)?.to_str().ok()?;
+    Some(host_name(
+        req.headers.get(http::header::HOST)?.to_str().ok()?,
+    ))
+}
+
+/// A `Host` value's name: the port left off, lower case.
+pub fn host_name(h: &str) -> String {
     let h = match h.rsplit_once(':') {
         Some((name, port)) if !name.ends_with(']') && port.bytes().all(|b| b.is_ascii_digit()) => {
             name
         }
         _ => h,
     };
-    Some(h.to_ascii_lowercase())
+    h.to_ascii_lowercase()
 }
 
 /// Which account family a host's API belongs to.

@@ -74,6 +74,8 @@ pub(crate) struct Head<'a> {
     /// `Content-Length`, `X-Wx-Account` left out).
     pub forward: Vec<(&'a str, &'a [u8])>,
     pub account: Option<&'a str>,
+    /// The `Host` value (there is exactly one).
+    pub host: &'a [u8],
     pub body: &'a [u8],
     /// Bytes of the read that were this request.
     pub used: usize,
@@ -166,6 +168,7 @@ pub(crate) fn parse(data: &[u8], body_limit: usize) -> Option<Head<'_>> {
     }
     let mut length: Option<usize> = None;
     let mut hosts = 0;
+    let mut host: &[u8] = &[];
     let mut close = false;
     let mut account = None;
     let mut forward = Vec::with_capacity(req.headers.len());
@@ -184,6 +187,7 @@ pub(crate) fn parse(data: &[u8], body_limit: usize) -> Option<Head<'_>> {
             length = Some(std::str::from_utf8(v).ok()?.parse().ok()?);
         } else if is("host") {
             hosts += 1;
+            host = h.value;
         } else if is("connection") {
             let v = h.value.trim_ascii();
             if v.eq_ignore_ascii_case(b"close") {
@@ -235,6 +239,7 @@ pub(crate) fn parse(data: &[u8], body_limit: usize) -> Option<Head<'_>> {
         query,
         forward,
         account,
+        host,
         body: &data[head_len..used],
         used,
         close,
@@ -337,10 +342,18 @@ impl FastLane {
     /// is admitted (and rate-counted) twice.
     fn take<'a>(&self, data: &'a [u8], peer: impl FnOnce() -> Option<IpAddr>) -> Option<Taken<'a>> {
         let app = &self.app;
-        if app.intercept.is_some() || app.drain.is_draining() {
+        if app.drain.is_draining() {
             return None;
         }
         let mut head = parse(data, app.config().limits.buffered_body)?;
+        if let Some(intercept) = &app.intercept {
+            // A WeChat host (transparent mode's plain listener) names the
+            // account family: the full path reads it.
+            let host = crate::intercept::host_name(std::str::from_utf8(head.host).ok()?);
+            if intercept.resolver.covers(&host) {
+                return None;
+            }
+        }
         if !crate::route::is_api(head.path)
             || head
                 .query

@@ -151,6 +151,37 @@ async fn https_listener_serves_the_wechat_hosts_like_the_plain_listener() {
     .await;
     assert_eq!(v["errcode"], 0, "{v}");
     assert_eq!(fake.stats().await["messages"], 3);
+    // Plain HTTP to WeCom's host: still the WeCom account's token (the
+    // host names the family, so the fast lane hands these off).
+    let lane = |r: &'static str| {
+        let side = &side;
+        async move {
+            side.metric(&format!(r#"wxsidecar_fast_lane_total{{result="{r}"}}"#))
+                .await
+        }
+    };
+    let (served, handed_off) = (lane("served").await, lane("handed_off").await);
+    let v = json(
+        plain
+            .post(format!(
+                "http://qyapi.weixin.qq.com:{}/cgi-bin/message/send",
+                p.http
+            ))
+            .body(r#"{"touser":"u1","msgtype":"text","agentid":1,"text":{"content":"hi"}}"#),
+    )
+    .await;
+    assert_eq!(v["errcode"], 0, "{v}");
+    let seen = fake.last_request().await;
+    assert_eq!(seen["access_token"], wecom_token["access_token"]);
+    assert_eq!(lane("handed_off").await, handed_off + 1.0);
+    // The app listener beside transparent mode keeps its fast lane.
+    let (_, v) = side.send("/cgi-bin/message/template/send", TEMPLATE).await;
+    assert_eq!(v["errcode"], 0, "{v}");
+    assert_eq!(
+        fake.last_request().await["access_token"],
+        shop_token.as_str()
+    );
+    assert_eq!(lane("served").await, served + 1.0);
 
     // Any other name is refused at the handshake.
     let e = c
