@@ -37,7 +37,8 @@ pub struct App {
     pub intercept: Option<crate::intercept::Intercept>,
     /// Requests in flight; draining after SIGTERM/SIGQUIT.
     pub drain: Arc<crate::lifecycle::Drain>,
-    /// Request body bytes buffered at once (`limits.buffered_total`).
+    /// Request body and upstream answer bytes buffered at once
+    /// (`limits.buffered_total`).
     pub bodies: crate::guard::bodies::Bodies,
     /// Background work: the lease scheduler, upstream upkeep, the store watcher.
     pub tasks: crate::lifecycle::Tasks,

@@ -63,8 +63,8 @@ pub const DEFAULT_STORE_PREFIX: &str = "wxsidecar";
 const DEFAULT_LOCK_SLACK: Duration = Duration::from_secs(2);
 /// JSON API bodies are small; 1 MiB leaves room for big template batches.
 pub const DEFAULT_BUFFERED_BODY: usize = 1 << 20;
-/// Every request body buffered at once: 256 bodies at the default limit,
-/// so thousands of connections trickling bodies cannot take gigabytes.
+/// Every request body and upstream answer buffered at once: 256 bodies at
+/// the default limit, so thousands of connections cannot take gigabytes.
 pub const DEFAULT_BUFFERED_TOTAL: usize = 256 << 20;
 /// One worker thread: a sidecar shares its pod's CPU with the app.
 pub const DEFAULT_THREADS: usize = 1;

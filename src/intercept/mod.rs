@@ -19,20 +19,18 @@ pub const WECOM_HOST: &str = "qyapi.weixin.qq.com";
 /// an absolute-form target pingora has already checked that `Host` matches
 /// the target's authority, and keeps the authority off the Uri.)
 pub fn request_host(req: &pingora::http::RequestHeader) -> Option<String> {
-    Some(host_name(
-        req.headers.get(http::header::HOST)?.to_str().ok()?,
-    ))
+    let h = req.headers.get(http::header::HOST)?.to_str().ok()?;
+    Some(without_port(h).to_ascii_lowercase())
 }
 
-/// A `Host` value's name: the port left off, lower case.
-pub fn host_name(h: &str) -> String {
-    let h = match h.rsplit_once(':') {
+/// A `Host` value's name, the port left off (its case as sent).
+pub fn without_port(h: &str) -> &str {
+    match h.rsplit_once(':') {
         Some((name, port)) if !name.ends_with(']') && port.bytes().all(|b| b.is_ascii_digit()) => {
             name
         }
         _ => h,
-    };
-    h.to_ascii_lowercase()
+    }
 }
 
 /// Which account family a host's API belongs to.

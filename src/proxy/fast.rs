@@ -349,8 +349,9 @@ impl FastLane {
         if let Some(intercept) = &app.intercept {
             // A WeChat host (transparent mode's plain listener) names the
             // account family: the full path reads it.
-            let host = crate::intercept::host_name(std::str::from_utf8(head.host).ok()?);
-            if intercept.resolver.covers(&host) {
+            // (`covers` ignores case: nothing to allocate per request.)
+            let host = crate::intercept::without_port(std::str::from_utf8(head.host).ok()?);
+            if intercept.resolver.covers(host) {
                 return None;
             }
         }

@@ -15,11 +15,11 @@ use std::ops::Range;
 use std::time::Duration;
 
 use bytes::Bytes;
-
-use crate::guard::bodies::AnswerClaim;
 use pingora::protocols::Stream;
 use pingora::upstreams::peer::Peer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::guard::bodies::AnswerClaim;
 
 use super::{peer_addr, AnswerDeadline, Upstream, UpstreamError, DEFAULT_MAX_INFORMATIONAL};
 
