@@ -341,11 +341,8 @@ async fn every_way_in_is_bounded_by_the_head_deadline() {
     );
 }
 
-/// TLS to the sidecar on `tcp`, trusting only the local CA, as `api.weixin.qq.com`.
-async fn tls_over(
-    pem: &str,
-    tcp: tokio::net::TcpStream,
-) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+/// A TLS client that trusts only the local CA (`pem`).
+fn trusting(pem: &str) -> tokio_rustls::TlsConnector {
     use tokio_rustls::rustls;
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pemfile::certs(&mut pem.as_bytes()) {
@@ -357,11 +354,16 @@ async fn tls_over(
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    let name = rustls::pki_types::ServerName::try_from("api.weixin.qq.com").unwrap();
     tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await
-        .unwrap()
+}
+
+/// TLS to the sidecar on `tcp`, trusting only the local CA, as `api.weixin.qq.com`.
+async fn tls_over(
+    pem: &str,
+    tcp: tokio::net::TcpStream,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let name = tokio_rustls::rustls::pki_types::ServerName::try_from("api.weixin.qq.com").unwrap();
+    trusting(pem).connect(name, tcp).await.unwrap()
 }
 
 /// Writes `head` in pieces (kept small so a server that stops reading
@@ -468,24 +470,11 @@ async fn leaf_covers_exactly_the_hosts_and_is_resigned_before_it_expires() {
     let leaf = |sni: &'static str| {
         let pem = pem.clone();
         async move {
-            use tokio_rustls::rustls;
-            let mut roots = rustls::RootCertStore::empty();
-            for c in rustls_pemfile::certs(&mut pem.as_bytes()) {
-                roots.add(c.unwrap()).unwrap();
-            }
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let config = rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_root_certificates(roots)
-                .with_no_client_auth();
             let tcp = tokio::net::TcpStream::connect(("127.0.0.1", p.https))
                 .await
                 .unwrap();
-            let name = rustls::pki_types::ServerName::try_from(sni).unwrap();
-            let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-                .connect(name, tcp)
-                .await?;
+            let name = tokio_rustls::rustls::pki_types::ServerName::try_from(sni).unwrap();
+            let tls = trusting(&pem).connect(name, tcp).await?;
             Ok::<_, std::io::Error>(tls.get_ref().1.peer_certificates().unwrap()[0].to_vec())
         }
     };

@@ -386,22 +386,32 @@ async fn a_client_that_stops_reading_is_let_go_at_the_send_timeout() {
     );
 }
 
-/// Request bodies being buffered share `limits.buffered_total`: past it a
-/// body is refused at once (503, retry in a second) instead of held, and
-/// what a finished request held is free again.
-#[tokio::test]
-async fn bodies_buffered_at_once_share_a_total() {
+/// The length of [`small_total`]'s template send.
+const HELD: usize = 60_000;
+
+/// A sidecar whose `limits.buffered_total` is 100 KiB (64 KiB bodies), and
+/// the head and body of a [`HELD`]-byte template send that, left half sent,
+/// holds most of it.
+async fn small_total() -> (RawUpstream, Sidecar, String, String) {
     let up = RawUpstream::start();
     let side = Sidecar::start_bare(
         &up.config("limits:\n  buffered_body: 64KiB\n  buffered_total: 100KiB\n"),
     )
     .await;
-    const LEN: usize = 60_000;
     let head = format!(
-        "POST /cgi-bin/message/template/send HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {LEN}\r\nConnection: close\r\n\r\n"
+        "POST /cgi-bin/message/template/send HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {HELD}\r\nConnection: close\r\n\r\n"
     );
-    let body = format!("{{\"pad\":\"{}\"}}", "x".repeat(LEN - 10));
-    assert_eq!(body.len(), LEN);
+    let body = format!("{{\"pad\":\"{}\"}}", "x".repeat(HELD - 10));
+    assert_eq!(body.len(), HELD);
+    (up, side, head, body)
+}
+
+/// Request bodies being buffered share `limits.buffered_total`: past it a
+/// body is refused at once (503, retry in a second) instead of held, and
+/// what a finished request held is free again.
+#[tokio::test]
+async fn bodies_buffered_at_once_share_a_total() {
+    let (up, side, head, body) = small_total().await;
     // A body on its way holds its declared length.
     let mut first = TcpStream::connect(("127.0.0.1", side.port)).unwrap();
     first.write_all(head.as_bytes()).unwrap();
@@ -451,16 +461,7 @@ async fn bodies_buffered_at_once_share_a_total() {
 /// without bound; with room again, it is buffered (and kept alive) as usual.
 #[tokio::test]
 async fn answers_past_the_shared_total_are_streamed_not_buffered() {
-    let up = RawUpstream::start();
-    let side = Sidecar::start_bare(
-        &up.config("limits:\n  buffered_body: 64KiB\n  buffered_total: 100KiB\n"),
-    )
-    .await;
-    const LEN: usize = 60_000;
-    let head = format!(
-        "POST /cgi-bin/message/template/send HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {LEN}\r\nConnection: close\r\n\r\n"
-    );
-    let body = format!("{{\"pad\":\"{}\"}}", "x".repeat(LEN - 10));
+    let (_up, side, head, body) = small_total().await;
     let ask = b"GET /cgi-bin/big?size=50000 HTTP/1.1\r\nHost: x\r\n\r\n";
     let whole = |answer: &str| {
         let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((answer, ""));
@@ -498,7 +499,7 @@ async fn answers_past_the_shared_total_are_streamed_not_buffered() {
     // buffered (an answer under 16 KiB always is, so its errcode is read).
     let mut second = TcpStream::connect(("127.0.0.1", side.port)).unwrap();
     second
-        .write_all(head.replace(&LEN.to_string(), "40000").as_bytes())
+        .write_all(head.replace(&HELD.to_string(), "40000").as_bytes())
         .unwrap();
     second.write_all(b"{").unwrap();
     std::thread::sleep(Duration::from_millis(300));
