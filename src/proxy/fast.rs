@@ -24,7 +24,8 @@ use bytes::Bytes;
 use pingora::protocols::Stream;
 use tokio::io::AsyncWriteExt;
 
-use super::{scrubbed, AnswerDeadline, HOP_BY_HOP};
+use super::scrub::{carries, removed, scrubbed, Scrubber};
+use super::{AnswerDeadline, HOP_BY_HOP};
 use crate::account::{Account, ACCOUNT_HEADER};
 use crate::app::App;
 use crate::config::ReplaceTokens;
@@ -672,8 +673,8 @@ fn copy_headers(out: &mut Vec<u8>, x: &Reply<'_>, token: Option<&Lease>) {
         if skip {
             return;
         }
-        if token.is_some_and(|t| t.find_in(value).is_some()) {
-            tracing::warn!(header = %String::from_utf8_lossy(name), "an upstream answer header carried our token; removed");
+        if let Some(t) = token.filter(|t| carries(t, name, value)) {
+            removed(t, name);
             return;
         }
         out.extend_from_slice(name);
@@ -855,14 +856,16 @@ async fn stream_rest(
     out.extend_from_slice(b"Connection: close\r\n\r\n");
     x.release_head();
     write_all(stream, &out, send_timeout).await?;
-    write_all(stream, &first, send_timeout).await?;
+    // Piece by piece, our token masked even when split between two.
+    let mut scrub = Scrubber::new(token);
+    write_all(stream, &scrub.piece(first.into()), send_timeout).await?;
     loop {
         let got = tokio::time::timeout_at(deadline.at, x.chunk())
             .await
             .unwrap_or_else(|_| Err(deadline.missed()));
         match got {
-            Ok(Some(c)) => write_all(stream, &c, send_timeout).await?,
-            Ok(None) => return Ok(()),
+            Ok(Some(c)) => write_all(stream, &scrub.piece(c), send_timeout).await?,
+            Ok(None) => return write_all(stream, &scrub.finish(), send_timeout).await,
             // Passed here, or inside our HTTP/1.1 exchange, which ends its
             // reads at the deadline itself: either names the deadline's limit.
             Err(UpstreamError::Timeout { after, .. }) if after == deadline.limit => {

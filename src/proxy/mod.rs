@@ -37,6 +37,9 @@ use crate::upstream::{AnswerDeadline, UpstreamError};
 mod callback;
 mod component;
 pub mod fast;
+mod scrub;
+
+use scrub::{scrub_body, scrub_token, Scrubber};
 
 /// A request body read whole, and its share of `limits.buffered_total`
 /// until it is dropped.
@@ -156,54 +159,6 @@ const HOP_BY_HOP: [&str; 9] = [
 
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(&name.as_str())
-}
-
-/// Removes every answer header that carries our token (a `Location` that
-/// kept the query, an echo): the token is never the app's to see.
-pub(crate) fn scrub_token(resp: &mut ResponseHeader, token: Option<&Lease>) {
-    let Some(t) = token else { return };
-    let carrying: Vec<HeaderName> = resp
-        .headers
-        .iter()
-        .filter(|(_, v)| t.find_in(v.as_bytes()).is_some())
-        .map(|(n, _)| n.clone())
-        .collect();
-    for name in carrying {
-        tracing::warn!(header = %name, "an upstream answer header carried our token; removed");
-        resp.remove_header(&name);
-    }
-}
-
-/// A buffered answer with our token masked wherever it appears (WeChat never
-/// sends it back; an echoing or misbehaving upstream might).
-fn scrub_body(answer: Bytes, token: Option<&Lease>) -> Bytes {
-    match scrubbed(&answer, token) {
-        std::borrow::Cow::Borrowed(_) => answer,
-        std::borrow::Cow::Owned(masked) => Bytes::from(masked),
-    }
-}
-
-/// [`scrub_body`] of a borrowed answer: itself when clean (the usual case).
-fn scrubbed<'a>(answer: &'a [u8], token: Option<&Lease>) -> std::borrow::Cow<'a, [u8]> {
-    let Some(t) = token else {
-        return answer.into();
-    };
-    let Some(first) = t.find_in(answer) else {
-        return answer.into();
-    };
-    tracing::warn!("an upstream answer carried our token; masked");
-    let needle_len = t.value.len();
-    let mut out = Vec::with_capacity(answer.len());
-    let mut rest = answer;
-    let mut at = Some(first);
-    while let Some(i) = at {
-        out.extend_from_slice(&rest[..i]);
-        out.extend_from_slice(b"***");
-        rest = &rest[i + needle_len..];
-        at = t.find_in(rest);
-    }
-    out.extend_from_slice(rest);
-    out.into()
 }
 
 fn content_length(headers: &http::HeaderMap) -> Option<usize> {
@@ -807,7 +762,7 @@ impl Proxy {
             scrub_token(&mut resp, plan.token.as_deref());
             if content_length(&resp.headers).is_some_and(|n| n > limit) {
                 return self
-                    .stream_answer(session, resp, None, x, deadline, false)
+                    .stream_answer(session, resp, None, x, deadline, plan.token.as_deref())
                     .await;
             }
             let answer =
@@ -823,7 +778,14 @@ impl Proxy {
                 // total allows now: stream the rest.
                 Ok(Err(partial)) => {
                     return self
-                        .stream_answer(session, resp, Some(partial.freeze()), x, deadline, false)
+                        .stream_answer(
+                            session,
+                            resp,
+                            Some(partial.freeze()),
+                            x,
+                            deadline,
+                            plan.token.as_deref(),
+                        )
                         .await
                 }
                 Ok(Ok(answer)) => answer,
@@ -872,10 +834,11 @@ impl Proxy {
         head: Option<Bytes>,
         mut x: crate::upstream::Exchange<'_>,
         deadline: AnswerDeadline,
-        head_only: bool,
+        token: Option<&Lease>,
     ) -> Step<()> {
         // No body, and so no framing, for a HEAD request or a status that
         // cannot have one (RFC 9110 §6.4.1).
+        let head_only = session.req_header().method == http::Method::HEAD;
         let status = resp.status.as_u16();
         if head_only || status == 204 || status == 304 {
             x.finish().await;
@@ -886,15 +849,23 @@ impl Proxy {
             resp.insert_header(header::TRANSFER_ENCODING, "chunked")?;
         }
         session.write_response_header(Box::new(resp), false).await?;
+        // Piece by piece, our token masked even when split between two.
+        let mut scrub = Scrubber::new(token);
         if let Some(h) = head {
-            session.write_response_body(Some(h), false).await?;
+            session
+                .write_response_body(Some(scrub.piece(h)), false)
+                .await?;
         }
         loop {
             let chunk = tokio::time::timeout_at(deadline.at, x.chunk())
                 .await
                 .unwrap_or_else(|_| Err(deadline.missed()));
             match chunk {
-                Ok(Some(c)) => session.write_response_body(Some(c), false).await?,
+                Ok(Some(c)) => {
+                    session
+                        .write_response_body(Some(scrub.piece(c)), false)
+                        .await?
+                }
                 Ok(None) => break,
                 Err(e) => {
                     // The header is out: all we can do is cut the answer short.
@@ -906,7 +877,10 @@ impl Proxy {
             }
         }
         x.finish().await;
-        session.write_response_body(None, true).await?;
+        let rest = scrub.finish();
+        session
+            .write_response_body((!rest.is_empty()).then_some(rest), true)
+            .await?;
         Ok(Ok(()))
     }
 
@@ -978,9 +952,15 @@ impl Proxy {
             resp.remove_header(name);
         }
         scrub_token(&mut resp, plan.token.as_deref());
-        let head_only = session.req_header().method == http::Method::HEAD;
-        self.stream_answer(session, resp, None, x, answer_deadline, head_only)
-            .await
+        self.stream_answer(
+            session,
+            resp,
+            None,
+            x,
+            answer_deadline,
+            plan.token.as_deref(),
+        )
+        .await
     }
 
     /// Answers `/cgi-bin/token` and `/cgi-bin/stable_token` from the cache.

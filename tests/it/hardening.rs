@@ -187,6 +187,105 @@ async fn only_wechats_methods_go_upstream_and_no_answer_carries_our_token() {
     assert!(!side.log().contains(RAW_TOKEN), "never logged");
 }
 
+/// The body of an HTTP/1.1 answer, chunked framing undone; and its head.
+fn head_and_body(answer: &str) -> (&str, String) {
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((answer, ""));
+    if !head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        return (head, body.to_string());
+    }
+    let (mut out, mut rest) = (String::new(), body);
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(size.split(';').next().unwrap().trim(), 16).unwrap();
+        if n == 0 {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = &after[n + 2..];
+    }
+    (head, out)
+}
+
+/// An answer too large to buffer goes to the app piece by piece: our token
+/// is masked in it too, also where it is split between two pieces, and a
+/// declared length stays true (the mask is as long as the token). On the
+/// fast lane, on pingora's path and on the streamed (media) route.
+#[tokio::test]
+async fn a_streamed_answer_carries_no_token_either() {
+    let up = RawUpstream::start();
+    let side = Sidecar::start_bare(&up.config("limits:\n  buffered_body: 4KiB\n")).await;
+    let mask = format!("access_token={}", "*".repeat(RAW_TOKEN.len()));
+    let handed_off = |target: &str| {
+        format!("POST {target} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n2\r\n{{}}\r\n0\r\n\r\n").into_bytes()
+    };
+    let asks = [
+        (
+            "fast lane, declared length",
+            get("/cgi-bin/echo/x?a=1&size=10000"),
+        ),
+        (
+            "fast lane, 7-byte pieces",
+            get("/cgi-bin/chunked/x?size=10000&echo=1"),
+        ),
+        (
+            "pingora's path, declared length",
+            handed_off("/cgi-bin/echo/x?a=1&size=10000"),
+        ),
+        (
+            "pingora's path, 7-byte pieces",
+            handed_off("/cgi-bin/chunked/x?size=10000&echo=1"),
+        ),
+        ("streamed route", get("/cgi-bin/media/echo?a=1&size=10000")),
+        (
+            "streamed route, 7-byte pieces",
+            get("/cgi-bin/media/chunked?size=10000&echo=1"),
+        ),
+    ];
+    for (what, ask) in asks {
+        let answer = exchange(side.port, &ask, QUIET);
+        let (head, body) = head_and_body(&answer);
+        assert!(head.starts_with("HTTP/1.1 200"), "{what}: {head}");
+        assert!(body.len() > 10_000, "{what}: whole: {head}");
+        assert!(
+            !body.contains(RAW_TOKEN),
+            "{what}: the token reached the app"
+        );
+        assert!(
+            body.contains(&mask),
+            "{what}: masked in place: {}",
+            &body[..200]
+        );
+        assert!(
+            body.ends_with("x\"}") || body.ends_with("x\"}}"),
+            "{what}: {}",
+            &body[body.len() - 50..]
+        );
+        let declared = head.lines().find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().to_string())
+        });
+        if let Some(n) = declared {
+            assert_eq!(
+                n.parse::<usize>().unwrap(),
+                body.len(),
+                "{what}: length kept"
+            );
+        }
+    }
+    let sent = up.api_requests();
+    assert!(
+        sent.len() >= 6 && sent.iter().all(|r| r.contains(RAW_TOKEN)),
+        "the token did go upstream: {sent:?}"
+    );
+    assert!(side
+        .log()
+        .contains("an upstream answer carried our token; masked"));
+    assert!(!side.log().contains(RAW_TOKEN), "never logged");
+}
+
 #[tokio::test]
 async fn the_streamed_route_frames_what_it_forwards() {
     let up = RawUpstream::start();

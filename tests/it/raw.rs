@@ -204,10 +204,13 @@ fn serve(mut s: TcpStream, seen: Arc<Mutex<Vec<String>>>) {
             extra = format!("Location: https://elsewhere.example/landing?{query}\r\n");
             (302, r#"{"errcode":0,"errmsg":"moved"}"#.to_string())
         } else if path.contains("/echo") {
-            (
-                200,
-                serde_json::json!({"errcode":0,"errmsg":"ok","target":target}).to_string(),
-            )
+            // `size=N` pads it to over N bytes (streamed past buffered_body).
+            let mut echo = serde_json::json!({"errcode":0,"errmsg":"ok","target":target});
+            let size = size_param(query);
+            if size > 0 {
+                echo["pad"] = "x".repeat(size).into();
+            }
+            (200, echo.to_string())
         } else if path.contains("/slow") {
             // A 40-byte answer, one byte every 200 ms.
             let head =
@@ -226,11 +229,15 @@ fn serve(mut s: TcpStream, seen: Arc<Mutex<Vec<String>>>) {
             // Chunked, in pieces, with an extension and a trailer; a
             // `size=N` query makes the body N bytes.
             let size = size_param(query);
-            let body = if size == 0 {
+            let mut body = if size == 0 {
                 r#"{"errcode":0,"errmsg":"ok","chunked":true}"#.to_string()
             } else {
                 format!(r#"{{"errcode":0,"pad":"{}"}}"#, "x".repeat(size))
             };
+            if query.contains("echo=1") {
+                // The target, token and all, split over the 7-byte pieces.
+                body = format!(r#"{{"target":"{target}","rest":{body}}}"#);
+            }
             let mut wire = b"HTTP/1.1 200 X\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
             for piece in body.as_bytes().chunks(7) {
                 wire.extend_from_slice(format!("{:x};ext=1\r\n", piece.len()).as_bytes());

@@ -1,0 +1,209 @@
+//! Our token out of every answer the app sees: WeChat never sends it back,
+//! but an echoing or misbehaving upstream (or one an attacker stands up
+//! behind `upstream.url`) might, in a header, a buffered body, or a body
+//! streamed through in pieces.
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use http::header::HeaderName;
+use memchr::memmem;
+use pingora::http::ResponseHeader;
+
+use crate::lease::Lease;
+
+/// Removes every answer header that carries our token in its name or value
+/// (a `Location` that kept the query, an echo): the token is never the
+/// app's to see.
+pub(crate) fn scrub_token(resp: &mut ResponseHeader, token: Option<&Lease>) {
+    let Some(t) = token else { return };
+    let carrying: Vec<HeaderName> = resp
+        .headers
+        .iter()
+        .filter(|(n, v)| carries(t, n.as_str().as_bytes(), v.as_bytes()))
+        .map(|(n, _)| n.clone())
+        .collect();
+    for name in carrying {
+        removed(t, name.as_str().as_bytes());
+        resp.remove_header(&name);
+    }
+}
+
+/// Logs a header removed for carrying the token: by name, unless the name
+/// is what carries it.
+pub(crate) fn removed(token: &Lease, name: &[u8]) {
+    match name_carries(token, name) {
+        false => {
+            tracing::warn!(header = %String::from_utf8_lossy(name), "an upstream answer header carried our token; removed")
+        }
+        true => tracing::warn!("an upstream answer header name carried our token; removed"),
+    }
+}
+
+/// Whether a header (name or value) holds the token.
+pub(crate) fn carries(token: &Lease, name: &[u8], value: &[u8]) -> bool {
+    token.find_in(value).is_some() || name_carries(token, name)
+}
+
+/// Whether a header name holds the token, in any case (names are
+/// case-insensitive and may be sent as written). Names are shorter than a
+/// token: nothing is compared, or copied, for any real one.
+fn name_carries(token: &Lease, name: &[u8]) -> bool {
+    let t = token.value.as_bytes();
+    name.len() >= t.len() && name.windows(t.len()).any(|w| w.eq_ignore_ascii_case(t))
+}
+
+/// A buffered answer with our token masked wherever it appears.
+pub(crate) fn scrub_body(answer: Bytes, token: Option<&Lease>) -> Bytes {
+    match scrubbed(&answer, token) {
+        Cow::Borrowed(_) => answer,
+        Cow::Owned(masked) => Bytes::from(masked),
+    }
+}
+
+/// [`scrub_body`] of a borrowed answer: itself when clean (the usual case).
+pub(crate) fn scrubbed<'a>(answer: &'a [u8], token: Option<&Lease>) -> Cow<'a, [u8]> {
+    let Some(t) = token else {
+        return answer.into();
+    };
+    let Some(first) = t.find_in(answer) else {
+        return answer.into();
+    };
+    tracing::warn!("an upstream answer carried our token; masked");
+    let needle_len = t.value.len();
+    let mut out = Vec::with_capacity(answer.len());
+    let mut rest = answer;
+    let mut at = Some(first);
+    while let Some(i) = at {
+        out.extend_from_slice(&rest[..i]);
+        out.extend_from_slice(b"***");
+        rest = &rest[i + needle_len..];
+        at = t.find_in(rest);
+    }
+    out.extend_from_slice(rest);
+    out.into()
+}
+
+/// Masks our token in an answer that goes to the app piece by piece (over
+/// the buffered limit, media): a token split across two pieces is caught by
+/// holding back a piece's tail while it could be the token's beginning. The
+/// mask keeps the length (a `*` per byte), so a declared `Content-Length`
+/// stays true. A piece with neither the token nor such a tail (every real
+/// one: a token is 100+ random characters) goes on as it is, uncopied.
+pub(crate) struct Scrubber<'a> {
+    token: Option<&'a [u8]>,
+    /// The last piece's tail that could begin the token.
+    held: Vec<u8>,
+    warned: bool,
+}
+
+impl<'a> Scrubber<'a> {
+    pub fn new(token: Option<&'a Lease>) -> Self {
+        Scrubber {
+            token: token.map(|t| t.value.as_bytes()).filter(|t| !t.is_empty()),
+            held: Vec::new(),
+            warned: false,
+        }
+    }
+
+    /// What can go to the app now of what was held and `piece`.
+    pub fn piece(&mut self, piece: Bytes) -> Bytes {
+        let Some(t) = self.token else { return piece };
+        if self.held.is_empty() && memmem::find(&piece, t).is_none() {
+            return match partial_start(&piece, t) {
+                None => piece,
+                Some(p) => {
+                    self.held.extend_from_slice(&piece[p..]);
+                    piece.slice(..p)
+                }
+            };
+        }
+        let mut all = std::mem::take(&mut self.held);
+        all.extend_from_slice(&piece);
+        let mut from = 0;
+        while let Some(i) = memmem::find(&all[from..], t) {
+            if !self.warned {
+                tracing::warn!("an upstream answer carried our token; masked");
+                self.warned = true;
+            }
+            all[from + i..from + i + t.len()].fill(b'*');
+            from += i + t.len();
+        }
+        if let Some(p) = partial_start(&all, t) {
+            self.held = all.split_off(p);
+        }
+        Bytes::from(all)
+    }
+
+    /// The held tail at the answer's end: it is shorter than the token, so
+    /// it goes as it is.
+    pub fn finish(self) -> Bytes {
+        Bytes::from(self.held)
+    }
+}
+
+/// Where the tail of `data` that is a proper beginning of `token` starts,
+/// if it has one.
+fn partial_start(data: &[u8], token: &[u8]) -> Option<usize> {
+    let from = data.len().saturating_sub(token.len() - 1);
+    memchr::memchr_iter(token[0], &data[from..])
+        .map(|i| from + i)
+        .find(|&p| token.starts_with(&data[p..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(value: &str) -> std::sync::Arc<Lease> {
+        let cell = crate::lease::LeaseCell::default();
+        cell.store_for_bench(value, std::time::Duration::from_secs(7200));
+        cell.valid().unwrap()
+    }
+
+    /// Every split of an answer into pieces: the token never comes out
+    /// whole, the length never changes, nothing else changes.
+    #[test]
+    fn a_token_split_across_pieces_is_masked() {
+        let t = lease("TOKEN_abc-123");
+        let answer = b"{\"url\":\"x?access_token=TOKEN_abc-123&TOKEN_abTOKEN_abc-123\"}TOKEN_a";
+        let expect = b"{\"url\":\"x?access_token=*************&TOKEN_ab*************\"}TOKEN_a";
+        for a in 0..answer.len() {
+            for b in a..answer.len() {
+                let mut s = Scrubber::new(Some(&t));
+                let mut out = Vec::new();
+                for piece in [&answer[..a], &answer[a..b], &answer[b..]] {
+                    out.extend_from_slice(&s.piece(Bytes::copy_from_slice(piece)));
+                }
+                out.extend_from_slice(&s.finish());
+                assert_eq!(out, expect, "split at {a}, {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_clean_piece_goes_uncopied() {
+        let t = lease("TOKEN_abc-123");
+        let mut s = Scrubber::new(Some(&t));
+        let piece = Bytes::from_static(b"{\"errcode\":0,\"data\":\"...\"}");
+        let out = s.piece(piece.clone());
+        assert_eq!(out.as_ptr(), piece.as_ptr());
+        assert!(s.finish().is_empty());
+        let mut none = Scrubber::new(None);
+        assert_eq!(none.piece(piece.clone()), piece);
+    }
+
+    #[test]
+    fn headers_carrying_the_token_are_removed() {
+        let t = lease("TOKEN_abc-123");
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        resp.insert_header("Location", "https://x/?access_token=TOKEN_abc-123")
+            .unwrap();
+        resp.insert_header("X-TOKEN_abc-123", "1").unwrap();
+        resp.insert_header("Content-Type", "application/json")
+            .unwrap();
+        scrub_token(&mut resp, Some(&t));
+        assert_eq!(resp.headers.len(), 1, "{:?}", resp.headers);
+        assert!(resp.headers.get("content-type").is_some());
+    }
+}
