@@ -123,7 +123,7 @@ pub(super) async fn handshake(stream: Stream, max_streams: usize) -> Result<Conn
     let task = shared.clone();
     tokio::spawn(async move {
         if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "HTTP/2 connection ended");
+            tracing::debug!(error = describe(&e), "HTTP/2 connection ended");
         }
         task.closed.store(true, Ordering::Relaxed);
     });
@@ -192,12 +192,26 @@ pub(super) enum Failure {
     },
 }
 
+/// What went wrong, in our own words: a GOAWAY's debug data is the
+/// server's bytes (an echoing one could send our token back in it), so it
+/// never reaches an error answer or a log line. Every other kind names a
+/// reason code, h2's own words or an I/O error.
+pub(super) fn describe(e: &::h2::Error) -> String {
+    match e.reason() {
+        Some(reason) if e.is_go_away() => {
+            let by = if e.is_remote() { "the server" } else { "us" };
+            format!("connection closed by {by} (GOAWAY: {reason})")
+        }
+        _ => e.to_string(),
+    }
+}
+
 impl Failure {
     /// Nothing of the request reached the server.
     fn unsent(e: ::h2::Error) -> Failure {
         Failure::Broken {
             going_away: e.is_go_away(),
-            reason: e.to_string(),
+            reason: describe(&e),
             sent: false,
         }
     }
@@ -212,7 +226,7 @@ impl Failure {
                 || e.reason() == Some(Reason::HTTP_1_1_REQUIRED));
         Failure::Broken {
             going_away: e.is_go_away(),
-            reason: e.to_string(),
+            reason: describe(&e),
             sent: !unprocessed,
         }
     }
@@ -239,7 +253,7 @@ pub(super) async fn exchange(
         // it all and reset the stream (RFC 9113 §8.1): then this fails and
         // the answer is still the answer.
         if let Err(e) = out.send_data(Bytes::copy_from_slice(body), true) {
-            tracing::debug!(error = %e, "HTTP/2 request body not taken");
+            tracing::debug!(error = describe(&e), "HTTP/2 request body not taken");
         }
     }
     let answer = match tokio::time::timeout_at(until, answer).await {

@@ -700,7 +700,7 @@ impl Upstream {
             Ok(Err(e)) => {
                 return Err(UpstreamError::Connect {
                     addr: addr.to_string(),
-                    reason: format!("HTTP/2 handshake: {e}"),
+                    reason: format!("HTTP/2 handshake: {}", self::h2::describe(&e)),
                 })
             }
             Err(_) => {

@@ -2,8 +2,11 @@
 //! server speaks h2, fall back to HTTP/1.1 when it declines, and keep every
 //! rule of the HTTP/1.1 path (replay, never resending a POST that was sent).
 
+use std::time::Duration;
+
 use serde_json::Value;
 
+use crate::raw::{exchange, RAW_APPID, RAW_SECRET, RAW_TOKEN};
 use crate::support::*;
 
 fn config(http2: bool) -> String {
@@ -305,4 +308,139 @@ async fn an_oversized_answer_head_is_a_502_on_either_protocol() {
             "h2 {h2}: {v}"
         );
     }
+}
+
+/// A TLS server speaking just enough HTTP/2 to answer the first request
+/// (the token fetch: `RAW_TOKEN`) and then end every connection with a
+/// GOAWAY whose debug data echoes our token: what a hostile upstream could
+/// send back. Returns its port and the CA file that trusts it.
+async fn goaway_echo_server(dir: &std::path::Path) -> (u16, std::path::PathBuf) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls;
+
+    let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    let issued = wxsidecar::certs::issue("goaway test CA", &names, 1, None).unwrap();
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, &issued.ca_pem).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![issued.leaf_der.into()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(issued.leaf_key_der.into()),
+        )
+        .unwrap();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let token_sent = std::sync::Arc::new(AtomicBool::new(false));
+    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend_from_slice(&[kind, flags]);
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    };
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, token_sent) = (acceptor.clone(), token_sent.clone());
+            tokio::spawn(async move {
+                let Ok(mut s) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut preface = [0u8; 24];
+                if s.read_exact(&mut preface).await.is_err() {
+                    return;
+                }
+                let _ = s.write_all(&frame(4, 0, 0, &[])).await;
+                loop {
+                    let mut head = [0u8; 9];
+                    if s.read_exact(&mut head).await.is_err() {
+                        return;
+                    }
+                    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                    let mut payload = vec![0u8; len];
+                    if s.read_exact(&mut payload).await.is_err() {
+                        return;
+                    }
+                    let (kind, flags) = (head[3], head[4]);
+                    let stream =
+                        u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+                    let out = match kind {
+                        // SETTINGS: acknowledged.
+                        4 if flags & 1 == 0 => frame(4, 1, 0, &[]),
+                        // PING: answered.
+                        6 if flags & 1 == 0 => frame(6, 1, 0, &payload),
+                        // HEADERS: the first request gets the token (:status
+                        // 200 is static index 8), every later one a GOAWAY
+                        // that fails it (INTERNAL_ERROR, not processed), with
+                        // our token as debug data.
+                        1 if !token_sent.swap(true, Ordering::Relaxed) => {
+                            let body =
+                                format!(r#"{{"access_token":"{RAW_TOKEN}","expires_in":7200}}"#);
+                            let mut out = frame(1, 4, stream, &[0x88]);
+                            out.extend(frame(0, 1, stream, body.as_bytes()));
+                            out
+                        }
+                        1 => {
+                            let mut goaway = stream.saturating_sub(2).to_be_bytes().to_vec();
+                            goaway.extend_from_slice(&2u32.to_be_bytes());
+                            goaway.extend_from_slice(
+                                format!("echo access_token={RAW_TOKEN} {RAW_TOKEN}").as_bytes(),
+                            );
+                            let _ = s.write_all(&frame(7, 0, 0, &goaway)).await;
+                            let _ = s.flush().await;
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            return;
+                        }
+                        _ => continue,
+                    };
+                    if s.write_all(&out).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, ca)
+}
+
+/// A GOAWAY's debug data is the server's bytes: an upstream echoing our
+/// token in it gets a 502 to the app that names the GOAWAY's reason, and
+/// neither the answer nor any log line carries the token. On the fast lane
+/// and on pingora's path. (Two threads: the server runs while the
+/// test's blocking socket waits.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_goaway_echoing_our_token_does_not_pass_it_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, ca) = goaway_echo_server(dir.path()).await;
+    let side = Sidecar::start_bare(&format!(
+        "upstream:\n  url: https://127.0.0.1:{port}\n  ca_file: {}\n  http2: true\n  warm_connections: 0\naccounts:\n  - name: raw\n    appid: {RAW_APPID}\n    secret: {RAW_SECRET}\n",
+        ca.display()
+    ))
+    .await;
+    let asks: [&[u8]; 2] = [
+        b"GET /cgi-bin/echo?a=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"POST /cgi-bin/echo?a=1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+    ];
+    for ask in asks {
+        let answer = exchange(side.port, ask, Duration::from_secs(2));
+        assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+        assert!(!answer.contains(RAW_TOKEN), "{answer}");
+        assert!(answer.contains("GOAWAY"), "the reason is named: {answer}");
+    }
+    let log = side.log();
+    assert!(log.contains("GOAWAY"), "the failure was logged");
+    assert!(
+        !log.contains(RAW_TOKEN),
+        "never logged: {}",
+        log.lines()
+            .filter(|l| l.contains(RAW_TOKEN))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 }
