@@ -213,6 +213,10 @@ async fn serve(
     if verdict.busy {
         return errcode(-1, "system error");
     }
+    if let Some(code) = verdict.echo {
+        let echo = format!("echo: {q} {}", String::from_utf8_lossy(&body));
+        return errcode(code, &echo);
+    }
     if let Some(code) = verdict.errcode {
         let msg = match code {
             45009 => "reach max api daily quota limit",

@@ -1,5 +1,5 @@
 //! Fault injection for the fake: per path, a rate of errcode -1 answers,
-//! token rejections, connection resets before or after the request takes
+//! errmsgs echoing the request, token rejections, connection resets before or after the request takes
 //! effect, refused HTTP/2 streams, answers before the body, extra delay and
 //! an oversized answer head. Deterministic for a given seed.
 //!
@@ -7,7 +7,7 @@
 //! `{"seed": 7, "rules": [{"path": "/cgi-bin/message/template/send",
 //!   "busy_rate": 0.05, "reset_before_rate": 0.05, "reset_after_rate": 0.05,
 //!   "refuse_rate": 0.0, "refuse_next": 0, "early_answer_rate": 0.0,
-//!   "token_error_rate": 0.0, "errcode": 45009, "errcode_rate": 0.0,
+//!   "token_error_rate": 0.0, "echo_rate": 0.0, "errcode": 45009, "errcode_rate": 0.0,
 //!   "delay_ms": 0, "pad_header_bytes": 0}]}`. A rule's `path` is a prefix;
 //! the first matching rule applies.
 
@@ -25,6 +25,11 @@ pub struct Rule {
     /// Answer 40001 whatever the token.
     #[serde(default)]
     pub token_error_rate: f64,
+    /// Answer `errcode` (-1 when unset) with an errmsg that echoes the
+    /// request's query and body (secrets, tokens and all), as a hostile
+    /// upstream might.
+    #[serde(default)]
+    pub echo_rate: f64,
     /// Close the connection after reading the request, without acting.
     #[serde(default)]
     pub reset_before_rate: f64,
@@ -70,6 +75,8 @@ pub struct Plan {
 pub struct Verdict {
     pub busy: bool,
     pub token_error: bool,
+    /// Answer this errcode, the request echoed in its errmsg.
+    pub echo: Option<i64>,
     pub reset_before: bool,
     pub reset_after: bool,
     pub refuse: bool,
@@ -111,6 +118,7 @@ impl Faults {
             reset_before: roll(rule.reset_before_rate),
             busy: roll(rule.busy_rate),
             token_error: roll(rule.token_error_rate),
+            echo: roll(rule.echo_rate).then_some(if rule.errcode != 0 { rule.errcode } else { -1 }),
             reset_after: roll(rule.reset_after_rate),
             refuse: roll(rule.refuse_rate) || counted_refusal,
             early_answer: roll(rule.early_answer_rate),

@@ -462,6 +462,34 @@ impl LeaseCell {
         self.wait_until(limit, || self.valid()).await
     }
 
+    /// Waits up to `limit` for a valid value, or for a refresh attempt
+    /// ending after `since` (see [`Self::fetches_ended`]) to have failed:
+    /// then `Err` with its errcode and message (`Err(None)`: neither came),
+    /// so a caller waiting on a first fetch hears of its failure at once.
+    pub async fn wait_valid_or_failed(
+        &self,
+        since: u64,
+        limit: Duration,
+    ) -> Result<Arc<Lease>, Option<(i64, String)>> {
+        let got = self
+            .wait_until(limit, || match self.valid() {
+                Some(t) => Some(Ok(t)),
+                None if self.fetches_ended() > since => self
+                    .status
+                    .lock()
+                    .trouble
+                    .as_ref()
+                    .map(|t| Err(t.last_error.clone())),
+                None => None,
+            })
+            .await;
+        match got {
+            Some(Ok(t)) => Ok(t),
+            Some(Err(e)) => Err(Some(e)),
+            None => Err(None),
+        }
+    }
+
     /// Refresh attempts ended so far, either way (fetched, failed, taken
     /// from the shared store): pass to [`Self::wait_fetched`].
     pub fn fetches_ended(&self) -> u64 {
@@ -783,5 +811,43 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(5)).await;
         assert!(cell.valid().is_none());
         assert!(cell.wait_valid(Duration::from_millis(10)).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_waiter_hears_of_a_failed_fetch_at_once() {
+        let cell = Arc::new(LeaseCell::default());
+        let since = cell.fetches_ended();
+        // A failure before the wait (after `since`) ends it too.
+        cell.record_failure(45009, "quota".into());
+        let got = cell
+            .wait_valid_or_failed(since, Duration::from_secs(60))
+            .await;
+        assert_eq!(got.unwrap_err(), Some((45009, "quota".to_string())));
+        // A failure while waiting ends the wait long before its limit.
+        let since = cell.fetches_ended();
+        let c = cell.clone();
+        let waiter =
+            tokio::spawn(
+                async move { c.wait_valid_or_failed(since, Duration::from_secs(60)).await },
+            );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let started = std::time::Instant::now();
+        cell.record_failure(-1, "busy".into());
+        let got = waiter.await.unwrap();
+        assert_eq!(got.unwrap_err(), Some((-1, "busy".to_string())));
+        assert!(started.elapsed() < Duration::from_secs(30));
+        // Earlier failures do not end a new wait; a value does.
+        let since = cell.fetches_ended();
+        let c = cell.clone();
+        let waiter =
+            tokio::spawn(
+                async move { c.wait_valid_or_failed(since, Duration::from_secs(60)).await },
+            );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished());
+        cell.store("t1", Duration::from_secs(60));
+        assert_eq!(&*waiter.await.unwrap().unwrap().value, "t1");
+        let none = cell.wait_valid_or_failed(cell.fetches_ended(), Duration::from_millis(10));
+        assert!(none.await.is_ok(), "valid: at once");
     }
 }

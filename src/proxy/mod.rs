@@ -294,6 +294,8 @@ impl Proxy {
         account: &str,
         what: &'static str,
     ) -> Result<Arc<Lease>, ProxyError> {
+        // Taken first: a fetch that fails from here on ends the wait below.
+        let since = cell.fetches_ended();
         if let Some(t) = cell.valid() {
             return Ok(t);
         }
@@ -311,18 +313,22 @@ impl Proxy {
                 reason: format!("the last fetch failed with errcode {code}: {msg}"),
             });
         }
-        // A ticket fetch may first wait for the token: allow for both.
-        cell.wait_valid(
-            self.app
-                .upstream_for(crate::config::Family::Official)
-                .read_timeout()
-                * 2,
-        )
-        .await
-        .ok_or_else(|| ProxyError::NoToken {
+        // A ticket fetch may first wait for the token: allow for both. A
+        // fetch that fails meanwhile is the answer (not a wait to the end).
+        let limit = self
+            .app
+            .upstream_for(crate::config::Family::Official)
+            .read_timeout()
+            * 2;
+        let reason = match cell.wait_valid_or_failed(since, limit).await {
+            Ok(t) => return Ok(t),
+            Err(Some((code, msg))) => format!("the last fetch failed with errcode {code}: {msg}"),
+            Err(None) => format!("timed out waiting for the {what} fetch"),
+        };
+        Err(ProxyError::NoToken {
             account: account.to_string(),
             what,
-            reason: format!("timed out waiting for the {what} fetch"),
+            reason,
         })
     }
 

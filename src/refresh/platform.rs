@@ -47,16 +47,14 @@ async fn post(
     let v: Value = serde_json::from_slice(&answer)
         .map_err(|e| FetchError::BadAnswer(format!("HTTP {status}, not JSON ({e})")))?;
     if let Some(code) = v.get("errcode").and_then(Value::as_i64).filter(|c| *c != 0) {
-        return Err(FetchError::WeChat {
-            errcode: code,
-            errmsg: v
-                .get("errmsg")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .chars()
-                .take(200)
-                .collect(),
-        });
+        let errmsg = v.get("errmsg").and_then(Value::as_str).unwrap_or("");
+        let query = path_and_query.split_once('?').map(|(_, q)| q);
+        return Err(FetchError::wechat(
+            code,
+            errmsg,
+            query,
+            body.to_string().as_bytes(),
+        ));
     }
     Ok((sent, v))
 }

@@ -32,7 +32,68 @@ pub enum FetchError {
     NoToken(String),
 }
 
+/// Keys whose values a token or ticket request sends in the open: ids and
+/// kinds. Every other value (a secret, a token, a ticket, a refresh token)
+/// is masked in an errmsg that echoes it.
+const PUBLIC_KEYS: &[&str] = &[
+    "grant_type",
+    "appid",
+    "corpid",
+    "component_appid",
+    "authorizer_appid",
+    "type",
+    "force_refresh",
+];
+
+/// The longest errmsg kept (logs, `/status`, a ticket's error answer).
+const DEFAULT_ERRMSG_LIMIT: usize = 200;
+
 impl FetchError {
+    /// WeChat's refusal, its errmsg cleaned: every non-public value the
+    /// request sent (`query`, a JSON `body`) is masked, as sent and as
+    /// decoded, before it is cut to length (so no cut leaves a secret's
+    /// first part). The errmsg is the server's text, and it goes to logs,
+    /// `/status` and, for a ticket, the app's error answer: an upstream that
+    /// echoed what it was sent must not carry our secret or token there.
+    pub(crate) fn wechat(errcode: i64, errmsg: &str, query: Option<&str>, body: &[u8]) -> Self {
+        let mut sent: Vec<String> = Vec::new();
+        for pair in query.unwrap_or("").split('&') {
+            let Some((key, raw)) = pair.split_once('=') else {
+                continue;
+            };
+            let key = url::form_urlencoded::parse(key.as_bytes())
+                .next()
+                .map(|(k, _)| k.into_owned())
+                .unwrap_or_default();
+            if !PUBLIC_KEYS.contains(&key.as_str()) {
+                sent.push(raw.to_string());
+                sent.extend(
+                    url::form_urlencoded::parse(pair.as_bytes())
+                        .next()
+                        .map(|(_, v)| v.into_owned()),
+                );
+            }
+        }
+        if let Ok(serde_json::Value::Object(fields)) = serde_json::from_slice(body) {
+            sent.extend(fields.into_iter().filter_map(|(k, v)| match v {
+                serde_json::Value::String(v) if !PUBLIC_KEYS.contains(&k.as_str()) => Some(v),
+                _ => None,
+            }));
+        }
+        // Longest first: a value that contains another is masked whole.
+        sent.sort_by_key(|v| std::cmp::Reverse(v.len()));
+        let mut errmsg = errmsg.to_string();
+        for v in sent.iter().filter(|v| !v.is_empty()) {
+            if errmsg.contains(v.as_str()) {
+                errmsg = errmsg.replace(v.as_str(), "***");
+            }
+        }
+        FetchError::WeChat {
+            errcode,
+            errmsg: errmsg.chars().take(DEFAULT_ERRMSG_LIMIT).collect(),
+        }
+    }
+
     /// The errcode shown in `/status`: WeChat's, or -1 for our own failures.
     pub fn errcode(&self) -> i64 {
         match self {
@@ -118,7 +179,14 @@ pub(crate) async fn exchange(
             "HTTP {status}, body over {DEFAULT_ANSWER_LIMIT} bytes"
         ))
     })?;
-    parse_answer(status, &answer).map(|f| f.counted_from(sent))
+    parse_answer(status, &answer)
+        .map(|f| f.counted_from(sent))
+        .map_err(|e| match e {
+            FetchError::WeChat { errcode, errmsg } => {
+                FetchError::wechat(errcode, &errmsg, req.uri.query(), body)
+            }
+            e => e,
+        })
 }
 
 /// `POST /cgi-bin/stable_token`'s body, written straight from borrowed
@@ -194,9 +262,10 @@ fn parse_answer(status: u16, body: &[u8]) -> Result<Fetched, FetchError> {
                 expires_in: Duration::from_secs(secs),
             })
         }
+        // Whole here: `exchange` masks what was sent, then cuts it.
         (_, Some(errcode)) if errcode != 0 => Err(FetchError::WeChat {
             errcode,
-            errmsg: a.errmsg.unwrap_or_default().chars().take(200).collect(),
+            errmsg: a.errmsg.unwrap_or_default(),
         }),
         _ => Err(FetchError::BadAnswer(format!(
             "HTTP {status}, neither a token, a ticket nor an errcode"
@@ -232,5 +301,36 @@ mod tests {
         )
         .unwrap();
         assert_eq!(t.value, "K");
+    }
+
+    #[test]
+    fn an_errmsg_echoing_what_was_sent_is_masked() {
+        let secret = "s3cr3t/value+";
+        let query =
+            "grant_type=client_credential&appid=wx1&secret=s3cr3t%2Fvalue%2B&access_token=TOKEN123";
+        let body = br#"{"appid":"wx1","component_appsecret":"CSECRET","authorizer_refresh_token":"refresh@1","force_refresh":false}"#;
+        let echo = format!(
+            "bad: {query} {} decoded {secret} body {}",
+            "x".repeat(150),
+            String::from_utf8_lossy(body)
+        );
+        let e = FetchError::wechat(40125, &echo, Some(query), body);
+        let FetchError::WeChat { errmsg, errcode } = e else {
+            panic!()
+        };
+        assert_eq!(errcode, 40125);
+        for sent in ["s3cr3t", "TOKEN123", "CSECRET", "refresh@1"] {
+            assert!(!errmsg.contains(sent), "{sent} in {errmsg}");
+        }
+        assert!(errmsg.contains("appid=wx1"), "ids stay: {errmsg}");
+        assert!(errmsg.chars().count() <= DEFAULT_ERRMSG_LIMIT);
+        // Masked before the cut: a secret across the limit leaves no prefix.
+        let long = format!("{}{}", "y".repeat(190), "ABCDEFGHIJKLMNOP");
+        let FetchError::WeChat { errmsg, .. } =
+            FetchError::wechat(-1, &long, Some("secret=ABCDEFGHIJKLMNOP"), b"")
+        else {
+            panic!()
+        };
+        assert!(!errmsg.contains("ABCDEFGHIJ"), "{errmsg}");
     }
 }

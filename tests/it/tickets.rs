@@ -424,3 +424,58 @@ async fn replicas_share_tickets_through_redis() {
     .unwrap();
     assert_eq!(rec["token"], ticket_of(&va).as_str());
 }
+
+/// An upstream that echoes what it was sent in its errmsg (a secret, our
+/// token) gets it masked before the errmsg reaches the app's error answer
+/// (a ticket's), `/status` or a log line.
+#[tokio::test]
+async fn an_errmsg_echoing_the_request_carries_no_secret_or_token() {
+    let echo = |path: &str| {
+        format!(r#"{{"rules":[{{"path":"{path}","echo_rate":1.0,"errcode":45009}}]}}"#)
+    };
+    // A ticket fetch sends our token in its query (45009: refused at once,
+    // not retried while the app waits).
+    let fake = Fake::start(&[]);
+    let side = Sidecar::start_standard(&fake, "classic", "stable").await;
+    fake.faults(&echo("/cgi-bin/ticket/getticket")).await;
+    let (status, v) = side.get(GETTICKET, &[]).await;
+    assert_eq!(status, 503, "{v}");
+    let token = fake
+        .requests()
+        .await
+        .iter()
+        .find(|r| r["path"] == "/cgi-bin/ticket/getticket")
+        .and_then(|r| r["access_token"].as_str().map(str::to_string))
+        .expect("the ticket fetch went out with a token");
+    assert!(v["errmsg"].as_str().unwrap().contains("echo: "), "{v}");
+    assert!(!v.to_string().contains(&token), "{v}");
+    let st = side.status().await;
+    assert!(st.to_string().contains("echo: "), "{st}");
+    assert!(!st.to_string().contains(&token), "{st}");
+    side.assert_log_clean(&[&token]);
+
+    // Token fetches send the secret: in the query (classic), in the body (stable).
+    for (api, path) in [
+        ("classic", "/cgi-bin/token"),
+        ("stable", "/cgi-bin/stable_token"),
+    ] {
+        let fake = Fake::start(&["--faults", &echo(path)]);
+        let cfg = format!("{}{}", upstream(), Sidecar::accounts(api, api));
+        let side = Sidecar::start_unready(&fake, &cfg).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let st = loop {
+            let st = side.status().await;
+            if st.to_string().contains("echo: ") || Instant::now() > deadline {
+                break st;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let text = st.to_string();
+        assert!(text.contains("echo: "), "{api}: the echo is shown: {st}");
+        assert!(
+            !text.contains(SHOP_SECRET) && !text.contains(MALL_SECRET),
+            "{api}: {st}"
+        );
+        side.assert_log_clean(&[]);
+    }
+}
