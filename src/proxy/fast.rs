@@ -542,8 +542,10 @@ impl FastLane {
             }
             let body = x.body();
             let errcode = inspect::errcode(body);
-            plan.account
-                .note_answer(errcode, head.path, || inspect::errmsg(body));
+            plan.account.note_answer(errcode, head.path, || {
+                // Kept for /status: never with our token in it.
+                inspect::errmsg(&scrubbed(body, plan.token.as_deref()))
+            });
             let rejected = plan.token.is_some()
                 && errcode.is_some_and(|c| inspect::INVALID_TOKEN.contains(&c));
             if replaying {

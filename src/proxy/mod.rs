@@ -799,7 +799,10 @@ impl Proxy {
             x.finish().await;
             ctx.errcode = inspect::errcode(&answer);
             if let Some(a) = &plan.account {
-                a.note_answer(ctx.errcode, &plan.path, || inspect::errmsg(&answer));
+                // Kept for /status: never with our token in it.
+                a.note_answer(ctx.errcode, &plan.path, || {
+                    inspect::errmsg(&scrub::scrubbed(&answer, plan.token.as_deref()))
+                });
             }
             let rejected = plan.token.is_some()
                 && ctx

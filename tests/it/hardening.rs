@@ -208,6 +208,11 @@ fn head_and_body(answer: &str) -> (&str, String) {
     (head, out)
 }
 
+/// A request pingora's path serves (a chunked body is handed off).
+fn handed_off(target: &str) -> Vec<u8> {
+    format!("POST {target} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n2\r\n{{}}\r\n0\r\n\r\n").into_bytes()
+}
+
 /// An answer too large to buffer goes to the app piece by piece: our token
 /// is masked in it too, also where it is split between two pieces, and a
 /// declared length stays true (the mask is as long as the token). On the
@@ -217,9 +222,6 @@ async fn a_streamed_answer_carries_no_token_either() {
     let up = RawUpstream::start();
     let side = Sidecar::start_bare(&up.config("limits:\n  buffered_body: 4KiB\n")).await;
     let mask = format!("access_token={}", "*".repeat(RAW_TOKEN.len()));
-    let handed_off = |target: &str| {
-        format!("POST {target} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n2\r\n{{}}\r\n0\r\n\r\n").into_bytes()
-    };
     let asks = [
         (
             "fast lane, declared length",
@@ -284,6 +286,33 @@ async fn a_streamed_answer_carries_no_token_either() {
         .log()
         .contains("an upstream answer carried our token; masked"));
     assert!(!side.log().contains(RAW_TOKEN), "never logged");
+}
+
+/// A whitelist refusal's errmsg (WeChat names our egress IP in it) is kept
+/// for `/status`: an upstream echoing our token in it has it masked there,
+/// on either path.
+#[tokio::test]
+async fn a_refusal_kept_for_status_carries_no_token() {
+    let up = RawUpstream::start();
+    let side = Sidecar::start_bare(&up.config("")).await;
+    let refused = [
+        get("/cgi-bin/echo/x?errcode=40164"),
+        handed_off("/cgi-bin/echo/x?errcode=40164"),
+    ];
+    for ask in refused {
+        let answer = exchange(side.port, &ask, QUIET);
+        assert!(
+            answer.contains("40164") && !answer.contains(RAW_TOKEN),
+            "{answer}"
+        );
+        let st = side.status().await.to_string();
+        assert!(
+            st.contains("echo /cgi-bin/echo/x"),
+            "the refusal is shown: {st}"
+        );
+        assert!(!st.contains(RAW_TOKEN), "{st}");
+    }
+    assert!(up.api_requests().iter().all(|r| r.contains(RAW_TOKEN)));
 }
 
 #[tokio::test]

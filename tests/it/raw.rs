@@ -205,7 +205,14 @@ fn serve(mut s: TcpStream, seen: Arc<Mutex<Vec<String>>>) {
             (302, r#"{"errcode":0,"errmsg":"moved"}"#.to_string())
         } else if path.contains("/echo") {
             // `size=N` pads it to over N bytes (streamed past buffered_body).
-            let mut echo = serde_json::json!({"errcode":0,"errmsg":"ok","target":target});
+            // `errcode=N`: that errcode, the target echoed in its errmsg.
+            let errcode = number_param(query, "errcode=");
+            let errmsg = if errcode == 0 {
+                "ok".to_string()
+            } else {
+                format!("echo {target}")
+            };
+            let mut echo = serde_json::json!({"errcode":errcode,"errmsg":errmsg,"target":target});
             let size = size_param(query);
             if size > 0 {
                 echo["pad"] = "x".repeat(size).into();
