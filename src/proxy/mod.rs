@@ -55,6 +55,10 @@ impl std::ops::Deref for Body {
     }
 }
 
+/// pingora's error type for chunked framing it cannot read (its constant is
+/// private to pingora).
+const BAD_CHUNK_ERROR: &str = "InvalidChunk";
+
 /// Credentials sent to a token endpoint are tiny.
 const DEFAULT_CREDENTIALS_LIMIT: usize = 64 * 1024;
 
@@ -598,7 +602,18 @@ impl Proxy {
         deadline: tokio::time::Instant,
     ) -> Step<Option<Bytes>> {
         match tokio::time::timeout_at(deadline, session.read_request_body()).await {
-            Ok(chunk) => Ok(Ok(chunk?)),
+            Ok(Ok(chunk)) => Ok(Ok(chunk)),
+            // The app's framing is wrong (a chunk size that is not one, an
+            // extension past pingora's limit): its fault, answered 400, and
+            // the connection is not reused (where the body ends is unknown).
+            Ok(Err(e)) if e.etype().as_str() == BAD_CHUNK_ERROR => {
+                session.set_keepalive(None);
+                Ok(Err(ProxyError::BadRequest {
+                    path: session.req_header().uri.path().to_string(),
+                    reason: "the chunked request body is malformed".into(),
+                }))
+            }
+            Ok(Err(e)) => Err(e),
             Err(_) => {
                 session.set_keepalive(None);
                 Ok(Err(ProxyError::BodyTimeout {

@@ -315,6 +315,48 @@ async fn a_refusal_kept_for_status_carries_no_token() {
     assert!(up.api_requests().iter().all(|r| r.contains(RAW_TOKEN)));
 }
 
+/// A chunked body whose framing is wrong is the app's error: 400 (WeChat's
+/// 40035) naming it, the connection closed (where the body ends is
+/// unknown), nothing of it sent on; on the JSON API and the streamed route.
+#[tokio::test]
+async fn a_malformed_chunked_body_is_a_400() {
+    let up = RawUpstream::start();
+    let side = Sidecar::start_bare(&up.config("")).await;
+    for (target, framing) in [
+        ("/cgi-bin/message/template/send", "zz\r\n{}\r\n0\r\n\r\n"),
+        (
+            "/cgi-bin/message/template/send",
+            "ffffffffffffffffff\r\n{}\r\n0\r\n\r\n",
+        ),
+        ("/cgi-bin/media/upload?type=image", "zz\r\n{}\r\n0\r\n\r\n"),
+    ] {
+        let ask = format!(
+            "POST {target} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{framing}"
+        );
+        let answer = exchange(side.port, ask.as_bytes(), QUIET);
+        let what = &framing[..framing.len().min(20)];
+        assert!(
+            answer.starts_with("HTTP/1.1 400"),
+            "{target} {what:?}: {answer}"
+        );
+        assert!(
+            answer.contains("40035") && answer.contains("chunked request body is malformed"),
+            "{answer}"
+        );
+        assert!(
+            answer.to_ascii_lowercase().contains("connection: close"),
+            "{answer}"
+        );
+    }
+    assert!(
+        up.api_requests()
+            .iter()
+            .all(|r| !r.contains("template/send")),
+        "{:?}",
+        up.api_requests()
+    );
+}
+
 #[tokio::test]
 async fn the_streamed_route_frames_what_it_forwards() {
     let up = RawUpstream::start();
