@@ -8,6 +8,7 @@
 //! the app service's own runtime, so the pooled upstream sockets live on the
 //! same reactor as the requests that use them.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -479,7 +480,37 @@ impl<S> Gated<S> {
         if let Some(path) = &self.config_path {
             crate::reload::start(app, path.clone(), self.watched.clone());
         }
-        app.set_listening();
+    }
+}
+
+/// How long start-up waits for its listeners to take connections before it
+/// says ready anyway (pingora binds them a moment after the service starts).
+const DEFAULT_BIND_WAIT: Duration = Duration::from_secs(10);
+
+/// Waits until every address in `addrs` takes a TCP connection (pingora's
+/// listeners are bound inside its service start, one after another, and a
+/// `/readyz` that said ready before would send traffic to a port not open
+/// yet); a wildcard address is tried on loopback. The probe connection is
+/// closed at once (the guard sees a connection that says nothing).
+async fn until_bound(addrs: Vec<SocketAddr>) {
+    let deadline = tokio::time::Instant::now() + DEFAULT_BIND_WAIT;
+    for addr in addrs {
+        let probe = match addr.ip() {
+            std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+                SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+            }
+            std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+                SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), addr.port())
+            }
+            _ => addr,
+        };
+        while tokio::net::TcpStream::connect(probe).await.is_err() {
+            if tokio::time::Instant::now() > deadline {
+                tracing::warn!(listen = %addr, "listener not taking connections yet; saying ready anyway");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
 
@@ -492,11 +523,29 @@ impl<S: Service> Service for Gated<S> {
         listeners_per_fd: usize,
     ) {
         self.boot().await;
-        tracing::info!(listen = %self.app.config().listen, "app listener open");
-        let shutdown = self.app.drain.service_watch(shutdown);
-        self.inner
-            .start_service(fds, shutdown, listeners_per_fd)
-            .await;
+        let app = self.app.clone();
+        let shutdown = app.drain.service_watch(shutdown);
+        let serve = self.inner.start_service(fds, shutdown, listeners_per_fd);
+        tokio::pin!(serve);
+        // Ready once every listener takes connections, not before.
+        let config = app.config_full();
+        let mut addrs = vec![config.listen];
+        if let Some(i) = &config.intercept {
+            addrs.extend(
+                [i.https_listen, i.http_listen, i.proxy_listen]
+                    .into_iter()
+                    .flatten(),
+            );
+        }
+        let bound = until_bound(addrs);
+        tokio::select! {
+            _ = &mut serve => {}
+            _ = bound => {
+                app.set_listening();
+                tracing::info!(listen = %config.listen, "app listener open");
+                serve.await;
+            }
+        }
         self.app.tasks.shutdown().await;
     }
 

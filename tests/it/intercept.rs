@@ -63,6 +63,23 @@ async fn setup(extra: &str) -> (Fake, Sidecar, tempfile::TempDir, String, Ports)
         intercept_block(ca.path(), &ports, extra)
     );
     let side = Sidecar::start(&fake, &cfg).await;
+    // Ready means every listener takes connections (pingora binds them one
+    // after another; readiness waits for the last).
+    for port in [ports.https, ports.http, ports.proxy] {
+        std::net::TcpStream::connect(("127.0.0.1", port))
+            .unwrap_or_else(|e| panic!("ready, yet port {port} refuses: {e}"));
+    }
+    // Those probes leave no connection counted against the caps.
+    for _ in 0..100 {
+        if side
+            .metric(r#"wxsidecar_connections_open{listener="app"}"#)
+            .await
+            == 0.0
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     (fake, side, ca, pem, ports)
 }
 
