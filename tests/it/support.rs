@@ -324,15 +324,27 @@ impl Sidecar {
     }
 
     /// Like `start`, but does not require readiness (for failing accounts):
-    /// waits for the admin listener, then for the app listener to open.
+    /// waits for the admin listener, then for the app listener to be open
+    /// (`/readyz` no longer says it is not: the port takes connections a
+    /// moment before that).
     pub async fn start_unready(fake: &Fake, body: &str) -> Sidecar {
         let s = Self::spawn(fake, body);
         s.wait_admin().await;
         let deadline = Instant::now() + WAIT;
-        while tokio::net::TcpStream::connect(("127.0.0.1", s.port))
-            .await
-            .is_err()
-        {
+        let c = client();
+        loop {
+            let open = tokio::net::TcpStream::connect(("127.0.0.1", s.port))
+                .await
+                .is_ok();
+            if open {
+                let why = match c.get(s.admin("/readyz")).send().await {
+                    Ok(r) => r.text().await.unwrap_or_default(),
+                    Err(_) => String::new(),
+                };
+                if !why.contains("app listener not open yet") {
+                    break;
+                }
+            }
             assert!(
                 Instant::now() < deadline,
                 "app listener never opened: {}",
