@@ -486,6 +486,8 @@ impl<S> Gated<S> {
 /// How long start-up waits for its listeners to take connections before it
 /// says ready anyway (pingora binds them a moment after the service starts).
 const DEFAULT_BIND_WAIT: Duration = Duration::from_secs(10);
+/// One probe's connect: an address of this host answers at once.
+const DEFAULT_PROBE_WAIT: Duration = Duration::from_millis(500);
 
 /// Waits until every address in `addrs` takes a TCP connection (pingora's
 /// listeners are bound inside its service start, one after another, and a
@@ -504,7 +506,14 @@ async fn until_bound(addrs: Vec<SocketAddr>) {
             }
             _ => addr,
         };
-        while tokio::net::TcpStream::connect(probe).await.is_err() {
+        let taken = || async {
+            let connect = tokio::net::TcpStream::connect(probe);
+            matches!(
+                tokio::time::timeout(DEFAULT_PROBE_WAIT, connect).await,
+                Ok(Ok(_))
+            )
+        };
+        while !taken().await {
             if tokio::time::Instant::now() > deadline {
                 tracing::warn!(listen = %addr, "listener not taking connections yet; saying ready anyway");
                 break;
