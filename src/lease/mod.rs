@@ -30,6 +30,12 @@ use crate::metrics::FetchCounters;
 /// many refreshes: at one refresh per ~2 h, about two days of history.
 const DEFAULT_ISSUED_HISTORY: usize = 24;
 
+/// The longest lifetime believed: WeChat's tokens and tickets live 7200 s.
+/// A longer claim (a hostile or broken answer, a corrupt store record) is
+/// cut to this, so it can neither overflow a clock nor put the next
+/// refresh off for ever.
+pub const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(86_400);
+
 /// A token as the sidecar holds it.
 #[derive(Debug)]
 pub struct Lease {
@@ -523,6 +529,7 @@ impl LeaseCell {
     /// ticket fetched again mid-life can come back claiming a full 7200 s,
     /// and believing it is how SDKs end up signing with an expired ticket.
     pub(crate) fn store(&self, value: &str, expires_in: Duration) -> StoreOutcome {
+        let expires_in = expires_in.min(DEFAULT_MAX_LIFETIME);
         let now = Instant::now();
         let old = self.current.load_full();
         let outcome;
@@ -811,6 +818,17 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(5)).await;
         assert!(cell.valid().is_none());
         assert!(cell.wait_valid(Duration::from_millis(10)).await.is_none());
+    }
+
+    #[test]
+    fn a_lifetime_past_a_day_is_cut_to_a_day() {
+        let cell = LeaseCell::default();
+        cell.store("t1", Duration::from_secs(u64::MAX));
+        let t = cell.valid().unwrap();
+        assert!(t.remaining() <= DEFAULT_MAX_LIFETIME);
+        assert!(t.remaining() > DEFAULT_MAX_LIFETIME - Duration::from_secs(60));
+        cell.store("t1", Duration::MAX);
+        assert!(cell.valid().unwrap().remaining() <= DEFAULT_MAX_LIFETIME);
     }
 
     #[tokio::test]

@@ -39,21 +39,30 @@ impl Record {
     /// refresh in `refresh_in`.
     pub fn now(token: String, expires_in: Duration, refresh_in: Duration, by: String) -> Self {
         let now = now_ms();
+        let at =
+            |d: Duration| now.saturating_add(d.min(super::DEFAULT_MAX_LIFETIME).as_millis() as u64);
         Record {
             token,
-            expires_at_ms: now + expires_in.as_millis() as u64,
+            expires_at_ms: at(expires_in),
             fetched_at_ms: now,
             fetched_by: by,
-            next_refresh_at_ms: now + refresh_in.as_millis() as u64,
+            next_refresh_at_ms: at(refresh_in),
         }
     }
 
+    /// What is left of its life; a record that claims more than
+    /// [`super::DEFAULT_MAX_LIFETIME`] (written by a broken replica, or by
+    /// hand) gets that.
     pub fn remaining(&self) -> Duration {
-        Duration::from_millis(self.expires_at_ms.saturating_sub(now_ms()))
+        Self::until(self.expires_at_ms)
     }
 
     pub fn until_next_refresh(&self) -> Duration {
-        Duration::from_millis(self.next_refresh_at_ms.saturating_sub(now_ms()))
+        Self::until(self.next_refresh_at_ms)
+    }
+
+    fn until(at_ms: u64) -> Duration {
+        Duration::from_millis(at_ms.saturating_sub(now_ms())).min(super::DEFAULT_MAX_LIFETIME)
     }
 }
 
@@ -545,5 +554,28 @@ impl super::refresher::Shared for RedisStore {
 
     fn replica(&self) -> &str {
         &self.replica
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lease::DEFAULT_MAX_LIFETIME;
+
+    #[test]
+    fn a_record_never_claims_more_than_a_day() {
+        let day = DEFAULT_MAX_LIFETIME;
+        let r = Record::now("t".into(), Duration::MAX, Duration::MAX, "me".into());
+        assert!(r.remaining() <= day && r.remaining() > day - Duration::from_secs(60));
+        assert!(r.until_next_refresh() <= day);
+        let corrupt = Record {
+            token: "t".into(),
+            expires_at_ms: u64::MAX,
+            fetched_at_ms: 0,
+            fetched_by: "elsewhere".into(),
+            next_refresh_at_ms: u64::MAX,
+        };
+        assert_eq!(corrupt.remaining(), day);
+        assert_eq!(corrupt.until_next_refresh(), day);
     }
 }

@@ -357,6 +357,25 @@ async fn a_malformed_chunked_body_is_a_400() {
     );
 }
 
+/// A token answer claiming to live 2^64 - 1 seconds (a broken or hostile
+/// upstream) is believed for a day: the real binary stays up, becomes ready,
+/// serves with it and shows it expiring within the day (the sum once
+/// overflowed the clock in the refresh scheduler).
+#[tokio::test]
+async fn an_endless_token_lifetime_is_a_day() {
+    let up = RawUpstream::start();
+    let cfg = up.config("").replace(RAW_APPID, RAW_ENDLESS_APPID);
+    let side = Sidecar::start_bare(&cfg).await;
+    let answer = exchange(side.port, &get("/cgi-bin/echo/x?a=1"), QUIET);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let st = side.status().await;
+    let left = st["accounts"][0]["token_expires_in_seconds"]
+        .as_u64()
+        .unwrap();
+    assert!((86_000..=86_400).contains(&left), "{st}");
+    assert!(!side.log().contains("panicked"));
+}
+
 #[tokio::test]
 async fn the_streamed_route_frames_what_it_forwards() {
     let up = RawUpstream::start();

@@ -16,6 +16,8 @@ use crate::support::free_port;
 pub const RAW_TOKEN: &str = "rawtoken0123456789abcdef";
 pub const RAW_APPID: &str = "wxraw00000000001";
 pub const RAW_SECRET: &str = "raw-secret-0123456789";
+/// An app whose token answer claims an endless lifetime.
+pub const RAW_ENDLESS_APPID: &str = "wxrawendless0001";
 
 /// Writes `request` to the sidecar at `port` and reads until the peer
 /// closes or nothing more arrives for `quiet`.
@@ -190,15 +192,18 @@ fn serve(mut s: TcpStream, seen: Arc<Mutex<Vec<String>>>) {
         }
         let request: Vec<u8> = buf.drain(..end + len).collect();
         let text = String::from_utf8_lossy(&request).into_owned();
+        let endless = text.contains(RAW_ENDLESS_APPID);
         seen.lock().push(text);
         let target = head.split(' ').nth(1).unwrap_or("/").to_string();
         let (path, query) = target.split_once('?').unwrap_or((&target, ""));
         let mut out = Vec::new();
         let mut extra = String::new();
         let (status, body) = if path.contains("token") {
+            // RAW_ENDLESS_APPID's token claims to live 2^64 - 1 seconds.
+            let life = if endless { u64::MAX } else { 7200 };
             (
                 200,
-                format!(r#"{{"access_token":"{RAW_TOKEN}","expires_in":7200}}"#),
+                format!(r#"{{"access_token":"{RAW_TOKEN}","expires_in":{life}}}"#),
             )
         } else if path.contains("/redirect") {
             extra = format!("Location: https://elsewhere.example/landing?{query}\r\n");

@@ -290,6 +290,31 @@ async fn refreshes_ahead_of_expiry_and_at_most_half_the_lifetime() {
     task.abort();
 }
 
+/// A lifetime past believing (`expires_in` near 2^64 s, from a broken or
+/// hostile answer) is a day: nothing overflows, and the next refresh is a
+/// day off, not never (shared through the store the same way).
+#[tokio::test(start_paused = true)]
+async fn an_endless_lifetime_is_taken_as_a_day() {
+    let (c, script) = (cell(), Script::rotating(Duration::MAX));
+    let task = alone(&c, &script, settings());
+    tokio::time::sleep(S(86_400 + 10)).await;
+    assert_eq!(script.times(), [S(0), S(86_100)]);
+    assert!(c.valid().unwrap().remaining() <= crate::lease::DEFAULT_MAX_LIFETIME);
+    task.abort();
+
+    let (c, script, store) = (
+        cell(),
+        Script::rotating(Duration::MAX),
+        Arc::new(MemStore::default()),
+    );
+    let task = shared(&c, &script, &store, settings());
+    tokio::time::sleep(S(10)).await;
+    let record = store.records.lock().values().next().cloned().unwrap();
+    assert!(record.remaining() <= crate::lease::DEFAULT_MAX_LIFETIME);
+    assert_eq!(script.count(), 1);
+    task.abort();
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_ticket_fetched_again_keeps_its_real_expiry() {
     // WeChat hands the same ticket out again, claiming a full 7200 s each
