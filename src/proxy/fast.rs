@@ -667,11 +667,20 @@ fn has_header(x: &Reply<'_>, name: &[u8]) -> bool {
 }
 
 fn copy_headers(out: &mut Vec<u8>, x: &Reply<'_>, token: Option<&Lease>) {
+    // Headers the answer's `Connection` names are hop-by-hop too (none in
+    // the usual `keep-alive`: nothing allocated then).
+    let mut named: Vec<Vec<u8>> = Vec::new();
+    x.for_each_header(|name, value| {
+        if name.eq_ignore_ascii_case(b"connection") {
+            named.extend(super::connection_options(value).map(<[u8]>::to_vec));
+        }
+    });
     x.for_each_header(|name, value| {
         let skip = name.eq_ignore_ascii_case(b"content-length")
             || HOP_BY_HOP
                 .iter()
-                .any(|h| name.eq_ignore_ascii_case(h.as_bytes()));
+                .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
+            || named.iter().any(|n| n.eq_ignore_ascii_case(name));
         if skip {
             return;
         }

@@ -161,6 +161,37 @@ const HOP_BY_HOP: [&str; 9] = [
     "upgrade",
 ];
 
+/// The options an answer's `Connection` value names besides `close` and
+/// `keep-alive`: headers that are hop-by-hop as well (RFC 9110 §7.6.1).
+pub(crate) fn connection_options(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|b| *b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| {
+            !t.is_empty()
+                && !t.eq_ignore_ascii_case(b"close")
+                && !t.eq_ignore_ascii_case(b"keep-alive")
+        })
+}
+
+/// Removes an answer's hop-by-hop headers: the usual ones, and those its
+/// `Connection` names.
+fn remove_hop_by_hop(resp: &mut ResponseHeader) {
+    let named: Vec<String> = resp
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| connection_options(v.as_bytes()))
+        .map(|t| String::from_utf8_lossy(t).into_owned())
+        .collect();
+    for name in &named {
+        resp.remove_header(name.as_str());
+    }
+    for name in HOP_BY_HOP {
+        resp.remove_header(name);
+    }
+}
+
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(&name.as_str())
 }
@@ -702,10 +733,20 @@ impl Proxy {
             path_and_query.as_bytes(),
             Some(client.headers.len() + 1),
         )?;
+        // Headers the app's `Connection` names are for this hop alone.
+        let named: Vec<&[u8]> = client
+            .headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|v| connection_options(v.as_bytes()))
+            .collect();
         for (name, value) in client.headers.iter() {
             // `Expect` too: the body is already in hand, nothing to wait for.
             // Our own bearer token is for us, never for WeChat.
             if is_hop_by_hop(name)
+                || named
+                    .iter()
+                    .any(|n| n.eq_ignore_ascii_case(name.as_str().as_bytes()))
                 || (name == header::AUTHORIZATION && self.app.clients().uses_tokens())
                 || name == header::EXPECT
                 || name == header::HOST
@@ -777,9 +818,7 @@ impl Proxy {
             let mut resp = x.header().clone();
             // An h2 answer goes to the app as HTTP/1.1.
             resp.set_version(http::Version::HTTP_11);
-            for name in HOP_BY_HOP {
-                resp.remove_header(name);
-            }
+            remove_hop_by_hop(&mut resp);
             scrub_token(&mut resp, plan.token.as_deref());
             if content_length(&resp.headers).is_some_and(|n| n > limit) {
                 return self
@@ -972,9 +1011,7 @@ impl Proxy {
             Ok(Ok(x)) => x,
         };
         let mut resp = x.header().clone();
-        for name in HOP_BY_HOP {
-            resp.remove_header(name);
-        }
+        remove_hop_by_hop(&mut resp);
         scrub_token(&mut resp, plan.token.as_deref());
         self.stream_answer(
             session,

@@ -332,6 +332,12 @@ impl Upstream {
                 buf.drain(..len);
                 continue;
             }
+            if !super::final_status_ok(status) {
+                return Err(sent(bad(
+                    &addr,
+                    format!("answer status {status} is not one to pass on"),
+                )));
+            }
             let value = |name: &'static str| {
                 headers
                     .iter()

@@ -262,6 +262,16 @@ pub(super) async fn exchange(
         Ok(Ok(a)) => a,
     };
     let (parts, body) = answer.into_parts();
+    if !super::final_status_ok(parts.status.as_u16()) {
+        return Err(Failure::Broken {
+            reason: format!(
+                "answer status {} is not one to pass on",
+                parts.status.as_u16()
+            ),
+            sent: true,
+            going_away: false,
+        });
+    }
     Ok(Answer {
         head: ResponseHeader::from(parts),
         body,

@@ -54,6 +54,14 @@ const DEFAULT_H2_STREAMS: usize = 100;
 /// most a `100 Continue`; an upstream sending them without end is cut off.
 pub const DEFAULT_MAX_INFORMATIONAL: usize = 8;
 
+/// Whether an answer's final status may go on to the app: 200–599. A code
+/// outside 100–599 is no HTTP status (RFC 9110 §15), informational ones are
+/// skipped before this, and 101 switches protocols we never asked to
+/// switch: a broken (or hostile) answer, answered 502.
+pub(crate) fn final_status_ok(status: u16) -> bool {
+    (200..=599).contains(&status)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     #[error("cannot resolve upstream host {host}: {reason}")]
@@ -1011,6 +1019,16 @@ impl Upstream {
                 });
             }
         }
+        let status = session.get_status().map_or(0, |s| s.as_u16());
+        if !final_status_ok(status) {
+            return Err(Failed {
+                error: UpstreamError::Exchange {
+                    addr: addr(),
+                    reason: format!("answer status {status} is not one to pass on"),
+                },
+                sent: true,
+            });
+        }
         Ok(Exchange {
             upstream: self,
             session: Session::H1(session),
@@ -1115,7 +1133,13 @@ impl<'a> Upload<'a> {
                 self.session.read_response().await?;
                 let status = self.session.get_status().map_or(0, |s| s.as_u16());
                 if !(100..200).contains(&status) || status == 101 {
-                    return Ok(());
+                    return match final_status_ok(status) {
+                        true => Ok(()),
+                        false => Err(pingora::Error::explain(
+                            ErrorType::InvalidHTTPHeader,
+                            "answer status not one to pass on",
+                        )),
+                    };
                 }
                 informational += 1;
                 if informational > DEFAULT_MAX_INFORMATIONAL {

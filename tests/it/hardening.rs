@@ -376,6 +376,56 @@ async fn an_endless_token_lifetime_is_a_day() {
     assert!(!side.log().contains("panicked"));
 }
 
+/// What goes back to the app is a well-formed HTTP/1.1 answer: a status
+/// outside 200–599 (000, 099, 600, 999) or a 101 we never asked for is a
+/// 502, never passed on; headers the upstream's `Connection` names are
+/// dropped as hop-by-hop (and the app's, on the way up). Fast lane,
+/// pingora's path and the streamed route.
+#[tokio::test]
+async fn answers_go_back_well_formed() {
+    let up = RawUpstream::start();
+    let side = Sidecar::start_bare(&up.config("")).await;
+    for code in ["000", "099", "101", "600", "999"] {
+        let target = format!("/cgi-bin/status/{code}");
+        for ask in [get(&target), handed_off(&target)] {
+            let answer = exchange(side.port, &ask, QUIET);
+            assert!(answer.starts_with("HTTP/1.1 502"), "{code}: {answer}");
+            assert!(answer.contains("\"errcode\":-1"), "{answer}");
+        }
+        let media = format!("/cgi-bin/media/status/{code}");
+        let answer = exchange(side.port, &get(&media), QUIET);
+        assert!(
+            answer.starts_with("HTTP/1.1 502"),
+            "streamed {code}: {answer}"
+        );
+    }
+    for ask in [
+        get("/cgi-bin/hop"),
+        handed_off("/cgi-bin/hop"),
+        get("/cgi-bin/media/hop"),
+    ] {
+        let answer = exchange(side.port, &ask, QUIET);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let lower = answer.to_ascii_lowercase();
+        assert!(!lower.contains("x-hop"), "{answer}");
+        assert!(
+            lower.contains("set-cookie: a=b"),
+            "end-to-end headers stay: {answer}"
+        );
+    }
+    // The app's own: a header its Connection names stays with us.
+    let ask = b"POST /cgi-bin/echo HTTP/1.1\r\nHost: x\r\nConnection: X-App-Hop, close\r\nX-App-Hop: mine\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n";
+    let answer = exchange(side.port, ask, QUIET);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let sent = up.api_requests();
+    let echo = sent
+        .iter()
+        .rev()
+        .find(|r| r.contains("/cgi-bin/echo"))
+        .unwrap();
+    assert!(!echo.to_ascii_lowercase().contains("x-app-hop"), "{echo}");
+}
+
 #[tokio::test]
 async fn the_streamed_route_frames_what_it_forwards() {
     let up = RawUpstream::start();

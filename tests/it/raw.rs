@@ -205,6 +205,19 @@ fn serve(mut s: TcpStream, seen: Arc<Mutex<Vec<String>>>) {
                 200,
                 format!(r#"{{"access_token":"{RAW_TOKEN}","expires_in":{life}}}"#),
             )
+        } else if let Some((_, code)) = path.split_once("/status/") {
+            // An answer with any status line at all (000, 101, 999).
+            let wire = format!("HTTP/1.1 {code} X\r\nContent-Length: 2\r\n\r\n{{}}");
+            if s.write_all(wire.as_bytes()).is_err() {
+                return;
+            }
+            continue;
+        } else if path.contains("/hop") {
+            // A header its Connection names: hop-by-hop, for us alone.
+            extra =
+                "Connection: keep-alive, X-Hop\r\nX-Hop: for-the-sidecar\r\nSet-Cookie: a=b\r\n"
+                    .into();
+            (200, r#"{"errcode":0,"errmsg":"ok"}"#.to_string())
         } else if path.contains("/redirect") {
             extra = format!("Location: https://elsewhere.example/landing?{query}\r\n");
             (302, r#"{"errcode":0,"errmsg":"moved"}"#.to_string())
