@@ -196,6 +196,8 @@ pub(crate) fn parse(data: &[u8], body_limit: usize) -> Option<Head<'_>> {
             } else if !v.eq_ignore_ascii_case(b"keep-alive") {
                 return None;
             }
+        } else if is("accept-encoding") {
+            // Not passed on: the answer is read here (errcode, our token).
         } else if is(ACCOUNT_HEADER) {
             if account.is_some() {
                 return None;

@@ -743,7 +743,10 @@ impl Proxy {
         for (name, value) in client.headers.iter() {
             // `Expect` too: the body is already in hand, nothing to wait for.
             // Our own bearer token is for us, never for WeChat.
+            // `Accept-Encoding` too: we read every answer (its errcode, our
+            // token in it), so WeChat is asked for it as it is.
             if is_hop_by_hop(name)
+                || name == header::ACCEPT_ENCODING
                 || named
                     .iter()
                     .any(|n| n.eq_ignore_ascii_case(name.as_str().as_bytes()))

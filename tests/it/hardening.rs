@@ -426,6 +426,39 @@ async fn answers_go_back_well_formed() {
     assert!(!echo.to_ascii_lowercase().contains("x-app-hop"), "{echo}");
 }
 
+/// Every answer is read here (its errcode for the replay, our token to
+/// mask), so WeChat is never asked for a compressed one: the app's
+/// `Accept-Encoding` stays with us. Fast lane, pingora's path, media.
+#[tokio::test]
+async fn answers_are_asked_for_uncompressed() {
+    let up = RawUpstream::start();
+    let side = Sidecar::start_bare(&up.config("")).await;
+    let with = |ask: Vec<u8>| {
+        String::from_utf8(ask).unwrap().replacen(
+            "Host: x\r\n",
+            "Host: x\r\nAccept-Encoding: gzip, br\r\n",
+            1,
+        )
+    };
+    for ask in [
+        with(get("/cgi-bin/echo/gz?a=1")),
+        with(handed_off("/cgi-bin/echo/gz?a=2")),
+        with(get("/cgi-bin/media/echo/gz?a=3")),
+    ] {
+        let answer = exchange(side.port, ask.as_bytes(), QUIET);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+    let sent: Vec<String> = up
+        .api_requests()
+        .into_iter()
+        .filter(|r| r.contains("/gz?"))
+        .collect();
+    assert_eq!(sent.len(), 3, "{sent:?}");
+    for r in sent {
+        assert!(!r.to_ascii_lowercase().contains("accept-encoding"), "{r}");
+    }
+}
+
 #[tokio::test]
 async fn the_streamed_route_frames_what_it_forwards() {
     let up = RawUpstream::start();
