@@ -442,6 +442,8 @@ impl FastLane {
             out.extend_from_slice(value);
             out.extend_from_slice(b"\r\n");
         }
+        // Answers as they are: every one is read here.
+        out.extend_from_slice(b"Accept-Encoding: identity\r\n");
         if head.post || !head.body.is_empty() {
             out.extend_from_slice(b"Content-Length: ");
             out.extend_from_slice(itoa::Buffer::new().format(head.body.len()).as_bytes());
@@ -717,7 +719,7 @@ impl crate::upstream::Outgoing for H2Request<'_> {
         *req.uri_mut() = crate::upstream::h2_uri(authority, Some(target))?;
         *req.version_mut() = http::Version::HTTP_2;
         let headers = req.headers_mut();
-        headers.reserve(self.head.forward.len() + 1);
+        headers.reserve(self.head.forward.len() + 2);
         for (name, value) in &self.head.forward {
             let name = http::HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| "header name not valid for HTTP/2")?;
@@ -725,6 +727,10 @@ impl crate::upstream::Outgoing for H2Request<'_> {
                 .map_err(|_| "header value not valid for HTTP/2")?;
             headers.append(name, value);
         }
+        headers.insert(
+            http::header::ACCEPT_ENCODING,
+            http::HeaderValue::from_static(crate::upstream::IDENTITY),
+        );
         if self.head.post || !self.head.body.is_empty() {
             headers.insert(
                 http::header::CONTENT_LENGTH,

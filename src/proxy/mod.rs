@@ -760,6 +760,7 @@ impl Proxy {
             }
             req.append_header(name.clone(), value.clone())?;
         }
+        req.insert_header(header::ACCEPT_ENCODING, crate::upstream::IDENTITY)?;
         let has_body_semantics = matches!(client.method.as_str(), "POST" | "PUT" | "PATCH");
         if body_len > 0 || has_body_semantics {
             req.insert_header(header::CONTENT_LENGTH, body_len)?;

@@ -344,6 +344,12 @@ impl Upstream {
                     .filter(|(n, _)| buf[n.clone()].eq_ignore_ascii_case(name.as_bytes()))
                     .map(|(_, v)| &buf[v.clone()])
             };
+            if value("content-encoding").any(super::coded) {
+                return Err(sent(bad(
+                    &addr,
+                    "answer has a content-coding; identity was asked for",
+                )));
+            }
             let chunked = value("transfer-encoding").any(|v| {
                 v.split(|b| *b == b',')
                     .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"))

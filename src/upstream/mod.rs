@@ -62,6 +62,27 @@ pub(crate) fn final_status_ok(status: u16) -> bool {
     (200..=599).contains(&status)
 }
 
+/// Whether a `Content-Encoding` value names a coding. Every request asks
+/// for `identity` (we read every answer: its errcode, our token in it); a
+/// coded answer anyway would hide both, so it is refused (502).
+pub(crate) fn coded(content_encoding: &[u8]) -> bool {
+    let v = content_encoding.trim_ascii();
+    !v.is_empty() && !v.eq_ignore_ascii_case(b"identity")
+}
+
+/// What an upstream request says it takes: answers as they are.
+pub(crate) const IDENTITY: &str = "identity";
+
+/// Whether an answer head carries a coding ([`coded`]).
+fn head_coded(head: Option<&ResponseHeader>) -> bool {
+    head.is_some_and(|h| {
+        h.headers
+            .get_all(http::header::CONTENT_ENCODING)
+            .iter()
+            .any(|v| coded(v.as_bytes()))
+    })
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     #[error("cannot resolve upstream host {host}: {reason}")]
@@ -1020,11 +1041,18 @@ impl Upstream {
             }
         }
         let status = session.get_status().map_or(0, |s| s.as_u16());
-        if !final_status_ok(status) {
+        let refusal = if !final_status_ok(status) {
+            Some(format!("answer status {status} is not one to pass on"))
+        } else if head_coded(session.resp_header()) {
+            Some("answer has a content-coding; identity was asked for".to_string())
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
             return Err(Failed {
                 error: UpstreamError::Exchange {
                     addr: addr(),
-                    reason: format!("answer status {status} is not one to pass on"),
+                    reason,
                 },
                 sent: true,
             });
@@ -1134,11 +1162,17 @@ impl<'a> Upload<'a> {
                 let status = self.session.get_status().map_or(0, |s| s.as_u16());
                 if !(100..200).contains(&status) || status == 101 {
                     return match final_status_ok(status) {
-                        true => Ok(()),
                         false => Err(pingora::Error::explain(
                             ErrorType::InvalidHTTPHeader,
                             "answer status not one to pass on",
                         )),
+                        true if head_coded(self.session.resp_header()) => {
+                            Err(pingora::Error::explain(
+                                ErrorType::InvalidHTTPHeader,
+                                "answer has a content-coding; identity was asked for",
+                            ))
+                        }
+                        true => Ok(()),
                     };
                 }
                 informational += 1;

@@ -427,8 +427,10 @@ async fn answers_go_back_well_formed() {
 }
 
 /// Every answer is read here (its errcode for the replay, our token to
-/// mask), so WeChat is never asked for a compressed one: the app's
-/// `Accept-Encoding` stays with us. Fast lane, pingora's path, media.
+/// mask), so WeChat is asked for answers as they are (`Accept-Encoding:
+/// identity`, the app's own stays with us), and a coded answer anyway (it
+/// would hide an echoed token from the mask) is a 502. Fast lane, pingora's
+/// path, media.
 #[tokio::test]
 async fn answers_are_asked_for_uncompressed() {
     let up = RawUpstream::start();
@@ -455,7 +457,18 @@ async fn answers_are_asked_for_uncompressed() {
         .collect();
     assert_eq!(sent.len(), 3, "{sent:?}");
     for r in sent {
-        assert!(!r.to_ascii_lowercase().contains("accept-encoding"), "{r}");
+        let lower = r.to_ascii_lowercase();
+        assert_eq!(lower.matches("accept-encoding").count(), 1, "{r}");
+        assert!(lower.contains("accept-encoding: identity\r\n"), "{r}");
+    }
+    for ask in [
+        get("/cgi-bin/gzipped?a=1"),
+        handed_off("/cgi-bin/gzipped?a=2"),
+        get("/cgi-bin/media/gzipped?a=3"),
+    ] {
+        let answer = exchange(side.port, &ask, QUIET);
+        assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+        assert!(!answer.contains(RAW_TOKEN), "{answer}");
     }
 }
 

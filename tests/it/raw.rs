@@ -212,6 +212,11 @@ fn serve(mut s: TcpStream, seen: Arc<Mutex<Vec<String>>>) {
                 return;
             }
             continue;
+        } else if path.contains("/gzipped") {
+            // Coded although identity was asked for (the bytes are not gzip:
+            // the sidecar must not pass them on either way).
+            extra = "Content-Encoding: gzip\r\n".into();
+            (200, format!(r#"{{"echo":"{query}"}}"#))
         } else if path.contains("/hop") {
             // A header its Connection names: hop-by-hop, for us alone.
             extra =
