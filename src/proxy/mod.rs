@@ -744,7 +744,7 @@ impl Proxy {
             // `Expect` too: the body is already in hand, nothing to wait for.
             // Our own bearer token is for us, never for WeChat.
             // `Accept-Encoding` too: we read every answer (its errcode, our
-            // token in it), so WeChat is asked for it as it is.
+            // token in it); our client asks for `identity`.
             if is_hop_by_hop(name)
                 || name == header::ACCEPT_ENCODING
                 || named
@@ -760,7 +760,6 @@ impl Proxy {
             }
             req.append_header(name.clone(), value.clone())?;
         }
-        req.insert_header(header::ACCEPT_ENCODING, crate::upstream::IDENTITY)?;
         let has_body_semantics = matches!(client.method.as_str(), "POST" | "PUT" | "PATCH");
         if body_len > 0 || has_body_semantics {
             req.insert_header(header::CONTENT_LENGTH, body_len)?;

@@ -52,6 +52,10 @@ impl Outgoing for RequestHeader {
         {
             headers.append(name.clone(), value.clone());
         }
+        headers.insert(
+            http::header::ACCEPT_ENCODING,
+            http::HeaderValue::from_static(super::IDENTITY),
+        );
         Ok(req)
     }
 
@@ -334,6 +338,7 @@ mod tests {
         assert!(h2.headers().get(http::header::HOST).is_none());
         assert_eq!(h2.headers()["content-type"], "application/json");
         assert_eq!(h2.headers()["content-length"], "2");
+        assert_eq!(h2.headers()["accept-encoding"], "identity");
         assert!(!req.idempotent());
         let get = RequestHeader::build("GET", b"/cgi-bin/get_api_domain_ip", None).unwrap();
         assert!(get.idempotent());

@@ -70,7 +70,8 @@ pub(crate) fn coded(content_encoding: &[u8]) -> bool {
     !v.is_empty() && !v.eq_ignore_ascii_case(b"identity")
 }
 
-/// What an upstream request says it takes: answers as they are.
+/// What every upstream request says it takes: answers as they are (set
+/// here for every request this client writes; the fast lane writes its own).
 pub(crate) const IDENTITY: &str = "identity";
 
 /// Whether an answer head carries a coding ([`coded`]).
@@ -631,6 +632,8 @@ impl Upstream {
         let failed = |e: Box<pingora::Error>| self.map_err(&peer.address().to_string(), &e);
         req.insert_header(http::header::HOST, self.host_header.as_str())
             .map_err(failed)?;
+        req.insert_header(http::header::ACCEPT_ENCODING, IDENTITY)
+            .map_err(failed)?;
         session
             .write_request_header(Box::new(req))
             .await
@@ -972,10 +975,10 @@ impl Upstream {
             // Our Host goes in last, before the blank line that ends the
             // head: the request itself is not copied to add it.
             wire.truncate(wire.len() - 2);
-            wire.reserve(self.host_header.len() + 10 + body.len());
+            wire.reserve(self.host_header.len() + 40 + body.len());
             wire.extend_from_slice(b"Host: ");
             wire.extend_from_slice(self.host_header.as_bytes());
-            wire.extend_from_slice(b"\r\n\r\n");
+            wire.extend_from_slice(b"\r\nAccept-Encoding: identity\r\n\r\n");
             wire.extend_from_slice(body);
             let write = async {
                 stream.write_all(&wire).await?;
@@ -1005,6 +1008,8 @@ impl Upstream {
         if !whole {
             let mut req = req.clone();
             req.insert_header(http::header::HOST, self.host_header.as_str())
+                .map_err(unsent)?;
+            req.insert_header(http::header::ACCEPT_ENCODING, IDENTITY)
                 .map_err(unsent)?;
             session
                 .write_request_header(Box::new(req))
