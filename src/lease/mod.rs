@@ -831,6 +831,20 @@ mod tests {
         assert!(cell.valid().unwrap().remaining() <= DEFAULT_MAX_LIFETIME);
     }
 
+    /// A wait on `cell` from now, for a minute, in a task of its own
+    /// (started and parked by the time this returns).
+    async fn waiting(
+        cell: &Arc<LeaseCell>,
+    ) -> tokio::task::JoinHandle<Result<Arc<Lease>, Option<(i64, String)>>> {
+        let (c, since) = (cell.clone(), cell.fetches_ended());
+        let waiter =
+            tokio::spawn(
+                async move { c.wait_valid_or_failed(since, Duration::from_secs(60)).await },
+            );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        waiter
+    }
+
     #[tokio::test]
     async fn a_waiter_hears_of_a_failed_fetch_at_once() {
         let cell = Arc::new(LeaseCell::default());
@@ -842,26 +856,14 @@ mod tests {
             .await;
         assert_eq!(got.unwrap_err(), Some((45009, "quota".to_string())));
         // A failure while waiting ends the wait long before its limit.
-        let since = cell.fetches_ended();
-        let c = cell.clone();
-        let waiter =
-            tokio::spawn(
-                async move { c.wait_valid_or_failed(since, Duration::from_secs(60)).await },
-            );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let waiter = waiting(&cell).await;
         let started = std::time::Instant::now();
         cell.record_failure(-1, "busy".into());
         let got = waiter.await.unwrap();
         assert_eq!(got.unwrap_err(), Some((-1, "busy".to_string())));
         assert!(started.elapsed() < Duration::from_secs(30));
         // Earlier failures do not end a new wait; a value does.
-        let since = cell.fetches_ended();
-        let c = cell.clone();
-        let waiter =
-            tokio::spawn(
-                async move { c.wait_valid_or_failed(since, Duration::from_secs(60)).await },
-            );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let waiter = waiting(&cell).await;
         assert!(!waiter.is_finished());
         cell.store("t1", Duration::from_secs(60));
         assert_eq!(&*waiter.await.unwrap().unwrap().value, "t1");

@@ -174,16 +174,21 @@ pub(crate) fn connection_options(value: &[u8]) -> impl Iterator<Item = &[u8]> {
         })
 }
 
-/// Removes an answer's hop-by-hop headers: the usual ones, and those its
-/// `Connection` names.
-fn remove_hop_by_hop(resp: &mut ResponseHeader) {
-    let named: Vec<String> = resp
-        .headers
+/// The headers a message's `Connection` names ([`connection_options`]):
+/// usually none, and then nothing is allocated.
+fn connection_named(headers: &http::HeaderMap) -> Vec<String> {
+    headers
         .get_all(header::CONNECTION)
         .iter()
         .flat_map(|v| connection_options(v.as_bytes()))
         .map(|t| String::from_utf8_lossy(t).into_owned())
-        .collect();
+        .collect()
+}
+
+/// Removes an answer's hop-by-hop headers: the usual ones, and those its
+/// `Connection` names.
+fn remove_hop_by_hop(resp: &mut ResponseHeader) {
+    let named = connection_named(&resp.headers);
     for name in &named {
         resp.remove_header(name.as_str());
     }
@@ -734,12 +739,7 @@ impl Proxy {
             Some(client.headers.len() + 1),
         )?;
         // Headers the app's `Connection` names are for this hop alone.
-        let named: Vec<&[u8]> = client
-            .headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .flat_map(|v| connection_options(v.as_bytes()))
-            .collect();
+        let named = connection_named(&client.headers);
         for (name, value) in client.headers.iter() {
             // `Expect` too: the body is already in hand, nothing to wait for.
             // Our own bearer token is for us, never for WeChat.
@@ -747,9 +747,7 @@ impl Proxy {
             // token in it); our client asks for `identity`.
             if is_hop_by_hop(name)
                 || name == header::ACCEPT_ENCODING
-                || named
-                    .iter()
-                    .any(|n| n.eq_ignore_ascii_case(name.as_str().as_bytes()))
+                || named.iter().any(|n| n.eq_ignore_ascii_case(name.as_str()))
                 || (name == header::AUTHORIZATION && self.app.clients().uses_tokens())
                 || name == header::EXPECT
                 || name == header::HOST

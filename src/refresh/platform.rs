@@ -31,13 +31,10 @@ async fn post(
     body: &Value,
 ) -> Result<(tokio::time::Instant, Value), FetchError> {
     let sent = tokio::time::Instant::now();
+    let body = body.to_string();
     let (status, answer) = families
         .get(crate::config::Family::Official)
-        .post_json(
-            path_and_query,
-            body.to_string().as_bytes(),
-            DEFAULT_ANSWER_LIMIT,
-        )
+        .post_json(path_and_query, body.as_bytes(), DEFAULT_ANSWER_LIMIT)
         .await?;
     let answer = answer.map_err(|_| {
         FetchError::BadAnswer(format!(
@@ -49,12 +46,7 @@ async fn post(
     if let Some(code) = v.get("errcode").and_then(Value::as_i64).filter(|c| *c != 0) {
         let errmsg = v.get("errmsg").and_then(Value::as_str).unwrap_or("");
         let query = path_and_query.split_once('?').map(|(_, q)| q);
-        return Err(FetchError::wechat(
-            code,
-            errmsg,
-            query,
-            body.to_string().as_bytes(),
-        ));
+        return Err(FetchError::wechat(code, errmsg, query, body.as_bytes()));
     }
     Ok((sent, v))
 }

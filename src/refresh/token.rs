@@ -58,20 +58,15 @@ impl FetchError {
     pub(crate) fn wechat(errcode: i64, errmsg: &str, query: Option<&str>, body: &[u8]) -> Self {
         let mut sent: Vec<String> = Vec::new();
         for pair in query.unwrap_or("").split('&') {
-            let Some((key, raw)) = pair.split_once('=') else {
+            let (Some((_, raw)), Some((key, value))) = (
+                pair.split_once('='),
+                url::form_urlencoded::parse(pair.as_bytes()).next(),
+            ) else {
                 continue;
             };
-            let key = url::form_urlencoded::parse(key.as_bytes())
-                .next()
-                .map(|(k, _)| k.into_owned())
-                .unwrap_or_default();
-            if !PUBLIC_KEYS.contains(&key.as_str()) {
+            if !PUBLIC_KEYS.contains(&key.as_ref()) {
                 sent.push(raw.to_string());
-                sent.extend(
-                    url::form_urlencoded::parse(pair.as_bytes())
-                        .next()
-                        .map(|(_, v)| v.into_owned()),
-                );
+                sent.push(value.into_owned());
             }
         }
         if let Ok(serde_json::Value::Object(fields)) = serde_json::from_slice(body) {

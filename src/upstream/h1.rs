@@ -332,23 +332,14 @@ impl Upstream {
                 buf.drain(..len);
                 continue;
             }
-            if !super::final_status_ok(status) {
-                return Err(sent(bad(
-                    &addr,
-                    format!("answer status {status} is not one to pass on"),
-                )));
-            }
             let value = |name: &'static str| {
                 headers
                     .iter()
                     .filter(|(n, _)| buf[n.clone()].eq_ignore_ascii_case(name.as_bytes()))
                     .map(|(_, v)| &buf[v.clone()])
             };
-            if value("content-encoding").any(super::coded) {
-                return Err(sent(bad(
-                    &addr,
-                    "answer has a content-coding; identity was asked for",
-                )));
+            if let Some(reason) = super::unfit_answer(status, value("content-encoding")) {
+                return Err(sent(bad(&addr, reason)));
             }
             let chunked = value("transfer-encoding").any(|v| {
                 v.split(|b| *b == b',')

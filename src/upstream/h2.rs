@@ -266,21 +266,11 @@ pub(super) async fn exchange(
         Ok(Ok(a)) => a,
     };
     let (parts, body) = answer.into_parts();
-    let refusal = if !super::final_status_ok(parts.status.as_u16()) {
-        Some(format!(
-            "answer status {} is not one to pass on",
-            parts.status.as_u16()
-        ))
-    } else if parts
-        .headers
-        .get_all(http::header::CONTENT_ENCODING)
-        .iter()
-        .any(|v| super::coded(v.as_bytes()))
-    {
-        Some("answer has a content-coding; identity was asked for".to_string())
-    } else {
-        None
-    };
+    let encodings = parts.headers.get_all(http::header::CONTENT_ENCODING);
+    let refusal = super::unfit_answer(
+        parts.status.as_u16(),
+        encodings.iter().map(|v| v.as_bytes()),
+    );
     if let Some(reason) = refusal {
         return Err(Failure::Broken {
             reason,

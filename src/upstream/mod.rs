@@ -54,34 +54,39 @@ const DEFAULT_H2_STREAMS: usize = 100;
 /// most a `100 Continue`; an upstream sending them without end is cut off.
 pub const DEFAULT_MAX_INFORMATIONAL: usize = 8;
 
-/// Whether an answer's final status may go on to the app: 200–599. A code
-/// outside 100–599 is no HTTP status (RFC 9110 §15), informational ones are
-/// skipped before this, and 101 switches protocols we never asked to
-/// switch: a broken (or hostile) answer, answered 502.
-pub(crate) fn final_status_ok(status: u16) -> bool {
-    (200..=599).contains(&status)
-}
-
-/// Whether a `Content-Encoding` value names a coding. Every request asks
-/// for `identity` (we read every answer: its errcode, our token in it); a
-/// coded answer anyway would hide both, so it is refused (502).
-pub(crate) fn coded(content_encoding: &[u8]) -> bool {
-    let v = content_encoding.trim_ascii();
-    !v.is_empty() && !v.eq_ignore_ascii_case(b"identity")
+/// Why a final answer head may not go on to the app (a 502 instead), from
+/// its status and its `Content-Encoding` values; `None` when it may. The
+/// status must be 200–599: outside 100–599 is no HTTP status (RFC 9110
+/// §15), informational ones are skipped before this, and a 101 switches
+/// protocols we never asked to switch. And it must be as it is: every
+/// request asks for `identity` (we read every answer: its errcode, our
+/// token in it), and a coded answer anyway would hide both.
+pub(crate) fn unfit_answer<'a>(
+    status: u16,
+    mut content_encodings: impl Iterator<Item = &'a [u8]>,
+) -> Option<String> {
+    if !(200..=599).contains(&status) {
+        return Some(format!("answer status {status} is not one to pass on"));
+    }
+    content_encodings
+        .any(|v| {
+            let v = v.trim_ascii();
+            !v.is_empty() && !v.eq_ignore_ascii_case(b"identity")
+        })
+        .then(|| "answer has a content-coding; identity was asked for".to_string())
 }
 
 /// What every upstream request says it takes: answers as they are (set
 /// here for every request this client writes; the fast lane writes its own).
 pub(crate) const IDENTITY: &str = "identity";
 
-/// Whether an answer head carries a coding ([`coded`]).
-fn head_coded(head: Option<&ResponseHeader>) -> bool {
-    head.is_some_and(|h| {
-        h.headers
-            .get_all(http::header::CONTENT_ENCODING)
-            .iter()
-            .any(|v| coded(v.as_bytes()))
-    })
+/// [`unfit_answer`] of a pingora session's answer head.
+fn unfit_head(status: u16, head: Option<&ResponseHeader>) -> Option<String> {
+    let encodings = head
+        .into_iter()
+        .flat_map(|h| h.headers.get_all(http::header::CONTENT_ENCODING).iter())
+        .map(|v| v.as_bytes());
+    unfit_answer(status, encodings)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -1046,14 +1051,7 @@ impl Upstream {
             }
         }
         let status = session.get_status().map_or(0, |s| s.as_u16());
-        let refusal = if !final_status_ok(status) {
-            Some(format!("answer status {status} is not one to pass on"))
-        } else if head_coded(session.resp_header()) {
-            Some("answer has a content-coding; identity was asked for".to_string())
-        } else {
-            None
-        };
-        if let Some(reason) = refusal {
+        if let Some(reason) = unfit_head(status, session.resp_header()) {
             return Err(Failed {
                 error: UpstreamError::Exchange {
                     addr: addr(),
@@ -1166,18 +1164,12 @@ impl<'a> Upload<'a> {
                 self.session.read_response().await?;
                 let status = self.session.get_status().map_or(0, |s| s.as_u16());
                 if !(100..200).contains(&status) || status == 101 {
-                    return match final_status_ok(status) {
-                        false => Err(pingora::Error::explain(
+                    return match unfit_head(status, self.session.resp_header()) {
+                        Some(reason) => Err(pingora::Error::explain(
                             ErrorType::InvalidHTTPHeader,
-                            "answer status not one to pass on",
+                            reason,
                         )),
-                        true if head_coded(self.session.resp_header()) => {
-                            Err(pingora::Error::explain(
-                                ErrorType::InvalidHTTPHeader,
-                                "answer has a content-coding; identity was asked for",
-                            ))
-                        }
-                        true => Ok(()),
+                        None => Ok(()),
                     };
                 }
                 informational += 1;
