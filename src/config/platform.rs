@@ -13,6 +13,11 @@ use crate::secret::Secret;
 /// use; then it is dropped from memory (its refresh token is kept).
 pub const DEFAULT_IDLE_AFTER: Duration = Duration::from_secs(3600);
 
+/// Below this, a host clock a few seconds off refuses WeChat's own callbacks.
+const MIN_CALLBACK_MAX_AGE: Duration = Duration::from_secs(30);
+/// Above this, a captured callback stays usable too long.
+const MAX_CALLBACK_MAX_AGE: Duration = Duration::from_secs(3600);
+
 #[derive(Debug, Clone, Serialize)]
 pub struct PlatformConfig {
     pub name: String,
@@ -33,6 +38,10 @@ pub struct PlatformConfig {
     pub idle_after: Duration,
     /// Where each decrypted event is handed on (`forward_events`).
     pub forward: Option<ForwardEvents>,
+    /// A callback whose signed timestamp lies further than this from the
+    /// host's clock is refused (a replay).
+    #[serde(serialize_with = "super::print::duration")]
+    pub callback_max_age: Duration,
 }
 
 /// `forward_events` / `forward_format`: the app's own event handler.
@@ -89,6 +98,7 @@ pub(super) mod raw {
         pub forward_format: Option<String>,
         pub state_file: Option<String>,
         pub idle_after: Option<String>,
+        pub callback_max_age: Option<String>,
     }
 
     #[derive(Deserialize)]
@@ -236,6 +246,18 @@ pub(super) fn parse(raw: Vec<raw::Platform>, problems: &mut Vec<String>) -> Vec<
             DEFAULT_IDLE_AFTER,
             problems,
         );
+        let callback_max_age = duration_field(
+            &at("callback_max_age"),
+            p.callback_max_age.as_ref(),
+            crate::platform::replay::DEFAULT_CALLBACK_MAX_AGE,
+            problems,
+        );
+        if !(MIN_CALLBACK_MAX_AGE..=MAX_CALLBACK_MAX_AGE).contains(&callback_max_age) {
+            problems.push(format!(
+                "{}: must be between 30s and 1h (WeChat's retries come within seconds; longer lets an old callback be replayed)",
+                at("callback_max_age")
+            ));
+        }
         if let (Some(component_secret), Some(token), Some(encoding_aes_key)) =
             (component_secret, token, aes)
         {
@@ -249,6 +271,7 @@ pub(super) fn parse(raw: Vec<raw::Platform>, problems: &mut Vec<String>) -> Vec<
                 state_file: p.state_file.map(PathBuf::from),
                 idle_after,
                 forward,
+                callback_max_age,
             });
         }
     }
@@ -372,6 +395,25 @@ mod tests {
             !all.contains("cs-secret-9") && !all.contains("too-short-secret-value"),
             "{all}"
         );
+    }
+
+    #[test]
+    fn callback_max_age_defaults_to_five_minutes_and_is_bounded() {
+        let base = format!("accounts: []\nplatforms:\n  - name: saas\n    component_appid: wxcomp\n    component_secret: cs\n    token: tok\n    encoding_aes_key: {KEY}\n");
+        let c = Config::parse(&base).unwrap();
+        assert_eq!(
+            c.platforms[0].callback_max_age,
+            crate::platform::replay::DEFAULT_CALLBACK_MAX_AGE
+        );
+        let c = Config::parse(&format!("{base}    callback_max_age: 2m\n")).unwrap();
+        assert_eq!(c.platforms[0].callback_max_age.as_secs(), 120);
+        assert!(crate::config::print::yaml(&c).contains("callback_max_age: 120s"));
+        for bad in ["10s", "2h", "soon"] {
+            let e = Config::parse(&format!("{base}    callback_max_age: {bad}\n"))
+                .unwrap_err()
+                .join("\n");
+            assert!(e.contains("platforms[0].callback_max_age"), "{bad}: {e}");
+        }
     }
 
     #[test]

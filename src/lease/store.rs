@@ -519,6 +519,29 @@ impl RedisStore {
         .await
     }
 
+    /// Sets `key` only when absent, expiring after `ttl`: `true` when this
+    /// call set it (a platform callback acted on by one replica only).
+    pub async fn claim(&self, key: &str, ttl: Duration) -> Result<bool, StoreError> {
+        self.run(|mut c| async move {
+            redis::cmd("SET")
+                .arg(key)
+                .arg(1)
+                .arg("NX")
+                .arg("EX")
+                .arg(ttl.as_secs().max(1))
+                .query_async::<Option<String>>(&mut c)
+                .await
+                .map(|set| set.is_some())
+        })
+        .await
+    }
+
+    pub async fn del(&self, key: &str) -> Result<(), StoreError> {
+        self.run(|mut c| async move { redis::cmd("DEL").arg(key).query_async::<i64>(&mut c).await })
+            .await
+            .map(|_| ())
+    }
+
     pub async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
         self.run(|mut c| async move {
             redis::cmd("GET")

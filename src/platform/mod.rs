@@ -14,6 +14,7 @@
 pub use crate::msgcrypt as crypto;
 
 pub mod forward;
+pub mod replay;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -49,6 +50,11 @@ pub struct Platform {
     store: Option<Arc<RedisStore>>,
     /// `forward_events`: where accepted events are handed on.
     pub forward: Option<Arc<forward::Forwarder>>,
+    /// `callback_max_age`: how far a callback's signed timestamp may lie
+    /// from this host's clock.
+    pub callback_max_age: std::time::Duration,
+    /// Callbacks acted on lately (by `msg_signature`).
+    seen: replay::Seen,
 }
 
 /// A ticket is valid 12 hours.
@@ -123,6 +129,8 @@ impl Platform {
                 .forward
                 .as_ref()
                 .map(|f| Arc::new(forward::Forwarder::new(f, upstream, ca_bundle))),
+            callback_max_age: c.callback_max_age,
+            seen: replay::Seen::default(),
         })
     }
 
@@ -258,6 +266,47 @@ impl Platform {
         let t = store.get(&self.ticket_key(store)).await.ok()??;
         self.set_ticket(&t);
         Some(t)
+    }
+
+    fn seen_key(&self, store: &RedisStore, signature: &str) -> String {
+        store.key(&format!(
+            "platform:{}:callback:{signature}",
+            self.component_appid
+        ))
+    }
+
+    /// Takes a fresh callback's `msg_signature` for acting on: `false` when
+    /// it was acted on already (here, or with `token.store` by any
+    /// replica). Remembered for twice `callback_max_age`, the longest a
+    /// timestamp stays fresh; a store that cannot be reached leaves this
+    /// replica's memory to decide.
+    pub async fn claim_callback(&self, signature: &str) -> bool {
+        let now = crate::lease::store::now_ms() / 1000;
+        let ttl = self.callback_max_age * 2;
+        if !self.seen.claim(signature, now, now + ttl.as_secs()) {
+            return false;
+        }
+        let Some(store) = &self.store else {
+            return true;
+        };
+        match store.claim(&self.seen_key(store, signature), ttl).await {
+            Ok(first) => first,
+            Err(e) => {
+                tracing::warn!(platform = %self.name, error = %e, "callback not checked against the store for replays; this replica's memory only");
+                true
+            }
+        }
+    }
+
+    /// Forgets a claimed callback whose action failed, so WeChat's retry of
+    /// it is acted on.
+    pub async fn release_callback(&self, signature: &str) {
+        self.seen.release(signature);
+        if let Some(store) = &self.store {
+            if let Err(e) = store.del(&self.seen_key(store, signature)).await {
+                tracing::warn!(platform = %self.name, error = %e, "a failed callback's mark not removed from the store; its retry is taken after callback_max_age");
+            }
+        }
     }
 
     /// Writes the state file (if configured): a temporary file beside it,

@@ -2,7 +2,9 @@
 //! authorisation events, as WeChat sends them (the platform's app forwards
 //! the request as received, or WeChat's URL points at the sidecar through
 //! an ingress). Authenticated by `msg_signature`, not by `clients`: a bad
-//! signature is refused (403) and nothing is stored. Tickets are kept, an
+//! signature is refused (403) and nothing is stored; so is a stale one, and
+//! one already acted on is answered without acting again
+//! (`platform::replay`). Tickets are kept, an
 //! authorisation code is exchanged at once, a revocation removes the
 //! account; the answer is WeChat's expected `success`.
 
@@ -80,17 +82,54 @@ impl Proxy {
                 }));
             }
         };
+        // Fresh and not acted on before: a captured callback sent again is
+        // not acted on (`platform::replay`).
+        let now = crate::lease::store::now_ms() / 1000;
+        if let Err(e) =
+            crate::platform::replay::check_age(&timestamp, now, platform.callback_max_age)
+        {
+            tracing::warn!(platform = %platform.name, error = %e, "platform callback refused");
+            return Ok(Err(ProxyError::Forbidden {
+                reason: format!("platform {} callback refused: {e}", platform.name),
+            }));
+        }
+        if !platform.claim_callback(&signature).await {
+            tracing::info!(platform = %platform.name, "platform callback already acted on (a retry or a replay): answered success, not acted on again");
+            return self.callback_success(session).await;
+        }
+        // Not acted on (a malformed event, a failed exchange): WeChat's retry
+        // must be taken. Acted on but `success` lost on the way: its retry
+        // is answered from the mark (an authorisation code works once).
+        let acted = self.act_on_event(session, &platform, &event, path).await;
+        if matches!(acted, Ok(Err(_))) {
+            platform.release_callback(&signature).await;
+        }
+        acted
+    }
+
+    /// Acts on a fresh event and answers WeChat (`success`), or the error.
+    async fn act_on_event(
+        &self,
+        session: &mut Session,
+        platform: &std::sync::Arc<crate::platform::Platform>,
+        event: &str,
+        path: String,
+    ) -> Step<()> {
+        let bad = |reason: String| ProxyError::BadRequest {
+            path: path.clone(),
+            reason,
+        };
         // An event we handed on ourselves, passed back as received: acted
         // on again (idempotent) but not handed on a second time.
         let forwarded = session
             .req_header()
             .headers
             .contains_key(crate::platform::forward::FORWARDED_HEADER);
-        let info = xml_field(&event, "InfoType").unwrap_or_default();
+        let info = xml_field(event, "InfoType").unwrap_or_default();
         match info {
             "component_verify_ticket" => {
                 let Some(ticket) =
-                    xml_field(&event, "ComponentVerifyTicket").filter(|t| !t.is_empty())
+                    xml_field(event, "ComponentVerifyTicket").filter(|t| !t.is_empty())
                 else {
                     return Ok(Err(bad(
                         "component_verify_ticket event without ComponentVerifyTicket".into(),
@@ -104,11 +143,11 @@ impl Proxy {
                 }
             }
             "authorized" | "updateauthorized" => {
-                let Some(code) = xml_field(&event, "AuthorizationCode").filter(|c| !c.is_empty())
+                let Some(code) = xml_field(event, "AuthorizationCode").filter(|c| !c.is_empty())
                 else {
                     return Ok(Err(bad(format!("{info} event without AuthorizationCode"))));
                 };
-                match ops::authorize(&self.app, &platform, code).await {
+                match ops::authorize(&self.app, platform, code).await {
                     Ok(appid) => {
                         tracing::info!(platform = %platform.name, account = %appid, event = info, "authorisation exchanged")
                     }
@@ -127,9 +166,8 @@ impl Proxy {
                 }
             }
             "unauthorized" => {
-                if let Some(appid) = xml_field(&event, "AuthorizerAppid").filter(|a| !a.is_empty())
-                {
-                    ops::remove_authorizer(&self.app, &platform, appid).await;
+                if let Some(appid) = xml_field(event, "AuthorizerAppid").filter(|a| !a.is_empty()) {
+                    ops::remove_authorizer(&self.app, platform, appid).await;
                 }
             }
             other => {
@@ -137,8 +175,13 @@ impl Proxy {
             }
         }
         if let (Some(f), false) = (&platform.forward, forwarded) {
-            f.hand_on(&event);
+            f.hand_on(event);
         }
+        self.callback_success(session).await
+    }
+
+    /// WeChat's expected answer to a callback.
+    async fn callback_success(&self, session: &mut Session) -> Step<()> {
         let mut resp = ResponseHeader::build(200, Some(2))?;
         resp.insert_header(http::header::CONTENT_TYPE, "text/plain")?;
         resp.insert_header(http::header::CONTENT_LENGTH, "7")?;

@@ -774,3 +774,138 @@ fn ring_sha1_hex(text: &str) -> String {
         .map(|b| format!("{b:02x}"))
         .collect()
 }
+
+/// An event sealed as WeChat does, at `timestamp`: query and body.
+fn sealed(xml: &str, timestamp: u64) -> (String, String) {
+    let crypt = wxsidecar::msgcrypt::MsgCrypt::new(
+        wxsidecar::secret::Secret::new(PTOKEN.to_string()),
+        AES_KEY,
+        COMPONENT,
+    )
+    .unwrap();
+    crypt.seal(
+        xml,
+        &timestamp.to_string(),
+        &rand::random::<u32>().to_string(),
+    )
+}
+
+async fn post_callback(side: &Sidecar, (query, body): &(String, String)) -> (u16, String) {
+    let r = client()
+        .post(side.url(&format!("/wxsidecar/platform/saas/callback?{query}")))
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[tokio::test]
+async fn a_stale_or_replayed_callback_is_not_acted_on_by_any_replica() {
+    let fake = fake();
+    let redis = Redis::start().await;
+    let config = format!("{}token:\n  store: {}\n", platform_config(""), redis.url());
+    let a = Sidecar::start(&fake, &config).await;
+    let b = Sidecar::start(&fake, &config).await;
+    let cb = format!(
+        "/__fake/platform-callback?url={}",
+        a.url("/wxsidecar/platform/saas/callback")
+    );
+    assert_eq!(fake.platform_admin(&cb).await["delivered"], true);
+    let v = fake
+        .platform_admin(&format!("/__fake/authorize?authorizer={AUTHORIZER}"))
+        .await;
+    assert_eq!(v["delivered"], true, "{v}");
+    let works = |side: &Sidecar| {
+        let side = side.url("");
+        async move {
+            let r = client()
+                .post(format!("{side}{TEMPLATE_SEND}"))
+                .header("X-Wx-Account", AUTHORIZER)
+                .body(TEMPLATE)
+                .send()
+                .await
+                .unwrap();
+            r.status() == 200
+        }
+    };
+    let refresh_token_kept = || async {
+        let mut conn = redis.conn().await.unwrap();
+        redis::cmd("HEXISTS")
+            .arg(format!("wxsidecar:platform:{COMPONENT}:refresh_tokens"))
+            .arg(AUTHORIZER)
+            .query_async::<bool>(&mut conn)
+            .await
+            .unwrap()
+    };
+    let revoked = |ts: u64| {
+        sealed(
+            &format!("<xml><AppId><![CDATA[{COMPONENT}]]></AppId><CreateTime>{ts}</CreateTime><InfoType><![CDATA[unauthorized]]></InfoType><AuthorizerAppid><![CDATA[{AUTHORIZER}]]></AuthorizerAppid></xml>"),
+            ts,
+        )
+    };
+
+    // Signed by WeChat, but an hour old or an hour ahead: refused, not acted on.
+    for ts in [unix_now() - 3600, unix_now() + 3600] {
+        let (code, text) = post_callback(&a, &revoked(ts)).await;
+        assert_eq!(code, 403, "{text}");
+        assert!(text.contains("callback_max_age"), "{text}");
+    }
+    assert!(works(&a).await && refresh_token_kept().await);
+    assert!(a.log().contains("timestamp is 3600 s old"), "{}", a.log());
+
+    // A fresh revocation is acted on once (no request in between: one for
+    // the authoriser would recover it through the fake's list) ...
+    let event = revoked(unix_now());
+    assert_eq!(post_callback(&a, &event).await, (200, "success".into()));
+    assert!(!refresh_token_kept().await, "revoked");
+    // ... the customer authorises again ...
+    let v = fake
+        .platform_admin(&format!("/__fake/authorize?authorizer={AUTHORIZER}"))
+        .await;
+    assert_eq!(v["delivered"], true, "{v}");
+    assert!(works(&a).await && works(&b).await && refresh_token_kept().await);
+    // ... and the captured revocation sent again, to the same replica or
+    // another, is answered as WeChat expects but changes nothing.
+    for side in [&a, &b] {
+        assert_eq!(post_callback(side, &event).await, (200, "success".into()));
+        assert!(refresh_token_kept().await, "the refresh token stays");
+        assert!(works(side).await, "not revoked again");
+    }
+    for side in [&a, &b] {
+        assert!(side.log().contains("already acted on"), "{}", side.log());
+        assert_eq!(
+            side.log()
+                .matches("account revoked its authorisation; removed")
+                .count(),
+            usize::from(std::ptr::eq(side, &a)),
+        );
+    }
+
+    // An event whose action failed is not marked: WeChat's retry is acted on
+    // (here it fails again, and is not answered success).
+    let bad_code = sealed(
+        &format!("<xml><AppId><![CDATA[{COMPONENT}]]></AppId><CreateTime>1</CreateTime><InfoType><![CDATA[authorized]]></InfoType><AuthorizerAppid><![CDATA[{AUTHORIZER}]]></AuthorizerAppid><AuthorizationCode><![CDATA[queryauthcode@@@unknown]]></AuthorizationCode></xml>"),
+        unix_now(),
+    );
+    let calls = platform_stats(&fake).await["query_auth_calls"]
+        .as_u64()
+        .unwrap();
+    for _ in 0..2 {
+        let (code, text) = post_callback(&a, &bad_code).await;
+        assert_ne!(code, 200, "{text}");
+    }
+    assert_eq!(
+        platform_stats(&fake).await["query_auth_calls"],
+        calls + 2,
+        "both tries exchanged"
+    );
+    a.assert_log_clean(&[COMPONENT_SECRET, PTOKEN]);
+}
