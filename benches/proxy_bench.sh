@@ -6,7 +6,9 @@
 # wxsidecar (injecting its token), nginx (proxy_pass + a static access_token),
 # HAProxy (http-request set-query + a static access_token), and the direct
 # path (no proxy) as the ceiling; over TLS also wxsidecar with
-# `upstream.http2: true` (the upstream offers h2). wrk POSTs a template body at 1, 16, 64 and
+# `upstream.http2: true` (the upstream offers h2) and, its like for like,
+# HAProxy on one thread talking HTTP/2 to the upstream (haproxy1-h2: nginx
+# cannot proxy to an HTTP/2 upstream). wrk POSTs a template body at 1, 16, 64 and
 # 256 connections; contenders alternate (A B C D A B C D ...) and each cell is
 # the median of RUNS runs. Each run is a block: every contender back to back,
 # so "vs nginx" is the median of per-block ratios against nginx with one
@@ -59,7 +61,7 @@ TOKEN=ACCESS_TOKEN_$(head -c 30 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | hea
 bench_certs "$dir"
 
 UP=$(free_port); UPT=$(free_port); NG=$(free_port); NG1=$(free_port); HA=$(free_port); SC=$(free_port); SCA=$(free_port)
-SC2=$(free_port); SCA2=$(free_port); SC3=$(free_port); SCA3=$(free_port)
+SC2=$(free_port); SCA2=$(free_port); HA2=$(free_port); SC3=$(free_port); SCA3=$(free_port)
 BASELINE_BIN=${BASELINE_BIN:-}
 
 # The canned upstream: 1 worker, as fast as nginx gets.
@@ -141,6 +143,13 @@ backend be
   server up 127.0.0.1:$port $ha_ssl
 EOF
   haproxy -f "$dir/haproxy.cfg" -db & HAPID=$!; pids+=($HAPID)
+  HA2PID=""
+  if [ "$1" = tls ]; then
+    # HTTP/2 to the upstream (ALPN h2), one thread: wxsidecar-h2's like.
+    sed -e 's/^  nbthread 2$/  nbthread 1/' -e "s/127.0.0.1:$HA\$/127.0.0.1:$HA2/" \
+      -e "s/^  server up .*/&  alpn h2/" "$dir/haproxy.cfg" > "$dir/haproxy2.cfg"
+    haproxy -f "$dir/haproxy2.cfg" -db & HA2PID=$!; pids+=($HA2PID)
+  fi
   cat > "$dir/sc.yaml" <<EOF
 listen: 127.0.0.1:$SC
 admin_listen: 127.0.0.1:$SCA
@@ -168,13 +177,13 @@ EOF
       -e 's/^  http2: false$/  http2: true/' "$dir/sc.yaml" > "$dir/sc2.yaml"
     RUST_LOG=warn "$BIN" run --config "$dir/sc2.yaml" 2>"$dir/sc2.log" & SC2PID=$!; pids+=($SC2PID)
   fi
-  wait_port "$NG"; wait_port "$NG1"; wait_port "$HA"; wait_port "$SC"
+  wait_port "$NG"; wait_port "$NG1"; wait_port "$HA"; wait_port "$SC"; [ -z "$HA2PID" ] || wait_port "$HA2"
   for a in $SCA ${SC2PID:+$SCA2} ${SC3PID:+$SCA3}; do
     for i in $(seq 100); do curl -sf "http://127.0.0.1:$a/readyz" >/dev/null && break; sleep 0.1
       [ "$i" = 100 ] && { echo "wxsidecar never became ready:" >&2; cat "$dir"/sc*.log >&2; exit 1; }; done
   done
 }
-stop_contenders() { kill "$NGPID" "$NG1PID" "$HAPID" "$SCPID" $SC2PID $SC3PID 2>/dev/null || true; wait "$NGPID" "$NG1PID" "$HAPID" "$SCPID" $SC2PID $SC3PID 2>/dev/null || true; }
+stop_contenders() { kill "$NGPID" "$NG1PID" "$HAPID" "$SCPID" $SC2PID $SC3PID $HA2PID 2>/dev/null || true; wait "$NGPID" "$NG1PID" "$HAPID" "$SCPID" $SC2PID $SC3PID $HA2PID 2>/dev/null || true; }
 
 cat > "$dir/post.lua" <<'EOF'
 wrk.method = "POST"
@@ -199,6 +208,7 @@ for mode in $MODES; do
     for c in $CONNS; do
       contenders="direct wxsidecar nginx1 nginx haproxy"; [ -n "$SC2PID" ] && contenders="$contenders wxsidecar-h2"
       [ -n "$SC3PID" ] && contenders="$contenders baseline"
+      [ -n "$HA2PID" ] && contenders="$contenders haproxy1-h2"
       for who in $contenders; do
         case $who in
           direct) url="http://127.0.0.1:$UP"; [ "$mode" = tls ] && url="https://localhost:$UPT"; procs="" ;;
@@ -208,6 +218,7 @@ for mode in $MODES; do
           nginx) url="http://127.0.0.1:$NG"; procs="$(children $NGPID)" ;;
           nginx1) url="http://127.0.0.1:$NG1"; procs="$(children $NG1PID)" ;;
           haproxy) url="http://127.0.0.1:$HA"; procs="$HAPID" ;;
+          haproxy1-h2) url="http://127.0.0.1:$HA2"; procs="$HA2PID" ;;
         esac
         pin 0 $(children $UPPID); pin 1 $procs
         read -r bu bk < <(cpu_ticks $procs)
@@ -268,7 +279,7 @@ for mode in ["plain", "tls"]:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for c in sorted({k[2] for k in cells if k[0] == mode}):
         ref = {r[7]: r[0] for r in cells[(mode, "nginx1", c)]}
-        for who in ["direct", "wxsidecar", "baseline", "wxsidecar-h2", "nginx1", "nginx", "haproxy"]:
+        for who in ["direct", "wxsidecar", "baseline", "wxsidecar-h2", "haproxy1-h2", "nginx1", "nginx", "haproxy"]:
             rs = cells.get((mode, who, c), [])
             if not rs:
                 continue
