@@ -189,8 +189,8 @@ fn differs<T: serde::Serialize>(a: &T, b: &T) -> bool {
     serde_json::to_value(a).ok() != serde_json::to_value(b).ok()
 }
 
-/// An upstream block changed: anything shown, or the proxy's password
-/// (shown masked).
+/// An upstream block changed: anything shown, the proxy's password (shown
+/// masked), or the certificates in `ca_file` (a bundle rotated in place).
 fn upstream_differs(a: &UpstreamConfig, b: &UpstreamConfig) -> bool {
     let creds = |u: &UpstreamConfig| {
         u.proxy
@@ -198,7 +198,7 @@ fn upstream_differs(a: &UpstreamConfig, b: &UpstreamConfig) -> bool {
             .and_then(|p| p.credentials.as_ref())
             .map(|c| c.expose().to_string())
     };
-    differs(a, b) || creds(a) != creds(b)
+    differs(a, b) || creds(a) != creds(b) || a.ca_digest != b.ca_digest
 }
 
 async fn apply(app: &Arc<App>, mut new: Config) -> Result<Outcome, Vec<String>> {

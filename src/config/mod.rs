@@ -195,6 +195,10 @@ pub struct UpstreamConfig {
     #[serde(serialize_with = "print::duration")]
     pub probe_interval: Duration,
     pub ca_file: Option<PathBuf>,
+    /// What `ca_file` held when read: a reload that finds other
+    /// certificates at the same path (a rotated bundle) changes the block.
+    #[serde(skip)]
+    pub ca_digest: Option<u64>,
     #[serde(serialize_with = "print::duration")]
     pub connect_timeout: Duration,
     #[serde(serialize_with = "print::duration")]
@@ -1123,6 +1127,7 @@ fn parse_upstream(
         .as_deref()
         .and_then(|p| expand_env(&format!("{prefix}.ca_file"), p, problems))
         .map(PathBuf::from);
+    let mut ca_digest = None;
     if let Some(p) = &ca_file {
         match sources::file(p) {
             Err(e) => problems.push(format!(
@@ -1133,7 +1138,12 @@ fn parse_upstream(
                 "{prefix}.ca_file: {} holds no PEM certificate (-----BEGIN CERTIFICATE-----); give a PEM CA bundle",
                 p.display()
             )),
-            Ok(_) => {}
+            Ok(pem) => {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                pem.hash(&mut h);
+                ca_digest = Some(h.finish());
+            }
         }
     }
     let failover = up
@@ -1192,6 +1202,7 @@ fn parse_upstream(
             problems,
         ),
         ca_file,
+        ca_digest,
         connect_timeout: duration_field(
             &format!("{prefix}.connect_timeout"),
             up.connect_timeout.as_ref(),

@@ -274,3 +274,43 @@ async fn a_reload_puts_the_upstream_behind_a_proxy_for_new_requests() {
     let (code, v) = side.send(TEMPLATE_SEND, TEMPLATE).await;
     assert_eq!((code, v["errcode"].as_i64()), (413, Some(45002)), "{v}");
 }
+
+#[tokio::test]
+async fn a_ca_bundle_rotated_in_place_is_taken_up_by_the_watch() {
+    // WeChat's side moves to a certificate from another CA; the operator
+    // rotates the bundle at the same path (a Secret's content changes).
+    let (ca1, ca2, dir) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let mut old = Fake::start_in(ca1.path(), 0, &[]);
+    let bundle = dir.path().join("wechat-ca.pem");
+    std::fs::copy(&old.ca, &bundle).unwrap();
+    let side = Sidecar::start(
+        &old,
+        &format!(
+            "upstream:\n  url: FAKE_URL\n  ca_file: {}\n  warm_connections: 1\nreload:\n  interval: 200ms\n{}",
+            bundle.display(),
+            Sidecar::accounts("stable", "stable")
+        ),
+    )
+    .await;
+    assert_eq!(side.send(TEMPLATE_SEND, TEMPLATE).await.1["errcode"], 0);
+
+    let port = old.port;
+    old.kill();
+    let new = Fake::start_in(ca2.path(), port, &[]);
+    let (code, v) = side.send(TEMPLATE_SEND, TEMPLATE).await;
+    assert_eq!(code, 502, "the new certificate is not trusted yet: {v}");
+
+    std::fs::write(&bundle, std::fs::read(&new.ca).unwrap()).unwrap();
+    let st = wait_generation(&side, 2).await;
+    assert_eq!(
+        st["last_reload"]["changes"],
+        serde_json::json!(["upstream"]),
+        "{st}"
+    );
+    let (code, v) = side.send(TEMPLATE_SEND, TEMPLATE).await;
+    assert_eq!((code, v["errcode"].as_i64()), (200, Some(0)), "{v}");
+}
