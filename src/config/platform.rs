@@ -13,6 +13,11 @@ use crate::secret::Secret;
 /// use; then it is dropped from memory (its refresh token is kept).
 pub const DEFAULT_IDLE_AFTER: Duration = Duration::from_secs(3600);
 
+/// How far a callback's signed timestamp may lie from the host's clock
+/// (`platform::replay`): WeChat's own window for signed requests (WeChat
+/// Pay's ±5 minutes); its clock and an NTP-kept host agree to seconds, and
+/// a retry comes within seconds.
+pub const DEFAULT_CALLBACK_MAX_AGE: Duration = Duration::from_secs(300);
 /// Below this, a host clock a few seconds off refuses WeChat's own callbacks.
 const MIN_CALLBACK_MAX_AGE: Duration = Duration::from_secs(30);
 /// Above this, a captured callback stays usable too long.
@@ -249,7 +254,7 @@ pub(super) fn parse(raw: Vec<raw::Platform>, problems: &mut Vec<String>) -> Vec<
         let callback_max_age = duration_field(
             &at("callback_max_age"),
             p.callback_max_age.as_ref(),
-            crate::platform::replay::DEFAULT_CALLBACK_MAX_AGE,
+            DEFAULT_CALLBACK_MAX_AGE,
             problems,
         );
         if !(MIN_CALLBACK_MAX_AGE..=MAX_CALLBACK_MAX_AGE).contains(&callback_max_age) {
@@ -403,7 +408,7 @@ mod tests {
         let c = Config::parse(&base).unwrap();
         assert_eq!(
             c.platforms[0].callback_max_age,
-            crate::platform::replay::DEFAULT_CALLBACK_MAX_AGE
+            super::DEFAULT_CALLBACK_MAX_AGE
         );
         let c = Config::parse(&format!("{base}    callback_max_age: 2m\n")).unwrap();
         assert_eq!(c.platforms[0].callback_max_age.as_secs(), 120);

@@ -16,11 +16,6 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-/// WeChat's own window for signed requests (WeChat Pay's ±5 minutes): its
-/// clock and an NTP-kept host agree to seconds, and a retry comes within
-/// seconds.
-pub const DEFAULT_CALLBACK_MAX_AGE: Duration = Duration::from_secs(300);
-
 /// Signatures remembered per platform: far more than WeChat sends in a
 /// window (a ticket every 10 minutes, authorisations by hand). Past it the
 /// oldest is forgotten — only forged-proof callbacks get here, and the
