@@ -948,6 +948,19 @@ impl Proxy {
         Ok(Ok(()))
     }
 
+    /// Whether a request on a media path can be kept and sent again: no
+    /// multipart upload, and no body or a JSON one within
+    /// `limits.buffered_body` (a download by `media_id`, the material
+    /// list, a deletion). Those take the buffered way, so a 40001 is
+    /// refreshed and replayed as on every API call, and an answer within
+    /// the cap is scrubbed whole; a larger answer (the file) streams.
+    fn replayable(&self, req: &RequestHeader) -> bool {
+        !route::content_type_is(&req.headers, b"multipart/")
+            && !req.headers.contains_key(header::TRANSFER_ENCODING)
+            && content_length(&req.headers)
+                .is_none_or(|n| n <= self.app.config().limits.buffered_body)
+    }
+
     /// Streamed media (uploads and downloads of up to 20 MB, multipart
     /// bodies) through our own client: the same pool, breaker, failover and
     /// counters as every other request, on HTTP/1.1. The body goes on as it
@@ -1212,7 +1225,11 @@ impl ProxyHttp for Proxy {
             Route::Stream => match self.plan(session.req_header(), ctx).await {
                 Ok(plan) => {
                     ctx.route = Served::Stream;
-                    self.stream(session, plan, ctx).await?
+                    if self.replayable(session.req_header()) {
+                        self.forward(session, plan, ctx).await?
+                    } else {
+                        self.stream(session, plan, ctx).await?
+                    }
                 }
                 Err(e) => Err(e),
             },

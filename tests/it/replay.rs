@@ -303,14 +303,38 @@ async fn posts_are_never_sent_twice_under_resets() {
 }
 
 #[tokio::test]
-async fn streamed_answers_are_not_inspected() {
+async fn media_calls_that_can_be_sent_again_are_replayed_and_uploads_are_not() {
     let fake = Fake::start(&[]);
     let side = Sidecar::start_standard(&fake, "classic", "stable").await;
+    let c = client();
+    // A multipart upload streams: WeChat's 40001 reaches the app as it is
+    // and nothing is replayed (the body is gone by the time it answers).
     let before = fake.fetches(SHOP_APPID).await;
     fake.invalidate(SHOP_APPID).await;
-    // The media path streams: WeChat's 40001 reaches the app as it is, and
-    // nothing is replayed (the request body may be gone already).
-    let v: Value = client()
+    let form = reqwest::multipart::Form::new().part(
+        "media",
+        reqwest::multipart::Part::bytes(vec![7u8; 4096])
+            .file_name("a.bin")
+            .mime_str("application/octet-stream")
+            .unwrap(),
+    );
+    let r = c
+        .post(side.url("/cgi-bin/media/upload?type=file"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["errcode"], 40001, "{v}");
+    assert_eq!(fake.fetches(SHOP_APPID).await, before);
+    assert_eq!(
+        account(&side.status().await, "shop")["invalid_token_reports"],
+        0
+    );
+
+    // A download by media_id and a JSON material call carry nothing that
+    // cannot be sent again: refreshed once and replayed, as any API call.
+    let v: Value = c
         .get(side.url("/cgi-bin/media/get?media_id=x"))
         .send()
         .await
@@ -318,10 +342,24 @@ async fn streamed_answers_are_not_inspected() {
         .json()
         .await
         .unwrap();
-    assert_eq!(v["errcode"], 40001, "{v}");
-    assert_eq!(fake.fetches(SHOP_APPID).await, before);
-    assert_eq!(
-        account(&side.status().await, "shop")["invalid_token_reports"],
-        0
+    assert_eq!(v["errcode"], 40007, "replayed with a fresh token: {v}");
+    assert_eq!(fake.fetches(SHOP_APPID).await, before + 1);
+    fake.invalidate(SHOP_APPID).await;
+    let v: Value = c
+        .post(side.url("/cgi-bin/material/get_materialcount"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["errcode"], 0, "replayed: {v}");
+    assert_eq!(fake.fetches(SHOP_APPID).await, before + 2);
+    let m = side.metrics().await;
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("wxsidecar_requests_total{") && l.contains("route=\"stream\"")),
+        "still counted as media: {m}"
     );
 }
