@@ -948,15 +948,15 @@ impl Proxy {
         Ok(Ok(()))
     }
 
-    /// Whether a request on a media path can be kept and sent again: no
-    /// multipart upload, and no body or a JSON one within
-    /// `limits.buffered_body` (a download by `media_id`, the material
-    /// list, a deletion). Those take the buffered way, so a 40001 is
-    /// refreshed and replayed as on every API call, and an answer within
+    /// Whether a media call or upload can be kept and sent again: no body,
+    /// or one of a declared length within `limits.buffered_body` (a
+    /// download by `media_id`, the material list, a deletion, a thumbnail
+    /// or an image upload). Those take the buffered way, byte for byte, so
+    /// a 40001 is refreshed and replayed as on every API call (WeChat
+    /// refuses a bad token before it takes anything), and an answer within
     /// the cap is scrubbed whole; a larger answer (the file) streams.
     fn replayable(&self, req: &RequestHeader) -> bool {
-        !route::content_type_is(&req.headers, b"multipart/")
-            && !req.headers.contains_key(header::TRANSFER_ENCODING)
+        !req.headers.contains_key(header::TRANSFER_ENCODING)
             && content_length(&req.headers)
                 .is_none_or(|n| n <= self.app.config().limits.buffered_body)
     }

@@ -303,37 +303,51 @@ async fn posts_are_never_sent_twice_under_resets() {
 }
 
 #[tokio::test]
-async fn media_calls_that_can_be_sent_again_are_replayed_and_uploads_are_not() {
+async fn media_calls_within_the_buffer_cap_are_replayed_and_larger_uploads_are_not() {
     let fake = Fake::start(&[]);
-    let side = Sidecar::start_standard(&fake, "classic", "stable").await;
+    let cfg = format!(
+        "{}limits:\n  buffered_body: 64KiB\n{}",
+        upstream(),
+        Sidecar::accounts("classic", "stable")
+    );
+    let side = Sidecar::start(&fake, &cfg).await;
     let c = client();
-    // A multipart upload streams: WeChat's 40001 reaches the app as it is
-    // and nothing is replayed (the body is gone by the time it answers).
+    let upload = |size: usize| {
+        let form = reqwest::multipart::Form::new().part(
+            "media",
+            reqwest::multipart::Part::bytes(vec![7u8; size])
+                .file_name("a.bin")
+                .mime_str("application/octet-stream")
+                .unwrap(),
+        );
+        c.post(side.url("/cgi-bin/media/upload?type=file"))
+            .multipart(form)
+            .send()
+    };
+    // An upload over the cap streams: WeChat's 40001 reaches the app as it
+    // is and nothing is replayed (the body is gone by the time it answers).
     let before = fake.fetches(SHOP_APPID).await;
     fake.invalidate(SHOP_APPID).await;
-    let form = reqwest::multipart::Form::new().part(
-        "media",
-        reqwest::multipart::Part::bytes(vec![7u8; 4096])
-            .file_name("a.bin")
-            .mime_str("application/octet-stream")
-            .unwrap(),
-    );
-    let r = c
-        .post(side.url("/cgi-bin/media/upload?type=file"))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    let v: Value = r.json().await.unwrap();
+    let v: Value = upload(100 * 1024).await.unwrap().json().await.unwrap();
     assert_eq!(v["errcode"], 40001, "{v}");
     assert_eq!(fake.fetches(SHOP_APPID).await, before);
     assert_eq!(
         account(&side.status().await, "shop")["invalid_token_reports"],
         0
     );
+    // One within it is kept: refreshed once and replayed.
+    let v: Value = upload(4096).await.unwrap().json().await.unwrap();
+    assert!(v["media_id"].is_string(), "replayed: {v}");
+    assert_eq!(fake.fetches(SHOP_APPID).await, before + 1);
+    let seen = fake.requests().await;
+    let sent = seen
+        .iter()
+        .rfind(|r| r["path"] == "/cgi-bin/media/upload")
+        .unwrap();
+    assert!(sent["body_len"].as_u64().unwrap() > 4096, "{sent}");
 
-    // A download by media_id and a JSON material call carry nothing that
-    // cannot be sent again: refreshed once and replayed, as any API call.
+    // So are a download by media_id and a JSON material call.
+    fake.invalidate(SHOP_APPID).await;
     let v: Value = c
         .get(side.url("/cgi-bin/media/get?media_id=x"))
         .send()
@@ -343,7 +357,7 @@ async fn media_calls_that_can_be_sent_again_are_replayed_and_uploads_are_not() {
         .await
         .unwrap();
     assert_eq!(v["errcode"], 40007, "replayed with a fresh token: {v}");
-    assert_eq!(fake.fetches(SHOP_APPID).await, before + 1);
+    assert_eq!(fake.fetches(SHOP_APPID).await, before + 2);
     fake.invalidate(SHOP_APPID).await;
     let v: Value = c
         .post(side.url("/cgi-bin/material/get_materialcount"))
@@ -355,7 +369,7 @@ async fn media_calls_that_can_be_sent_again_are_replayed_and_uploads_are_not() {
         .await
         .unwrap();
     assert_eq!(v["errcode"], 0, "replayed: {v}");
-    assert_eq!(fake.fetches(SHOP_APPID).await, before + 2);
+    assert_eq!(fake.fetches(SHOP_APPID).await, before + 3);
     let m = side.metrics().await;
     assert!(
         m.lines()
