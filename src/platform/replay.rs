@@ -18,7 +18,7 @@ use parking_lot::Mutex;
 
 /// Signatures remembered per platform: far more than WeChat sends in a
 /// window (a ticket every 10 minutes, authorisations by hand). Past it the
-/// oldest is forgotten — only forged-proof callbacks get here, and the
+/// oldest is forgotten — only callbacks WeChat signed get here, and the
 /// age check still bounds a replay.
 const DEFAULT_SEEN_CAP: usize = 4096;
 

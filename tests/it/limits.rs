@@ -340,7 +340,7 @@ async fn under_a_low_open_file_limit_the_cap_holds_and_requests_are_served() {
 
 /// A client that asks for a large answer and stops reading is let go at
 /// `limits.send_timeout`, on the fast lane (a JSON answer over the buffered
-/// limit, streamed) and on pingora's path (streamed media); the sidecar
+/// limit, streamed) and on pingora's path (a media download); the sidecar
 /// serves others meanwhile and after.
 #[tokio::test]
 async fn a_client_that_stops_reading_is_let_go_at_the_send_timeout() {
@@ -607,7 +607,7 @@ async fn a_request_head_over_64_kib_is_refused() {
 async fn a_trickled_answer_ends_at_the_answer_timeout() {
     let up = RawUpstream::start();
     let side = Sidecar::start_bare(
-        &up.config("")
+        &up.config("limits:\n  buffered_body: 32\n")
             .replace("  http2: false\n", "  http2: false\n  answer_timeout: 1s\n"),
     )
     .await;
@@ -619,11 +619,16 @@ async fn a_trickled_answer_ends_at_the_answer_timeout() {
         start.elapsed() < Duration::from_secs(8),
         "cut off before the 8 s the upstream would take"
     );
-    // The streamed route: the header is out, so the answer is cut short.
+    // The streamed route (an upload over limits.buffered_body): the header
+    // is out, so the answer is cut short.
     let start = Instant::now();
     let answer = exchange(
         side.port,
-        b"GET /cgi-bin/media/slow?media_id=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        format!(
+            "POST /cgi-bin/media/slow?type=file HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 40\r\n\r\n{}",
+            "x".repeat(40)
+        )
+        .as_bytes(),
         Duration::from_secs(10),
     );
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
