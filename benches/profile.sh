@@ -10,7 +10,9 @@
 #        UPSTREAM=plain|tls|h2 (tls: HTTP/1.1 over TLS; h2: HTTP/2 over TLS, the default config)
 #        PERF=1 to record; OUT=dir keeps perf.data there; STRACE=1 counts
 #        syscalls per request with strace -c; SYSCALLS=1 counts them with
-#        perf's syscall tracepoints, which barely slow the run)
+#        perf's syscall tracepoints, which barely slow the run, for the
+#        sidecar and for the canned upstream's worker: what our way of
+#        talking to it costs there)
 # Needs: a release build, nginx, wrk, perf, openssl (make install-bench-deps).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -56,7 +58,7 @@ http {
   }
 }
 EOF
-nginx -c "$dir/up/nginx.conf" -g 'daemon off;' & pids+=($!)
+nginx -c "$dir/up/nginx.conf" -g 'daemon off;' & UPPID=$!; pids+=($UPPID)
 wait_port "$UP"
 cat > "$dir/sc.yaml" <<EOF
 listen: 127.0.0.1:$SC
@@ -91,11 +93,12 @@ fi
 if [ "${SYSCALLS:-0}" = 1 ]; then
   evs=$(for c in recvfrom sendto writev readv read write epoll_wait futex; do printf 'syscalls:sys_enter_%s,' $c; done)
   perf stat -x, -e "${evs%,}" -p "$SCPID" -o "$OUT/syscalls.txt" -- sleep "$DURATION" 2>/dev/null & YP=$!
+  perf stat -x, -e "${evs%,}" -p "$(pgrep -P "$UPPID" | head -1)" -o "$OUT/up-syscalls.txt" -- sleep "$DURATION" 2>/dev/null & UYP=$!
 fi
 res=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" -s "$dir/post.lua" "$url")
 [ "$PERF" = 1 ] && wait $PP || true
 [ "${STRACE:-0}" = 1 ] && { wait $SP || true; }
-[ "${SYSCALLS:-0}" = 1 ] && { wait $YP || true; }
+[ "${SYSCALLS:-0}" = 1 ] && { wait $YP || true; wait $UYP || true; }
 read -r u1 s1 < <(awk '{print $14, $15}' /proc/$SCPID/stat)
 proto=$(curl -s "http://127.0.0.1:$SCA/status" | python3 -c 'import json,sys; print(json.load(sys.stdin)["upstream"]["hosts"][0]["protocol"])' 2>/dev/null || echo "?")
 reqs=$(echo "$res" | awk '/requests in/ {print $1}')
@@ -109,8 +112,11 @@ if [ "${STRACE:-0}" = 1 ]; then
   awk -v n="$reqs" '$NF ~ /^[a-z_0-9]+$/ && $4 ~ /^[0-9]+$/ && $NF != "total" { printf "  %-16s %.3f\n", $NF, $4 / n }' "$OUT/strace.txt" | sort -k2 -nr | head -12
 fi
 if [ "${SYSCALLS:-0}" = 1 ]; then
-  echo "syscalls per request (perf tracepoints):"
-  awk -F, -v n="$reqs" '$3 ~ /sys_enter_/ { sub(/.*sys_enter_/, "", $3); if ($1 > 0) printf "  %-12s %.3f\n", $3, $1 / n }' "$OUT/syscalls.txt"
+  for who in sidecar upstream; do
+    f="$OUT/syscalls.txt"; [ $who = upstream ] && f="$OUT/up-syscalls.txt"
+    echo "$who's syscalls per request (perf tracepoints):"
+    awk -F, -v n="$reqs" '$3 ~ /sys_enter_/ { sub(/.*sys_enter_/, "", $3); if ($1 > 0) printf "  %-12s %.3f\n", $3, $1 / n }' "$f"
+  done
 fi
 if [ "$PERF" = 1 ]; then
   echo "top symbols (self, % of samples):"
