@@ -21,6 +21,10 @@ use crate::reply::ProxyError;
 /// Where the callbacks are served: `{PREFIX}{name}/callback`.
 pub const PREFIX: &str = "/wxsidecar/platform/";
 
+/// WeChat's events are a few hundred bytes of XML: this route takes anyone's
+/// request until its signature is checked, so it reads no more than this.
+const DEFAULT_CALLBACK_BODY: usize = 64 * 1024;
+
 impl Proxy {
     pub(super) async fn platform_callback(
         &self,
@@ -62,7 +66,7 @@ impl Proxy {
                 "msg_signature, timestamp and nonce are required in the query, as WeChat sends them".into(),
             )));
         }
-        let limit = self.app.config().limits.buffered_body;
+        let limit = DEFAULT_CALLBACK_BODY.min(self.app.config().limits.buffered_body);
         let body = match self.read_body(session, limit).await? {
             Ok(b) => b,
             Err(e) => return Ok(Err(e)),

@@ -111,6 +111,16 @@ async fn a_forged_event_is_refused_and_nothing_is_stored() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400, "unknown platform");
+    // The route takes anyone's request until the signature is checked: it
+    // reads no more than an event could be (64 KiB), whatever
+    // limits.buffered_body allows.
+    let r = client()
+        .post(format!("{url}?timestamp=1&nonce=2&encrypt_type=aes&msg_signature=0000000000000000000000000000000000000000"))
+        .body(vec![b'x'; 100 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
     // No ticket was taken: the component token cannot have been fetched.
     assert_eq!(platform_stats(&fake).await["component_token_fetches"], 0);
 }
