@@ -961,8 +961,9 @@ impl Proxy {
                 .is_none_or(|n| n <= self.app.config().limits.buffered_body)
     }
 
-    /// Streamed media (uploads and downloads of up to 20 MB, multipart
-    /// bodies) through our own client: the same pool, breaker, failover and
+    /// Streamed uploads (media and multipart bodies of up to 20 MB, chunked
+    /// or over `limits.buffered_body`; see [`Self::replayable`]) through our
+    /// own client: the same pool, breaker, failover and
     /// counters as every other request, on HTTP/1.1. The body goes on as it
     /// arrives (bounded as a whole by `limits.body_timeout`), the answer
     /// comes back as it arrives (bounded by `upstream.answer_timeout` from
