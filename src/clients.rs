@@ -213,13 +213,24 @@ impl Clients {
         Ok(caller)
     }
 
-    /// Checks that the caller may use `account`, and the account's rate.
-    pub fn account(&self, caller: &Caller, account: &str) -> Result<(), Denied> {
+    /// Checks that the caller may use `account` (an account's name, or a
+    /// platform's for its own component calls), and the account's rate. An
+    /// account a platform holds (`platform`: its name) is allowed to a token
+    /// listing that platform too.
+    pub fn account(
+        &self,
+        caller: &Caller,
+        account: &str,
+        platform: Option<&str>,
+    ) -> Result<(), Denied> {
         if let Some(allowed) = caller
             .token
             .and_then(|i| self.conf.tokens[i].accounts.as_ref())
         {
-            if !allowed.iter().any(|a| a == account) {
+            if !allowed
+                .iter()
+                .any(|a| a == account || Some(a.as_str()) == platform)
+            {
                 return Err(Denied::Account {
                     client: caller.name.clone(),
                     account: account.to_string(),
@@ -274,9 +285,9 @@ mod tests {
         });
         let caller = c.admit(None, Some(b"Bearer tok-b")).unwrap();
         assert_eq!(caller.name, "billing");
-        assert!(c.account(&caller, "shop").is_ok());
+        assert!(c.account(&caller, "shop", None).is_ok());
         assert!(matches!(
-            c.account(&caller, "mall"),
+            c.account(&caller, "mall", None),
             Err(Denied::Account { .. })
         ));
         assert!(matches!(

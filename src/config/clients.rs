@@ -48,6 +48,7 @@ impl ClientsConfig {
 pub(super) fn parse(
     raw: super::raw::Clients,
     accounts: &[AccountConfig],
+    platforms: &[super::platform::PlatformConfig],
     problems: &mut Vec<String>,
 ) -> ClientsConfig {
     let allow = raw
@@ -100,8 +101,13 @@ pub(super) fn parse(
                 ));
             }
             for a in t.accounts.iter().flatten() {
-                if !accounts.iter().any(|acc| &acc.name == a) {
-                    problems.push(format!("{}: no account named `{a}`", at("accounts")));
+                if !accounts.iter().any(|acc| &acc.name == a)
+                    && !platforms.iter().any(|p| &p.name == a)
+                {
+                    problems.push(format!(
+                        "{}: no account or platform named `{a}`",
+                        at("accounts")
+                    ));
                 }
             }
             Some(ClientToken {

@@ -961,7 +961,13 @@ impl Config {
         if token.store_prefix.is_empty() || token.store_prefix.contains(char::is_whitespace) {
             problems.push("token.store_prefix: must be non-empty, without spaces".into());
         }
-        let clients = clients::parse(raw.clients.unwrap_or_default(), &accounts, &mut problems);
+        let platforms = platform::parse(raw.platforms.unwrap_or_default(), &mut problems);
+        let clients = clients::parse(
+            raw.clients.unwrap_or_default(),
+            &accounts,
+            &platforms,
+            &mut problems,
+        );
         if !listen.ip().is_loopback() && !clients.restricts() {
             problems.push(format!(
                 "clients: listen {listen} is not on loopback, so say who may call: set clients.allow (CIDRs) and/or clients.tokens (bearer tokens)"
@@ -998,8 +1004,6 @@ impl Config {
         if reload.interval.is_zero() {
             problems.push("reload.interval: must be greater than zero".into());
         }
-        let platforms = platform::parse(raw.platforms.unwrap_or_default(), &mut problems);
-
         if problems.is_empty() {
             Ok(Config {
                 listen,

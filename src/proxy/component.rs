@@ -55,6 +55,11 @@ impl Proxy {
                 named.unwrap_or("").chars().take(64).collect::<String>()
             ))));
         };
+        // A client limited to some accounts drives a platform only when it
+        // lists the platform: its component token reaches every authoriser.
+        if let Err(e) = self.admit_name(ctx, &platform.name, Some(&platform.name)) {
+            return Ok(Err(e));
+        }
         let wait = self.app.upstream_for(Family::Official).read_timeout() * 2;
         match path.as_str() {
             "/cgi-bin/component/api_component_token" => {

@@ -392,9 +392,9 @@ impl FastLane {
             } else {
                 None
             };
-            let admitted = clients
-                .admit(addr, auth)
-                .and_then(|caller| clients.account(&caller, &account.name));
+            let admitted = clients.admit(addr, auth).and_then(|caller| {
+                clients.account(&caller, &account.name, account.platform.as_deref())
+            });
             if let Err(denied) = admitted {
                 return Some(Taken::Refused(head, ProxyError::Denied(denied)));
             }

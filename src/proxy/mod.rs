@@ -607,8 +607,19 @@ impl Proxy {
 
     /// Whether the caller may use `account`, at this rate.
     fn admit_account(&self, ctx: &Ctx, account: &Account) -> Result<(), ProxyError> {
+        self.admit_name(ctx, &account.name, account.platform.as_deref())
+    }
+
+    /// [`Self::admit_account`] by name: an account's, or a platform's for
+    /// its component calls (`platform`: the platform that holds it).
+    pub(super) fn admit_name(
+        &self,
+        ctx: &Ctx,
+        name: &str,
+        platform: Option<&str>,
+    ) -> Result<(), ProxyError> {
         match &ctx.caller {
-            Some(caller) => Ok(self.app.clients().account(caller, &account.name)?),
+            Some(caller) => Ok(self.app.clients().account(caller, name, platform)?),
             None => Ok(()),
         }
     }

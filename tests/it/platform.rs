@@ -919,3 +919,68 @@ async fn a_stale_or_replayed_callback_is_not_acted_on_by_any_replica() {
     );
     a.assert_log_clean(&[COMPONENT_SECRET, PTOKEN]);
 }
+
+#[tokio::test]
+async fn a_client_limited_to_some_accounts_drives_a_platform_only_when_it_lists_it() {
+    const SHOP_ONLY: &str = "shop-only-token-0123456789";
+    const SAAS: &str = "saas-token-0123456789abcdef";
+    let fake = fake();
+    let config = format!(
+        "{}accounts:\n  - name: shop\n    appid: {SHOP_APPID}\n    secret: shop-secret-1\nclients:\n  tokens:\n    - {{name: shop-app, token: {SHOP_ONLY}, accounts: [shop]}}\n    - {{name: saas-app, token: {SAAS}, accounts: [saas]}}\n",
+        platform_config("")
+    );
+    let side = Sidecar::start(&fake, &config).await;
+    // WeChat's callback needs no client token: its signature is its credential.
+    let cb = format!(
+        "/__fake/platform-callback?url={}",
+        side.url("/wxsidecar/platform/saas/callback")
+    );
+    assert_eq!(fake.platform_admin(&cb).await["delivered"], true);
+    let v = fake
+        .platform_admin(&format!("/__fake/authorize?authorizer={AUTHORIZER}"))
+        .await;
+    assert_eq!(v["delivered"], true, "{v}");
+
+    let call = |bearer: &'static str, path: &'static str, account: Option<&'static str>| {
+        let mut r = client()
+            .post(side.url(path))
+            .header("Authorization", format!("Bearer {bearer}"))
+            .body(if path == TEMPLATE_SEND {
+                TEMPLATE
+            } else {
+                r#"{"component_appid":"wxcomponent00001","offset":0,"count":100}"#
+            });
+        if let Some(a) = account {
+            r = r.header("X-Wx-Account", a);
+        }
+        async move {
+            let r = r.send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    const LIST: &str = "/cgi-bin/component/api_get_authorizer_list";
+    // The component token reaches every authoriser's refresh token: a
+    // client limited to `shop` does not get it injected.
+    let lists = platform_stats(&fake).await["authorizer_list_calls"]
+        .as_u64()
+        .unwrap();
+    let (code, v) = call(SHOP_ONLY, LIST, None).await;
+    assert_eq!((code, v["errcode"].as_i64()), (403, Some(48001)), "{v}");
+    let (code, v) = call(SHOP_ONLY, TEMPLATE_SEND, Some(AUTHORIZER)).await;
+    assert_eq!((code, v["errcode"].as_i64()), (403, Some(48001)), "{v}");
+    assert_eq!(
+        platform_stats(&fake).await["authorizer_list_calls"],
+        lists,
+        "nothing reached WeChat"
+    );
+    // A client that lists the platform drives it and its authorisers.
+    let (code, v) = call(SAAS, LIST, None).await;
+    assert_eq!((code, v["total_count"].as_i64()), (200, Some(1)), "{v}");
+    let (code, v) = call(SAAS, TEMPLATE_SEND, Some(AUTHORIZER)).await;
+    assert_eq!((code, v["errcode"].as_i64()), (200, Some(0)), "{v}");
+    let (code, v) = call(SAAS, TEMPLATE_SEND, Some("shop")).await;
+    assert_eq!((code, v["errcode"].as_i64()), (403, Some(48001)), "{v}");
+    let (code, v) = call(SHOP_ONLY, TEMPLATE_SEND, Some("shop")).await;
+    assert_eq!((code, v["errcode"].as_i64()), (200, Some(0)), "{v}");
+    side.assert_log_clean(&[SHOP_ONLY, SAAS, COMPONENT_SECRET]);
+}
