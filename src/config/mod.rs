@@ -973,6 +973,20 @@ impl Config {
                 "clients: listen {listen} is not on loopback, so say who may call: set clients.allow (CIDRs) and/or clients.tokens (bearer tokens)"
             ));
         }
+        // The intercept listeners inject tokens as `listen` does: the same rule.
+        if let (Some(i), false) = (&intercept, clients.restricts()) {
+            for (key, addr) in [
+                ("https_listen", i.https_listen),
+                ("http_listen", i.http_listen),
+                ("proxy_listen", i.proxy_listen),
+            ] {
+                if let Some(a) = addr.filter(|a| !a.ip().is_loopback()) {
+                    problems.push(format!(
+                        "clients: intercept.{key} {a} is not on loopback, so say who may call: set clients.allow (CIDRs) and/or clients.tokens (bearer tokens), or listen on 127.0.0.1"
+                    ));
+                }
+            }
+        }
         if token.daily_budget == 0 {
             problems.push("token.daily_budget: must be at least 1 (the first fetch counts)".into());
         }

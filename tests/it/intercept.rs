@@ -746,6 +746,23 @@ fn intercept_config_errors_name_their_keys() {
         err.contains("intercept.proxy_listen: 127.0.0.1:8080 is also `listen`"),
         "{err}"
     );
+    // Off loopback, an intercept listener injects tokens for anyone who
+    // reaches it: a credential is required, as for `listen`.
+    for key in ["https_listen", "http_listen", "proxy_listen"] {
+        let (code, err) = check(with_ca(dir.path(), &format!("  {key}: 0.0.0.0:1443\n")));
+        assert_eq!(code, Some(2), "{key}");
+        assert!(
+            err.contains(&format!(
+                "clients: intercept.{key} 0.0.0.0:1443 is not on loopback"
+            )),
+            "{err}"
+        );
+        let (code, err) = check(format!(
+            "{}clients:\n  allow: [10.0.0.0/8]\n",
+            with_ca(dir.path(), &format!("  {key}: 0.0.0.0:1443\n"))
+        ));
+        assert_eq!(code, Some(0), "{key} with clients: {err}");
+    }
     // `check` and `check --print` show where the CA is, never its key.
     let good = with_ca(dir.path(), "  https_listen: 127.0.0.1:1443\n");
     let d = tempfile::tempdir().unwrap();
