@@ -171,6 +171,9 @@ impl Clients {
         addr: Option<IpAddr>,
         authorization: Option<&[u8]>,
     ) -> Result<Caller, Denied> {
+        // On a dual-stack listener (`[::]`) an IPv4 peer shows as
+        // `::ffff:a.b.c.d`: it is matched (and named) as the IPv4 address.
+        let addr = addr.map(|a| a.to_canonical());
         let shown = addr.map_or("unknown".to_string(), |a| a.to_string());
         if !self.conf.allow.is_empty()
             && !addr.is_some_and(|a| self.conf.allow.iter().any(|n| n.contains(&a)))
@@ -271,6 +274,12 @@ mod tests {
             Err(Denied::Address(_))
         ));
         assert!(matches!(c.admit(None, None), Err(Denied::Address(_))));
+        // A dual-stack listener's IPv4 peer.
+        let mapped = c.admit(Some("::ffff:10.1.2.3".parse().unwrap()), None);
+        assert_eq!(mapped.unwrap().name, "10.1.2.3");
+        assert!(c
+            .admit(Some("::ffff:10.2.0.1".parse().unwrap()), None)
+            .is_err());
     }
 
     #[test]
