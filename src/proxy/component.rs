@@ -197,9 +197,12 @@ impl Proxy {
                 let ours = presented
                     .as_deref()
                     .is_none_or(|p| p.is_empty() || p == &*t.value);
+                // Ours: put in, and masked in whatever comes back (an echo
+                // must not hand the app what only the component secret buys).
                 let mut plan = Plan::untouched(session.req_header(), Family::Official);
                 if ours {
-                    plan.query = Some(query::with_param(q.as_deref(), param, &t.value));
+                    plan.token_param = param;
+                    plan.token = Some(t);
                 }
                 self.forward(session, plan, ctx).await
             }

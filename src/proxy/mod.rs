@@ -111,6 +111,9 @@ struct Plan {
     /// The account whose token the sidecar put in (none: untouched).
     account: Option<Arc<Account>>,
     token: Option<Arc<Lease>>,
+    /// The query parameter `token` goes in (`access_token`, or a
+    /// platform's `component_access_token`).
+    token_param: &'static str,
 }
 
 impl Plan {
@@ -122,6 +125,7 @@ impl Plan {
             family,
             account: None,
             token: None,
+            token_param: query::TOKEN_PARAM,
         }
     }
 
@@ -130,7 +134,7 @@ impl Plan {
             (Some(t), q) => format!(
                 "{}?{}",
                 self.path,
-                query::with_token(q.as_deref(), &t.value)
+                query::with_param(q.as_deref(), self.token_param, &t.value)
             ),
             (None, Some(q)) => format!("{}?{q}", self.path),
             (None, None) => self.path.clone(),

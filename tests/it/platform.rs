@@ -405,6 +405,22 @@ async fn an_apps_own_component_calls_get_the_component_token_or_are_answered_loc
     )
     .await;
     assert_eq!(v["errcode"], 40001, "forwarded as sent: {v}");
+
+    // An upstream that echoes the request hands the app no component token
+    // (only the component secret buys it), in either parameter.
+    fake.faults(
+        r#"{"rules": [{"path": "/cgi-bin/component/api_create_preauthcode", "echo_rate": 1.0}]}"#,
+    )
+    .await;
+    for path in [
+        "/cgi-bin/component/api_create_preauthcode".to_string(),
+        format!("/cgi-bin/component/api_create_preauthcode?component_access_token={component}"),
+    ] {
+        let (_, v) = post(&path, serde_json::json!({"component_appid": COMPONENT})).await;
+        let text = v.to_string();
+        assert!(text.contains("echo:"), "{text}");
+        assert!(!text.contains(&component), "masked: {text}");
+    }
 }
 
 #[tokio::test]
