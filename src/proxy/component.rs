@@ -203,6 +203,9 @@ impl Proxy {
                 if ours {
                     plan.token_param = param;
                     plan.token = Some(t);
+                    // Rejected by WeChat: compare-and-refresh, then replayed
+                    // once, as an account's call is.
+                    plan.cell = Some(platform.component.clone());
                 }
                 self.forward(session, plan, ctx).await
             }

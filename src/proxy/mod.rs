@@ -114,6 +114,9 @@ struct Plan {
     /// The query parameter `token` goes in (`access_token`, or a
     /// platform's `component_access_token`).
     token_param: &'static str,
+    /// Where `token` came from when no account holds it (a platform's
+    /// component token): reported to and refreshed through this cell.
+    cell: Option<Arc<crate::lease::LeaseCell>>,
 }
 
 impl Plan {
@@ -126,6 +129,7 @@ impl Plan {
             account: None,
             token: None,
             token_param: query::TOKEN_PARAM,
+            cell: None,
         }
     }
 
@@ -631,17 +635,16 @@ impl Proxy {
     /// After WeChat rejected `plan`'s token: report it (compare-and-refresh)
     /// and wait for the one refresh to bring a replacement.
     async fn replacement(&self, plan: &Plan) -> Option<Arc<Lease>> {
-        let (account, bad) = (plan.account.as_ref()?, plan.token.as_ref()?);
-        account.tokens.report_invalid(&bad.value);
-        account
-            .tokens
-            .wait_replacement(
-                &bad.value,
-                self.app
-                    .upstream_for(crate::config::Family::Official)
-                    .read_timeout(),
-            )
-            .await
+        let cell = (plan.cell.as_ref()).or(plan.account.as_ref().map(|a| &a.tokens))?;
+        let bad = plan.token.as_ref()?;
+        cell.report_invalid(&bad.value);
+        cell.wait_replacement(
+            &bad.value,
+            self.app
+                .upstream_for(crate::config::Family::Official)
+                .read_timeout(),
+        )
+        .await
     }
 
     /// The next piece of the request body (`None` at its end), unless the

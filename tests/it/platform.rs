@@ -406,6 +406,33 @@ async fn an_apps_own_component_calls_get_the_component_token_or_are_answered_loc
     .await;
     assert_eq!(v["errcode"], 40001, "forwarded as sent: {v}");
 
+    // WeChat stops taking the component token (someone else fetched one):
+    // refreshed once and the call replayed, as an account's call is.
+    let fetches = platform_stats(&fake).await["component_token_fetches"]
+        .as_u64()
+        .unwrap();
+    fake.invalidate(COMPONENT).await;
+    let (code, v) = post(
+        "/cgi-bin/component/api_create_preauthcode",
+        serde_json::json!({"component_appid": COMPONENT}),
+    )
+    .await;
+    assert_eq!(
+        (code, v["errcode"].as_i64()),
+        (200, Some(0)),
+        "replayed: {v}"
+    );
+    assert_eq!(
+        platform_stats(&fake).await["component_token_fetches"],
+        fetches + 1
+    );
+    let (_, v) = post(
+        "/cgi-bin/component/api_component_token",
+        serde_json::json!({"component_appid": COMPONENT, "component_appsecret": COMPONENT_SECRET, "component_verify_ticket": "x"}),
+    )
+    .await;
+    let component = v["component_access_token"].as_str().unwrap().to_string();
+
     // An upstream that echoes the request hands the app no component token
     // (only the component secret buys it), in either parameter.
     fake.faults(
