@@ -108,8 +108,10 @@ struct Plan {
     query: Option<String>,
     /// Which upstream family the request goes to.
     family: Family,
-    /// The account whose token the sidecar put in (none: untouched).
+    /// The account whose token the sidecar put in (none: untouched, or a
+    /// platform's component token, see `cell`).
     account: Option<Arc<Account>>,
+    /// The token the sidecar put in (none: untouched); masked in the answer.
     token: Option<Arc<Lease>>,
     /// The query parameter `token` goes in (`access_token`, or a
     /// platform's `component_access_token`).
