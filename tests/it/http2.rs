@@ -452,23 +452,8 @@ async fn a_large_download_comes_over_http2_whole_and_the_upload_over_http1() {
     let data: Vec<u8> = (0..6 * 1024 * 1024)
         .map(|i: usize| (i % 251) as u8)
         .collect();
-    let form = reqwest::multipart::Form::new().part(
-        "media",
-        reqwest::multipart::Part::bytes(data.clone())
-            .file_name("big.bin")
-            .mime_str("application/octet-stream")
-            .unwrap(),
-    );
+    let (_, v) = side.upload(None, "big.bin", data.clone()).await;
     let c = client();
-    let v: Value = c
-        .post(side.url("/cgi-bin/media/upload?type=file"))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
     let media_id = v["media_id"].as_str().unwrap_or_else(|| panic!("{v}"));
     assert_eq!(fake.last_request().await["protocol"], "HTTP/1.1");
     // The download carries nothing it could not send again: the JSON API's

@@ -27,6 +27,25 @@ fn platform_config(extra: &str) -> String {
     )
 }
 
+/// WeChat pushes a ticket to `side`'s callback (and keeps it as the URL for
+/// the events that follow); it is answered `success`.
+async fn push_ticket(fake: &Fake, side: &Sidecar) {
+    let cb = format!(
+        "/__fake/platform-callback?url={}",
+        side.url("/wxsidecar/platform/saas/callback")
+    );
+    assert_eq!(fake.platform_admin(&cb).await["delivered"], true);
+}
+
+/// `AUTHORIZER` authorises the platform; the event is delivered and its code
+/// exchanged.
+async fn authorise(fake: &Fake) {
+    let v = fake
+        .platform_admin(&format!("/__fake/authorize?authorizer={AUTHORIZER}"))
+        .await;
+    assert_eq!(v["delivered"], true, "{v}");
+}
+
 async fn platform_stats(fake: &Fake) -> Value {
     fake.stats().await["platform"].clone()
 }
@@ -139,10 +158,7 @@ async fn a_restart_with_the_memory_store_keeps_refresh_tokens() {
         )
     };
     assert_eq!(fake.platform_admin(&cb(&side)).await["delivered"], true);
-    let v = fake
-        .platform_admin(&format!("/__fake/authorize?authorizer={AUTHORIZER}"))
-        .await;
-    assert_eq!(v["delivered"], true, "{v}");
+    authorise(&fake).await;
     assert_eq!(
         side.send_as(AUTHORIZER, TEMPLATE_SEND, TEMPLATE).await.1["errcode"],
         0
@@ -178,11 +194,7 @@ async fn a_stale_refresh_token_is_recovered_through_the_authoriser_list() {
         "    authorizers:\n      - {{appid: {AUTHORIZER}, refresh_token: refreshtoken@@@stale}}\n"
     ));
     let side = Sidecar::start(&fake, &config).await;
-    let cb = format!(
-        "/__fake/platform-callback?url={}",
-        side.url("/wxsidecar/platform/saas/callback")
-    );
-    assert_eq!(fake.platform_admin(&cb).await["delivered"], true);
+    push_ticket(&fake, &side).await;
     // The seeded account fetches with the stale token: 61023, recovered.
     let deadline = std::time::Instant::now() + WAIT;
     loop {
@@ -209,11 +221,7 @@ async fn a_stale_refresh_token_is_recovered_through_the_authoriser_list() {
 async fn an_operator_resync_keeps_every_listed_refresh_token_for_first_use() {
     let fake = fake();
     let side = Sidecar::start(&fake, &platform_config("")).await;
-    let cb = format!(
-        "/__fake/platform-callback?url={}",
-        side.url("/wxsidecar/platform/saas/callback")
-    );
-    assert_eq!(fake.platform_admin(&cb).await["delivered"], true);
+    push_ticket(&fake, &side).await;
     // Two authorisations the sidecar never heard of (events lost).
     fake.platform_admin(&format!(
         "/__fake/platform-callback?url=http://127.0.0.1:{}/x",
@@ -269,15 +277,8 @@ async fn three_replicas_on_redis_share_the_component_and_authoriser_tokens() {
     let b = Sidecar::start(&fake, &config).await;
     let c = Sidecar::start(&fake, &config).await;
     // WeChat calls one replica only.
-    let cb = format!(
-        "/__fake/platform-callback?url={}",
-        a.url("/wxsidecar/platform/saas/callback")
-    );
-    assert_eq!(fake.platform_admin(&cb).await["delivered"], true);
-    let v = fake
-        .platform_admin(&format!("/__fake/authorize?authorizer={AUTHORIZER}"))
-        .await;
-    assert_eq!(v["delivered"], true, "{v}");
+    push_ticket(&fake, &a).await;
+    authorise(&fake).await;
     for side in [&a, &b, &c] {
         let (code, v) = side.send_as(AUTHORIZER, TEMPLATE_SEND, TEMPLATE).await;
         assert_eq!((code, v["errcode"].as_i64()), (200, Some(0)), "{v}");
@@ -306,15 +307,8 @@ async fn three_replicas_on_redis_share_the_component_and_authoriser_tokens() {
 async fn an_apps_own_component_calls_get_the_component_token_or_are_answered_locally() {
     let fake = fake();
     let side = Sidecar::start(&fake, &platform_config("")).await;
-    let cb = format!(
-        "/__fake/platform-callback?url={}",
-        side.url("/wxsidecar/platform/saas/callback")
-    );
-    assert_eq!(fake.platform_admin(&cb).await["delivered"], true);
-    let v = fake
-        .platform_admin(&format!("/__fake/authorize?authorizer={AUTHORIZER}"))
-        .await;
-    assert_eq!(v["delivered"], true, "{v}");
+    push_ticket(&fake, &side).await;
+    authorise(&fake).await;
     // The authoriser's first token is in (its fetch runs after the event).
     assert_eq!(
         side.send_as(AUTHORIZER, TEMPLATE_SEND, TEMPLATE).await.1["errcode"],
@@ -454,15 +448,8 @@ async fn an_apps_own_component_calls_get_the_component_token_or_are_answered_loc
 async fn an_idle_authoriser_leaves_memory_and_comes_back_on_its_next_request() {
     let fake = fake();
     let side = Sidecar::start(&fake, &platform_config("    idle_after: 2s\n")).await;
-    let cb = format!(
-        "/__fake/platform-callback?url={}",
-        side.url("/wxsidecar/platform/saas/callback")
-    );
-    assert_eq!(fake.platform_admin(&cb).await["delivered"], true);
-    let v = fake
-        .platform_admin(&format!("/__fake/authorize?authorizer={AUTHORIZER}"))
-        .await;
-    assert_eq!(v["delivered"], true, "{v}");
+    push_ticket(&fake, &side).await;
+    authorise(&fake).await;
     assert_eq!(
         side.send_as(AUTHORIZER, TEMPLATE_SEND, TEMPLATE).await.1["errcode"],
         0
@@ -526,10 +513,7 @@ async fn a_flushed_store_is_recovered_through_the_authoriser_list_without_reauth
         )
     };
     assert_eq!(fake.platform_admin(&cb(&a)).await["delivered"], true);
-    let v = fake
-        .platform_admin(&format!("/__fake/authorize?authorizer={AUTHORIZER}"))
-        .await;
-    assert_eq!(v["delivered"], true, "{v}");
+    authorise(&fake).await;
     assert_eq!(
         a.send_as(AUTHORIZER, TEMPLATE_SEND, TEMPLATE).await.1["errcode"],
         0
@@ -689,10 +673,7 @@ async fn events_are_handed_on_to_the_app_signed_as_wechat_sends_them_and_retried
         .platform_admin(&format!("/__fake/platform-callback?url={callback}"))
         .await;
     assert_eq!(v["delivered"], true, "{v}");
-    let v = fake
-        .platform_admin(&format!("/__fake/authorize?authorizer={AUTHORIZER}"))
-        .await;
-    assert_eq!(v["delivered"], true, "{v}");
+    authorise(&fake).await;
     // The ticket twice (a 503, then delivered), then the authorisation.
     let seen = handler.wait_for(3).await;
     assert_eq!(seen.len(), 3, "{seen:?}");
@@ -867,15 +848,8 @@ async fn a_stale_or_replayed_callback_is_not_acted_on_by_any_replica() {
     let config = format!("{}token:\n  store: {}\n", platform_config(""), redis.url());
     let a = Sidecar::start(&fake, &config).await;
     let b = Sidecar::start(&fake, &config).await;
-    let cb = format!(
-        "/__fake/platform-callback?url={}",
-        a.url("/wxsidecar/platform/saas/callback")
-    );
-    assert_eq!(fake.platform_admin(&cb).await["delivered"], true);
-    let v = fake
-        .platform_admin(&format!("/__fake/authorize?authorizer={AUTHORIZER}"))
-        .await;
-    assert_eq!(v["delivered"], true, "{v}");
+    push_ticket(&fake, &a).await;
+    authorise(&fake).await;
     let works = |side: &Sidecar| {
         let side = side.url("");
         async move {
@@ -920,10 +894,7 @@ async fn a_stale_or_replayed_callback_is_not_acted_on_by_any_replica() {
     assert_eq!(post_callback(&a, &event).await, (200, "success".into()));
     assert!(!refresh_token_kept().await, "revoked");
     // ... the customer authorises again ...
-    let v = fake
-        .platform_admin(&format!("/__fake/authorize?authorizer={AUTHORIZER}"))
-        .await;
-    assert_eq!(v["delivered"], true, "{v}");
+    authorise(&fake).await;
     assert!(works(&a).await && works(&b).await && refresh_token_kept().await);
     // ... and the captured revocation sent again, to the same replica or
     // another, is answered as WeChat expects but changes nothing.
@@ -974,15 +945,8 @@ async fn a_client_limited_to_some_accounts_drives_a_platform_only_when_it_lists_
     );
     let side = Sidecar::start(&fake, &config).await;
     // WeChat's callback needs no client token: its signature is its credential.
-    let cb = format!(
-        "/__fake/platform-callback?url={}",
-        side.url("/wxsidecar/platform/saas/callback")
-    );
-    assert_eq!(fake.platform_admin(&cb).await["delivered"], true);
-    let v = fake
-        .platform_admin(&format!("/__fake/authorize?authorizer={AUTHORIZER}"))
-        .await;
-    assert_eq!(v["delivered"], true, "{v}");
+    push_ticket(&fake, &side).await;
+    authorise(&fake).await;
 
     let call = |bearer: &'static str, path: &'static str, account: Option<&'static str>| {
         let mut r = client()

@@ -217,18 +217,9 @@ async fn a_local_daily_cap_answers_45009_before_wechat_would() {
     assert_eq!(side.send(TEMPLATE_SEND, TEMPLATE).await.1["errcode"], 0);
     // A streamed upload is capped too, before its body moves.
     let upload = || async {
-        let form = reqwest::multipart::Form::new().part(
-            "media",
-            reqwest::multipart::Part::bytes(vec![7u8; 64 * 1024]).file_name("a.bin"),
-        );
-        let r = client()
-            .post(side.url("/cgi-bin/media/upload?type=file"))
-            .header("X-Wx-Account", "mall")
-            .multipart(form)
-            .send()
+        side.upload(Some("mall"), "a.bin", vec![7u8; 64 * 1024])
             .await
-            .unwrap();
-        r.json::<Value>().await.unwrap()
+            .1
     };
     assert!(upload().await["media_id"].is_string());
     let v = upload().await;

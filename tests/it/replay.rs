@@ -312,23 +312,11 @@ async fn media_calls_within_the_buffer_cap_are_replayed_and_larger_uploads_are_n
     );
     let side = Sidecar::start(&fake, &cfg).await;
     let c = client();
-    let upload = |size: usize| {
-        let form = reqwest::multipart::Form::new().part(
-            "media",
-            reqwest::multipart::Part::bytes(vec![7u8; size])
-                .file_name("a.bin")
-                .mime_str("application/octet-stream")
-                .unwrap(),
-        );
-        c.post(side.url("/cgi-bin/media/upload?type=file"))
-            .multipart(form)
-            .send()
-    };
     // An upload over the cap streams: WeChat's 40001 reaches the app as it
     // is and nothing is replayed (the body is gone by the time it answers).
     let before = fake.fetches(SHOP_APPID).await;
     fake.invalidate(SHOP_APPID).await;
-    let v: Value = upload(100 * 1024).await.unwrap().json().await.unwrap();
+    let (_, v) = side.upload(None, "a.bin", vec![7u8; 100 * 1024]).await;
     assert_eq!(v["errcode"], 40001, "{v}");
     assert_eq!(fake.fetches(SHOP_APPID).await, before);
     assert_eq!(
@@ -336,7 +324,7 @@ async fn media_calls_within_the_buffer_cap_are_replayed_and_larger_uploads_are_n
         0
     );
     // One within it is kept: refreshed once and replayed.
-    let v: Value = upload(4096).await.unwrap().json().await.unwrap();
+    let (_, v) = side.upload(None, "a.bin", vec![7u8; 4096]).await;
     assert!(v["media_id"].is_string(), "replayed: {v}");
     assert_eq!(fake.fetches(SHOP_APPID).await, before + 1);
     let seen = fake.requests().await;

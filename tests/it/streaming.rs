@@ -12,22 +12,9 @@ async fn twenty_megabytes_up_and_down() {
     let side = Sidecar::start_standard(&fake, "stable", "stable").await;
     let mut data = vec![0u8; 20 * 1024 * 1024];
     rand::thread_rng().fill_bytes(&mut data);
-    let form = reqwest::multipart::Form::new().part(
-        "media",
-        reqwest::multipart::Part::bytes(data.clone())
-            .file_name("big.bin")
-            .mime_str("application/octet-stream")
-            .unwrap(),
-    );
+    let (status, v) = side.upload(None, "big.bin", data.clone()).await;
+    assert_eq!(status, 200, "{v}");
     let c = client();
-    let r = c
-        .post(side.url("/cgi-bin/media/upload?type=file"))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let v: Value = r.json().await.unwrap();
     let media_id = v["media_id"]
         .as_str()
         .unwrap_or_else(|| panic!("no media_id: {v}"))

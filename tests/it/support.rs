@@ -635,6 +635,31 @@ impl Sidecar {
         self.post_with(path_and_query, body, &[]).await
     }
 
+    /// Uploads `data` as WeChat's multipart `media` field
+    /// (`/cgi-bin/media/upload?type=file`), for `account` when named.
+    pub async fn upload(
+        &self,
+        account: Option<&str>,
+        filename: &str,
+        data: Vec<u8>,
+    ) -> (u16, Value) {
+        let form = reqwest::multipart::Form::new().part(
+            "media",
+            reqwest::multipart::Part::bytes(data)
+                .file_name(filename.to_string())
+                .mime_str("application/octet-stream")
+                .unwrap(),
+        );
+        let mut r = client()
+            .post(self.url("/cgi-bin/media/upload?type=file"))
+            .multipart(form);
+        if let Some(a) = account {
+            r = r.header("X-Wx-Account", a);
+        }
+        let r = r.send().await.unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
     /// [`Self::send`] naming the account (`X-Wx-Account`).
     pub async fn send_as(&self, account: &str, path_and_query: &str, body: &str) -> (u16, Value) {
         self.post_with(path_and_query, body, &[("X-Wx-Account", account)])
