@@ -113,7 +113,6 @@ impl Watched {
 /// A file's stamp; its content hashed again only when its `stat` changed
 /// since `before`. Small files (a config, secrets): read in place.
 fn stamp(path: &std::path::Path, before: Option<Stamp>) -> Option<Stamp> {
-    use std::hash::{Hash, Hasher};
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(path).ok()?;
     let meta = (m.ino(), m.size(), m.mtime(), m.mtime_nsec());
@@ -121,11 +120,9 @@ fn stamp(path: &std::path::Path, before: Option<Stamp>) -> Option<Stamp> {
         return Some(b);
     }
     let bytes = std::fs::read(path).ok()?;
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    bytes.hash(&mut h);
     Some(Stamp {
         meta,
-        hash: h.finish(),
+        hash: crate::config::sources::digest(&bytes),
     })
 }
 

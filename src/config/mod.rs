@@ -968,21 +968,19 @@ impl Config {
             &platforms,
             &mut problems,
         );
-        if !listen.ip().is_loopback() && !clients.restricts() {
-            problems.push(format!(
-                "clients: listen {listen} is not on loopback, so say who may call: set clients.allow (CIDRs) and/or clients.tokens (bearer tokens)"
-            ));
-        }
-        // The intercept listeners inject tokens as `listen` does: the same rule.
-        if let (Some(i), false) = (&intercept, clients.restricts()) {
+        // Every listener that injects tokens (`listen`, and transparent
+        // mode's) needs a credential off loopback.
+        if !clients.restricts() {
+            let i = intercept.as_ref();
             for (key, addr) in [
-                ("https_listen", i.https_listen),
-                ("http_listen", i.http_listen),
-                ("proxy_listen", i.proxy_listen),
+                ("listen", Some(listen)),
+                ("intercept.https_listen", i.and_then(|i| i.https_listen)),
+                ("intercept.http_listen", i.and_then(|i| i.http_listen)),
+                ("intercept.proxy_listen", i.and_then(|i| i.proxy_listen)),
             ] {
                 if let Some(a) = addr.filter(|a| !a.ip().is_loopback()) {
                     problems.push(format!(
-                        "clients: intercept.{key} {a} is not on loopback, so say who may call: set clients.allow (CIDRs) and/or clients.tokens (bearer tokens), or listen on 127.0.0.1"
+                        "clients: {key} {a} is not on loopback, so say who may call: set clients.allow (CIDRs) and/or clients.tokens (bearer tokens)"
                     ));
                 }
             }
@@ -1156,12 +1154,7 @@ fn parse_upstream(
                 "{prefix}.ca_file: {} holds no PEM certificate (-----BEGIN CERTIFICATE-----); give a PEM CA bundle",
                 p.display()
             )),
-            Ok(pem) => {
-                use std::hash::{Hash, Hasher};
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                pem.hash(&mut h);
-                ca_digest = Some(h.finish());
-            }
+            Ok(pem) => ca_digest = Some(sources::digest(pem.as_bytes())),
         }
     }
     let failover = up

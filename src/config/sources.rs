@@ -100,6 +100,15 @@ pub fn var(name: &str) -> Option<String> {
     current().var(name)
 }
 
+/// What a file held, as a number: two reads of it compare equal when its
+/// content did not change (the reload watch, a rotated `ca_file`).
+pub fn digest(bytes: &[u8]) -> u64 {
+    use std::hash::Hasher;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    h.write(bytes);
+    h.finish()
+}
+
 /// A file's text from the current sources.
 pub fn file(path: impl AsRef<std::path::Path>) -> std::io::Result<String> {
     current().file(&path.as_ref().to_string_lossy())

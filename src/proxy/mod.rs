@@ -637,7 +637,10 @@ impl Proxy {
     /// After WeChat rejected `plan`'s token: report it (compare-and-refresh)
     /// and wait for the one refresh to bring a replacement.
     async fn replacement(&self, plan: &Plan) -> Option<Arc<Lease>> {
-        let cell = (plan.cell.as_ref()).or(plan.account.as_ref().map(|a| &a.tokens))?;
+        let cell = plan
+            .cell
+            .as_ref()
+            .or(plan.account.as_ref().map(|a| &a.tokens))?;
         let bad = plan.token.as_ref()?;
         cell.report_invalid(&bad.value);
         cell.wait_replacement(
