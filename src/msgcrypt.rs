@@ -20,6 +20,8 @@ const PAD_BLOCK: usize = 32;
 /// Why a callback is refused.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum CryptError {
+    #[error("msg_signature is not 40 lowercase hex characters, as WeChat writes a SHA-1")]
+    SignatureForm,
     #[error("msg_signature does not match (wrong token, or not from WeChat)")]
     Signature,
     #[error("Encrypt is not base64 of whole AES blocks")]
@@ -28,6 +30,29 @@ pub enum CryptError {
     Decrypt,
     #[error("the message is addressed to appid {0}, not this platform's component_appid")]
     AppId(String),
+}
+
+/// A `msg_signature` in the one spelling WeChat sends: 40 lowercase hex
+/// characters. Anything else (whitespace around it, `+`, upper case) is
+/// refused before it is compared, so the replay mark taken from it names
+/// the callback, not one of its spellings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signature(String);
+
+impl Signature {
+    /// The signature as given, if it is in WeChat's form.
+    pub fn parse(text: &str) -> Result<Self, CryptError> {
+        let canonical =
+            text.len() == 40 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        match canonical {
+            true => Ok(Signature(text.to_string())),
+            false => Err(CryptError::SignatureForm),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 /// One platform's token, key and component appid.
@@ -66,13 +91,13 @@ impl MsgCrypt {
     /// Checks the signature (in constant time) and decrypts: the message.
     pub fn open(
         &self,
-        signature: &str,
+        signature: &Signature,
         timestamp: &str,
         nonce: &str,
         encrypt: &str,
     ) -> Result<String, CryptError> {
         let expected = self.signature(timestamp, nonce, encrypt);
-        if !crate::secret::constant_time_eq(expected.as_bytes(), signature.trim().as_bytes()) {
+        if !crate::secret::constant_time_eq(expected.as_bytes(), signature.as_str().as_bytes()) {
             return Err(CryptError::Signature);
         }
         self.decrypt(encrypt)
@@ -221,7 +246,7 @@ mod tests {
         );
         let msg = c
             .open(
-                "5d197aaffba7e9b25a30732f161a50dee96bd5fa",
+                &Signature::parse("5d197aaffba7e9b25a30732f161a50dee96bd5fa").unwrap(),
                 "1409735669",
                 "1320562132",
                 SAMPLE_ENCRYPT,
@@ -232,7 +257,7 @@ mod tests {
         // A wrong signature, a wrong appid, a wrong key: refused.
         assert_eq!(
             c.open(
-                "0".repeat(40).as_str(),
+                &Signature::parse(&"0".repeat(40)).unwrap(),
                 "1409735669",
                 "1320562132",
                 SAMPLE_ENCRYPT
@@ -256,6 +281,31 @@ mod tests {
         )
         .unwrap();
         assert!(wrong_key.decrypt(SAMPLE_ENCRYPT).is_err());
+    }
+
+    /// One spelling of a signature: whitespace, `+`, upper case, a short or
+    /// long one are not WeChat's SHA-1 hex and never reach the comparison.
+    #[test]
+    fn a_signature_has_one_spelling() {
+        let sig = "5d197aaffba7e9b25a30732f161a50dee96bd5fa";
+        assert_eq!(Signature::parse(sig).unwrap().as_str(), sig);
+        for bad in [
+            format!("{sig} "),
+            format!(" {sig}"),
+            format!("{sig}\t"),
+            format!("{sig}\n"),
+            format!("{sig}+"),
+            sig.to_uppercase(),
+            sig[..39].to_string(),
+            format!("{sig}0"),
+            String::new(),
+        ] {
+            assert_eq!(
+                Signature::parse(&bad),
+                Err(CryptError::SignatureForm),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

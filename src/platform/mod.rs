@@ -26,6 +26,7 @@ use crate::config::platform::PlatformConfig;
 use crate::lease::store::RedisStore;
 use crate::lease::{LeaseCell, TokenIndex};
 use crate::metrics::FetchCounters;
+use crate::msgcrypt::Signature;
 use crate::secret::Secret;
 
 pub struct Platform {
@@ -268,10 +269,11 @@ impl Platform {
         Some(t)
     }
 
-    fn seen_key(&self, store: &RedisStore, signature: &str) -> String {
+    fn seen_key(&self, store: &RedisStore, signature: &Signature) -> String {
         store.key(&format!(
-            "platform:{}:callback:{signature}",
-            self.component_appid
+            "platform:{}:callback:{}",
+            self.component_appid,
+            signature.as_str()
         ))
     }
 
@@ -280,10 +282,13 @@ impl Platform {
     /// replica). Remembered for twice `callback_max_age`, the longest a
     /// timestamp stays fresh; a store that cannot be reached leaves this
     /// replica's memory to decide.
-    pub async fn claim_callback(&self, signature: &str) -> bool {
+    pub async fn claim_callback(&self, signature: &Signature) -> bool {
         let now = crate::lease::store::now_ms() / 1000;
         let ttl = self.callback_max_age * 2;
-        if !self.seen.claim(signature, now, now + ttl.as_secs()) {
+        if !self
+            .seen
+            .claim(signature.as_str(), now, now + ttl.as_secs())
+        {
             return false;
         }
         let Some(store) = &self.store else {
@@ -300,8 +305,8 @@ impl Platform {
 
     /// Forgets a claimed callback whose action failed, so WeChat's retry of
     /// it is acted on.
-    pub async fn release_callback(&self, signature: &str) {
-        self.seen.release(signature);
+    pub async fn release_callback(&self, signature: &Signature) {
+        self.seen.release(signature.as_str());
         if let Some(store) = &self.store {
             if let Err(e) = store.del(&self.seen_key(store, signature)).await {
                 tracing::warn!(platform = %self.name, error = %e, "a failed callback's mark not removed from the store; its retry is taken after callback_max_age");

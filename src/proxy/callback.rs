@@ -13,7 +13,7 @@ use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 
 use super::{Ctx, Proxy, Step};
-use crate::msgcrypt::xml_field;
+use crate::msgcrypt::{xml_field, Signature};
 use crate::query;
 use crate::refresh::platform as ops;
 use crate::reply::ProxyError;
@@ -66,6 +66,17 @@ impl Proxy {
                 "msg_signature, timestamp and nonce are required in the query, as WeChat sends them".into(),
             )));
         }
+        let refused = |e: &dyn std::fmt::Display| {
+            tracing::warn!(platform = %platform.name, error = %e, "platform callback refused");
+            ProxyError::Forbidden {
+                reason: format!("platform {} callback refused: {e}", platform.name),
+            }
+        };
+        // One spelling only: the replay mark below is this value.
+        let signature = match Signature::parse(&signature) {
+            Ok(s) => s,
+            Err(e) => return Ok(Err(refused(&e))),
+        };
         let limit = DEFAULT_CALLBACK_BODY.min(self.app.config().limits.buffered_body);
         let body = match self.read_body(session, limit).await? {
             Ok(b) => b,
@@ -79,12 +90,7 @@ impl Proxy {
         };
         let event = match platform.crypt.open(&signature, &timestamp, &nonce, encrypt) {
             Ok(e) => e,
-            Err(e) => {
-                tracing::warn!(platform = %platform.name, error = %e, "platform callback refused");
-                return Ok(Err(ProxyError::Forbidden {
-                    reason: format!("platform {} callback refused: {e}", platform.name),
-                }));
-            }
+            Err(e) => return Ok(Err(refused(&e))),
         };
         // Fresh and not acted on before: a captured callback sent again is
         // not acted on (`platform::replay`).
@@ -92,10 +98,7 @@ impl Proxy {
         if let Err(e) =
             crate::platform::replay::check_age(&timestamp, now, platform.callback_max_age)
         {
-            tracing::warn!(platform = %platform.name, error = %e, "platform callback refused");
-            return Ok(Err(ProxyError::Forbidden {
-                reason: format!("platform {} callback refused: {e}", platform.name),
-            }));
+            return Ok(Err(refused(&e)));
         }
         if !platform.claim_callback(&signature).await {
             tracing::info!(platform = %platform.name, "platform callback already acted on (a retry or a replay): answered success, not acted on again");

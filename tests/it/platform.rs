@@ -691,7 +691,7 @@ async fn events_are_handed_on_to_the_app_signed_as_wechat_sends_them_and_retried
             .to_string();
         crypt
             .open(
-                &s.param("msg_signature"),
+                &wxsidecar::msgcrypt::Signature::parse(&s.param("msg_signature")).unwrap(),
                 &s.param("timestamp"),
                 &s.param("nonce"),
                 &encrypt,
@@ -932,6 +932,70 @@ async fn a_stale_or_replayed_callback_is_not_acted_on_by_any_replica() {
         "both tries exchanged"
     );
     a.assert_log_clean(&[COMPONENT_SECRET, PTOKEN]);
+}
+
+/// A captured callback whose `msg_signature` is re-spelled (whitespace the
+/// query decodes to, as `+`, `%20`, `%09`, `%0A`) is not a new callback:
+/// refused 403 and not acted on; the genuine one is acted on once.
+#[tokio::test]
+async fn a_respelled_signature_is_refused_and_nothing_is_acted_on_again() {
+    let fake = fake();
+    let side = Sidecar::start(&fake, &platform_config("")).await;
+    push_ticket(&fake, &side).await;
+    authorise(&fake).await;
+    let works = || async {
+        client()
+            .post(side.url(TEMPLATE_SEND))
+            .header("X-Wx-Account", AUTHORIZER)
+            .body(TEMPLATE)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 200
+    };
+    assert!(works().await);
+    let ts = unix_now();
+    let (query, body) = sealed(
+        &format!("<xml><AppId><![CDATA[{COMPONENT}]]></AppId><CreateTime>{ts}</CreateTime><InfoType><![CDATA[unauthorized]]></InfoType><AuthorizerAppid><![CDATA[{AUTHORIZER}]]></AuthorizerAppid></xml>"),
+        ts,
+    );
+    let sig = query.rsplit_once("msg_signature=").unwrap().1.to_string();
+    assert_eq!(sig.len(), 40, "{query}");
+    // The genuine revocation: acted on once.
+    assert_eq!(
+        post_callback(&side, &(query.clone(), body.clone())).await,
+        (200, "success".into())
+    );
+    let removals = || {
+        side.log()
+            .matches("account revoked its authorisation; removed")
+            .count()
+    };
+    assert_eq!(removals(), 1, "revoked");
+    authorise(&fake).await;
+    assert!(works().await, "authorised again");
+    for spelling in [
+        format!("{sig}+"),
+        format!("%20{sig}"),
+        format!("{sig}%09"),
+        format!("{sig}%0A"),
+        sig.to_uppercase(),
+    ] {
+        let respelled = query.replace(&sig, &spelling);
+        let (code, text) = post_callback(&side, &(respelled, body.clone())).await;
+        assert_eq!(code, 403, "{spelling}: {text}");
+        assert!(text.contains("40 lowercase hex"), "{text}");
+        assert_eq!(removals(), 1, "{spelling}: not revoked again");
+    }
+    // Sent again as it was: answered as WeChat expects, not acted on.
+    assert_eq!(
+        post_callback(&side, &(query, body)).await,
+        (200, "success".into())
+    );
+    assert_eq!(removals(), 1, "not revoked again");
+    assert!(works().await);
+    side.assert_log_clean(&[COMPONENT_SECRET, PTOKEN]);
 }
 
 #[tokio::test]
