@@ -114,20 +114,26 @@ impl Account {
         }
     }
 
-    /// What a reload may change in place: the secret (`true` when it
-    /// changed), `replace_tokens` and the limits.
-    fn update(&self, c: &AccountConfig) -> bool {
-        self.always_replace.store(
-            c.replace_tokens == ReplaceTokens::Always,
-            std::sync::atomic::Ordering::Relaxed,
-        );
-        self.limits.store(limits_of(&c.limits));
+    /// What a reload may change in place: the secret, `replace_tokens`
+    /// and the limits; what of them changed.
+    fn update(&self, c: &AccountConfig) -> Updated {
+        let always = c.replace_tokens == ReplaceTokens::Always;
+        let limits = limits_of(&c.limits);
+        let settings = self
+            .always_replace
+            .swap(always, std::sync::atomic::Ordering::Relaxed)
+            != always
+            || self.limits.load().as_deref() != limits.as_deref();
+        self.limits.store(limits);
         let mut secret = self.secret.write();
-        if secret.expose() == c.secret.expose() {
-            return false;
+        let secret_changed = secret.expose() != c.secret.expose();
+        if secret_changed {
+            *secret = c.secret.clone();
         }
-        *secret = c.secret.clone();
-        true
+        Updated {
+            secret: secret_changed,
+            settings,
+        }
     }
 
     /// Whether `c` describes this account (the same token, so the same
@@ -267,6 +273,13 @@ pub struct Accounts {
 }
 
 /// A reloaded account table and what changed against the running one.
+/// What [`Account::update`] changed.
+struct Updated {
+    secret: bool,
+    /// `replace_tokens` or the limits.
+    settings: bool,
+}
+
 pub struct Reloaded {
     pub accounts: Accounts,
     /// New accounts: their refreshers are to be started (and a first token
@@ -276,6 +289,8 @@ pub struct Reloaded {
     pub removed: Vec<Arc<Account>>,
     /// Kept, with a new secret: a token is to be fetched with it.
     pub secret_changed: Vec<Arc<Account>>,
+    /// Kept, with other settings changed in place (`replace_tokens`, limits).
+    pub settings_changed: Vec<Arc<Account>>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -351,13 +366,18 @@ impl Accounts {
     pub fn reloaded(&self, configs: Vec<AccountConfig>) -> Reloaded {
         let default = configs.iter().position(|c| c.default);
         let mut next_key = self.next_key;
-        let (mut added, mut secret_changed) = (Vec::new(), Vec::new());
+        let (mut added, mut secret_changed, mut settings_changed) =
+            (Vec::new(), Vec::new(), Vec::new());
         let list: Vec<Arc<Account>> = configs
             .into_iter()
             .map(|c| match self.list.iter().find(|a| a.is(&c)) {
                 Some(a) => {
-                    if a.update(&c) {
+                    let updated = a.update(&c);
+                    if updated.secret {
                         secret_changed.push(a.clone());
+                    }
+                    if updated.settings {
+                        settings_changed.push(a.clone());
                     }
                     a.clone()
                 }
@@ -380,6 +400,7 @@ impl Accounts {
             added,
             removed,
             secret_changed,
+            settings_changed,
         }
     }
 
@@ -413,6 +434,7 @@ impl Accounts {
             added,
             removed,
             secret_changed: Vec::new(),
+            settings_changed: Vec::new(),
         }
     }
 

@@ -13,7 +13,8 @@ use tokio::sync::{mpsc, oneshot};
 /// One reload's outcome.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ReloadReport {
-    /// `ok` or `failed`.
+    /// `ok` (applied), `unchanged` (read and checked, nothing differs from
+    /// the running config) or `failed`.
     pub result: String,
     /// What asked: `SIGHUP`, `POST /reload`, `file change`.
     pub trigger: String,
@@ -55,7 +56,8 @@ impl Default for Generation {
 }
 
 impl Generation {
-    /// The config generation: 1 at start, one more per applied reload.
+    /// The config generation: 1 at start, one more per reload that changed
+    /// something.
     pub fn current(&self) -> u64 {
         self.current.load(Ordering::Acquire)
     }
@@ -86,19 +88,23 @@ impl Generation {
         self.receiver.lock().take()
     }
 
-    /// Records an outcome; an applied reload moves the generation on.
+    /// Records an outcome; only a reload that changed something moves the
+    /// generation on (a SIGHUP with the same file is not a new config).
     pub fn record(&self, trigger: &str, outcome: Outcome) -> ReloadReport {
-        let ok = outcome.problems.is_empty();
-        let generation = if ok {
-            self.current.fetch_add(1, Ordering::AcqRel) + 1
-        } else {
-            self.current()
+        let result = match (outcome.problems.is_empty(), outcome.changes.is_empty()) {
+            (false, _) => "failed",
+            (true, true) => "unchanged",
+            (true, false) => "ok",
+        };
+        let generation = match result {
+            "ok" => self.current.fetch_add(1, Ordering::AcqRel) + 1,
+            _ => self.current(),
         };
         crate::metrics::CONFIG_RELOADS
-            .with_label_values(&[if ok { "ok" } else { "failed" }])
+            .with_label_values(&[result])
             .inc();
         let report = ReloadReport {
-            result: if ok { "ok" } else { "failed" }.into(),
+            result: result.into(),
             trigger: trigger.into(),
             unix_time: SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)

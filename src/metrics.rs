@@ -79,7 +79,7 @@ pub static CONNECTIONS_OPEN: LazyLock<IntGaugeVec> = LazyLock::new(|| {
 pub static CONFIG_RELOADS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "wxsidecar_config_reloads_total",
-        "Config reloads (SIGHUP, POST /reload, a watched file changing), by result (ok, failed).",
+        "Config reloads (SIGHUP, POST /reload, a watched file changing), by result (ok: applied, unchanged: nothing differed, failed: refused).",
         &["result"]
     )
     .expect("metric registers once")
@@ -104,7 +104,7 @@ pub fn init() {
     LazyLock::force(&UPSTREAM_CONNECTIONS);
     LazyLock::force(&CONNECTIONS_REFUSED);
     LazyLock::force(&CONNECTIONS_OPEN);
-    for result in ["ok", "failed"] {
+    for result in ["ok", "unchanged", "failed"] {
         CONFIG_RELOADS.with_label_values(&[result]);
     }
     for kind in ["request_body", "answer"] {

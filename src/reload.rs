@@ -163,7 +163,16 @@ pub async fn reload(
         },
     };
     let report = app.generation.record(trigger, outcome);
-    if report.result == "ok" {
+    if report.result == "unchanged" {
+        tracing::info!(
+            trigger,
+            generation = report.generation,
+            "config re-read; nothing changed"
+        );
+        if !report.restart_needed.is_empty() {
+            tracing::warn!(keys = ?report.restart_needed, "these keys changed but take a restart; their running values stay");
+        }
+    } else if report.result == "ok" {
         tracing::info!(
             trigger,
             generation = report.generation,
@@ -289,10 +298,26 @@ async fn apply(app: &Arc<App>, mut new: Config) -> Result<Outcome, Vec<String>> 
     for a in &reloaded.secret_changed {
         changes.push(format!("secret of account {} changed", a.name));
     }
+    for a in &reloaded.settings_changed {
+        changes.push(format!("settings of account {} changed", a.name));
+    }
     for a in &reloaded.removed {
         changes.push(format!("account {} removed", a.name));
     }
-    if differs(&old.clients, &new.clients) {
+    let default = |t: &crate::account::Accounts| t.default_account().map(|a| a.name.clone());
+    if default(&accounts) != default(&reloaded.accounts) {
+        changes.push("default account".to_string());
+    }
+    let client_tokens = |c: &Config| {
+        c.clients
+            .tokens
+            .iter()
+            .map(|t| t.token.expose().to_string())
+            .collect::<Vec<_>>()
+    };
+    let clients_changed =
+        differs(&old.clients, &new.clients) || client_tokens(&old) != client_tokens(&new);
+    if clients_changed {
         changes.push("clients".to_string());
     }
     if differs(&old.limits, &new.limits) {
@@ -301,9 +326,21 @@ async fn apply(app: &Arc<App>, mut new: Config) -> Result<Outcome, Vec<String>> 
     if differs(&old.admin, &new.admin) || old.admin.token != new.admin.token {
         changes.push("admin".to_string());
     }
+    if differs(&old.reload, &new.reload) {
+        changes.push("reload".to_string());
+    }
+    if changes.is_empty() {
+        // Nothing to publish: the running config stays as it is (and the
+        // generation with it).
+        return Ok(Outcome {
+            changes,
+            problems: Vec::new(),
+            restart_needed,
+        });
+    }
     // Rate-limit buckets start afresh with the clients they belong to.
-    let clients = crate::clients::Clients::new(new.clients.clone());
-    app.publish(new, reloaded.accounts, Some(clients));
+    let clients = clients_changed.then(|| crate::clients::Clients::new(new.clients.clone()));
+    app.publish(new, reloaded.accounts, clients);
 
     for a in &reloaded.secret_changed {
         // The old token serves until the one fetched with the new secret

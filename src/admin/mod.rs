@@ -233,7 +233,7 @@ async fn profile(_query: &str) -> Response<Vec<u8>> {
 
 impl Admin {
     /// `POST /reload`: re-reads the config and answers what the reload did
-    /// (200 applied, 422 refused: the running config stays).
+    /// (200 applied or unchanged, 422 refused: the running config stays).
     async fn reload(&self) -> Response<Vec<u8>> {
         match self
             .app
@@ -242,7 +242,7 @@ impl Admin {
             .await
         {
             Some(report) => {
-                let status = if report.result == "ok" { 200 } else { 422 };
+                let status = if report.result == "failed" { 422 } else { 200 };
                 let body = serde_json::to_vec(&report).expect("report serialises");
                 answer(status, JSON, body)
             }

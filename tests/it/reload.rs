@@ -314,3 +314,70 @@ async fn a_ca_bundle_rotated_in_place_is_taken_up_by_the_watch() {
     let (code, v) = side.send(TEMPLATE_SEND, TEMPLATE).await;
     assert_eq!((code, v["errcode"].as_i64()), (200, Some(0)), "{v}");
 }
+
+/// A reload that finds nothing changed is reported as such and leaves the
+/// generation where it was: 100 SIGHUPs with the same file are not 100
+/// configs. A change only a secret shows (a client token) is one.
+#[tokio::test]
+async fn a_reload_that_changes_nothing_keeps_the_generation() {
+    let fake = Fake::start(&[]);
+    let side = Sidecar::start_standard(&fake, "classic", "stable").await;
+    let path = side.config_path();
+    let original = std::fs::read_to_string(&path).unwrap();
+    let base = original.replace(
+        "accounts:\n",
+        "reload:\n  watch: false\nclients:\n  tokens:\n    - name: app\n      token: client-token-one-0123456789\naccounts:\n",
+    );
+    std::fs::write(&path, &base).unwrap();
+    let (code, r) = reload(&side).await;
+    assert_eq!((code, r["result"].as_str()), (200, Some("ok")), "{r}");
+    assert_eq!(r["generation"], 2, "{r}");
+
+    for _ in 0..100 {
+        side.signal("HUP");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Queued behind the signals' reloads: answered once they are done.
+    let (code, r) = reload(&side).await;
+    assert_eq!(
+        (code, r["result"].as_str()),
+        (200, Some("unchanged")),
+        "{r}"
+    );
+    assert_eq!(r["generation"], 2, "{r}");
+    assert_eq!(r["changes"], serde_json::json!([]), "{r}");
+    let st = side.status().await;
+    assert_eq!(st["config_generation"], 2, "{st}");
+    assert_eq!(st["last_reload"]["result"], "unchanged", "{st}");
+    assert_eq!(
+        side.metric(r#"wxsidecar_config_reloads_total{result="ok"}"#)
+            .await,
+        1.0
+    );
+    assert!(
+        side.metric(r#"wxsidecar_config_reloads_total{result="unchanged"}"#)
+            .await
+            >= 2.0
+    );
+    assert!(side.log().contains("nothing changed"), "{}", side.log());
+
+    // Only the client token's value changes: a change.
+    std::fs::write(
+        &path,
+        base.replace("client-token-one-0123456789", "client-token-two-0123456789"),
+    )
+    .unwrap();
+    let (code, r) = reload(&side).await;
+    assert_eq!((code, r["result"].as_str()), (200, Some("ok")), "{r}");
+    assert_eq!(r["generation"], 3, "{r}");
+    assert_eq!(r["changes"], serde_json::json!(["clients"]), "{r}");
+    let sent = client()
+        .post(side.url(TEMPLATE_SEND))
+        .bearer_auth("client-token-two-0123456789")
+        .body(TEMPLATE)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.status(), 200);
+    side.assert_log_clean(&["client-token-one-0123456789", "client-token-two-0123456789"]);
+}
