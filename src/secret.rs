@@ -48,6 +48,90 @@ pub fn mask_in(text: &str, secret: &str) -> String {
     out
 }
 
+/// Where `secret` first appears in `haystack`, written plainly or with any
+/// of its bytes percent-encoded (`%61`, `%6A` or `%6a`, in any mix): the
+/// span it takes there. An upstream that echoes a URL back may encode it;
+/// masking only the plain spelling would hand the app the token anyway.
+pub fn find_spelled(haystack: &[u8], secret: &[u8]) -> Option<std::ops::Range<usize>> {
+    let first = secret.first()?;
+    let plain = memchr::memmem::find(haystack, secret).map(|i| i..i + secret.len());
+    // An encoded spelling holds a `%` within its first `len` bytes: none
+    // before the plain match (the usual case: none at all), nothing to try.
+    let Some(pct) = memchr::memchr(b'%', haystack) else {
+        return plain;
+    };
+    let until = plain.as_ref().map_or(haystack.len(), |p| p.start);
+    let from = pct.saturating_sub(secret.len() - 1);
+    (from..until)
+        .filter(|&i| haystack[i] == *first || haystack[i] == b'%')
+        .find_map(|i| match spelled_at(haystack, i, secret) {
+            Spelled::Whole(end) => Some(i..end),
+            _ => None,
+        })
+        .or(plain)
+}
+
+/// Where the tail of `haystack` that could begin a spelling of `secret`
+/// (plain or percent-encoded, cut anywhere, inside an escape too) starts,
+/// if it has one: what a scrubber of pieces holds back for the next.
+pub fn spelled_start(haystack: &[u8], secret: &[u8]) -> Option<usize> {
+    let first = *secret.first()?;
+    // A spelling is at most three bytes a secret byte.
+    let from = haystack.len().saturating_sub(3 * secret.len() - 1);
+    (from..haystack.len())
+        .filter(|&i| haystack[i] == first || haystack[i] == b'%')
+        .find(|&i| matches!(spelled_at(haystack, i, secret), Spelled::Cut))
+}
+
+/// What stands at a place in a haystack, read as a spelling of a secret.
+enum Spelled {
+    /// The whole secret, ending here.
+    Whole(usize),
+    /// The haystack ends inside a spelling.
+    Cut,
+    Not,
+}
+
+/// [`Spelled`] for `secret` starting at `at`.
+fn spelled_at(haystack: &[u8], mut at: usize, secret: &[u8]) -> Spelled {
+    for &want in secret {
+        let Some(&b) = haystack.get(at) else {
+            return Spelled::Cut;
+        };
+        if b == want {
+            at += 1;
+            continue;
+        }
+        if b != b'%' {
+            return Spelled::Not;
+        }
+        let hex = &haystack[at + 1..haystack.len().min(at + 3)];
+        if !hex.iter().all(u8::is_ascii_hexdigit) {
+            return Spelled::Not;
+        }
+        if hex.len() < 2 {
+            // `%` or `%6` at the end: the escape may go on in the next piece.
+            let could = hex.first().is_none_or(|&d| hex_value(d) == want >> 4);
+            return if could { Spelled::Cut } else { Spelled::Not };
+        }
+        let byte = (hex_value(hex[0]) << 4) | hex_value(hex[1]);
+        if byte != want {
+            return Spelled::Not;
+        }
+        at += 3;
+    }
+    Spelled::Whole(at)
+}
+
+/// The value of one hex digit (checked to be one).
+fn hex_value(d: u8) -> u8 {
+    match d {
+        b'0'..=b'9' => d - b'0',
+        b'a'..=b'f' => d - b'a' + 10,
+        _ => d - b'A' + 10,
+    }
+}
+
 /// A URL as it may be shown (`/status`, `check`, errors): user, password
 /// and query masked (`redis://:***@host:port/db`); an unparsable one shows
 /// no more than its scheme.
@@ -134,5 +218,53 @@ mod tests {
         assert!(!s.matches("abd"));
         assert!(!s.matches("ab"));
         assert!(!s.matches(""));
+    }
+
+    /// Every spelling of a token with its bytes percent-encoded or not, in
+    /// either hex case, is found where it is; near misses are not.
+    #[test]
+    fn a_secret_is_found_in_every_spelling() {
+        let t = b"Tok_en-9";
+        let encode = |mask: u32, upper: bool| -> Vec<u8> {
+            let mut out = Vec::new();
+            for (i, &b) in t.iter().enumerate() {
+                match (mask >> i & 1 == 1, upper) {
+                    (false, _) => out.push(b),
+                    (true, true) => out.extend(format!("%{b:02X}").into_bytes()),
+                    (true, false) => out.extend(format!("%{b:02x}").into_bytes()),
+                }
+            }
+            out
+        };
+        for mask in 0..(1u32 << t.len()) {
+            for upper in [false, true] {
+                let spelled = encode(mask, upper);
+                let hay = [b"x=%25&a=".as_slice(), &spelled, b"&b=T"].concat();
+                assert_eq!(
+                    find_spelled(&hay, t),
+                    Some(8..8 + spelled.len()),
+                    "{}",
+                    String::from_utf8_lossy(&hay)
+                );
+            }
+        }
+        // The first of two: an encoded one before a plain one.
+        assert_eq!(find_spelled(b"%54ok_en-9 Tok_en-9", t), Some(0..10));
+        for miss in [
+            b"Tok_en-".as_slice(),
+            b"Tok_en%2",
+            b"Tok_en%2d",
+            b"%+4ok_en-9",
+            b"Tok_en-8",
+            b"",
+        ] {
+            assert_eq!(
+                find_spelled(miss, t),
+                None,
+                "{}",
+                String::from_utf8_lossy(miss)
+            );
+        }
+        assert_eq!(find_spelled(b"abc", b""), None);
     }
 }

@@ -68,16 +68,17 @@ impl Lease {
         }
     }
 
-    /// Where the value occurs in `haystack`, if it does. No searcher is
+    /// Where the value occurs in `haystack`, plainly or percent-encoded
+    /// (`secret::find_spelled`): the span it takes. No searcher is
     /// kept with the token (~400 bytes each): most answers are shorter than
     /// a token and need none, a longer one builds its own (~70 ns,
     /// `cargo bench --bench hot_path -- "token scan"`).
-    pub fn find_in(&self, haystack: &[u8]) -> Option<usize> {
+    pub fn find_in(&self, haystack: &[u8]) -> Option<std::ops::Range<usize>> {
         let needle = self.value.as_bytes();
         if haystack.len() < needle.len() {
             return None;
         }
-        memchr::memmem::find(haystack, needle)
+        crate::secret::find_spelled(haystack, needle)
     }
 
     /// Its full lifetime as first seen.

@@ -207,6 +207,20 @@ fn remove_hop_by_hop(resp: &mut ResponseHeader) {
     }
 }
 
+/// The head of an upstream answer as the app gets it: HTTP/1.1 (an h2
+/// answer too), our status line (the code with its standard reason: the
+/// upstream's reason phrase is its own text and may quote our token), no
+/// hop-by-hop header, none that carries our token.
+fn answer_head(upstream: &ResponseHeader, token: Option<&Lease>) -> ResponseHeader {
+    let mut resp = upstream.clone();
+    resp.set_version(http::Version::HTTP_11);
+    // `None` is the code's standard reason: this cannot fail.
+    let _ = resp.set_reason_phrase(None);
+    remove_hop_by_hop(&mut resp);
+    scrub_token(&mut resp, token);
+    resp
+}
+
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(&name.as_str())
 }
@@ -839,11 +853,7 @@ impl Proxy {
                     Ok(Ok(x)) => x,
                     Ok(Err(e)) => return Ok(Err(upstream_err(e))),
                 };
-            let mut resp = x.header().clone();
-            // An h2 answer goes to the app as HTTP/1.1.
-            resp.set_version(http::Version::HTTP_11);
-            remove_hop_by_hop(&mut resp);
-            scrub_token(&mut resp, plan.token.as_deref());
+            let mut resp = answer_head(x.header(), plan.token.as_deref());
             if content_length(&resp.headers).is_some_and(|n| n > limit) {
                 return self
                     .stream_answer(session, resp, None, x, deadline, plan.token.as_deref())
@@ -1048,9 +1058,7 @@ impl Proxy {
             Ok(Err(e)) => return Ok(Err(upstream_err(e))),
             Ok(Ok(x)) => x,
         };
-        let mut resp = x.header().clone();
-        remove_hop_by_hop(&mut resp);
-        scrub_token(&mut resp, plan.token.as_deref());
+        let resp = answer_head(x.header(), plan.token.as_deref());
         self.stream_answer(
             session,
             resp,

@@ -7,7 +7,6 @@ use std::borrow::Cow;
 
 use bytes::Bytes;
 use http::header::HeaderName;
-use memchr::memmem;
 use pingora::http::ResponseHeader;
 
 use crate::lease::Lease;
@@ -70,14 +69,13 @@ pub(crate) fn scrubbed<'a>(answer: &'a [u8], token: Option<&Lease>) -> Cow<'a, [
         return answer.into();
     };
     tracing::warn!("an upstream answer carried our token; masked");
-    let needle_len = t.value.len();
     let mut out = Vec::with_capacity(answer.len());
     let mut rest = answer;
     let mut at = Some(first);
-    while let Some(i) = at {
-        out.extend_from_slice(&rest[..i]);
+    while let Some(span) = at {
+        out.extend_from_slice(&rest[..span.start]);
         out.extend_from_slice(b"***");
-        rest = &rest[i + needle_len..];
+        rest = &rest[span.end..];
         at = t.find_in(rest);
     }
     out.extend_from_slice(rest);
@@ -85,8 +83,9 @@ pub(crate) fn scrubbed<'a>(answer: &'a [u8], token: Option<&Lease>) -> Cow<'a, [
 }
 
 /// Masks our token in an answer that goes to the app piece by piece (over
-/// the buffered limit, media): a token split across two pieces is caught by
-/// holding back a piece's tail while it could be the token's beginning. The
+/// the buffered limit, media): a token split across pieces, plain or
+/// percent-encoded (`%54OK…`), is caught by holding back a piece's tail
+/// while it could begin a spelling of the token. The
 /// mask keeps the length (a `*` per byte), so a declared `Content-Length`
 /// stays true. A piece with neither the token nor such a tail (every real
 /// one: a token is 100+ random characters) goes on as it is, uncopied.
@@ -109,8 +108,8 @@ impl<'a> Scrubber<'a> {
     /// What can go to the app now of what was held and `piece`.
     pub fn piece(&mut self, piece: Bytes) -> Bytes {
         let Some(t) = self.token else { return piece };
-        if self.held.is_empty() && memmem::find(&piece, t).is_none() {
-            return match partial_start(&piece, t) {
+        if self.held.is_empty() && crate::secret::find_spelled(&piece, t).is_none() {
+            return match crate::secret::spelled_start(&piece, t) {
                 None => piece,
                 Some(p) => {
                     self.held.extend_from_slice(&piece[p..]);
@@ -121,34 +120,25 @@ impl<'a> Scrubber<'a> {
         let mut all = std::mem::take(&mut self.held);
         all.extend_from_slice(&piece);
         let mut from = 0;
-        while let Some(i) = memmem::find(&all[from..], t) {
+        while let Some(span) = crate::secret::find_spelled(&all[from..], t) {
             if !self.warned {
                 tracing::warn!("an upstream answer carried our token; masked");
                 self.warned = true;
             }
-            all[from + i..from + i + t.len()].fill(b'*');
-            from += i + t.len();
+            all[from + span.start..from + span.end].fill(b'*');
+            from += span.end;
         }
-        if let Some(p) = partial_start(&all, t) {
+        if let Some(p) = crate::secret::spelled_start(&all, t) {
             self.held = all.split_off(p);
         }
         Bytes::from(all)
     }
 
-    /// The held tail at the answer's end: it is shorter than the token, so
-    /// it goes as it is.
+    /// The held tail at the answer's end: it is not a whole spelling of the
+    /// token, so it goes as it is.
     pub fn finish(self) -> Bytes {
         Bytes::from(self.held)
     }
-}
-
-/// Where the tail of `data` that is a proper beginning of `token` starts,
-/// if it has one.
-fn partial_start(data: &[u8], token: &[u8]) -> Option<usize> {
-    let from = data.len().saturating_sub(token.len() - 1);
-    memchr::memchr_iter(token[0], &data[from..])
-        .map(|i| from + i)
-        .find(|&p| token.starts_with(&data[p..]))
 }
 
 #[cfg(test)]
@@ -166,8 +156,8 @@ mod tests {
     #[test]
     fn a_token_split_across_pieces_is_masked() {
         let t = lease("TOKEN_abc-123");
-        let answer = b"{\"url\":\"x?access_token=TOKEN_abc-123&TOKEN_abTOKEN_abc-123\"}TOKEN_a";
-        let expect = b"{\"url\":\"x?access_token=*************&TOKEN_ab*************\"}TOKEN_a";
+        let answer = b"{\"url\":\"x?access_token=TOKEN_abc-123&TOKEN_abTOKEN_abc-123&t=%54OKEN%5fabc%2D123\"}TOKEN_a%";
+        let expect = b"{\"url\":\"x?access_token=*************&TOKEN_ab*************&t=*******************\"}TOKEN_a%";
         for a in 0..answer.len() {
             for b in a..answer.len() {
                 let mut s = Scrubber::new(Some(&t));
@@ -179,6 +169,16 @@ mod tests {
                 assert_eq!(out, expect, "split at {a}, {b}");
             }
         }
+    }
+
+    #[test]
+    fn a_buffered_answer_has_every_spelling_masked() {
+        let t = lease("TOKEN_abc-123");
+        let answer = b"a=TOKEN_abc-123&b=%54OKEN_abc%2d123&c=TOKEN%5Fabc-12";
+        assert_eq!(
+            &*scrubbed(answer, Some(&t)),
+            b"a=***&b=***&c=TOKEN%5Fabc-12".as_slice()
+        );
     }
 
     #[test]
@@ -200,6 +200,8 @@ mod tests {
         resp.insert_header("Location", "https://x/?access_token=TOKEN_abc-123")
             .unwrap();
         resp.insert_header("X-TOKEN_abc-123", "1").unwrap();
+        resp.insert_header("Link", "<https://x/?t=%54%4fKEN_abc-123>")
+            .unwrap();
         resp.insert_header("Content-Type", "application/json")
             .unwrap();
         scrub_token(&mut resp, Some(&t));

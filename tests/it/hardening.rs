@@ -187,6 +187,46 @@ async fn only_wechats_methods_go_upstream_and_no_answer_carries_our_token() {
     assert!(!side.log().contains(RAW_TOKEN), "never logged");
 }
 
+/// The status line is ours on both fronts (the upstream's reason phrase is
+/// its own text: an echo of the target would carry our token), and a token
+/// percent-encoded in a header is masked like a plain one.
+#[tokio::test]
+async fn the_status_line_is_ours_and_an_encoded_token_is_masked_too() {
+    let up = RawUpstream::start();
+    let side = Sidecar::start_bare(&up.config("")).await;
+    for (front, ask) in [
+        ("fast lane", get as fn(&str) -> Vec<u8>),
+        ("pingora", handed_off),
+    ] {
+        let answer = exchange(side.port, &ask("/cgi-bin/reason/x?a=1"), QUIET);
+        assert!(
+            answer.starts_with("HTTP/1.1 200 OK\r\n"),
+            "{front}: {answer}"
+        );
+        assert!(!answer.contains(RAW_TOKEN), "{front}: {answer}");
+        let answer = exchange(side.port, &ask("/cgi-bin/pct-redirect/x?a=1"), QUIET);
+        assert!(
+            answer.starts_with("HTTP/1.1 302 Found\r\n"),
+            "{front}: {answer}"
+        );
+        assert!(!answer.contains(RAW_TOKEN), "{front}: {answer}");
+        assert!(
+            !answer.to_ascii_lowercase().contains("location:"),
+            "{front}: {answer}"
+        );
+    }
+    let sent = up.api_requests();
+    assert!(
+        sent.iter().any(|r| r.contains("/cgi-bin/reason/x?")),
+        "{sent:?}"
+    );
+    assert!(
+        sent.iter().all(|r| r.contains(RAW_TOKEN)),
+        "the token did go upstream: {sent:?}"
+    );
+    assert!(!side.log().contains(RAW_TOKEN), "never logged");
+}
+
 /// The body of an HTTP/1.1 answer, chunked framing undone; and its head.
 fn head_and_body(answer: &str) -> (&str, String) {
     let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((answer, ""));

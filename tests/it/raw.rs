@@ -218,6 +218,8 @@ fn serve(mut s: TcpStream, seen: Arc<Mutex<Vec<String>>>) {
         let (path, query) = target.split_once('?').unwrap_or((&target, ""));
         let mut out = Vec::new();
         let mut extra = String::new();
+        // The reason phrase: the target itself (token and all) on `/reason`.
+        let mut reason = "X".to_string();
         let (status, body) = if path.contains("token") {
             // RAW_ENDLESS_APPID's token claims to live 2^64 - 1 seconds.
             let life = if endless { u64::MAX } else { 7200 };
@@ -243,6 +245,21 @@ fn serve(mut s: TcpStream, seen: Arc<Mutex<Vec<String>>>) {
                 "Connection: keep-alive, X-Hop\r\nX-Hop: for-the-sidecar\r\nSet-Cookie: a=b\r\n"
                     .into();
             (200, r#"{"errcode":0,"errmsg":"ok"}"#.to_string())
+        } else if path.contains("/reason") {
+            reason = target.clone();
+            (200, r#"{"errcode":0,"errmsg":"ok"}"#.to_string())
+        } else if path.contains("/pct-redirect") {
+            // The query percent-encoded, every other byte, hex case mixed.
+            let mut encoded = String::new();
+            for (i, b) in query.bytes().enumerate() {
+                match i % 4 {
+                    0 => encoded.push_str(&format!("%{b:02X}")),
+                    2 => encoded.push_str(&format!("%{b:02x}")),
+                    _ => encoded.push(b as char),
+                }
+            }
+            extra = format!("Location: https://elsewhere.example/landing?q={encoded}\r\n");
+            (302, r#"{"errcode":0,"errmsg":"moved"}"#.to_string())
         } else if path.contains("/redirect") {
             extra = format!("Location: https://elsewhere.example/landing?{query}\r\n");
             (302, r#"{"errcode":0,"errmsg":"moved"}"#.to_string())
@@ -316,7 +333,7 @@ fn serve(mut s: TcpStream, seen: Arc<Mutex<Vec<String>>>) {
         };
         out.extend_from_slice(
             format!(
-                "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n{body}",
+                "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n{body}",
                 body.len()
             )
             .as_bytes(),
