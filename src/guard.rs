@@ -331,16 +331,33 @@ async fn rest_of_head(stream: &mut Stream, mut data: Vec<u8>, until: Instant) ->
 /// Answers a request whose head is over [`DEFAULT_MAX_HEAD`] (the
 /// connection then closes).
 async fn refuse_large_head(stream: &mut Stream) {
-    use tokio::io::AsyncWriteExt;
     tracing::info!(
         limit = DEFAULT_MAX_HEAD,
         "request head over the limit; answered 431 and closed"
     );
-    let body = format!(
-        r#"{{"errcode":40035,"errmsg":"wxsidecar: request head over {DEFAULT_MAX_HEAD} bytes"}}"#
-    );
+    let msg = format!("request head over {DEFAULT_MAX_HEAD} bytes");
+    refuse_head(stream, "431 Request Header Fields Too Large", &msg).await
+}
+
+/// Whether the head at the start of `data` is one RFC 9112 allows
+/// ([`crate::head`]); if not, it is answered 400 naming what is wrong (the
+/// connection then closes) and nothing of it goes further.
+async fn head_allowed(stream: &mut Stream, data: &[u8]) -> bool {
+    let Err(bad) = crate::head::check(data) else {
+        return true;
+    };
+    tracing::debug!(problem = %bad, "malformed request head; answered 400 and closed");
+    refuse_head(stream, "400 Bad Request", &format!("bad request: {bad}")).await;
+    false
+}
+
+/// Writes a refusal of a request head, WeChat-shaped, and asks to close.
+async fn refuse_head(stream: &mut Stream, status: &str, msg: &str) {
+    use tokio::io::AsyncWriteExt;
+    let body =
+        serde_json::json!({ "errcode": 40035, "errmsg": format!("wxsidecar: {msg}") }).to_string();
     let answer = format!(
-        "HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     let write = async {
@@ -419,6 +436,9 @@ impl<A: HttpServerApp + Send + Sync + 'static, F: Fast> ServerApp for Guarded<A,
                 stream = back;
                 match found {
                     FirstRead::Came(data, true) => {
+                        if !head_allowed(&mut stream, &data).await {
+                            return None;
+                        }
                         let served = match plain {
                             true => self.fast.serve(&mut stream, &data).await,
                             false => None,
@@ -442,6 +462,9 @@ impl<A: HttpServerApp + Send + Sync + 'static, F: Fast> ServerApp for Guarded<A,
                         let until = Instant::now() + self.limits.header_timeout;
                         match rest_of_head(&mut stream, data, until).await {
                             RestOfHead::Whole(data) => {
+                                if !head_allowed(&mut stream, &data).await {
+                                    return None;
+                                }
                                 stream = put_back(stream, &data);
                                 head_limit = None;
                             }

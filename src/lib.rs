@@ -22,6 +22,7 @@ pub(crate) mod fake;
 pub(crate) mod forward;
 pub mod generation;
 pub(crate) mod guard;
+pub mod head;
 pub mod inspect;
 pub(crate) mod intercept;
 pub(crate) mod jssdk;
