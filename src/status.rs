@@ -25,9 +25,21 @@ pub struct Status {
     /// Third-party platforms (`platforms:`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub platforms: Vec<PlatformStatus>,
+    /// WeChat calls the admin listener made (`/quota`, `/rid`, `POST /quota/clear`).
+    #[serde(default)]
+    pub admin_calls: AdminCallsStatus,
     pub store: StoreStatus,
     pub upstream: FamilyStatus,
     pub wecom_upstream: Option<FamilyStatus>,
+}
+
+/// WeChat calls made for the admin, by API, since start: `quota/get` and
+/// `rid/get` at most once a minute per account and path (or rid).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AdminCallsStatus {
+    pub quota_get: u64,
+    pub rid_get: u64,
+    pub clear_quota: u64,
 }
 
 /// One account: its token's age and counters.

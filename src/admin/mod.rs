@@ -10,6 +10,7 @@
 //! `token.budget_reserve` fetches.
 
 mod exposition;
+mod lookups;
 mod quota;
 
 use std::collections::HashMap;
@@ -39,6 +40,10 @@ pub struct Admin {
     next_refresh: Mutex<HashMap<(String, &'static str), Instant>>,
     /// Quota resets this month, without a shared store.
     clears: quota::LocalClears,
+    /// `quota/get` and `rid/get` answers, served again for a minute.
+    lookups: lookups::Lookups,
+    /// WeChat calls made for the admin.
+    calls: lookups::AdminCalls,
 }
 
 /// Whether a request carries the admin token (`Authorization: Bearer …`),
@@ -53,6 +58,8 @@ impl Admin {
             app,
             next_refresh: Mutex::new(HashMap::new()),
             clears: Default::default(),
+            lookups: Default::default(),
+            calls: Default::default(),
         }
     }
 
@@ -157,6 +164,7 @@ impl Admin {
                     }
                 })
                 .collect(),
+            admin_calls: self.calls.snapshot(),
             config_generation: app.generation.current(),
             last_reload: app.generation.last(),
             upstream: app.upstream_for(crate::config::Family::Official).status(),

@@ -6,6 +6,7 @@
 //!
 //! Answers are WeChat's, scrubbed of any token, with our counts beside them.
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
 use http::Response;
@@ -21,6 +22,8 @@ use crate::reply::JSON;
 pub const CLEARS_PER_MONTH: u64 = 10;
 /// WeChat's answers to these calls are a few hundred bytes.
 const DEFAULT_ANSWER_LIMIT: usize = 64 * 1024;
+/// WeChat's rids are ~30 characters (`6123abcd-1234abcd-5678ef01`).
+const DEFAULT_MAX_RID: usize = 128;
 /// The month count lives a little longer than a month.
 const DEFAULT_KEEP_CLEARS: Duration = Duration::from_secs(40 * 86400);
 
@@ -41,6 +44,25 @@ fn error(status: u16, errcode: i64, msg: &str) -> Response<Vec<u8>> {
 
 fn ok(v: Value) -> Response<Vec<u8>> {
     answer(200, JSON, v.to_string().into_bytes())
+}
+
+/// [`ok`] of an answer kept from WeChat `age` seconds ago (`Age`, RFC 9111
+/// §5.1), or just now.
+fn ok_aged(v: Value, age: Option<u64>) -> Response<Vec<u8>> {
+    let mut r = ok(v);
+    if let Some(age) = age {
+        r.headers_mut().insert(http::header::AGE, age.into());
+    }
+    r
+}
+
+/// Too many distinct `/quota` and `/rid` lookups within the minute.
+fn too_many() -> Response<Vec<u8>> {
+    error(
+        429,
+        45009,
+        "too many distinct quota/rid lookups this minute; ask again in a minute",
+    )
 }
 
 /// Resets counted in memory, per account, when there is no shared store:
@@ -187,18 +209,24 @@ impl Admin {
             return ok(out);
         }
         let body = json!({ "cgi_path": path }).to_string();
-        match self
-            .call_wechat(
+        let call = async {
+            self.calls.quota_get.fetch_add(1, Ordering::Relaxed);
+            self.call_wechat(
                 &account,
                 "/cgi-bin/openapi/quota/get",
                 body.as_bytes(),
                 true,
             )
             .await
-        {
+        };
+        let key = (account.id.to_string(), format!("quota {path}"));
+        let Ok((answer, age)) = self.lookups.get(key, call).await else {
+            return too_many();
+        };
+        match answer {
             Ok(v) => {
                 out["wechat"] = v;
-                ok(out)
+                ok_aged(out, age)
             }
             Err(e) => error(
                 502,
@@ -260,6 +288,7 @@ impl Admin {
             enc(&account.id),
             enc(account.secret.read().expose())
         );
+        self.calls.clear_quota.fetch_add(1, Ordering::Relaxed);
         let v = match self.call_wechat(&account, &target, b"", false).await {
             Ok(v) => v,
             Err(e) => {
@@ -319,21 +348,29 @@ impl Admin {
             Ok(a) => a,
             Err(r) => return *r,
         };
-        let Some(rid) = crate::query::param(query, "rid").filter(|r| !r.trim().is_empty()) else {
+        let Some(rid) = crate::query::param(query, "rid")
+            .filter(|r| !r.trim().is_empty() && r.trim().len() <= DEFAULT_MAX_RID)
+        else {
             return error(
                 400,
                 40035,
-                "pass rid=…, the rid at the end of WeChat's errmsg",
+                "pass rid=…, the rid at the end of WeChat's errmsg (at most 128 characters)",
             );
         };
         let body = json!({ "rid": rid.trim() }).to_string();
-        match self
-            .call_wechat(&account, "/cgi-bin/openapi/rid/get", body.as_bytes(), true)
-            .await
-        {
+        let call = async {
+            self.calls.rid_get.fetch_add(1, Ordering::Relaxed);
+            self.call_wechat(&account, "/cgi-bin/openapi/rid/get", body.as_bytes(), true)
+                .await
+        };
+        let key = (account.id.to_string(), format!("rid {}", rid.trim()));
+        let Ok((answer, age)) = self.lookups.get(key, call).await else {
+            return too_many();
+        };
+        match answer {
             Ok(mut v) => {
                 v["account"] = json!(account.name);
-                ok(v)
+                ok_aged(v, age)
             }
             Err(e) => error(
                 502,

@@ -299,3 +299,66 @@ async fn replicas_share_counts_caps_and_resets_through_redis() {
     let (_, v) = admin_post(&b, "/quota/clear?account=mall").await;
     assert_eq!(v["clears_this_month"], 2, "{v}");
 }
+
+/// `quota/get` and `rid/get` are WeChat quotas of their own: forty admin
+/// lookups, at once and one after another, make one call each; the kept
+/// answer says its age; `/status` counts the calls made.
+#[tokio::test]
+async fn admin_lookups_make_one_wechat_call_a_minute() {
+    let fake = Fake::start(&[]);
+    let side = Sidecar::start_standard(&fake, "classic", "stable").await;
+    assert_eq!(side.send(TEMPLATE_SEND, TEMPLATE).await.1["errcode"], 0);
+    let calls = |path: &'static str| {
+        let fake = &fake;
+        async move {
+            fake.requests()
+                .await
+                .iter()
+                .filter(|r| r.to_string().contains(path))
+                .count()
+        }
+    };
+    for (lookup, path) in [
+        (
+            format!("/quota?account=shop&path={TEMPLATE_SEND}"),
+            "openapi/quota/get",
+        ),
+        (
+            "/rid?account=shop&rid=0123abcd-0123abcd-0123abcd".to_string(),
+            "openapi/rid/get",
+        ),
+    ] {
+        let ask = || async {
+            let r = client().get(side.admin(&lookup)).send().await.unwrap();
+            let age = r
+                .headers()
+                .get("age")
+                .map(|a| a.to_str().unwrap().to_string());
+            (r.status().as_u16(), age, r.json::<Value>().await.unwrap())
+        };
+        let at_once = futures_util::future::join_all((0..20).map(|_| ask())).await;
+        let mut fresh = 0;
+        for (code, age, v) in &at_once {
+            assert_eq!(*code, 200, "{v}");
+            fresh += usize::from(age.is_none());
+        }
+        assert_eq!(fresh, 1, "one answer came from WeChat, the rest were kept");
+        for _ in 0..20 {
+            let (code, age, v) = ask().await;
+            assert_eq!(code, 200, "{v}");
+            assert!(age.unwrap().parse::<u64>().unwrap() < 60);
+        }
+        assert_eq!(calls(path).await, 1, "{lookup}: one call to WeChat");
+    }
+    // Another path is its own lookup.
+    let (code, _) = side
+        .admin_get("/quota?account=shop&path=/cgi-bin/user/info")
+        .await;
+    assert_eq!(code, 200);
+    let st = side.status().await;
+    assert_eq!(
+        st["admin_calls"],
+        serde_json::json!({"quota_get": 2, "rid_get": 1, "clear_quota": 0}),
+        "{st}"
+    );
+}
