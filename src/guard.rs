@@ -1,6 +1,7 @@
 //! Bounds on the connections apps and admin callers hold, in front of every
-//! listener: a cap on how many are open (over it, a new one is closed at
-//! once and counted), and deadlines on what a connection may hold without
+//! listener: a cap on how many are open (at it, a new one closes the
+//! connection idle longest, or is closed at once and counted when every one
+//! is inside a request), and deadlines on what a connection may hold without
 //! progress — a new connection's first byte within `limits.header_timeout`
 //! of the accept, a kept-alive connection's next request within
 //! `limits.idle_timeout`, and every request head within
@@ -61,23 +62,65 @@ pub fn head_complete() {
     let _ = HEAD_DONE.try_with(|done| done.store(true, Ordering::Relaxed));
 }
 
-/// Counts an open connection while it lives.
-struct Slot(Arc<AtomicUsize>, prometheus::IntGauge);
+/// `Idle::since` of a connection inside a request.
+const BUSY: u64 = 0;
+/// `Idle::since` of a connection chosen to close for a newcomer.
+const SHED: u64 = u64::MAX;
 
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-        self.1.dec();
+/// Whether a connection is idle (waiting for a request's first byte: a new
+/// one, or kept alive between requests) and since when, so that a full
+/// listener can close the one idle longest to make room, as nginx does.
+#[derive(Default)]
+struct Idle {
+    /// [`BUSY`], [`SHED`], or when it became idle (ms since [`EPOCH`], ≥ 1).
+    since: AtomicU64,
+    /// Woken when it is chosen to close.
+    shed: tokio::sync::Notify,
+}
+
+impl Idle {
+    /// It waits for a request from now on.
+    fn waiting(&self) -> u64 {
+        let now = now_ms().max(1);
+        self.since.store(now, Ordering::Release);
+        now
+    }
+
+    /// A request began: `false` when it was chosen to close meanwhile (the
+    /// bytes that came are dropped with the connection).
+    fn working(&self, since: u64) -> bool {
+        self.since
+            .compare_exchange(since, BUSY, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
     }
 }
 
-/// The cap of one listener: connections open, and refusals counted.
+/// Counts an open connection while it lives, and lists it with its cap.
+struct Slot<'a> {
+    cap: &'a Cap,
+    id: u64,
+    idle: Arc<Idle>,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.cap.conns.lock().remove(&self.id);
+        self.cap.open.fetch_sub(1, Ordering::Relaxed);
+        self.cap.open_gauge.dec();
+    }
+}
+
+/// The cap of one listener: connections open (each with its idle state),
+/// sheddings and refusals counted.
 struct Cap {
     max: usize,
     listener: &'static str,
-    open: Arc<AtomicUsize>,
+    open: AtomicUsize,
+    conns: parking_lot::Mutex<std::collections::HashMap<u64, Arc<Idle>>>,
+    next_id: AtomicU64,
     open_gauge: prometheus::IntGauge,
     refused: prometheus::IntCounter,
+    shed: prometheus::IntCounter,
     /// When a refusal was last logged (ms since [`EPOCH`], 0: never).
     last_logged: AtomicU64,
 }
@@ -87,22 +130,61 @@ impl Cap {
         Cap {
             max,
             listener,
-            open: Arc::new(AtomicUsize::new(0)),
+            open: AtomicUsize::new(0),
+            conns: Default::default(),
+            next_id: AtomicU64::new(0),
             open_gauge: crate::metrics::CONNECTIONS_OPEN.with_label_values(&[listener]),
             refused: crate::metrics::CONNECTIONS_REFUSED.with_label_values(&[listener]),
+            shed: crate::metrics::CONNECTIONS_SHED.with_label_values(&[listener]),
             last_logged: AtomicU64::new(0),
         }
     }
 
-    /// A place for a new connection, or `None` (refused and counted).
-    fn enter(&self) -> Option<Slot> {
-        if self.open.fetch_add(1, Ordering::Relaxed) >= self.max {
+    /// A place for a new connection: at the cap, the connection idle
+    /// longest is closed to make room (it leaves a moment later, so the
+    /// count is over the cap by the connections still leaving); `None`
+    /// when every connection is inside a request (refused and counted).
+    fn enter(&self) -> Option<Slot<'_>> {
+        if self.open.fetch_add(1, Ordering::Relaxed) >= self.max && !self.shed_one() {
             self.open.fetch_sub(1, Ordering::Relaxed);
             self.refuse();
             return None;
         }
         self.open_gauge.inc();
-        Some(Slot(self.open.clone(), self.open_gauge.clone()))
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let idle = Arc::new(Idle::default());
+        self.conns.lock().insert(id, idle.clone());
+        Some(Slot {
+            cap: self,
+            id,
+            idle,
+        })
+    }
+
+    /// Closes the connection idle longest, if one is: whether one was.
+    /// A scan of the listener's connections, only when it is full.
+    fn shed_one(&self) -> bool {
+        let conns = self.conns.lock();
+        loop {
+            let oldest = conns
+                .values()
+                .map(|c| (c.since.load(Ordering::Acquire), c))
+                .filter(|(s, _)| *s != BUSY && *s != SHED)
+                .min_by_key(|(s, _)| *s);
+            let Some((since, conn)) = oldest else {
+                return false;
+            };
+            // It may have begun a request since: then look again.
+            if conn
+                .since
+                .compare_exchange(since, SHED, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                conn.shed.notify_one();
+                self.shed.inc();
+                return true;
+            }
+        }
     }
 
     fn refuse(&self) {
@@ -119,7 +201,7 @@ impl Cap {
             tracing::warn!(
                 listener = self.listener,
                 max = self.max,
-                "connection limit reached; closing new connections at once (logged once a minute, counted in wxsidecar_connections_refused_total)"
+                "connection limit reached and every connection is inside a request; closing new connections at once (logged once a minute, counted in wxsidecar_connections_refused_total)"
             );
         }
     }
@@ -240,17 +322,27 @@ thread_local! {
 /// Waits for the next request's first bytes, up to `limit`, or for
 /// shutdown; reads them (one `recv` on a plain socket, as the parser would
 /// have) for the fast lane or, through [`put_back`], pingora's parser.
+/// While it waits the connection is idle (`idle`, where its listener is
+/// capped): closed when a newcomer needs its place.
 async fn first_read(
     mut stream: Stream,
     until: Instant,
     mut timer: std::pin::Pin<&mut tokio::time::Sleep>,
     shutdown: &ShutdownWatch,
     stopping: std::pin::Pin<&mut impl std::future::Future>,
+    idle: Option<&Idle>,
 ) -> (Stream, FirstRead) {
     use tokio::io::ReadBuf;
     if *shutdown.borrow() {
         return (stream, FirstRead::Close);
     }
+    let since = idle.map(Idle::waiting);
+    let shed = async {
+        match idle {
+            Some(i) => i.shed.notified().await,
+            None => std::future::pending().await,
+        }
+    };
     let read = std::future::poll_fn(|cx| {
         SCRATCH.with_borrow_mut(|buf| {
             let mut rb = ReadBuf::new(buf);
@@ -285,7 +377,13 @@ async fn first_read(
             _ => FirstRead::Close,
         },
         _ = stopping => FirstRead::Close,
+        _ = shed => FirstRead::Close,
         _ = expired => FirstRead::Close,
+    };
+    let outcome = match (idle.zip(since), outcome) {
+        // Chosen to close just as a request came: it goes with the connection.
+        (Some((i, s)), FirstRead::Came(..)) if !i.working(s) => FirstRead::Close,
+        (_, o) => o,
     };
     (stream, outcome)
 }
@@ -386,10 +484,11 @@ impl<A: HttpServerApp + Send + Sync + 'static, F: Fast> ServerApp for Guarded<A,
         mut stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let _slot = match &self.cap {
+        let slot = match &self.cap {
             Some(cap) => Some(cap.enter()?),
             None => None,
         };
+        let idle = slot.as_ref().map(|s| &*s.idle);
         if let Some(tls) = self.tls.as_ref().filter(|t| t.serves(&stream)) {
             // Boxed: a handshake's state is kilobytes that every connection's
             // future (idle ones too) would otherwise carry.
@@ -431,8 +530,15 @@ impl<A: HttpServerApp + Send + Sync + 'static, F: Fast> ServerApp for Guarded<A,
             let mut head_limit = Some(self.limits.header_timeout);
             if !pipelined {
                 let until = Instant::now() + wait;
-                let (back, found) =
-                    first_read(stream, until, timer.as_mut(), shutdown, stopping.as_mut()).await;
+                let (back, found) = first_read(
+                    stream,
+                    until,
+                    timer.as_mut(),
+                    shutdown,
+                    stopping.as_mut(),
+                    idle,
+                )
+                .await;
                 stream = back;
                 match found {
                     FirstRead::Came(data, true) => {

@@ -76,6 +76,15 @@ pub static CONNECTIONS_OPEN: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+pub static CONNECTIONS_SHED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "wxsidecar_connections_shed_total",
+        "Idle connections closed to make room for a new one at the listener's limit (the one idle longest first; never one inside a request).",
+        &["listener"]
+    )
+    .expect("metric registers once")
+});
+
 pub static CONFIG_RELOADS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "wxsidecar_config_reloads_total",
@@ -109,6 +118,9 @@ pub fn init() {
     }
     for kind in ["request_body", "answer"] {
         BUFFERED_TOTAL_SPENT.with_label_values(&[kind]);
+    }
+    for result in ["served", "handed_off"] {
+        FAST_LANE.with_label_values(&[result]);
     }
 }
 
@@ -207,13 +219,12 @@ impl RequestCounters {
         self.0.inc(route as usize * 4 + outcome as usize);
     }
 
-    /// Every (route, outcome) counted so far, with its count.
-    pub fn counted(&self) -> impl Iterator<Item = (Served, Outcome, u64)> + '_ {
+    /// Every (route, outcome) with its count so far, 0 included.
+    pub fn all(&self) -> impl Iterator<Item = (Served, Outcome, u64)> + '_ {
         Served::ALL.into_iter().flat_map(move |r| {
             Outcome::ALL
                 .into_iter()
                 .map(move |o| (r, o, self.0.get(r as usize * 4 + o as usize)))
-                .filter(|(_, _, n)| *n > 0)
         })
     }
 }
@@ -340,12 +351,15 @@ mod tests {
     fn counts_take_no_memory_until_they_count() {
         let c = RequestCounters::default();
         assert!(c.0 .0.get().is_none());
-        assert_eq!(c.counted().count(), 0);
+        assert_eq!(c.all().count(), 28);
+        assert!(c.all().all(|(_, _, n)| n == 0));
+        assert!(c.0 .0.get().is_none(), "reading allocates nothing");
         c.inc(Served::Token, Outcome::Refused);
         c.inc(Served::Token, Outcome::Refused);
         c.inc(Served::Api, Outcome::Ok);
         let got: Vec<_> = c
-            .counted()
+            .all()
+            .filter(|(_, _, n)| *n > 0)
             .map(|(r, o, n)| (r.as_str(), o.as_str(), n))
             .collect();
         assert_eq!(got, [("api", "ok", 1), ("token", "refused", 2)]);

@@ -1,11 +1,14 @@
 //! The per-account part of `/metrics`, written at each scrape from the
 //! counts the accounts and their lease cells keep (plain atomics: a
 //! registered series per account costs ~500 bytes, which with thousands
-//! of accounts was most of an account's memory). Only series that counted
-//! something are written, except each account's token expiry.
+//! of accounts was most of an account's memory). Every series that can
+//! exist for an account in the table (configured, or an authoriser while
+//! in memory) and each ticket in use is written from the start, at 0 until
+//! it counts: `rate()` panels and `increase(…) > 0` alerts need the series
+//! before the first event (Prometheus' guidance on missing series).
 
 use crate::account::{Account, Accounts};
-use crate::metrics::{TextFamily, FETCH_RESULTS, NO_ACCOUNT};
+use crate::metrics::{Served, TextFamily, FETCH_RESULTS, NO_ACCOUNT};
 
 /// Appends the platforms' event hand-off counts (`forward_events`) to `out`.
 pub fn write_platforms(out: &mut Vec<u8>, platforms: &[std::sync::Arc<crate::platform::Platform>]) {
@@ -41,7 +44,12 @@ pub fn write_accounts(out: &mut Vec<u8>, accounts: &Accounts) {
     );
     let named = accounts.iter().map(|a| (a.name.as_str(), &a.requests));
     for (name, counts) in named.chain(std::iter::once(("-", &*NO_ACCOUNT))) {
-        for (route, outcome, n) in counts.counted() {
+        // Platform events name no account: that route is the `-` row's.
+        let every = name == "-";
+        for (route, outcome, n) in counts.all() {
+            if route == Served::Platform && !every && n == 0 {
+                continue;
+            }
             let labels = [
                 ("account", name),
                 ("outcome", outcome.as_str()),
@@ -60,10 +68,7 @@ pub fn write_accounts(out: &mut Vec<u8>, accounts: &Accounts) {
     for a in accounts.iter() {
         let counts = a.tokens.fetch_counts();
         for (i, result) in FETCH_RESULTS.iter().enumerate() {
-            let n = counts.get(i);
-            if n > 0 {
-                f.series(&[("account", &a.name), ("result", result)], n);
-            }
+            f.series(&[("account", &a.name), ("result", result)], counts.get(i));
         }
     }
 
@@ -75,10 +80,10 @@ pub fn write_accounts(out: &mut Vec<u8>, accounts: &Accounts) {
     );
     for a in accounts.iter() {
         for (ok, result) in [(true, "ok"), (false, "failed")] {
-            let n = a.replays.get(ok);
-            if n > 0 {
-                f.series(&[("account", &a.name), ("result", result)], n);
-            }
+            f.series(
+                &[("account", &a.name), ("result", result)],
+                a.replays.get(ok),
+            );
         }
     }
 
@@ -101,10 +106,7 @@ pub fn write_accounts(out: &mut Vec<u8>, accounts: &Accounts) {
         "counter",
     );
     for a in accounts.iter() {
-        let n = a.whitelist.count();
-        if n > 0 {
-            f.series(&[("account", &a.name)], n);
-        }
+        f.series(&[("account", &a.name)], a.whitelist.count());
     }
 
     let mut f = TextFamily::new(
@@ -142,9 +144,7 @@ fn write_tickets(out: &mut Vec<u8>, accounts: &Accounts) {
     for (name, kind, cell) in in_use() {
         for (i, result) in FETCH_RESULTS.iter().enumerate() {
             let n = cell.fetch_counts().get(i);
-            if n > 0 {
-                f.series(&[("account", name), ("result", result), ("type", kind)], n);
-            }
+            f.series(&[("account", name), ("result", result), ("type", kind)], n);
         }
     }
     let mut f = TextFamily::new(

@@ -67,11 +67,14 @@ impl Quota {
         tracing::warn!(account, path, "daily quota of this API spent (45009): calls fail until midnight UTC+8; POST /cgi-bin/clear_quota resets it (10 a month)");
     }
 
-    /// The counted errcodes seen so far, with their counts.
+    /// Every counted errcode with its count so far, 0 included.
     pub fn errors(&self) -> impl Iterator<Item = (i64, u64)> + '_ {
-        COUNTED.iter().enumerate().filter_map(move |(i, &c)| {
-            let n = self.0.get()?.errors[i].load(Ordering::Relaxed);
-            (n > 0).then_some((c, n))
+        COUNTED.iter().enumerate().map(move |(i, &c)| {
+            let n = self
+                .0
+                .get()
+                .map_or(0, |st| st.errors[i].load(Ordering::Relaxed));
+            (c, n)
         })
     }
 
@@ -105,7 +108,9 @@ mod tests {
         q.note("shop", 45009, "/cgi-bin/message/template/send");
         q.note("shop", 45009, "/cgi-bin/message/template/send");
         q.note("shop", 45011, "/cgi-bin/message/custom/send");
-        assert_eq!(q.errors().collect::<Vec<_>>(), [(45009, 2), (45011, 1)]);
+        let seen: Vec<_> = q.errors().filter(|&(_, n)| n > 0).collect();
+        assert_eq!(seen, [(45009, 2), (45011, 1)]);
+        assert_eq!(q.errors().count(), COUNTED.len());
         assert_eq!(q.exhausted(), ["/cgi-bin/message/template/send"]);
         for i in 0..600 {
             q.note("shop", 45009, &format!("/cgi-bin/p{i}"));

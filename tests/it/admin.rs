@@ -227,3 +227,65 @@ async fn cpu_profiles_as_pprof_and_flamegraph() {
         l.await.unwrap();
     }
 }
+
+/// Every counter series that can exist for the configured accounts, the
+/// tickets in use and the listeners is in `/metrics` from the start, at 0:
+/// `rate()` and `increase(…) > 0` need the series before the first event.
+#[tokio::test]
+async fn counters_are_exported_at_zero_before_anything_happens() {
+    let fake = Fake::start(&[]);
+    let side = Sidecar::start_standard(&fake, "classic", "stable").await;
+    let text = side.metrics().await;
+    let mut expected = vec![
+        r#"wxsidecar_connections_shed_total{listener="app"} 0"#.to_string(),
+        r#"wxsidecar_connections_refused_total{listener="app"} 0"#.into(),
+        r#"wxsidecar_connections_refused_total{listener="admin"} 0"#.into(),
+        r#"wxsidecar_fast_lane_total{result="served"} 0"#.into(),
+        r#"wxsidecar_fast_lane_total{result="handed_off"} 0"#.into(),
+        r#"wxsidecar_config_reloads_total{result="unchanged"} 0"#.into(),
+        r#"wxsidecar_requests_total{account="-",outcome="refused",route="platform"} 0"#.into(),
+    ];
+    for account in ["shop", "mall"] {
+        for result in ["ok", "failed"] {
+            expected.push(format!(
+                r#"wxsidecar_token_replays_total{{account="{account}",result="{result}"}} 0"#
+            ));
+        }
+        for result in ["wechat_error", "transport_error", "budget_spent"] {
+            expected.push(format!(
+                r#"wxsidecar_token_fetches_total{{account="{account}",result="{result}"}} 0"#
+            ));
+        }
+        for route in ["api", "untouched", "stream", "token", "ticket", "jssdk"] {
+            for outcome in ["ok", "wechat_error", "refused", "error"] {
+                expected.push(format!(
+                    r#"wxsidecar_requests_total{{account="{account}",outcome="{outcome}",route="{route}"}} 0"#
+                ));
+            }
+        }
+        for errcode in ["40001", "45009", "48001", "89503"] {
+            expected.push(format!(
+                r#"wxsidecar_wechat_errors_total{{account="{account}",errcode="{errcode}"}} 0"#
+            ));
+        }
+        expected.push(format!(
+            r#"wxsidecar_ip_not_whitelisted_total{{account="{account}"}} 0"#
+        ));
+    }
+    for line in &expected {
+        assert!(text.lines().any(|l| l == line), "missing `{line}`:\n{text}");
+    }
+    // A ticket, once in use, has its fetch results too.
+    let (_, v) = side.get("/cgi-bin/ticket/getticket?type=jsapi", &[]).await;
+    assert_eq!(v["errcode"], 0, "{v}");
+    let text = side.metrics().await;
+    for result in ["ok", "wechat_error", "transport_error", "budget_spent"] {
+        let prefix = format!(
+            r#"wxsidecar_ticket_fetches_total{{account="shop",result="{result}",type="jsapi"}} "#
+        );
+        assert!(
+            text.lines().any(|l| l.starts_with(&prefix)),
+            "missing `{prefix}`:\n{text}"
+        );
+    }
+}

@@ -13,45 +13,116 @@ use crate::support::*;
 
 const ADMIN_TOKEN: &str = "admin-token-0123456789abcdef";
 
+/// Waits until the app listener holds `n` connections.
+async fn wait_open(side: &Sidecar, n: f64) {
+    let deadline = Instant::now() + WAIT;
+    while side
+        .metric(r#"wxsidecar_connections_open{listener="app"}"#)
+        .await
+        != n
+    {
+        assert!(Instant::now() < deadline, "never {n} open");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `n` connections, opened 3 ms apart (so each has its own idle time),
+/// each after writing `first` (nothing when empty) and reading `answered`
+/// answers.
+fn connections(port: u16, n: usize, first: &[u8], answered: bool) -> Vec<TcpStream> {
+    (0..n)
+        .map(|_| {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            if !first.is_empty() {
+                s.write_all(first).unwrap();
+            }
+            if answered {
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut buf = [0u8; 4096];
+                let n = std::io::Read::read(&mut s, &mut buf).unwrap();
+                assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+            }
+            std::thread::sleep(Duration::from_millis(3));
+            s
+        })
+        .collect()
+}
+
+/// A full listener makes room as nginx does: a newcomer closes the
+/// connection idle longest (one that sent nothing yet, or one kept alive
+/// between requests), never one inside a request; only when every
+/// connection is inside a request is the newcomer refused, and those
+/// requests finish.
 #[tokio::test]
-async fn over_the_connection_cap_new_connections_are_closed_at_once() {
+async fn a_full_listener_closes_the_connection_idle_longest_for_a_newcomer() {
+    const GET: &[u8] = b"GET /cgi-bin/x HTTP/1.1\r\nHost: x\r\n\r\n";
     let up = RawUpstream::start();
-    let side = Sidecar::start_bare(&up.config("limits:\n  max_connections: 4\n")).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    // Counted from here (the readiness probes before are not this test's).
-    let before = side
-        .metric(r#"wxsidecar_connections_refused_total{listener="app"}"#)
-        .await;
-    let held: Vec<TcpStream> = (0..4)
-        .map(|_| TcpStream::connect(("127.0.0.1", side.port)).unwrap())
-        .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut fifth = TcpStream::connect(("127.0.0.1", side.port)).unwrap();
-    assert!(
-        closed_within(&mut fifth, Duration::from_secs(5)),
-        "the fifth connection was closed at once"
-    );
-    assert_eq!(
-        side.metric(r#"wxsidecar_connections_refused_total{listener="app"}"#)
+    let side = Sidecar::start_bare(&up.config("limits:\n  max_connections: 50\n")).await;
+    wait_open(&side, 0.0).await;
+    let metric = |name: &'static str| {
+        let side = &side;
+        async move {
+            side.metric(&format!(
+                r#"wxsidecar_connections_{name}_total{{listener="app"}}"#
+            ))
             .await
-            - before,
-        1.0
-    );
-    // A held connection still works, and a closed one frees its place.
-    let mut first = held.into_iter().next().unwrap();
-    first
-        .write_all(b"POST /cgi-bin/x HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
-        .unwrap();
-    let answer = read_until_quiet(&mut first, Duration::from_secs(2));
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    drop(first);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    };
+    assert_eq!(metric("shed").await, 0.0, "exported from the start");
+    let refused = metric("refused").await;
+
+    // Filled with silent connections: five newcomers are served at once,
+    // each in the place of the oldest.
+    let mut silent = connections(side.port, 50, b"", false);
+    wait_open(&side, 50.0).await;
+    let newcomers = connections(side.port, 5, GET, true);
+    assert_eq!(metric("shed").await, 5.0);
+    for (i, s) in silent.iter_mut().enumerate().take(7) {
+        assert_eq!(
+            closed_within(s, Duration::from_millis(300)),
+            i < 5,
+            "silent connection {i}"
+        );
+    }
+    drop((silent, newcomers));
+    wait_open(&side, 0.0).await;
+
+    // Filled with connections kept alive between requests: the same.
+    let mut kept = connections(side.port, 50, GET, true);
+    wait_open(&side, 50.0).await;
     let answer = exchange(
         side.port,
         b"GET /cgi-bin/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
         Duration::from_secs(2),
     );
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(metric("shed").await, 6.0);
+    assert!(closed_within(&mut kept[0], Duration::from_millis(300)));
+    assert!(!closed_within(&mut kept[1], Duration::from_millis(300)));
+    drop(kept);
+    wait_open(&side, 0.0).await;
+
+    // Filled with requests in flight (bodies still coming): the newcomer
+    // is refused, and every request in flight finishes.
+    let mut inflight = connections(
+        side.port,
+        50,
+        b"POST /cgi-bin/x HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nConnection: close\r\n\r\n{}",
+        false,
+    );
+    wait_open(&side, 50.0).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut late = TcpStream::connect(("127.0.0.1", side.port)).unwrap();
+    assert!(closed_within(&mut late, Duration::from_secs(5)), "refused");
+    assert_eq!(metric("refused").await - refused, 1.0);
+    assert_eq!(metric("shed").await, 6.0, "none in a request was closed");
+    for s in &mut inflight {
+        s.write_all(b"  ").unwrap();
+    }
+    for s in &mut inflight {
+        let answer = read_until_quiet(s, Duration::from_secs(2));
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
 }
 
 #[tokio::test]
@@ -300,10 +371,15 @@ async fn under_a_low_open_file_limit_the_cap_holds_and_requests_are_served() {
         .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
         .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    // Over the cap: closed at once, not left hanging.
-    let mut late = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    assert!(closed_within(&mut late, Duration::from_secs(5)));
-    let refused = c
+    // Over the cap: the idle ones make room (the oldest closed), so a
+    // newcomer is served, not left hanging.
+    let answer = exchange(
+        port,
+        b"GET /cgi-bin/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(2),
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let metrics = c
         .get(format!("http://127.0.0.1:{admin}/metrics"))
         .send()
         .await
@@ -311,9 +387,9 @@ async fn under_a_low_open_file_limit_the_cap_holds_and_requests_are_served() {
         .text()
         .await
         .unwrap();
-    let line = refused
+    let line = metrics
         .lines()
-        .find(|l| l.starts_with(r#"wxsidecar_connections_refused_total{listener="app"}"#))
+        .find(|l| l.starts_with(r#"wxsidecar_connections_shed_total{listener="app"}"#))
         .unwrap()
         .to_string();
     let n: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
