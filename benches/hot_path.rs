@@ -114,6 +114,27 @@ fn bench(c: &mut Criterion) {
     c.bench_function("token scan: searcher per answer", |b| {
         b.iter(|| memchr::memmem::find(black_box(answer), black_box(token.as_bytes())))
     });
+    // What every answer and header now pays: the token in any spelling.
+    let long_answer = br#"{"errcode":0,"errmsg":"ok","url":"https://mp.weixin.qq.com/s?__biz=MzA%3D&mid=1&idx=1&sn=abc%2Fdef","title":"Weekly news","digest":"What happened this week in the shop, and what comes next","thumb":"https://mmbiz.qpic.cn/mmbiz_jpg/abcdef0123456789/0?wx_fmt=jpeg"}"#;
+    let clean_answer = br#"{"errcode":0,"errmsg":"ok","url":"https://mp.weixin.qq.com/s?__biz=MzA=&mid=1&idx=1&sn=abc-def","title":"Weekly news","digest":"What happened this week in the shop, and what comes next","thumb":"https://mmbiz.qpic.cn/mmbiz_jpg/abcdef0123456789/0?wx_fmt=jpeg"}"#;
+    c.bench_function("token scan: plain only, clean answer", |b| {
+        b.iter(|| memchr::memmem::find(black_box(clean_answer), black_box(token.as_bytes())))
+    });
+    c.bench_function("token scan: any spelling, clean answer", |b| {
+        b.iter(|| {
+            wxsidecar::secret::find_spelled(black_box(clean_answer), black_box(token.as_bytes()))
+        })
+    });
+    c.bench_function("token scan: any spelling, answer with escapes", |b| {
+        b.iter(|| {
+            wxsidecar::secret::find_spelled(black_box(long_answer), black_box(token.as_bytes()))
+        })
+    });
+    // The RFC 9112 check every request head passes before either front.
+    let head = b"POST /cgi-bin/message/template/send HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: wrk\r\nContent-Type: application/json\r\nContent-Length: 187\r\n\r\n";
+    c.bench_function("head::check template send", |b| {
+        b.iter(|| wxsidecar::head::check(black_box(head)))
+    });
     c.bench_function("logging::scrub clean line", |b| {
         b.iter(|| wxsidecar::logging::scrub(black_box(line)))
     });

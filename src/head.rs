@@ -33,6 +33,8 @@ impl std::fmt::Display for BadHead {
     }
 }
 
+const LONE_CR: &str = "a lone CR inside a line";
+
 /// `tchar` (RFC 9110 §5.6.2): what a method and a field name are made of.
 const fn tchars() -> [bool; 256] {
     let mut t = [false; 256];
@@ -81,10 +83,7 @@ pub fn check(data: &[u8]) -> Result<(), BadHead> {
                 "a header line folded onto the next (obs-fold) is not accepted",
             ));
         }
-        let colon = line
-            .iter()
-            .position(|&b| b == b':')
-            .ok_or(BadHead("a header line without a colon"))?;
+        let colon = memchr::memchr(b':', line).ok_or(BadHead("a header line without a colon"))?;
         let (name, value) = (&line[..colon], &line[colon + 1..]);
         if name.last().is_some_and(|b| matches!(b, b' ' | b'\t')) {
             return Err(BadHead("whitespace between a header name and its colon"));
@@ -94,8 +93,14 @@ pub fn check(data: &[u8]) -> Result<(), BadHead> {
                 "a header name with a character a token cannot hold",
             ));
         }
-        if value.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
-            return Err(BadHead("a control character in a header value"));
+        if let Some(&b) = value
+            .iter()
+            .find(|&&b| (b < 0x20 && b != b'\t') || b == 0x7f)
+        {
+            return Err(BadHead(match b {
+                b'\r' => LONE_CR,
+                _ => "a control character in a header value",
+            }));
         }
         if name.eq_ignore_ascii_case(b"host") {
             hosts += 1;
@@ -123,10 +128,9 @@ impl<'a> Lines<'a> {
         if lf == 0 || rest[lf - 1] != b'\r' {
             return Err(BadHead("a line ended by a bare LF, not CRLF"));
         }
+        // A lone CR inside it is refused by the check of each part (a
+        // control byte in the method, target, version, a name or a value).
         let line = &rest[..lf - 1];
-        if memchr::memchr(b'\r', line).is_some() {
-            return Err(BadHead("a lone CR inside a line"));
-        }
         self.at += lf + 1;
         Ok(Some(line))
     }
@@ -154,10 +158,10 @@ fn request_line(line: &[u8]) -> Result<bool, BadHead> {
         return Err(BadHead("the request target is empty"));
     }
     if let Some(&b) = target.iter().find(|&&b| !(0x21..0x7f).contains(&b)) {
-        return Err(BadHead(if b >= 0x80 {
-            "raw non-ASCII bytes in the request target: percent-encode them"
-        } else {
-            "a control character in the request target"
+        return Err(BadHead(match b {
+            0x80.. => "raw non-ASCII bytes in the request target: percent-encode them",
+            b'\r' => LONE_CR,
+            _ => "a control character in the request target",
         }));
     }
     if target.contains(&b'#') {
