@@ -1,6 +1,6 @@
 //! Accounts and choosing the one a request is for.
 //!
-//! Order, as documented in the README: the `X-Wx-Account` header (name or
+//! Order, as documented in docs/request-path.md: the `X-Wx-Account` header (name or
 //! appid), then the account that issued a token the request carries, then the
 //! default account. Errors name what was asked for and what exists, never a
 //! token.

@@ -1,7 +1,7 @@
 //! Which requests are answered locally, which get a token, which must not,
 //! and which stream instead of being buffered.
 //!
-//! Rules from WeChat's API (see README): endpoints that take the appsecret,
+//! Rules from WeChat's API (see docs/request-path.md): endpoints that take the appsecret,
 //! user OAuth tokens (`/sns/*`), third-party platform tokens, midas payments
 //! and API-security signed requests never get our token.
 

@@ -29,7 +29,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::certs;
 use state::State;
 
-/// The app the fake serves when none is given (documented in the README).
+/// The app the fake serves when none is given (documented in docs/fake-wechat.md).
 pub const DEMO_APPID: &str = "wx0123456789abcdef";
 pub const DEMO_SECRET: &str = "demo-secret-0123456789";
 /// WeChat's token lifetime.

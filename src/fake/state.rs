@@ -1,7 +1,7 @@
 //! The fake's memory: apps, the tokens it issued with WeChat's validity rules,
 //! uploaded media, recorded messages and the counters `/__fake/stats` shows.
 //!
-//! Rules reproduced (see README "The fake WeChat"): a classic fetch issues a
+//! Rules reproduced (see docs/fake-wechat.md): a classic fetch issues a
 //! new token and leaves the previous valid for an overlap of
 //! min(300 s, ttl/4); a stable fetch returns the same token until the last
 //! min(300 s, ttl/4) of its life, then a new one, the old staying valid until
