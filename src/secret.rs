@@ -66,6 +66,10 @@ pub fn find_spelled(haystack: &[u8], secret: &[u8]) -> Option<std::ops::Range<us
     };
     let until = plain.as_ref().map_or(haystack.len(), |p| p.start);
     let from = pct.saturating_sub(secret.len() - 1);
+    if from >= until {
+        // The plain one comes before any spelling with a `%` could start.
+        return plain;
+    }
     memchr::memchr2_iter(*first, b'%', &haystack[from..until])
         .map(|i| from + i)
         .find_map(|i| match spelled_at(haystack, i, secret) {
@@ -272,8 +276,11 @@ mod tests {
                 );
             }
         }
-        // The first of two: an encoded one before a plain one.
+        // The first of two: an encoded one before a plain one, a plain one
+        // before a `%` far after it.
         assert_eq!(find_spelled(b"%54ok_en-9 Tok_en-9", t), Some(0..10));
+        assert_eq!(find_spelled(b"Tok_en-9 and after it, far: %41", t), Some(0..8));
+        assert_eq!(find_spelled(b"xx Tok_en-9 ..........%41", t), Some(3..11));
         for miss in [
             b"Tok_en-".as_slice(),
             b"Tok_en%2",
