@@ -279,7 +279,10 @@ mod tests {
         // The first of two: an encoded one before a plain one, a plain one
         // before a `%` far after it.
         assert_eq!(find_spelled(b"%54ok_en-9 Tok_en-9", t), Some(0..10));
-        assert_eq!(find_spelled(b"Tok_en-9 and after it, far: %41", t), Some(0..8));
+        assert_eq!(
+            find_spelled(b"Tok_en-9 and after it, far: %41", t),
+            Some(0..8)
+        );
         assert_eq!(find_spelled(b"xx Tok_en-9 ..........%41", t), Some(3..11));
         for miss in [
             b"Tok_en-".as_slice(),

@@ -430,7 +430,8 @@ impl FastLane {
     }
 
     /// The request line and headers for WeChat, with `token` in the query,
-    /// in a buffer with room for `Host` and the body (the upstream adds them).
+    /// in a buffer with room for `Host`, `Accept-Encoding` and the body (the
+    /// upstream adds them).
     fn upstream_head(head: &Head<'_>, token: Option<&Lease>) -> Vec<u8> {
         let mut out = Vec::with_capacity(320 + head.forward.len() * 32 + head.body.len());
         out.extend_from_slice(if head.post { b"POST " } else { b"GET " });
@@ -442,8 +443,8 @@ impl FastLane {
             out.extend_from_slice(value);
             out.extend_from_slice(b"\r\n");
         }
-        // Answers as they are: every one is read here.
-        out.extend_from_slice(b"Accept-Encoding: identity\r\n");
+        // `Host` and `Accept-Encoding: identity` follow (the upstream's
+        // exchange adds them), in the full path's order.
         if head.post || !head.body.is_empty() {
             out.extend_from_slice(b"Content-Length: ");
             out.extend_from_slice(itoa::Buffer::new().format(head.body.len()).as_bytes());
@@ -590,7 +591,7 @@ impl FastLane {
                 out.extend_from_slice(b"\r\n");
             }
             // No length on an answer that cannot have a body (RFC 9110 §8.6).
-            if !(status == 204 || status == 304 || (100..200).contains(&status)) {
+            if !super::bodiless(status) {
                 out.extend_from_slice(b"Content-Length: ");
                 out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
                 out.extend_from_slice(b"\r\n");

@@ -184,6 +184,22 @@ pub(crate) fn connection_options(value: &[u8]) -> impl Iterator<Item = &[u8]> {
         })
 }
 
+/// Whether an answer with `status` cannot have a body, and so carries no
+/// length (RFC 9110 §6.4.1, §8.6): informational, 204, 304. One rule for
+/// both fronts.
+pub(crate) fn bodiless(status: u16) -> bool {
+    (100..200).contains(&status) || status == 204 || status == 304
+}
+
+/// Whether any `Connection` header holds the `close` option.
+fn asks_to_close(headers: &http::HeaderMap) -> bool {
+    headers.get_all(header::CONNECTION).iter().any(|v| {
+        v.as_bytes()
+            .split(|b| *b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+    })
+}
+
 /// The headers a message's `Connection` names ([`connection_options`]):
 /// usually none, and then nothing is allocated.
 fn connection_named(headers: &http::HeaderMap) -> Vec<String> {
@@ -910,8 +926,13 @@ impl Proxy {
                 }
                 plan.count_replay(false);
             }
-            let answer = scrub_body(answer, plan.token.as_deref());
-            resp.insert_header(header::CONTENT_LENGTH, answer.len())?;
+            let mut answer = scrub_body(answer, plan.token.as_deref());
+            if bodiless(resp.status.as_u16()) {
+                resp.remove_header(&header::CONTENT_LENGTH);
+                answer = Bytes::new();
+            } else {
+                resp.insert_header(header::CONTENT_LENGTH, answer.len())?;
+            }
             if let Some(after) = ctx.errcode.and_then(crate::quota::retry_after) {
                 if resp.headers.get(header::RETRY_AFTER).is_none() {
                     resp.insert_header(header::RETRY_AFTER, after)?;
@@ -937,7 +958,7 @@ impl Proxy {
         // cannot have one (RFC 9110 §6.4.1).
         let head_only = session.req_header().method == http::Method::HEAD;
         let status = resp.status.as_u16();
-        if head_only || status == 204 || status == 304 {
+        if head_only || bodiless(status) {
             x.finish().await;
             session.write_response_header(Box::new(resp), true).await?;
             return Ok(Ok(()));
@@ -1193,7 +1214,11 @@ impl ProxyHttp for Proxy {
         crate::guard::head_complete();
         // Handing over or shutting down: tell the client to reconnect (to the
         // new process) rather than reuse a connection about to close.
-        if self.app.drain.is_draining() {
+        // So does a client that asked to close in any `Connection` header:
+        // pingora reads only the first, and lets `keep-alive` win over
+        // `close` (RFC 9112 §9.6: `close` in any means close; the fast lane
+        // does so).
+        if self.app.drain.is_draining() || asks_to_close(&session.req_header().headers) {
             session.set_keepalive(None);
         }
         // Pipelined requests are answered in order (RFC 9112 §9.3.2), not

@@ -159,8 +159,10 @@ async fn read_more(
 
 impl Upstream {
     /// Sends `wire` (request line and headers, without `Host` and the
-    /// blank line) and `body`; reads the answer head. `Host`, the blank
-    /// line and the body are put after `wire`'s head for the write and
+    /// blank line) and `body`; reads the answer head. `Host`, `Accept-Encoding:
+    /// identity` (every answer is read here: its errcode, our token in it),
+    /// the blank line and the body are put after `wire`'s head, as the
+    /// full path's exchange writes them, for the write and
     /// taken off again, so one buffer serves every host tried. With `by`,
     /// every step (connect, write, each read of head and body) also ends
     /// at that deadline.
@@ -172,10 +174,10 @@ impl Upstream {
         by: Option<AnswerDeadline>,
     ) -> Result<RawExchange<'_>, UpstreamError> {
         let head = wire.len();
-        wire.reserve(self.host_header.len() + 10 + body.len());
+        wire.reserve(self.host_header.len() + 40 + body.len());
         wire.extend_from_slice(b"Host: ");
         wire.extend_from_slice(self.host_header.as_bytes());
-        wire.extend_from_slice(b"\r\n\r\n");
+        wire.extend_from_slice(b"\r\nAccept-Encoding: identity\r\n\r\n");
         wire.extend_from_slice(body);
         let result = self.call_inner(wire, idempotent, by).await;
         wire.truncate(head);
