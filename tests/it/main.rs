@@ -6,6 +6,7 @@ mod architecture;
 mod clients;
 mod config;
 mod deploy;
+mod differential;
 mod docs;
 mod egress;
 mod failover;
