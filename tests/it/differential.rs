@@ -4,7 +4,9 @@
 //! cannot (the guard reads the rest of the head and hands it to pingora's
 //! session). What reaches the upstream (connection headers aside) and the
 //! answer the app gets must be the same bytes. How many the lane took is
-//! counted, so the test says how much of the space the lane covers.
+//! counted, so the test says how much of the space the lane covers. The
+//! upstream hands out a new token at each fetch and revokes one now and
+//! then (`/revoked`), so replays after a 40001 are compared too.
 //!
 //! `DIFF_CASES=N` runs more cases (1,000 by default), `DIFF_SEED=S` another
 //! sequence.
@@ -40,13 +42,15 @@ fn pick<'a, T>(rng: &mut StdRng, from: &'a [T]) -> &'a T {
 }
 
 /// A request of the kinds apps send, and of the borderline ones.
-fn generate(rng: &mut StdRng, n: usize, clients: bool) -> Case {
+fn generate(rng: &mut StdRng, n: usize, clients: bool, ours: &str) -> Case {
     let marker = format!("dcase{n}x");
     let path = *pick(
         rng,
         &[
             "/cgi-bin/message/template/send",
             "/cgi-bin/user/info",
+            "/cgi-bin/revoked/x",
+            "/cgi-bin/revoked/y",
             "/cgi-bin/echo/x",
             "/cgi-bin/big/x",
             "/cgi-bin/chunked/x",
@@ -71,13 +75,15 @@ fn generate(rng: &mut StdRng, n: usize, clients: bool) -> Case {
                 rng,
                 &[
                     "a=1".to_string(),
-                    format!("access_token={RAW_TOKEN}"),
+                    format!("access_token={ours}"),
                     "access_token=someone-elses-token".into(),
                     "access%5Ftoken=x".into(),
                     "openid=o%20p".into(),
                     "size=5000".into(),
                     "size=40000".into(),
                     "errcode=45009".into(),
+                    "errcode=40001".into(),
+                    "errcode=42001".into(),
                     "echo=1".into(),
                     "empty=".into(),
                     "lone".into(),
@@ -229,7 +235,9 @@ fn upstream_saw(up: &RawUpstream, marker: &str) -> Vec<String> {
         .map(|r| {
             let (head, body) = r.split_once("\r\n\r\n").unwrap_or((r, ""));
             let mut lines = head.split("\r\n");
-            let request_line = lines.next().unwrap_or_default().to_string();
+            // Each front's replay fetched its own new token: the same
+            // token, in another generation.
+            let request_line = generation(lines.next().unwrap_or_default());
             // Names in any case, grouped by name (RFC 9110 §5.3), order
             // within a name kept.
             let mut headers: Vec<String> = lines
@@ -248,6 +256,25 @@ fn upstream_saw(up: &RawUpstream, marker: &str) -> Vec<String> {
         .collect()
 }
 
+/// `text` with the generation of a reissued token (`{RAW_TOKEN}-N`) left out.
+fn generation(text: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(i) = rest.find(RAW_TOKEN) {
+        let after = &rest[i + RAW_TOKEN.len()..];
+        out.push_str(&rest[..i + RAW_TOKEN.len()]);
+        rest = match after.strip_prefix('-') {
+            Some(n) => {
+                out.push_str("-#");
+                n.trim_start_matches(|c: char| c.is_ascii_digit())
+            }
+            None => after,
+        };
+    }
+    out.push_str(rest);
+    out
+}
+
 async fn run(clients: bool) {
     let cases: usize = std::env::var("DIFF_CASES")
         .ok()
@@ -263,7 +290,20 @@ async fn run(clients: bool) {
         true => format!("limits:\n  buffered_body: 16KiB\nclients:\n  tokens:\n    - name: app\n      token: {CLIENT_TOKEN}\n"),
         false => "limits:\n  buffered_body: 16KiB\n".to_string(),
     };
-    let side = Sidecar::start_bare(&up.config(&extra)).await;
+    let side = Sidecar::start_bare(&up.config(&extra).replace(RAW_APPID, RAW_REISSUE_APPID)).await;
+    // A token the sidecar handed out, as an SDK that fetches its own has.
+    let ours = {
+        let target = format!(
+            "/cgi-bin/token?grant_type=client_credential&appid={RAW_REISSUE_APPID}&secret={RAW_SECRET}"
+        );
+        let mut r = client().get(side.url(&target));
+        if clients {
+            r = r.bearer_auth(CLIENT_TOKEN);
+        }
+        let v: serde_json::Value = r.send().await.unwrap().json().await.unwrap();
+        v["access_token"].as_str().expect("a token").to_string()
+    };
+    assert!(ours.starts_with(RAW_TOKEN), "{ours}");
     let lane = |r: &'static str| {
         let side = &side;
         async move {
@@ -275,7 +315,7 @@ async fn run(clients: bool) {
     let (mut taken, mut diverged) = (0u64, Vec::new());
     let port = side.port;
     for n in 0..cases {
-        let case = generate(&mut rng, n, clients);
+        let case = generate(&mut rng, n, clients, &ours);
         let served = lane("served").await;
         let bytes = case.bytes.clone();
         let whole = tokio::task::spawn_blocking(move || send(port, &bytes, None))
@@ -316,6 +356,11 @@ async fn run(clients: bool) {
         diverged[0]
     );
     assert!(taken > cases as u64 / 10, "the lane took only {taken}");
+    // Replays after a revoked token were among them, on both fronts.
+    let replayed = side
+        .metric(r#"wxsidecar_token_replays_total{account="raw",result="ok"}"#)
+        .await;
+    assert!(replayed >= 20.0, "replays: {replayed}");
     assert!(!side.log().contains(RAW_TOKEN), "never logged");
 }
 

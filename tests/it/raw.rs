@@ -18,6 +18,8 @@ pub const RAW_APPID: &str = "wxraw00000000001";
 pub const RAW_SECRET: &str = "raw-secret-0123456789";
 /// An app whose token answer claims an endless lifetime.
 pub const RAW_ENDLESS_APPID: &str = "wxrawendless0001";
+/// An app whose every token fetch gets a new token, `{RAW_TOKEN}-N`.
+pub const RAW_REISSUE_APPID: &str = "wxrawreissue0001";
 
 /// Writes `request` to the sidecar at `port` and reads until the peer
 /// closes or nothing more arrives for `quiet`.
@@ -70,7 +72,9 @@ pub fn statuses(raw: &str) -> Vec<u16> {
 
 /// A plain-HTTP/1.1 upstream on loopback that records every request as it
 /// arrived (head and body bytes) and answers by path:
-/// - the token endpoints: [`RAW_TOKEN`] for 7200 s;
+/// - the token endpoints: [`RAW_TOKEN`] for 7200 s (`{RAW_TOKEN}-N`, a
+///   new one each fetch, for [`RAW_REISSUE_APPID`]);
+/// - `/revoked…?m=M`: errcode 40001 to every other request marked `M`;
 /// - `/redirect…`: 302 to a `Location` that keeps the request's query;
 /// - `/echo…`: 200 with the request target in the body;
 /// - `/flood…`: 1,000 `100 Continue` answers, then 200;
@@ -213,6 +217,7 @@ fn serve(mut s: TcpStream, seen: Arc<Mutex<Vec<String>>>) {
         let request: Vec<u8> = buf.drain(..end + len).collect();
         let text = String::from_utf8_lossy(&request).into_owned();
         let endless = text.contains(RAW_ENDLESS_APPID);
+        let reissue = text.contains(RAW_REISSUE_APPID);
         seen.lock().push(text);
         let target = head.split(' ').nth(1).unwrap_or("/").to_string();
         let (path, query) = target.split_once('?').unwrap_or((&target, ""));
@@ -223,10 +228,37 @@ fn serve(mut s: TcpStream, seen: Arc<Mutex<Vec<String>>>) {
         let (status, body) = if path.contains("token") {
             // RAW_ENDLESS_APPID's token claims to live 2^64 - 1 seconds.
             let life = if endless { u64::MAX } else { 7200 };
+            let token = match reissue {
+                true => {
+                    let n = seen
+                        .lock()
+                        .iter()
+                        .filter(|r| r.contains(RAW_REISSUE_APPID))
+                        .count();
+                    format!("{RAW_TOKEN}-{n}")
+                }
+                false => RAW_TOKEN.to_string(),
+            };
             (
                 200,
-                format!(r#"{{"access_token":"{RAW_TOKEN}","expires_in":{life}}}"#),
+                format!(r#"{{"access_token":"{token}","expires_in":{life}}}"#),
             )
+        } else if path.contains("/revoked") {
+            // WeChat revoked the token in between: 40001 to the first of
+            // each pair of requests with the same `m=` marker, the replay
+            // after a refresh is served.
+            let marker = query
+                .split('&')
+                .find_map(|p| p.strip_prefix("m="))
+                .unwrap_or("-");
+            let n = seen.lock().iter().filter(|r| r.contains(marker)).count();
+            match n % 2 {
+                1 => (
+                    200,
+                    r#"{"errcode":40001,"errmsg":"invalid credential"}"#.to_string(),
+                ),
+                _ => (200, r#"{"errcode":0,"errmsg":"ok"}"#.to_string()),
+            }
         } else if let Some((_, code)) = path.split_once("/status/") {
             // An answer with any status line at all (000, 101, 999).
             let wire = format!("HTTP/1.1 {code} X\r\nContent-Length: 2\r\n\r\n{{}}");
