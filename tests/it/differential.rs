@@ -66,6 +66,10 @@ fn generate(rng: &mut StdRng, n: usize, clients: bool, ours: &str) -> Case {
             "/cgi-bin/%65cho/z",
             "//cgi-bin/echo/w",
             "/cgi-bin/a%00b",
+            "/cgi-bin/media/get",
+            "/cgi-bin/CGI-BIN/../token",
+            "/cgi-bin/echo;x",
+            "/cgi-bin/echo/%2e%2e/x",
         ],
     );
     let mut query = vec![format!("m={marker}")];
@@ -89,6 +93,10 @@ fn generate(rng: &mut StdRng, n: usize, clients: bool, ours: &str) -> Case {
                     "lone".into(),
                     "a=%zz".into(),
                     "q=%E4%BD%A0".into(),
+                    "access_token=".into(),
+                    "plus=a+b%2Bc".into(),
+                    "secret=s3cr3t".into(),
+                    "appid=wx1".into(),
                 ],
             )
             .clone(),
@@ -125,6 +133,14 @@ fn generate(rng: &mut StdRng, n: usize, clients: bool, ours: &str) -> Case {
                 "Connection: keep-alive\r\n",
                 "Keep-Alive: timeout=5\r\n",
                 "Expect: 100-continue\r\n",
+                "X-Latin: caf\u{e9}\r\n",
+                "X-Wx-Account: RAW\r\n",
+                "Authorization: Basic dXNlcjpwYXNz\r\n",
+                "Content-Type: multipart/form-data; boundary=b\r\n",
+                "Content-Type: application/x-www-form-urlencoded\r\n",
+                "TE: trailers\r\n",
+                "Upgrade: websocket\r\n",
+                "Accept-Encoding: identity\r\n",
             ],
         ));
     }
