@@ -7,6 +7,9 @@
 //! default 500; REPLICAS, default "1,3,5"). Loopback only; each run is
 //! bounded to 10 lifetimes.
 
+// Benchmarks time real work: the wall clock is theirs.
+#![allow(clippy::disallowed_types)]
+
 mod common;
 
 use std::time::{Duration, Instant};

@@ -11,6 +11,9 @@
 //! wxsidecar to compare).
 //! Loopback only (plain HTTP fake: the point is the sidecar's own cost).
 
+// Benchmarks time real work: the wall clock is theirs.
+#![allow(clippy::disallowed_types)]
+
 mod common;
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use parking_lot::Mutex;
 
@@ -327,5 +327,29 @@ mod tests {
             c.admit(Some("127.0.0.2".parse().unwrap()), None).is_ok(),
             "per client"
         );
+    }
+
+    /// The bucket refills on tokio's clock: a paused clock moved on by a
+    /// second gives one more request, not before.
+    #[tokio::test(start_paused = true)]
+    async fn a_bucket_refills_with_time() {
+        let c = clients(ClientsConfig {
+            rate_limit: crate::config::clients::RateLimits {
+                per_client: Some(Limit {
+                    rps: 1.0,
+                    burst: 2.0,
+                }),
+                per_account: None,
+            },
+            ..Default::default()
+        });
+        let ip = Some("127.0.0.1".parse().unwrap());
+        assert!(c.admit(ip, None).is_ok() && c.admit(ip, None).is_ok());
+        assert!(matches!(c.admit(ip, None), Err(Denied::Rate { .. })));
+        tokio::time::advance(std::time::Duration::from_millis(900)).await;
+        assert!(matches!(c.admit(ip, None), Err(Denied::Rate { .. })));
+        tokio::time::advance(std::time::Duration::from_millis(200)).await;
+        assert!(c.admit(ip, None).is_ok(), "refilled after a second");
+        assert!(matches!(c.admit(ip, None), Err(Denied::Rate { .. })));
     }
 }

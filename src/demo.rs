@@ -131,9 +131,9 @@ platforms:
     let listen = args.listen;
     let admin = args.admin_listen;
     std::thread::spawn(move || {
-        let deadline = std::time::Instant::now() + DEFAULT_READY_WAIT;
+        let deadline = tokio::time::Instant::now() + DEFAULT_READY_WAIT;
         while app.not_ready_reason().is_some() {
-            if std::time::Instant::now() > deadline {
+            if tokio::time::Instant::now() > deadline {
                 eprintln!(
                     "demo: the sidecar is not ready: {}",
                     app.not_ready_reason().unwrap_or_default()

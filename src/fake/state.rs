@@ -9,7 +9,9 @@
 //! 40001.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use rand::distributions::Alphanumeric;

@@ -6,7 +6,9 @@
 //! (400/hour per corp, 100/hour per app); beyond that WeChat answers 45009.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use rand::distributions::Alphanumeric;
 use rand::Rng;

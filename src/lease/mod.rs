@@ -858,7 +858,7 @@ mod tests {
         assert_eq!(got.unwrap_err(), Some((45009, "quota".to_string())));
         // A failure while waiting ends the wait long before its limit.
         let waiter = waiting(&cell).await;
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         cell.record_failure(-1, "busy".into());
         let got = waiter.await.unwrap();
         assert_eq!(got.unwrap_err(), Some((-1, "busy".to_string())));

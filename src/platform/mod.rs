@@ -41,7 +41,7 @@ pub struct Platform {
     /// Unused this long, an authoriser leaves memory (`idle_after`).
     pub idle_after: std::time::Duration,
     /// When the authoriser list was last asked for (recovery is spaced).
-    pub last_recovery: Mutex<Option<std::time::Instant>>,
+    pub last_recovery: Mutex<Option<tokio::time::Instant>>,
     /// Authorisers waiting to become accounts: whoever edits the account
     /// table next adds them all in one edit (many first requests at once
     /// cost one table, not one each).

@@ -262,7 +262,7 @@ impl Fast for FastLane {
         };
         SERVED.inc();
         let _in_flight = self.app.drain.enter();
-        let start = std::time::Instant::now();
+        let start = tokio::time::Instant::now();
         let (head, plan) = match taken {
             Taken::Serve(head, plan) => (head, plan),
             Taken::Refused(head, e) => {
@@ -462,7 +462,7 @@ impl FastLane {
         head: &Head<'_>,
         mut plan: Plan,
         close: bool,
-        start: std::time::Instant,
+        start: tokio::time::Instant,
     ) -> (u16, Option<i64>, bool, std::io::Result<()>) {
         let app = &self.app;
         if let Err(over) = plan.account.admit_call(head.path) {

@@ -75,7 +75,7 @@ impl Proxy {
 /// Per-request state for the streaming path.
 pub struct Ctx {
     /// For the request log line and metrics.
-    start: std::time::Instant,
+    start: tokio::time::Instant,
     route: Served,
     account: Option<Arc<Account>>,
     /// WeChat's errcode in a buffered answer.
@@ -91,7 +91,7 @@ pub struct Ctx {
 impl Default for Ctx {
     fn default() -> Self {
         Ctx {
-            start: std::time::Instant::now(),
+            start: tokio::time::Instant::now(),
             route: Served::Api,
             account: None,
             errcode: None,

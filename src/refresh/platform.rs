@@ -180,7 +180,7 @@ pub async fn recover(p: &Platform, families: &Families) -> Result<Vec<String>, S
                 DEFAULT_RECOVERY_SPACING.as_secs()
             ));
         }
-        *last = Some(std::time::Instant::now());
+        *last = Some(tokio::time::Instant::now());
     }
     let wait = families.get(crate::config::Family::Official).read_timeout();
     let component = component_token(p, wait).await.map_err(|e| e.to_string())?;

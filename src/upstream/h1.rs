@@ -119,9 +119,9 @@ fn bad(addr: &SocketAddr, reason: impl Into<String>) -> UpstreamError {
 pub(super) fn wait_until(
     limit: Duration,
     by: Option<AnswerDeadline>,
-    now: Option<std::time::Instant>,
+    now: Option<tokio::time::Instant>,
 ) -> (tokio::time::Instant, bool) {
-    let now = now.map_or_else(tokio::time::Instant::now, tokio::time::Instant::from_std);
+    let now = now.unwrap_or_else(tokio::time::Instant::now);
     let own = now + limit;
     match by {
         Some(d) if d.at < own => (d.at, true),
@@ -145,7 +145,7 @@ async fn read_more(
     buf: &mut Vec<u8>,
     limit: Duration,
     by: Option<AnswerDeadline>,
-    now: Option<std::time::Instant>,
+    now: Option<tokio::time::Instant>,
 ) -> std::io::Result<usize> {
     if buf.capacity() - buf.len() < 512 {
         buf.reserve(DEFAULT_READ);
@@ -207,7 +207,7 @@ impl Upstream {
             let i = self.preferred.load(std::sync::atomic::Ordering::Relaxed) % r.peers.len();
             let hash = r.hashes[i];
             self.pool
-                .take_at(hash, started.unwrap_or_else(std::time::Instant::now))
+                .take_at(hash, started.unwrap_or_else(tokio::time::Instant::now))
                 .map(|s| (s, hash, peer_addr(&r.peers[i])))
         };
         drop(r);
@@ -258,7 +258,7 @@ impl Upstream {
         addr: SocketAddr,
         wire: &[u8],
         by: Option<AnswerDeadline>,
-        now: Option<std::time::Instant>,
+        now: Option<tokio::time::Instant>,
     ) -> Result<RawExchange<'_>, Failed> {
         let wait = self.conf.read_timeout;
         let write = async {
@@ -607,7 +607,7 @@ impl RawExchange<'_> {
             // it only ages the connection by the exchange's few ms).
             let since = self
                 .by
-                .map_or_else(std::time::Instant::now, |d| d.started());
+                .map_or_else(tokio::time::Instant::now, |d| d.started());
             self.upstream
                 .pool
                 .put_at(self.stream, self.reuse_hash, since);

@@ -11,7 +11,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
@@ -194,16 +196,16 @@ impl AnswerDeadline {
     }
 
     /// `limit` from `start` (a clock reading the caller already has).
-    pub fn from(start: std::time::Instant, limit: Duration) -> Self {
+    pub fn from(start: Instant, limit: Duration) -> Self {
         AnswerDeadline {
-            at: tokio::time::Instant::from_std(start) + limit,
+            at: start + limit,
             limit,
         }
     }
 
     /// When the wait began.
-    pub fn started(&self) -> std::time::Instant {
-        (self.at - self.limit).into_std()
+    pub fn started(&self) -> Instant {
+        self.at - self.limit
     }
 
     /// The error when it passed.
@@ -427,7 +429,7 @@ impl Upstream {
                 }
                 let ttl = lookup
                     .valid_until()
-                    .saturating_duration_since(Instant::now())
+                    .saturating_duration_since(Instant::now().into_std())
                     .clamp(DEFAULT_MIN_DNS_TTL, DEFAULT_MAX_DNS_TTL);
                 tracing::debug!(host = %self.dial_host, addrs = ?addrs, "upstream resolved");
                 self.set_addrs(&addrs, Instant::now() + ttl);

@@ -6,7 +6,9 @@
 //! non-blocking read tells a live connection from one the server closed
 //! (or wrote to) while it sat idle, and age tells a stale one.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use futures_util::FutureExt;
 use parking_lot::Mutex;
