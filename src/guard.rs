@@ -716,4 +716,133 @@ mod tests {
         assert_eq!(fit_to_fd_limit(10_000, 64, None), 10_000);
         assert_eq!(fit_to_fd_limit(10_000, 64, Some(100)), 16);
     }
+
+    /// A connection's two ends: ours as the guard holds it, the client's.
+    fn pair() -> (Stream, tokio::io::DuplexStream) {
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        (Box::new(ours), theirs)
+    }
+
+    /// Waits for a request as the guard's loop does, with `wait` to come.
+    async fn wait_for_request(
+        stream: Stream,
+        wait: Duration,
+        shutdown: &ShutdownWatch,
+        idle: Option<&Idle>,
+    ) -> FirstRead {
+        let until = Instant::now() + wait;
+        let timer = tokio::time::sleep(wait);
+        tokio::pin!(timer);
+        let mut watch = shutdown.clone();
+        let stopping = watch.changed();
+        tokio::pin!(stopping);
+        first_read(
+            stream,
+            until,
+            timer.as_mut(),
+            shutdown,
+            stopping.as_mut(),
+            idle,
+        )
+        .await
+        .1
+    }
+
+    /// The idle deadline on tokio's clock: nothing by it, closed at it;
+    /// a byte before it, read.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_closed_at_its_deadline_and_not_before() {
+        let (_tx, shutdown) = tokio::sync::watch::channel(false);
+        let (stream, _client) = pair();
+        let start = Instant::now();
+        let found = wait_for_request(stream, Duration::from_secs(60), &shutdown, None).await;
+        assert!(matches!(found, FirstRead::Close));
+        assert_eq!(start.elapsed(), Duration::from_secs(60));
+
+        let (stream, mut client) = pair();
+        let writer = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(59)).await;
+            tokio::io::AsyncWriteExt::write_all(&mut client, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            client
+        });
+        let found = wait_for_request(stream, Duration::from_secs(60), &shutdown, None).await;
+        assert!(matches!(found, FirstRead::Came(_, true)));
+        drop(writer.await);
+    }
+
+    /// A head must be whole by its deadline: the rest of one trickled past
+    /// it closes the connection; in time, it is whole.
+    #[tokio::test(start_paused = true)]
+    async fn a_head_is_whole_by_its_deadline_or_the_connection_closes() {
+        let first = b"GET / HTTP/1.1\r\n".to_vec();
+        let (mut stream, mut client) = pair();
+        let until = Instant::now() + Duration::from_secs(10);
+        let writer = tokio::spawn(async move {
+            for _ in 0..20 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let _ = tokio::io::AsyncWriteExt::write_all(&mut client, b"X-A: 1\r\n").await;
+            }
+            client
+        });
+        let start = Instant::now();
+        assert!(matches!(
+            rest_of_head(&mut stream, first.clone(), until).await,
+            RestOfHead::Closed
+        ));
+        assert_eq!(start.elapsed(), Duration::from_secs(10));
+        drop(writer);
+
+        let (mut stream, mut client) = pair();
+        let until = Instant::now() + Duration::from_secs(10);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(9)).await;
+            tokio::io::AsyncWriteExt::write_all(&mut client, b"Host: x\r\n\r\n")
+                .await
+                .unwrap();
+            client
+        });
+        assert!(matches!(
+            rest_of_head(&mut stream, first, until).await,
+            RestOfHead::Whole(_)
+        ));
+    }
+
+    /// A full cap closes the connection idle longest, never one inside a
+    /// request, and refuses when none is idle.
+    #[tokio::test(start_paused = true)]
+    async fn the_cap_sheds_the_connection_idle_longest() {
+        let (_tx, shutdown) = tokio::sync::watch::channel(false);
+        let cap = Cap::new(2, "test");
+        let (older, newer) = (cap.enter().unwrap(), cap.enter().unwrap());
+        // `older` waits from now, `newer` from a second later.
+        let (stream, _c1) = pair();
+        let (newer_since, newcomer) = {
+            let older_waits = wait_for_request(
+                stream,
+                Duration::from_secs(60),
+                &shutdown,
+                Some(&older.idle),
+            );
+            tokio::pin!(older_waits);
+            assert!(futures_util::poll!(older_waits.as_mut()).is_pending());
+            tokio::time::advance(Duration::from_secs(1)).await;
+            let newer_since = newer.idle.waiting();
+            // A newcomer: the older one is chosen and wakes to close.
+            let newcomer = cap.enter().expect("room made");
+            assert!(matches!(older_waits.await, FirstRead::Close));
+            (newer_since, newcomer)
+        };
+        assert_eq!(newer.idle.since.load(Ordering::Acquire), newer_since);
+        drop(older);
+        // `newer` begins a request; the newcomer is inside one too: the
+        // next is refused.
+        assert!(newer.idle.working(newer_since));
+        assert!(cap.enter().is_none(), "none idle: refused");
+        assert_eq!(cap.refused.get(), 1);
+        assert_eq!(cap.shed.get(), 1);
+        drop((newer, newcomer));
+        assert_eq!(cap.open.load(Ordering::Relaxed), 0);
+    }
 }
