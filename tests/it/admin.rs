@@ -22,7 +22,9 @@ async fn metrics_count_requests_fetches_replays_and_connections() {
         let r = client().get(side.admin("/metrics")).send().await.unwrap();
         assert_eq!(r.status(), 200);
         let text = r.text().await.unwrap();
-        if text.contains(r#"outcome="ok",route="token"}"#) || std::time::Instant::now() > deadline {
+        // Every series is there from the start (at 0): wait for its count.
+        if text.contains(r#"outcome="ok",route="token"} 1"#) || std::time::Instant::now() > deadline
+        {
             break text;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
