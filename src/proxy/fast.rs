@@ -134,7 +134,8 @@ fn value_ok(v: &[u8]) -> bool {
 }
 
 /// Parses `data` as a request the lane takes; `None` for anything else.
-/// Strict on purpose: every `None` goes to pingora's parser.
+/// Strict on purpose: every `None` goes to pingora's parser. `data` is a
+/// head RFC 9112 allows (`head::check`, run by the guard first).
 pub(crate) fn parse(data: &[u8], body_limit: usize) -> Option<Head<'_>> {
     let mut hs = [httparse::EMPTY_HEADER; DEFAULT_MAX_HEADERS];
     let mut req = httparse::Request::new(&mut hs);
@@ -150,11 +151,8 @@ pub(crate) fn parse(data: &[u8], body_limit: usize) -> Option<Head<'_>> {
         "POST" => true,
         _ => return None,
     };
-    // Every line ends in CRLF: no bare LF (httparse allows one).
-    let head = &data[..head_len];
-    if memchr::memchr_iter(b'\n', head).any(|i| i == 0 || head[i - 1] != b'\r') {
-        return None;
-    }
+    // Line ends, controls, the request line's spacing and `Host` were
+    // checked by the guard (`head::check`) before the lane saw the bytes.
     let target = req.path?;
     let (path, query) = match target.split_once('?') {
         Some((p, q)) => (p, Some(q)),

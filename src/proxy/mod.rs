@@ -171,17 +171,19 @@ const HOP_BY_HOP: [&str; 9] = [
     "upgrade",
 ];
 
-/// The options an answer's `Connection` value names besides `close` and
-/// `keep-alive`: headers that are hop-by-hop as well (RFC 9110 §7.6.1).
-pub(crate) fn connection_options(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+/// The options of one `Connection` value, trimmed.
+fn connection_tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value
         .split(|b| *b == b',')
         .map(<[u8]>::trim_ascii)
-        .filter(|t| {
-            !t.is_empty()
-                && !t.eq_ignore_ascii_case(b"close")
-                && !t.eq_ignore_ascii_case(b"keep-alive")
-        })
+        .filter(|t| !t.is_empty())
+}
+
+/// The options an answer's `Connection` value names besides `close` and
+/// `keep-alive`: headers that are hop-by-hop as well (RFC 9110 §7.6.1).
+pub(crate) fn connection_options(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    connection_tokens(value)
+        .filter(|t| !t.eq_ignore_ascii_case(b"close") && !t.eq_ignore_ascii_case(b"keep-alive"))
 }
 
 /// Whether an answer with `status` cannot have a body, and so carries no
@@ -193,11 +195,10 @@ pub(crate) fn bodiless(status: u16) -> bool {
 
 /// Whether any `Connection` header holds the `close` option.
 fn asks_to_close(headers: &http::HeaderMap) -> bool {
-    headers.get_all(header::CONNECTION).iter().any(|v| {
-        v.as_bytes()
-            .split(|b| *b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
-    })
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| connection_tokens(v.as_bytes()).any(|t| t.eq_ignore_ascii_case(b"close")))
 }
 
 /// The headers a message's `Connection` names ([`connection_options`]):
