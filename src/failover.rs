@@ -154,87 +154,32 @@ impl Upstreams {
         last
     }
 
-    /// Sends through the active host, with failover ([`Self::on_hosts`]).
-    pub async fn send(
-        &self,
-        req: &RequestHeader,
-        body: &[u8],
-    ) -> Result<Exchange<'_>, UpstreamError> {
-        self.on_hosts(|h| h.send(req, body)).await
-    }
-
-    /// [`Self::send`] over HTTP/2 for a request built as HTTP/2 sends it
-    /// (the fast lane's), with the same failover; `None` when the server
-    /// declined h2 (send over HTTP/1.1 then). `by`: the answer deadline,
-    /// kept by each wait of the exchange.
-    pub async fn send_h2<R: crate::upstream::Outgoing + ?Sized>(
+    /// Sends through the active host, with failover ([`Self::on_hosts`]):
+    /// over HTTP/2 or our HTTP/1.1 exchange, as the host speaks. `by`: the
+    /// answer deadline, kept by each wait of the exchange.
+    pub async fn send<R: crate::upstream::Outgoing + ?Sized>(
         &self,
         req: &R,
         body: &[u8],
         by: Option<crate::upstream::AnswerDeadline>,
-    ) -> Result<Option<Exchange<'_>>, UpstreamError> {
-        self.on_hosts(|h| h.send_h2(req, body, by)).await
-    }
-
-    /// [`Self::send`] for requests built as bytes (the fast lane): the
-    /// same failover, through our own HTTP/1.1 exchange.
-    /// `wire` holds the request line and headers (without `Host`); each
-    /// host appends its own and the body, and takes them off again. `by`:
-    /// the answer deadline, checked by each step of the exchange.
-    pub async fn call(
-        &self,
-        wire: &mut Vec<u8>,
-        body: &[u8],
-        idempotent: bool,
-        by: Option<crate::upstream::AnswerDeadline>,
-    ) -> Result<crate::upstream::RawExchange<'_>, UpstreamError> {
-        // `on_hosts` by hand: its closure could not lend `wire` to each try
-        // (an async closure could, but its future is then not provably Send
-        // where pingora needs it: rustc 1.95).
-        let mut last = UpstreamError::Unavailable;
-        for h in self.hosts.iter().filter(|h| self.in_use(h)) {
-            match h.call(wire, body, idempotent, by).await {
-                Ok(x) => return Ok(x),
-                Err(e) => last = self.next_host_after(h, e)?,
-            }
-        }
-        Err(Self::none_left(last))
+    ) -> Result<Exchange<'_>, UpstreamError> {
+        self.on_hosts(|h| h.send(req, body, by)).await
     }
 
     /// One whole small exchange (token fetches, admin calls to WeChat):
     /// the request sent, the answer read whole up to `limit` bytes
-    /// (`Err(())` past it). Over HTTP/1.1 our own exchange, as the fast
-    /// lane's: a start with thousands of accounts is mostly these.
+    /// (`Err(())` past it).
     pub async fn round_trip(
         &self,
         req: &RequestHeader,
         body: &[u8],
         limit: usize,
     ) -> Result<(u16, Result<bytes::Bytes, ()>), UpstreamError> {
-        let wire = self
-            .speaks_h1()
-            .then(|| pingora::protocols::http::v1::client::http_req_header_to_wire(req))
-            .flatten();
-        Ok(match wire {
-            Some(head) => {
-                // `call` adds Host and the blank line.
-                let mut head = Vec::from(head);
-                head.truncate(head.len() - 2);
-                let idempotent = req.method == http::Method::GET;
-                let mut x = self.call(&mut head, body, idempotent, None).await?;
-                let status = x.status;
-                let answer = x.read_to_end(limit, None).await?;
-                x.finish();
-                (status, answer.map_err(drop))
-            }
-            None => {
-                let mut x = self.send(req, body).await?;
-                let status = x.header().status.as_u16();
-                let answer = x.read_to_end(limit, None).await?;
-                x.finish().await;
-                (status, answer.map_err(drop))
-            }
-        })
+        let mut x = self.send(req, body, None).await?;
+        let status = x.status();
+        let answer = x.read_to_end(limit, None).await?;
+        x.finish();
+        Ok((status, answer.map_err(drop)))
     }
 
     /// [`Self::round_trip`] of a JSON `POST` to `path_and_query` (WeChat's
@@ -258,14 +203,12 @@ impl Upstreams {
     }
 
     /// Opens a streamed HTTP/1.1 exchange (media), with the same failover.
-    pub async fn open(&self, req: &RequestHeader) -> Result<Upload<'_>, UpstreamError> {
-        self.on_hosts(|h| h.open(req)).await
-    }
-
-    /// Whether requests go over HTTP/1.1 (the fast lane's own exchange):
-    /// the active host does not use HTTP/2.
-    pub fn speaks_h1(&self) -> bool {
-        self.active().is_some_and(|h| !h.uses_h2())
+    pub async fn open(
+        &self,
+        req: &RequestHeader,
+        chunked: bool,
+    ) -> Result<Upload<'_>, UpstreamError> {
+        self.on_hosts(|h| h.open(req, chunked)).await
     }
 
     pub async fn resolve(&self) {

@@ -32,6 +32,7 @@ pub(crate) mod local;
 pub mod logging;
 pub(crate) mod metrics;
 pub mod msgcrypt;
+pub(crate) mod pipeline;
 pub(crate) mod platform;
 #[cfg(feature = "profiling")]
 pub(crate) mod profile;

@@ -54,7 +54,7 @@ pub fn push_with_token(out: &mut Vec<u8>, query: Option<&str>, token: &str) {
     push_with_param(out, query, TOKEN_PARAM, token)
 }
 
-fn push_with_param(out: &mut Vec<u8>, query: Option<&str>, name: &str, token: &str) {
+pub fn push_with_param(out: &mut Vec<u8>, query: Option<&str>, name: &str, token: &str) {
     let encoded: Cow<'_, str> = if token
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~'))

@@ -180,12 +180,12 @@ impl Forwarder {
             .map_err(|e| e.to_string())?;
         let mut x = self
             .upstream
-            .send(&req, body.as_bytes())
+            .send(&req, body.as_bytes(), None)
             .await
             .map_err(|e| e.to_string())?;
-        let status = x.header().status.as_u16();
+        let status = x.status();
         let _ = x.read_to_end(DEFAULT_FORWARD_ANSWER_LIMIT, None).await;
-        x.finish().await;
+        x.finish();
         if (200..300).contains(&status) {
             Ok(())
         } else {

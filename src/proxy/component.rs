@@ -199,7 +199,7 @@ impl Proxy {
                     .is_none_or(|p| p.is_empty() || p == &*t.value);
                 // Ours: put in, and masked in whatever comes back (an echo
                 // must not hand the app what only the component secret buys).
-                let mut plan = Plan::untouched(session.req_header(), Family::Official);
+                let mut plan = Plan::untouched(Family::Official);
                 if ours {
                     plan.token_param = param;
                     plan.token = Some(t);

@@ -20,23 +20,16 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use pingora::protocols::Stream;
 use tokio::io::AsyncWriteExt;
 
-use super::scrub::{carries, removed, scrubbed, Scrubber};
-use super::{AnswerDeadline, HOP_BY_HOP};
-use crate::account::{Account, ACCOUNT_HEADER};
+use crate::account::ACCOUNT_HEADER;
 use crate::app::App;
-use crate::config::ReplaceTokens;
-use crate::guard::bodies::AnswerClaim;
 use crate::guard::{Fast, Served as LaneServed};
-use crate::inspect;
-use crate::lease::Lease;
-use crate::metrics::{Outcome, Served};
+use crate::metrics::Served;
+use crate::pipeline::{self, Answer, Plan, Report, Request as _, Streaming, HOP_BY_HOP};
 use crate::query::{self, TOKEN_PARAM};
 use crate::reply::{self, ProxyError};
-use crate::upstream::UpstreamError;
 
 /// Headers a request may carry into the lane.
 const DEFAULT_MAX_HEADERS: usize = 32;
@@ -194,8 +187,6 @@ pub(crate) fn parse(data: &[u8], body_limit: usize) -> Option<Head<'_>> {
             } else if !v.eq_ignore_ascii_case(b"keep-alive") {
                 return None;
             }
-        } else if is("accept-encoding") {
-            // Not passed on: the answer is read here (errcode, our token).
         } else if is(ACCOUNT_HEADER) {
             if account.is_some() {
                 return None;
@@ -217,7 +208,7 @@ pub(crate) fn parse(data: &[u8], body_limit: usize) -> Option<Head<'_>> {
                 return None;
             }
             forward.push((name, h.value));
-        } else {
+        } else if pipeline::forwarded(name.as_bytes(), false) {
             forward.push((name, h.value));
         }
     }
@@ -265,9 +256,17 @@ impl Fast for FastLane {
             Taken::Serve(head, plan) => (head, plan),
             Taken::Refused(head, e) => {
                 let close = head.close || self.app.drain.is_draining();
-                let (_, _, _, written) = self.error(stream, e, close).await;
-                crate::metrics::NO_ACCOUNT.inc(Served::Api, Outcome::Refused);
-                crate::metrics::observe_duration(Served::Api, start.elapsed().as_secs_f64());
+                let (status, errcode, _, written) = self.error(stream, head.path, e, close).await;
+                pipeline::report(Report {
+                    route: Served::Api,
+                    account: None,
+                    method: head.method().as_str(),
+                    path: head.path,
+                    status,
+                    errcode,
+                    elapsed: start.elapsed(),
+                    lane: "fast",
+                });
                 return Some(LaneServed {
                     used: head.used,
                     keep_alive: written.is_ok() && !close,
@@ -276,49 +275,23 @@ impl Fast for FastLane {
         };
         let close = head.close || self.app.drain.is_draining();
         // Counted for the account whose token was put in, as on pingora's path.
-        let account = plan.token.is_some().then(|| plan.account.clone());
+        let account = plan.account.clone();
         let (status, errcode, streamed, written) =
             self.answer(stream, &head, plan, close, start).await;
-        let ok = written.is_ok();
-        let outcome = match (status, errcode) {
-            (200..=299, Some(c)) if c != 0 => Outcome::WeChatError,
-            (200..=399, _) => Outcome::Ok,
-            (400..=499, _) => Outcome::Refused,
-            _ => Outcome::Error,
-        };
-        match &account {
-            Some(a) => a.requests.inc(Served::Api, outcome),
-            None => crate::metrics::NO_ACCOUNT.inc(Served::Api, outcome),
-        }
-        let elapsed = start.elapsed();
-        crate::metrics::observe_duration(Served::Api, elapsed.as_secs_f64());
-        tracing::debug!(
-            method = if head.post { "POST" } else { "GET" },
-            path = head.path,
-            route = "api",
-            account = account.as_ref().map_or("-", |a| a.name.as_str()),
+        pipeline::report(Report {
+            route: Served::Api,
+            account: account.as_deref(),
+            method: head.method().as_str(),
+            path: head.path,
             status,
-            errcode = ?errcode,
-            elapsed_us = elapsed.as_micros() as u64,
-            lane = "fast",
-            "request"
-        );
+            errcode,
+            elapsed: start.elapsed(),
+            lane: "fast",
+        });
         Some(LaneServed {
             used: head.used,
-            keep_alive: ok && !close && !streamed,
+            keep_alive: written.is_ok() && !close && !streamed,
         })
-    }
-}
-
-/// Whether the sidecar puts its token in: none presented, a token it
-/// issued, or `replace_tokens: always`.
-fn replaces(app: &App, account: &Account, presented: Option<&str>) -> bool {
-    match presented {
-        None => true,
-        Some(t) => {
-            account.replace_tokens() == ReplaceTokens::Always
-                || app.accounts().by_issued_token(t).is_some()
-        }
     }
 }
 
@@ -327,13 +300,6 @@ enum Taken<'a> {
     Serve(Head<'a>, Plan),
     /// `clients` turned the caller away: answered here, as the full path would.
     Refused(Head<'a>, ProxyError),
-}
-
-/// Where a taken request goes.
-struct Plan {
-    account: Arc<Account>,
-    /// The token put in; `None`: the app's own goes through untouched.
-    token: Option<Arc<Lease>>,
 }
 
 impl FastLane {
@@ -364,15 +330,13 @@ impl FastLane {
             return None;
         }
         let presented = head.query.and_then(|q| query::param(q, TOKEN_PARAM));
-        let account = app
-            .accounts()
-            .pick_for(head.account, presented.as_deref(), None)
-            .ok()?
-            .clone();
-        let token = if replaces(app, &account, presented.as_deref()) {
-            Some(account.tokens.valid()?)
+        let (account, replace) =
+            pipeline::choose(app, head.account, presented.as_deref(), None).ok()?;
+        // The lane never waits for a token: none at hand, pingora's path.
+        let plan = if replace {
+            Plan::with_token(account.clone(), account.tokens.valid()?)
         } else {
-            None
+            Plan::untouched(account.kind.family())
         };
         let clients = app.clients();
         if !clients.is_open() {
@@ -402,58 +366,12 @@ impl FastLane {
                     .retain(|(n, _)| !n.eq_ignore_ascii_case("authorization"));
             }
         }
-        Some(Taken::Serve(
-            head,
-            Plan {
-                account: account.clone(),
-                token,
-            },
-        ))
+        Some(Taken::Serve(head, plan))
     }
 
-    /// The path and query for WeChat, with `token` in the query.
-    fn target(out: &mut Vec<u8>, head: &Head<'_>, token: Option<&Lease>) {
-        out.extend_from_slice(head.path.as_bytes());
-        match (token, head.query) {
-            (Some(t), q) => {
-                out.push(b'?');
-                query::push_with_token(out, q, &t.value);
-            }
-            (None, Some(q)) => {
-                out.push(b'?');
-                out.extend_from_slice(q.as_bytes());
-            }
-            (None, None) => {}
-        }
-    }
-
-    /// The request line and headers for WeChat, with `token` in the query,
-    /// in a buffer with room for `Host`, `Accept-Encoding` and the body (the
-    /// upstream adds them).
-    fn upstream_head(head: &Head<'_>, token: Option<&Lease>) -> Vec<u8> {
-        let mut out = Vec::with_capacity(320 + head.forward.len() * 32 + head.body.len());
-        out.extend_from_slice(if head.post { b"POST " } else { b"GET " });
-        Self::target(&mut out, head, token);
-        out.extend_from_slice(b" HTTP/1.1\r\n");
-        for (name, value) in &head.forward {
-            out.extend_from_slice(name.as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value);
-            out.extend_from_slice(b"\r\n");
-        }
-        // `Host` and `Accept-Encoding: identity` follow (the upstream's
-        // exchange adds them), in the full path's order.
-        if head.post || !head.body.is_empty() {
-            out.extend_from_slice(b"Content-Length: ");
-            out.extend_from_slice(itoa::Buffer::new().format(head.body.len()).as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
-        out
-    }
-
-    /// Sends the request (again once, after a token error) and writes the
-    /// answer. Returns the status and errcode written, whether the answer
-    /// was streamed (the connection then closes), and whether writing worked.
+    /// Sends the request through the pipeline and writes the answer.
+    /// Returns the status and errcode written, whether the answer was
+    /// streamed (the connection then closes), and whether writing worked.
     async fn answer(
         &self,
         stream: &mut Stream,
@@ -463,147 +381,37 @@ impl FastLane {
         start: tokio::time::Instant,
     ) -> (u16, Option<i64>, bool, std::io::Result<()>) {
         let app = &self.app;
-        if let Err(over) = plan.account.admit_call(head.path) {
-            let e = ProxyError::QuotaLimit {
-                account: plan.account.name.clone(),
-                path: head.path.to_string(),
-                per_day: over.per_day,
-            };
-            return self.error(stream, e, close).await;
-        }
-        let limit = app.config().limits.buffered_body;
-        let upstreams = app.upstream_for(plan.account.kind.family());
-        let upstream_err = |source| match source {
-            UpstreamError::Unavailable => ProxyError::Unavailable,
-            source => ProxyError::Upstream {
-                path: head.path.to_string(),
-                source,
-            },
-        };
-        let mut replaying = false;
+        let upstreams = app.upstream_for(plan.family);
         // The answer's share of limits.buffered_total, held until it is written.
         let mut claim = app.bodies.answer();
-        loop {
-            // The request's start is the first try's "now" (one clock read).
-            let deadline = if replaying {
-                AnswerDeadline::from_now(upstreams.answer_timeout())
-            } else {
-                AnswerDeadline::from(start, upstreams.answer_timeout())
-            };
-            let h2 = if upstreams.speaks_h1() {
-                Ok(None)
-            } else {
-                // Boxed: the h2 send is a few hundred bytes of future that
-                // the HTTP/1.1 requests would otherwise carry and move. Each
-                // of its waits keeps the deadline (one timer per wait).
-                Box::pin(async {
-                    let req = H2Request {
-                        head,
-                        token: plan.token.as_deref(),
-                    };
-                    upstreams.send_h2(&req, head.body, Some(deadline)).await
-                })
-                .await
-            };
-            let sent = match h2 {
-                Ok(Some(x)) => Ok(Reply::H2(Box::new((x, Bytes::new())))),
-                Err(e) => Err(e),
-                // Our HTTP/1.1 exchange (also when the server declined h2
-                // just now); it keeps the deadline itself: one timer per wait.
-                Ok(None) => {
-                    let mut wire = Self::upstream_head(head, plan.token.as_deref());
-                    upstreams
-                        .call(&mut wire, head.body, !head.post, Some(deadline))
-                        .await
-                        .map(Reply::H1)
-                }
-            };
-            let mut x = match sent {
-                Err(e) => return self.error(stream, upstream_err(e), close).await,
-                Ok(x) => x,
-            };
-            // Both exchanges keep the deadline in each read's timer.
-            let read = x.read_whole(limit, &mut claim).await;
-            match read {
-                Err(e) => return self.error(stream, upstream_err(e), close).await,
-                Ok(Err(partial)) => {
-                    // Over the buffered limit, or over the shared total
-                    // now: stream it through.
-                    let status = x.status();
-                    let written = stream_rest(
-                        stream,
-                        &mut x,
-                        partial,
-                        plan.token.as_deref(),
-                        deadline,
-                        self.send_timeout,
-                    )
-                    .await;
-                    return (status, None, true, written);
-                }
-                Ok(Ok(())) => {}
+        let answer =
+            pipeline::exchange(app, &upstreams, &mut plan, head, Some(start), &mut claim).await;
+        match answer {
+            Err(e) => self.error(stream, head.path, e, close).await,
+            Ok(Answer::Streaming(s)) => {
+                let status = s.status();
+                let written = stream_rest(stream, s, self.send_timeout).await;
+                (status, None, true, written)
             }
-            let body = x.body();
-            let errcode = inspect::errcode(body);
-            plan.account.note_answer(errcode, head.path, || {
-                // Kept for /status: never with our token in it.
-                inspect::errmsg(&scrubbed(body, plan.token.as_deref()))
-            });
-            let rejected = plan.token.is_some()
-                && errcode.is_some_and(|c| inspect::INVALID_TOKEN.contains(&c));
-            if replaying {
-                count_replay(&plan.account, head.path, !rejected);
-            } else if rejected {
-                let bad = plan.token.clone().expect("checked above");
-                plan.account.tokens.report_invalid(&bad.value);
-                let fresh = plan
-                    .account
-                    .tokens
-                    .wait_replacement(
-                        &bad.value,
-                        app.upstream_for(crate::config::Family::Official)
-                            .read_timeout(),
-                    )
-                    .await;
-                if let Some(fresh) = fresh {
-                    x.finish().await;
-                    tracing::debug!(
-                        path = head.path,
-                        "token rejected by WeChat; replaying with the refreshed token"
-                    );
-                    plan.token = Some(fresh);
-                    replaying = true;
-                    continue;
+            Ok(Answer::Whole(w)) => {
+                let status = w.status();
+                let body = w.body();
+                let mut out = Vec::with_capacity(256 + body.len());
+                status_line(&mut out, status);
+                w.head(body.len(), |name, value| header_line(&mut out, name, value));
+                if close {
+                    out.extend_from_slice(b"Connection: close\r\n");
                 }
-                count_replay(&plan.account, head.path, false);
-            }
-            let status = x.status();
-            let body = scrubbed(body, plan.token.as_deref());
-            let mut out = Vec::with_capacity(256 + body.len());
-            status_line(&mut out, status);
-            copy_headers(&mut out, &x, plan.token.as_deref());
-            let after = errcode.and_then(crate::quota::retry_after);
-            if let Some(after) = after.filter(|_| !has_header(&x, b"retry-after")) {
-                out.extend_from_slice(b"Retry-After: ");
-                out.extend_from_slice(after.as_bytes());
                 out.extend_from_slice(b"\r\n");
+                out.extend_from_slice(&body);
+                drop(body);
+                let errcode = w.errcode;
+                // The connection goes back before the app's write (the body
+                // is copied out).
+                w.finish();
+                let written = write_all(stream, &out, self.send_timeout).await;
+                (status, errcode, false, written)
             }
-            // No length on an answer that cannot have a body (RFC 9110 §8.6).
-            if !super::bodiless(status) {
-                out.extend_from_slice(b"Content-Length: ");
-                out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
-                out.extend_from_slice(b"\r\n");
-            }
-            if close {
-                out.extend_from_slice(b"Connection: close\r\n");
-            }
-            out.extend_from_slice(b"\r\n");
-            out.extend_from_slice(&body);
-            drop(body);
-            // The connection goes back before the app's write (the body lives in it).
-            x.finish().await;
-            let written = write_all(stream, &out, self.send_timeout).await;
-            return (status, errcode, false, written);
         }
     }
 
@@ -611,15 +419,12 @@ impl FastLane {
     async fn error(
         &self,
         stream: &mut Stream,
+        path: &str,
         e: ProxyError,
         close: bool,
     ) -> (u16, Option<i64>, bool, std::io::Result<()>) {
         let status = e.status();
-        if status >= 500 {
-            tracing::warn!(status, error = %e, "request failed");
-        } else {
-            tracing::info!(status, error = %e, "request refused");
-        }
+        pipeline::refused(path, &e);
         let body = reply::error_body(e.errcode(), &e.to_string());
         let mut out = Vec::with_capacity(128 + body.len());
         status_line(&mut out, status);
@@ -641,13 +446,6 @@ impl FastLane {
     }
 }
 
-fn count_replay(account: &Account, path: &str, ok: bool) {
-    account.replays.inc(ok);
-    if !ok {
-        tracing::warn!(account = %account.name, path, "token rejected again after a refresh; passing WeChat's answer through");
-    }
-}
-
 fn status_line(out: &mut Vec<u8>, status: u16) {
     let reason = http::StatusCode::from_u16(status)
         .ok()
@@ -660,174 +458,53 @@ fn status_line(out: &mut Vec<u8>, status: u16) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// The answer's headers for the app: not hop-by-hop, not its length (ours
-/// is written), and none that carries our token.
-/// Whether the answer carries header `name` (lowercase).
-fn has_header(x: &Reply<'_>, name: &[u8]) -> bool {
-    let mut found = false;
-    x.for_each_header(|n, _| found |= n.eq_ignore_ascii_case(name));
-    found
+fn header_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
 }
 
-fn copy_headers(out: &mut Vec<u8>, x: &Reply<'_>, token: Option<&Lease>) {
-    // Headers the answer's `Connection` names are hop-by-hop too (none in
-    // the usual `keep-alive`: nothing allocated then).
-    let mut named: Vec<Vec<u8>> = Vec::new();
-    x.for_each_header(|name, value| {
-        if name.eq_ignore_ascii_case(b"connection") {
-            named.extend(super::connection_options(value).map(<[u8]>::to_vec));
+/// What the lane forwards, as the pipeline sends it.
+impl pipeline::Request for Head<'_> {
+    fn method(&self) -> &http::Method {
+        static GET: http::Method = http::Method::GET;
+        static POST: http::Method = http::Method::POST;
+        if self.post {
+            &POST
+        } else {
+            &GET
         }
-    });
-    x.for_each_header(|name, value| {
-        let skip = name.eq_ignore_ascii_case(b"content-length")
-            || HOP_BY_HOP
-                .iter()
-                .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
-            || named.iter().any(|n| n.eq_ignore_ascii_case(name));
-        if skip {
-            return;
-        }
-        if let Some(t) = token.filter(|t| carries(t, name, value)) {
-            removed(t, name);
-            return;
-        }
-        out.extend_from_slice(name);
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value);
-        out.extend_from_slice(b"\r\n");
-    });
-}
+    }
 
-/// The fast lane's request as an HTTP/2 stream sends it: built from the
-/// bytes at hand, no request header in between.
-struct H2Request<'a> {
-    head: &'a Head<'a>,
-    token: Option<&'a Lease>,
-}
+    fn path(&self) -> &str {
+        self.path
+    }
 
-impl crate::upstream::Outgoing for H2Request<'_> {
-    fn to_h2(&self, authority: &http::uri::Authority) -> Result<http::Request<()>, &'static str> {
-        let mut target = Vec::with_capacity(256);
-        FastLane::target(&mut target, self.head, self.token);
-        let target = http::uri::PathAndQuery::from_maybe_shared(Bytes::from(target))
-            .map_err(|_| "request target not valid for HTTP/2")?;
-        let mut req = http::Request::new(());
-        if self.head.post {
-            *req.method_mut() = http::Method::POST;
+    fn query(&self) -> Option<&str> {
+        self.query
+    }
+
+    fn body(&self) -> &[u8] {
+        self.body
+    }
+
+    fn h1_headers(&self, out: &mut Vec<u8>) {
+        for (name, value) in &self.forward {
+            header_line(out, name.as_bytes(), value);
         }
-        *req.uri_mut() = crate::upstream::h2_uri(authority, Some(target))?;
-        *req.version_mut() = http::Version::HTTP_2;
-        let headers = req.headers_mut();
-        headers.reserve(self.head.forward.len() + 2);
-        for (name, value) in &self.head.forward {
+    }
+
+    fn h2_headers(&self, headers: &mut http::HeaderMap) -> Result<(), &'static str> {
+        headers.reserve(self.forward.len() + 2);
+        for (name, value) in &self.forward {
             let name = http::HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| "header name not valid for HTTP/2")?;
             let value = http::HeaderValue::from_bytes(value)
                 .map_err(|_| "header value not valid for HTTP/2")?;
             headers.append(name, value);
         }
-        headers.insert(
-            http::header::ACCEPT_ENCODING,
-            http::HeaderValue::from_static(crate::upstream::IDENTITY),
-        );
-        if self.head.post || !self.head.body.is_empty() {
-            headers.insert(
-                http::header::CONTENT_LENGTH,
-                http::HeaderValue::from(self.head.body.len()),
-            );
-        }
-        Ok(req)
-    }
-
-    fn idempotent(&self) -> bool {
-        !self.head.post
-    }
-}
-
-/// An answer from either kind of upstream connection.
-// The common answer stays inline (boxing it would allocate per request);
-// the rare HTTP/2 one is boxed.
-#[allow(clippy::large_enum_variant)]
-enum Reply<'a> {
-    /// Our own HTTP/1.1 exchange.
-    H1(crate::upstream::RawExchange<'a>),
-    /// A stream of a shared HTTP/2 connection, and its body
-    /// once read whole. Boxed: ~1 KiB the HTTP/1.1 answers need not carry.
-    H2(Box<(crate::upstream::Exchange<'a>, Bytes)>),
-}
-
-impl Reply<'_> {
-    fn status(&self) -> u16 {
-        match self {
-            Reply::H1(x) => x.status,
-            Reply::H2(x) => x.0.header().status.as_u16(),
-        }
-    }
-
-    fn for_each_header(&self, mut f: impl FnMut(&[u8], &[u8])) {
-        match self {
-            Reply::H1(x) => x.headers().for_each(|(n, v)| f(n, v)),
-            Reply::H2(x) => {
-                x.0.header()
-                    .headers
-                    .iter()
-                    .for_each(|(n, v)| f(n.as_str().as_bytes(), v.as_bytes()))
-            }
-        }
-    }
-
-    fn declared_length(&self) -> Option<usize> {
-        match self {
-            Reply::H1(x) => x.declared_length(),
-            Reply::H2(_) => None,
-        }
-    }
-
-    fn release_head(&mut self) {
-        if let Reply::H1(x) = self {
-            x.release_head();
-        }
-    }
-
-    /// Reads the body whole, up to `cap` and as far as `claim` has room in
-    /// the shared total, for [`Self::body`]; `Ok(Err(partial))` when it is
-    /// larger.
-    async fn read_whole(
-        &mut self,
-        cap: usize,
-        claim: &mut AnswerClaim<'_>,
-    ) -> Result<Result<(), Vec<u8>>, UpstreamError> {
-        match self {
-            Reply::H1(x) => x.read_whole(cap, claim).await,
-            Reply::H2(x) => Ok(match x.0.read_to_end(cap, Some(claim)).await? {
-                Ok(b) => {
-                    x.1 = b;
-                    Ok(())
-                }
-                Err(partial) => Err(partial.to_vec()),
-            }),
-        }
-    }
-
-    fn body(&self) -> &[u8] {
-        match self {
-            Reply::H1(x) => x.body(),
-            Reply::H2(x) => &x.1,
-        }
-    }
-
-    async fn chunk(&mut self) -> Result<Option<Bytes>, UpstreamError> {
-        match self {
-            Reply::H1(x) => x.chunk().await,
-            Reply::H2(x) => x.0.chunk().await,
-        }
-    }
-
-    async fn finish(self) {
-        match self {
-            Reply::H1(x) => x.finish(),
-            Reply::H2(x) => x.0.finish().await,
-        }
+        Ok(())
     }
 }
 
@@ -853,47 +530,38 @@ async fn write_all(stream: &mut Stream, out: &[u8], limit: Duration) -> std::io:
     }
 }
 
-/// An answer over the buffered limit: its head, what was read, then the
-/// rest as it comes, within the answer deadline. The app's connection
-/// closes after it (the length is the upstream's, or the close ends it).
+/// An answer over the buffered limit: its head, then its pieces as the
+/// pipeline gives them. The app's connection closes after it (the length
+/// is the upstream's, or the close ends it).
 async fn stream_rest(
     stream: &mut Stream,
-    x: &mut Reply<'_>,
-    first: Vec<u8>,
-    token: Option<&Lease>,
-    deadline: AnswerDeadline,
+    mut s: Streaming<'_>,
     send_timeout: Duration,
 ) -> std::io::Result<()> {
     let mut out = Vec::with_capacity(512);
-    status_line(&mut out, x.status());
-    copy_headers(&mut out, x, token);
-    if let Some(n) = x.declared_length() {
-        // What is left plus what was read: the whole declared length.
-        out.extend_from_slice(format!("Content-Length: {}\r\n", n + first.len()).as_bytes());
+    status_line(&mut out, s.status());
+    s.head(|name, value| header_line(&mut out, name, value));
+    if let Some(n) = s.length() {
+        header_line(
+            &mut out,
+            b"Content-Length",
+            itoa::Buffer::new().format(n).as_bytes(),
+        );
     }
     out.extend_from_slice(b"Connection: close\r\n\r\n");
-    x.release_head();
+    s.head_written();
     write_all(stream, &out, send_timeout).await?;
-    // Piece by piece, our token masked even when split between two.
-    let mut scrub = Scrubber::new(token);
-    write_all(stream, &scrub.piece(first.into()), send_timeout).await?;
     loop {
-        let got = tokio::time::timeout_at(deadline.at, x.chunk())
-            .await
-            .unwrap_or_else(|_| Err(deadline.missed()));
-        match got {
-            Ok(Some(c)) => write_all(stream, &scrub.piece(c), send_timeout).await?,
-            Ok(None) => return write_all(stream, &scrub.finish(), send_timeout).await,
-            // Passed here, or inside our HTTP/1.1 exchange, which ends its
-            // reads at the deadline itself: either names the deadline's limit.
-            Err(UpstreamError::Timeout { after, .. }) if after == deadline.limit => {
-                tracing::warn!(limit = ?deadline.limit, "answer cut at upstream.answer_timeout");
-                return Err(std::io::ErrorKind::TimedOut.into());
+        match s.next().await {
+            Ok(Some(piece)) => write_all(stream, &piece, send_timeout).await?,
+            Ok(None) => {
+                s.finish();
+                return Ok(());
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "upstream failed mid-answer");
-                return Err(std::io::ErrorKind::BrokenPipe.into());
+            Err(crate::upstream::UpstreamError::Timeout { .. }) => {
+                return Err(std::io::ErrorKind::TimedOut.into())
             }
+            Err(_) => return Err(std::io::ErrorKind::BrokenPipe.into()),
         }
     }
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderName};
+use http::header;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
@@ -21,12 +21,12 @@ use pingora::{Error, ErrorSource, ErrorType};
 
 use crate::account::{Account, PickError, ACCOUNT_HEADER};
 use crate::app::App;
-use crate::config::{AccountKind, Family, ReplaceTokens};
-use crate::inspect;
+use crate::config::{AccountKind, Family};
 use crate::jssdk;
 use crate::lease::{Lease, LeaseCell};
 use crate::local::{self, Credentials};
-use crate::metrics::{Outcome, Served};
+use crate::metrics::Served;
+use crate::pipeline::{self, Answer, Plan, Report, Streaming};
 use crate::query::{self, TOKEN_PARAM};
 use crate::refusal::Refusal;
 use crate::reply::{self, ProxyError};
@@ -37,9 +37,6 @@ use crate::upstream::{AnswerDeadline, UpstreamError};
 mod callback;
 mod component;
 pub mod fast;
-mod scrub;
-
-use scrub::{scrub_body, scrub_token, Scrubber};
 
 /// A request body read whole, and its share of `limits.buffered_total`
 /// until it is dropped.
@@ -102,144 +99,71 @@ impl Default for Ctx {
     }
 }
 
-/// Where a request goes and with which token.
-struct Plan {
-    path: String,
-    query: Option<String>,
-    /// Which upstream family the request goes to.
-    family: Family,
-    /// The account whose token the sidecar put in (none: untouched, or a
-    /// platform's component token, see `cell`).
-    account: Option<Arc<Account>>,
-    /// The token the sidecar put in (none: untouched); masked in the answer.
-    token: Option<Arc<Lease>>,
-    /// The query parameter `token` goes in (`access_token`, or a
-    /// platform's `component_access_token`).
-    token_param: &'static str,
-    /// Where `token` came from when no account holds it (a platform's
-    /// component token): reported to and refreshed through this cell.
-    cell: Option<Arc<crate::lease::LeaseCell>>,
-}
-
-impl Plan {
-    /// As the app sent it.
-    fn untouched(req: &RequestHeader, family: Family) -> Self {
-        Plan {
-            path: req.uri.path().to_string(),
-            query: req.uri.query().map(str::to_string),
-            family,
-            account: None,
-            token: None,
-            token_param: query::TOKEN_PARAM,
-            cell: None,
-        }
-    }
-
-    fn path_and_query(&self) -> String {
-        match (&self.token, &self.query) {
-            (Some(t), q) => format!(
-                "{}?{}",
-                self.path,
-                query::with_param(q.as_deref(), self.token_param, &t.value)
-            ),
-            (None, Some(q)) => format!("{}?{q}", self.path),
-            (None, None) => self.path.clone(),
-        }
-    }
-
-    fn count_replay(&self, ok: bool) {
-        if let Some(a) = &self.account {
-            a.replays.inc(ok);
-            if !ok {
-                tracing::warn!(account = %a.name, path = %self.path, "token rejected again after a refresh; passing WeChat's answer through");
-            }
-        }
-    }
-}
-
-/// Headers that describe one hop, not the message: never forwarded, or
-/// pooling silently stops.
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
-/// The options of one `Connection` value, trimmed.
-fn connection_tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
-    value
-        .split(|b| *b == b',')
-        .map(<[u8]>::trim_ascii)
-        .filter(|t| !t.is_empty())
-}
-
-/// The options an answer's `Connection` value names besides `close` and
-/// `keep-alive`: headers that are hop-by-hop as well (RFC 9110 §7.6.1).
-pub(crate) fn connection_options(value: &[u8]) -> impl Iterator<Item = &[u8]> {
-    connection_tokens(value)
-        .filter(|t| !t.eq_ignore_ascii_case(b"close") && !t.eq_ignore_ascii_case(b"keep-alive"))
-}
-
-/// Whether an answer with `status` cannot have a body, and so carries no
-/// length (RFC 9110 §6.4.1, §8.6): informational, 204, 304. One rule for
-/// both fronts.
-pub(crate) fn bodiless(status: u16) -> bool {
-    (100..200).contains(&status) || status == 204 || status == 304
-}
-
 /// Whether any `Connection` header holds the `close` option.
 fn asks_to_close(headers: &http::HeaderMap) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .any(|v| connection_tokens(v.as_bytes()).any(|t| t.eq_ignore_ascii_case(b"close")))
+    headers.get_all(header::CONNECTION).iter().any(|v| {
+        pipeline::connection_tokens(v.as_bytes()).any(|t| t.eq_ignore_ascii_case(b"close"))
+    })
 }
 
-/// The headers a message's `Connection` names ([`connection_options`]):
+/// The headers a message's `Connection` names ([`pipeline::connection_options`]):
 /// usually none, and then nothing is allocated.
 fn connection_named(headers: &http::HeaderMap) -> Vec<String> {
     headers
         .get_all(header::CONNECTION)
         .iter()
-        .flat_map(|v| connection_options(v.as_bytes()))
+        .flat_map(|v| pipeline::connection_options(v.as_bytes()))
         .map(|t| String::from_utf8_lossy(t).into_owned())
         .collect()
 }
 
-/// Removes an answer's hop-by-hop headers: the usual ones, and those its
-/// `Connection` names.
-fn remove_hop_by_hop(resp: &mut ResponseHeader) {
-    let named = connection_named(&resp.headers);
-    for name in &named {
-        resp.remove_header(name.as_str());
-    }
-    for name in HOP_BY_HOP {
-        resp.remove_header(name);
-    }
+/// Adds an answer header as the pipeline gives it (its name's case kept).
+fn append(resp: &mut ResponseHeader, name: &[u8], value: &[u8]) -> pingora::Result<()> {
+    let value = http::HeaderValue::from_bytes(value)
+        .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "answer header value", e))?;
+    resp.append_header(Bytes::copy_from_slice(name), value)?;
+    Ok(())
 }
 
-/// The head of an upstream answer as the app gets it: HTTP/1.1 (an h2
-/// answer too), our status line (the code with its standard reason: the
-/// upstream's reason phrase is its own text and may quote our token), no
-/// hop-by-hop header, none that carries our token.
-fn answer_head(upstream: &ResponseHeader, token: Option<&Lease>) -> ResponseHeader {
-    let mut resp = upstream.clone();
-    resp.set_version(http::Version::HTTP_11);
-    // `None` is the code's standard reason: this cannot fail.
-    let _ = resp.set_reason_phrase(None);
-    remove_hop_by_hop(&mut resp);
-    scrub_token(&mut resp, token);
-    resp
+/// A request of pingora's path as the pipeline sends it: the app's
+/// method, normalised path and query, the headers that go on
+/// ([`Proxy::upstream_headers`]) and the body read whole.
+struct Forwarded<'a> {
+    method: &'a http::Method,
+    path: &'a str,
+    query: Option<&'a str>,
+    headers: RequestHeader,
+    body: &'a [u8],
 }
 
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(&name.as_str())
+impl pipeline::Request for Forwarded<'_> {
+    fn method(&self) -> &http::Method {
+        self.method
+    }
+
+    fn path(&self) -> &str {
+        self.path
+    }
+
+    fn query(&self) -> Option<&str> {
+        self.query
+    }
+
+    fn body(&self) -> &[u8] {
+        self.body
+    }
+
+    fn h1_headers(&self, out: &mut Vec<u8>) {
+        self.headers.header_to_h1_wire(out);
+    }
+
+    fn h2_headers(&self, headers: &mut http::HeaderMap) -> Result<(), &'static str> {
+        headers.reserve(self.headers.headers.len() + 2);
+        for (name, value) in self.headers.headers.iter() {
+            headers.append(name.clone(), value.clone());
+        }
+        Ok(())
+    }
 }
 
 fn content_length(headers: &http::HeaderMap) -> Option<usize> {
@@ -551,17 +475,8 @@ impl Proxy {
             })?),
         };
         // The table is read, not held: the token may take a wait.
-        let pick = |app: &App| {
-            let accounts = app.accounts();
-            let account = accounts
-                .pick_for(named, presented.as_deref(), ctx.family)?
-                .clone();
-            let ours = presented
-                .as_deref()
-                .is_some_and(|t| accounts.by_issued_token(t).is_some());
-            Ok::<_, PickError>((account, ours))
-        };
-        let (account, ours) = match (pick(&self.app), named) {
+        let pick = |app: &App| pipeline::choose(app, named, presented.as_deref(), ctx.family);
+        let (account, replace) = match (pick(&self.app), named) {
             // An authoriser another replica (or a lost event) knows of: made
             // an account on first use, then picked again.
             (Err(PickError::Unknown { .. }), Some(h)) if !self.app.platforms.is_empty() => {
@@ -571,15 +486,12 @@ impl Proxy {
             (picked, _) => picked?,
         };
         self.admit_account(ctx, &account)?;
-        let replace =
-            presented.is_none() || account.replace_tokens() == ReplaceTokens::Always || ours;
-        let mut plan = Plan::untouched(req, account.kind.family());
-        if replace {
+        if !replace {
             // A token the app brought itself stays: not ours to touch.
-            plan.token = Some(self.token_for(&account).await?);
-            plan.account = Some(account);
+            return Ok(Plan::untouched(account.kind.family()));
         }
-        Ok(plan)
+        let token = self.token_for(&account).await?;
+        Ok(Plan::with_token(account, token))
     }
 
     /// Makes `appid` an account if a platform holds its refresh token (in
@@ -663,24 +575,6 @@ impl Proxy {
             Some(caller) => Ok(self.app.clients().account(caller, name, platform)?),
             None => Ok(()),
         }
-    }
-
-    /// After WeChat rejected `plan`'s token: report it (compare-and-refresh)
-    /// and wait for the one refresh to bring a replacement.
-    async fn replacement(&self, plan: &Plan) -> Option<Arc<Lease>> {
-        let cell = plan
-            .cell
-            .as_ref()
-            .or(plan.account.as_ref().map(|a| &a.tokens))?;
-        let bad = plan.token.as_ref()?;
-        cell.report_invalid(&bad.value);
-        cell.wait_replacement(
-            &bad.value,
-            self.app
-                .upstream_for(crate::config::Family::Official)
-                .read_timeout(),
-        )
-        .await
     }
 
     /// The next piece of the request body (`None` at its end), unless the
@@ -778,14 +672,13 @@ impl Proxy {
         }))
     }
 
-    /// The request WeChat receives: the app's, minus hop-by-hop headers and
-    /// `X-Wx-Account`, with our `Host`, the given path and query, and the body
-    /// length.
-    fn upstream_request(
+    /// The app's headers that go on to WeChat ([`pipeline::forwarded`],
+    /// minus those its `Connection` names), in a request header for
+    /// `path_and_query`.
+    fn upstream_headers(
         &self,
         client: &RequestHeader,
         path_and_query: &str,
-        body_len: usize,
     ) -> pingora::Result<RequestHeader> {
         let mut req = RequestHeader::build(
             client.method.clone(),
@@ -794,35 +687,21 @@ impl Proxy {
         )?;
         // Headers the app's `Connection` names are for this hop alone.
         let named = connection_named(&client.headers);
+        let uses_tokens = self.app.clients().uses_tokens();
         for (name, value) in client.headers.iter() {
-            // `Expect` too: the body is already in hand, nothing to wait for.
-            // Our own bearer token is for us, never for WeChat.
-            // `Accept-Encoding` too: we read every answer (its errcode, our
-            // token in it); our client asks for `identity`.
-            if is_hop_by_hop(name)
-                || name == header::ACCEPT_ENCODING
+            if !pipeline::forwarded(name.as_str().as_bytes(), uses_tokens)
                 || named.iter().any(|n| n.eq_ignore_ascii_case(name.as_str()))
-                || (name == header::AUTHORIZATION && self.app.clients().uses_tokens())
-                || name == header::EXPECT
-                || name == header::HOST
-                || name == header::CONTENT_LENGTH
-                || name.as_str() == ACCOUNT_HEADER
             {
                 continue;
             }
             req.append_header(name.clone(), value.clone())?;
         }
-        let has_body_semantics = matches!(client.method.as_str(), "POST" | "PUT" | "PATCH");
-        if body_len > 0 || has_body_semantics {
-            req.insert_header(header::CONTENT_LENGTH, body_len)?;
-        }
         Ok(req)
     }
 
-    /// Buffers the request, sends it upstream and writes the answer. When
-    /// WeChat rejects a token the sidecar put in, the request is sent once
-    /// more with the refreshed token and the same body bytes; the app sees
-    /// only the second answer.
+    /// Buffers the request and sends it through the pipeline (the token
+    /// put in, replayed once after a token error, the answer scrubbed),
+    /// then writes the answer.
     async fn forward(&self, session: &mut Session, mut plan: Plan, ctx: &mut Ctx) -> Step<()> {
         ctx.account = plan.account.clone();
         let limit = self.app.config().limits.buffered_body;
@@ -830,161 +709,79 @@ impl Proxy {
             Ok(b) => b,
             Err(e) => return Ok(Err(e)),
         };
-        if let Some(a) = &plan.account {
-            if let Err(over) = a.admit_call(&plan.path) {
-                return Ok(Err(ProxyError::QuotaLimit {
-                    account: a.name.clone(),
-                    path: plan.path.clone(),
-                    per_day: over.per_day,
-                }));
-            }
-        }
+        let client = session.req_header();
         // An HTML form's fields may carry an appsecret too.
-        if route::content_type_is(
-            &session.req_header().headers,
-            b"application/x-www-form-urlencoded",
-        ) {
-            if let Err(e) = refuse_misplaced_secret(&plan.path, &body) {
+        if route::content_type_is(&client.headers, b"application/x-www-form-urlencoded") {
+            if let Err(e) = refuse_misplaced_secret(client.uri.path(), &body) {
                 return Ok(Err(e));
             }
         }
-        let upstream_err = |source| match source {
-            UpstreamError::Unavailable => ProxyError::Unavailable,
-            source => ProxyError::Upstream {
-                path: plan.path.clone(),
-                source,
-            },
-        };
-        let mut replaying = false;
         let upstreams = self.app.upstream_for(plan.family);
-        let answer_timeout = upstreams.answer_timeout();
         // The answer's share of limits.buffered_total, held until it is written.
         let mut claim = self.app.bodies.answer();
-        loop {
-            let pq = plan.path_and_query();
-            let req = self.upstream_request(session.req_header(), &pq, body.len())?;
-            let deadline = AnswerDeadline::from_now(answer_timeout);
-            let mut x =
-                match tokio::time::timeout_at(deadline.at, upstreams.send(&req, &body)).await {
-                    Err(_) => return Ok(Err(upstream_err(deadline.missed()))),
-                    Ok(Ok(x)) => x,
-                    Ok(Err(e)) => return Ok(Err(upstream_err(e))),
-                };
-            let mut resp = answer_head(x.header(), plan.token.as_deref());
-            if content_length(&resp.headers).is_some_and(|n| n > limit) {
-                return self
-                    .stream_answer(session, resp, None, x, deadline, plan.token.as_deref())
-                    .await;
-            }
-            let answer =
-                match tokio::time::timeout_at(deadline.at, x.read_to_end(limit, Some(&mut claim)))
-                    .await
-                {
-                    Err(_) => return Ok(Err(upstream_err(deadline.missed()))),
-                    Ok(read) => read,
-                };
-            let answer = match answer {
-                Err(e) => return Ok(Err(upstream_err(e))),
-                // Bigger than declared, than the cap or than the shared
-                // total allows now: stream the rest.
-                Ok(Err(partial)) => {
-                    return self
-                        .stream_answer(
-                            session,
-                            resp,
-                            Some(partial.freeze()),
-                            x,
-                            deadline,
-                            plan.token.as_deref(),
-                        )
-                        .await
-                }
-                Ok(Ok(answer)) => answer,
+        let answer = {
+            let req = Forwarded {
+                method: &client.method,
+                path: client.uri.path(),
+                query: client.uri.query(),
+                headers: self.upstream_headers(client, "/")?,
+                body: &body,
             };
-            x.finish().await;
-            ctx.errcode = inspect::errcode(&answer);
-            if let Some(a) = &plan.account {
-                // Kept for /status: never with our token in it.
-                a.note_answer(ctx.errcode, &plan.path, || {
-                    inspect::errmsg(&scrub::scrubbed(&answer, plan.token.as_deref()))
+            pipeline::exchange(&self.app, &upstreams, &mut plan, &req, None, &mut claim).await
+        };
+        match answer {
+            Err(e) => Ok(Err(e)),
+            Ok(Answer::Streaming(s)) => self.stream_answer(session, s).await,
+            Ok(Answer::Whole(w)) => {
+                ctx.errcode = w.errcode;
+                let body = Bytes::copy_from_slice(&w.body());
+                let mut resp = ResponseHeader::build(w.status(), Some(8))?;
+                let mut bad = None;
+                w.head(body.len(), |name, value| {
+                    if let Err(e) = append(&mut resp, name, value) {
+                        bad.get_or_insert(e);
+                    }
                 });
-            }
-            let rejected = plan.token.is_some()
-                && ctx
-                    .errcode
-                    .is_some_and(|c| inspect::INVALID_TOKEN.contains(&c));
-            if replaying {
-                plan.count_replay(!rejected);
-            } else if rejected {
-                if let Some(fresh) = self.replacement(&plan).await {
-                    tracing::debug!(
-                        path = plan.path,
-                        "token rejected by WeChat; replaying with the refreshed token"
-                    );
-                    plan.token = Some(fresh);
-                    replaying = true;
-                    continue;
+                w.finish();
+                if let Some(e) = bad {
+                    return Err(e);
                 }
-                plan.count_replay(false);
+                session.write_response_header(Box::new(resp), false).await?;
+                session.write_response_body(Some(body), true).await?;
+                Ok(Ok(()))
             }
-            let mut answer = scrub_body(answer, plan.token.as_deref());
-            if bodiless(resp.status.as_u16()) {
-                resp.remove_header(&header::CONTENT_LENGTH);
-                answer = Bytes::new();
-            } else {
-                resp.insert_header(header::CONTENT_LENGTH, answer.len())?;
-            }
-            if let Some(after) = ctx.errcode.and_then(crate::quota::retry_after) {
-                if resp.headers.get(header::RETRY_AFTER).is_none() {
-                    resp.insert_header(header::RETRY_AFTER, after)?;
-                }
-            }
-            session.write_response_header(Box::new(resp), false).await?;
-            session.write_response_body(Some(answer), true).await?;
-            return Ok(Ok(()));
         }
     }
 
-    /// Streams a large answer to the app chunk by chunk.
-    async fn stream_answer(
-        &self,
-        session: &mut Session,
-        mut resp: ResponseHeader,
-        head: Option<Bytes>,
-        mut x: crate::upstream::Exchange<'_>,
-        deadline: AnswerDeadline,
-        token: Option<&Lease>,
-    ) -> Step<()> {
+    /// Streams a large answer to the app piece by piece.
+    async fn stream_answer(&self, session: &mut Session, mut s: Streaming<'_>) -> Step<()> {
+        let mut resp = ResponseHeader::build(s.status(), Some(8))?;
+        let mut bad = None;
+        s.head(|name, value| {
+            if let Err(e) = append(&mut resp, name, value) {
+                bad.get_or_insert(e);
+            }
+        });
+        if let Some(e) = bad {
+            return Err(e);
+        }
         // No body, and so no framing, for a HEAD request or a status that
         // cannot have one (RFC 9110 §6.4.1).
         let head_only = session.req_header().method == http::Method::HEAD;
-        let status = resp.status.as_u16();
-        if head_only || bodiless(status) {
-            x.finish().await;
+        if head_only || pipeline::bodiless(s.status()) {
+            s.finish();
             session.write_response_header(Box::new(resp), true).await?;
             return Ok(Ok(()));
         }
-        if content_length(&resp.headers).is_none() {
-            resp.insert_header(header::TRANSFER_ENCODING, "chunked")?;
+        match s.length() {
+            Some(n) => resp.insert_header(header::CONTENT_LENGTH, n)?,
+            None => resp.insert_header(header::TRANSFER_ENCODING, "chunked")?,
         }
         session.write_response_header(Box::new(resp), false).await?;
-        // Piece by piece, our token masked even when split between two.
-        let mut scrub = Scrubber::new(token);
-        if let Some(h) = head {
-            session
-                .write_response_body(Some(scrub.piece(h)), false)
-                .await?;
-        }
+        s.head_written();
         loop {
-            let chunk = tokio::time::timeout_at(deadline.at, x.chunk())
-                .await
-                .unwrap_or_else(|_| Err(deadline.missed()));
-            match chunk {
-                Ok(Some(c)) => {
-                    session
-                        .write_response_body(Some(scrub.piece(c)), false)
-                        .await?
-                }
+            match s.next().await {
+                Ok(Some(piece)) => session.write_response_body(Some(piece), false).await?,
                 Ok(None) => break,
                 Err(e) => {
                     // The header is out: all we can do is cut the answer short.
@@ -995,11 +792,8 @@ impl Proxy {
                 }
             }
         }
-        x.finish().await;
-        let rest = scrub.finish();
-        session
-            .write_response_body((!rest.is_empty()).then_some(rest), true)
-            .await?;
+        s.finish();
+        session.write_response_body(None, true).await?;
         Ok(Ok(()))
     }
 
@@ -1026,14 +820,15 @@ impl Proxy {
     /// Nothing is replayed: a streamed body is not kept.
     async fn stream(&self, session: &mut Session, plan: Plan, ctx: &mut Ctx) -> Step<()> {
         ctx.account = plan.account.clone();
+        let path = session.req_header().uri.path().to_string();
         // Counted (and capped) like every API call, before any body moves.
         if let Some(a) = &plan.account {
-            if let Err(over) = a.admit_call(&plan.path) {
+            if let Err(over) = a.admit_call(&path) {
                 // The body stays unread: the connection cannot be reused.
                 session.set_keepalive(None);
                 return Ok(Err(ProxyError::QuotaLimit {
                     account: a.name.clone(),
-                    path: plan.path.clone(),
+                    path,
                     per_day: over.per_day,
                 }));
             }
@@ -1041,22 +836,24 @@ impl Proxy {
         let upstream_err = |source| match source {
             UpstreamError::Unavailable => ProxyError::Unavailable,
             source => ProxyError::Upstream {
-                path: plan.path.clone(),
+                path: path.clone(),
                 source,
             },
         };
         let has_body = !session.as_downstream_mut().is_body_empty();
         let client = session.req_header();
-        let mut req = self.upstream_request(client, &plan.path_and_query(), 0)?;
+        let target = plan.target_string(client.uri.path(), client.uri.query());
+        let mut req = self.upstream_headers(client, &target)?;
         // The body keeps the framing it came with.
-        req.remove_header(&header::CONTENT_LENGTH);
-        match content_length(&client.headers) {
+        let declared = content_length(&client.headers);
+        let chunked = declared.is_none() && has_body;
+        match declared {
             Some(n) => req.insert_header(header::CONTENT_LENGTH, n)?,
-            None if has_body => req.insert_header(header::TRANSFER_ENCODING, "chunked")?,
+            None if chunked => req.insert_header(header::TRANSFER_ENCODING, "chunked")?,
             None => {}
         }
         let upstreams = self.app.upstream_for(plan.family);
-        let mut up = match upstreams.open(&req).await {
+        let mut up = match upstreams.open(&req, chunked).await {
             Ok(u) => u,
             Err(e) => return Ok(Err(upstream_err(e))),
         };
@@ -1075,21 +872,12 @@ impl Proxy {
             }
         }
         let answer_deadline = AnswerDeadline::from_now(upstreams.answer_timeout());
-        let x = match tokio::time::timeout_at(answer_deadline.at, up.finish()).await {
-            Err(_) => return Ok(Err(upstream_err(answer_deadline.missed()))),
-            Ok(Err(e)) => return Ok(Err(upstream_err(e))),
-            Ok(Ok(x)) => x,
+        let x = match up.finish(Some(answer_deadline)).await {
+            Err(e) => return Ok(Err(upstream_err(e))),
+            Ok(x) => x,
         };
-        let resp = answer_head(x.header(), plan.token.as_deref());
-        self.stream_answer(
-            session,
-            resp,
-            None,
-            x,
-            answer_deadline,
-            plan.token.as_deref(),
-        )
-        .await
+        let s = Streaming::new(x.into(), Vec::new(), plan.token.clone(), answer_deadline);
+        self.stream_answer(session, s).await
     }
 
     /// Answers `/cgi-bin/token` and `/cgi-bin/stable_token` from the cache.
@@ -1273,7 +1061,7 @@ impl ProxyHttp for Proxy {
             Route::Untouched => {
                 ctx.route = Served::Untouched;
                 let family = ctx.family.unwrap_or_else(|| self.app.default_family());
-                let plan = Plan::untouched(session.req_header(), family);
+                let plan = Plan::untouched(family);
                 self.forward(session, plan, ctx).await?
             }
             Route::Api => match self.plan(session.req_header(), ctx).await {
@@ -1293,12 +1081,7 @@ impl ProxyHttp for Proxy {
             },
         };
         if let Err(e) = outcome {
-            let path = session.req_header().uri.path();
-            if e.status() >= 500 {
-                tracing::warn!(path, status = e.status(), error = %e, "request failed");
-            } else {
-                tracing::info!(path, status = e.status(), error = %e, "request refused");
-            }
+            pipeline::refused(session.req_header().uri.path(), &e);
             reply::send_error(session, &e).await?;
         }
         Ok(true)
@@ -1341,31 +1124,17 @@ impl ProxyHttp for Proxy {
 
     /// One debug line and the request metrics per request.
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
-        let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let outcome = match (status, ctx.errcode) {
-            (200..=299, Some(c)) if c != 0 => Outcome::WeChatError,
-            (200..=399, _) => Outcome::Ok,
-            (400..=499, _) => Outcome::Refused,
-            _ => Outcome::Error,
-        };
-        let elapsed = ctx.start.elapsed();
-        match &ctx.account {
-            Some(a) => a.requests.inc(ctx.route, outcome),
-            None => crate::metrics::NO_ACCOUNT.inc(ctx.route, outcome),
-        }
-        crate::metrics::observe_duration(ctx.route, elapsed.as_secs_f64());
-        let account = ctx.account.as_ref().map_or("-", |a| a.name.as_str());
         let req = session.req_header();
-        tracing::debug!(
-            method = %req.method,
-            path = req.uri.path(),
-            route = ctx.route.as_str(),
-            account,
-            status,
-            errcode = ?ctx.errcode,
-            elapsed_us = elapsed.as_micros() as u64,
-            "request"
-        );
+        pipeline::report(Report {
+            route: ctx.route,
+            account: ctx.account.as_deref(),
+            method: req.method.as_str(),
+            path: req.uri.path(),
+            status: session.response_written().map_or(0, |r| r.status.as_u16()),
+            errcode: ctx.errcode,
+            elapsed: ctx.start.elapsed(),
+            lane: "pingora",
+        });
     }
 
     /// Method and path only: pingora logs this, and the query may hold secrets.

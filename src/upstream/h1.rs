@@ -1,12 +1,13 @@
-//! Our own HTTP/1.1 exchange, for the request path's fast lane: the request
+//! The one HTTP/1.1 exchange every upstream request takes (JSON calls from
+//! either front, token fetches, admin calls, streamed uploads): the request
 //! goes out in one write from bytes the caller built (no header map, no
 //! URI), the answer head is parsed with `httparse` from one buffer, and the
 //! body is read by its framing (length, chunked, or until close).
 //!
-//! Same rules as the pingora-session exchange beside it: pooled connections
-//! first, one retry on a fresh connection when WeChat cannot have acted
-//! (nothing written, or an idempotent method), never after a timeout; the
-//! same counters; a few informational answers skipped; the connection goes
+//! The connection rule lives here once ([`Upstream::attempt`]): a pooled
+//! connection first, one retry on a fresh connection when WeChat cannot
+//! have acted (nothing written, or an idempotent method), never after a
+//! timeout. A few informational answers are skipped; the connection goes
 //! back to the pool only when the answer was read whole and both sides
 //! allow it.
 
@@ -72,6 +73,25 @@ pub struct RawExchange<'a> {
 struct Failed {
     error: UpstreamError,
     sent: bool,
+}
+
+/// What an attempt delivered: the answer's head, or (for a streamed body)
+/// the connection the head was written on.
+enum Delivered<'a> {
+    Answer(RawExchange<'a>),
+    Written(Stream, u64, SocketAddr),
+}
+
+/// An HTTP/1.1 request whose head is sent and whose body the caller is
+/// still streaming (media uploads): [`Upload::write`], then
+/// [`Upload::finish`] for the answer.
+pub struct Upload<'a> {
+    upstream: &'a Upstream,
+    stream: Stream,
+    reuse_hash: u64,
+    addr: SocketAddr,
+    /// The body goes as chunks (its length was not declared).
+    chunked: bool,
 }
 
 /// A read that ended at the answer deadline, not at its own limit.
@@ -195,6 +215,52 @@ impl Upstream {
         idempotent: bool,
         by: Option<AnswerDeadline>,
     ) -> Result<RawExchange<'_>, UpstreamError> {
+        match self.attempt(wire, idempotent, by, true).await? {
+            Delivered::Answer(x) => Ok(x),
+            Delivered::Written(..) => unreachable!("an answer was asked for"),
+        }
+    }
+
+    /// Opens an exchange whose body the caller streams (media uploads):
+    /// `wire` is the whole head (request line, headers with `Host`, the
+    /// blank line), framed by its `Content-Length` or, with `chunked`,
+    /// `Transfer-Encoding: chunked`. A pooled connection that fails while
+    /// the head is written gets one retry on a new one: nothing reached
+    /// WeChat.
+    pub(super) async fn open_raw(
+        &self,
+        wire: &[u8],
+        chunked: bool,
+    ) -> Result<Upload<'_>, UpstreamError> {
+        let result = self.attempt(wire, false, None, false).await;
+        match result {
+            Ok(Delivered::Written(stream, reuse_hash, addr)) => Ok(Upload {
+                upstream: self,
+                stream,
+                reuse_hash,
+                addr,
+                chunked,
+            }),
+            Ok(Delivered::Answer(_)) => unreachable!("only the head was asked for"),
+            Err(e) => {
+                self.stats.failed.inc();
+                Err(e)
+            }
+        }
+    }
+
+    /// The connection rule, once for every HTTP/1.1 request: a pooled
+    /// connection first; on its failure one fresh connection, unless
+    /// WeChat may have acted (the request was written and is not
+    /// `idempotent`) or the failure was a timeout. `read`: wait for the
+    /// answer head (else only write `wire`).
+    async fn attempt(
+        &self,
+        wire: &[u8],
+        idempotent: bool,
+        by: Option<AnswerDeadline>,
+        read: bool,
+    ) -> Result<Delivered<'_>, UpstreamError> {
         let (r, _) = self.peers().inspect_err(|_| {
             self.stats
                 .connect_failures
@@ -205,7 +271,14 @@ impl Upstream {
         let started = by.map(|d| d.started());
         let pooled = {
             let i = self.preferred.load(std::sync::atomic::Ordering::Relaxed) % r.peers.len();
-            let hash = r.hashes[i];
+            // A streamed upload stays on HTTP/1.1 wherever requests go over
+            // HTTP/2: its connections are pooled apart (the version is in
+            // the key).
+            let hash = if !read && self.uses_h2() {
+                super::h1_peer(&r.peers[i]).reuse_hash()
+            } else {
+                r.hashes[i]
+            };
             self.pool
                 .take_at(hash, started.unwrap_or_else(tokio::time::Instant::now))
                 .map(|s| (s, hash, peer_addr(&r.peers[i])))
@@ -214,7 +287,7 @@ impl Upstream {
         if let Some((stream, hash, addr)) = pooled {
             self.stats.reused.inc();
             match self
-                .exchange_raw(stream, hash, addr, wire, by, started)
+                .exchange_raw(stream, hash, addr, wire, by, started, read)
                 .await
             {
                 Ok(x) => return Ok(x),
@@ -225,32 +298,34 @@ impl Upstream {
                 }
             }
         }
-        self.call_fresh(wire, by).await
+        self.attempt_fresh(wire, by, read).await
     }
 
     /// The exchange on a new connection. Boxed: the pool usually has one,
     /// and this path would otherwise make every request's future ~700
     /// bytes larger.
-    fn call_fresh<'s: 'w, 'w>(
+    fn attempt_fresh<'s: 'w, 'w>(
         &'s self,
         wire: &'w [u8],
         by: Option<AnswerDeadline>,
-    ) -> futures_util::future::BoxFuture<'w, Result<RawExchange<'s>, UpstreamError>> {
+        read: bool,
+    ) -> futures_util::future::BoxFuture<'w, Result<Delivered<'s>, UpstreamError>> {
         Box::pin(async move {
             let (stream, p) = match by {
-                None => self.connect().await?,
-                Some(d) => tokio::time::timeout_at(d.at, self.connect())
+                None => self.connect_as(!read).await?,
+                Some(d) => tokio::time::timeout_at(d.at, self.connect_as(!read))
                     .await
                     .map_err(|_| d.missed())??,
             };
             let (hash, addr) = (p.reuse_hash(), peer_addr(&p));
             drop(p);
-            self.exchange_raw(stream, hash, addr, wire, by, None)
+            self.exchange_raw(stream, hash, addr, wire, by, None, read)
                 .await
                 .map_err(|f| f.error)
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn exchange_raw(
         &self,
         mut stream: Stream,
@@ -259,7 +334,8 @@ impl Upstream {
         wire: &[u8],
         by: Option<AnswerDeadline>,
         now: Option<tokio::time::Instant>,
-    ) -> Result<RawExchange<'_>, Failed> {
+        read: bool,
+    ) -> Result<Delivered<'_>, Failed> {
         let wait = self.conf.read_timeout;
         let write = async {
             stream.write_all(wire).await?;
@@ -282,6 +358,27 @@ impl Upstream {
                 })
             }
         }
+        if !read {
+            return Ok(Delivered::Written(stream, reuse_hash, addr));
+        }
+        // Only the request knows a HEAD answer has no body.
+        let head_request = wire.starts_with(b"HEAD ");
+        self.read_answer(stream, reuse_hash, addr, by, now, head_request)
+            .await
+            .map(Delivered::Answer)
+    }
+
+    /// Reads the answer head on `stream` (informational answers skipped).
+    async fn read_answer(
+        &self,
+        mut stream: Stream,
+        reuse_hash: u64,
+        addr: SocketAddr,
+        by: Option<AnswerDeadline>,
+        now: Option<tokio::time::Instant>,
+        head_request: bool,
+    ) -> Result<RawExchange<'_>, Failed> {
+        let wait = self.conf.read_timeout;
         let sent = |error| Failed { error, sent: true };
         let mut buf = Vec::with_capacity(DEFAULT_HEAD_BUFFER);
         let mut informational = 0;
@@ -352,7 +449,7 @@ impl Upstream {
             if lengths.next().is_some() && !chunked {
                 return Err(sent(bad(&addr, "answer with more than one Content-Length")));
             }
-            let framing = if status == 204 || status == 304 {
+            let framing = if head_request || status == 204 || status == 304 {
                 Framing::Done
             } else if chunked {
                 Framing::Chunked {
@@ -392,6 +489,89 @@ impl Upstream {
             }
             return Ok(x);
         }
+    }
+}
+
+impl<'a> Upload<'a> {
+    /// Sends the next piece of the body (as a chunk when the length was not
+    /// declared). An empty piece sends nothing: to a chunked body it would
+    /// be the last chunk.
+    pub async fn write(&mut self, piece: &[u8]) -> Result<(), UpstreamError> {
+        if piece.is_empty() {
+            return Ok(());
+        }
+        let write = async {
+            if self.chunked {
+                let size = format!("{:x}\r\n", piece.len());
+                self.stream.write_all(size.as_bytes()).await?;
+                self.stream.write_all(piece).await?;
+                self.stream.write_all(b"\r\n").await?;
+            } else {
+                self.stream.write_all(piece).await?;
+            }
+            self.stream.flush().await
+        };
+        let limit = self.upstream.conf.read_timeout;
+        let written = match tokio::time::timeout(limit, write).await {
+            Ok(r) => r,
+            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+        };
+        written.map_err(|e| {
+            self.failed(io_err(
+                self.upstream,
+                &self.addr,
+                e,
+                "while sending the body",
+            ))
+        })
+    }
+
+    /// Ends the body and reads the answer's head; with `by`, every read of
+    /// the answer also ends at that deadline.
+    pub async fn finish(
+        mut self,
+        by: Option<AnswerDeadline>,
+    ) -> Result<RawExchange<'a>, UpstreamError> {
+        if self.chunked {
+            let limit = self.upstream.conf.read_timeout;
+            let end = async {
+                self.stream.write_all(b"0\r\n\r\n").await?;
+                self.stream.flush().await
+            };
+            let ended = match tokio::time::timeout(limit, end).await {
+                Ok(r) => r,
+                Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+            };
+            if let Err(e) = ended {
+                return Err(self.failed(io_err(
+                    self.upstream,
+                    &self.addr,
+                    e,
+                    "while ending the body",
+                )));
+            }
+        }
+        let up = self.upstream;
+        match up
+            .read_answer(self.stream, self.reuse_hash, self.addr, by, None, false)
+            .await
+        {
+            Ok(x) => {
+                up.stats.ok.inc();
+                Ok(x)
+            }
+            Err(f) => {
+                tracing::debug!(error = %f.error, "streamed exchange failed");
+                up.stats.failed.inc();
+                Err(f.error)
+            }
+        }
+    }
+
+    fn failed(&self, e: UpstreamError) -> UpstreamError {
+        tracing::debug!(error = %e, "streamed exchange failed");
+        self.upstream.stats.failed.inc();
+        e
     }
 }
 

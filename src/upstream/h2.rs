@@ -29,6 +29,10 @@ pub trait Outgoing: Sync {
     /// The request with `authority` as its `:authority`; `Err` names what
     /// HTTP/2 cannot carry.
     fn to_h2(&self, authority: &http::uri::Authority) -> Result<http::Request<()>, &'static str>;
+    /// The request line and headers as HTTP/1.1 sends them, without
+    /// `Host`, `Accept-Encoding` and the blank line (each host adds its
+    /// own); `Err` names what HTTP/1.1 cannot carry.
+    fn h1_head(&self, out: &mut Vec<u8>) -> Result<(), &'static str>;
     /// Whether WeChat cannot act on it twice (it may be sent again after a
     /// connection dropped under it).
     fn idempotent(&self) -> bool;
@@ -57,6 +61,15 @@ impl Outgoing for RequestHeader {
             http::HeaderValue::from_static(super::IDENTITY),
         );
         Ok(req)
+    }
+
+    fn h1_head(&self, out: &mut Vec<u8>) -> Result<(), &'static str> {
+        debug_assert!(self.headers.get(http::header::HOST).is_none());
+        let wire = pingora::protocols::http::v1::client::http_req_header_to_wire(self)
+            .ok_or("request target not valid for HTTP/1.1")?;
+        // Without the blank line: the host's own headers go first.
+        out.extend_from_slice(&wire[..wire.len() - 2]);
+        Ok(())
     }
 
     fn idempotent(&self) -> bool {

@@ -21,16 +21,16 @@ use hickory_resolver::config::{LookupIpStrategy, ResolverConfig, ResolverOpts};
 use hickory_resolver::TokioAsyncResolver;
 use pingora::connectors::{ConnectorOptions, TransportConnector};
 use pingora::http::{RequestHeader, ResponseHeader};
-use pingora::protocols::http::v1::client::{http_req_header_to_wire, HttpSession};
 use pingora::protocols::{Stream, ALPN};
 use pingora::upstreams::peer::{HttpPeer, Peer};
 use pingora::ErrorType;
-use tokio::io::AsyncWriteExt;
 
 use crate::config::{UpstreamConfig, UpstreamUrl};
 
+mod exchange;
+pub use exchange::Exchange;
 mod h1;
-pub use h1::RawExchange;
+pub use h1::{RawExchange, Upload};
 mod h2;
 pub use self::h2::{uri as h2_uri, Outgoing};
 mod pool;
@@ -81,15 +81,6 @@ pub(crate) fn unfit_answer<'a>(
 /// What every upstream request says it takes: answers as they are (set
 /// here for every request this client writes; the fast lane writes its own).
 pub(crate) const IDENTITY: &str = "identity";
-
-/// [`unfit_answer`] of a pingora session's answer head.
-fn unfit_head(status: u16, head: Option<&ResponseHeader>) -> Option<String> {
-    let encodings = head
-        .into_iter()
-        .flat_map(|h| h.headers.get_all(http::header::CONTENT_ENCODING).iter())
-        .map(|v| v.as_bytes());
-    unfit_answer(status, encodings)
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -251,43 +242,15 @@ pub struct Upstream {
     pub stats: UpstreamStats,
 }
 
-/// A request sent and its response header read; the body is still to come.
-pub struct Exchange<'a> {
+/// A stream of a shared HTTP/2 connection, its answer's head read; the
+/// body is still to come.
+pub struct H2Exchange<'a> {
     upstream: &'a Upstream,
-    session: Session,
-    on: On,
-}
-
-/// An HTTP/1.1 request whose head is sent and whose body the caller is
-/// still streaming (media uploads): [`Upload::write`], then
-/// [`Upload::finish`] for the answer.
-pub struct Upload<'a> {
-    upstream: &'a Upstream,
-    session: HttpSession,
-    on: On,
-}
-
-/// Which connection an exchange is on: the address (for errors) and the
-/// pool key (to park an HTTP/1.1 connection again). An `HttpPeer` is 672
-/// bytes with heap parts; it was cloned and moved with every request.
-#[derive(Clone, Copy)]
-struct On {
+    answer: self::h2::Answer,
+    /// The address it went to, for errors.
     addr: SocketAddr,
-    reuse: u64,
-}
-
-impl On {
-    fn peer(peer: &HttpPeer) -> On {
-        On {
-            addr: peer_addr(peer),
-            reuse: peer.reuse_hash(),
-        }
-    }
-
-    /// An HTTP/2 stream: never pooled, so no key is hashed.
-    fn stream(addr: SocketAddr) -> On {
-        On { addr, reuse: 0 }
-    }
+    /// Body bytes read so far.
+    taken: usize,
 }
 
 /// A peer's address for errors, in 32 bytes (pingora's allows for Unix
@@ -297,15 +260,6 @@ fn peer_addr(peer: &HttpPeer) -> SocketAddr {
         .as_inet()
         .copied()
         .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
-}
-
-/// One exchange's connection: its own HTTP/1.1 connection, or a stream of a
-/// shared HTTP/2 one.
-// Both inline: boxing pingora's HTTP/1.1 session would allocate per request.
-#[allow(clippy::large_enum_variant)]
-enum Session {
-    H1(HttpSession),
-    H2(self::h2::Answer),
 }
 
 impl Upstream {
@@ -569,87 +523,59 @@ impl Upstream {
         Err(last.expect("at least one peer"))
     }
 
-    /// Sends a request with an in-memory body and reads the response header.
-    ///
-    /// A pooled connection that turns out to be closed gets one retry on a
-    /// fresh connection (the keep-alive race every client must handle), but
-    /// only when WeChat cannot have acted on the request: it failed before the
-    /// whole request was written, or the method is idempotent. A POST whose
-    /// answer was lost is never sent twice, and timeouts are never retried.
-    pub async fn send(
+    /// Sends a request with an in-memory body and reads the answer's head:
+    /// a stream of a shared HTTP/2 connection when this host speaks it,
+    /// else our HTTP/1.1 exchange ([`Self::call`], which keeps the
+    /// pooled-then-fresh rule). With `by`, every wait also ends at that
+    /// answer deadline.
+    pub async fn send<R: Outgoing + ?Sized>(
         &self,
-        req: &RequestHeader,
+        req: &R,
         body: &[u8],
+        by: Option<AnswerDeadline>,
     ) -> Result<Exchange<'_>, UpstreamError> {
-        let result = self.send_inner(req, body).await;
-        if result.is_err() {
-            self.stats.failed.inc();
-        } else {
-            self.stats.ok.inc();
+        if self.uses_h2() {
+            // Boxed: the HTTP/2 send is a few hundred bytes of future the
+            // HTTP/1.1 requests would otherwise carry and move.
+            if let Some(x) = Box::pin(self.send_h2(req, body, by)).await? {
+                return Ok(Exchange::H2(Box::new((x, Bytes::new()))));
+            }
         }
-        result
+        let mut wire = Vec::with_capacity(320 + body.len());
+        if let Err(reason) = req.h1_head(&mut wire) {
+            self.stats.failed.inc();
+            return Err(UpstreamError::Exchange {
+                addr: self.url.to_string(),
+                reason: reason.into(),
+            });
+        }
+        self.call(&mut wire, body, req.idempotent(), by)
+            .await
+            .map(Exchange::H1)
     }
 
     /// Opens an HTTP/1.1 exchange for a body the caller streams (media up-
     /// and downloads stay on HTTP/1.1 whatever `upstream.http2` says): the
-    /// same pool, connects, counters and failover accounting as [`Self::send`].
-    /// The head goes out now, framed by the request's `Content-Length` or
-    /// `Transfer-Encoding: chunked`. A pooled connection that fails while the
-    /// head is written gets one retry on a new one: nothing reached WeChat.
-    pub async fn open(&self, req: &RequestHeader) -> Result<Upload<'_>, UpstreamError> {
-        let result = self.open_inner(req).await;
-        if result.is_err() {
-            self.stats.failed.inc();
-        }
-        result
-    }
-
-    async fn open_inner(&self, req: &RequestHeader) -> Result<Upload<'_>, UpstreamError> {
-        let (peer, _) = self.peers().inspect_err(|_| {
-            self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
-        })?;
-        let pooled = {
-            let p = h1_peer(&peer.peers[self.preferred.load(Ordering::Relaxed) % peer.peers.len()]);
-            self.pool.take(p.reuse_hash()).map(|s| (s, p))
-        };
-        if let Some((stream, p)) = pooled {
-            self.stats.reused.inc();
-            match self.write_head(stream, &p, req).await {
-                Ok(u) => return Ok(u),
-                Err(e) if e.is_timeout() => return Err(e),
-                Err(e) => {
-                    tracing::debug!(error = %e, "pooled connection failed; retrying on a new one")
-                }
-            }
-        }
-        let (stream, p) = self.connect_as(true).await?;
-        self.write_head(stream, &p, req).await
-    }
-
-    async fn write_head(
+    /// same pool, connects, counters and connection rule as [`Self::send`].
+    /// The head goes out now, framed by the request's `Content-Length` or,
+    /// without one, `Transfer-Encoding: chunked` (`chunked`).
+    pub async fn open(
         &self,
-        stream: Stream,
-        peer: &HttpPeer,
         req: &RequestHeader,
+        chunked: bool,
     ) -> Result<Upload<'_>, UpstreamError> {
-        let mut session = HttpSession::new_with_options(stream, peer);
-        session.read_timeout = Some(self.conf.read_timeout);
-        session.write_timeout = Some(self.conf.read_timeout);
-        let mut req = req.clone();
-        let failed = |e: Box<pingora::Error>| self.map_err(&peer.address().to_string(), &e);
-        req.insert_header(http::header::HOST, self.host_header.as_str())
-            .map_err(failed)?;
-        req.insert_header(http::header::ACCEPT_ENCODING, IDENTITY)
-            .map_err(failed)?;
-        session
-            .write_request_header(Box::new(req))
-            .await
-            .map_err(failed)?;
-        Ok(Upload {
-            upstream: self,
-            session,
-            on: On::peer(peer),
-        })
+        let mut wire = Vec::with_capacity(512);
+        if let Err(reason) = req.h1_head(&mut wire) {
+            self.stats.failed.inc();
+            return Err(UpstreamError::Exchange {
+                addr: self.url.to_string(),
+                reason: reason.into(),
+            });
+        }
+        wire.extend_from_slice(b"Host: ");
+        wire.extend_from_slice(self.host_header.as_bytes());
+        wire.extend_from_slice(b"\r\nAccept-Encoding: identity\r\n\r\n");
+        self.open_raw(&wire, chunked).await
     }
 
     /// Live HTTP/2 connections, for `/status`.
@@ -778,7 +704,7 @@ impl Upstream {
         req: &R,
         body: &[u8],
         by: Option<AnswerDeadline>,
-    ) -> Result<Option<Exchange<'_>>, UpstreamError> {
+    ) -> Result<Option<H2Exchange<'_>>, UpstreamError> {
         let result = self.h2_send(req, body, by).await;
         match &result {
             Ok(None) => {}
@@ -796,7 +722,7 @@ impl Upstream {
         req: &R,
         body: &[u8],
         by: Option<AnswerDeadline>,
-    ) -> Result<Option<Exchange<'_>>, UpstreamError> {
+    ) -> Result<Option<H2Exchange<'_>>, UpstreamError> {
         // A connection the server is closing refuses new streams; the
         // next try goes to another (or a new) one.
         let mut attempts = 3;
@@ -826,7 +752,7 @@ impl Upstream {
         req: &R,
         body: &[u8],
         by: Option<AnswerDeadline>,
-    ) -> Result<Exchange<'_>, Failed> {
+    ) -> Result<H2Exchange<'_>, Failed> {
         // The address is only for errors: formatted when one happens.
         let built = self
             .authority
@@ -844,10 +770,11 @@ impl Upstream {
         match self::h2::exchange(conn, slot, req, body, until).await {
             Ok(mut answer) => {
                 answer.by = by;
-                Ok(Exchange {
+                Ok(H2Exchange {
                     upstream: self,
-                    session: Session::H2(answer),
-                    on: On::stream(at),
+                    answer,
+                    addr: at,
+                    taken: 0,
                 })
             }
             Err(failure) => Err(self.h2_failed(conn, at, failure, by, answer_deadline)),
@@ -911,179 +838,6 @@ impl Upstream {
         }
     }
 
-    async fn send_inner(
-        &self,
-        req: &RequestHeader,
-        body: &[u8],
-    ) -> Result<Exchange<'_>, UpstreamError> {
-        if self.uses_h2() {
-            if let Some(x) = self.h2_send(req, body, None).await? {
-                return Ok(x);
-            }
-        }
-        let (peer, _) = self.peers().inspect_err(|_| {
-            self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
-        })?;
-        let at = self.preferred.load(Ordering::Relaxed) % peer.peers.len();
-        if let Some(stream) = self.pool.take(peer.hashes[at]) {
-            self.stats.reused.inc();
-            let on = On {
-                addr: peer_addr(&peer.peers[at]),
-                reuse: peer.hashes[at],
-            };
-            match self.exchange(stream, &peer.peers[at], on, req, body).await {
-                Ok(x) => return Ok(x),
-                Err(Failed { error, .. }) if error.is_timeout() => return Err(error),
-                Err(Failed { error, sent: true }) if !is_idempotent(&req.method) => {
-                    return Err(error)
-                }
-                Err(Failed { error, .. }) => {
-                    tracing::debug!(error = %error, "pooled connection failed; retrying on a new one")
-                }
-            }
-        }
-        let (stream, p) = self.connect().await?;
-        self.exchange(stream, &p, On::peer(&p), req, body)
-            .await
-            .map_err(|f| f.error)
-    }
-
-    /// An HTTP/1.1 exchange through pingora's client on `stream` to `peer`;
-    /// `on` is its address and pool key (the pool key from the resolution's
-    /// precomputed hashes when there is one).
-    async fn exchange(
-        &self,
-        mut stream: Stream,
-        peer: &HttpPeer,
-        on: On,
-        req: &RequestHeader,
-        body: &[u8],
-    ) -> Result<Exchange<'_>, Failed> {
-        debug_assert!(req.headers.get(http::header::HOST).is_none());
-        // The address is only for errors: formatted when one happens.
-        let addr = || on.addr.to_string();
-        let unsent = |e: Box<pingora::Error>| Failed {
-            error: self.map_err(&addr(), &e),
-            sent: false,
-        };
-        // pingora's client flushes the header and the body in two writes;
-        // one write (one syscall, one TLS record) carries both here. A HEAD
-        // request goes pingora's way: only its session knows a HEAD answer
-        // has no body.
-        let whole = req.method != http::Method::HEAD;
-        if whole {
-            let mut wire = http_req_header_to_wire(req).ok_or_else(|| Failed {
-                error: UpstreamError::Exchange {
-                    addr: addr(),
-                    reason: "request target not valid for HTTP/1.1".into(),
-                },
-                sent: false,
-            })?;
-            // Our Host goes in last, before the blank line that ends the
-            // head: the request itself is not copied to add it.
-            wire.truncate(wire.len() - 2);
-            wire.reserve(self.host_header.len() + 40 + body.len());
-            wire.extend_from_slice(b"Host: ");
-            wire.extend_from_slice(self.host_header.as_bytes());
-            wire.extend_from_slice(b"\r\nAccept-Encoding: identity\r\n\r\n");
-            wire.extend_from_slice(body);
-            let write = async {
-                stream.write_all(&wire).await?;
-                stream.flush().await
-            };
-            match tokio::time::timeout(self.conf.read_timeout, write).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    return Err(unsent(pingora::Error::because(
-                        ErrorType::WriteError,
-                        "while writing the request",
-                        e,
-                    )))
-                }
-                Err(_) => {
-                    return Err(unsent(pingora::Error::explain(
-                        ErrorType::WriteTimedout,
-                        "while writing the request",
-                    )))
-                }
-            }
-        }
-        let mut session = HttpSession::new_with_options(stream, peer);
-        // pingora does not copy the peer's timeouts into the session.
-        session.read_timeout = Some(self.conf.read_timeout);
-        session.write_timeout = Some(self.conf.read_timeout);
-        if !whole {
-            let mut req = req.clone();
-            req.insert_header(http::header::HOST, self.host_header.as_str())
-                .map_err(unsent)?;
-            req.insert_header(http::header::ACCEPT_ENCODING, IDENTITY)
-                .map_err(unsent)?;
-            session
-                .write_request_header(Box::new(req))
-                .await
-                .map_err(unsent)?;
-            if !body.is_empty() {
-                session.write_body(body).await.map_err(unsent)?;
-            }
-            session.finish_body().await.map_err(unsent)?;
-        }
-        let sent = |e: Box<pingora::Error>| Failed {
-            error: self.map_err(&addr(), &e),
-            sent: true,
-        };
-        // Skip informational answers (100 Continue, 103 Early Hints), a few.
-        let mut informational = 0;
-        loop {
-            session.read_response().await.map_err(sent)?;
-            let status = session.get_status().map_or(0, |s| s.as_u16());
-            if !(100..200).contains(&status) || status == 101 {
-                break;
-            }
-            informational += 1;
-            if informational > DEFAULT_MAX_INFORMATIONAL {
-                return Err(Failed {
-                    error: UpstreamError::Exchange {
-                        addr: addr(),
-                        reason: format!(
-                            "more than {DEFAULT_MAX_INFORMATIONAL} informational answers"
-                        ),
-                    },
-                    sent: true,
-                });
-            }
-        }
-        let status = session.get_status().map_or(0, |s| s.as_u16());
-        if let Some(reason) = unfit_head(status, session.resp_header()) {
-            return Err(Failed {
-                error: UpstreamError::Exchange {
-                    addr: addr(),
-                    reason,
-                },
-                sent: true,
-            });
-        }
-        Ok(Exchange {
-            upstream: self,
-            session: Session::H1(session),
-            on,
-        })
-    }
-
-    fn map_err(&self, addr: &str, e: &pingora::Error) -> UpstreamError {
-        match e.etype() {
-            ErrorType::ReadTimedout | ErrorType::WriteTimedout | ErrorType::ConnectTimedout => {
-                UpstreamError::Timeout {
-                    addr: addr.to_string(),
-                    after: self.conf.read_timeout,
-                }
-            }
-            _ => UpstreamError::Exchange {
-                addr: addr.to_string(),
-                reason: e.etype().as_str().to_string(),
-            },
-        }
-    }
-
     /// Makes sure `warm_connections` connections sit in the pool: takes what
     /// is pooled (refreshing its idle timer), opens the rest, returns all.
     pub async fn warm(&self) {
@@ -1143,89 +897,36 @@ impl Upstream {
     }
 }
 
-impl<'a> Upload<'a> {
-    /// Sends the next piece of the body. An empty piece sends nothing: to a
-    /// chunked body it would be the last chunk.
-    pub async fn write(&mut self, chunk: &[u8]) -> Result<(), UpstreamError> {
-        if chunk.is_empty() {
-            return Ok(());
-        }
-        match self.session.write_body(chunk).await {
-            Ok(_) => Ok(()),
-            Err(e) => Err(self.failed(&e)),
-        }
-    }
-
-    /// Ends the body and reads the answer's head, skipping informational
-    /// answers (a few).
-    pub async fn finish(mut self) -> Result<Exchange<'a>, UpstreamError> {
-        let answer = async {
-            self.session.finish_body().await?;
-            let mut informational = 0;
-            loop {
-                self.session.read_response().await?;
-                let status = self.session.get_status().map_or(0, |s| s.as_u16());
-                if !(100..200).contains(&status) || status == 101 {
-                    return match unfit_head(status, self.session.resp_header()) {
-                        Some(reason) => Err(pingora::Error::explain(
-                            ErrorType::InvalidHTTPHeader,
-                            reason,
-                        )),
-                        None => Ok(()),
-                    };
-                }
-                informational += 1;
-                if informational > DEFAULT_MAX_INFORMATIONAL {
-                    return Err(pingora::Error::explain(
-                        ErrorType::InvalidHTTPHeader,
-                        "too many informational answers",
-                    ));
-                }
-            }
-        };
-        if let Err(e) = answer.await {
-            return Err(self.failed(&e));
-        }
-        self.upstream.stats.ok.inc();
-        Ok(Exchange {
-            upstream: self.upstream,
-            session: Session::H1(self.session),
-            on: self.on,
-        })
-    }
-
-    fn failed(&self, e: &pingora::Error) -> UpstreamError {
-        tracing::debug!(error = %e, "streamed exchange failed");
-        self.upstream.stats.failed.inc();
-        self.upstream.map_err(&self.on.addr.to_string(), e)
-    }
-}
-
-impl Exchange<'_> {
+impl H2Exchange<'_> {
     pub fn header(&self) -> &ResponseHeader {
-        match &self.session {
-            Session::H1(s) => s.resp_header(),
-            Session::H2(a) => Some(&a.head),
-        }
-        .expect("response header was read")
+        &self.answer.head
     }
 
     /// Reads the next body chunk; `None` at the end.
     pub async fn chunk(&mut self) -> Result<Option<Bytes>, UpstreamError> {
-        match &mut self.session {
-            Session::H1(s) => s
-                .read_body_bytes()
-                .await
-                .map_err(|e| self.upstream.map_err(&self.on.addr.to_string(), &e)),
-            Session::H2(a) => {
-                let (until, answer_deadline) =
-                    h1::wait_until(self.upstream.conf.read_timeout, a.by, None);
-                a.chunk(until).await.map_err(|f| {
-                    self.upstream
-                        .h2_error(self.on.addr, f, a.by, answer_deadline)
-                })
-            }
-        }
+        let a = &mut self.answer;
+        let (until, answer_deadline) = h1::wait_until(self.upstream.conf.read_timeout, a.by, None);
+        let piece = a
+            .chunk(until)
+            .await
+            .map_err(|f| self.upstream.h2_error(self.addr, f, a.by, answer_deadline))?;
+        self.taken += piece.as_ref().map_or(0, Bytes::len);
+        Ok(piece)
+    }
+
+    /// The body's length still to come, when the answer declares one.
+    pub fn declared_left(&self) -> Option<usize> {
+        let total: usize = self
+            .answer
+            .head
+            .headers
+            .get(http::header::CONTENT_LENGTH)?
+            .to_str()
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        Some(total.saturating_sub(self.taken))
     }
 
     /// Reads the rest of the body into memory, up to `cap` bytes and, with
@@ -1261,24 +962,6 @@ impl Exchange<'_> {
             }
         }
         Ok(Err(buf))
-    }
-
-    /// Returns the connection to the pool when the answer was read whole and
-    /// both sides allow keep-alive; otherwise closes it.
-    pub async fn finish(self) {
-        // An HTTP/2 stream ends here; dropping it frees its slot.
-        let Session::H1(mut session) = self.session else {
-            return;
-        };
-        if !session.is_body_done() {
-            return;
-        }
-        session.respect_keepalive();
-        // Boxed: pingora's hand-back is a ~2.5 KiB future that every
-        // caller's future (an HTTP/2 one included) would otherwise carry.
-        if let Some(stream) = Box::pin(session.reuse()).await {
-            self.upstream.pool.put(stream, self.on.reuse);
-        }
     }
 }
 

@@ -293,10 +293,8 @@ fn the_h2_request_is_the_lanes_request() {
     let authority = http::uri::Authority::from_static("api.weixin.qq.com");
     let text = post("X-Trace: t1\r\n");
     let h = lane_takes(text.as_bytes(), LIMIT).expect("taken");
-    let out = H2Request {
-        head: &h,
-        token: None,
-    };
+    let plan = crate::pipeline::Plan::untouched(crate::config::Family::Official);
+    let out = crate::pipeline::outgoing(&h, &plan);
     let req = out.to_h2(&authority).expect("valid for HTTP/2");
     assert_eq!(req.method(), http::Method::POST);
     assert_eq!(req.version(), http::Version::HTTP_2);
@@ -321,13 +319,21 @@ fn the_h2_request_is_the_lanes_request() {
         BODY.len().to_string().as_str()
     );
     assert!(!out.idempotent(), "a POST may not be sent twice");
+    let mut h1 = Vec::new();
+    out.h1_head(&mut h1).expect("valid for HTTP/1.1");
+    assert_eq!(
+        String::from_utf8(h1).unwrap(),
+        format!(
+            "POST /cgi-bin/message/template/send HTTP/1.1\r\nContent-Type: application/json\r\nX-Trace: t1\r\nContent-Length: {}\r\n",
+            BODY.len()
+        ),
+        "the request line, the app's headers, our length: Host and Accept-Encoding are the host's to add"
+    );
 
     let get = "GET /cgi-bin/user/info?openid=o1&lang=zh_CN HTTP/1.1\r\nHost: x\r\n\r\n";
     let h = lane_takes(get.as_bytes(), LIMIT).expect("taken");
-    let out = H2Request {
-        head: &h,
-        token: None,
-    };
+    let plan = crate::pipeline::Plan::untouched(crate::config::Family::Official);
+    let out = crate::pipeline::outgoing(&h, &plan);
     let req = out.to_h2(&authority).expect("valid for HTTP/2");
     assert_eq!(req.method(), http::Method::GET);
     assert_eq!(
