@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::header;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -21,40 +21,22 @@ use pingora::{Error, ErrorSource, ErrorType};
 
 use crate::account::{Account, PickError, ACCOUNT_HEADER};
 use crate::app::App;
-use crate::config::{AccountKind, Family};
-use crate::jssdk;
-use crate::lease::{Lease, LeaseCell};
-use crate::local::{self, Credentials};
+use crate::config::Family;
 use crate::metrics::Served;
 use crate::pipeline::{self, Answer, Plan, Report, Streaming};
 use crate::query::{self, TOKEN_PARAM};
 use crate::refusal::Refusal;
 use crate::reply::{self, ProxyError};
 use crate::route::{self, Route};
-use crate::ticket::{self, TicketKind};
 use crate::upstream::{AnswerDeadline, UpstreamError};
 
+mod answered;
+mod body;
 mod callback;
 mod component;
 pub mod fast;
 
-/// A request body read whole, and its share of `limits.buffered_total`
-/// until it is dropped.
-pub(crate) struct Body {
-    bytes: Bytes,
-    _hold: crate::guard::bodies::Hold,
-}
-
-impl std::ops::Deref for Body {
-    type Target = Bytes;
-    fn deref(&self) -> &Bytes {
-        &self.bytes
-    }
-}
-
-/// pingora's error type for chunked framing it cannot read (its constant is
-/// private to pingora).
-const BAD_CHUNK_ERROR: &str = "InvalidChunk";
+use body::continue_if_expected;
 
 /// Credentials sent to a token endpoint are tiny.
 const DEFAULT_CREDENTIALS_LIMIT: usize = 64 * 1024;
@@ -262,178 +244,9 @@ fn refuse_misplaced_secret(path: &str, params: &[u8]) -> Result<(), ProxyError> 
 
 /// The body is ours to read: tells a client waiting on `Expect:
 /// 100-continue` to send it (clients that did not wait ignore this).
-async fn continue_if_expected(session: &mut Session) -> pingora::Result<()> {
-    let expects_continue = session
-        .req_header()
-        .headers
-        .get(header::EXPECT)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    if expects_continue && !session.as_downstream_mut().is_body_empty() {
-        session
-            .as_downstream_mut()
-            .write_continue_response()
-            .await?;
-        // The body that follows is the request's, not a next head.
-        crate::guard::head_complete();
-    }
-    Ok(())
-}
-
-/// Outcome of a step: `Err(ProxyError)` is answered to the app; the outer
-/// `pingora::Result` carries failures talking to the app itself.
 type Step<T> = pingora::Result<Result<T, ProxyError>>;
 
 impl Proxy {
-    /// The valid token for `account`, waiting for the refresher only when
-    /// there is none: an expired token is never sent.
-    async fn token_for(&self, account: &Account) -> Result<Arc<Lease>, ProxyError> {
-        self.valid_from(&account.tokens, &account.name, "token")
-            .await
-    }
-
-    /// The valid value (token or ticket) in `cell`, waiting for its
-    /// refresher only when there is none.
-    async fn valid_from(
-        &self,
-        cell: &LeaseCell,
-        account: &str,
-        what: &'static str,
-    ) -> Result<Arc<Lease>, ProxyError> {
-        // Taken first: a fetch that fails from here on ends the wait below.
-        let since = cell.fetches_ended();
-        if let Some(t) = cell.valid() {
-            return Ok(t);
-        }
-        let st = cell.status();
-        if st.budget_spent.is_some() {
-            return Err(ProxyError::BudgetSpent {
-                account: account.to_string(),
-                what,
-            });
-        }
-        if let (true, Some((code, msg))) = (st.attempted, st.last_error) {
-            return Err(ProxyError::NoToken {
-                account: account.to_string(),
-                what,
-                reason: format!("the last fetch failed with errcode {code}: {msg}"),
-            });
-        }
-        // A ticket fetch may first wait for the token: allow for both. A
-        // fetch that fails meanwhile is the answer (not a wait to the end).
-        let limit = self
-            .app
-            .upstream_for(crate::config::Family::Official)
-            .read_timeout()
-            * 2;
-        let reason = match cell.wait_valid_or_failed(since, limit).await {
-            Ok(t) => return Ok(t),
-            Err(Some((code, msg))) => format!("the last fetch failed with errcode {code}: {msg}"),
-            Err(None) => format!("timed out waiting for the {what} fetch"),
-        };
-        Err(ProxyError::NoToken {
-            account: account.to_string(),
-            what,
-            reason,
-        })
-    }
-
-    /// The account a ticket or JS-SDK request is for — checked to have a
-    /// ticket of `kind` (of `family`, when the path names one) and to be open
-    /// to the caller — and its valid ticket, fetched on first use.
-    async fn ticket_for(
-        &self,
-        ctx: &mut Ctx,
-        path: &str,
-        (named, presented): (Option<&str>, Option<&str>),
-        family: Option<AccountKind>,
-        kind: TicketKind,
-    ) -> Result<(Arc<Account>, Arc<Lease>), ProxyError> {
-        let account = self.app.accounts().pick(named, presented)?.clone();
-        if !kind.exists_for(account.kind) || family.is_some_and(|f| f != account.kind) {
-            return Err(ProxyError::BadRequest {
-                path: path.to_string(),
-                reason: format!(
-                    "account {} is a {} account, which has no such ticket; name another account (X-Wx-Account or account=)",
-                    account.name,
-                    account.kind.as_str()
-                ),
-            });
-        }
-        self.admit_account(ctx, &account)?;
-        ctx.account = Some(account.clone());
-        let cell = crate::refresh::ticket_cell(&self.app, &account, kind);
-        let ticket = self.valid_from(cell, &account.name, kind.what()).await?;
-        Ok((account.clone(), ticket))
-    }
-
-    /// Answers an app's own ticket request from the ticket cache.
-    async fn local_ticket(&self, session: &mut Session, ctx: &mut Ctx) -> Step<()> {
-        let req = session.req_header();
-        let path = req.uri.path().to_string();
-        let q = req.uri.query().unwrap_or("");
-        let (family, kind) = match ticket::answer::requested(&path, q) {
-            Ok(x) => x,
-            Err(r) => return self.refuse(session, r).await,
-        };
-        let presented = query::param(q, TOKEN_PARAM);
-        let named = req
-            .headers
-            .get(ACCOUNT_HEADER)
-            .and_then(|v| v.to_str().ok());
-        let who = (named, presented.as_deref());
-        let t = match self.ticket_for(ctx, &path, who, Some(family), kind).await {
-            Ok((_, t)) => t,
-            Err(e) => return Ok(Err(e)),
-        };
-        reply::send_json(session, 200, ticket::answer::body(&t)).await?;
-        Ok(Ok(()))
-    }
-
-    /// `/wxsidecar/jssdk/config` and `/agent_config`: a signed
-    /// configuration for one page.
-    async fn jssdk(&self, session: &mut Session, ctx: &mut Ctx) -> Step<()> {
-        let req = session.req_header();
-        let path = req.uri.path().to_string();
-        let agent = crate::target::route_key(&path).eq_ignore_ascii_case(jssdk::AGENT_CONFIG_PATH);
-        let q = req.uri.query().unwrap_or("");
-        let bad = |reason: String| ProxyError::BadRequest {
-            path: path.clone(),
-            reason,
-        };
-        let Some(url) = query::param(q, "url").filter(|u| !u.is_empty()) else {
-            return Ok(Err(bad(
-                "url missing: pass the page's URL as url= (URL-encoded)".into(),
-            )));
-        };
-        let page = match jssdk::page_url(&url) {
-            Ok(p) => p.to_string(),
-            Err(e) => return Ok(Err(bad(e))),
-        };
-        let named = query::param(q, "account");
-        let named = named.as_deref().or_else(|| {
-            req.headers
-                .get(ACCOUNT_HEADER)
-                .and_then(|v| v.to_str().ok())
-        });
-        let kind = if agent {
-            TicketKind::AgentConfig
-        } else {
-            TicketKind::Jsapi
-        };
-        let (account, t) = match self.ticket_for(ctx, &path, (named, None), None, kind).await {
-            Ok(x) => x,
-            Err(e) => return Ok(Err(e)),
-        };
-        let signed = jssdk::sign(&t.value, &page);
-        match jssdk::answer(&account, &signed, agent) {
-            Ok(body) => {
-                reply::send_json(session, 200, body).await?;
-                Ok(Ok(()))
-            }
-            Err(e) => Ok(Err(bad(e))),
-        }
-    }
-
     /// Admits the caller (`clients`): address, bearer token, rates. Answers
     /// a refusal itself and returns `true` then.
     async fn admit_caller(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
@@ -575,101 +388,6 @@ impl Proxy {
             Some(caller) => Ok(self.app.clients().account(caller, name, platform)?),
             None => Ok(()),
         }
-    }
-
-    /// The next piece of the request body (`None` at its end), unless the
-    /// body as a whole outlives `deadline` (`limits.body_timeout`): then the
-    /// connection is not reused, as the rest may still come.
-    async fn body_chunk(
-        &self,
-        session: &mut Session,
-        deadline: tokio::time::Instant,
-    ) -> Step<Option<Bytes>> {
-        match tokio::time::timeout_at(deadline, session.read_request_body()).await {
-            Ok(Ok(chunk)) => Ok(Ok(chunk)),
-            // The app's framing is wrong (a chunk size that is not one, an
-            // extension past pingora's limit): its fault, answered 400, and
-            // the connection is not reused (where the body ends is unknown).
-            Ok(Err(e)) if e.etype().as_str() == BAD_CHUNK_ERROR => {
-                session.set_keepalive(None);
-                Ok(Err(ProxyError::BadRequest {
-                    path: session.req_header().uri.path().to_string(),
-                    reason: "the chunked request body is malformed".into(),
-                }))
-            }
-            Ok(Err(e)) => Err(e),
-            Err(_) => {
-                session.set_keepalive(None);
-                Ok(Err(ProxyError::BodyTimeout {
-                    path: session.req_header().uri.path().to_string(),
-                    limit: self.app.config().limits.body_timeout,
-                }))
-            }
-        }
-    }
-
-    /// Reads the whole request body, up to `limit`, counted against
-    /// `limits.buffered_total` while it lives (by its declared length from
-    /// the start, else as it comes).
-    async fn read_body(&self, session: &mut Session, limit: usize) -> Step<Body> {
-        let too_large = |session: &Session| ProxyError::BodyTooLarge {
-            limit,
-            path: session.req_header().uri.path().to_string(),
-        };
-        let declared = content_length(&session.req_header().headers);
-        if declared.is_some_and(|n| n > limit) {
-            session.set_keepalive(None);
-            return Ok(Err(too_large(session)));
-        }
-        let bodies = &self.app.bodies;
-        let mut hold = bodies.hold();
-        let spent = |session: &mut Session, s: crate::guard::bodies::Spent| {
-            // The body is left unread: the connection cannot carry another.
-            session.set_keepalive(None);
-            ProxyError::BodiesBusy { total: s.max }
-        };
-        if let Err(s) = bodies.grow(&mut hold, declared.unwrap_or(0)) {
-            return Ok(Err(spent(session, s)));
-        }
-        session.as_downstream_mut().enable_retry_buffering();
-        continue_if_expected(session).await?;
-        // Most bodies come in one read: kept as it came, no copy.
-        let mut first: Option<Bytes> = None;
-        let mut buf = BytesMut::new();
-        let deadline = tokio::time::Instant::now() + self.app.config().limits.body_timeout;
-        loop {
-            let chunk = match self.body_chunk(session, deadline).await? {
-                Ok(chunk) => chunk,
-                Err(e) => return Ok(Err(e)),
-            };
-            let Some(chunk) = chunk else { break };
-            if buf.is_empty() && first.is_none() {
-                if chunk.len() > limit {
-                    session.set_keepalive(None);
-                    return Ok(Err(too_large(session)));
-                }
-                if let Err(s) = bodies.grow(&mut hold, chunk.len()) {
-                    return Ok(Err(spent(session, s)));
-                }
-                first = Some(chunk);
-                continue;
-            }
-            if let Some(f) = first.take() {
-                buf.extend_from_slice(&f);
-            }
-            buf.extend_from_slice(&chunk);
-            if buf.len() > limit {
-                session.set_keepalive(None);
-                return Ok(Err(too_large(session)));
-            }
-            if let Err(s) = bodies.grow(&mut hold, buf.len()) {
-                return Ok(Err(spent(session, s)));
-            }
-        }
-        Ok(Ok(Body {
-            bytes: first.unwrap_or_else(|| buf.freeze()),
-            _hold: hold,
-        }))
     }
 
     /// The app's headers that go on to WeChat ([`pipeline::forwarded`],
@@ -878,102 +596,6 @@ impl Proxy {
         };
         let s = Streaming::new(x.into(), Vec::new(), plan.token.clone(), answer_deadline);
         self.stream_answer(session, s).await
-    }
-
-    /// Answers `/cgi-bin/token` and `/cgi-bin/stable_token` from the cache.
-    async fn local_token(&self, session: &mut Session, route: Route, ctx: &mut Ctx) -> Step<()> {
-        let body = match self.read_body(session, DEFAULT_CREDENTIALS_LIMIT).await? {
-            Ok(b) => b,
-            Err(e) => return Ok(Err(e)),
-        };
-        let query = session.req_header().uri.query().unwrap_or("").to_string();
-        // WeCom's gettoken carries corpid and corpsecret; the others appid and secret.
-        let creds = match route {
-            Route::LocalWeComToken => None,
-            Route::LocalStableToken => {
-                if session.req_header().method != http::Method::POST {
-                    return self
-                        .refuse(
-                            session,
-                            Refusal {
-                                errcode: 43002,
-                                errmsg: "require POST method",
-                            },
-                        )
-                        .await;
-                }
-                match serde_json::from_slice::<Credentials>(&body) {
-                    Ok(c) => Some(c),
-                    Err(_) => {
-                        return self
-                            .refuse(
-                                session,
-                                Refusal {
-                                    errcode: 47001,
-                                    errmsg: "data format error",
-                                },
-                            )
-                            .await
-                    }
-                }
-            }
-            _ => Some(Credentials::from_query(&query)),
-        };
-        let authenticated = {
-            let accounts = self.app.accounts();
-            match &creds {
-                None => local::authenticate_wecom(&accounts, &query),
-                Some(c) => local::authenticate(&accounts, c),
-            }
-            .cloned()
-        };
-        let account = match authenticated {
-            Ok(a) => {
-                ctx.account = Some(a.clone());
-                if let Err(e) = self.admit_account(ctx, &a) {
-                    return Ok(Err(e));
-                }
-                a
-            }
-            Err(r) => return self.refuse(session, r).await,
-        };
-        let mut token = match self.token_for(&account).await {
-            Ok(t) => t,
-            Err(e) => return Ok(Err(e)),
-        };
-        // An app asking to force a refresh says its token failed: treat it as
-        // a compare-and-refresh report of the current token, at most as often
-        // as WeChat allows force_refresh itself.
-        if creds.as_ref().and_then(|c| c.force_refresh) == Some(true)
-            && token
-                .fetched_at
-                .elapsed()
-                .is_ok_and(|age| age >= local::FORCE_REFRESH_MIN_AGE)
-            && account.tokens.report_invalid(&token.value)
-        {
-            tracing::info!(account = %account.name, "app asked for force_refresh; refreshing once");
-            if let Some(fresh) = account
-                .tokens
-                .wait_replacement(
-                    &token.value,
-                    self.app
-                        .upstream_for(crate::config::Family::Official)
-                        .read_timeout(),
-                )
-                .await
-            {
-                token = fresh;
-            } else {
-                return Ok(Err(ProxyError::NoToken {
-                    account: account.name.clone(),
-                    what: "token",
-                    reason: "the forced refresh did not finish in time".into(),
-                }));
-            }
-        }
-        let answer = local::token_answer(&token, route == Route::LocalWeComToken);
-        reply::send_json(session, 200, answer).await?;
-        Ok(Ok(()))
     }
 
     /// A refusal in WeChat's words (HTTP 200 with an errcode, as WeChat does).
