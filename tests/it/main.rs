@@ -23,6 +23,7 @@ mod lifecycle;
 mod limits;
 mod path;
 mod platform;
+mod platform_callbacks;
 mod pool;
 mod quota;
 mod raw;
