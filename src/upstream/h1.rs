@@ -794,3 +794,93 @@ impl RawExchange<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::AsyncWriteExt;
+    use tokio::time::Instant;
+
+    use super::*;
+
+    const ANSWER: Duration = Duration::from_secs(3);
+
+    /// A host whose reads time out after 15 s, and the answer deadline
+    /// (3 s) that ends them sooner.
+    fn upstream() -> std::sync::Arc<Upstream> {
+        let c = crate::config::Config::parse(
+            "upstream:\n  url: http://127.0.0.1:9\n  read_timeout: 15s\n  answer_timeout: 3s\naccounts:\n  - name: shop\n    appid: wx0123456789abcdef\n    secret: s\n",
+        )
+        .unwrap();
+        Upstream::new(&c.upstream, None)
+    }
+
+    fn addr() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 9))
+    }
+
+    /// The answer deadline on tokio's clock, at each read of our exchange:
+    /// no head by it, a body cut at it — each a timeout naming the
+    /// deadline's limit (not the read timeout), exactly when it passes;
+    /// and a body whose last byte comes a second before it is whole.
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_is_whole_by_its_deadline_or_cut_there() {
+        let up = upstream();
+        let cut = |e: &UpstreamError| matches!(e, UpstreamError::Timeout { after, .. } if *after == ANSWER);
+
+        // No head.
+        let (ours, _wechat) = tokio::io::duplex(4096);
+        let start = Instant::now();
+        let by = AnswerDeadline::from(start, ANSWER);
+        let failed = up
+            .read_answer(Box::new(ours), 0, addr(), Some(by), None, false)
+            .await
+            .err()
+            .expect("no answer");
+        assert!(cut(&failed.error), "{}", failed.error);
+        assert_eq!(start.elapsed(), ANSWER);
+
+        // A head, half a body, then nothing.
+        let (ours, mut wechat) = tokio::io::duplex(4096);
+        wechat
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01234")
+            .await
+            .unwrap();
+        let start = Instant::now();
+        let by = AnswerDeadline::from(start, ANSWER);
+        let mut x = up
+            .read_answer(Box::new(ours), 0, addr(), Some(by), None, false)
+            .await
+            .ok()
+            .expect("the head");
+        assert_eq!(x.status, 200);
+        assert_eq!(x.chunk().await.unwrap().as_deref(), Some(&b"01234"[..]));
+        let e = x.chunk().await.expect_err("cut");
+        assert!(cut(&e), "{e}");
+        assert_eq!(start.elapsed(), ANSWER);
+
+        // The rest a second before the deadline: whole.
+        let (ours, mut wechat) = tokio::io::duplex(4096);
+        wechat
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01234")
+            .await
+            .unwrap();
+        let start = Instant::now();
+        let by = AnswerDeadline::from(start, ANSWER);
+        let writer = tokio::spawn(async move {
+            tokio::time::sleep(ANSWER - Duration::from_secs(1)).await;
+            wechat.write_all(b"56789").await.unwrap();
+            wechat
+        });
+        let mut x = up
+            .read_answer(Box::new(ours), 0, addr(), Some(by), None, false)
+            .await
+            .ok()
+            .expect("the head");
+        let body = x.read_to_end(1 << 20, None).await.unwrap().unwrap();
+        assert_eq!(&body[..], b"0123456789");
+        assert_eq!(start.elapsed(), ANSWER - Duration::from_secs(1));
+        drop(writer.await);
+    }
+}
