@@ -6,7 +6,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # forward-proxy tests.
 DEPS := cmake:cmake cc:build-essential redis-server:redis-server curl:curl tinyproxy:tinyproxy
 
-.PHONY: demo test bench soak install-deps install-bench-deps build fmt clippy
+.PHONY: demo test docs bench soak install-deps install-bench-deps build fmt clippy
 
 install-deps:
 	@missing=""; for d in $(DEPS); do cmd=$${d%%:*}; pkg=$${d##*:}; \
@@ -38,6 +38,11 @@ TEST_THREADS ?= 6
 
 test: install-deps fmt clippy
 	RUST_TEST_THREADS=$(TEST_THREADS) $(CARGO) test
+
+# The configuration reference, generated from src/config/keys.rs (a test
+# fails when docs/configuration.md differs from it).
+docs:
+	$(CARGO) run -q -- check --reference > docs/configuration.md
 
 # Benchmark tools from Debian: the contenders and the load generator.
 install-bench-deps: install-deps

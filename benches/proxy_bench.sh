@@ -295,6 +295,11 @@ for mode in ["plain", "tls"]:
                   f"{med([r[3] for r in rs]):.2f} | {('%.2f' % med(cpu)) if cpu else '—'} | {shown} | {up_shown} | "
                   f"{('%.1f' % med(wrks)) if wrks else '—'} | {('%.2f' % med(slps)) if slps else '—'} | {('%.0f' % med(idles)) if idles else '—'} | "
                   f"{('%.2f×' % med(ratios)) if ratios else '—'} | {sum(r[5] for r in rs)} |")
+    for c in sorted({k[2] for k in cells if k[0] == mode}):
+        base = {r[7]: r[0] for r in cells.get((mode, "baseline", c), [])}
+        new = [r[0] / base[r[7]] for r in cells.get((mode, "wxsidecar", c), []) if base.get(r[7])]
+        if new:
+            print(f"\nwxsidecar vs baseline at {c} connections: {med(new):.2f}× (median of {len(new)} block ratios)")
     if mode in meta:
         idle, load, reuse = meta[mode]
         print(f"\nwxsidecar: RSS {idle/1024:.1f} MiB idle, {load/1024:.1f} MiB after the runs; upstream connection reuse ratio {reuse:.4f}")

@@ -39,6 +39,10 @@ struct CheckArgs {
     /// Print the effective configuration (defaults filled in) as YAML.
     #[arg(long)]
     print: bool,
+    /// Print the reference of every configuration key (Markdown, as
+    /// docs/configuration.md holds it) and exit; no file is read.
+    #[arg(long, conflicts_with = "print")]
+    reference: bool,
 }
 
 #[derive(Args)]
@@ -103,6 +107,10 @@ pub fn main() -> i32 {
                 watched: Vec::new(),
             };
             run(&r.config.config, mode)
+        }
+        Command::Check(c) if c.reference => {
+            print!("{}", crate::config::keys::reference());
+            0
         }
         Command::Check(c) => check(&c.config.config, c.print),
         #[cfg(feature = "fake")]

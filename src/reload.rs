@@ -209,34 +209,8 @@ fn upstream_differs(a: &UpstreamConfig, b: &UpstreamConfig) -> bool {
 
 async fn apply(app: &Arc<App>, mut new: Config) -> Result<Outcome, Vec<String>> {
     let old = app.config_full();
-    let mut restart_needed = Vec::new();
-    macro_rules! needs_restart {
-        ($key:literal, $($field:tt)+) => {
-            if differs(&old.$($field)+, &new.$($field)+) {
-                restart_needed.push($key.to_string());
-                new.$($field)+ = old.$($field)+.clone();
-            }
-        };
-    }
-    needs_restart!("listen", listen);
-    needs_restart!("admin_listen", admin_listen);
-    needs_restart!("upgrade_sock", upgrade_sock);
-    needs_restart!("pid_file", pid_file);
-    needs_restart!("threads", threads);
-    needs_restart!("shutdown_grace", shutdown_grace);
-    needs_restart!("limits.max_connections", limits.max_connections);
-    needs_restart!("limits.max_admin_connections", limits.max_admin_connections);
-    needs_restart!("limits.header_timeout", limits.header_timeout);
-    needs_restart!("limits.idle_timeout", limits.idle_timeout);
-    needs_restart!("limits.send_timeout", limits.send_timeout);
-    needs_restart!("limits.buffered_total", limits.buffered_total);
-    needs_restart!("intercept", intercept);
-    needs_restart!("platforms", platforms);
-    let store = |c: &Config| c.token.store.as_ref().map(|s| s.expose().to_string());
-    if differs(&old.token, &new.token) || store(&old) != store(&new) {
-        restart_needed.push("token".to_string());
-        new.token = old.token.clone();
-    }
+    // Keys only a restart applies keep their running value (config::keys).
+    let restart_needed = crate::config::keys::restart_needed(&old, &mut new);
 
     let mut changes = Vec::new();
     // Upstream families first: the one step that can still fail.

@@ -12,6 +12,7 @@ use accounts::parse_accounts;
 pub mod clients;
 pub mod forward_proxy;
 pub mod intercept;
+pub mod keys;
 pub mod platform;
 pub mod print;
 pub mod sources;
@@ -281,7 +282,7 @@ pub struct ReloadConfig {
 
 /// Files are small; a read every 2 s costs nothing and sees a Kubernetes
 /// Secret's symlink swap within 2 s of the kubelet making it.
-const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
+pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Bounds on what apps and admin callers may hold (`limits.*`).
 #[derive(Debug, Clone, Serialize)]
@@ -528,9 +529,6 @@ impl Config {
             ));
         }
         let threads = raw.threads.unwrap_or(DEFAULT_THREADS);
-        if threads == 0 {
-            problems.push("threads: must be at least 1".into());
-        }
         let shutdown_grace = duration_field(
             "shutdown_grace",
             raw.shutdown_grace.as_ref(),
@@ -593,24 +591,6 @@ impl Config {
                 &mut problems,
             ),
         };
-        for (key, n) in [
-            ("limits.max_connections", limits.max_connections),
-            ("limits.max_admin_connections", limits.max_admin_connections),
-        ] {
-            if n == 0 {
-                problems.push(format!("{key}: must be at least 1"));
-            }
-        }
-        for (key, d) in [
-            ("limits.header_timeout", limits.header_timeout),
-            ("limits.idle_timeout", limits.idle_timeout),
-            ("limits.body_timeout", limits.body_timeout),
-            ("limits.send_timeout", limits.send_timeout),
-        ] {
-            if d.is_zero() {
-                problems.push(format!("{key}: must be greater than zero"));
-            }
-        }
         let admin = parse_admin(raw.admin.unwrap_or_default(), admin_listen, &mut problems);
 
         let mut upstream = parse_upstream(
@@ -756,9 +736,6 @@ impl Config {
                 }
             }
         }
-        if token.daily_budget == 0 {
-            problems.push("token.daily_budget: must be at least 1 (the first fetch counts)".into());
-        }
         let token = TokenConfig {
             budget_reserve: match tok.budget_reserve {
                 Some(r) if r >= token.daily_budget => {
@@ -784,32 +761,33 @@ impl Config {
                 &mut problems,
             ),
         };
-        if reload.interval.is_zero() {
-            problems.push("reload.interval: must be greater than zero".into());
-        }
+        let config = Config {
+            listen,
+            admin_listen,
+            upgrade_sock: raw.upgrade_sock.map(PathBuf::from).unwrap_or_else(|| {
+                PathBuf::from(format!("/tmp/wxsidecar-{}.upgrade.sock", listen.port()))
+            }),
+            pid_file: raw
+                .pid_file
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(format!("/tmp/wxsidecar-{}.pid", listen.port()))),
+            threads,
+            shutdown_grace,
+            limits,
+            admin,
+            upstream,
+            wecom_upstream,
+            accounts,
+            token,
+            clients,
+            intercept,
+            reload,
+            platforms,
+        };
+        // Every bound the key table declares (config::keys), checked once.
+        keys::check_bounds(&config, &mut problems);
         if problems.is_empty() {
-            Ok(Config {
-                listen,
-                admin_listen,
-                upgrade_sock: raw.upgrade_sock.map(PathBuf::from).unwrap_or_else(|| {
-                    PathBuf::from(format!("/tmp/wxsidecar-{}.upgrade.sock", listen.port()))
-                }),
-                pid_file: raw.pid_file.map(PathBuf::from).unwrap_or_else(|| {
-                    PathBuf::from(format!("/tmp/wxsidecar-{}.pid", listen.port()))
-                }),
-                threads,
-                shutdown_grace,
-                limits,
-                admin,
-                upstream,
-                wecom_upstream,
-                accounts,
-                token,
-                clients,
-                intercept,
-                reload,
-                platforms,
-            })
+            Ok(config)
         } else {
             Err(problems)
         }

@@ -157,9 +157,6 @@ pub(super) fn parse_upstream(
         })
         .collect();
     let failover_after = up.failover_after.unwrap_or(DEFAULT_FAILOVER_AFTER);
-    if failover_after == 0 {
-        problems.push(format!("{prefix}.failover_after: must be at least 1"));
-    }
     let dns = up
         .dns
         .unwrap_or_default()
@@ -221,17 +218,6 @@ pub(super) fn parse_upstream(
             problems,
         ),
     };
-    for (key, d) in [
-        ("connect_timeout", upstream.connect_timeout),
-        ("read_timeout", upstream.read_timeout),
-        ("answer_timeout", upstream.answer_timeout),
-        ("idle_timeout", upstream.idle_timeout),
-        ("probe_interval", upstream.probe_interval),
-    ] {
-        if d.is_zero() {
-            problems.push(format!("{prefix}.{key}: must be greater than zero"));
-        }
-    }
 
     upstream
 }

@@ -168,3 +168,31 @@ fn the_readmes_minimal_config_is_conf_minimal_and_passes_check() {
     );
     assert!(!stdout.contains("minimal-config-secret"), "{stdout}");
 }
+
+/// docs/configuration.md is what `wxsidecar check --reference` prints
+/// from the key table (src/config/keys.rs): `make docs` writes it.
+#[test]
+fn the_configuration_reference_is_generated_and_current() {
+    let out = std::process::Command::new(BIN)
+        .args(["check", "--reference"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let generated = String::from_utf8(out.stdout).unwrap();
+    let page = std::fs::read_to_string(root().join("docs/configuration.md")).unwrap();
+    assert!(
+        page == generated,
+        "docs/configuration.md is stale: run `make docs` (it is generated from src/config/keys.rs)"
+    );
+    for key in [
+        "limits.send_timeout",
+        "upstream.answer_timeout",
+        "accounts[].secret",
+        "platforms[].callback_max_age",
+    ] {
+        assert!(
+            page.contains(&format!("| `{key}` |")),
+            "{key} in the reference"
+        );
+    }
+}
