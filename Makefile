@@ -25,10 +25,10 @@ demo: build
 	./target/release/wxsidecar demo
 
 fmt:
-	$(CARGO) fmt --check
+	$(CARGO) fmt --all --check
 
 clippy: install-deps
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	@# The product alone, without the fake WeChat's dependencies.
 	$(CARGO) clippy --no-default-features -- -D warnings
 
@@ -37,7 +37,7 @@ clippy: install-deps
 TEST_THREADS ?= 6
 
 test: install-deps fmt clippy
-	RUST_TEST_THREADS=$(TEST_THREADS) $(CARGO) test
+	RUST_TEST_THREADS=$(TEST_THREADS) $(CARGO) test --workspace
 
 # The configuration reference, generated from src/config/keys.rs (a test
 # fails when docs/configuration.md differs from it).

@@ -6,10 +6,14 @@
 //! is the crate's own.
 #![forbid(unsafe_code)]
 
+// Layer 0 and the certificates live in crates of their own (crates/core,
+// crates/certs): the compiler keeps them from knowing anything above.
+pub use wxsidecar_certs as certs;
+pub use wxsidecar_core::{head, inspect, msgcrypt, query, refusal, secret, target};
+
 pub mod account;
 pub(crate) mod admin;
 pub(crate) mod app;
-pub mod certs;
 pub mod cli;
 pub(crate) mod clients;
 pub mod config;
@@ -18,12 +22,10 @@ pub(crate) mod demo;
 pub(crate) mod egress;
 pub(crate) mod failover;
 #[cfg(feature = "fake")]
-pub(crate) mod fake;
+pub(crate) use wxsidecar_fake as fake;
 pub(crate) mod forward;
 pub mod generation;
 pub(crate) mod guard;
-pub mod head;
-pub mod inspect;
 pub(crate) mod intercept;
 pub(crate) mod jssdk;
 pub(crate) mod lease;
@@ -31,22 +33,17 @@ pub(crate) mod lifecycle;
 pub(crate) mod local;
 pub mod logging;
 pub(crate) mod metrics;
-pub mod msgcrypt;
 pub(crate) mod pipeline;
 pub(crate) mod platform;
 #[cfg(feature = "profiling")]
 pub(crate) mod profile;
 pub(crate) mod proxy;
-pub mod query;
 pub(crate) mod quota;
 pub(crate) mod refresh;
-pub(crate) mod refusal;
 pub(crate) mod reload;
 pub(crate) mod reply;
 pub mod route;
-pub mod secret;
 pub(crate) mod server;
 pub mod status;
-pub(crate) mod target;
 pub(crate) mod ticket;
 pub(crate) mod upstream;

@@ -216,3 +216,37 @@ fn the_check_finds_a_cycle_and_an_edge_up() {
         ["demo", "server", "a", "lease"]
     );
 }
+
+/// The crates follow ARCHITECTURE.md's crate table: each depends only on
+/// crates listed before it (read from its Cargo.toml's path dependencies).
+#[test]
+fn each_crate_depends_only_on_crates_below_it() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let architecture = std::fs::read_to_string(root.join("ARCHITECTURE.md")).unwrap();
+    let order: Vec<(String, String)> = architecture
+        .lines()
+        .filter_map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            let name = cells
+                .get(1)?
+                .strip_prefix("`wxsidecar")?
+                .trim_end_matches('`');
+            let path = cells.get(2)?.trim_matches('`');
+            Some((format!("wxsidecar{name}"), path.to_string()))
+        })
+        .collect();
+    assert!(order.len() >= 4, "the crate table: {order:?}");
+    for (i, (name, path)) in order.iter().enumerate() {
+        let manifest = match path.as_str() {
+            "src/" => root.join("Cargo.toml"),
+            p => root.join(p).join("Cargo.toml"),
+        };
+        let text = std::fs::read_to_string(&manifest).unwrap();
+        for (dep, _) in order.iter().skip(i) {
+            let uses = text
+                .lines()
+                .any(|l| l.trim_start().starts_with(&format!("{dep} =")));
+            assert!(!uses, "{name} depends on {dep}, listed after it");
+        }
+    }
+}

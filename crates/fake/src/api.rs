@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 use super::state::{Refused, Seen, State};
 use super::Shared;
-use crate::query;
+use wxsidecar_core::query;
 
 /// WeCom files go up to 20 MB; leave room for multipart framing.
 const MAX_BODY: usize = 21 * 1024 * 1024;

@@ -3,6 +3,11 @@
 //! benchmarks; `wxsidecar fake-wechat` runs it alone.
 //!
 //! The token rules live in [`state`], the endpoints in [`api`].
+//!
+//! Its own crate, so the product built without it (`--no-default-features`,
+//! the image) carries none of it; it may not know the product, only its
+//! core (`wxsidecar-core`) and certificates (`wxsidecar-certs`).
+#![forbid(unsafe_code)]
 
 mod api;
 pub mod faults;
@@ -26,8 +31,8 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs
 use tokio_rustls::rustls::{self, ServerConfig};
 use tokio_rustls::TlsAcceptor;
 
-use crate::certs;
 use state::State;
+use wxsidecar_certs as certs;
 
 /// The app the fake serves when none is given (documented in docs/fake-wechat.md).
 pub const DEMO_APPID: &str = "wx0123456789abcdef";

@@ -1,5 +1,9 @@
 //! Certificates made at run time: a CA and a leaf it signs (the fake WeChat's
-//! TLS identity; later the transparent mode's local CA). ECDSA P-256.
+//! TLS identity; the transparent mode's local CA). ECDSA P-256.
+//!
+//! It may not know: pingora, the configuration, accounts. The product crate
+//! re-exports it as `wxsidecar::certs`.
+#![forbid(unsafe_code)]
 
 pub mod ca;
 

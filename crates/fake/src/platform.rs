@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::Shared;
-use crate::msgcrypt::MsgCrypt;
+use wxsidecar_core::msgcrypt::MsgCrypt;
 
 /// Tickets kept valid: WeChat accepts the last few pushed.
 const TICKETS_KEPT: usize = 3;
@@ -60,7 +60,7 @@ impl Platform {
         let [appid, secret, token, key] = parts[..] else {
             return Err("--platform: write APPID:SECRET:TOKEN:AESKEY".into());
         };
-        let crypt = MsgCrypt::new(crate::secret::Secret::new(token), key, appid)
+        let crypt = MsgCrypt::new(wxsidecar_core::secret::Secret::new(token), key, appid)
             .map_err(|e| format!("--platform: AESKEY {e}"))?;
         Ok(Platform {
             appid: appid.into(),
@@ -209,7 +209,7 @@ async fn post(url: &str, query: &str, body: &str) -> Option<bool> {
 }
 
 /// Pushes a fresh ticket now and every `every`.
-pub async fn push_tickets(shared: Arc<Shared>, every: Duration) {
+pub(crate) async fn push_tickets(shared: Arc<Shared>, every: Duration) {
     loop {
         let xml = {
             let mut st = shared.state.lock();
@@ -226,7 +226,7 @@ pub async fn push_tickets(shared: Arc<Shared>, every: Duration) {
 /// `POST /__fake/authorize?authorizer=APPID`, `/__fake/unauthorize` and
 /// `/__fake/platform-callback?url=URL` (sets where events go, then pushes
 /// a fresh ticket there).
-pub async fn admin(shared: &Arc<Shared>, path: &str, arg: &str) -> Value {
+pub(crate) async fn admin(shared: &Arc<Shared>, path: &str, arg: &str) -> Value {
     let authorizer = arg;
     let xml = {
         let mut st = shared.state.lock();
@@ -263,7 +263,7 @@ fn err(code: i64, msg: &str) -> Value {
 
 /// The component APIs; `token`: the component token the call carries (as
 /// `component_access_token` or `access_token`).
-pub fn api(shared: &Shared, path: &str, token: Option<&str>, body: &[u8]) -> Value {
+pub(crate) fn api(shared: &Shared, path: &str, token: Option<&str>, body: &[u8]) -> Value {
     let v: Value = serde_json::from_slice(body).unwrap_or_default();
     let field = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_string();
     let mut st = shared.state.lock();

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::{self as fake, FakeOptions};
+use crate as fake;
+use crate::FakeOptions;
 
 #[derive(Args)]
 pub struct FakeArgs {
