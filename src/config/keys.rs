@@ -348,12 +348,26 @@ pub fn restart_needed(old: &Config, new: &mut Config) -> Vec<String> {
 
 /// Checks every lower bound the table declares (`> 0` for a duration,
 /// `≥ 1` for a count) on the checked configuration, as `check --print`
-/// shows it: in list items too (`accounts[2].…`), in `wecom_upstream` as in
-/// `upstream`.
+/// shows it: in list items too (`platforms[2].…`), in `wecom_upstream` as in
+/// `upstream`. Only the sections that hold a bounded key are serialised
+/// (never the accounts: 10,000 of them would be megabytes at every start).
 pub(super) fn check_bounds(c: &Config, problems: &mut Vec<String>) {
-    use serde_yaml_ng::Value;
-    let Ok(printed) = serde_yaml_ng::from_str::<Value>(&print::yaml(c)) else {
-        return;
+    use serde_yaml_ng::{Mapping, Value};
+    let section = |name: &str| -> Value {
+        let v = match name {
+            "threads" => Ok(Value::from(c.threads as u64)),
+            "shutdown_grace" => Ok(Value::from(dur(c.shutdown_grace))),
+            "limits" => serde_yaml_ng::to_value(&c.limits),
+            "admin" => serde_yaml_ng::to_value(&c.admin),
+            "upstream" => serde_yaml_ng::to_value(&c.upstream),
+            "wecom_upstream" => serde_yaml_ng::to_value(&c.wecom_upstream),
+            "token" => serde_yaml_ng::to_value(&c.token),
+            "reload" => serde_yaml_ng::to_value(&c.reload),
+            "platforms" => serde_yaml_ng::to_value(&c.platforms),
+            "intercept" => serde_yaml_ng::to_value(&c.intercept),
+            other => unreachable!("{other}: a bounded key's section is not serialised"),
+        };
+        v.unwrap_or(Value::Null)
     };
     fn zero(kind: Kind, v: &Value) -> bool {
         match kind {
@@ -391,6 +405,7 @@ pub(super) fn check_bounds(c: &Config, problems: &mut Vec<String>) {
             }
         }
     }
+    let mut shown = Mapping::new();
     for k in keys() {
         let message = match (k.kind, k.bounds) {
             (Kind::Duration, "> 0") => "must be greater than zero",
@@ -398,19 +413,28 @@ pub(super) fn check_bounds(c: &Config, problems: &mut Vec<String>) {
             _ => continue,
         };
         let path: Vec<&str> = k.name.split('.').collect();
-        let mut check = |name: &str, v: &Value| {
-            if zero(k.kind, v) {
-                problems.push(format!("{name}: {message}"));
+        let base = path[0].trim_end_matches("[]");
+        let mut bases = vec![base];
+        if base == "upstream" {
+            bases.push("wecom_upstream");
+        }
+        for b in bases {
+            if !shown.contains_key(b) {
+                shown.insert(Value::from(b), section(b));
             }
-        };
-        visit(&printed, String::new(), &path, &mut check);
-        if let Some(rest) = k.name.strip_prefix("upstream.") {
-            visit(
-                &printed,
-                String::new(),
-                &["wecom_upstream", rest],
-                &mut check,
-            );
+            let first = path[0].replacen(base, b, 1);
+            let mut at = path.clone();
+            at[0] = &first;
+            let mut check = |name: &str, v: &Value| {
+                if zero(k.kind, v) {
+                    problems.push(format!("{name}: {message}"));
+                }
+            };
+            let root = Value::Mapping(Mapping::from_iter([(
+                Value::from(b),
+                shown.get(b).cloned().unwrap_or(Value::Null),
+            )]));
+            visit(&root, String::new(), &at, &mut check);
         }
     }
 }

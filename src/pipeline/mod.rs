@@ -29,4 +29,4 @@ pub(crate) use plan::{choose, Plan};
 pub(crate) use report::{refused, report, Report};
 #[cfg(test)]
 pub(crate) use send::outgoing;
-pub(crate) use send::{exchange, forwarded, Request};
+pub(crate) use send::{admit, exchange, forwarded, upstream_error, Request};

@@ -129,22 +129,8 @@ pub(crate) async fn exchange<'u, R: Request + ?Sized>(
     claim: &mut AnswerClaim<'_>,
 ) -> Result<Answer<'u>, ProxyError> {
     let path = req.path();
-    if let Some(a) = &plan.account {
-        if let Err(over) = a.admit_call(path) {
-            return Err(ProxyError::QuotaLimit {
-                account: a.name.clone(),
-                path: path.to_string(),
-                per_day: over.per_day,
-            });
-        }
-    }
-    let upstream_err = |source| match source {
-        UpstreamError::Unavailable => ProxyError::Unavailable,
-        source => ProxyError::Upstream {
-            path: path.to_string(),
-            source,
-        },
-    };
+    admit(plan, path)?;
+    let upstream_err = |source| upstream_error(path, source);
     let limit = app.config().limits.buffered_body;
     let mut replaying = false;
     loop {
@@ -193,6 +179,31 @@ pub(crate) async fn exchange<'u, R: Request + ?Sized>(
             plan.count_replay(path, false);
         }
         return Ok(Answer::Whole(Whole::new(x, errcode, plan.token.clone())));
+    }
+}
+
+/// The account's daily cap for `path` (`accounts[].limits`): every call
+/// with its token counts, streamed uploads too, before anything is sent.
+pub(crate) fn admit(plan: &Plan, path: &str) -> Result<(), ProxyError> {
+    let Some(a) = &plan.account else {
+        return Ok(());
+    };
+    a.admit_call(path).map_err(|over| ProxyError::QuotaLimit {
+        account: a.name.clone(),
+        path: path.to_string(),
+        per_day: over.per_day,
+    })
+}
+
+/// An upstream failure as the app's error: every host out of use is a
+/// 503, anything else a 502 or 504 naming the path.
+pub(crate) fn upstream_error(path: &str, source: UpstreamError) -> ProxyError {
+    match source {
+        UpstreamError::Unavailable => ProxyError::Unavailable,
+        source => ProxyError::Upstream {
+            path: path.to_string(),
+            source,
+        },
     }
 }
 

@@ -28,7 +28,7 @@ use crate::query::{self, TOKEN_PARAM};
 use crate::refusal::Refusal;
 use crate::reply::{self, ProxyError};
 use crate::route::{self, Route};
-use crate::upstream::{AnswerDeadline, UpstreamError};
+use crate::upstream::AnswerDeadline;
 
 mod answered;
 mod body;
@@ -540,24 +540,12 @@ impl Proxy {
         ctx.account = plan.account.clone();
         let path = session.req_header().uri.path().to_string();
         // Counted (and capped) like every API call, before any body moves.
-        if let Some(a) = &plan.account {
-            if let Err(over) = a.admit_call(&path) {
-                // The body stays unread: the connection cannot be reused.
-                session.set_keepalive(None);
-                return Ok(Err(ProxyError::QuotaLimit {
-                    account: a.name.clone(),
-                    path,
-                    per_day: over.per_day,
-                }));
-            }
+        if let Err(e) = pipeline::admit(&plan, &path) {
+            // The body stays unread: the connection cannot be reused.
+            session.set_keepalive(None);
+            return Ok(Err(e));
         }
-        let upstream_err = |source| match source {
-            UpstreamError::Unavailable => ProxyError::Unavailable,
-            source => ProxyError::Upstream {
-                path: path.clone(),
-                source,
-            },
-        };
+        let upstream_err = |source| pipeline::upstream_error(&path, source);
         let has_body = !session.as_downstream_mut().is_body_empty();
         let client = session.req_header();
         let target = plan.target_string(client.uri.path(), client.uri.query());
