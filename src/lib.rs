@@ -6,10 +6,12 @@
 //! is the crate's own.
 #![forbid(unsafe_code)]
 
-// Layer 0 and the certificates live in crates of their own (crates/core,
-// crates/certs): the compiler keeps them from knowing anything above.
+// Layer 0, the certificates, the counters and the leases live in crates of
+// their own (crates/): the compiler keeps them from knowing anything above.
 pub use wxsidecar_certs as certs;
 pub use wxsidecar_core::{head, inspect, msgcrypt, query, refusal, secret, target};
+pub(crate) use wxsidecar_lease as lease;
+pub(crate) use wxsidecar_metrics as metrics;
 
 pub mod account;
 pub(crate) mod admin;
@@ -28,11 +30,9 @@ pub mod generation;
 pub(crate) mod guard;
 pub(crate) mod intercept;
 pub(crate) mod jssdk;
-pub(crate) mod lease;
 pub(crate) mod lifecycle;
 pub(crate) mod local;
 pub mod logging;
-pub(crate) mod metrics;
 pub(crate) mod pipeline;
 pub(crate) mod platform;
 #[cfg(feature = "profiling")]

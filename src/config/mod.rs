@@ -208,15 +208,7 @@ impl AccountConfig {
     }
 }
 
-/// What a replica does about refreshing when the shared store is unreachable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OnStoreError {
-    /// Never fetch alone (classic tokens: a lone fetch invalidates the others').
-    Wait,
-    /// Fetch alone (stable and WeCom tokens: a lone fetch harms nobody).
-    Fetch,
-}
+pub use wxsidecar_lease::OnStoreError;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct TokenConfig {

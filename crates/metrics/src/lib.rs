@@ -4,6 +4,10 @@
 //! Label values are bounded: account names from the config, a fixed set of
 //! routes and outcomes, upstream hosts from the config. Never a path with
 //! ids, never a token.
+//!
+//! Its own crate (`wxsidecar-metrics`): the counters every layer counts in,
+//! knowing none of them.
+#![forbid(unsafe_code)]
 
 use prometheus::{
     register_histogram_vec, register_int_counter_vec, register_int_gauge_vec, Encoder, Histogram,

@@ -2,16 +2,32 @@
 //! token, a ticket — held in a [`LeaseCell`]: the current [`Lease`], the ones
 //! issued before it (tokens only: apps present them back), its fetch
 //! counters and the day's budget, and the shared store (`store`). Nothing
-//! here knows accounts or tickets; the refresher (`crate::refresh`) fills
-//! the cells.
+//! here knows accounts or tickets; the product's `refresh` module fills the
+//! cells through [`refresher::Source`].
 //!
 //! The request path only *reads* a cell: one atomic load of an `Arc`, no lock,
 //! no await. Only the cell's refresher writes, so at most one fetch per cell
 //! is ever in flight. Nothing here logs a value.
+//!
+//! Its own crate (`wxsidecar-lease`): it builds and tests without pingora,
+//! and may not know accounts, the configuration file, HTTP or the request
+//! path.
+#![forbid(unsafe_code)]
 
 pub mod refresher;
 pub mod schedule;
 pub mod store;
+
+/// What a replica does about refreshing when the shared store is unreachable
+/// (`token.on_store_error`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnStoreError {
+    /// Never fetch alone (classic tokens: a lone fetch invalidates the others').
+    Wait,
+    /// Fetch alone (stable and WeCom tokens: a lone fetch harms nobody).
+    Fetch,
+}
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -24,7 +40,7 @@ use tokio::time::Instant;
 use arc_swap::ArcSwapOption;
 use parking_lot::Mutex;
 
-use crate::metrics::FetchCounters;
+use wxsidecar_metrics::FetchCounters;
 
 /// Tokens handed out earlier are still recognised (and replaced) for this
 /// many refreshes: at one refresh per ~2 h, about two days of history.
@@ -74,7 +90,7 @@ impl Lease {
     /// built per answer (~64 ns for a 330-byte answer,
     /// `cargo bench --bench hot_path -- "token scan"`).
     pub fn find_in(&self, haystack: &[u8]) -> Option<std::ops::Range<usize>> {
-        crate::secret::find_spelled(haystack, self.value.as_bytes())
+        wxsidecar_core::secret::find_spelled(haystack, self.value.as_bytes())
     }
 
     /// Its full lifetime as first seen.
@@ -372,7 +388,7 @@ impl LeaseCell {
         self.wake_refresher();
     }
 
-    pub(crate) fn take_refetch(&self) -> bool {
+    pub fn take_refetch(&self) -> bool {
         self.refetch.swap(false, Ordering::AcqRel)
     }
 
@@ -389,7 +405,7 @@ impl LeaseCell {
     }
 
     /// Ties the cell to its refresher's place in the scheduler (once).
-    pub(crate) fn attach(&self, wake: schedule::Wake) {
+    pub fn attach(&self, wake: schedule::Wake) {
         let _ = self.wake.set(wake);
     }
 
@@ -399,7 +415,7 @@ impl LeaseCell {
         }
     }
 
-    pub(crate) fn take_forced(&self) -> bool {
+    pub fn take_forced(&self) -> bool {
         self.forced.swap(false, Ordering::AcqRel)
     }
 
@@ -421,7 +437,7 @@ impl LeaseCell {
     }
 
     /// Counts one fetch against the daily budget; `false` when it is spent.
-    pub(crate) fn spend_budget(&self, budget: u32) -> bool {
+    pub fn spend_budget(&self, budget: u32) -> bool {
         let day = wechat_day(SystemTime::now());
         let mut st = self.status.lock();
         if i64::from(st.budget_day) != day {
@@ -525,7 +541,7 @@ impl LeaseCell {
     /// token or a ticket not rotated yet) never moves the expiry later: a
     /// ticket fetched again mid-life can come back claiming a full 7200 s,
     /// and believing it is how SDKs end up signing with an expired ticket.
-    pub(crate) fn store(&self, value: &str, expires_in: Duration) -> StoreOutcome {
+    pub fn store(&self, value: &str, expires_in: Duration) -> StoreOutcome {
         let expires_in = expires_in.min(DEFAULT_MAX_LIFETIME);
         let now = Instant::now();
         let old = self.current.load_full();
@@ -574,7 +590,7 @@ impl LeaseCell {
         self.store(value, expires_in);
     }
 
-    pub(crate) fn record_failure(&self, errcode: i64, message: String) {
+    pub fn record_failure(&self, errcode: i64, message: String) {
         {
             let mut st = self.status.lock();
             st.attempted = true;
@@ -586,7 +602,7 @@ impl LeaseCell {
         self.bump();
     }
 
-    pub(crate) fn record_budget_spent(&self, message: String) {
+    pub fn record_budget_spent(&self, message: String) {
         {
             let mut st = self.status.lock();
             st.attempted = true;
@@ -604,7 +620,7 @@ impl LeaseCell {
     }
 
     /// Counts how a fetch ended.
-    pub(crate) fn count(&self, result: FetchResult) {
+    pub fn count(&self, result: FetchResult) {
         self.counters.inc(result as usize);
     }
 

@@ -5,7 +5,7 @@
 use std::sync::atomic::AtomicBool;
 
 use super::*;
-use crate::metrics::FetchCounters;
+use wxsidecar_metrics::FetchCounters;
 
 const S: fn(u64) -> Duration = Duration::from_secs;
 

@@ -47,18 +47,18 @@ pub trait Job: Send + 'static {
 }
 
 /// How a cell wakes its job: the scheduler's wake channel and the job's id.
-pub(crate) struct Wake {
+pub struct Wake {
     tx: mpsc::UnboundedSender<usize>,
     id: usize,
 }
 
 impl Wake {
-    pub(crate) fn new(tx: mpsc::UnboundedSender<usize>, id: usize) -> Self {
+    pub fn new(tx: mpsc::UnboundedSender<usize>, id: usize) -> Self {
         Wake { tx, id }
     }
 
     /// Asks the scheduler to look at the job (a send that never waits).
-    pub(crate) fn wake(&self) {
+    pub fn wake(&self) {
         let _ = self.tx.send(self.id);
     }
 }

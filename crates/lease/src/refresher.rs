@@ -25,7 +25,7 @@ use tokio::time::Instant;
 
 use super::store::{Lock, Record, StoreError};
 use super::{until_next_wechat_day, wechat_day, FetchResult, LeaseCell, StoreOutcome};
-use crate::config::OnStoreError;
+use crate::OnStoreError;
 
 /// First retry after a failed fetch; doubles up to the cap.
 pub const DEFAULT_BACKOFF_FIRST: Duration = Duration::from_millis(500);
@@ -299,7 +299,7 @@ impl<S: Source, St: Shared> super::schedule::Job for Refresher<S, St> {
 
 /// Why the cell asks for a refresh now, if it does: WeChat rejected the
 /// value it holds, or an operator asked. The value to replace, if any.
-pub(crate) fn asked(cell: &LeaseCell) -> Option<Option<Arc<str>>> {
+pub fn asked(cell: &LeaseCell) -> Option<Option<Arc<str>>> {
     // Refresh for a report only if the value WeChat rejected is still the
     // one we hold (it may have been replaced since).
     if let Some(t) = cell.latest().filter(|t| t.is_reported_invalid()) {

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use parking_lot::Mutex;
 
 use super::*;
-use crate::lease::store::now_ms;
-use crate::metrics::FetchCounters;
+use crate::store::now_ms;
+use wxsidecar_metrics::FetchCounters;
 
 const S: fn(u64) -> Duration = Duration::from_secs;
 
@@ -299,7 +299,7 @@ async fn an_endless_lifetime_is_taken_as_a_day() {
     let task = alone(&c, &script, settings());
     tokio::time::sleep(S(86_400 + 10)).await;
     assert_eq!(script.times(), [S(0), S(86_100)]);
-    assert!(c.valid().unwrap().remaining() <= crate::lease::DEFAULT_MAX_LIFETIME);
+    assert!(c.valid().unwrap().remaining() <= crate::DEFAULT_MAX_LIFETIME);
     task.abort();
 
     let (c, script, store) = (
@@ -310,7 +310,7 @@ async fn an_endless_lifetime_is_taken_as_a_day() {
     let task = shared(&c, &script, &store, settings());
     tokio::time::sleep(S(10)).await;
     let record = store.records.lock().values().next().cloned().unwrap();
-    assert!(record.remaining() <= crate::lease::DEFAULT_MAX_LIFETIME);
+    assert!(record.remaining() <= crate::DEFAULT_MAX_LIFETIME);
     assert_eq!(script.count(), 1);
     task.abort();
 }

@@ -167,13 +167,13 @@ impl RedisStore {
         let client = redis::Client::open(url).map_err(|e| {
             format!(
                 "token.store: {} is not a Redis URL: {e}",
-                crate::secret::mask_url(url)
+                wxsidecar_core::secret::mask_url(url)
             )
         })?;
         Ok(Arc::new(RedisStore {
             client,
             conn: tokio::sync::Mutex::new(None),
-            shown_url: crate::secret::mask_url(url),
+            shown_url: wxsidecar_core::secret::mask_url(url),
             prefix: prefix.to_string(),
             replica: replica_id(),
             healthy: AtomicBool::new(true),
@@ -583,7 +583,7 @@ impl super::refresher::Shared for RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lease::DEFAULT_MAX_LIFETIME;
+    use crate::DEFAULT_MAX_LIFETIME;
 
     #[test]
     fn a_record_never_claims_more_than_a_day() {
