@@ -39,7 +39,7 @@ TEST_THREADS ?= 6
 test: install-deps fmt clippy
 	RUST_TEST_THREADS=$(TEST_THREADS) $(CARGO) test --workspace
 
-# The configuration reference, generated from src/config/keys.rs (a test
+# The configuration reference, generated from crates/config/src/keys.rs (a test
 # fails when docs/configuration.md differs from it).
 docs:
 	$(CARGO) run -q -- check --reference > docs/configuration.md

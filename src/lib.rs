@@ -9,6 +9,7 @@
 // Layer 0, the certificates, the counters and the leases live in crates of
 // their own (crates/): the compiler keeps them from knowing anything above.
 pub use wxsidecar_certs as certs;
+pub use wxsidecar_config as config;
 pub use wxsidecar_core::{head, inspect, msgcrypt, query, refusal, secret, target};
 pub(crate) use wxsidecar_lease as lease;
 pub(crate) use wxsidecar_metrics as metrics;
@@ -18,7 +19,6 @@ pub(crate) mod admin;
 pub(crate) mod app;
 pub mod cli;
 pub(crate) mod clients;
-pub mod config;
 #[cfg(feature = "fake")]
 pub(crate) mod demo;
 pub(crate) mod egress;

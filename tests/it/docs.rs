@@ -170,7 +170,7 @@ fn the_readmes_minimal_config_is_conf_minimal_and_passes_check() {
 }
 
 /// docs/configuration.md is what `wxsidecar check --reference` prints
-/// from the key table (src/config/keys.rs): `make docs` writes it.
+/// from the key table (crates/config/src/keys.rs): `make docs` writes it.
 #[test]
 fn the_configuration_reference_is_generated_and_current() {
     let out = std::process::Command::new(BIN)
@@ -182,7 +182,7 @@ fn the_configuration_reference_is_generated_and_current() {
     let page = std::fs::read_to_string(root().join("docs/configuration.md")).unwrap();
     assert!(
         page == generated,
-        "docs/configuration.md is stale: run `make docs` (it is generated from src/config/keys.rs)"
+        "docs/configuration.md is stale: run `make docs` (it is generated from crates/config/src/keys.rs)"
     );
     for key in [
         "limits.send_timeout",

@@ -115,7 +115,7 @@ pub(super) fn parse_upstream(
     let url = UpstreamUrl::parse(&url_text).unwrap_or_else(|e| {
         problems.push(format!(
             "{prefix}.url: `{}` {e}; write e.g. {default_url}",
-            crate::secret::mask_url(&url_text)
+            wxsidecar_core::secret::mask_url(&url_text)
         ));
         UpstreamUrl::parse(default_url).expect("default URL parses")
     });
@@ -150,7 +150,7 @@ pub(super) fn parse_upstream(
                 .map_err(|e| {
                     problems.push(format!(
                         "{key}: `{}` {e}; write e.g. https://api2.weixin.qq.com",
-                        crate::secret::mask_url(&text)
+                        wxsidecar_core::secret::mask_url(&text)
                     ))
                 })
                 .ok()

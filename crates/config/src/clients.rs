@@ -6,7 +6,7 @@ use ipnet::IpNet;
 use std::collections::HashSet;
 
 use super::{expand_env, secret_file, AccountConfig};
-use crate::secret::Secret;
+use wxsidecar_core::secret::Secret;
 
 /// Requests per second with a burst.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]

@@ -8,8 +8,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::parse_duration;
-use crate::certs::WECHAT_HOSTS;
-use crate::secret::Secret;
+use wxsidecar_certs::WECHAT_HOSTS;
+use wxsidecar_core::secret::Secret;
 
 /// Leaf certificates live this long and are re-signed well before the end:
 /// short enough that a leaked leaf key soon stops mattering.
@@ -191,7 +191,8 @@ pub fn parse(raw: RawIntercept, problems: &mut Vec<String>) -> Option<InterceptC
     let ((ca_cert_pem, ca_source), (ca_key_pem, _)) = (cert?, key?);
     // Sign one leaf now: a key that does not match the certificate, or an
     // unreadable certificate, is a configuration error, not a runtime one.
-    if let Err(e) = crate::certs::ca::sign_leaf(&ca_cert_pem, &ca_key_pem, &hosts, leaf_lifetime) {
+    if let Err(e) = wxsidecar_certs::ca::sign_leaf(&ca_cert_pem, &ca_key_pem, &hosts, leaf_lifetime)
+    {
         problems.push(format!("intercept.ca_cert / ca_key ({ca_source}): {e}"));
     }
     (problems.len() == before).then(|| InterceptConfig {

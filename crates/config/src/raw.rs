@@ -19,9 +19,9 @@ pub struct File {
     pub accounts: Option<Vec<Account>>,
     pub token: Option<Token>,
     pub clients: Option<Clients>,
-    pub intercept: Option<crate::config::intercept::RawIntercept>,
+    pub intercept: Option<crate::intercept::RawIntercept>,
     pub reload: Option<Reload>,
-    pub platforms: Option<Vec<crate::config::platform::raw::Platform>>,
+    pub platforms: Option<Vec<crate::platform::raw::Platform>>,
 }
 
 #[derive(Deserialize, Default)]

@@ -198,8 +198,8 @@ fn parse_limits(
 ) -> Vec<(String, u64)> {
     let mut out: Vec<(String, u64)> = Vec::with_capacity(raw.len());
     for (path, limit) in raw {
-        let normal = match crate::target::normalise(&path) {
-            Ok(p) => crate::target::route_key(&p).to_string(),
+        let normal = match wxsidecar_core::target::normalise(&path) {
+            Ok(p) => wxsidecar_core::target::route_key(&p).to_string(),
             Err(e) => {
                 problems.push(format!(
                     "{key}: `{path}` is not an API path ({}); write e.g. /cgi-bin/message/template/send",

@@ -6,6 +6,11 @@
 //! problem at once, each naming the key and the fix, so one run of
 //! `wxsidecar check` shows every mistake. Secrets are held in [`Secret`] and
 //! never appear in an error.
+//!
+//! Its own crate (`wxsidecar-config`): every key is declared once in
+//! [`keys`]; it may not know the request path, upstreams, pingora or the
+//! runtime. The product re-exports it as `wxsidecar::config`.
+#![forbid(unsafe_code)]
 
 mod accounts;
 use accounts::parse_accounts;
@@ -29,7 +34,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::secret::Secret;
+use wxsidecar_core::secret::Secret;
 
 /// Where apps connect: loopback, the sidecar case.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -255,7 +260,7 @@ pub struct Config {
     pub clients: ClientsConfig,
     /// Transparent mode (`intercept`), when configured.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub intercept: Option<crate::config::intercept::InterceptConfig>,
+    pub intercept: Option<crate::intercept::InterceptConfig>,
     pub reload: ReloadConfig,
     /// Third-party platforms (`platforms:`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -599,7 +604,7 @@ impl Config {
         );
         let intercept = raw
             .intercept
-            .and_then(|i| crate::config::intercept::parse(i, &mut problems));
+            .and_then(|i| crate::intercept::parse(i, &mut problems));
         if let Some(i) = &intercept {
             // /etc/hosts sends the WeChat hosts to us: resolve them from DNS.
             upstream.hosts_file = false;
@@ -663,8 +668,8 @@ impl Config {
                         Err(e) => {
                             problems.push(format!(
                                 "token.store: `{}` is not a valid Redis URL ({}); write redis://[:password@]host:port/db",
-                                crate::secret::mask_url(&v),
-                                crate::secret::mask_in(&e, &v)
+                                wxsidecar_core::secret::mask_url(&v),
+                                wxsidecar_core::secret::mask_in(&e, &v)
                             ));
                             None
                         }
@@ -673,7 +678,7 @@ impl Config {
                 Some(Some(v)) => {
                     problems.push(format!(
                         "token.store: `{}` is not memory or a redis:// / rediss:// URL",
-                        crate::secret::mask_url(&v)
+                        wxsidecar_core::secret::mask_url(&v)
                     ));
                     None
                 }

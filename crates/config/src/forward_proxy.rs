@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use crate::secret::Secret;
+use wxsidecar_core::secret::Secret;
 
 /// A forward proxy: `http://[user:pass@]host:port`.
 #[derive(Debug, Clone)]
@@ -26,13 +26,13 @@ impl ForwardProxy {
         let url = url::Url::parse(text).map_err(|e| {
             format!(
                 "`{}` is not a URL ({e}); write http://[user:pass@]host:port",
-                crate::secret::mask_url(text)
+                wxsidecar_core::secret::mask_url(text)
             )
         })?;
         if url.scheme() != "http" {
             return Err(format!(
                 "`{}`: scheme `{}` is not supported; the proxy is spoken to in plain HTTP (http://host:port) and the TLS to WeChat runs inside its CONNECT tunnel",
-                crate::secret::mask_url(text),
+                wxsidecar_core::secret::mask_url(text),
                 url.scheme()
             ));
         }
@@ -45,7 +45,7 @@ impl ForwardProxy {
         if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
             return Err(format!(
                 "`{}` must be scheme, credentials, host and port only",
-                crate::secret::mask_url(text)
+                wxsidecar_core::secret::mask_url(text)
             ));
         }
         // Percent-decoding; `+` is a plus here, not a space as in forms.

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::{duration_field, expand_env, secret_file, valid_appid};
-use crate::secret::Secret;
+use wxsidecar_core::secret::Secret;
 
 /// An authorised account's token is kept fresh this long after its last
 /// use; then it is dropped from memory (its refresh token is kept).
@@ -362,7 +362,7 @@ fn forward_events(
 
 #[cfg(test)]
 mod tests {
-    use crate::config::Config;
+    use crate::Config;
 
     const KEY: &str = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG";
 
@@ -379,7 +379,7 @@ mod tests {
             ("saas", "wxcomp")
         );
         assert_eq!(p.authorizers[0].refresh_token.expose(), "rt-1");
-        let printed = crate::config::print::yaml(&c);
+        let printed = crate::print::yaml(&c);
         assert!(
             !printed.contains("cs-1") && !printed.contains("rt-1") && !printed.contains(KEY),
             "{printed}"
@@ -412,7 +412,7 @@ mod tests {
         );
         let c = Config::parse(&format!("{base}    callback_max_age: 2m\n")).unwrap();
         assert_eq!(c.platforms[0].callback_max_age.as_secs(), 120);
-        assert!(crate::config::print::yaml(&c).contains("callback_max_age: 120s"));
+        assert!(crate::print::yaml(&c).contains("callback_max_age: 120s"));
         for bad in ["10s", "2h", "soon"] {
             let e = Config::parse(&format!("{base}    callback_max_age: {bad}\n"))
                 .unwrap_err()

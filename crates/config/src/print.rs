@@ -10,7 +10,7 @@ use serde::ser::SerializeMap;
 use serde::{Serialize, Serializer};
 
 use super::{AccountConfig, AccountKind, Config};
-use crate::secret::Secret;
+use wxsidecar_core::secret::Secret;
 
 /// The configuration as YAML text.
 pub fn yaml(c: &Config) -> String {
@@ -48,7 +48,7 @@ pub fn display_opt<T: Display, S: Serializer>(v: &Option<T>, s: S) -> Result<S::
 pub fn store_url<S: Serializer>(v: &Option<Secret>, s: S) -> Result<S::Ok, S::Error> {
     match v {
         None => s.serialize_str("memory"),
-        Some(url) => s.serialize_str(&crate::secret::mask_url(url.expose())),
+        Some(url) => s.serialize_str(&wxsidecar_core::secret::mask_url(url.expose())),
     }
 }
 
