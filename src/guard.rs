@@ -16,7 +16,7 @@
 //! byte, not pingora's whole request state machine (~14 KiB): that is most
 //! of what an idle connection costs. Never reads or logs what passes.
 
-pub mod bodies;
+pub use wxsidecar_upstream::bodies;
 pub mod rewind;
 pub mod tls;
 

@@ -13,6 +13,8 @@ pub use wxsidecar_config as config;
 pub use wxsidecar_core::{head, inspect, msgcrypt, query, refusal, secret, target};
 pub(crate) use wxsidecar_lease as lease;
 pub(crate) use wxsidecar_metrics as metrics;
+pub(crate) use wxsidecar_upstream as upstream;
+pub(crate) use wxsidecar_upstream::failover;
 
 pub mod account;
 pub(crate) mod admin;
@@ -22,7 +24,6 @@ pub(crate) mod clients;
 #[cfg(feature = "fake")]
 pub(crate) mod demo;
 pub(crate) mod egress;
-pub(crate) mod failover;
 #[cfg(feature = "fake")]
 pub(crate) use wxsidecar_fake as fake;
 pub(crate) mod forward;
@@ -46,4 +47,3 @@ pub mod route;
 pub(crate) mod server;
 pub mod status;
 pub(crate) mod ticket;
-pub(crate) mod upstream;

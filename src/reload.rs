@@ -241,7 +241,7 @@ async fn apply(app: &Arc<App>, mut new: Config) -> Result<Outcome, Vec<String>> 
     for (family, up) in replaced {
         up.resolve().await;
         up.warm().await;
-        up.maintain(&app.tasks);
+        up.maintain(&|name, work| app.tasks.spawn(name, work));
         app.upstreams.replace(family, up);
     }
 

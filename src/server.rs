@@ -465,7 +465,7 @@ impl<S> Gated<S> {
         }
         for family in app.families() {
             family.warm().await;
-            family.maintain(&app.tasks);
+            family.maintain(&|name, work| app.tasks.spawn(name, work));
         }
         if let Some(store) = &app.store {
             app.tasks

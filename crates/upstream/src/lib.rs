@@ -6,6 +6,12 @@
 //! `HttpPeer::new("host:443")` would), never disables certificate or
 //! hostname verification, and never puts a query string (which may carry a
 //! token or secret) into an error.
+//!
+//! Its own crate (`wxsidecar-upstream`): dial (DNS, TCP, TLS, a `CONNECT`
+//! tunnel), the pool, the one HTTP/1.1 exchange, HTTP/2 streams, failover
+//! and the breaker, the shared budget of buffered bodies (`bodies`). It may
+//! not know accounts, tokens, routes or the request path.
+#![forbid(unsafe_code)]
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -25,7 +31,11 @@ use pingora::protocols::Stream;
 use pingora::upstreams::peer::{HttpPeer, Peer};
 use pingora::ErrorType;
 
-use crate::config::{UpstreamConfig, UpstreamUrl};
+use wxsidecar_config::{UpstreamConfig, UpstreamUrl};
+
+pub mod bodies;
+pub mod failover;
+pub mod status;
 
 mod exchange;
 pub use exchange::Exchange;
@@ -58,7 +68,7 @@ pub const DEFAULT_MAX_INFORMATIONAL: usize = 8;
 /// protocols we never asked to switch. And it must be as it is: every
 /// request asks for `identity` (we read every answer: its errcode, our
 /// token in it), and a coded answer anyway would hide both.
-pub(crate) fn unfit_answer<'a>(
+pub fn unfit_answer<'a>(
     status: u16,
     mut content_encodings: impl Iterator<Item = &'a [u8]>,
 ) -> Option<String> {
@@ -75,7 +85,7 @@ pub(crate) fn unfit_answer<'a>(
 
 /// What every upstream request says it takes: answers as they are (set
 /// here for every request this client writes; the fast lane writes its own).
-pub(crate) const IDENTITY: &str = "identity";
+pub const IDENTITY: &str = "identity";
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -144,7 +154,7 @@ pub struct UpstreamStats {
 
 impl UpstreamStats {
     fn new(host: &str) -> Self {
-        use crate::metrics::{UPSTREAM_CONNECTIONS, UPSTREAM_REQUESTS};
+        use wxsidecar_metrics::{UPSTREAM_CONNECTIONS, UPSTREAM_REQUESTS};
         UpstreamStats {
             ok: UPSTREAM_REQUESTS.with_label_values(&[host, "ok"]),
             failed: UPSTREAM_REQUESTS.with_label_values(&[host, "error"]),
@@ -647,7 +657,7 @@ fn h1_peer(peer: &HttpPeer) -> HttpPeer {
 /// The CA file every upstream TLS connection trusts: the system roots
 /// plus the families' `ca_file`s; `None` when neither adds one.
 pub fn ca_bundle_for(
-    config: &crate::config::Config,
+    config: &wxsidecar_config::Config,
     wecom_in_use: bool,
 ) -> Result<Option<std::path::PathBuf>, String> {
     let mut extras: Vec<&std::path::Path> = config

@@ -18,8 +18,11 @@ use std::time::Duration;
 
 use pingora::http::RequestHeader;
 
-use crate::config::{Family, UpstreamConfig};
-use crate::upstream::{Exchange, Upload, Upstream, UpstreamError};
+use crate::{Exchange, Upload, Upstream, UpstreamError};
+use wxsidecar_config::{Family, UpstreamConfig};
+
+/// One piece of background upkeep, for the product's task set.
+pub type Upkeep = futures_util::future::BoxFuture<'static, ()>;
 
 pub struct Upstreams {
     hosts: Vec<Arc<Upstream>>,
@@ -157,11 +160,11 @@ impl Upstreams {
     /// Sends through the active host, with failover ([`Self::on_hosts`]):
     /// over HTTP/2 or our HTTP/1.1 exchange, as the host speaks. `by`: the
     /// answer deadline, kept by each wait of the exchange.
-    pub async fn send<R: crate::upstream::Outgoing + ?Sized>(
+    pub async fn send<R: crate::Outgoing + ?Sized>(
         &self,
         req: &R,
         body: &[u8],
-        by: Option<crate::upstream::AnswerDeadline>,
+        by: Option<crate::AnswerDeadline>,
     ) -> Result<Exchange<'_>, UpstreamError> {
         self.on_hosts(|h| h.send(req, body, by)).await
     }
@@ -226,14 +229,18 @@ impl Upstreams {
         }
     }
 
-    /// Background upkeep, spawned into `tasks`: per-host DNS and warmth for
-    /// hosts in use, a probe every `probe_interval` for hosts out of use.
-    pub fn maintain(self: &Arc<Self>, tasks: &crate::lifecycle::Tasks) {
+    /// Background upkeep, handed to `spawn` (the product's task set): per-host
+    /// DNS and warmth for hosts in use, a probe every `probe_interval` for
+    /// hosts out of use.
+    pub fn maintain(self: &Arc<Self>, spawn: &dyn Fn(&'static str, Upkeep)) {
         for h in &self.hosts {
-            tasks.spawn("upstream upkeep", self.until_retired(h.clone().maintain()));
+            spawn(
+                "upstream upkeep",
+                Box::pin(self.until_retired(h.clone().maintain())),
+            );
             let me = self.clone();
             let h = h.clone();
-            tasks.spawn("upstream probe", self.until_retired(async move {
+            spawn("upstream probe", Box::pin(self.until_retired(async move {
                 loop {
                     tokio::time::sleep(me.conf.probe_interval).await;
                     if me.in_use(&h) {
@@ -248,7 +255,7 @@ impl Upstreams {
                         }
                     }
                 }
-            }));
+            })));
         }
     }
 

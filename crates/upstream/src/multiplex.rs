@@ -318,7 +318,7 @@ impl H2Exchange<'_> {
     pub async fn read_to_end(
         &mut self,
         cap: usize,
-        mut claim: Option<&mut crate::guard::bodies::AnswerClaim<'_>>,
+        mut claim: Option<&mut crate::bodies::AnswerClaim<'_>>,
     ) -> Result<Result<Bytes, BytesMut>, UpstreamError> {
         let mut room = |n: usize| n <= cap && claim.as_mut().is_none_or(|c| c.room(n));
         // An answer in one piece (WeChat's JSON, an HTTP/2 DATA frame) is

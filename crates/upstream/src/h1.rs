@@ -20,7 +20,7 @@ use pingora::protocols::Stream;
 use pingora::upstreams::peer::Peer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::guard::bodies::AnswerClaim;
+use crate::bodies::AnswerClaim;
 
 use super::{peer_addr, AnswerDeadline, Upstream, UpstreamError, DEFAULT_MAX_INFORMATIONAL};
 
@@ -809,7 +809,7 @@ mod tests {
     /// A host whose reads time out after 15 s, and the answer deadline
     /// (3 s) that ends them sooner.
     fn upstream() -> std::sync::Arc<Upstream> {
-        let c = crate::config::Config::parse(
+        let c = wxsidecar_config::Config::parse(
             "upstream:\n  url: http://127.0.0.1:9\n  read_timeout: 15s\n  answer_timeout: 3s\naccounts:\n  - name: shop\n    appid: wx0123456789abcdef\n    secret: s\n",
         )
         .unwrap();

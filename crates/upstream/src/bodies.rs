@@ -12,16 +12,23 @@ use std::time::Duration;
 /// How often a spent total is logged at most (it is counted every time).
 const DEFAULT_SPENT_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
-/// When a spent total was last logged (ms since the guard's epoch, 0: never).
+/// The clock the log spacing is read on: ms since first use.
+fn now_ms() -> u64 {
+    static EPOCH: std::sync::LazyLock<tokio::time::Instant> =
+        std::sync::LazyLock::new(tokio::time::Instant::now);
+    EPOCH.elapsed().as_millis() as u64
+}
+
+/// When a spent total was last logged (ms since `now_ms`'s epoch, 0: never).
 static LAST_LOGGED: AtomicU64 = AtomicU64::new(0);
 
 /// Counts a body refused or an answer streamed because the total is spent,
 /// and says so in the log once a minute: the operator's cue to raise it.
 fn spent(kind: &'static str, max: usize) {
-    crate::metrics::BUFFERED_TOTAL_SPENT
+    wxsidecar_metrics::BUFFERED_TOTAL_SPENT
         .with_label_values(&[kind])
         .inc();
-    let now = super::now_ms().max(1);
+    let now = now_ms().max(1);
     let last = LAST_LOGGED.load(Ordering::Relaxed);
     let interval = DEFAULT_SPENT_LOG_INTERVAL.as_millis() as u64;
     if (last == 0 || now.saturating_sub(last) >= interval)

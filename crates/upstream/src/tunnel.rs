@@ -17,7 +17,7 @@ use pingora::{Error, ErrorType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::config::forward_proxy::ForwardProxy;
+use wxsidecar_config::forward_proxy::ForwardProxy;
 
 /// The proxy's answer to `CONNECT`, head only: a few hundred bytes from
 /// squid or tinyproxy; a proxy sending more is cut off.

@@ -5,7 +5,7 @@
 use bytes::{Bytes, BytesMut};
 
 use super::{H2Exchange, RawExchange, UpstreamError};
-use crate::guard::bodies::AnswerClaim;
+use crate::bodies::AnswerClaim;
 
 /// A request sent and its answer's head read; the body is still to come.
 // The common answer stays inline (boxing it would allocate per request);
