@@ -252,32 +252,20 @@ impl Fast for FastLane {
         SERVED.inc();
         let _in_flight = self.app.drain.enter();
         let start = tokio::time::Instant::now();
-        let (head, plan) = match taken {
-            Taken::Serve(head, plan) => (head, plan),
+        let close = taken.head().close || self.app.drain.is_draining();
+        let (head, account, (status, errcode, streamed, written)) = match taken {
+            Taken::Serve(head, plan) => {
+                // Counted for the account whose token was put in, as on
+                // pingora's path.
+                let account = plan.account.clone();
+                let answered = self.answer(stream, &head, plan, close, start).await;
+                (head, account, answered)
+            }
             Taken::Refused(head, e) => {
-                let close = head.close || self.app.drain.is_draining();
-                let (status, errcode, _, written) = self.error(stream, head.path, e, close).await;
-                pipeline::report(Report {
-                    route: Served::Api,
-                    account: None,
-                    method: head.method().as_str(),
-                    path: head.path,
-                    status,
-                    errcode,
-                    elapsed: start.elapsed(),
-                    lane: "fast",
-                });
-                return Some(LaneServed {
-                    used: head.used,
-                    keep_alive: written.is_ok() && !close,
-                });
+                let answered = self.error(stream, head.path, e, close).await;
+                (head, None, answered)
             }
         };
-        let close = head.close || self.app.drain.is_draining();
-        // Counted for the account whose token was put in, as on pingora's path.
-        let account = plan.account.clone();
-        let (status, errcode, streamed, written) =
-            self.answer(stream, &head, plan, close, start).await;
         pipeline::report(Report {
             route: Served::Api,
             account: account.as_deref(),
@@ -300,6 +288,14 @@ enum Taken<'a> {
     Serve(Head<'a>, Plan),
     /// `clients` turned the caller away: answered here, as the full path would.
     Refused(Head<'a>, ProxyError),
+}
+
+impl<'a> Taken<'a> {
+    fn head(&self) -> &Head<'a> {
+        match self {
+            Taken::Serve(h, _) | Taken::Refused(h, _) => h,
+        }
+    }
 }
 
 impl FastLane {
