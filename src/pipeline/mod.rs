@@ -15,12 +15,16 @@
 //! - scrub: [`Whole`] and [`Streaming`] give the answer's headers and body
 //!   with our token out ([`scrub`]);
 //! - count and log: [`report`].
+//!
+//! A streamed upload takes the same plan, cap, exchange and scrub through
+//! [`upload`], its body read by the front ([`Pieces`]).
 
 mod answer;
 mod plan;
 pub(crate) mod report;
 pub(crate) mod scrub;
 mod send;
+mod upload;
 
 pub(crate) use answer::{
     bodiless, connection_options, connection_tokens, Answer, Streaming, HOP_BY_HOP,
@@ -29,4 +33,5 @@ pub(crate) use plan::{choose, Plan};
 pub(crate) use report::{refused, report, Report};
 #[cfg(test)]
 pub(crate) use send::outgoing;
-pub(crate) use send::{admit, exchange, forwarded, upstream_error, Request};
+pub(crate) use send::{exchange, forwarded, Request};
+pub(crate) use upload::{upload, Pieces, Stop};

@@ -184,7 +184,7 @@ pub(crate) async fn exchange<'u, R: Request + ?Sized>(
 
 /// The account's daily cap for `path` (`accounts[].limits`): every call
 /// with its token counts, streamed uploads too, before anything is sent.
-pub(crate) fn admit(plan: &Plan, path: &str) -> Result<(), ProxyError> {
+pub(super) fn admit(plan: &Plan, path: &str) -> Result<(), ProxyError> {
     let Some(a) = &plan.account else {
         return Ok(());
     };
@@ -197,7 +197,7 @@ pub(crate) fn admit(plan: &Plan, path: &str) -> Result<(), ProxyError> {
 
 /// An upstream failure as the app's error: every host out of use is a
 /// 503, anything else a 502 or 504 naming the path.
-pub(crate) fn upstream_error(path: &str, source: UpstreamError) -> ProxyError {
+pub(super) fn upstream_error(path: &str, source: UpstreamError) -> ProxyError {
     match source {
         UpstreamError::Unavailable => ProxyError::Unavailable,
         source => ProxyError::Upstream {

@@ -28,7 +28,6 @@ use crate::query::{self, TOKEN_PARAM};
 use crate::refusal::Refusal;
 use crate::reply::{self, ProxyError};
 use crate::route::{self, Route};
-use crate::upstream::AnswerDeadline;
 
 mod answered;
 mod body;
@@ -97,6 +96,34 @@ fn connection_named(headers: &http::HeaderMap) -> Vec<String> {
         .flat_map(|v| pipeline::connection_options(v.as_bytes()))
         .map(|t| String::from_utf8_lossy(t).into_owned())
         .collect()
+}
+
+/// An app's streamed body as the pipeline reads it: pieces from pingora's
+/// session within `limits.body_timeout` (`deadline`).
+struct SessionPieces<'a> {
+    proxy: &'a Proxy,
+    session: &'a mut Session,
+    deadline: tokio::time::Instant,
+}
+
+impl pipeline::Pieces for SessionPieces<'_> {
+    async fn started(&mut self) -> Result<(), pipeline::Stop> {
+        continue_if_expected(self.session)
+            .await
+            .map_err(pipeline::Stop::Front)
+    }
+
+    async fn next(&mut self) -> Result<Option<Bytes>, pipeline::Stop> {
+        match self.proxy.body_chunk(self.session, self.deadline).await {
+            Ok(Ok(piece)) => Ok(piece),
+            Ok(Err(e)) => Err(pipeline::Stop::Answer(e)),
+            Err(e) => Err(pipeline::Stop::Front(e)),
+        }
+    }
+
+    fn abandon(&mut self) {
+        self.session.set_keepalive(None);
+    }
 }
 
 /// Adds an answer header as the pipeline gives it (its name's case kept).
@@ -539,51 +566,33 @@ impl Proxy {
     async fn stream(&self, session: &mut Session, plan: Plan, ctx: &mut Ctx) -> Step<()> {
         ctx.account = plan.account.clone();
         let path = session.req_header().uri.path().to_string();
-        // Counted (and capped) like every API call, before any body moves.
-        if let Err(e) = pipeline::admit(&plan, &path) {
-            // The body stays unread: the connection cannot be reused.
-            session.set_keepalive(None);
-            return Ok(Err(e));
-        }
-        let upstream_err = |source| pipeline::upstream_error(&path, source);
         let has_body = !session.as_downstream_mut().is_body_empty();
         let client = session.req_header();
         let target = plan.target_string(client.uri.path(), client.uri.query());
-        let mut req = self.upstream_headers(client, &target)?;
-        // The body keeps the framing it came with.
+        let head = self.upstream_headers(client, &target)?;
         let declared = content_length(&client.headers);
-        let chunked = declared.is_none() && has_body;
-        match declared {
-            Some(n) => req.insert_header(header::CONTENT_LENGTH, n)?,
-            None if chunked => req.insert_header(header::TRANSFER_ENCODING, "chunked")?,
-            None => {}
-        }
         let upstreams = self.app.upstream_for(plan.family);
-        let mut up = match upstreams.open(&req, chunked).await {
-            Ok(u) => u,
-            Err(e) => return Ok(Err(upstream_err(e))),
-        };
-        continue_if_expected(session).await?;
         let deadline = tokio::time::Instant::now() + self.app.config().limits.body_timeout;
-        loop {
-            let chunk = match self.body_chunk(session, deadline).await? {
-                Ok(chunk) => chunk,
-                Err(e) => return Ok(Err(e)),
-            };
-            let Some(chunk) = chunk else { break };
-            if let Err(e) = up.write(&chunk).await {
-                // The app's body was not read to its end: never reuse.
-                session.set_keepalive(None);
-                return Ok(Err(upstream_err(e)));
-            }
-        }
-        let answer_deadline = AnswerDeadline::from_now(upstreams.answer_timeout());
-        let x = match up.finish(Some(answer_deadline)).await {
-            Err(e) => return Ok(Err(upstream_err(e))),
-            Ok(x) => x,
+        let mut pieces = SessionPieces {
+            proxy: self,
+            session,
+            deadline,
         };
-        let s = Streaming::new(x.into(), Vec::new(), plan.token.clone(), answer_deadline);
-        self.stream_answer(session, s).await
+        let sent = pipeline::upload(
+            &upstreams,
+            &plan,
+            &path,
+            head,
+            declared,
+            has_body,
+            &mut pieces,
+        )
+        .await;
+        match sent {
+            Ok(s) => self.stream_answer(session, s).await,
+            Err(pipeline::Stop::Answer(e)) => Ok(Err(e)),
+            Err(pipeline::Stop::Front(e)) => Err(e),
+        }
     }
 
     /// A refusal in WeChat's words (HTTP 200 with an errcode, as WeChat does).
