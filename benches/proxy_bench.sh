@@ -9,7 +9,8 @@
 # `upstream.http2: true` (the upstream offers h2) and, its like for like,
 # HAProxy on one thread talking HTTP/2 to the upstream (haproxy1-h2: nginx
 # cannot proxy to an HTTP/2 upstream). wrk POSTs a template body at 1, 16, 64 and
-# 256 connections; contenders alternate (A B C D A B C D ...) and each cell is
+# 256 connections; contenders alternate (A B C D, B C D A, ...: each block
+# starts at the next one) and each cell is
 # the median of RUNS runs. Each run is a block: every contender back to back,
 # so "vs nginx" is the median of per-block ratios against nginx with one
 # worker (nginx1; the box is noisy, only paired ratios mean anything). CPU is
@@ -209,6 +210,10 @@ for mode in $MODES; do
       contenders="direct wxsidecar nginx1 nginx haproxy"; [ -n "$SC2PID" ] && contenders="$contenders wxsidecar-h2"
       [ -n "$SC3PID" ] && contenders="$contenders baseline"
       [ -n "$HA2PID" ] && contenders="$contenders haproxy1-h2"
+      # Each block starts at another contender: no one always runs right
+      # after the direct path (which leaves the upstream busiest) or first.
+      order=($contenders); k=$(( (run - 1) % ${#order[@]} ))
+      contenders="${order[*]:k} ${order[*]:0:k}"
       for who in $contenders; do
         case $who in
           direct) url="http://127.0.0.1:$UP"; [ "$mode" = tls ] && url="https://localhost:$UPT"; procs="" ;;
