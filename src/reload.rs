@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::app::App;
+use crate::config::keys::differs;
 use crate::config::{AccountKind, Config, Family, UpstreamConfig};
 use crate::failover::Upstreams;
 use crate::generation::{Outcome, ReloadReport};
@@ -188,11 +189,6 @@ pub async fn reload(
         }
     }
     (report, files)
-}
-
-/// Whether two values differ as `check --print` shows them.
-fn differs<T: serde::Serialize>(a: &T, b: &T) -> bool {
-    serde_json::to_value(a).ok() != serde_json::to_value(b).ok()
 }
 
 /// An upstream block changed: anything shown, the proxy's password (shown

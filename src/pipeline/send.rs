@@ -106,10 +106,7 @@ impl<R: Request + ?Sized> Outgoing for Sending<'_, R> {
     }
 
     fn idempotent(&self) -> bool {
-        matches!(
-            *self.req.method(),
-            http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
-        )
+        crate::upstream::is_idempotent(self.req.method())
     }
 }
 

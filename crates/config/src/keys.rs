@@ -13,7 +13,7 @@
 use std::time::Duration;
 
 use super::*;
-
+use print::duration_text as dur;
 /// What a key holds, as the reference names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -86,16 +86,8 @@ pub struct Key {
 
 /// Two values differ as `check --print` shows them (secrets included as
 /// their masks: the callers that care compare the secret itself).
-fn differs<T: serde::Serialize>(a: &T, b: &T) -> bool {
+pub fn differs<T: serde::Serialize>(a: &T, b: &T) -> bool {
     serde_json::to_value(a).ok() != serde_json::to_value(b).ok()
-}
-
-fn dur(d: Duration) -> String {
-    if d.subsec_millis() == 0 {
-        format!("{}s", d.as_secs())
-    } else {
-        format!("{}ms", d.as_millis())
-    }
 }
 
 /// A key only a restart changes, by its field on [`Config`].
@@ -405,23 +397,43 @@ pub(super) fn check_bounds(c: &Config, problems: &mut Vec<String>) {
             }
         }
     }
-    let mut shown = Mapping::new();
-    for k in keys() {
-        let message = match (k.kind, k.bounds) {
-            (Kind::Duration, "> 0") => "must be greater than zero",
-            (Kind::Integer, "≥ 1") => "must be at least 1",
-            _ => continue,
-        };
+    let bounded: Vec<(Key, &str)> = keys()
+        .into_iter()
+        .filter_map(|k| {
+            let message = match (k.kind, k.bounds) {
+                (Kind::Duration, "> 0") => "must be greater than zero",
+                (Kind::Integer, "≥ 1") => "must be at least 1",
+                _ => return None,
+            };
+            Some((k, message))
+        })
+        .collect();
+    /// The sections a key stands in: its own, and `wecom_upstream` for
+    /// an `upstream` key.
+    fn sections(name: &str) -> Vec<&str> {
+        let base = name
+            .split('.')
+            .next()
+            .unwrap_or(name)
+            .trim_end_matches("[]");
+        match base {
+            "upstream" => vec![base, "wecom_upstream"],
+            _ => vec![base],
+        }
+    }
+    let mut root = Mapping::new();
+    for (k, _) in &bounded {
+        for b in sections(k.name) {
+            if !root.contains_key(b) {
+                root.insert(Value::from(b), section(b));
+            }
+        }
+    }
+    let root = Value::Mapping(root);
+    for (k, message) in &bounded {
         let path: Vec<&str> = k.name.split('.').collect();
         let base = path[0].trim_end_matches("[]");
-        let mut bases = vec![base];
-        if base == "upstream" {
-            bases.push("wecom_upstream");
-        }
-        for b in bases {
-            if !shown.contains_key(b) {
-                shown.insert(Value::from(b), section(b));
-            }
+        for b in sections(k.name) {
             let first = path[0].replacen(base, b, 1);
             let mut at = path.clone();
             at[0] = &first;
@@ -430,10 +442,6 @@ pub(super) fn check_bounds(c: &Config, problems: &mut Vec<String>) {
                     problems.push(format!("{name}: {message}"));
                 }
             };
-            let root = Value::Mapping(Mapping::from_iter([(
-                Value::from(b),
-                shown.get(b).cloned().unwrap_or(Value::Null),
-            )]));
             visit(&root, String::new(), &at, &mut check);
         }
     }

@@ -18,12 +18,17 @@ pub fn yaml(c: &Config) -> String {
 }
 
 /// A duration as the file writes it: `300s`, or `250ms` when not whole.
-pub fn duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+pub fn duration_text(d: Duration) -> String {
     if d.subsec_millis() == 0 {
-        s.collect_str(&format_args!("{}s", d.as_secs()))
+        format!("{}s", d.as_secs())
     } else {
-        s.collect_str(&format_args!("{}ms", d.as_millis()))
+        format!("{}ms", d.as_millis())
     }
+}
+
+/// [`duration_text`] as a serialised value.
+pub fn duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&duration_text(*d))
 }
 
 /// A value by its `Display`.

@@ -195,9 +195,7 @@ impl Upstream {
     ) -> Result<RawExchange<'_>, UpstreamError> {
         let head = wire.len();
         wire.reserve(self.host_header.len() + 40 + body.len());
-        wire.extend_from_slice(b"Host: ");
-        wire.extend_from_slice(self.host_header.as_bytes());
-        wire.extend_from_slice(b"\r\nAccept-Encoding: identity\r\n\r\n");
+        self.end_head(wire);
         wire.extend_from_slice(body);
         let result = self.call_inner(wire, idempotent, by).await;
         wire.truncate(head);
@@ -500,14 +498,21 @@ impl<'a> Upload<'a> {
         if piece.is_empty() {
             return Ok(());
         }
+        if self.chunked {
+            let size = format!("{:x}\r\n", piece.len());
+            self.send(&[size.as_bytes(), piece, b"\r\n"], "while sending the body")
+                .await
+        } else {
+            self.send(&[piece], "while sending the body").await
+        }
+    }
+
+    /// Writes `parts` and flushes, within the read timeout (a write that
+    /// stalls that long fails the upload, named by `what`).
+    async fn send(&mut self, parts: &[&[u8]], what: &str) -> Result<(), UpstreamError> {
         let write = async {
-            if self.chunked {
-                let size = format!("{:x}\r\n", piece.len());
-                self.stream.write_all(size.as_bytes()).await?;
-                self.stream.write_all(piece).await?;
-                self.stream.write_all(b"\r\n").await?;
-            } else {
-                self.stream.write_all(piece).await?;
+            for part in parts {
+                self.stream.write_all(part).await?;
             }
             self.stream.flush().await
         };
@@ -516,14 +521,7 @@ impl<'a> Upload<'a> {
             Ok(r) => r,
             Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
         };
-        written.map_err(|e| {
-            self.failed(io_err(
-                self.upstream,
-                &self.addr,
-                e,
-                "while sending the body",
-            ))
-        })
+        written.map_err(|e| self.failed(io_err(self.upstream, &self.addr, e, what)))
     }
 
     /// Ends the body and reads the answer's head; with `by`, every read of
@@ -533,23 +531,7 @@ impl<'a> Upload<'a> {
         by: Option<AnswerDeadline>,
     ) -> Result<RawExchange<'a>, UpstreamError> {
         if self.chunked {
-            let limit = self.upstream.conf.read_timeout;
-            let end = async {
-                self.stream.write_all(b"0\r\n\r\n").await?;
-                self.stream.flush().await
-            };
-            let ended = match tokio::time::timeout(limit, end).await {
-                Ok(r) => r,
-                Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
-            };
-            if let Err(e) = ended {
-                return Err(self.failed(io_err(
-                    self.upstream,
-                    &self.addr,
-                    e,
-                    "while ending the body",
-                )));
-            }
+            self.send(&[b"0\r\n\r\n"], "while ending the body").await?;
         }
         let up = self.upstream;
         match up

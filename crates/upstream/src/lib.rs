@@ -130,7 +130,7 @@ struct Failed {
 }
 
 /// Methods WeChat cannot act on twice.
-fn is_idempotent(m: &http::Method) -> bool {
+pub fn is_idempotent(m: &http::Method) -> bool {
     matches!(m.as_str(), "GET" | "HEAD" | "OPTIONS")
 }
 
@@ -535,14 +535,7 @@ impl Upstream {
                 return Ok(Exchange::H2(Box::new((x, Bytes::new()))));
             }
         }
-        let mut wire = Vec::with_capacity(320 + body.len());
-        if let Err(reason) = req.h1_head(&mut wire) {
-            self.stats.failed.inc();
-            return Err(UpstreamError::Exchange {
-                addr: self.url.to_string(),
-                reason: reason.into(),
-            });
-        }
+        let mut wire = self.h1_head(req, 320 + body.len())?;
         self.call(&mut wire, body, req.idempotent(), by)
             .await
             .map(Exchange::H1)
@@ -558,18 +551,36 @@ impl Upstream {
         req: &RequestHeader,
         chunked: bool,
     ) -> Result<Upload<'_>, UpstreamError> {
-        let mut wire = Vec::with_capacity(512);
-        if let Err(reason) = req.h1_head(&mut wire) {
+        let mut wire = self.h1_head(req, 512)?;
+        self.end_head(&mut wire);
+        self.open_raw(&wire, chunked).await
+    }
+
+    /// `req`'s request line and headers as HTTP/1.1 sends them, in a buffer
+    /// of `capacity`; one it cannot carry is a failed request.
+    fn h1_head<R: Outgoing + ?Sized>(
+        &self,
+        req: &R,
+        capacity: usize,
+    ) -> Result<Vec<u8>, UpstreamError> {
+        let mut wire = Vec::with_capacity(capacity);
+        req.h1_head(&mut wire).map_err(|reason| {
             self.stats.failed.inc();
-            return Err(UpstreamError::Exchange {
+            UpstreamError::Exchange {
                 addr: self.url.to_string(),
                 reason: reason.into(),
-            });
-        }
+            }
+        })?;
+        Ok(wire)
+    }
+
+    /// Ends a request head with this host's `Host`, `Accept-Encoding:
+    /// identity` (every answer is read here: its errcode, our token in it)
+    /// and the blank line.
+    fn end_head(&self, wire: &mut Vec<u8>) {
         wire.extend_from_slice(b"Host: ");
         wire.extend_from_slice(self.host_header.as_bytes());
         wire.extend_from_slice(b"\r\nAccept-Encoding: identity\r\n\r\n");
-        self.open_raw(&wire, chunked).await
     }
 
     /// Live HTTP/2 connections, for `/status`.
